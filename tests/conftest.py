@@ -1,0 +1,41 @@
+"""Shared pytest fixtures: the repo root on sys.path, real-format COCO fixtures, a tiny SigLIP, synthetic data."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# two CPU cores here; keep intra-op threads modest so parallel work does not thrash
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "coco"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    """Verbatim COCO / Karpathy excerpts from ../shared; a user's clone has none, so skip cleanly."""
+    if not FIXTURES.is_dir():
+        pytest.skip(f"real-format fixtures not found at {FIXTURES}")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory):
+    import model
+    return str(model.make_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"), image_size=32, seed=0))
+
+
+@pytest.fixture(scope="session")
+def synthetic_coco(tmp_path_factory):
+    import data
+    return str(data.make_synthetic_coco(tmp_path_factory.mktemp("coco"), n_images=60, seed=0))
+
+
+@pytest.fixture(scope="session")
+def planted():
+    import data
+    return data.make_planted_features(n_images=1200, seed=0)
