@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The whole experiment in one command: splits -> features -> folds -> aggregate -> ensemble test.
+# Every step is skipped when its output exists; an interrupted fold resumes from its last.pt.
+#
+#   bash run_cv.sh                                  # real data under data/coco, SigLIP2 base
+#   bash run_cv.sh --demo                           # synthetic COCO + tiny random SigLIP, ~1 minute on a CPU
+#   RUN=outputs/bits32 bash run_cv.sh -- --bits 32  # an ablation: everything after -- goes to train.py
+#
+# Settings (environment variables): DATA_ROOT, MODEL, RUN, FOLDS, SEED, FEATURES, SPLITS, PYTHON,
+# EXTRACT_ARGS (extra flags for extract_features.py), EVAL_ARGS (extra flags for evaluate.py).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+demo=0
+train_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --demo) demo=1; shift ;;
+    --) shift; train_args=("$@"); break ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "error: run_cv.sh: unknown argument '$1' (use --demo, or put train.py flags after --)" >&2; exit 2 ;;
+  esac
+done
+
+PYTHON=${PYTHON:-python}
+if [ "$demo" = 1 ]; then
+  DATA_ROOT=${DATA_ROOT:-demo/coco}
+  MODEL=${MODEL:-demo/tiny_siglip}
+  RUN=${RUN:-outputs/demo}
+  # a small synthetic problem: few epochs are enough, and they keep the demo near a minute
+  [ ${#train_args[@]} -eq 0 ] && train_args=(--epochs 6 --patience 3 --batch_size 32 --lr 1e-3)
+else
+  DATA_ROOT=${DATA_ROOT:-data/coco}
+  MODEL=${MODEL:-google/siglip2-base-patch16-256}
+  RUN=${RUN:-outputs/siglip2_hash64}
+fi
+FOLDS=${FOLDS:-5}
+SEED=${SEED:-42}
+SPLITS=${SPLITS:-$DATA_ROOT/splits.json}
+FEATURES=${FEATURES:-$DATA_ROOT/features_$(basename "$MODEL").safetensors}
+EXTRACT_ARGS=${EXTRACT_ARGS:-}
+EVAL_ARGS=${EVAL_ARGS:-}
+
+echo "run_cv.sh settings:"
+for v in DATA_ROOT MODEL RUN FOLDS SEED SPLITS FEATURES; do printf '  %-9s = %s\n' "$v" "${!v}"; done
+printf '  %-9s = %s\n' "train.py" "${train_args[*]:-(defaults)}"
+
+step() {  # step NAME CMD... : run a step, print what it does and how long it took
+  local name=$1; shift
+  echo
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@"
+  echo "== $name done in $((SECONDS - t0)) s"
+}
+skip() { echo; echo "== $1: skipped ($2 exists)"; }
+
+# ---------------------------------------------------------------------------- data
+if [ "$demo" = 1 ]; then
+  if [ ! -f "$DATA_ROOT/dataset_coco.json" ]; then
+    step "demo data" "$PYTHON" -c "import data; data.make_synthetic_coco('$DATA_ROOT', n_images=400, seed=0)"
+  fi
+  if [ ! -f "$MODEL/config.json" ]; then
+    step "demo model" "$PYTHON" -c "import model; model.make_tiny_siglip('$MODEL', image_size=32, seed=0)"
+  fi
+fi
+
+missing=()
+for f in dataset_coco.json annotations/instances_train2014.json annotations/instances_val2014.json train2014 val2014; do
+  [ -e "$DATA_ROOT/$f" ] || missing+=("$DATA_ROOT/$f")
+done
+if [ ${#missing[@]} -gt 0 ] && [ ! -f "$FEATURES" ]; then
+  cat >&2 <<EOF
+error: run_cv.sh: COCO 2014 not found under DATA_ROOT=$DATA_ROOT. Missing:
+$(printf '  %s\n' "${missing[@]}")
+Needed (see README.md, "Data"):
+  $DATA_ROOT/train2014/, $DATA_ROOT/val2014/      images: https://cocodataset.org/#download (2014 Train/Val images)
+  $DATA_ROOT/annotations/instances_{train,val}2014.json   2014 Train/Val annotations (same page)
+  $DATA_ROOT/dataset_coco.json                   Karpathy split: caption_datasets.zip (cs.stanford.edu/people/karpathy/deepimagesent)
+Set DATA_ROOT=/path/to/coco if it lives elsewhere, or try the pipeline offline with: bash run_cv.sh --demo
+EOF
+  exit 2
+fi
+
+# ---------------------------------------------------------------------------- splits
+if [ -f "$SPLITS" ]; then skip splits "$SPLITS"
+else step splits "$PYTHON" make_splits.py --data_root "$DATA_ROOT" --folds "$FOLDS" --seed "$SEED" --out "$SPLITS"
+fi
+
+# ---------------------------------------------------------------------------- features (frozen towers, once)
+if [ -f "$FEATURES" ]; then skip features "$FEATURES"
+else
+  # shellcheck disable=SC2086
+  step features "$PYTHON" extract_features.py --data_root "$DATA_ROOT" --model "$MODEL" --out "$FEATURES" $EXTRACT_ARGS
+fi
+
+# ---------------------------------------------------------------------------- folds
+trained=0
+for ((k = 0; k < FOLDS; k++)); do
+  d="$RUN/fold$k"
+  if [ -f "$d/.done" ]; then skip "fold $k" "$d/.done"; continue; fi
+  resume=()
+  [ -f "$d/last.pt" ] && resume=(--resume)   # interrupted earlier: continue where it stopped
+  step "fold $k" "$PYTHON" train.py --features "$FEATURES" --splits "$SPLITS" --fold "$k" --seed "$SEED" \
+    --out_dir "$d" "${resume[@]}" "${train_args[@]}"
+  touch "$d/.done"
+  trained=1
+done
+
+# ---------------------------------------------------------------------------- aggregate + ensemble test
+if [ "$trained" = 0 ] && [ -f "$RUN/cv_results.csv" ]; then skip aggregate "$RUN/cv_results.csv"
+else step aggregate "$PYTHON" aggregate.py "$RUN"
+fi
+if [ "$trained" = 0 ] && [ -f "$RUN/eval_test/metrics.csv" ]; then skip "ensemble test" "$RUN/eval_test/metrics.csv"
+else
+  # shellcheck disable=SC2086
+  step "ensemble test" "$PYTHON" evaluate.py --ensemble "$RUN" --features "$FEATURES" --splits "$SPLITS" \
+    --split test --thresholds oof --data_root "$DATA_ROOT" --out_dir "$RUN/eval_test" $EVAL_ARGS
+fi
+
+echo
+echo "== cross-validation ($RUN/cv_results.md)"
+cat "$RUN/cv_results.md"
+echo
+echo "== hold-out test, 5-fold ensemble ($RUN/eval_test/metrics.csv)"
+cat "$RUN/eval_test/metrics.csv"
