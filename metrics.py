@@ -1,0 +1,360 @@
+"""Multi-label classification and hashing-retrieval metrics: numpy arrays in, Python numbers out, no I/O.
+
+Every value of compute_all / per_class equals scikit-learn's definition (checked to 1e-6 against sklearn in
+tests/test_metrics.py), but is vectorised: AP and AUC sort each class column once (and the flattened array
+for micro) and count tied scores with searchsorted, exactly as sklearn groups ties; LRAP, ranking loss and
+coverage compare each true label with its row's scores; bootstrap resamples are multiplicity weights on
+those same counts (one sparse product per batch of draws).
+
+    import metrics
+    m = metrics.compute_all(labels, probs)                # {15 METRIC_NAMES: float, skipped_*: int}
+    pc = metrics.per_class(labels, probs)                 # {"ap": [C], "auc": [C], "f1": [C], ...}
+    err = metrics.error_analysis(labels, probs, top=20)   # fp/fn per class + (missed, wrongly-predicted) pairs
+    thr = metrics.best_f1_thresholds(val_labels, val_probs)  # [C], then compute_all(test_y, test_p, thr)
+    ci = metrics.bootstrap_ci(labels, probs, n_boot=1000)    # {"mAP_macro": (point, low, high), ...}
+    metrics.paired_bootstrap(labels, probs_a, probs_b)       # b - a on the same images
+    metrics.paired_test(fold_maps_a, fold_maps_b)            # paired t-test across CV folds
+    metrics.retrieval_map(q_codes, q_labels, db_codes, db_labels, topk=1000)
+
+Conventions (deliberate, so read them before comparing with a bare sklearn call):
+- y_true is 0/1 [N, C]; y_score holds probabilities [N, C]; prediction = score > threshold.
+- precision / recall / F1 use zero_division=0 (a class with nothing predicted has precision 0, one
+  with no positive has recall 0); macro averages run over all C classes, as sklearn's do.
+- macro AP skips classes with no positive (sklearn would count them as AP 0); macro AUC skips classes
+  with no positive or no negative (sklearn returns nan); the skip counts are returned. Micro AP / AUC
+  are nan when undefined (no positive at all / one class only).
+- LRAP gives a row with no positive (or only positives) 1.0, ranking loss gives it 0, coverage 0: as sklearn.
+- Scores are promoted to float64 (exactly), so ties are those of the input. sklearn keeps float32 scores in
+  float32 for MAE, which drifts by ~1e-5 over 2M entries; against float64 input it agrees to ~1e-16.
+"""
+import numpy as np
+from scipy import sparse  # bootstrap: sums image weights per (class, score interval)
+from scipy.special import stdtr  # Student t CDF, for paired_test
+
+METRIC_NAMES = ("mAP_macro", "mAP_micro", "auc_macro", "auc_micro", "f1_macro", "f1_micro",
+                "precision_macro", "precision_micro", "recall_macro", "recall_micro", "hamming_loss",
+                "coverage_error", "ranking_loss", "lrap", "mae")
+BOOT_METRICS = ("mAP_macro", "f1_macro", "auc_macro")
+
+
+def _check(y_true, y_score):
+    """Validate and convert: -> (y bool [N, C], s float64 [N, C])."""
+    y, s = np.asarray(y_true), np.asarray(y_score)
+    if y.ndim != 2 or y.shape != s.shape or y.shape[0] == 0:
+        raise ValueError(f"y_true {y.shape} and y_score {s.shape} must be the same non-empty [N, C] shape")
+    if not ((y == 0) | (y == 1)).all():
+        raise ValueError("y_true must hold only 0/1 labels")
+    s = s.astype(np.float64)
+    if not np.isfinite(s).all():
+        raise ValueError("y_score contains NaN or Inf")
+    return y.astype(bool), s
+
+
+def _predict(s, thresholds):
+    """s [N, C] > thresholds (a float or [C]) -> bool [N, C]."""
+    t = np.asarray(thresholds, dtype=np.float64)
+    if t.ndim not in (0, 1) or (t.ndim == 1 and t.shape[0] != s.shape[1]):
+        raise ValueError(f"thresholds must be a float or an array of {s.shape[1]} per-class values")
+    return s > t
+
+
+def _pos_counts(s_pos, s_neg):
+    """s_pos, s_neg: ascending 1-D scores of the positives / negatives. For each positive (same order)
+    -> plo, phi: #positives scored < / <= it; nlo, nhi: #negatives scored < / <= it. Ties are exact."""
+    return (np.searchsorted(s_pos, s_pos, "left"), np.searchsorted(s_pos, s_pos, "right"),
+            np.searchsorted(s_neg, s_pos, "left"), np.searchsorted(s_neg, s_pos, "right"))
+
+
+def _ap_auc(s, y):
+    """AP and ROC AUC of 1-D scores s against bool y -> (float, float), nan where undefined.
+
+    AP = mean over positives of the precision at that positive's score (#pos >= s / #all >= s): sklearn's
+    step integral over distinct thresholds (a tie group enters at once). AUC = P(s_pos > s_neg) +
+    0.5 P(s_pos == s_neg): sklearn's trapezoid over the ROC curve (a tie group is a diagonal segment)."""
+    s_pos, s_neg = np.sort(s[y]), np.sort(s[~y])
+    P, Nn = s_pos.size, s_neg.size
+    plo, _, nlo, nhi = _pos_counts(s_pos, s_neg)
+    ap = float(np.mean((P - plo) / (P + Nn - plo - nlo))) if P else float("nan")
+    auc = float((nlo + 0.5 * (nhi - nlo)).sum() / (P * Nn)) if P and Nn else float("nan")
+    return ap, auc
+
+
+def _ap_auc_columns(s, y):
+    """Per-class AP and AUC -> ([C], [C]): one sort per class column."""
+    sT, yT = s.T.copy(), y.T.copy()  # [C, N], contiguous columns
+    return np.array([_ap_auc(sT[c], yT[c]) for c in range(s.shape[1])]).reshape(-1, 2).T
+
+
+def _row_ranks(s, y, chunk=2 ** 15):
+    """For every true label (i, j), in np.nonzero(y) order: n_ge = #labels of row i scored >= s_ij and
+    pos_ge = #true labels of row i scored >= s_ij (sklearn's rankdata "max" on -score). No sort: each
+    positive is compared with its row's C scores, chunked -> (rows [K], n_ge [K], pos_ge [K])."""
+    r, c = np.nonzero(y)
+    n_ge, pos_ge = np.empty(r.size, np.int64), np.empty(r.size, np.int64)
+    for k in range(0, r.size, chunk):
+        rr, cc = r[k:k + chunk], c[k:k + chunk]
+        ge = s[rr] >= s[rr, cc][:, None]  # [chunk, C]
+        n_ge[k:k + chunk], pos_ge[k:k + chunk] = ge.sum(1), (ge & y[rr]).sum(1)
+    return r, n_ge, pos_ge
+
+
+def _counts(y, pred):
+    """-> tp, fp, fn int64 [C]."""
+    return ((y & pred).sum(0), (~y & pred).sum(0), (y & ~pred).sum(0))
+
+
+def _prf(tp, fp, fn):
+    """precision, recall, F1 (arrays or scalars), zero_division=0; F1 = 2tp / (2tp + fp + fn) as sklearn."""
+    tp, fp, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p, r, f = tp / (tp + fp), tp / (tp + fn), 2 * tp / (2 * tp + fp + fn)
+    return tuple(np.nan_to_num(v, nan=0.0) for v in (p, r, f))
+
+
+def _nanmean(x):
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else float("nan")
+
+
+def compute_all(y_true, y_score, thresholds=0.5):
+    """The 15 METRIC_NAMES (floats, in order), then skipped_ap_classes / skipped_auc_classes (ints)."""
+    y, s = _check(y_true, y_score)
+    N, C = y.shape
+    pred = _predict(s, thresholds)
+    ap, auc = _ap_auc_columns(s, y)
+    ap_mi, auc_mi = _ap_auc(s.ravel(), y.ravel())  # flattened, as sklearn's micro average
+    tp, fp, fn = _counts(y, pred)
+    p, r, f = _prf(tp, fp, fn)
+    p_mi, r_mi, f_mi = _prf(tp.sum(), fp.sum(), fn.sum())
+    rows, n_ge, pos_ge = _row_ranks(s, y)
+    P = y.sum(1)
+    undefined = (P == 0) | (P == C)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # LRAP: mean over a row's true labels of pos_ge / n_ge; 1.0 where undefined (sklearn)
+        lrap = np.bincount(rows, pos_ge / n_ge, minlength=N) / P
+        # ranking loss: (true, false) pairs with s_false >= s_true, ties count as errors (sklearn)
+        rloss = np.bincount(rows, n_ge - pos_ge, minlength=N) / (P * (C - P))
+    lrap[undefined], rloss[undefined] = 1.0, 0.0
+    min_pos = np.where(y, s, np.inf).min(1, keepdims=True)  # lowest-scored true label, [N, 1]
+    coverage = np.where(P > 0, (s >= min_pos).sum(1), 0)
+    out = {
+        "mAP_macro": _nanmean(ap), "mAP_micro": ap_mi,
+        "auc_macro": _nanmean(auc), "auc_micro": auc_mi,
+        "f1_macro": float(f.mean()), "f1_micro": float(f_mi),
+        "precision_macro": float(p.mean()), "precision_micro": float(p_mi),
+        "recall_macro": float(r.mean()), "recall_micro": float(r_mi),
+        "hamming_loss": float((y != pred).mean()), "coverage_error": float(coverage.mean()),
+        "ranking_loss": float(rloss.mean()), "lrap": float(lrap.mean()),
+        "mae": float(np.abs(s - y).mean()),
+    }
+    out["skipped_ap_classes"] = int(np.isnan(ap).sum())
+    out["skipped_auc_classes"] = int(np.isnan(auc).sum())
+    return out
+
+
+def per_class(y_true, y_score, thresholds=0.5):
+    """Per-class arrays [C]: ap (nan without positive), auc (nan without both classes), f1, precision,
+    recall (zero_division=0), support, tp, fp, fn (ints)."""
+    y, s = _check(y_true, y_score)
+    ap, auc = _ap_auc_columns(s, y)
+    tp, fp, fn = _counts(y, _predict(s, thresholds))
+    p, r, f = _prf(tp, fp, fn)
+    return {"ap": ap, "auc": auc, "f1": f, "precision": p, "recall": r, "support": y.sum(0),
+            "tp": tp, "fp": fp, "fn": fn}
+
+
+def error_analysis(y_true, y_score, thresholds=0.5, top=20):
+    """fp / fn counts per class [C], and "confusions": the top (a, b, count) pairs, count = #images where
+    true class a was missed AND absent class b was predicted (count desc, then a, b). top=None: all
+    pairs with count > 0. "pair_counts" [C, C] holds every count."""
+    y, s = _check(y_true, y_score)
+    pred = _predict(s, thresholds)
+    fn_m, fp_m = (y & ~pred).astype(np.float64), (~y & pred).astype(np.float64)
+    pairs = np.rint(fn_m.T @ fp_m).astype(np.int64)  # [C, C], exact: counts << 2**53
+    a, b = np.nonzero(pairs)
+    cnt = pairs[a, b]
+    order = np.lexsort((b, a, -cnt))[:top]
+    return {"fp": fp_m.sum(0).astype(np.int64), "fn": fn_m.sum(0).astype(np.int64), "pair_counts": pairs,
+            "confusions": [(int(a[i]), int(b[i]), int(cnt[i])) for i in order]}
+
+
+def best_f1_thresholds(y_true, y_score):
+    """Per-class thresholds [C] (float64) maximising F1 of (score > threshold), exactly, over all distinct
+    scores (the optimum always admits a tie group holding a positive, so those are the candidates). The
+    threshold lies midway between the lowest score to predict positive and the next lower distinct score
+    (just below the minimum when every image is predicted); if the midpoint is not strictly between them
+    in the scores' dtype it is the lower score itself, so float32 and float64 comparisons agree. Equal best
+    F1: the highest threshold wins. Classes with no positive get 0.5."""
+    y, s = _check(y_true, y_score)
+    dt = np.asarray(y_score).dtype
+    dt = dt if np.issubdtype(dt, np.floating) else np.dtype(np.float64)
+    thr = np.full(y.shape[1], 0.5)
+    for c in range(y.shape[1]):
+        s_pos, s_neg = np.sort(s[y[:, c], c]), np.sort(s[~y[:, c], c])
+        P = s_pos.size
+        if P == 0:
+            continue
+        plo, _, nlo, _ = _pos_counts(s_pos, s_neg)
+        f1 = 2.0 * (P - plo) / ((P - plo) + (s_neg.size - nlo) + P)  # predict every score >= s_pos[j]
+        j = P - 1 - int(np.argmax(f1[::-1]))  # the last best in ascending order = the highest threshold
+        best, lower = s_pos[j], -np.inf
+        if plo[j] > 0:
+            lower = s_pos[plo[j] - 1]
+        if nlo[j] > 0:
+            lower = max(lower, s_neg[nlo[j] - 1])
+        if lower == -np.inf:  # every image is predicted positive
+            lower = float(np.nextafter(dt.type(best), dt.type(-np.inf)))
+        mid = dt.type((best + lower) / 2)
+        thr[c] = float(mid) if dt.type(lower) < mid < dt.type(best) else lower
+    return thr
+
+
+def _interval_layout(y, s):
+    """Bootstrap bookkeeping: per class c with m >= 1 distinct positive scores u_1 < ... < u_m, the images
+    fall in rows base_c + [0, 2m]: negatives scored < u_1, = u_1, in (u_1, u_2), ..., = u_m, > u_m, and
+    base_c + 2m + 1 + k: positives scored = u_k. -> (csr 0/1 matrix [R, N] that sums image weights into
+    those rows, blocks: list per class of (base_c, m) or None without positives)."""
+    N, C = y.shape
+    rows, cols, blocks, base = [], [], [], 0
+    for c in range(C):
+        u = np.unique(s[y[:, c], c])
+        m = u.size
+        if m == 0:
+            blocks.append(None)
+            continue
+        k = np.searchsorted(u, s[:, c])  # distinct positive scores below each image's score, [N]
+        eq = u[np.minimum(k, m - 1)] == s[:, c]
+        rows.append(base + np.where(y[:, c], 2 * m + 1 + k, 2 * k + eq))
+        cols.append(np.arange(N))
+        blocks.append((base, m))
+        base += 3 * m + 1
+    rows, cols = (np.concatenate(v) if v else np.zeros(0, np.int64) for v in (rows, cols))
+    return sparse.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(base, N)), blocks
+
+
+def _weighted_ap_auc(layout, W):
+    """AP and AUC per class for many resamples at once. layout from _interval_layout(y, s), W [N, B]
+    image multiplicities -> (ap [B, C], auc [B, C]), nan where undefined: identical to the metrics of
+    the resampled images (the copies of an image tie, and ties only ever matter through these sums)."""
+    mat, blocks = layout
+    V = (mat @ W).astype(np.float64)  # [R, B] weight per (class, score interval); float32 counts are exact
+    ap, auc = np.full((W.shape[1], len(blocks)), np.nan), np.full((W.shape[1], len(blocks)), np.nan)
+    for c, blk in enumerate(blocks):
+        if blk is None:
+            continue
+        base, m = blk
+        neg, pos = V[base:base + 2 * m + 1], V[base + 2 * m + 1:base + 3 * m + 1]  # [2m+1, B], [m, B]
+        wneg, wpos = neg.sum(0), pos.sum(0)  # [B]
+        neg_below = np.cumsum(neg, 0)[0:2 * m:2]  # negative weight scored < u_k, [m, B]
+        neg_eq = neg[1::2]  # negative weight scored = u_k
+        pos_ge = np.cumsum(pos[::-1], 0)[::-1]  # positive weight scored >= u_k
+        all_ge = pos_ge + wneg - neg_below
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ap[:, c] = (pos * pos_ge / np.where(all_ge > 0, all_ge, 1)).sum(0) / wpos
+            auc[:, c] = (pos * (neg_below + 0.5 * neg_eq)).sum(0) / (wpos * wneg)
+    return ap, auc
+
+
+def _boot_draws(y, scores, thresholds, n_boot, seed, names, max_elems=2 ** 23):
+    """names' values on n_boot image resamples shared by every score array -> {name: [len(scores), n_boot]}."""
+    rng = np.random.default_rng(seed)
+    N = y.shape[0]
+    out = {k: np.zeros((len(scores), n_boot)) for k in names}
+    yf = y.astype(np.float32)
+    preds = [_predict(s, thresholds).astype(np.float32) for s in scores]
+    layouts = [_interval_layout(y, s) for s in scores] if {"mAP_macro", "auc_macro"} & set(names) else None
+    chunk = max(1, min(n_boot, max_elems // max([N] + [lay[0].shape[0] for lay in layouts or []])))
+    for b0 in range(0, n_boot, chunk):
+        B = min(chunk, n_boot - b0)
+        idx = rng.integers(0, N, size=(B, N)) + N * np.arange(B)[:, None]  # B resamples of N images
+        W = np.ascontiguousarray(np.bincount(idx.ravel(), minlength=B * N).reshape(B, N).T, np.float32)  # [N, B]
+        sl = slice(b0, b0 + B)
+        for i in range(len(scores)):
+            if layouts:
+                ap, auc = _weighted_ap_auc(layouts[i], W)  # [B, C]
+                for name, v in (("mAP_macro", ap), ("auc_macro", auc)):
+                    if name in names:  # macro over the classes defined in each draw (nan if none is)
+                        n_ok = (~np.isnan(v)).sum(1)
+                        out[name][i, sl] = np.where(n_ok > 0, np.nansum(v, 1) / np.maximum(n_ok, 1), np.nan)
+            if "f1_macro" in names:
+                tp = W.T @ (yf * preds[i])  # [B, C] resampled counts
+                fp, fn = W.T @ ((1 - yf) * preds[i]), W.T @ (yf * (1 - preds[i]))
+                out["f1_macro"][i, sl] = _prf(tp, fp, fn)[2].mean(1)
+    return out
+
+
+def bootstrap_ci(y_true, y_score, n_boot=1000, seed=0, alpha=0.05, thresholds=0.5):
+    """Percentile bootstrap over images -> {name: (point, low, high)} for mAP_macro, f1_macro, auc_macro.
+    point = compute_all on all images; each draw's macro runs over the classes defined in that draw."""
+    y, s = _check(y_true, y_score)
+    point = compute_all(y, s, thresholds)
+    draws = _boot_draws(y, [s], thresholds, n_boot, seed, BOOT_METRICS)
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    return {k: (point[k], *map(float, np.nanpercentile(draws[k][0], q))) for k in BOOT_METRICS}
+
+
+def paired_bootstrap(y_true, score_a, score_b, n_boot=1000, seed=0, metric="mAP_macro", alpha=0.05,
+                     thresholds=0.5):
+    """Is b better than a on the same images? Both are scored on the same resamples.
+    -> {diff: metric(b) - metric(a) on all images, mean_diff: mean over draws, low, high: percentile CI,
+        p: two-sided, 2 x the fraction of draws whose difference has the other sign (or is 0), capped at 1}."""
+    if metric not in BOOT_METRICS:
+        raise ValueError(f"metric must be one of {BOOT_METRICS}, got {metric!r}")
+    y, sa = _check(y_true, score_a)
+    _, sb = _check(y_true, score_b)
+    diff = compute_all(y, sb, thresholds)[metric] - compute_all(y, sa, thresholds)[metric]
+    d = np.diff(_boot_draws(y, [sa, sb], thresholds, n_boot, seed, (metric,))[metric], axis=0)[0]  # b - a, [n_boot]
+    sign = 1.0 if diff >= 0 else -1.0
+    p = 1.0 if diff == 0 else min(1.0, 2.0 * float(np.mean(d * sign <= 0)))
+    low, high = np.percentile(d, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return {"diff": float(diff), "mean_diff": float(d.mean()), "low": float(low), "high": float(high),
+            "p": p, "n_boot": int(n_boot)}
+
+
+def paired_test(a, b):
+    """Paired t-test across folds of d = b - a (so a positive mean_diff means b is better); t and p equal
+    scipy.stats.ttest_rel(b, a) (two-sided). -> {mean_diff, std_diff (ddof=1), t, p, n}."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(f"paired_test needs two equal-length sequences of >= 2 values, got {a.size} and {b.size}")
+    d = b - a
+    n, mean, std = d.size, float(d.mean()), float(d.std(ddof=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = float(np.float64(mean) / (std / np.sqrt(n)))  # +-inf (p 0) or nan when the folds agree exactly
+    p = float(2 * stdtr(n - 1, -abs(t)))
+    return {"mean_diff": mean, "std_diff": std, "t": t, "p": p, "n": int(n)}
+
+
+def retrieval_map(query_codes, query_labels, db_codes, db_labels, topk=None, max_elems=2 ** 23):
+    """Hashing-literature mAP@topk of a Hamming ranking (topk None: the whole database).
+
+    Codes: {-1,+1} or real, binarised by sign (0 counts as +1); bool / unsigned {0,1} codes are refused
+    (convert them with 2 * b - 1). A db item is relevant to a query when they
+    share >= 1 label. Ties in Hamming distance keep db index order (a stable sort). AP@k of a query =
+    sum over relevant items at rank r <= k of precision@r, divided by the number of relevant items in
+    the top k; a query with none there scores 0. topk larger than the database means all of it.
+    Processed in chunks of queries so at most ~max_elems (query, db) pairs are held at once."""
+    if any(np.asarray(c).dtype.kind in "bu" for c in (query_codes, db_codes)):
+        raise ValueError("codes must be signed ({-1,+1} or real); convert {0,1} codes with 2 * b - 1")
+    qc, dc = (np.where(np.asarray(c) >= 0, 1.0, -1.0).astype(np.float32) for c in (query_codes, db_codes))
+    ql, dl = (np.asarray(v).astype(np.float32) for v in (query_labels, db_labels))
+    if qc.ndim != 2 or dc.ndim != 2 or qc.shape[1] != dc.shape[1] or ql.shape[0] != qc.shape[0] \
+            or dl.shape[0] != dc.shape[0] or ql.shape[1] != dl.shape[1] or 0 in (qc.shape[0], dc.shape[0]):
+        raise ValueError(f"shape mismatch: query codes {qc.shape}, labels {ql.shape}; db codes {dc.shape}, "
+                         f"labels {dl.shape}")
+    bits, n_db = qc.shape[1], dc.shape[0]
+    k = n_db if topk is None else max(1, min(int(topk), n_db))
+    dtype = np.uint8 if bits < 256 else np.uint16  # small ints: numpy's stable sort is a radix sort
+    rank = np.arange(1, k + 1, dtype=np.float64)
+    chunk = max(1, max_elems // n_db)
+    total = 0.0
+    for q0 in range(0, qc.shape[0], chunk):
+        ip = qc[q0:q0 + chunk] @ dc.T  # [q, n_db] inner products, exact integers
+        dist = ((bits - ip) * 0.5).astype(dtype)  # Hamming distance (bits - ip is even: exact)
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]  # ties: db index order
+        rel = np.take_along_axis((ql[q0:q0 + chunk] @ dl.T) > 0, order, axis=1)  # [q, k] bool
+        hits = np.cumsum(rel, axis=1, dtype=np.int32)  # relevant items within the first r
+        n_rel = hits[:, -1]
+        ap = (rel * hits / rank).sum(1) / np.maximum(n_rel, 1)
+        total += float(ap.sum())
+    return total / qc.shape[0]

@@ -1,0 +1,285 @@
+"""metrics.py against independent references: scikit-learn, scipy and brute-force Python loops.
+
+    python -m pytest -q tests/test_metrics.py
+"""
+import warnings
+
+import numpy as np
+import pytest
+import scipy.stats
+from sklearn import metrics as skm
+
+import metrics
+
+TOL = 1e-6
+
+
+def sklearn_all(y, s, thresholds=0.5):
+    """The 15 metrics with plain sklearn calls (macro AP / AUC on the columns where they are defined)."""
+    pred = s > np.asarray(thresholds, dtype=np.float64)
+    has_pos, has_neg = y.sum(0) > 0, y.sum(0) < len(y)
+    both = has_pos & has_neg
+    kw = dict(zero_division=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "mAP_macro": skm.average_precision_score(y[:, has_pos], s[:, has_pos], average="macro"),
+            "mAP_micro": skm.average_precision_score(y, s, average="micro"),
+            "auc_macro": skm.roc_auc_score(y[:, both], s[:, both], average="macro"),
+            "auc_micro": skm.roc_auc_score(y, s, average="micro"),
+            "f1_macro": skm.f1_score(y, pred, average="macro", **kw),
+            "f1_micro": skm.f1_score(y, pred, average="micro", **kw),
+            "precision_macro": skm.precision_score(y, pred, average="macro", **kw),
+            "precision_micro": skm.precision_score(y, pred, average="micro", **kw),
+            "recall_macro": skm.recall_score(y, pred, average="macro", **kw),
+            "recall_micro": skm.recall_score(y, pred, average="micro", **kw),
+            "hamming_loss": skm.hamming_loss(y, pred),
+            "coverage_error": skm.coverage_error(y, s),
+            "ranking_loss": skm.label_ranking_loss(y, s),
+            "lrap": skm.label_ranking_average_precision_score(y, s),
+            "mae": skm.mean_absolute_error(y, s),
+        }, int((~has_pos).sum()), int((~both).sum())
+
+
+def make_data(n=300, c=10, seed=0, decimals=None, dtype=np.float64):
+    """Labels with mixed prevalences and scores that carry some signal; decimals rounds to force ties."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, c)) < rng.uniform(0.02, 0.5, c)).astype(np.uint8)
+    s = np.clip(0.35 * y + 0.75 * rng.random((n, c)), 0, 1)
+    if decimals is not None:
+        s = np.round(s, decimals)
+    return y, s.astype(dtype)
+
+
+def assert_matches_sklearn(y, s, thresholds=0.5):
+    got = metrics.compute_all(y, s, thresholds)
+    ref, skip_ap, skip_auc = sklearn_all(y, s, thresholds)
+    assert list(got)[:15] == list(metrics.METRIC_NAMES)
+    assert list(got)[15:] == ["skipped_ap_classes", "skipped_auc_classes"]
+    for k in metrics.METRIC_NAMES:
+        assert isinstance(got[k], float)
+        assert abs(got[k] - ref[k]) <= TOL, (k, got[k], ref[k])
+    assert (got["skipped_ap_classes"], got["skipped_auc_classes"]) == (skip_ap, skip_auc)
+    return got
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_scores(seed):
+    assert_matches_sklearn(*make_data(seed=seed))
+
+
+@pytest.mark.parametrize("decimals", [1, 2])
+def test_tied_scores(decimals):
+    y, s = make_data(n=400, seed=2, decimals=decimals)
+    assert len(np.unique(s)) <= 10 ** decimals + 1  # heavy ties within classes, rows and the flattened array
+    assert_matches_sklearn(y, s)
+
+
+def test_float32_scores():
+    assert_matches_sklearn(*make_data(seed=3, decimals=2, dtype=np.float32))
+
+
+def test_class_without_positives_and_all_positive_class():
+    y, s = make_data(seed=4, decimals=1)
+    y[:, 2] = 0  # no positive: skipped by AP and AUC
+    y[:, 5] = 1  # no negative: skipped by AUC only
+    got = assert_matches_sklearn(y, s)
+    assert got["skipped_ap_classes"] == 1 and got["skipped_auc_classes"] == 2
+
+
+def test_rows_without_positive_and_all_positive_rows():
+    y, s = make_data(seed=5, decimals=1)
+    y[:40] = 0  # LRAP 1, ranking loss 0, coverage 0 for these rows (sklearn)
+    y[40:50] = 1
+    assert_matches_sklearn(y, s)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 1.0])
+def test_all_one_and_all_zero_predictions(threshold):
+    y, s = make_data(seed=6)
+    got = assert_matches_sklearn(y, s, threshold)
+    if threshold > 0:  # nothing predicted: zero_division=0
+        assert got["precision_macro"] == got["recall_micro"] == got["f1_macro"] == 0.0
+
+
+def test_per_class_thresholds():
+    y, s = make_data(seed=7, decimals=1)
+    thr = np.linspace(0.1, 0.9, y.shape[1])
+    thr[3] = s[0, 3]  # a threshold equal to a score: prediction is strictly greater
+    assert_matches_sklearn(y, s, thr)
+    with pytest.raises(ValueError):
+        metrics.compute_all(y, s, thr[:-1])
+
+
+def test_bad_input_is_refused():
+    y, s = make_data(n=20, c=4)
+    with pytest.raises(ValueError):
+        metrics.compute_all(y[:, :3], s)
+    with pytest.raises(ValueError):
+        metrics.compute_all(y * 2, s)
+    s[0, 0] = np.nan
+    with pytest.raises(ValueError):
+        metrics.compute_all(y, s)
+
+
+def test_per_class_matches_sklearn():
+    y, s = make_data(seed=8, decimals=1)
+    y[:, 1] = 0
+    thr = np.full(y.shape[1], 0.4)
+    pc = metrics.per_class(y, s, thr)
+    pred = s > thr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p, r, f, sup = skm.precision_recall_fscore_support(y, pred, average=None, zero_division=0)
+        for c in range(y.shape[1]):
+            if y[:, c].any():
+                assert abs(pc["ap"][c] - skm.average_precision_score(y[:, c], s[:, c])) <= TOL
+                assert abs(pc["auc"][c] - skm.roc_auc_score(y[:, c], s[:, c])) <= TOL
+            else:
+                assert np.isnan(pc["ap"][c]) and np.isnan(pc["auc"][c])
+    np.testing.assert_allclose(pc["precision"], p, atol=TOL)
+    np.testing.assert_allclose(pc["recall"], r, atol=TOL)
+    np.testing.assert_allclose(pc["f1"], f, atol=TOL)
+    np.testing.assert_array_equal(pc["support"], sup)
+    mcm = skm.multilabel_confusion_matrix(y, pred)  # [C, 2, 2]: [[tn, fp], [fn, tp]]
+    np.testing.assert_array_equal(pc["tp"], mcm[:, 1, 1])
+    np.testing.assert_array_equal(pc["fp"], mcm[:, 0, 1])
+    np.testing.assert_array_equal(pc["fn"], mcm[:, 1, 0])
+
+
+def test_error_analysis_brute_force():
+    y, s = make_data(n=60, c=6, seed=9, decimals=1)
+    out = metrics.error_analysis(y, s, thresholds=0.5, top=None)
+    pred = s > 0.5
+    n, c = y.shape
+    fp = [sum(int(pred[i, j] and not y[i, j]) for i in range(n)) for j in range(c)]
+    fn = [sum(int(y[i, j] and not pred[i, j]) for i in range(n)) for j in range(c)]
+    pairs = {}
+    for i in range(n):
+        for a in range(c):
+            for b in range(c):
+                if y[i, a] and not pred[i, a] and pred[i, b] and not y[i, b]:
+                    pairs[(a, b)] = pairs.get((a, b), 0) + 1
+    assert out["fp"].tolist() == fp and out["fn"].tolist() == fn
+    expected = sorted(((a, b, k) for (a, b), k in pairs.items()), key=lambda t: (-t[2], t[0], t[1]))
+    assert out["confusions"] == expected and len(expected) > 3
+    assert metrics.error_analysis(y, s, top=3)["confusions"] == expected[:3]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_best_f1_thresholds_brute_force(dtype):
+    y, s = make_data(n=150, c=8, seed=10, decimals=1, dtype=dtype)
+    y[:, 0] = 0  # no positive -> 0.5
+    y[:5, 7], y[5:, 7] = 1, 0  # few positives
+    thr = metrics.best_f1_thresholds(y, s)
+    assert thr[0] == 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for c in range(1, y.shape[1]):
+            u = np.unique(s[:, c])
+            candidates = np.concatenate([[u[0] - 1.0], u])  # every attainable prediction set
+            best = max(skm.f1_score(y[:, c], s[:, c] > t, zero_division=0) for t in candidates)
+            got = skm.f1_score(y[:, c], s[:, c] > thr[c], zero_division=0)
+            got_native = skm.f1_score(y[:, c], s[:, c] > dtype(thr[c]), zero_division=0)  # same in the scores' dtype
+            assert got == pytest.approx(best, abs=1e-12) and got_native == got, (c, got, best)
+        if dtype == np.float64:  # midway between the chosen score and the next lower distinct score
+            u = np.unique(s[:, c])
+            i = np.searchsorted(u, thr[c])
+            assert 0 < i < len(u) and thr[c] == pytest.approx((u[i - 1] + u[i]) / 2, abs=1e-12)
+
+
+def test_best_f1_threshold_ties_and_predict_all():
+    # F1 = 2/3 both when predicting {0.9} and when predicting all four: the higher threshold wins
+    y = np.array([[1, 1], [0, 1], [0, 1], [1, 0]])
+    s = np.array([[0.9, 0.2], [0.8, 0.3], [0.7, 0.4], [0.6, 0.5]])
+    thr = metrics.best_f1_thresholds(y, s)
+    assert thr[0] == pytest.approx(0.85)
+    assert thr[1] < 0.2 and ((s[:, 1] > thr[1]) == [1, 1, 1, 1]).all()  # best: predict every image
+
+
+def test_weighted_resample_equals_sklearn_on_repeated_rows():
+    """The bootstrap's multiplicity-weighted AP / AUC are the metrics of the physically resampled set."""
+    y, s = make_data(n=120, c=5, seed=11, decimals=1)
+    rng = np.random.default_rng(0)
+    W = rng.multinomial(len(y), np.full(len(y), 1 / len(y)), size=4).T.astype(np.float32)  # [N, B]
+    ap, auc = metrics._weighted_ap_auc(metrics._interval_layout(y.astype(bool), s), W)
+    for b in range(W.shape[1]):
+        idx = np.repeat(np.arange(len(y)), W[:, b].astype(int))
+        pc = metrics.per_class(y[idx], s[idx])
+        np.testing.assert_allclose(ap[b], pc["ap"], atol=1e-9)
+        np.testing.assert_allclose(auc[b], pc["auc"], atol=1e-9)
+        c = int(np.nanargmax(pc["ap"]))
+        assert abs(ap[b, c] - skm.average_precision_score(y[idx, c], s[idx, c])) <= TOL
+
+
+def test_bootstrap_ci_contains_point_and_narrows():
+    widths = []
+    for n in (300, 3000):
+        y, s = make_data(n=n, c=8, seed=12)
+        ci = metrics.bootstrap_ci(y, s, n_boot=200, seed=0)
+        assert set(ci) == {"mAP_macro", "f1_macro", "auc_macro"}
+        point = metrics.compute_all(y, s)
+        for k, (p, lo, hi) in ci.items():
+            assert p == point[k] and lo <= p <= hi and lo < hi
+        widths.append({k: hi - lo for k, (p, lo, hi) in ci.items()})
+    for k in widths[0]:
+        assert widths[1][k] < 0.6 * widths[0][k]  # ~ 1/sqrt(10) in theory
+
+
+def test_paired_bootstrap():
+    y, s = make_data(n=500, c=6, seed=13)
+    better = np.clip(s + 0.15 * (y - 0.5), 0, 1)
+    res = metrics.paired_bootstrap(y, s, better, n_boot=200, seed=0)
+    assert res["diff"] > 0 and 0 < res["low"] <= res["high"] and res["p"] < 0.05
+    same = metrics.paired_bootstrap(y, s, s, n_boot=50, metric="f1_macro")
+    assert same["diff"] == 0 and same["p"] == 1.0
+    with pytest.raises(ValueError):
+        metrics.paired_bootstrap(y, s, s, metric="lrap")
+
+
+def test_paired_test_matches_scipy_and_flags_planted_gain():
+    rng = np.random.default_rng(14)
+    a = 60 + rng.normal(0, 1.0, 5)  # per-fold mAP in points
+    noise = rng.normal(0, 0.5, 5)
+    for b in (a + 2 + noise, a + rng.normal(0, 3, 5)):
+        got, ref = metrics.paired_test(a, b), scipy.stats.ttest_rel(b, a)
+        assert got["t"] == pytest.approx(ref.statistic, rel=1e-10)
+        assert got["p"] == pytest.approx(ref.pvalue, rel=1e-8)
+        assert got["n"] == 5 and got["mean_diff"] == pytest.approx(np.mean(b - a))
+        assert got["std_diff"] == pytest.approx(np.std(b - a, ddof=1))
+    assert metrics.paired_test(a, a + 2 + noise)["p"] < 0.05  # +2 points across 5 folds
+    assert metrics.paired_test(a, a + noise - noise.mean())["p"] > 0.5  # zero mean improvement
+
+
+def brute_retrieval_map(qc, ql, dc, dl, topk=None):
+    """Textbook loops: sign codes, Hamming distance, ties in db index order, AP@k over retrieved relevants."""
+    sign = lambda v: [1 if x >= 0 else -1 for x in v]
+    aps = []
+    for q in range(len(qc)):
+        cq = sign(qc[q])
+        dist = [sum(u != v for u, v in zip(cq, sign(dc[j]))) for j in range(len(dc))]
+        ranked = sorted(range(len(dc)), key=lambda j: (dist[j], j))[: topk or len(dc)]
+        hits, total = 0, 0.0
+        for r, j in enumerate(ranked, 1):
+            if any(ql[q][c] and dl[j][c] for c in range(len(ql[q]))):
+                hits += 1
+                total += hits / r
+        aps.append(total / hits if hits else 0.0)
+    return float(np.mean(aps))
+
+
+def test_retrieval_map_brute_force():
+    rng = np.random.default_rng(15)
+    qc, dc = rng.normal(size=(9, 6)), rng.normal(size=(50, 6))  # 6 bits: many distance ties
+    dc[3, 2] = 0.0  # a zero counts as +1
+    ql = (rng.random((9, 5)) < 0.25).astype(np.uint8)
+    dl = (rng.random((50, 5)) < 0.25).astype(np.uint8)
+    ql[0] = 0  # a query with no relevant item scores 0
+    for topk in (None, 1, 7, 50, 500):
+        want = brute_retrieval_map(qc, ql, dc, dl, topk)
+        assert metrics.retrieval_map(qc, ql, dc, dl, topk=topk) == pytest.approx(want, abs=1e-12)
+        assert metrics.retrieval_map(qc, ql, dc, dl, topk=topk, max_elems=70) == pytest.approx(want, abs=1e-12)
+    signed = np.where(qc >= 0, 1, -1).astype(np.int8)  # {-1,+1} int8 codes give the same ranking
+    assert metrics.retrieval_map(signed, ql, dc, dl) == pytest.approx(brute_retrieval_map(qc, ql, dc, dl))
+    with pytest.raises(ValueError):
+        metrics.retrieval_map((qc > 0).astype(np.uint8), ql, dc, dl)
