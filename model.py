@@ -11,6 +11,162 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------
 # SECTION: encoder (owner: encoder engineer) -- Siglip2Encoder, make_tiny_siglip
 
+TEXT_MAX_LENGTH = 64  # SigLIP text towers were trained on 64 tokens, padded, and pool the LAST position
+
+
+def pooled_output(out):
+    """get_image_features / get_text_features result -> (B, D) tensor of raw pooled embeddings.
+
+    transformers 4.x returns the tensor itself, 5.x a BaseModelOutputWithPooling (the same tensor in
+    .pooler_output), and return_dict=False a tuple (last_hidden_state, pooler_output, ...).
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None and isinstance(out, (tuple, list)) and len(out) > 1:
+        pooled = out[1]
+    if not isinstance(pooled, torch.Tensor):
+        raise TypeError(f"cannot find pooled embeddings in a {type(out).__name__}")
+    return pooled
+
+
+def preprocess_images(image_processor, images):
+    """list of PIL images -> pixel_values float32 (B, 3, H, W): the checkpoint's own resize + normalisation."""
+    images = [im.convert("RGB") for im in images]
+    return image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+
+
+def tokenize(tokenizer, texts):
+    """list of str -> input_ids int64 (B, 64): lowercased, truncated and padded to max_length 64."""
+    enc = tokenizer([t.lower() for t in texts], padding="max_length", max_length=TEXT_MAX_LENGTH,
+                    truncation=True, return_tensors="pt")
+    return enc["input_ids"].long()
+
+
+class Siglip2Encoder:
+    """Frozen SigLIP2 image and text towers -> UNNORMALISED pooled embeddings, float32 (B, D) on the CPU.
+
+    A plain object, not an nn.Module, so a module holding it (HashModel) saves only its own weights.
+    Texts are lowercased (SigLIP was trained on lowercased text) and padded to max_length 64 (the text
+    tower pools the last position, so the padding changes the embedding). Only input_ids go in: as in
+    big_vision, SigLIP's text tower attends to its padding, so no attention mask is passed.
+    Fixed-resolution checkpoints only (config model_type "siglip", e.g. google/siglip2-base-patch16-256).
+    logit_scale is the multiplier (exp of the stored log parameter): logits = cos * logit_scale + logit_bias.
+    """
+
+    def __init__(self, name_or_path="google/siglip2-base-patch16-256", device="cpu", dtype=torch.float32):
+        from transformers import AutoModel, AutoProcessor  # lazy: the head alone needs no transformers
+
+        self.name, self.device, self.dtype = str(name_or_path), torch.device(device), dtype
+        model = AutoModel.from_pretrained(name_or_path)
+        if model.config.model_type != "siglip":
+            raise ValueError(f"{name_or_path}: model_type {model.config.model_type!r} is not a fixed-resolution "
+                             "SigLIP/SigLIP2 model (model_type 'siglip'); use e.g. google/siglip2-base-patch16-256")
+        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
+        vcfg, tcfg = model.config.vision_config, model.config.text_config
+        self.dim = int(vcfg.hidden_size)
+        text_dim = int(getattr(tcfg, "projection_size", None) or tcfg.hidden_size)
+        if text_dim != self.dim:
+            raise ValueError(f"{name_or_path}: image dim {self.dim} != text dim {text_dim}")
+        self.image_size = int(vcfg.image_size)
+        self.logit_scale = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
+        self.logit_bias = float(model.logit_bias.detach().float().reshape(-1)[0])
+
+    # -- CPU preprocessing (the module functions below; DataLoader workers can call those directly) --
+    def preprocess_images(self, images):
+        return preprocess_images(self.image_processor, images)
+
+    def tokenize(self, texts):
+        return tokenize(self.tokenizer, texts)
+
+    # -- frozen towers (inference_mode inside; the copy out of it is an ordinary tensor callers may modify) --
+    def encode_pixels(self, pixel_values):
+        """pixel_values (B, 3, H, W) -> raw pooled image embeddings float32 (B, D) on the CPU."""
+        with torch.inference_mode():
+            out = pooled_output(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)))
+        return out.to("cpu", torch.float32, copy=True)
+
+    def encode_tokens(self, input_ids):
+        """input_ids (B, 64) -> raw pooled text embeddings float32 (B, D) on the CPU."""
+        with torch.inference_mode():
+            out = pooled_output(self.model.get_text_features(input_ids=input_ids.to(self.device)))
+        return out.to("cpu", torch.float32, copy=True)
+
+    def encode_images(self, images):
+        """list of PIL images -> float32 (B, D), not normalised."""
+        if len(images) == 0:
+            return torch.zeros(0, self.dim)
+        return self.encode_pixels(self.preprocess_images(images))
+
+    def encode_texts(self, texts):
+        """list of str -> float32 (B, D), not normalised."""
+        if len(texts) == 0:
+            return torch.zeros(0, self.dim)
+        return self.encode_tokens(self.tokenize(texts))
+
+
+# words of the tiny test tokenizer: the 80 COCO category names plus common caption words
+_TINY_WORDS = """
+person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign parking
+meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase
+frisbee skis snowboard sports ball kite baseball bat glove skateboard surfboard tennis racket bottle wine
+glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot hot pizza donut cake chair
+couch potted plant bed dining table toilet tv laptop mouse remote keyboard cell phone microwave oven
+toaster sink refrigerator book clock vase scissors teddy hair drier toothbrush
+a an the of on in at with and or to from by for near next under over above behind front top
+is are was be being sitting standing walking riding holding playing eating looking lying flying
+parked running jumping laying waiting carrying wearing driving crossing taking showing filled
+man woman men women boy girl child children people group couple player players kid kids
+photo picture image view close up small large big little two three four several many some
+white black red blue green yellow brown gray grey pink purple colorful dark bright old young
+street road city field grass water beach snow sky room kitchen bathroom living area house building
+wall window door floor plate food tray shelf counter desk park air ocean lake river tree trees
+it its his her their this that there other each one side background several together around
+very while out into down along across like has have shown made set full empty sits stands
+circle square triangle shape shapes color colored drawn scene object objects thing things
+. , ' - !
+"""
+
+
+def make_tiny_siglip(out_dir, image_size=32, seed=0):
+    """Save a tiny randomly initialised SiglipModel + tokenizer + processor to out_dir -> out_dir (str).
+
+    Offline stand-in for google/siglip2-base-patch16-256 in tests and demos: same class, same
+    preprocessing path, loadable by Siglip2Encoder(out_dir) via AutoModel / AutoProcessor. hidden 32,
+    2 layers, patch 8; a case-sensitive WordLevel tokenizer (unknown words -> <unk>) that appends </s>.
+    Deterministic for a seed; the global torch RNG is left untouched.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import (PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel,
+                              SiglipProcessor)
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in _TINY_WORDS.split():
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="</s>", model_max_length=TEXT_MAX_LENGTH)
+    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = SiglipConfig(
+        text_config=dict(vocab_size=len(vocab), max_position_embeddings=TEXT_MAX_LENGTH, projection_size=32,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None, **small),
+        vision_config=dict(image_size=image_size, patch_size=8, **small))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SiglipModel(config).eval()
+    with torch.no_grad():  # SigLIP's initial temperature and bias (log 10, -10), not transformers' zeros
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    out_dir = str(out_dir)
+    model.save_pretrained(out_dir)
+    SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
+    return out_dir
+
 # ----------------------------------------------------------------------------
 # SECTION: head (owner: head/train engineer) -- HashHead, head_loss
 
@@ -113,3 +269,109 @@ def head_loss(logits, targets, h, hash_weight=0.1, lambda_balance=0.1, lambda_de
 
 # ----------------------------------------------------------------------------
 # SECTION: knn + full model (owner: encoder engineer) -- knn_scores, HashModel
+
+KNN_VOTES = ("softmax", "uniform", "rank")
+
+
+def sign_codes(x):
+    """Real or {-1, +1} codes (N, bits) -> float32 {-1, +1}; 0 counts as +1 (the h > 0 rule, ties up)."""
+    x = torch.as_tensor(x)
+    return torch.where(x >= 0, 1.0, -1.0).to(torch.float32)
+
+
+def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax", chunk=None):
+    """Hamming-KNN multi-label scores: query_codes (Q, bits), db_codes (N, bits), db_labels (N, C) -> (Q, C).
+
+    Codes are binarised with sign (0 -> +1). For +-1 codes q.d = bits - 2 * hamming, so one matmul gives
+    every distance; similarity = 1 - hamming / bits. Each query takes its k nearest database codes
+    (k > N clamps to N) and the neighbours vote: "softmax" softmax(sim / tau), "uniform" 1/k, "rank" 1/rank
+    normalised to sum 1. score[q, c] = sum of weights of the neighbours with label c: float32 in [0, 1].
+    Ties are broken deterministically: equal distance -> lower database index first (so CPU, GPU and any
+    chunk size pick the same neighbours). Nothing is excluded (the database must not hold the queries).
+    Queries run in chunks of `chunk` (None: sized for ~256 MiB of scratch), so memory stays bounded.
+    Runs on the device of query_codes; returns float32 on that device.
+    """
+    if vote not in KNN_VOTES:
+        raise ValueError(f"vote must be one of {KNN_VOTES}, got {vote!r}")
+    if k < 1 or tau <= 0:
+        raise ValueError(f"need k >= 1 and tau > 0, got k={k}, tau={tau}")
+    q = sign_codes(query_codes)
+    device = q.device
+    d = sign_codes(db_codes).to(device)  # (N, bits)
+    labels = torch.as_tensor(db_labels).to(device=device, dtype=torch.float32)  # (N, C)
+    (Q, bits), N = q.shape, d.shape[0]
+    if d.shape[1] != bits or labels.shape[0] != N or N == 0:
+        raise ValueError(f"shape mismatch: query {tuple(q.shape)}, db {tuple(d.shape)}, "
+                         f"labels {tuple(labels.shape)}")
+    k = min(int(k), N)
+    # one sortable number per (query, db row): key = N * dot + (N - 1 - index), larger = nearer, then lower
+    # index; keys are unique, so topk's order is exact. float32 holds it exactly while |key| < 2^24
+    # (64 bits x 258k codes): then one addmm makes it; else integer keys (int32 while they fit).
+    exact_f32 = (bits + 1) * N < 2 ** 24
+    key_dtype = torch.float32 if exact_f32 else torch.int32 if (bits + 1) * N < 2 ** 31 else torch.int64
+    rev_index = torch.arange(N - 1, -1, -1, device=device).to(key_dtype)  # (N,)
+    if chunk is None:
+        chunk = max(1, (256 << 20) // (N * 8 + 1))  # ~256 MiB of keys + topk scratch per chunk
+    if vote == "uniform":
+        w_fixed = torch.full((k,), 1.0 / k, device=device)
+    else:
+        w_fixed = 1.0 / torch.arange(1, k + 1, device=device, dtype=torch.float32)
+        w_fixed = w_fixed / w_fixed.sum()
+    scores = torch.empty(Q, labels.shape[1], device=device, dtype=torch.float32)
+    for s in range(0, Q, chunk):
+        if exact_f32:
+            key = torch.addmm(rev_index, q[s:s + chunk], d.T, alpha=N)  # (c, N) = N * (q . d) + rev
+        else:
+            key = (q[s:s + chunk] @ d.T).to(key_dtype).mul_(N).add_(rev_index)  # (c, N)
+        top = key.topk(k, dim=1, largest=True, sorted=True).values.long()  # (c, k), nearest first
+        del key
+        dot = torch.div(top, N, rounding_mode="floor")  # (c, k) q . d in [-bits, bits]
+        idx = (N - 1) - (top - dot * N)  # (c, k) database rows
+        hamming = (bits - dot).float() / 2  # (c, k)
+        if vote == "softmax":
+            w = torch.softmax((1.0 - hamming / bits) / tau, dim=1)  # (c, k)
+        else:
+            w = w_fixed.expand(idx.shape[0], k)
+        scores[s:s + chunk] = torch.einsum("qk,qkc->qc", w, labels[idx])
+    return scores.clamp_(0.0, 1.0)
+
+
+class HashModel(nn.Module):
+    """Frozen SigLIP2 towers + a trained head, for inference on raw image + caption pairs.
+
+    The encoder is kept as a plain attribute (not a submodule), so state_dict() holds only head.* weights.
+    Embeddings are rounded through float16 before the head, exactly as in the feature cache the head was
+    trained on, so predict() on raw inputs equals the head applied to cached embeddings.
+    """
+
+    def __init__(self, encoder, head, cache_dtype=torch.float16):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.cache_dtype = cache_dtype
+
+    @torch.no_grad()
+    def predict(self, images, captions):
+        """images: list of B PIL images; captions: list of B lists of str (>= 1 each) -> probs float32 (B, C).
+
+        Each caption is paired with its image's embedding; sigmoid(head(img, cap)) is averaged over the
+        image's captions.
+        """
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
+        if any(len(c) == 0 for c in captions):
+            raise ValueError("every image needs at least one caption")
+        device = next(self.head.parameters()).device
+        img = self.encoder.encode_images(images).to(self.cache_dtype).float()  # (B, D)
+        txt = self.encoder.encode_texts([c for caps in captions for c in caps]).to(self.cache_dtype).float()  # (T, D)
+        counts = torch.tensor([len(c) for c in captions])  # (B,)
+        owner = torch.repeat_interleave(torch.arange(len(images)), counts)  # (T,) image of each caption
+        was_training = self.head.training
+        self.head.eval()
+        try:
+            logits, _ = self.head(img[owner].to(device), txt.to(device))  # (T, C)
+        finally:
+            self.head.train(was_training)
+        probs = torch.sigmoid(logits.float()).cpu()  # (T, C)
+        out = torch.zeros(len(images), probs.shape[1]).index_add_(0, owner, probs)  # (B, C) sums
+        return out / counts[:, None].float()

@@ -1,0 +1,273 @@
+"""
+Cross-validation tables from train.py's fold folders, and comparisons between runs (ablations).
+
+    python aggregate.py outputs/siglip2_hash64                       # -> cv_results.csv, cv_results.md in the run
+    python aggregate.py outputs/hash64 outputs/hash32 outputs/hash128  # + comparison.{md,csv}, comparison_tests.csv
+    python aggregate.py outputs/run --allow_partial                    # the finished folds only (others named)
+
+A run is a folder of fold<k>/ folders from train.py. Fold k counts when its val_metrics.json exists and its
+config.json (or last.pt) says training ended. Missing or unfinished folds are named and stop the script with
+exit code 2 unless --allow_partial. The expected number of folds is --folds, else the "folds" of the splits
+file named in the folds' config.json, else one more than the highest fold<k> found.
+
+One run: cv_results.csv (rows fold_0..fold_{K-1}, mean, std with ddof=1; columns the 15 metrics + best_epoch)
+and cv_results.md (mean +/- std per metric with the per-fold values), both inside the run folder.
+Several runs (the first is the reference): the same per run, plus in --out (default: the first run's parent)
+comparison.csv / comparison.md (one row per run, mean +/- std per metric) and comparison_tests.csv: for each
+run against the first, the mean over folds of (run - reference) with a paired t-test across folds
+(metrics.paired_test), and, when both runs have <run>/eval_test/test_predictions.npz (evaluate.py --ensemble),
+a paired bootstrap on the test images (metrics.paired_bootstrap, threshold 0.5) for mAP_macro, f1_macro,
+auc_macro. Runs must share their splits file (config.json splits_sha256), so fold k of every run was
+validated on the same images; runs made with different splits files are refused.
+"""
+import argparse
+import csv
+import glob
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+
+import data
+import metrics
+
+COLUMNS = (*metrics.METRIC_NAMES, "best_epoch")
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _int_at_least(lo):
+    def parse(s):
+        try:
+            if int(s) >= lo:
+                return int(s)
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= {lo}")
+    return parse
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("aggregate", description="cross-validation tables and run comparisons",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    p.add_argument("runs", nargs="+", help="run folders (outputs/<run>) holding fold<k>/; the first is the reference")
+    p.add_argument("--folds", type=_int_at_least(2), default=None,
+                   help="expected folds per run; default: the splits file's 'folds' (from the folds' config.json)")
+    p.add_argument("--allow_partial", action="store_true",
+                   help="tabulate the finished folds when some are missing or unfinished (they are still named)")
+    p.add_argument("--test_dir", default="eval_test", help="evaluate.py's out_dir inside each run (test predictions)")
+    # optim (statistics)
+    p.add_argument("--bootstrap", type=_int_at_least(0), default=1000,
+                   help="paired-bootstrap draws on the test images (0 = skip the test comparison)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (fixed, so p-values are repeatable)")
+    # io
+    p.add_argument("--out", default=None, help="folder for comparison.* (several runs); default: first run's parent")
+    return p
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"{path}: unreadable JSON ({type(e).__name__}); re-run that fold with train.py --resume")
+
+
+def fold_finished(d):
+    """train.py's rule: val_metrics.json exists and config.json (or last.pt) says training ended."""
+    if not os.path.isfile(os.path.join(d, "val_metrics.json")):
+        return False
+    if os.path.isfile(os.path.join(d, "config.json")) and read_json(os.path.join(d, "config.json")).get("finished"):
+        return True
+    try:
+        return bool(torch.load(os.path.join(d, "last.pt"), map_location="cpu", weights_only=True).get("finished"))
+    except Exception:
+        return False
+
+
+def read_run(run, args):
+    """-> {"name", "dir", "folds": {k: val_metrics dict}, "expected": K, "problems": [str], "sha": str|None}."""
+    if not os.path.isdir(run):
+        fail(f"{run}: not a directory; pass run folders written by train.py --out_dir <run>/fold<k>")
+    dirs = {}
+    for d in glob.glob(os.path.join(run, "fold*")):
+        m = re.fullmatch(r"fold(\d+)", os.path.basename(d))
+        if m and os.path.isdir(d):
+            dirs[int(m.group(1))] = d
+    if not dirs:
+        fail(f"{run}: no fold<k>/ folders; train folds with train.py --out_dir {run}/fold<k>")
+    configs = {k: read_json(os.path.join(d, "config.json")) for k, d in dirs.items()
+               if os.path.isfile(os.path.join(d, "config.json"))}
+    expected = args.folds
+    for cfg in configs.values():  # the splits file says how many folds there are
+        if expected is None and cfg.get("splits") and os.path.isfile(cfg["splits"]):
+            expected = read_json(cfg["splits"]).get("folds")
+    expected = expected or max(dirs) + 1
+    shas = {cfg.get("splits_sha256") for cfg in configs.values()} - {None}
+    if len(shas) > 1:
+        fail(f"{run}: its folds were trained with different splits files (splits_sha256 differ); re-train them")
+    folds, problems = {}, []
+    for k in range(expected):
+        if k not in dirs:
+            problems.append(f"fold{k} missing")
+        elif not fold_finished(dirs[k]):
+            problems.append(f"fold{k} unfinished")
+        else:
+            vm = read_json(os.path.join(dirs[k], "val_metrics.json"))
+            absent = [m for m in metrics.METRIC_NAMES if m not in vm]
+            if absent:
+                fail(f"{dirs[k]}/val_metrics.json: metrics {absent} missing; re-run the fold with this train.py")
+            folds[k] = dict(vm, best_epoch=vm.get("epoch", float("nan")))
+    extra = sorted(set(dirs) - set(range(expected)))
+    if extra:
+        problems.append(f"fold{extra[0]} and up are beyond the {expected} folds expected (ignored)")
+    return {"name": os.path.normpath(run), "dir": run, "folds": folds, "expected": expected,
+            "problems": problems, "sha": shas.pop() if shas else None}
+
+
+# ----------------------------------------------------------------------------- tables
+
+def summary(r):
+    """-> (mean dict, std dict) over the run's finished folds, std with ddof=1 (nan for one fold)."""
+    vals = {c: np.array([f[c] for f in r["folds"].values()], dtype=float) for c in COLUMNS}
+    std = {c: float(v.std(ddof=1)) if len(v) > 1 else float("nan") for c, v in vals.items()}
+    return {c: float(v.mean()) for c, v in vals.items()}, std
+
+
+def fmt(mean, std):
+    return f"{mean:.4f} ± {std:.4f}" if np.isfinite(std) else f"{mean:.4f}"
+
+
+def write(path, content):
+    """Atomically write text, or CSV rows (a list of lists, header first)."""
+    def fn(tmp):
+        with open(tmp, "w", newline="") as f:
+            f.write(content) if isinstance(content, str) else csv.writer(f).writerows(content)
+    data.atomic_write(path, fn)
+
+
+def md_table(header, rows):
+    return "\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows]]) + "\n"
+
+
+def cv_tables(r):
+    """-> (csv rows, markdown text) of one run."""
+    mean, std = summary(r)
+    ks = sorted(r["folds"])
+    rows = [["fold", *COLUMNS]] + [[f"fold_{k}", *(r["folds"][k][c] for c in COLUMNS)] for k in ks]
+    rows += [["mean", *(mean[c] for c in COLUMNS)], ["std", *(std[c] for c in COLUMNS)]]
+    md = [f"# Cross-validation: {r['name']} ({len(ks)} of {r['expected']} folds)\n"]
+    if r["problems"]:
+        md.append(f"Partial: {'; '.join(r['problems'])}.\n")
+    md.append(md_table(["metric", "mean ± std", *(f"fold {k}" for k in ks)],
+                       [[c.replace("_", " "), fmt(mean[c], std[c]), *(f"{r['folds'][k][c]:.4f}" if c != "best_epoch"
+                                                                      else str(r["folds"][k][c]) for k in ks)]
+                        for c in COLUMNS]))
+    return rows, "\n".join(md)
+
+
+def load_test(r, test_dir):
+    path = os.path.join(r["dir"], test_dir, "test_predictions.npz")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as z:
+            return {"path": path, "ids": z["ids"], "labels": z["labels"], "probs": z["probs"]}
+    except Exception as e:
+        fail(f"{path}: unreadable ({type(e).__name__}); re-run evaluate.py --ensemble {r['dir']}")
+
+
+def compare(ref, r, args):
+    """Rows of run r against the reference run: paired t-test over common folds, paired test bootstrap."""
+    common = sorted(set(ref["folds"]) & set(r["folds"]))
+    rows = []
+    for m in metrics.METRIC_NAMES:
+        a, b = ([run["folds"][k][m] for k in common] for run in (ref, r))
+        t = metrics.paired_test(a, b) if len(common) >= 2 else {"mean_diff": float(np.mean(b) - np.mean(a)) if common
+                                                                else float("nan"), "t": float("nan"), "p": float("nan")}
+        rows.append({"run": r["name"], "vs": ref["name"], "metric": m, "folds": len(common),
+                     "mean_diff": t["mean_diff"], "t": t["t"], "p_folds": t["p"]})
+    ta, tb = load_test(ref, args.test_dir), load_test(r, args.test_dir)
+    if args.bootstrap and ta and tb:
+        ids, ia, ib = np.intersect1d(ta["ids"], tb["ids"], return_indices=True)
+        if len(ids) == 0 or not np.array_equal(ta["labels"][ia], tb["labels"][ib]):
+            fail(f"{ta['path']} and {tb['path']}: no common test images or their labels differ; "
+                 f"evaluate both runs on the same features and splits")
+        if len(ids) < max(len(ta["ids"]), len(tb["ids"])):
+            print(f"note: {r['name']} vs {ref['name']}: paired bootstrap on the {len(ids)} test images both scored")
+        for row in rows:
+            if row["metric"] in metrics.BOOT_METRICS:
+                pb = metrics.paired_bootstrap(ta["labels"][ia], ta["probs"][ia], tb["probs"][ib], n_boot=args.bootstrap,
+                                              seed=args.seed, metric=row["metric"])
+                row.update(test_images=len(ids), test_diff=pb["diff"], test_low=pb["low"], test_high=pb["high"],
+                           p_test=pb["p"])
+    elif args.bootstrap:
+        missing = [x["dir"] for x, t in ((ref, ta), (r, tb)) if t is None]
+        print(f"note: no paired test bootstrap for {r['name']}: no {args.test_dir}/test_predictions.npz in "
+              f"{', '.join(missing)} (run evaluate.py --ensemble)")
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    runs = [read_run(run, args) for run in args.runs]
+    bad = [f"{r['dir']}: {', '.join(r['problems'])}" for r in runs if r["problems"]]
+    if bad and not args.allow_partial:
+        fail(f"{'; '.join(bad)}; finish them (run_cv.sh resumes interrupted folds) or pass --allow_partial")
+    for line in bad:
+        print(f"warning: {line}; tabulating the finished folds only", file=sys.stderr)
+    empty = [r["dir"] for r in runs if not r["folds"]]
+    if empty:
+        fail(f"{', '.join(empty)}: no finished fold to tabulate")
+    if len(runs) > 1:
+        for r in runs[1:]:
+            if r["sha"] != runs[0]["sha"]:
+                fail(f"{r['dir']}: made with a different splits file than {runs[0]['dir']} (splits_sha256 "
+                     f"{str(r['sha'])[:12]} vs {str(runs[0]['sha'])[:12]}); compare only runs trained on the same splits.json")
+    for r in runs:
+        rows, md = cv_tables(r)
+        write(os.path.join(r["dir"], "cv_results.csv"), rows)
+        write(os.path.join(r["dir"], "cv_results.md"), md)
+        print(md)
+    if len(runs) == 1:
+        print(f"wrote {os.path.join(runs[0]['dir'], 'cv_results.csv')} and cv_results.md")
+        return {"runs": runs}
+
+    # ---- several runs: one comparison table + paired tests against the first run
+    out = args.out or os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
+    stats = [summary(r) for r in runs]
+    table = [["run", "folds", *(f"{c}_{s}" for c in COLUMNS for s in ("mean", "std"))]]
+    table += [[r["name"], len(r["folds"]), *(st[i][c] for c in COLUMNS for i in (0, 1))] for r, st in zip(runs, stats)]
+    tests = [row for r in runs[1:] for row in compare(runs[0], r, args)]
+    keys = ["run", "vs", "metric", "folds", "mean_diff", "t", "p_folds", "test_images", "test_diff", "test_low",
+            "test_high", "p_test"]
+    md = [f"# Comparison of {len(runs)} runs (mean ± std over folds)\n",
+          md_table(["run", "folds", *metrics.METRIC_NAMES],
+                   [[r["name"], len(r["folds"]), *(fmt(m[c], s[c]) for c in metrics.METRIC_NAMES)]
+                    for r, (m, s) in zip(runs, stats)]),
+          f"## Against {runs[0]['name']}: mean over folds of (run - {runs[0]['name']}), paired t-test across folds; "
+          f"test: paired bootstrap on the test images (95% CI)\n",
+          md_table(["run", "metric", "mean diff", "p (folds)", "test diff [95% CI]", "p (test)"], [
+              [t["run"], t["metric"], f"{t['mean_diff']:+.4f}", f"{t['p_folds']:.3g}",
+               f"{t['test_diff']:+.4f} [{t['test_low']:+.4f}, {t['test_high']:+.4f}]" if "test_diff" in t else "-",
+               f"{t['p_test']:.3g}" if "p_test" in t else "-"] for t in tests])]
+    write(os.path.join(out, "comparison.csv"), table)
+    write(os.path.join(out, "comparison_tests.csv"), [keys] + [[t.get(k, "") for k in keys] for t in tests])
+    write(os.path.join(out, "comparison.md"), "\n".join(md))
+    print("\n".join(md))
+    print(f"wrote {os.path.join(out, 'comparison.md')}, comparison.csv, comparison_tests.csv")
+    return {"runs": runs, "tests": tests}
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,552 @@
+"""
+Performance benchmark: what caching the frozen towers buys, and how fast the head, metrics, splits and KNN are.
+All inputs are generated in memory at COCO scale (random weights, synthetic labels, random or planted embeddings).
+
+    python bench.py                                # full run, ~5 min on a 2-core CPU -> table + bench.json
+    python bench.py --quick --out /tmp/bench.json  # small sizes, ~30 s (what tests/test_bench.py runs)
+    python bench.py --sections encoder,metrics     # a subset, by name or number (1-6)
+    python bench.py --device cuda                  # also sections 1, 2 and 5 on the GPU (under "cuda")
+
+1 encoder: SigLIP2-base forward vs one head step; encoder passes and hours, in-loop (original) vs cached once.
+2 epoch: train.train_one_epoch on 94,630 cached rows vs a naive loop; achieved FLOP/s vs a timed torch.mm.
+3 metrics: metrics.compute_all vs the scikit-learn calls. 4 splits: stratified folds vs KFold.
+5 knn: model.knn_scores vs a full distance matrix + argsort. 6 memory: peak RSS of one train.py epoch.
+Timings are the best of a few repeats (noise on a shared machine only adds time); long runs are timed once.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import data
+import metrics
+import model
+
+SECTIONS = ("encoder", "epoch", "metrics", "splits", "knn", "memory")
+GPU_SECTIONS = ("encoder", "epoch", "knn")
+HERE = os.path.dirname(os.path.abspath(__file__))
+N_DEV, N_TEST, N_TRAIN, N_VAL = 118_287, 5_000, 94_630, 23_657  # COCO dev pool, test, one fold's train / val
+FOLDS, EPOCHS = 5, 20
+
+
+def sections_type(s):
+    out = []
+    for p in s.split(","):
+        name = SECTIONS[int(p) - 1] if p.strip().isdigit() and 1 <= int(p) <= len(SECTIONS) else p.strip()
+        if name not in SECTIONS:
+            raise argparse.ArgumentTypeError(f"unknown section {p!r}; use {','.join(SECTIONS)} or 1-6")
+        out += [name] if name not in out else []
+    return out
+
+
+def positive_int(s):
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
+    return int(s)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("bench", description="Performance benchmark at COCO scale (see the module docstring).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    p.add_argument("--quick", action="store_true", help="small sizes and a tiny encoder: checks that every section "
+                   "runs (what the test does); its figures are not the benchmark")
+    p.add_argument("--sections", type=sections_type, default=list(SECTIONS), help="comma-separated subset, names or 1-6")
+    p.add_argument("--seed", type=int, default=0, help="seed of every generated input")
+    # model
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda: sections 1, 2 and 5 also run on the GPU (the CPU figures are always taken)")
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+                   help="torch CPU threads, also for the child processes (default: this machine's cores)")
+    # io
+    p.add_argument("--out", default="bench.json", help="every raw figure as JSON (written atomically)")
+    return p
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def best_time(fn, repeats=3, warmup=1, device="cpu"):
+    """Best wall time of fn() over `repeats` runs, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def rss_mb(field="VmRSS"):
+    """Current (VmRSS) or peak (VmHWM) resident memory of this process, MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":")) / 1024
+
+
+def reset_peak_rss():
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0). ru_maxrss cannot be reset: in a threaded
+    process every exiting thread folds the peak of its time into it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(call, device):
+    """-> (call(), seconds, peak MiB, sampled peak MiB, method). CPU: VmHWM is reset to the current RSS, then
+    peak = VmHWM after - VmRSS before (page-exact); a thread sampling VmRSS every 2 ms gives a lower bound
+    as a cross-check. GPU: the rise of torch.cuda.max_memory_allocated (both figures)."""
+    cuda = device.startswith("cuda")
+    sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        method = "torch.cuda.max_memory_allocated rise"
+    else:  # without the reset VmHWM may hold an earlier, higher peak: then the figure is an upper bound
+        method = "VmHWM after - VmRSS before" + (", HWM reset" if reset_peak_rss() else " (upper bound)")
+    base = torch.cuda.memory_allocated() / 2 ** 20 if cuda else rss_mb()
+    sampled, done = [base], threading.Event()
+
+    def watch():
+        while not done.wait(0.002):
+            sampled[0] = max(sampled[0], rss_mb())
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    t = time.perf_counter()
+    try:
+        out = call()
+        sync(device)
+    finally:
+        seconds = time.perf_counter() - t
+        done.set()
+        th.join()
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else rss_mb("VmHWM")) - base
+    return out, seconds, peak, peak if cuda else max(sampled[0], rss_mb()) - base, method
+
+
+def run_child(func, **kwargs):
+    """bench.<func>(**kwargs) in a fresh Python process (its own peak memory) -> the dict it returns."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench; "
+            f"print('BENCH_RESULT ' + json.dumps(bench.{func}(**json.loads(sys.argv[2]))))")
+    r = subprocess.run([sys.executable, "-c", code, HERE, json.dumps(kwargs)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"bench child {func} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(lines[-1][len("BENCH_RESULT "):])
+
+
+def head_matmul_flops(head, rows):
+    """Forward FLOPs of the head's matmuls for `rows` rows: 2 * in * out per nn.Linear."""
+    return rows * sum(2 * m.in_features * m.out_features for m in head.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_flop_per_s(device, n=2048):
+    """The machine's float32 matmul throughput: a timed n x n @ n x n torch.mm (2 n^3 FLOPs), best of 5."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n ** 3 / best_time(lambda: torch.mm(a, b), repeats=5, device=device)
+
+
+# ----------------------------------------------------------------------------- 1. encoder vs head
+
+def siglip_config(quick):
+    """SigLIP2-base-patch16-256 sizes (random weights cost what trained ones do). Vocabulary 32,000 instead
+    of 256,000: the embedding is a gather of 64 rows per caption, its cost is negligible (it saves 0.7 GB)."""
+    from transformers import SiglipConfig
+    size = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2) if quick else \
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    text = dict(size, vocab_size=1000 if quick else 32000, max_position_embeddings=64,
+                pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    return SiglipConfig(text_config=text, vision_config=dict(size, image_size=64 if quick else 256, patch_size=16))
+
+
+def bench_encoder(quick, device, seed=0):
+    from transformers import SiglipModel
+    torch.manual_seed(seed)
+    cfg = siglip_config(quick)
+    enc = SiglipModel(cfg).eval().to(device)
+    cuda = device.startswith("cuda")
+    batch, caps = (32 if cuda else 4), 5  # samples per batch; captions per sample, as extraction
+    repeats = 1 if quick else (5 if cuda else 2)
+    size = cfg.vision_config.image_size
+    px = torch.randn(batch, 3, size, size, device=device)  # (B, 3, H, W)
+    ids = torch.randint(4, cfg.text_config.vocab_size, (batch * caps, 64), device=device)  # (B*5, 64) padded
+    # the original ran fp16 autocast on its GPU; on the CPU, float32 (what extraction does there)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+        enc.get_image_features(pixel_values=px[:1]), enc.get_text_features(input_ids=ids[:1])  # warm-up
+        t_img = best_time(lambda: enc.get_image_features(pixel_values=px), repeats, 0, device) / batch
+        t_txt = best_time(lambda: enc.get_text_features(input_ids=ids), repeats, 0, device) / (batch * caps)
+    del enc
+    # one head training step on as many cached rows (fp16 cache -> float32), as train.py does it
+    head = model.HashHead().to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    img, txt = (torch.randn(batch, 768, device=device).half() for _ in range(2))  # (B, D) each
+    y = (torch.rand(batch, 80, device=device) < 0.04).float()  # (B, 80)
+
+    def step():
+        logits, h = head(img.float(), txt.float())
+        loss, _ = model.head_loss(logits, y, h, as_float=False)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t_head = best_time(step, repeats=5 if quick else 20, warmup=3, device=device) / batch
+    per_sample = t_img + caps * t_txt  # extraction: 1 image + 5 captions
+    n_loop = FOLDS * EPOCHS * N_TRAIN  # in-loop: every epoch of every fold, 1 image + 1 caption per sample
+    n_img = N_DEV + N_TEST
+    return {"config": "quick-tiny" if quick else "siglip2-base-patch16-256, vocab 32000", "batch": batch,
+            "dtype": "fp16 autocast" if cuda else "float32", "image_s_per_image": t_img, "text_s_per_caption": t_txt,
+            "encoder_s_per_sample": per_sample, "head_step_s_per_row": t_head, "cost_ratio": per_sample / t_head,
+            "inloop_image_passes": n_loop, "inloop_caption_passes": n_loop,
+            "once_image_passes": n_img, "once_caption_passes_max": caps * n_img, "image_pass_ratio": n_loop / n_img,
+            "inloop_hours": n_loop * (t_img + t_txt) / 3600, "once_hours": n_img * per_sample / 3600}
+
+
+# ----------------------------------------------------------------------------- 2. training epoch
+
+def naive_epoch(cache, n_rows, batch, device, seed=0):
+    """What the original's loop would do, timed over n_rows (seconds): Dataset-style per-sample indexing with a
+    random caption, collate by stacking, fp16 -> float per batch, torch's default AdamW stepping after every
+    micro-batch, a loss .item() per step for the log; fp16 autocast + GradScaler on the GPU, as it ran."""
+    torch.manual_seed(seed)
+    cuda = device.startswith("cuda")
+    head = model.HashHead().to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=2e-4, weight_decay=0.01)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    perm = torch.randperm(cache["labels"].shape[0])[:n_rows]
+    t = time.perf_counter()
+    for s in range(0, n_rows, batch):
+        items = []
+        for i in perm[s:s + batch].tolist():  # __getitem__, one sample at a time
+            c = int(torch.randint(int(cache["n_captions"][i]), (1,)))
+            items.append((cache["image"][i, 0], cache["text"][i, c], cache["labels"][i]))
+        img, txt, y = (torch.stack(col).to(device).float() for col in zip(*items))  # (B, D), (B, D), (B, 80)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+            logits, h = head(img, txt)
+        loss, terms = model.head_loss(logits, y, h)  # floats: a host sync per step
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def bench_epoch(quick, device, seed=0):
+    import train
+    n, cuda = (512 if quick else N_TRAIN), device.startswith("cuda")
+    g = torch.Generator().manual_seed(seed)
+    # random rows cost what real ones do; fp16 as the cache file holds them: image (n, 1, D), text (n, 5, D)
+    cache = {"image": (torch.randn(n, 1, 768, generator=g) * 0.5).half(), "labels": torch.from_numpy(
+        data.synthetic_labels(n, seed)), "text": (torch.randn(n, 5, 768, generator=g) * 0.5).half(),
+        "n_captions": torch.full((n,), 5)}
+    # train.load_fold converts the fold to float32 on the device once; the epoch slices it
+    fold = {"train": {"ids": torch.arange(n), **{k: (v.float() if k != "n_captions" else v).to(device)
+                                                 for k, v in cache.items()}}}
+
+    def epoch(flags, fold=fold):  # train.train_one_epoch with train.py's defaults + flags, set up as its main()
+        args = train.get_args_parser().parse_args(["--features", "-", "--splits", "-", "--out_dir", "-",
+                                                   "--device", device] + flags)
+        torch.manual_seed(seed)
+        head = model.HashHead(dim=768, fusion=args.fusion, decompose=args.decompose, mlp_dims=args.mlp_dims,
+                              dropout=args.dropout, bits=args.bits, input_norm=args.input_norm).to(device)
+        if args.prior_init == "on":
+            head.init_prior(fold["train"]["labels"].mean(0).cpu())
+        opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+        steps = math.ceil(len(fold["train"]["ids"]) // args.batch_size / args.accum_steps)
+        total = steps * args.epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.lr_multiplier(
+            s, int(round(args.warmup_ratio * total)), total, steps, args))
+        state = dict(amp=cuda, amp_dtype=torch.float16 if cuda else torch.bfloat16, steps_per_epoch=steps)
+        scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=cuda)
+        sync(device)
+        t = time.perf_counter()
+        train.train_one_epoch(head, fold, opt, sched, scaler, args, 1, state)
+        sync(device)
+        return time.perf_counter() - t, head, args
+
+    epoch(["--batch_size", "256"], {"train": {k: v[:2048] for k, v in fold["train"].items()}})  # warm-up
+    t_def, head, a = epoch([])
+    t_256 = epoch(["--batch_size", "256"])[0]
+    frac = 0.25 if quick else 0.1  # the naive loop runs on a fraction of the epoch, scaled linearly
+    t_naive = naive_epoch(cache, int(n * frac), a.batch_size, device, seed) / frac
+    flops = 3 * head_matmul_flops(head, n // 256 * 256)  # forward + backward (2x forward) of the matmuls
+    peak = matmul_flop_per_s(device, 1024 if quick else 2048)
+    return {"rows": n, "captions": 5, "default_flags": f"batch {a.batch_size} x accum {a.accum_steps}, amp {cuda}",
+            "epoch_default_s": t_def, "epoch_b256_s": t_256, "naive_epoch_s": t_naive, "naive_fraction": frac,
+            "speedup_default": t_naive / t_def, "speedup_b256": t_naive / t_256, "b256_flops": flops,
+            "b256_flop_per_s": flops / t_256, "matmul_flop_per_s": peak, "flops_fraction_b256": flops / t_256 / peak}
+
+
+# ----------------------------------------------------------------------------- 3. metrics vs sklearn
+
+def sklearn_metrics(y, s, threshold=0.5):
+    """The scikit-learn calls that compute_all replaces, under metrics.METRIC_NAMES."""
+    from sklearn import metrics as skm
+    p = (s > threshold).astype(np.uint8)
+    out = {f"{name}_{avg}": f(y, p, average=avg, zero_division=0) for avg in ("macro", "micro")
+           for name, f in (("f1", skm.f1_score), ("precision", skm.precision_score), ("recall", skm.recall_score))}
+    for avg in ("macro", "micro"):
+        out[f"mAP_{avg}"] = skm.average_precision_score(y, s, average=avg)
+        out[f"auc_{avg}"] = skm.roc_auc_score(y, s, average=avg)
+    return dict(out, hamming_loss=skm.hamming_loss(y, p), coverage_error=skm.coverage_error(y, s),
+                ranking_loss=skm.label_ranking_loss(y, s), lrap=skm.label_ranking_average_precision_score(y, s),
+                mae=skm.mean_absolute_error(y, s))
+
+
+def bench_metrics(quick, seed=0):
+    n = 1000 if quick else N_VAL
+    y = data.synthetic_labels(n, seed)  # (N, 80)
+    y[np.arange(80), np.arange(80)] = 1  # every class has a positive (sklearn's macro AP / AUC need one)
+    logit = 3.0 * y - 3.0 + 2.0 * np.random.default_rng(seed).standard_normal(y.shape)
+    s = (1 / (1 + np.exp(-logit))).astype(np.float32)  # (N, 80) probabilities, float32 as saved; some tie
+    ours = metrics.compute_all(y, s)
+    t_ours = best_time(lambda: metrics.compute_all(y, s), repeats=3, warmup=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = time.perf_counter()
+        ref = sklearn_metrics(y, s)  # ~20 s at full size: timed once
+        t_ref = time.perf_counter() - t
+    diff = {k: abs(float(ours[k]) - float(ref[k])) for k in metrics.METRIC_NAMES}
+    return {"n": n, "classes": 80, "ours_s": t_ours, "sklearn_s": t_ref, "speedup": t_ref / t_ours,
+            "max_abs_diff": max(diff.values()), "worst_metric": max(diff, key=diff.get),
+            "values": {k: float(ours[k]) for k in metrics.METRIC_NAMES}}
+
+
+# ----------------------------------------------------------------------------- 4. splits
+
+def fold_balance(labels, folds):
+    """Mean and max over folds x classes of |p_fold - p_all| / p_all, p = a class's prevalence."""
+    p_all = labels.mean(0, dtype=np.float64)  # (80,)
+    keep = p_all > 0
+    dev = np.stack([np.abs(labels[f].mean(0, dtype=np.float64) - p_all)[keep] / p_all[keep] for f in folds])
+    return float(dev.mean()), float(dev.max())
+
+
+def bench_splits(quick, seed=0):
+    import make_splits
+    from sklearn.model_selection import KFold
+    n = 2000 if quick else N_DEV
+    labels = data.synthetic_labels(n, seed)  # (N, 80) uint8
+    t = time.perf_counter()
+    fold_of = make_splits.iterative_stratification(labels, FOLDS, seed)  # (N,) fold index
+    t_strat = time.perf_counter() - t
+    t = time.perf_counter()
+    plain = [val for _, val in KFold(FOLDS, shuffle=True, random_state=seed).split(labels)]
+    t_plain = time.perf_counter() - t
+    strat = [np.flatnonzero(fold_of == k) for k in range(FOLDS)]
+    (s_mean, s_max), (k_mean, k_max) = fold_balance(labels, strat), fold_balance(labels, plain)
+    return {"n": n, "folds": FOLDS, "stratified_s": t_strat, "kfold_s": t_plain, "stratified_mean_rel_dev": s_mean,
+            "stratified_max_rel_dev": s_max, "kfold_mean_rel_dev": k_mean, "kfold_max_rel_dev": k_max,
+            "fold_sizes": [len(f) for f in strat]}
+
+
+# ----------------------------------------------------------------------------- 5. knn
+
+def knn_child(n_query, n_db, n_naive, bits, k, device, seed):
+    """In a fresh process: model.knn_scores on random codes, then the textbook version on n_naive queries."""
+    g = torch.Generator().manual_seed(seed)
+    q, db = (torch.randint(0, 2, (m, bits), generator=g).float().mul_(2).sub_(1).to(device) for m in (n_query, n_db))
+    labels = torch.from_numpy(data.synthetic_labels(n_db, seed)).to(device)  # (N, 80) uint8
+    model.knn_scores(q[:8], db[:1000], labels[:1000], k=k)  # warm-up: code paths, threads, CUDA context
+    out, sec, peak, sampled, method = measure(lambda: model.knn_scores(q, db, labels, k=k), device)
+    finite = bool(torch.isfinite(out).all())
+    del out
+    qn, dbn, ln = q[:n_naive].cpu().numpy(), db.cpu().numpy(), labels.cpu().numpy()
+
+    def naive():  # full (Q, N) Hamming matrix, full argsort, softmax votes
+        dist = (bits - qn @ dbn.T) / 2  # (Q, N) float32
+        top = np.argsort(dist, axis=1)[:, :k]  # (Q, k)
+        w = np.exp((1 - np.take_along_axis(dist, top, 1) / bits) / 0.07)
+        return (w[:, :, None] * ln[top]).sum(1) / w.sum(1, keepdims=True)  # (Q, 80)
+    naive_sec, naive_peak = measure(naive, "cpu")[1:3]
+    return dict(seconds=sec, peak_mb=peak, sampled_peak_mb=sampled, method=method, finite=finite,
+                naive_seconds=naive_sec, naive_peak_mb=naive_peak)
+
+
+def bench_knn(quick, device, seed=0):
+    nq, ndb, n_naive, bits, k = (500, 2000, 100, 64, 20) if quick else (N_VAL, N_TRAIN, 500, 64, 20)
+    r = run_child("knn_child", n_query=nq, n_db=ndb, n_naive=n_naive, bits=bits, k=k, device=device, seed=seed)
+    naive_full = r["naive_seconds"] * nq / n_naive  # linear in the queries: one row sort each
+    return {"queries": nq, "db": ndb, "bits": bits, "k": k, "seconds": r["seconds"], "peak_mb": r["peak_mb"],
+            "sampled_peak_mb": r["sampled_peak_mb"], "memory_method": r["method"], "finite": r["finite"],
+            "naive_queries": n_naive, "naive_subset_s": r["naive_seconds"], "naive_subset_peak_mb": r["naive_peak_mb"],
+            "naive_full_s_scaled": naive_full, "speedup": naive_full / r["seconds"],
+            "naive_full_mb_analytic": nq * ndb * (4 + 8) / 2 ** 20}  # (Q, N) float32 distances + int64 argsort
+
+
+# ----------------------------------------------------------------------------- 6. memory of a training run
+
+def write_cache(n_images, path, splits_path, seed):
+    """A planted feature cache (dev + 5,000 test at full size) and a random 5-fold splits file -> fold 0 rows."""
+    feats = data.make_planted_features(n_images, seed=seed)
+    data.save_features(path, feats, feats["meta"])
+    ids, labels = feats["ids"], feats["labels"]
+    del feats
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    n_test = min(N_TEST, n_images // 20)
+    dev, test = np.sort(ids[perm[n_test:]]), np.sort(ids[perm[:n_test]])
+    folds = [np.sort(f) for f in np.array_split(np.random.default_rng(seed + 1).permutation(dev), FOLDS)]
+    stats = [{"size": len(f), "positives": labels[np.isin(ids, f)].sum(0, dtype=np.int64).tolist()} for f in folds]
+    data.save_json(splits_path, {"method": "random", "folds": FOLDS, "seed": seed, "categories": data.COCO_CATEGORIES,
+                                 "dev": dev.tolist(), "test": test.tolist(), "val_folds": [f.tolist() for f in folds],
+                                 "stats": stats})
+    return len(dev) - len(folds[0])
+
+
+def train_child(argv):
+    """train.py main() in a fresh process -> its ru_maxrss (the whole process: imports, cache, fold, epoch)."""
+    import train
+    after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    train.main(train.get_args_parser().parse_args(argv))
+    return {"seconds": time.perf_counter() - t, "after_imports_mb": after_imports,
+            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_memory(quick, seed=0):
+    n = 600 if quick else N_DEV + N_TEST
+    # batch 256: the peak is the cache and the fold held in float32, not the batch; the default batch would
+    # add ~2 minutes (section 2 times it)
+    flags = ["--epochs", "1", "--batch_size", "256", "--device", "cpu"]
+    with tempfile.TemporaryDirectory(prefix="bench_mem_", dir="/tmp") as tmp:
+        feats, splits = os.path.join(tmp, "features.safetensors"), os.path.join(tmp, "splits.json")
+        t = time.perf_counter()
+        n_train = write_cache(n, feats, splits, seed)  # in this process: only the child's memory counts
+        t_write = time.perf_counter() - t
+        r = run_child("train_child", argv=["--features", feats, "--splits", splits, "--fold", "0",
+                                           "--out_dir", os.path.join(tmp, "run")] + flags)
+        size = os.path.getsize(feats)
+    return {"n_images": n, "n_train": n_train, "flags": " ".join(flags), "cache_mb": size / 2 ** 20,
+            "write_cache_s": t_write, "train_s": r["seconds"], "maxrss_mb": r["maxrss_mb"],
+            "maxrss_after_imports_mb": r["after_imports_mb"]}
+
+
+# ----------------------------------------------------------------------------- report
+
+TARGETS = [  # (section, figure, target, check)
+    ("epoch", "speedup_default", ">= 4x", lambda v: v >= 4), ("epoch", "flops_fraction_b256", ">= 30%", lambda v: v >= 0.3),
+    ("metrics", "speedup", ">= 8x", lambda v: v >= 8), ("metrics", "max_abs_diff", "< 1e-6", lambda v: v < 1e-6),
+    ("splits", "stratified_mean_rel_dev", "<= 0.2%", lambda v: v <= 0.002),
+    ("splits", "stratified_s", "<= 5 s", lambda v: v <= 5),
+    ("knn", "peak_mb", "<= 2048 MB", lambda v: v <= 2048), ("knn", "speedup", ">= 10x", lambda v: v >= 10)]
+
+ROWS = {  # section -> (figure, value) templates over its results, and the target figure of the row
+    "encoder": [("encode 1 image + 5 captions, s/sample ({config}, batch {batch}, {dtype})", "{encoder_s_per_sample:.3g}", None),
+                ("one head training step on as many cached rows, s/row", "{head_step_s_per_row:.3g}", None),
+                ("per-sample cost ratio encoder / head step", "{cost_ratio:,.0f}x", None),
+                ("encoder passes in-loop, 5 folds x 20 epochs x 94,630 (image + caption)",
+                 "{inloop_image_passes:,} + {inloop_caption_passes:,}", None),
+                ("encoder passes once, 123,287 images (image + up to 5 captions)",
+                 "{once_image_passes:,} + {once_caption_passes_max:,}", None),
+                ("estimated encoder hours on this device, in-loop / once", "{inloop_hours:,.1f} / {once_hours:,.1f}", None)],
+    "epoch": [("epoch on {rows:,} cached rows x {captions} captions, default flags ({default_flags}), s",
+               "{epoch_default_s:.1f}", None),
+              ("epoch at batch 256, s", "{epoch_b256_s:.1f}", None),
+              ("naive loop epoch, s (timed on {naive_fraction:.0%} of it, scaled linearly)", "{naive_epoch_s:.1f}", None),
+              ("speedup of the default-flags epoch over the naive loop", "{speedup_default:.2f}x", "speedup_default"),
+              ("speedup of the batch-256 epoch over the naive loop", "{speedup_b256:.2f}x", None),
+              ("batch-256 achieved FLOP/s (3 x forward matmul FLOPs)", "{b256_flop_per_s:.3g}", None),
+              ("float32 torch.mm FLOP/s on this device", "{matmul_flop_per_s:.3g}", None),
+              ("batch-256 fraction of the matmul throughput", "{flops_fraction_b256:.1%}", "flops_fraction_b256")],
+    "metrics": [("metrics.compute_all on {n:,} x {classes}, s", "{ours_s:.3f}", None),
+                ("scikit-learn equivalent calls, s", "{sklearn_s:.2f}", None),
+                ("speedup over scikit-learn", "{speedup:.1f}x", "speedup"),
+                ("max abs difference of the 15 values (worst: {worst_metric})", "{max_abs_diff:.2g}", "max_abs_diff")],
+    "splits": [("stratified {folds} folds on {n:,} x 80 (make_splits), s", "{stratified_s:.2f}", "stratified_s"),
+               ("stratified relative prevalence deviation, mean", "{stratified_mean_rel_dev:.3%}", "stratified_mean_rel_dev"),
+               ("stratified relative prevalence deviation, max", "{stratified_max_rel_dev:.2%}", None),
+               ("sklearn KFold(shuffle): s / mean / max deviation",
+                "{kfold_s:.2f} / {kfold_mean_rel_dev:.2%} / {kfold_max_rel_dev:.1%}", None)],
+    "knn": [("model.knn_scores {queries:,} queries x {db:,} codes, {bits} bits, k={k}, s", "{seconds:.2f}", None),
+            ("knn_scores peak memory, MB ({memory_method}; 2 ms RSS sampling)", "{peak_mb:,.0f} ({sampled_peak_mb:,.0f})",
+             "peak_mb"),
+            ("full matrix + numpy argsort, s (timed on {naive_queries:,} queries, scaled)", "{naive_full_s_scaled:.1f}", None),
+            ("full matrix at full size, MB (analytic: float32 distances + int64 argsort)",
+             "{naive_full_mb_analytic:,.0f}", None),
+            ("speedup over the full matrix", "{speedup:.1f}x", "speedup")],
+    "memory": [("planted feature cache of {n_images:,} images, MB", "{cache_mb:,.0f}", None),
+               ("train.py main() on {n_train:,} training rows ({flags}), s", "{train_s:.1f}", None),
+               ("peak resident memory of that process (ru_maxrss), MB", "{maxrss_mb:,.0f}", None)]}
+
+
+def targets(res, device):
+    return [{"device": device, "section": sec, "figure": key, "value": float(res[sec][key]), "target": text,
+             "pass": bool(check(res[sec][key]))} for sec, key, text, check in TARGETS if sec in res]
+
+
+def print_table(res):
+    m = res["meta"]
+    print(f"\nbench.py{' --quick' if m['quick'] else ''}  {m['date']}  {m['platform']}\ncpu: {m['cpu']} "
+          f"({m['cores']} cores, {m['threads']} torch threads); torch {m['torch']}, numpy {m['numpy']}"
+          + (f"; gpu: {m['gpu']}" if "gpu" in m else ""))
+    verdict = {(t["device"], t["section"], t["figure"]): t for t in res["targets"]}
+    rows = [("section", "figure", "value", "target", "")]
+    for dev, block in (("cpu", res), ("cuda", res.get("cuda", {}))):
+        for sec in (s for s in SECTIONS if s in block):
+            for fig, val, key in ROWS[sec]:
+                t = verdict.get((dev, sec, key), {"target": "", "pass": None})
+                rows.append((f"{SECTIONS.index(sec) + 1} {sec}{' cuda' if dev == 'cuda' else ''}",
+                             fig.format(**block[sec]), val.format(**block[sec]), t["target"],
+                             {True: "PASS", False: "FAIL", None: ""}[t["pass"]]))
+    w = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r)).rstrip())
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device: cuda is not available on this machine; use --device cpu")
+    torch.set_num_threads(args.threads)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    res = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
+                    "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "numpy": np.__version__, "quick": bool(args.quick), "sections": list(args.sections)}}
+    if args.device == "cuda":
+        res["meta"]["gpu"], res["cuda"] = torch.cuda.get_device_name(0), {}
+    run = {"encoder": lambda d: bench_encoder(args.quick, d, args.seed), "epoch": lambda d: bench_epoch(args.quick, d, args.seed),
+           "metrics": lambda d: bench_metrics(args.quick, args.seed), "splits": lambda d: bench_splits(args.quick, args.seed),
+           "knn": lambda d: bench_knn(args.quick, d, args.seed), "memory": lambda d: bench_memory(args.quick, args.seed)}
+    for dev in ["cpu"] + (["cuda"] if args.device == "cuda" else []):
+        block = res if dev == "cpu" else res["cuda"]
+        for name in (s for s in args.sections if dev == "cpu" or s in GPU_SECTIONS):
+            t = time.perf_counter()
+            block[name] = run[name](dev)
+            print(f"[{name}] {dev}: {time.perf_counter() - t:.1f} s", flush=True)
+    res["targets"] = targets(res, "cpu") + targets(res.get("cuda", {}), "cuda")
+    print_table(res)
+    data.save_json(args.out, res)
+    print(f"wrote {args.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,480 @@
+"""
+Evaluate trained hash heads on the cached SigLIP2 embeddings: one fold model or the K-fold ensemble, on the
+hold-out test split (default) or a fold's own validation images; MLP head, Hamming-KNN head, or both.
+
+    python evaluate.py --ensemble outputs/siglip2_hash64                    # -> outputs/siglip2_hash64/eval_test/
+    python evaluate.py --ensemble outputs/siglip2_hash64 --head both --thresholds oof --retrieval --data_root data/coco
+    python evaluate.py --checkpoint outputs/siglip2_hash64/fold0/best.pt    # -> .../fold0/eval_test/
+    python evaluate.py --checkpoint outputs/siglip2_hash64/fold0/best.pt --split val --fold 0
+    python evaluate.py --checkpoint outputs/siglip2_hash64/fold0/best.pt --image photo.jpg --caption "a dog on a sofa"
+
+--features / --splits default to the files the checkpoints were trained with (their config).
+Writes to --out_dir: metrics.json, metrics.csv (model, head, 15 metrics), per_class.csv, errors.md,
+<split>_predictions.npz (ids, labels, probs of the ensemble, member_probs, knn_probs), ap_per_class.png,
+pr_curves.png; thresholds.csv + thresholds.json with --thresholds oof; examples.png with --data_root.
+
+Conventions. An image's probabilities are sigmoid(head(image, caption)) averaged over ALL its captions, so a
+score is repeatable. An image's hash code is sign(mean over its captions of the tanh codes h), 0 -> +1: one
+code per image, for database entries and queries alike. The KNN database of a fold model is the codes of its
+own training images (dev minus val_folds[fold]), recomputed from the cached embeddings; an ensemble of KNN
+heads averages the members' vote scores. --thresholds oof tunes per-class F1 thresholds on each fold's
+val_predictions.npz (never on the evaluated split) and averages them over the folds.
+"""
+import argparse
+import csv
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+
+import data
+import metrics
+import model
+
+SHOWN = ("mAP_macro", "mAP_micro", "auc_macro", "f1_macro", "f1_micro", "hamming_loss")  # terminal table
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _typed(cast, ok, what):
+    """argparse type= that rejects bad values before any work (--knn_k 0 -> usage + exit 2)."""
+    def parse(s):
+        try:
+            if ok(cast(s)):
+                return cast(s)
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
+    return parse
+
+
+positive_int = _typed(int, lambda v: v >= 1, "an integer >= 1")
+nonneg_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _typed(float, lambda v: v > 0 and np.isfinite(v), "a number > 0")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("evaluate", description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    p.add_argument("--features", default=None, help="feature cache; default: the one in the checkpoint's config")
+    p.add_argument("--splits", default=None, help="splits.json the models trained with (defines KNN databases)")
+    p.add_argument("--split", default="test", choices=("test", "val"), help="test = hold-out; val = val_folds[--fold]")
+    p.add_argument("--fold", type=nonneg_int, default=None, help="with --split val: the checkpoint's own fold")
+    p.add_argument("--data_root", default=None, help="COCO root: adds examples.png (worst-predicted images)")
+    # model
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", default=None, help="one model: a train.py best.pt")
+    src.add_argument("--ensemble", default=None, help="a run dir: every fold*/best.pt, probabilities averaged")
+    p.add_argument("--head", default="mlp", choices=("mlp", "knn", "both"), help="classifier head(s) to score")
+    p.add_argument("--knn_k", type=positive_int, default=20, help="neighbours per query (as the original plan)")
+    p.add_argument("--knn_tau", type=positive_float, default=0.07, help="softmax temperature of the votes")
+    p.add_argument("--knn_vote", default="softmax", choices=model.KNN_VOTES, help="neighbour vote weights")
+    p.add_argument("--thresholds", default="0.5", choices=("0.5", "oof"), help="oof: per-class F1-optimal "
+                   "thresholds from the folds' val predictions (never the test split), reported beside 0.5")
+    p.add_argument("--retrieval", action="store_true", help="Hamming retrieval mAP@1000/@all against the dev pool")
+    p.add_argument("--image", default=None, help="predict one image file instead (needs --caption)")
+    p.add_argument("--caption", action="append", default=None, help="caption of --image; repeat to average")
+    p.add_argument("--model", default=None, help="SigLIP2 name/folder for --image; default: from the features")
+    p.add_argument("--top", type=positive_int, default=5, help="labels printed for --image")
+    p.add_argument("--batch_size", type=positive_int, default=4096, help="images per head call")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # io
+    p.add_argument("--out_dir", default=None, help="default: <run>/eval_<split> or <fold dir>/eval_<split>")
+    p.add_argument("--bootstrap", type=nonneg_int, default=1000, help="bootstrap draws for 95%% CIs; 0 = off")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (fixed: CIs are repeatable)")
+    p.add_argument("--allow_partial", action="store_true", help="ensemble the finished folds, name the others")
+    return p
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def fold_finished(d):
+    """train.py's rule: val_metrics.json exists and config.json (or last.pt) says training ended."""
+    try:
+        with open(os.path.join(d, "config.json")) as f:
+            done = json.load(f).get("finished") or torch.load(os.path.join(d, "last.pt"), "cpu", weights_only=True)["finished"]
+        return bool(done) and os.path.isfile(os.path.join(d, "val_metrics.json"))
+    except Exception:
+        return False
+
+
+def checkpoint_paths(args):
+    if args.checkpoint:
+        return [args.checkpoint]
+    if not os.path.isdir(args.ensemble):
+        fail(f"--ensemble {args.ensemble}: not a directory")
+    dirs = sorted((d for d in glob.glob(os.path.join(args.ensemble, "fold*")) if re.fullmatch(r"fold\d+",
+                   os.path.basename(d)) and os.path.isdir(d)), key=lambda d: int(os.path.basename(d)[4:]))
+    paths = [os.path.join(d, "best.pt") for d in dirs if os.path.isfile(os.path.join(d, "best.pt"))]
+    if not paths:
+        fail(f"--ensemble {args.ensemble}: no fold*/best.pt in it; train folds with train.py first")
+    bad = [os.path.basename(d) for d in dirs if not fold_finished(d)]
+    if bad:
+        msg = f"--ensemble {args.ensemble}: unfinished or missing folds: {', '.join(bad)}"
+        if not args.allow_partial:
+            fail(msg + "; finish them (run_cv.sh resumes) or pass --allow_partial")
+        print(f"warning: {msg}; ensembling the others", file=sys.stderr)
+        paths = [p for p in paths if os.path.basename(os.path.dirname(p)) not in bad]
+        if not paths:
+            fail(msg)
+    return paths
+
+
+def load_checkpoint(path):
+    """-> (head in eval mode, checkpoint dict). Only weights_only loading: a pickle can run code."""
+    if not os.path.isfile(path):
+        fail(f"{path}: checkpoint not found")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or a pickled object (refused by weights_only)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+        first = next((ln for ln in lines if "Unsupported global" in ln), lines[0])[:200]
+        fail(f"{path}: not a loadable train.py checkpoint ({type(e).__name__}: {first}); pass a best.pt from train.py")
+    if not isinstance(ck, dict) or not {"model", "model_args", "config"} <= set(ck):
+        fail(f"{path}: not a train.py checkpoint (needs keys model, model_args, config); pass a best.pt")
+    try:
+        head = model.HashHead(**ck["model_args"])
+        head.load_state_dict(ck["model"])
+    except Exception as e:
+        fail(f"{path}: weights do not fit HashHead(**model_args) ({type(e).__name__}); re-train with this model.py")
+    return head.eval(), ck
+
+
+def identity(ck):
+    """What must agree between ensemble members: architecture, embeddings (model + data) and splits file."""
+    meta = ck["config"].get("features_meta") or {}
+    return {"model_args": ck["model_args"], "features": (meta.get("model"), meta.get("fingerprint")),
+            "splits": ck["config"].get("splits_sha256")}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+@torch.no_grad()
+def run_head(head, image, text, n_caps, batch_size, device):
+    """image (N, D), text (N, C, D), n_caps (N,) -> probs (N, 80): mean over the image's captions of
+    sigmoid(logits), and the mean tanh codes (N, bits) (None without a hash layer)."""
+    probs, codes = [], []
+    for s in range(0, len(n_caps), batch_size):
+        img, n = image[s:s + batch_size].to(device).float(), n_caps[s:s + batch_size].to(device)  # (b, D), (b,)
+        p_sum, h_sum = 0.0, 0.0
+        for c in range(int(n.max())):  # caption slot c; rows past an image's n_captions are masked out
+            logits, h = head(img, text[s:s + batch_size, c].to(device).float())  # (b, 80), (b, bits)
+            has = (n > c)[:, None]
+            p_sum = p_sum + torch.where(has, torch.sigmoid(logits.float()), 0.0)
+            h_sum = h_sum + torch.where(has, h.float(), 0.0) if h is not None else None
+        probs.append((p_sum / n[:, None]).cpu())
+        codes.append(h_sum / n[:, None] if h_sum is not None else None)
+    return torch.cat(probs), (torch.cat(codes).cpu() if codes[0] is not None else None)
+
+
+def score_member(head, feats, rows, dev_rows, val_rows, args):
+    """One model: rows = evaluated images, dev_rows = dev pool, val_rows = the model's own val fold (all
+    cache row indices) -> ({head name: probs (N, 80)}, {retrieval mAP} or None)."""
+    img, txt, ncap, labels = feats["image"][:, 0], feats["text"], feats["n_captions"], feats["labels"]
+    probs, h = run_head(head, img[rows], txt[rows], ncap[rows], args.batch_size, args.device)
+    out, retrieval = {"mlp": probs.numpy()}, None
+    if args.head != "mlp" or args.retrieval:
+        q_codes = model.sign_codes(h)  # (N, bits): one code per image
+        _, h_dev = run_head(head, img[dev_rows], txt[dev_rows], ncap[dev_rows], args.batch_size, args.device)
+        dev_codes, dev_labels = model.sign_codes(h_dev), labels[dev_rows]  # (Nd, bits), (Nd, 80)
+        if args.head != "mlp":  # database = this fold's training images
+            train = ~np.isin(dev_rows, val_rows)
+            out["knn"] = model.knn_scores(q_codes.to(args.device), dev_codes[train], dev_labels[train],
+                                          args.knn_k, args.knn_tau, args.knn_vote).cpu().numpy()
+        if args.retrieval:  # database = the dev pool minus the queries themselves
+            keep = ~np.isin(dev_rows, rows)
+            retrieval = {f"mAP@{k or 'all'}": metrics.retrieval_map(
+                q_codes.numpy(), labels[rows].numpy(), dev_codes[keep].numpy(), dev_labels[keep].numpy(), topk=k)
+                for k in (1000, None)}
+    if args.head == "knn":
+        del out["mlp"]
+    return out, retrieval
+
+
+def oof_thresholds(paths, eval_ids):
+    """Per-class F1-optimal thresholds of each fold's val_predictions.npz, averaged -> (thr [80], info)."""
+    per_fold, n_val = [], 0
+    for p in paths:
+        f = os.path.join(os.path.dirname(p), "val_predictions.npz")
+        try:
+            with np.load(f) as z:
+                ids, y, prob = z["ids"], z["labels"], z["probs"]
+        except Exception as e:
+            fail(f"{f}: cannot read val predictions ({type(e).__name__}); --thresholds oof needs each fold's file")
+        if np.isin(ids, eval_ids).any():  # thresholds must never be chosen on the evaluated images
+            fail(f"{f}: {int(np.isin(ids, eval_ids).sum())} val ids are in the evaluated split; use --split test")
+        per_fold.append(metrics.best_f1_thresholds(y, prob))
+        n_val += len(ids)
+    thr = np.mean(per_fold, axis=0)
+    return thr, {"thresholds": thr.tolist(), "per_fold": [t.tolist() for t in per_fold],
+                 "sources": [os.path.join(os.path.dirname(p), "val_predictions.npz") for p in paths], "n_val": n_val}
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write(path, content):
+    """Atomically write text, or CSV rows (a list of lists, header first)."""
+    def fn(tmp):
+        with open(tmp, "w", newline="") as f:
+            f.write(content) if isinstance(content, str) else csv.writer(f).writerows(content)
+    data.atomic_write(path, fn)
+
+
+def md_table(header, rows):
+    return "\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows]]) + "\n"
+
+
+def label_names(row, names):
+    return ", ".join(names[c] for c in np.flatnonzero(row)) or "-"
+
+
+def errors_md(title, y, p, thr, names, ids, pc):
+    """Markdown: best / worst 10 classes by AP, most FP / FN classes, top confusions, worst-predicted images."""
+    err = metrics.error_analysis(y, p, thr, top=15)
+    order = [c for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable") if not np.isnan(pc["ap"][c])]
+    by_ap = lambda cs: md_table(["class", "AP", "F1", "support"], [  # noqa: E731
+        [names[c], f"{pc['ap'][c]:.4f}", f"{pc['f1'][c]:.4f}", int(pc["support"][c])] for c in cs])
+    by_err = lambda k, m: md_table(["class", k.upper(), m, "support"], [  # noqa: E731
+        [names[c], int(err[k][c]), f"{pc[m][c]:.4f}", int(pc["support"][c])]
+        for c in np.argsort(-err[k], kind="stable")[:10]])
+    img_err = np.abs(p - y).sum(1)  # per-image error: sum over classes of |p - y|
+    worst = np.argsort(-img_err, kind="stable")[:10]
+    return "\n".join([
+        f"# Error analysis: {title}\n", f"{len(names) - len(order)} classes without a positive are left out.\n",
+        "## Best 10 classes by AP\n", by_ap(order[:10]), "## Worst 10 classes by AP\n", by_ap(order[::-1][:10]),
+        "## Most false positives\n", by_err("fp", "precision"), "## Most false negatives\n", by_err("fn", "recall"),
+        "## Top confusions: missed A (true), predicted B (absent) on the same image\n",
+        md_table(["missed A", "predicted B", "images"], [[names[a], names[b], n] for a, b, n in err["confusions"]]),
+        "## Worst-predicted images (sum over classes of |p - y|)\n",
+        md_table(["id", "error", "true", "predicted"], [[int(ids[i]), f"{img_err[i]:.2f}", label_names(y[i], names),
+                                                        label_names(p[i] > thr, names)] for i in worst])])
+
+
+def save_plots(out_dir, y, p, pc, names, examples):
+    """ap_per_class.png, pr_curves.png (4 best + 4 worst classes), examples.png ([(path, title)], if any)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    order = [c for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable") if not np.isnan(pc["ap"][c])]
+    figs = {"ap_per_class.png": plt.subplots(figsize=(18, 5)), "pr_curves.png": plt.subplots(figsize=(7, 6))}
+    ax = figs["ap_per_class.png"][1]
+    ax.bar(range(len(order)), pc["ap"][order])
+    ax.set_xticks(range(len(order)), [names[c] for c in order], rotation=90, fontsize=7)
+    ax.set(ylabel="AP", ylim=(0, 1), title="per-class average precision")
+    ax = figs["pr_curves.png"][1]
+    for c in order[:4] + order[-4:]:
+        tp = np.cumsum(y[np.argsort(-p[:, c], kind="stable"), c])  # true positives in the top 1..N
+        prec, rec = tp / np.arange(1, len(tp) + 1), tp / max(tp[-1], 1)
+        ax.plot(rec, prec, "-" if c in order[:4] else "--", label=f"{names[c]} (AP {pc['ap'][c]:.3f})")
+    ax.set(xlabel="recall", ylabel="precision", title="PR curves: best (solid) and worst (dashed) classes")
+    ax.legend(fontsize=7)
+    if examples:
+        rows = (len(examples) + 3) // 4
+        figs["examples.png"] = fig, axes = plt.subplots(rows, 4, figsize=(16, 4.6 * rows), squeeze=False)
+        for i, ax in enumerate(axes.ravel()):
+            ax.axis("off")
+            if i < len(examples):
+                with Image.open(examples[i][0]) as im:
+                    ax.imshow(im.convert("RGB"))
+                ax.set_title(examples[i][1], fontsize=7, loc="left")
+    for name, (fig, _) in figs.items():
+        fig.tight_layout()
+        data.atomic_write(os.path.join(out_dir, name), lambda tmp: fig.savefig(tmp, dpi=100))
+        plt.close(fig)
+    return list(figs)
+
+
+def example_items(coco, ids, y, p, thr, names, n=12):
+    """The n worst-predicted images found on disk -> [(path, "id, error / true / predicted")]."""
+    id2path = dict(zip(np.asarray(coco["ids"]).tolist(), coco["paths"]))
+    err = np.abs(p - y).sum(1)
+    found = [i for i in np.argsort(-err, kind="stable") if os.path.isfile(id2path.get(int(ids[i]), ""))][:n]
+    return [(id2path[int(ids[i])], f"id {ids[i]}  error {err[i]:.2f}\ntrue: {label_names(y[i], names)[:70]}\n"
+             f"pred: {label_names(p[i] > thr, names)[:70]}") for i in found]
+
+
+# ----------------------------------------------------------------------------- main
+
+def predict_image(args, heads, ck):
+    """Run the frozen towers + every head on one image and its caption(s); print the top labels."""
+    from PIL import Image
+    if not args.caption:
+        fail("--image: give its caption with --caption \"...\" (repeat the flag to average several)")
+    try:
+        with Image.open(args.image) as im:
+            img = im.convert("RGB")
+    except Exception as e:
+        fail(f"--image {args.image}: cannot read the image ({type(e).__name__}); pass a JPEG/PNG file")
+    meta = ck["config"].get("features_meta") or {}
+    name = args.model or meta.get("model")
+    if not name:
+        fail("--model: the checkpoint does not name its SigLIP2 model; pass --model NAME_OR_FOLDER")
+    try:
+        enc = model.Siglip2Encoder(name, device=args.device)
+    except Exception as e:
+        fail(f"--model {name}: cannot load the SigLIP2 towers ({type(e).__name__}); pass --model NAME_OR_FOLDER")
+    if enc.dim != heads[0].model_args["dim"]:
+        fail(f"--model {name}: embeddings are {enc.dim}-d but the head expects {heads[0].model_args['dim']}")
+    names = [c["name"] for c in json.loads(meta.get("categories") or "null") or data.COCO_CATEGORIES]
+    probs = torch.stack([model.HashModel(enc, h.to(args.device)).predict([img], [args.caption])[0]
+                         for h in heads]).mean(0)  # (80,) averaged over the ensemble
+    top = torch.argsort(probs, descending=True)[:args.top].tolist()
+    print(f"{args.image}: {len(heads)} model(s), {len(args.caption)} caption(s)")
+    for c in top:
+        print(f"  {probs[c]:.4f}  {names[c]}")
+    return {names[c]: float(probs[c]) for c in top}
+
+
+def main(args):
+    if args.split == "val" and args.fold is None:
+        fail("--split val: give --fold K, the fold whose val images the checkpoint did not train on")
+    if args.fold is not None and args.split != "val":
+        fail("--fold: only used with --split val")
+    if args.split == "val" and args.ensemble:
+        fail("--split val: pass one fold's --checkpoint (the other ensemble members trained on those images)")
+    if args.thresholds == "oof" and (args.split != "test" or args.head == "knn"):
+        fail("--thresholds oof: only with --split test and the mlp head (tuned on the folds' MLP val predictions)")
+    if args.caption and not args.image:
+        fail("--caption: only used with --image")
+    paths = checkpoint_paths(args)
+    heads, cks = zip(*[load_checkpoint(p) for p in paths])
+    for ck, p in zip(cks[1:], paths[1:]):
+        for key, val in identity(ck).items():
+            if val != identity(cks[0])[key]:
+                fail(f"--ensemble: {p} differs from {paths[0]} in {key} ({val} vs {identity(cks[0])[key]}); "
+                     f"ensemble only the folds of one run")
+    if args.image:
+        return predict_image(args, heads, cks[0])
+    if (args.head != "mlp" or args.retrieval) and not cks[0]["model_args"].get("bits"):
+        fail("--head knn/both and --retrieval need hash codes, but these models have bits 0; use --head mlp")
+    cfg = cks[0]["config"]
+    features, split_path = args.features or cfg.get("features"), args.splits or cfg.get("splits")
+    if not features or not split_path:
+        fail("--features/--splits: the checkpoint's config does not name them; pass both flags")
+    try:
+        feats, meta = data.load_features(features)
+        splits = data.load_splits(split_path)
+        data.check_split_ids(splits, feats["ids"].numpy(), where=features)
+        coco = data.load_coco(args.data_root) if args.data_root else None
+    except data.DataError as e:
+        fail(str(e))
+    if cfg.get("features_meta") and identity(cks[0])["features"] != (meta.get("model"), meta.get("fingerprint")):
+        fail(f"--features {features}: embeddings of {meta.get('model')} / data {meta.get('fingerprint')}, but the "
+             f"models were trained on {identity(cks[0])['features']}; pass the cache they were trained on")
+    with open(split_path, "rb") as f:
+        if cfg.get("splits_sha256") and hashlib.sha256(f.read()).hexdigest() != cfg["splits_sha256"]:
+            fail(f"--splits {split_path}: not the splits file the models were trained with (sha256 differs)")
+    folds = [ck["config"].get("fold") for ck in cks]
+    members = [f"fold{f}" for f in folds]
+    if len(set(members)) != len(members) or not all(isinstance(f, int) and 0 <= f < splits["folds"] for f in folds):
+        fail(f"{', '.join(paths)}: fold numbers {folds} in the checkpoints' config are missing, repeated or "
+             f"outside the {splits['folds']} folds of {split_path}")
+    if args.split == "val" and folds[0] != args.fold:
+        fail(f"--fold {args.fold}: the checkpoint trained on those images (it is fold {folds[0]}'s); use --fold {folds[0]}")
+    # rows of the cache; unreadable images and images without captions are skipped, as train.py does
+    id2row = {int(i): r for r, i in enumerate(feats["ids"].tolist())}
+    good = (feats["n_captions"].numpy() > 0) & ~np.isin(feats["ids"].numpy(), json.loads(meta.get("bad_images", "[]")))
+
+    def to_rows(ids):
+        r = np.array([id2row[int(i)] for i in ids], dtype=np.int64)
+        return r[good[r]]
+    want = splits["test"] if args.split == "test" else splits["val_folds"][args.fold]
+    rows, dev_rows = to_rows(want), to_rows(splits["dev"])
+    if len(rows) == 0:
+        fail(f"{split_path}: the {args.split} split has no usable images in {features}")
+    if len(rows) < len(want):
+        print(f"note: skipped {len(want) - len(rows)} {args.split} images (unreadable or without captions)")
+    eval_ids = feats["ids"][rows].numpy()
+    y = feats["labels"][rows].numpy()
+    cats = json.loads(meta.get("categories") or "null") or data.COCO_CATEGORIES
+    names = [c["name"] for c in cats]
+    out_dir = args.out_dir or os.path.join(args.ensemble or os.path.dirname(os.path.abspath(args.checkpoint)),
+                                           f"eval_{args.split}")
+
+    # ---- score every member; the ensemble averages probabilities (KNN: vote scores)
+    preds, retrieval = {}, {}
+    for name, head, fold in zip(members, heads, folds):
+        out, ret = score_member(head.to(args.device), feats, rows, dev_rows, to_rows(splits["val_folds"][fold]), args)
+        for hd, pr in out.items():
+            preds.setdefault(hd, {})[name] = pr
+        if ret:
+            retrieval[name] = ret
+    for hd in preds:
+        preds[hd]["ensemble"] = np.mean([preds[hd][n] for n in members], axis=0)
+    main_head = "knn" if args.head == "knn" else "mlp"
+    p_ens = preds[main_head]["ensemble"]
+    results = {hd: {n: metrics.compute_all(y, p) for n, p in d.items()} for hd, d in preds.items()}
+    report = {"split": args.split, "n_images": len(rows), "skipped": len(want) - len(rows), "checkpoints": paths,
+              "features": features, "splits": split_path, "heads": list(preds),
+              "models": {n: {hd: results[hd][n] for hd in results} for n in members},
+              "ensemble": {hd: results[hd]["ensemble"] for hd in results}}
+    if args.head != "mlp":
+        report["knn"] = {"k": args.knn_k, "tau": args.knn_tau, "vote": args.knn_vote,
+                         "database": "each fold model's training images (dev - val_folds[fold])"}
+    thr, files = 0.5, {}
+    if args.thresholds == "oof":  # chosen on the folds' val images only; the test labels play no part
+        thr, files["thresholds.json"] = oof_thresholds(paths, eval_ids)
+        report["thresholds"] = {"0.5": results["mlp"]["ensemble"], "oof": metrics.compute_all(y, p_ens, thr)}
+        files["thresholds.csv"] = [["metric", "at_0.5", "at_oof"]] + [
+            [m, report["thresholds"]["0.5"][m], report["thresholds"]["oof"][m]] for m in metrics.METRIC_NAMES]
+    if args.bootstrap:
+        ci = metrics.bootstrap_ci(y, p_ens, n_boot=args.bootstrap, seed=args.seed, thresholds=thr)
+        report["bootstrap_ci"] = {"n_boot": args.bootstrap, "seed": args.seed, "alpha": 0.05, "head": main_head,
+                                  "thresholds": args.thresholds,
+                                  **{k: {"value": v, "low": lo, "high": hi} for k, (v, lo, hi) in ci.items()}}
+    if retrieval:
+        retrieval["mean"] = {k: float(np.mean([r[k] for r in retrieval.values()])) for k in ("mAP@1000", "mAP@all")}
+        report["retrieval"] = retrieval
+    pc = metrics.per_class(y, p_ens, thr)  # per-class table of the ensemble, at the thresholds in use
+    title = (f"{'ensemble of ' + str(len(members)) if len(members) > 1 else members[0]}, {main_head} head, "
+             f"{args.split} split ({len(rows)} images), thresholds {args.thresholds}")
+    files["metrics.csv"] = [["model", "head", *metrics.METRIC_NAMES]] + [
+        [n, hd, *(r[m] for m in metrics.METRIC_NAMES)] for hd, res in results.items() for n, r in res.items()]
+    files["per_class.csv"] = [["class", "coco_id", "name", "ap", "auc", "f1", "precision", "recall", "support", "fp",
+                               "fn"]] + [[int(c), cats[c]["id"], names[c], *(pc[k][c] for k in ("ap", "auc", "f1",
+                                         "precision", "recall")), *(int(pc[k][c]) for k in ("support", "fp", "fn"))]
+                                        for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable")]
+    files["errors.md"] = errors_md(title, y, p_ens, thr, names, eval_ids, pc)
+    arrays = {"ids": eval_ids, "labels": y, "probs": p_ens.astype(np.float32), "members": np.array(members),
+              "member_probs": np.stack([preds[main_head][n] for n in members]).astype(np.float32),
+              "thresholds": np.broadcast_to(np.asarray(thr, np.float64), (y.shape[1],))}
+    if args.head == "both":
+        arrays["knn_probs"] = preds["knn"]["ensemble"].astype(np.float32)
+
+    # ---- files, each written atomically (test_predictions.npz is what aggregate.py's paired bootstrap reads)
+    data.save_json(os.path.join(out_dir, "metrics.json"), report)
+    for name, content in files.items():
+        data.save_json(os.path.join(out_dir, name), content) if name.endswith(".json") else \
+            write(os.path.join(out_dir, name), content)
+    data.atomic_write(os.path.join(out_dir, f"{args.split}_predictions.npz"), lambda tmp: np.savez(tmp, **arrays))
+    plots = save_plots(out_dir, y, p_ens, pc, names, example_items(coco, eval_ids, y, p_ens, thr, names) if coco else None)
+
+    # ---- terminal summary
+    print(f"{args.split} split: {len(rows)} images, {len(members)} model(s)\n{'model':<10} {'head':<5} "
+          + " ".join(f"{m:>12}" for m in SHOWN))
+    for hd, res in results.items():
+        print("\n".join(f"{n:<10} {hd:<5} " + " ".join(f"{r[m]:>12.4f}" for m in SHOWN) for n, r in res.items()))
+    if args.thresholds == "oof":
+        print("thresholds 0.5 -> oof: " + ", ".join(f"{m} {report['thresholds']['0.5'][m]:.4f} -> "
+              f"{report['thresholds']['oof'][m]:.4f}" for m in ("f1_macro", "f1_micro", "precision_macro", "recall_macro")))
+    if args.bootstrap:
+        print(f"95% bootstrap CI ({args.bootstrap} draws): "
+              + ", ".join(f"{k} {v:.4f} [{lo:.4f}, {hi:.4f}]" for k, (v, lo, hi) in ci.items()))
+    for n, r in retrieval.items():
+        print(f"retrieval {n}: mAP@1000 {r['mAP@1000']:.4f}, mAP@all {r['mAP@all']:.4f}")
+    print(f"wrote {out_dir}: metrics.json, {', '.join(files)}, {args.split}_predictions.npz, {', '.join(plots)}")
+    return report
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

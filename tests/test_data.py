@@ -1,0 +1,344 @@
+"""data.py: COCO loading against pycocotools on real annotation excerpts, caching, synthetic data, feature cache."""
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+KARPATHY_TEST_IDS = [42, 359, 636, 711, 810, 974, 1146, 1180, 1290]   # from SOURCES.md
+UNANNOTATED_IDS = [73, 74, 133]      # we strip their annotations: real "image without annotations" rows
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def build_real_root(root, fixtures_dir):
+    """A COCO 2014 data_root around the real annotation excerpts; returns (root, caption sets by cocoid)."""
+    from PIL import Image
+    val = json.loads((fixtures_dir / "fce_instances_val2014_100.json").read_text())
+    val["annotations"] = [a for a in val["annotations"] if a["image_id"] not in UNANNOTATED_IDS]
+    train = json.loads((fixtures_dir / "cocoapi_pr_instances_val2017_1img-sample.json").read_text())
+    # keep only the crowd annotation of its category, so that category is present through a crowd box only
+    crowd_cat = next(a["category_id"] for a in train["annotations"] if a["iscrowd"])
+    train["annotations"] = [a for a in train["annotations"] if a["iscrowd"] or a["category_id"] != crowd_cat]
+    _write_json(os.path.join(root, "annotations", "instances_val2014.json"), val)
+    _write_json(os.path.join(root, "annotations", "instances_train2014.json"), train)
+    # real captions with stray spaces / newlines, one set per image (borrowed from other images: only the
+    # text normalisation is under test)
+    caps = json.loads((fixtures_dir / "captions_val2017_1000_subset.json").read_text())
+    sets = {}
+    for a in caps["annotations"]:
+        sets.setdefault(a["image_id"], []).append(a["caption"])
+    odd = [v for v in sets.values() if any("\n" in c or c != c.strip() for c in v)]
+    record0 = json.loads((fixtures_dir / "karpathy_dataset_coco_record0_quoted.json").read_text())["images"][0]
+    images = [(im["id"], "val2014") for im in val["images"]] + [(im["id"], "train2014") for im in train["images"]]
+    records, by_id, sentid = [], {}, 0
+    for i, (cid, folder) in enumerate(images):
+        split = "test" if cid in KARPATHY_TEST_IDS else "train" if folder == "train2014" else ("restval", "val")[i % 2]
+        fname = f"COCO_{folder}_{cid:012d}.jpg"
+        sents = [{"tokens": c.lower().split(), "raw": c, "imgid": i, "sentid": sentid + j}
+                 for j, c in enumerate(odd[i])]
+        sentid += len(sents)
+        rec = dict(record0, filepath=folder, filename=fname, imgid=i, split=split, cocoid=cid,
+                   sentences=sents, sentids=[s["sentid"] for s in sents])
+        records.append(rec)
+        by_id[cid] = odd[i]
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        Image.new("RGB", (8, 8), (i % 255, 50, 100)).save(os.path.join(root, folder, fname))
+    records.reverse()                                                         # load_coco must sort by id
+    _write_json(os.path.join(root, "dataset_coco.json"), {"images": records, "dataset": "coco"})
+    return str(root), by_id
+
+
+@pytest.fixture()
+def real_root(tmp_path, fixtures_dir):
+    return build_real_root(tmp_path / "coco", fixtures_dir)
+
+
+def _pycocotools_labels(root, ids):
+    """Reference labels straight from pycocotools: any annotation (crowd included) of a category."""
+    from pycocotools.coco import COCO
+    y = np.zeros((len(ids), 80), np.uint8)
+    cat_ids = None
+    for name in ("instances_train2014.json", "instances_val2014.json"):
+        coco = COCO(os.path.join(root, "annotations", name))
+        cat_ids = sorted(coco.getCatIds())
+        have = set(coco.getImgIds())
+        for r, i in enumerate(ids):
+            if i in have:
+                for a in coco.loadAnns(coco.getAnnIds(imgIds=[i], iscrowd=None)):
+                    y[r, cat_ids.index(a["category_id"])] = 1
+    return y, [{"id": c["id"], "name": c["name"]} for c in coco.loadCats(cat_ids)]
+
+
+def test_load_coco_matches_pycocotools(real_root):
+    root, caps = real_root
+    coco = data.load_coco(root)
+    ids = coco["ids"]
+    assert ids.dtype == np.int64 and len(ids) == 101 and np.all(np.diff(ids) > 0)
+    ref, ref_cats = _pycocotools_labels(root, ids.tolist())
+    assert coco["labels"].dtype == np.uint8 and coco["labels"].shape == (101, 80)
+    np.testing.assert_array_equal(coco["labels"], ref)
+    assert coco["categories"] == ref_cats == data.COCO_CATEGORIES
+    assert [c["id"] for c in coco["categories"]] == sorted(c["id"] for c in coco["categories"])
+    # images without annotations keep a zero row; the crowd-only category of image 448263 counts
+    rows = {i: r for r, i in enumerate(ids.tolist())}
+    for i in UNANNOTATED_IDS:
+        assert coco["labels"][rows[i]].sum() == 0
+    assert coco["labels"][rows[448263]].sum() > 1
+    assert coco["labels"][rows[448263], 0] == 1                              # person, via its crowd box only
+    # splits, paths, captions
+    assert sorted(i for i, s in zip(ids.tolist(), coco["splits"]) if s == "test") == KARPATHY_TEST_IDS
+    assert coco["splits"][rows[448263]] == "train"
+    assert all(os.path.isfile(p) for p in coco["paths"])
+    assert coco["paths"][rows[42]] == os.path.join(root, "val2014", "COCO_val2014_000000000042.jpg")
+    for i, got in zip(ids.tolist(), coco["captions"]):
+        assert got == [" ".join(c.split()) for c in caps[i]]                  # order kept
+        assert all("\n" not in c and c == c.strip() and "  " not in c for c in got)
+    assert any(c != n for i in caps for c, n in zip(caps[i], coco["captions"][rows[i]]))
+
+
+def test_load_coco_cache_and_fingerprint(real_root, monkeypatch):
+    root, _ = real_root
+    first = data.load_coco(root)
+    assert os.path.isfile(os.path.join(root, ".coco_index.npz"))
+    calls = []
+    build = data._build_coco_index
+    monkeypatch.setattr(data, "_build_coco_index", lambda r: calls.append(r) or build(r))
+    again = data.load_coco(root)                                             # served from the cache
+    assert calls == [] and again["fingerprint"] == first["fingerprint"]
+    np.testing.assert_array_equal(again["labels"], first["labels"])
+    assert again["captions"] == first["captions"] and again["paths"] == first["paths"]
+    # a changed source file (new mtime) is noticed and the index rebuilt
+    p = os.path.join(root, "annotations", "instances_val2014.json")
+    st = os.stat(p)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    rebuilt = data.load_coco(root)
+    assert len(calls) == 1 and rebuilt["fingerprint"] != first["fingerprint"]
+    np.testing.assert_array_equal(rebuilt["labels"], first["labels"])
+
+
+@pytest.mark.parametrize("case", ["no_root", "no_ann", "bad_keys", "bad_cats", "absent_image", "bad_json"])
+def test_load_coco_bad_input(real_root, case):
+    root, _ = real_root
+    kp = os.path.join(root, "dataset_coco.json")
+    val = os.path.join(root, "annotations", "instances_val2014.json")
+    if case == "no_root":
+        root, expect = root + "_missing", root + "_missing"
+    elif case == "no_ann":
+        os.remove(os.path.join(root, "annotations", "instances_train2014.json"))
+        expect = "instances_train2014.json"
+    elif case == "bad_keys":
+        _write_json(kp, {"images": [{"cocoid": 42, "split": "test"}]})
+        expect = "dataset_coco.json"
+    elif case == "bad_cats":
+        d = json.load(open(val))
+        d["categories"] = d["categories"][:79]
+        _write_json(val, d)
+        expect = "instances_val2014.json"
+    elif case == "absent_image":
+        d = json.load(open(kp))
+        d["images"].append(dict(d["images"][0], cocoid=999999999, filename="COCO_val2014_000999999999.jpg"))
+        _write_json(kp, d)
+        expect = "dataset_coco.json"
+    else:
+        with open(val, "w") as f:
+            f.write('{"images": [')
+        expect = "instances_val2014.json"
+    with pytest.raises(data.DataError) as e:
+        data.load_coco(root)
+    msg = str(e.value)
+    assert expect in msg and "\n" not in msg
+    assert not os.path.exists(os.path.join(root, ".coco_index.npz"))       # nothing written
+
+
+def test_synthetic_coco_real_formats(tmp_path):
+    from pycocotools.coco import COCO
+    from PIL import Image
+    root = data.make_synthetic_coco(str(tmp_path / "syn"), n_images=80, seed=3)
+    coco = data.load_coco(root)
+    ref, _ = _pycocotools_labels(root, coco["ids"].tolist())
+    np.testing.assert_array_equal(coco["labels"], ref)
+    assert set(coco["splits"]) == {"train", "restval", "val", "test"}
+    for p, s in zip(coco["paths"], coco["splits"]):
+        assert ("train2014" in p) == (s == "train")                          # val/test/restval from val2014
+    assert (coco["labels"].sum(1) == 0).any() and all(5 <= len(c) <= 7 for c in coco["captions"])
+    raw = json.load(open(os.path.join(root, "dataset_coco.json")))["images"]
+    assert any(s["raw"] != s["raw"].strip() or "\n" in s["raw"] for r in raw for s in r["sentences"])
+    crowd = []
+    for name in ("instances_train2014.json", "instances_val2014.json"):
+        c = COCO(os.path.join(root, "annotations", name))
+        crowd += [(c, a) for a in c.dataset["annotations"] if a["iscrowd"]]
+        assert len(c.getCatIds()) == 80
+    assert crowd
+    for c, a in crowd:                                                        # RLE decodes to its bbox
+        m = c.annToMask(a)
+        x, y, w, h = a["bbox"]
+        assert m.sum() == w * h and m[int(y):int(y + h), int(x):int(x + w)].all()
+    # the picture carries the labels: the category's colour sits in its grid cell
+    r = int(np.flatnonzero(coco["labels"].sum(1) > 0)[0])
+    k = int(np.flatnonzero(coco["labels"][r])[0])
+    cx, cy, rgb, _ = data._category_look(k)
+    px = np.asarray(Image.open(coco["paths"][r]).convert("RGB"), np.float32)[1 + 7 * cy + 3, 1 + 7 * cx + 3]
+    assert np.abs(px - np.array(rgb)).max() < 60
+    again = data.make_synthetic_coco(str(tmp_path / "syn2"), n_images=80, seed=3)
+    np.testing.assert_array_equal(data.load_coco(again)["labels"], coco["labels"])
+
+
+def test_image_caption_dataset(synthetic_coco, tmp_path):
+    coco = data.load_coco(synthetic_coco)
+    ds = data.ImageCaptionDataset(coco, indices=[3, 1])
+    i, img, caps = ds[0]
+    assert len(ds) == 2 and i == 3 and img.mode == "RGB" and img.size == (64, 64) and caps == coco["captions"][3]
+    bad = dict(coco, paths=[str(tmp_path / "broken.jpg")] * len(coco["paths"]))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    assert data.ImageCaptionDataset(bad)[0][1] is None
+    idx, imgs, capss = data.ImageCaptionDataset.collate([ds[0], ds[1]])
+    assert idx == [3, 1] and len(imgs) == 2 and capss[1] == coco["captions"][1]
+
+
+def test_synthetic_labels_are_coco_like():
+    y = data.synthetic_labels(60000, seed=1)
+    assert y.dtype == np.uint8 and y.shape == (60000, 80)
+    prev = y.mean(0)
+    assert 0.52 < prev[0] < 0.57 and prev.argmax() == 0                      # person
+    assert 0.001 < prev.min() < 0.003                                       # hair drier / toaster
+    assert 2.7 < y.sum(1).mean() < 3.1
+    assert 0.005 < (y.sum(1) == 0).mean() < 0.02
+    np.testing.assert_array_equal(y, data.synthetic_labels(60000, seed=1))
+
+
+def _average_precision(y, s):
+    """AP = mean precision at the rank of each positive (sklearn's definition when scores are distinct)."""
+    hits = y[np.argsort(-s, kind="stable")]
+    return float(np.sum(np.cumsum(hits) / np.arange(1, len(hits) + 1) * hits) / hits.sum())
+
+
+def test_planted_features(planted):
+    f = planted
+    n = len(f["ids"])
+    assert f["image"].dtype == np.float16 and f["image"].shape == (n, 1, 768)
+    assert f["text"].dtype == np.float16 and f["text"].shape == (n, 5, 768)
+    assert f["ids"].dtype == np.int64 and len(np.unique(f["ids"])) == n
+    assert f["labels"].dtype == np.uint8 and f["n_captions"].dtype == np.int64
+    assert f["n_captions"].min() >= 1 and f["n_captions"].max() == 5 and (f["n_captions"] < 5).any()
+    norms = np.linalg.norm(f["text"].astype(np.float32), axis=2)
+    valid = np.arange(5)[None] < f["n_captions"][:, None]
+    assert (norms[~valid] == 0).all() and norms[valid].min() > 4.9 and norms[valid].max() < 30.1
+    img_norm = np.linalg.norm(f["image"][:, 0].astype(np.float32), axis=1)
+    assert img_norm.min() > 4.9 and img_norm.max() < 30.1 and img_norm.std() > 3
+    assert np.abs(f["image"]).max() < 8                                      # small coordinates
+    assert f["meta"]["model"] == "planted"
+    # labels are recoverable but not trivially: a ridge probe on normalised [image, mean caption]
+    x_img = f["image"][:, 0].astype(np.float32)
+    x_img /= np.linalg.norm(x_img, axis=1, keepdims=True)
+    t = f["text"].astype(np.float32)
+    t /= np.maximum(np.linalg.norm(t, axis=2, keepdims=True), 1e-6)
+    cap = t.sum(1) / f["n_captions"][:, None]
+    x = np.concatenate([x_img, cap / np.linalg.norm(cap, axis=1, keepdims=True)], 1)
+    y = f["labels"].astype(np.float64)
+    xtr, xva = x[:900].astype(np.float64), x[900:].astype(np.float64)
+    mu = xtr.mean(0)
+    # kernel ridge in its dual form (900 x 900 solve): fast and exact
+    alpha = np.linalg.solve((xtr - mu) @ (xtr - mu).T + 3.0 * np.eye(900), y[:900] - y[:900].mean(0))
+    s = (xva - mu) @ ((xtr - mu).T @ alpha)
+    keep = y[900:].sum(0) >= 3
+    ap = np.mean([_average_precision(y[900:, k], s[:, k]) for k in np.flatnonzero(keep)])
+    assert 0.4 < ap < 0.98, ap
+
+
+def test_planted_is_fast_and_deterministic():
+    t = time.time()
+    a = data.make_planted_features(5000, seed=5)
+    assert time.time() - t < 15                                              # <1 s idle; shared CPUs here
+    b = data.make_planted_features(300, seed=5)
+    c = data.make_planted_features(300, seed=5)
+    for k in ("ids", "image", "text", "n_captions", "labels", "prompts"):
+        np.testing.assert_array_equal(b[k], c[k])
+    assert a["labels"].shape == (5000, 80)
+
+
+def test_features_round_trip(tmp_path, planted):
+    p = str(tmp_path / "f.safetensors")
+    data.save_features(p, planted, planted["meta"])
+    tensors, meta = data.load_features(p)
+    for k in ("ids", "image", "text", "n_captions", "labels", "prompts"):
+        np.testing.assert_array_equal(tensors[k].numpy(), planted[k])
+    assert meta["format"] == data.FEATURES_FORMAT and meta["dim"] == "768" and meta["model"] == "planted"
+    assert all(isinstance(v, str) for v in meta.values())
+    assert json.loads(meta["categories"]) == data.COCO_CATEGORIES
+    assert sorted(os.listdir(tmp_path)) == ["f.safetensors"]                 # no temporary left behind
+
+
+def _small_cache(n=30):
+    rng = np.random.default_rng(0)
+    return {"ids": np.arange(100, 100 + n, dtype=np.int64),
+            "image": rng.standard_normal((n, 1, 16)).astype(np.float16),
+            "text": rng.standard_normal((n, 3, 16)).astype(np.float16),
+            "n_captions": np.full(n, 3, np.int64), "labels": np.zeros((n, 80), np.uint8)}
+
+
+def test_load_features_names_nan_rows(tmp_path):
+    t = _small_cache()
+    t["image"][[2, 5], 0, 3] = np.nan
+    for r in range(10, 22):
+        t["text"][r, 1, 0] = np.inf
+    p = str(tmp_path / "nan.safetensors")
+    data.save_features(p, t, {"model": "x"})
+    with pytest.raises(data.DataError) as e:
+        data.load_features(p)
+    msg = str(e.value)
+    assert p in msg and "14 image(s)" in msg and "[102, 105, 110, 111, 112, 113, 114, 115, 116, 117] ..." in msg
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "format", "no_labels", "dtype", "shape"])
+def test_load_features_refuses_bad_files(tmp_path, case):
+    p = str(tmp_path / "f.safetensors")
+    t, meta = _small_cache(), {"model": "x"}
+    if case == "garbage":
+        with open(p, "wb") as f:
+            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    elif case == "format":
+        from safetensors.torch import save_file
+        save_file({k: torch.from_numpy(v) for k, v in t.items()}, p, metadata={"format": "pt"})
+    elif case != "missing":
+        if case == "no_labels":
+            del t["labels"]
+        elif case == "dtype":
+            t["image"] = t["image"].astype(np.float32)
+        else:
+            t["labels"] = t["labels"][:-1]
+        data.save_features(p, t, meta)
+    with pytest.raises(data.DataError) as e:
+        data.load_features(p)
+    assert p in str(e.value) and "\n" not in str(e.value)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    p = str(tmp_path / "out.npz")
+    data.atomic_write(p, lambda tmp: np.savez(tmp, a=np.arange(3)))        # np.savez keeps the name
+    assert np.load(p)["a"].tolist() == [0, 1, 2]
+
+    def boom(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError):
+        data.atomic_write(p, boom)
+    assert sorted(os.listdir(tmp_path)) == ["out.npz"] and np.load(p)["a"].tolist() == [0, 1, 2]
+    data.save_json(str(tmp_path / "sub" / "x.json"), {"a": 1})
+    assert json.load(open(tmp_path / "sub" / "x.json")) == {"a": 1}
+
+
+def test_coco_categories_literal(fixtures_dir):
+    official = json.loads((fixtures_dir / "coco80_categories_official.json").read_text())
+    assert data.COCO_CATEGORIES == [{"id": c["id"], "name": c["name"]} for c in official]
+    assert data.NUM_CLASSES == len(data.COCO_CATEGORIES) == 80
+    assert len(data._COCO_IMAGE_COUNTS) == 80

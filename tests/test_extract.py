@@ -1,0 +1,230 @@
+"""extract_features.py on the synthetic COCO (conftest `synthetic_coco`) with the tiny random SigLIP.
+
+    python -m pytest -q tests/test_extract.py
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import extract_features
+import model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*argv):
+    return extract_features.main(extract_features.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def base_args(coco, tiny, out, *extra):
+    return ["--data_root", coco, "--model", tiny, "--out", out, "--device", "cpu", "--num_workers", 0,
+            "--batch_size", 8, "--shard_size", 16, *extra]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model is latency-bound: one intra-op thread is ~20x faster than two on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def clean(synthetic_coco, tiny_siglip, tmp_path_factory):
+    """One uninterrupted run over the whole synthetic COCO -> (path, tensors, meta)."""
+    out = tmp_path_factory.mktemp("clean") / "features.safetensors"
+    run(*base_args(synthetic_coco, tiny_siglip, out))
+    tensors, meta = data.load_features(out)
+    return out, tensors, meta
+
+
+@pytest.fixture(scope="module")
+def coco(synthetic_coco):
+    return data.load_coco(synthetic_coco)
+
+
+@pytest.fixture(scope="module")
+def enc(tiny_siglip):
+    return model.Siglip2Encoder(tiny_siglip)
+
+
+def copy_coco(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_shapes_dtypes_metadata(clean, coco, tiny_siglip):
+    out, t, meta = clean
+    keep = np.array([s in ("train", "restval", "val", "test") for s in coco["splits"]])
+    n = int(keep.sum())
+    assert n > 0 and not os.path.exists(str(out) + ".parts")  # shards merged and removed
+    assert t["ids"].tolist() == np.asarray(coco["ids"])[keep].tolist()
+    assert t["image"].shape == (n, 1, 32) and t["image"].dtype == torch.float16
+    assert t["text"].shape == (n, 5, 32) and t["text"].dtype == torch.float16
+    assert t["n_captions"].tolist() == [min(len(c), 5) for c, k in zip(coco["captions"], keep) if k]
+    assert torch.equal(t["labels"], torch.from_numpy(np.asarray(coco["labels"])[keep].astype(np.uint8)))
+    assert t["prompts"].shape == (80, 32) and t["prompts"].dtype == torch.float16
+    assert meta["model"] == tiny_siglip and meta["dim"] == "32" and meta["views"] == "1"
+    assert meta["max_captions"] == "5" and meta["image_size"] == "32" and meta["fingerprint"] == coco["fingerprint"]
+    assert float(meta["logit_scale"]) == pytest.approx(10.0) and float(meta["logit_bias"]) == pytest.approx(-10.0)
+    assert json.loads(meta["categories"]) == coco["categories"] and json.loads(meta["bad_images"]) == []
+    import transformers
+    assert meta["transformers_version"] == transformers.__version__
+
+
+def test_cache_equals_encoder_and_zero_rows(clean, coco, enc):
+    _, t, _ = clean
+    row_of = {int(i): r for r, i in enumerate(np.asarray(coco["ids"]))}
+    for j in range(0, len(t["ids"]), 7):
+        r = row_of[int(t["ids"][j])]
+        img = enc.encode_images([Image.open(coco["paths"][r]).convert("RGB")])  # (1, D)
+        torch.testing.assert_close(t["image"][j, 0].float(), img[0].half().float(), rtol=2e-3, atol=2e-3)
+        caps = coco["captions"][r][:5]
+        nc = int(t["n_captions"][j])
+        torch.testing.assert_close(t["text"][j, :nc].float(), enc.encode_texts(caps).half().float(),
+                                   rtol=2e-3, atol=2e-3)
+        assert bool((t["text"][j, nc:] == 0).all())
+    names = [f"a photo of a {c['name']}." for c in coco["categories"]]
+    torch.testing.assert_close(t["prompts"].float(), enc.encode_texts(names).half().float(), rtol=2e-3, atol=2e-3)
+
+
+def test_hash_model_predict_equals_head_on_cache(clean, coco, enc):
+    """The inference path (raw image + captions -> encoder -> head) agrees with the cache path."""
+    _, t, _ = clean
+    torch.manual_seed(0)
+    head = model.HashHead(dim=32, mlp_dims=(16,), bits=16).eval()
+    hm = model.HashModel(enc, head)
+    row_of = {int(i): r for r, i in enumerate(np.asarray(coco["ids"]))}
+    js = list(range(0, len(t["ids"]), 9))
+    rows = [row_of[int(t["ids"][j])] for j in js]
+    probs = hm.predict([Image.open(coco["paths"][r]).convert("RGB") for r in rows],
+                       [coco["captions"][r][:5] for r in rows])
+    for p, j in zip(probs, js):
+        nc = int(t["n_captions"][j])
+        with torch.no_grad():
+            logits, _ = head(t["image"][j, 0].float().expand(nc, -1), t["text"][j, :nc].float())
+        torch.testing.assert_close(p, torch.sigmoid(logits).mean(0), rtol=1e-3, atol=1e-3)
+
+
+def test_views_seeded_and_view0_plain(clean, coco, synthetic_coco, tiny_siglip, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    run(*base_args(synthetic_coco, tiny_siglip, a, "--views", 3, "--limit", 4, "--no_prompts"))
+    run(*base_args(synthetic_coco, tiny_siglip, b, "--views", 3, "--limit", 4, "--no_prompts", "--num_workers", 2))
+    ta, ma = data.load_features(a)
+    tb, _ = data.load_features(b)
+    assert ta["image"].shape[1] == 3 and ma["views"] == "3" and ma["limit"] == "4" and "prompts" not in ta
+    ids, splits = np.asarray(coco["ids"]), np.asarray(coco["splits"])
+    first = np.concatenate([ids[splits != "test"][:4], ids[splits == "test"][:4]])  # --limit: N dev + N test
+    assert ta["ids"].tolist() == sorted(first.tolist())
+    assert torch.equal(ta["image"], tb["image"])  # seeded per image: reruns agree, in worker processes too
+    assert not torch.equal(ta["image"][:, 0], ta["image"][:, 1])  # augmented views differ from the plain one
+    _, full, _ = clean
+    pos = [full["ids"].tolist().index(i) for i in ta["ids"].tolist()]
+    torch.testing.assert_close(ta["image"][:, 0], full["image"][pos, 0], rtol=2e-3, atol=2e-3)
+
+
+def test_sigkill_resume_equals_clean(clean, synthetic_coco, tiny_siglip, tmp_path):
+    out = tmp_path / "features.safetensors"
+    parts = str(out) + ".parts"
+    argv = [str(a) for a in base_args(synthetic_coco, tiny_siglip, out)]
+    # the real script in a child process, slowed down after its first shard so the kill lands mid-run
+    code = (f"import sys, time, torch; sys.path.insert(0, {ROOT!r}); torch.set_num_threads({torch.get_num_threads()})\n"
+            "import extract_features as ef\n"
+            "write = ef.write_shard\n"
+            "def slow(*a, **k):\n    write(*a, **k); time.sleep(120)\n"
+            "ef.write_shard = slow\n"
+            f"ef.main(ef.get_args_parser().parse_args({argv!r}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(parts) and any(f.startswith("shard_") and f.count(".") == 1 for f in os.listdir(parts)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    assert sorted(os.listdir(parts)) == ["shard_00000.safetensors"]
+    run(*argv)  # resumes: shard 0 is kept, the rest encoded, then merged
+    t, meta = data.load_features(out)
+    _, ref, ref_meta = clean
+    assert t.keys() == ref.keys() and all(torch.equal(t[k], ref[k]) for k in t)
+    assert {k: v for k, v in meta.items() if k != "model"} == {k: v for k, v in ref_meta.items() if k != "model"}
+    assert not os.path.exists(parts)
+
+
+def test_foreign_shards_refused(synthetic_coco, tiny_siglip, tmp_path, capsys):
+    out = tmp_path / "f.safetensors"
+    parts = str(out) + ".parts"
+    os.makedirs(parts)
+    extract_features.write_shard(os.path.join(parts, "shard_00000.safetensors"), {"ids": torch.zeros(1).long()},
+                                 {"model": tiny_siglip, "max_captions": "3"})
+    with pytest.raises(SystemExit) as e:
+        run(*base_args(synthetic_coco, tiny_siglip, out))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "max_captions '3'" in err and "'5'" in err and not out.exists()
+
+
+def test_bad_images_listed_then_skipped(synthetic_coco, tiny_siglip, coco, tmp_path, capsys):
+    root = copy_coco(synthetic_coco, tmp_path / "coco")
+    c = data.load_coco(root)
+    trunc, text = c["paths"][3], c["paths"][10]
+    raw = open(trunc, "rb").read()
+    open(trunc, "wb").write(raw[:len(raw) // 2])  # truncated JPEG: Image.verify() would not notice
+    open(text, "w").write("not an image\n")  # a text file named .jpg
+    out = tmp_path / "f.safetensors"
+    with pytest.raises(SystemExit) as e:
+        run(*base_args(root, tiny_siglip, out))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and trunc in err and text in err and "--skip_bad_images" in err
+    assert len([ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("error: ")]) == 1  # one line
+    assert not out.exists() and not os.path.exists(str(out) + ".parts")
+    run(*base_args(root, tiny_siglip, out, "--skip_bad_images"))
+    t, meta = data.load_features(out)
+    bad = sorted([int(c["ids"][3]), int(c["ids"][10])])
+    assert sorted(json.loads(meta["bad_images"])) == bad
+    assert not set(bad) & set(t["ids"].tolist())
+    assert len(t["ids"]) == len(c["ids"]) - 2
+
+
+def test_existing_output_up_to_date_or_refused(clean, synthetic_coco, tiny_siglip, tmp_path, capsys):
+    out = clean[0]
+    before = os.stat(out).st_mtime_ns
+    run(*base_args(synthetic_coco, tiny_siglip, out))
+    assert "up to date" in capsys.readouterr().out and os.stat(out).st_mtime_ns == before
+    for extra, needle in ((["--max_captions", 3], "max_captions '5'"), (["--views", 2], "views '1'")):
+        with pytest.raises(SystemExit) as e:
+            run(*base_args(synthetic_coco, tiny_siglip, out, *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and "--out" in err
+    other_model = tmp_path / "other_model"
+    with pytest.raises(SystemExit) as e:
+        run(*base_args(synthetic_coco, other_model, out))
+    assert e.value.code == 2 and str(other_model) in capsys.readouterr().err
+    # the data changed (Karpathy json rewritten): the fingerprint differs, so the cache is stale
+    root = copy_coco(synthetic_coco, tmp_path / "coco")
+    karpathy = os.path.join(root, "dataset_coco.json")
+    os.utime(karpathy, ns=(time.time_ns(), time.time_ns() + 10 ** 9))
+    with pytest.raises(SystemExit) as e:
+        run(*base_args(root, tiny_siglip, out))
+    assert e.value.code == 2 and "fingerprint" in capsys.readouterr().err
+    assert os.stat(out).st_mtime_ns == before
+
+
+@pytest.mark.parametrize("flag", [["--views", "0"], ["--dtype", "fp8"], ["--limit", "-1"], ["--num_workers", "-1"]])
+def test_bad_flags_rejected_by_argparse(flag):
+    with pytest.raises(SystemExit) as e:
+        extract_features.get_args_parser().parse_args(flag)
+    assert e.value.code == 2

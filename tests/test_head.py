@@ -1,0 +1,105 @@
+"""HashHead and head_loss: shapes, rebuild from model_args, the loss against a numpy reference, prior init,
+and a learning check on planted features against a scikit-learn logistic-regression probe."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import model
+
+
+def _pair(n=6, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * 7, torch.randn(n, d, generator=g) * 3
+
+
+@pytest.mark.parametrize("fusion,decompose,bits,in_dim", [
+    ("hadamard", True, 64, 3 * 16 + 2), ("concat", True, 32, 2 * 16 + 2),
+    ("hadamard", False, 16, 3 * 16), ("concat", False, 0, 2 * 16)])
+def test_shapes_and_fusion(fusion, decompose, bits, in_dim):
+    head = model.HashHead(dim=16, fusion=fusion, decompose=decompose, mlp_dims=(8,), bits=bits).eval()
+    img, txt = _pair()
+    x = head.fuse(img, txt)
+    assert x.shape == (6, in_dim)
+    d_i, d_t = (img / img.norm(dim=1, keepdim=True), txt / txt.norm(dim=1, keepdim=True)) if decompose else (img, txt)
+    torch.testing.assert_close(x[:, :16], d_i)
+    torch.testing.assert_close(x[:, 16:32], d_t)
+    if fusion == "hadamard":
+        torch.testing.assert_close(x[:, 32:48], d_i * d_t)
+    if decompose:  # the last two columns are the log-magnitudes
+        torch.testing.assert_close(x[:, -2:], torch.stack([img.norm(dim=1).log(), txt.norm(dim=1).log()], 1))
+    logits, h = head(img, txt)
+    assert logits.shape == (6, 80)
+    if bits:
+        assert h.shape == (6, bits) and h.abs().max() <= 1
+    else:
+        assert h is None and head.hash is None and head.classifier.in_features == 8
+
+
+def test_rebuild_from_model_args(tmp_path):
+    head = model.HashHead(dim=16, mlp_dims=(12, 8), bits=32, dropout=0.2, input_norm="batchnorm")
+    head.train()
+    head(*_pair(32))  # move the BatchNorm running stats away from their init
+    head.eval()
+    args = json.loads(json.dumps(head.model_args))  # builtins only
+    torch.save({"model": head.state_dict(), "model_args": head.model_args}, tmp_path / "h.pt")
+    ckpt = torch.load(tmp_path / "h.pt", map_location="cpu", weights_only=True)
+    assert ckpt["model_args"] == args
+    again = model.HashHead(**ckpt["model_args"]).eval()
+    again.load_state_dict(ckpt["model"], strict=True)
+    img, txt = _pair(5, seed=1)
+    for a, b in zip(head(img, txt), again(img, txt)):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_constructor_args():
+    for kw in (dict(bits=7), dict(fusion="foo"), dict(input_norm="layer")):
+        with pytest.raises(ValueError):
+            model.HashHead(dim=8, **kw)
+
+
+def test_head_loss_matches_numpy_reference():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(10, 80, generator=g) * 3, (torch.rand(10, 80, generator=g) < 0.2).float()
+    h = torch.tanh(torch.randn(10, 16, generator=g) * 2)
+    loss, terms = model.head_loss(logits, y, h, hash_weight=0.3, lambda_balance=0.5, lambda_decorr=2.0)
+    L, Y, H = logits.double().numpy(), y.double().numpy(), h.double().numpy()
+    p = 1 / (1 + np.exp(-L))
+    bce = -np.mean(Y * np.log(p) + (1 - Y) * np.log(1 - p))
+    quant = np.mean((np.abs(H) - 1) ** 2)
+    balance = np.mean(H.mean(0) ** 2)
+    cov = np.cov(H, rowvar=False)  # unbiased, (16, 16)
+    decorr = (np.sum(cov ** 2) - np.sum(np.diag(cov) ** 2)) / 16 ** 2
+    ref = bce + 0.3 * (quant + 0.5 * balance + 2.0 * decorr)
+    assert abs(loss.item() - ref) < 1e-5
+    for k, v in dict(bce=bce, quant=quant, balance=balance, decorr=decorr).items():
+        assert abs(terms[k] - v) < 1e-5 and isinstance(terms[k], float)
+    # no codes (bits 0): BCE only; detached tensors on request
+    loss0, terms0 = model.head_loss(logits, y, None, as_float=False)
+    assert set(terms0) == {"bce"} and abs(loss0.item() - bce) < 1e-5 and not terms0["bce"].requires_grad
+
+
+def test_init_prior_sets_bias_to_log_odds():
+    head = model.HashHead(dim=8, mlp_dims=(4,), bits=16)
+    p = torch.linspace(0.002, 0.6, 80)
+    head.init_prior(p)
+    torch.testing.assert_close(torch.sigmoid(head.classifier.bias), p, rtol=1e-5, atol=1e-6)
+    head.init_prior(torch.zeros(80))  # a class with no positive gets a finite, very negative bias
+    assert torch.isfinite(head.classifier.bias).all() and head.classifier.bias.max() < -9
+
+
+def _probe_map(feats, tr, va):
+    """scikit-learn one-vs-rest logistic regression on L2-normalised [image, mean caption] embeddings."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score
+    from sklearn.multiclass import OneVsRestClassifier
+    img = feats["image"][:, 0].astype(np.float32)
+    cap = feats["text"].astype(np.float32).sum(1) / feats["n_captions"][:, None]
+    x = np.concatenate([img / np.linalg.norm(img, axis=1, keepdims=True),
+                        cap / np.linalg.norm(cap, axis=1, keepdims=True)], 1)
+    y = feats["labels"]
+    keep = (y[tr].sum(0) > 0) & (y[va].sum(0) > 0)  # classes the probe can fit and AP can score
+    clf = OneVsRestClassifier(LogisticRegression(max_iter=500)).fit(x[tr], y[tr][:, keep])
+    return average_precision_score(y[va][:, keep], clf.predict_proba(x[va]), average="macro")

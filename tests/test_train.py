@@ -1,0 +1,206 @@
+"""train.py on a small planted feature cache: outputs and formats, exact resume, determinism, torch.compile,
+the lr schedule, and one-line errors with exit code 2 for bad input."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import metrics
+import model
+import train
+
+SMALL = ["--mlp_dims", "48", "--bits", "16", "--batch_size", "16", "--device", "cpu", "--num_threads", "1"]
+
+
+def _write_cache(root, n=300, seed=0, drop_ids=()):
+    """Planted features + a 3-fold random splits file (the real formats) -> (features path, splits path)."""
+    feats = data.make_planted_features(n, seed=seed)
+    ids = feats["ids"].tolist()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(ids).tolist()
+    test, dev = sorted(order[:20]), sorted(order[20:])
+    folds = [sorted(dev[k::3]) for k in range(3)]
+    splits = {"method": "random", "folds": 3, "seed": seed, "categories": data.COCO_CATEGORIES, "dev": dev,
+              "test": test, "val_folds": folds,
+              "stats": [{"size": len(f), "positives": [0] * 80} for f in folds]}
+    keep = ~np.isin(feats["ids"], list(drop_ids))
+    tensors = {k: v[keep] for k, v in feats.items() if k not in ("meta", "prompts")}
+    data.save_features(root / "features.safetensors", tensors, feats["meta"])
+    data.save_json(root / "splits.json", splits)
+    return root / "features.safetensors", root / "splits.json"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return _write_cache(tmp_path_factory.mktemp("cache"))
+
+
+def run(feats, splits, out_dir, *extra):
+    argv = ["--features", str(feats), "--splits", str(splits), "--out_dir", str(out_dir)] + SMALL + [str(a) for a in extra]
+    return train.main(train.get_args_parser().parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def full_run(cache, tmp_path_factory):
+    """An uninterrupted 4-epoch run (patience off), shared by the resume and determinism tests."""
+    out = tmp_path_factory.mktemp("full")
+    run(*cache, out, "--epochs", 4, "--patience", 0)
+    return out
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_outputs_and_formats(cache, full_run):
+    out = full_run
+    ckpt = _load(out / "best.pt")
+    for k in ("model", "optimizer", "scaler", "scheduler", "epoch", "best", "bad_epochs", "model_args", "config",
+              "finished", "rng"):
+        assert k in ckpt, k
+    assert ckpt["rng"].dtype == torch.uint8 and _load(out / "last.pt")["finished"] is True
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["effective_batch"] == 32 and cfg["steps_per_epoch"] == math.ceil((cfg["n_train"] // 16) / 2)
+    assert cfg["total_steps"] == 4 * cfg["steps_per_epoch"] and cfg["warmup_steps"] == round(0.1 * cfg["total_steps"])
+    assert len(cfg["splits_sha256"]) == 64 and cfg["features_meta"]["model"] == "planted" and cfg["finished"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert all({"lr", "bce", "quant", "val_mAP_macro", "seconds"} <= set(r) for r in log)
+    val = json.loads((out / "val_metrics.json").read_text())
+    assert list(val)[:15] == list(metrics.METRIC_NAMES) and val["epoch"] == ckpt["epoch"]
+    assert val["n_images"] == cfg["n_val"] and "skipped_ap_classes" in val
+    assert val["mAP_macro"] == max(r["val_mAP_macro"] for r in log) == ckpt["best"]
+
+    # predictions: recompute them independently from best.pt, one image and one caption at a time
+    pred = np.load(out / "val_predictions.npz")
+    assert pred["ids"].dtype == np.int64 and pred["probs"].dtype == np.float32 and pred["codes"].dtype == np.int8
+    assert pred["codes"].shape == (cfg["n_val"], 16) and set(np.unique(pred["codes"])) <= {-1, 1}
+    head = model.HashHead(**ckpt["model_args"]).eval()
+    head.load_state_dict(ckpt["model"])
+    tensors, _ = data.load_features(cache[0])
+    row = {int(i): r for r, i in enumerate(tensors["ids"].tolist())}
+    with torch.no_grad():
+        for j in (0, 7, len(pred["ids"]) - 1):
+            r = row[int(pred["ids"][j])]
+            caps = range(int(tensors["n_captions"][r]))
+            outs = [head(tensors["image"][r:r + 1, 0].float(), tensors["text"][r:r + 1, c].float()) for c in caps]
+            p = np.mean([torch.sigmoid(lo)[0].numpy() for lo, _ in outs], 0)
+            code = np.where(np.mean([h[0].numpy() for _, h in outs], 0) > 0, 1, -1)
+            np.testing.assert_allclose(pred["probs"][j], p, rtol=1e-4, atol=1e-6)
+            np.testing.assert_array_equal(pred["codes"][j], code)
+            np.testing.assert_array_equal(pred["labels"][j], tensors["labels"][r].numpy())
+    again = metrics.compute_all(pred["labels"], pred["probs"])
+    assert abs(again["mAP_macro"] - val["mAP_macro"]) < 1e-9
+
+
+def test_resume_is_exact(cache, full_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "resumed"
+    calls = {"n": 0}
+    real_evaluate = train.evaluate
+
+    def interrupted(*a, **k):  # Ctrl-C during the 3rd epoch's evaluation: last.pt holds epoch 2
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+    monkeypatch.setattr(train, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(*cache, out, "--epochs", 4, "--patience", 0)
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    assert _load(out / "last.pt")["epoch"] == 2 and not _load(out / "last.pt")["finished"]
+    run(*cache, out, "--epochs", 4, "--patience", 0, "--resume")
+    assert (out / "val_metrics.json").read_text() == (full_run / "val_metrics.json").read_text()
+    a, b = _load(out / "best.pt")["model"], _load(full_run / "best.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (out / "log.jsonl").open()]
+    ref = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (full_run / "log.jsonl").open()]
+    assert strip == ref
+    capsys.readouterr()
+    run(*cache, out, "--epochs", 4, "--patience", 0, "--resume")  # finished: nothing to do, exit 0
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_deterministic_on_cpu(cache, full_run, tmp_path):
+    run(*cache, tmp_path, "--epochs", 4, "--patience", 0)
+    assert (tmp_path / "val_metrics.json").read_text() == (full_run / "val_metrics.json").read_text()
+    p, q = np.load(tmp_path / "val_predictions.npz"), np.load(full_run / "val_predictions.npz")
+    assert all(np.array_equal(p[k], q[k]) for k in ("ids", "labels", "probs", "codes"))
+
+
+def test_compile_saves_plain_keys(cache, tmp_path):
+    # aot_eager: the full dynamo + autograd capture, without inductor's minutes of C++ codegen on this CPU
+    run(*cache, tmp_path, "--epochs", 1, "--compile", "--compile_backend", "aot_eager", "--bits", "0")
+    for name in ("best.pt", "last.pt"):
+        keys = list(_load(tmp_path / name)["model"])
+        assert keys and not any("_orig_mod" in k for k in keys)
+        model.HashHead(**_load(tmp_path / name)["model_args"]).load_state_dict(_load(tmp_path / name)["model"])
+
+
+def test_lr_schedule_warmup_then_cosine():
+    a = train.get_args_parser().parse_args(["--features", "f", "--splits", "s", "--out_dir", "o", "--lr", "1e-3"])
+    spe, total, warm = 10, 200, 20
+    lr = [1e-3 * train.lr_multiplier(s, warm, total, spe, a) for s in range(total + 1)]  # lr[total]: after the last step
+    assert lr[0] == pytest.approx(1e-3 / warm) and lr[warm - 1] == pytest.approx(1e-3)
+    assert all(x < y for x, y in zip(lr[:warm - 1], lr[1:warm]))  # warmup really rises
+    assert all(x >= y for x, y in zip(lr[warm:-1], lr[warm + 1:])) and lr[-1] == pytest.approx(1e-6)
+    a.scheduler = "cosine_restarts"  # periods T_0 = 5 epochs, then 10: restarts at warm + 50 and warm + 150
+    lr = [1e-3 * train.lr_multiplier(s, warm, total, spe, a) for s in range(total)]
+    assert lr[warm + 49] < 2e-6 and lr[warm + 50] == pytest.approx(1e-3) and lr[warm + 150] == pytest.approx(1e-3)
+
+
+def _fails(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        train.main(train.get_args_parser().parse_args([str(a) for a in argv] + SMALL))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_input_exits_2(cache, tmp_path, capsys):
+    feats, splits = cache
+    err = _fails(capsys, "--features", tmp_path / "nope.safetensors", "--splits", splits, "--out_dir", tmp_path / "a")
+    assert "nope.safetensors" in err
+    (tmp_path / "junk.safetensors").write_text("not a cache")
+    assert "junk.safetensors" in _fails(capsys, "--features", tmp_path / "junk.safetensors", "--splits", splits,
+                                        "--out_dir", tmp_path / "a")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    dev = json.loads(splits.read_text())["dev"]
+    part_feats, part_splits = _write_cache(sub, drop_ids=dev[:5])  # the cache lacks 5 split ids
+    assert "missing" in _fails(capsys, "--features", part_feats, "--splits", part_splits, "--out_dir", tmp_path / "a")
+    assert "--fold" in _fails(capsys, "--features", feats, "--splits", splits, "--fold", 3, "--out_dir", tmp_path / "a")
+    assert not (tmp_path / "a").exists()  # nothing half-written
+
+    out = tmp_path / "r"
+    run(feats, splits, out, "--epochs", 2, "--patience", 0)
+    assert "--resume" in _fails(capsys, "--features", feats, "--splits", splits, "--out_dir", out)  # no silent overwrite
+    err = _fails(capsys, "--features", feats, "--splits", splits, "--out_dir", out, "--resume", "--epochs", 3,
+                 "--fusion", "concat")
+    assert "--resume" in err and "concat" in err
+
+
+def test_argparse_rejects_bad_flags(capsys):
+    base = ["--features", "f", "--splits", "s", "--out_dir", "o"]
+    for bad in (["--bits", "7"], ["--lr", "-1"], ["--fusion", "foo"], ["--batch_size", "1"], ["--dropout", "1.5"],
+                ["--mlp_dims", "10,x"], ["--input_norm", "x"], ["--warmup_ratio", "1"]):
+        with pytest.raises(SystemExit) as e:
+            train.get_args_parser().parse_args(base + bad)
+        assert e.value.code == 2
+
+
+def test_non_finite_loss_stops(cache, tmp_path, monkeypatch, capsys):
+    real = model.head_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        loss, terms = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), terms
+    monkeypatch.setattr(model, "head_loss", poisoned)
+    err = _fails(capsys, "--features", cache[0], "--splits", cache[1], "--out_dir", tmp_path, "--epochs", 2)
+    assert "non-finite loss at epoch 1 step 3" in err
+    assert not (tmp_path / "last.pt").exists()

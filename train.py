@@ -1,0 +1,401 @@
+"""
+Train the hash head on cached frozen SigLIP2 embeddings: one cross-validation fold.
+
+    python train.py --features data/coco/features_siglip2-base-patch16-256.safetensors \
+        --splits data/coco/splits.json --fold 0 --out_dir outputs/siglip2_hash64/fold0
+    python train.py ... --bits 0                  # plain-MLP baseline (no hash layer)
+    python train.py ... --resume                  # continue an interrupted run from out_dir/last.pt
+    python train.py ... --input_norm none --prior_init off --hash_warmup 0 --lr 2e-4   # the original recipe
+
+The towers are frozen, so training on their cached outputs is the same computation as running them in the
+loop. The whole fold lives in memory as float32; an epoch is one randperm plus tensor slicing (one caption,
+and one view if there are several, sampled per image per epoch). Validation averages the probabilities
+over all captions of an image, so its score is repeatable. Writes to --out_dir: config.json, log.jsonl,
+last.pt, best.pt, val_metrics.json, val_predictions.npz (see README / contract).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import metrics
+import model
+
+TERMS = ("loss", "bce", "quant", "balance", "decorr", "hash_reg", "h_abs")  # per-step training statistics
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _number(kind, lo, lo_ok):
+    def parse(s):
+        try:
+            x = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a {kind.__name__}") from None
+        if not (x >= lo if lo_ok else x > lo) or (kind is float and not math.isfinite(x)):
+            raise argparse.ArgumentTypeError(f"{s} must be {'>=' if lo_ok else '>'} {lo}")
+        return x
+    return parse
+
+
+def _fraction(s):
+    x = _number(float, 0.0, True)(s)
+    if x >= 1:
+        raise argparse.ArgumentTypeError(f"{s} must be in [0, 1)")
+    return x
+
+
+def _dims(s):
+    try:
+        dims = [int(t) for t in s.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated widths like 1024,512") from None
+    if any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"{s!r}: widths must be positive")
+    return dims
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("train the hash head on one fold", add_help=True,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    p.add_argument("--features", required=True, help="feature cache from extract_features.py (.safetensors)")
+    p.add_argument("--splits", required=True, help="splits.json from make_splits.py")
+    p.add_argument("--fold", type=_number(int, 0, True), default=0, help="validation fold k; trains on dev minus val_folds[k]")
+    # model
+    p.add_argument("--fusion", choices=model.FUSIONS, default="hadamard", help="hadamard: [d_i, d_t, d_i*d_t, m_i, m_t]; concat: [d_i, d_t, m_i, m_t]")
+    p.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude")
+    p.add_argument("--mlp_dims", type=_dims, default=[1024, 512], help="hidden widths of the MLP, comma-separated")
+    p.add_argument("--dropout", type=_fraction, default=0.1, help="dropout after each hidden layer")
+    p.add_argument("--bits", type=int, choices=model.HASH_BITS, default=64, help="hash code length; 0 = no hash layer (plain-MLP baseline)")
+    p.add_argument("--input_norm", choices=model.INPUT_NORMS, default="batchnorm", help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns (original: none)")
+    p.add_argument("--prior_init", choices=("on", "off"), default="on", help="classifier bias = log(p/(1-p)) of the fold's class priors; keeps tanh out of saturation (original: off)")
+    # loss
+    p.add_argument("--hash_weight", type=_number(float, 0.0, True), default=0.1, help="weight of the hash regulariser (quantisation + balance + decorrelation)")
+    p.add_argument("--lambda_balance", type=_number(float, 0.0, True), default=0.1, help="bit-balance weight inside the hash regulariser")
+    p.add_argument("--lambda_decorr", type=_number(float, 0.0, True), default=0.01, help="bit-decorrelation weight inside the hash regulariser")
+    p.add_argument("--hash_warmup", type=_number(float, 0.0, True), default=0.0, help="epochs of linear ramp of hash_weight from 0 (0 = full weight from the start, as the original)")
+    # optim
+    p.add_argument("--epochs", type=_number(int, 1, True), default=20, help="maximum epochs")
+    p.add_argument("--patience", type=_number(int, 0, True), default=3, help="stop after this many epochs without a better val mAP_macro (0 = never)")
+    p.add_argument("--batch_size", type=_number(int, 2, True), default=32, help="micro-batch size (>= 2 for BatchNorm)")
+    p.add_argument("--accum_steps", type=_number(int, 1, True), default=2, help="micro-batches per optimizer step; effective batch = batch_size * accum_steps")
+    p.add_argument("--lr", type=_number(float, 0.0, False), default=1e-3, help="peak AdamW learning rate (original: 2e-4, too small to train in 20 epochs)")
+    p.add_argument("--weight_decay", type=_number(float, 0.0, True), default=0.01, help="AdamW weight decay")
+    p.add_argument("--warmup_ratio", type=_fraction, default=0.1, help="fraction of all optimizer steps spent in linear lr warmup")
+    p.add_argument("--min_lr", type=_number(float, 0.0, True), default=1e-6, help="lr at the end of the cosine decay")
+    p.add_argument("--scheduler", choices=("cosine", "cosine_restarts"), default="cosine", help="after warmup: one cosine decay, or SGDR restarts (periods T_0, T_0*T_mult, ... epochs)")
+    p.add_argument("--T_0", type=_number(int, 1, True), default=5, help="first cosine_restarts period in epochs")
+    p.add_argument("--T_mult", type=_number(int, 1, True), default=2, help="period growth factor of cosine_restarts")
+    p.add_argument("--clip_grad", type=_number(float, 0.0, True), default=1.0, help="max gradient norm (0 = no clipping)")
+    # run
+    p.add_argument("--seed", type=int, default=42, help="base seed; fold k uses seed + k")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (default: fp16 + GradScaler on cuda, off on cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the head (checkpoints still hold the plain module's weights)")
+    p.add_argument("--compile_backend", choices=("inductor", "aot_eager", "eager"), default="inductor", help="torch.compile backend (aot_eager: no C++ codegen, compiles in seconds)")
+    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (bit-repeatable on GPU too, slower)")
+    p.add_argument("--num_threads", type=_number(int, 0, True), default=0, help="CPU threads for torch (0 = torch default)")
+    # io
+    p.add_argument("--out_dir", required=True, help="output folder of this fold")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt (fresh start if there is none)")
+    return p
+
+
+# ---------------------------------------------------------------------------- data
+
+def load_fold(args, device):
+    """Feature cache + splits -> float32 tensors of the fold's train / val images on `device`."""
+    try:
+        tensors, meta = data.load_features(args.features)
+        splits = data.load_splits(args.splits)
+        data.check_split_ids(splits, tensors["ids"].numpy(), where=args.features)
+    except data.DataError as e:
+        fail(str(e))
+    n_folds = len(splits["val_folds"])
+    if args.fold >= n_folds:
+        fail(f"--fold: {args.fold} is out of range; {args.splits} has folds 0..{n_folds - 1}")
+    ids = tensors["ids"].numpy()
+    val_ids = np.asarray(sorted(splits["val_folds"][args.fold]), dtype=np.int64)
+    train_ids = np.setdiff1d(np.asarray(splits["dev"], dtype=np.int64), val_ids)  # sorted
+    # images the extractor could not read, and images without a caption, cannot be fed to the head
+    bad = set(json.loads(meta.get("bad_images", "[]"))) | set(ids[tensors["n_captions"].numpy() == 0].tolist())
+    order = np.argsort(ids)
+    out = {"meta": meta, "skipped": {}}
+    for name, want in (("train", train_ids), ("val", val_ids)):
+        keep = np.asarray([i not in bad for i in want.tolist()], dtype=bool)
+        out["skipped"][name] = int((~keep).sum())
+        rows = torch.from_numpy(order[np.searchsorted(ids, want[keep], sorter=order)])  # (n,)
+        out[name] = {"ids": torch.from_numpy(want[keep]),
+                     "image": tensors["image"][rows].float().to(device),            # (n, V, D) converted once
+                     "text": tensors["text"][rows].float().to(device),              # (n, C, D)
+                     "n_captions": tensors["n_captions"][rows].to(device),          # (n,)
+                     "labels": tensors["labels"][rows].float().to(device)}          # (n, 80)
+    if len(out["train"]["ids"]) < args.batch_size:
+        fail(f"--batch_size: {args.batch_size} exceeds the {len(out['train']['ids'])} training images of fold {args.fold}")
+    if len(out["val"]["ids"]) == 0:
+        fail(f"{args.splits}: fold {args.fold} has no usable validation images")
+    return out
+
+
+def lr_multiplier(step, warmup, total, steps_per_epoch, args):
+    """LambdaLR factor at optimizer step `step`: linear warmup, then cosine (or SGDR) down to min_lr."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t, period = step - warmup, max(1, total - warmup)
+    if args.scheduler == "cosine_restarts":
+        period = args.T_0 * steps_per_epoch
+        while t >= period:
+            t, period = t - period, period * args.T_mult
+    frac = min(1.0, t / period)
+    floor = args.min_lr / args.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+# ---------------------------------------------------------------------------- loop
+
+def train_one_epoch(net, fold, opt, sched, scaler, args, epoch, state):
+    """One pass over the shuffled training images; returns mean training terms. No .item() per step."""
+    net.train()
+    tr, B, A = fold["train"], args.batch_size, args.accum_steps
+    n, dev = len(tr["ids"]), tr["image"].device
+    perm = torch.randperm(n)  # global CPU RNG (saved in checkpoints), so resume is exact
+    cap = (torch.rand(n) * tr["n_captions"].cpu()[perm]).long()  # one caption per image, < n_captions
+    view = torch.randint(tr["image"].shape[1], (n,))  # one view per image (all 0 when V == 1)
+    perm, cap, view = perm.to(dev), cap.to(dev), view.to(dev)
+    x_img, x_txt, y = tr["image"][perm, view], tr["text"][perm, cap], tr["labels"][perm]  # (n, D) (n, D) (n, 80)
+    n_micro = n // B  # drop the ragged tail: BatchNorm needs >= 2 rows, codes stats want full batches
+    stats = torch.zeros(n_micro, len(TERMS), device=dev)  # (n_micro, terms), read once per check
+    amp_ctx = torch.autocast(dev.type, dtype=state["amp_dtype"], enabled=state["amp"])
+    ramp = args.hash_warmup * state["steps_per_epoch"]
+    bar = tqdm(total=n_micro, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty())
+    checked = 0
+    for i in range(n_micro):
+        s = i * B
+        hw = args.hash_weight * (min(1.0, sched.last_epoch / ramp) if ramp > 0 else 1.0)
+        with amp_ctx:
+            logits, h = net(x_img[s:s + B], x_txt[s:s + B])  # (B, 80), (B, bits) | None
+        loss, terms = model.head_loss(logits, y[s:s + B], h, hash_weight=hw, lambda_balance=args.lambda_balance,
+                                      lambda_decorr=args.lambda_decorr, as_float=False)
+        scaler.scale(loss / A).backward()
+        zero = loss.detach() * 0
+        stats[i] = torch.stack([loss.detach()] + [terms.get(k, zero) for k in TERMS[1:-1]]
+                               + [h.detach().abs().mean() if h is not None else zero])
+        if (i + 1) % A == 0 or i + 1 == n_micro:
+            if args.clip_grad > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad, foreach=True)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update(A)
+        if (i + 1) % 200 == 0 or i + 1 == n_micro:  # one host sync per 200 steps: stop on NaN/Inf loss
+            finite = torch.isfinite(stats[checked:i + 1, 0])
+            if not bool(finite.all()):
+                bad = checked + int((~finite).nonzero()[0, 0]) + 1
+                bar.close()
+                fail(f"non-finite loss at epoch {epoch} step {bad}; lower --lr or check the feature cache")
+            checked = i + 1
+    bar.close()
+    return dict(zip(TERMS, stats.mean(0).tolist())), hw
+
+
+@torch.no_grad()
+def evaluate(net, split, amp, amp_dtype, chunk=8192):
+    """Probabilities averaged over all captions of each image (view 0) and the sign of the mean code."""
+    net.eval()
+    img, txt, ncap = split["image"][:, 0], split["text"], split["n_captions"]
+    n, n_cap = len(img), txt.shape[1]
+    probs, codes = [], []
+    for s in range(0, n, chunk):
+        p_sum, h_sum = 0.0, 0.0
+        for c in range(n_cap):
+            with torch.autocast(img.device.type, dtype=amp_dtype, enabled=amp):
+                logits, h = net(img[s:s + chunk], txt[s:s + chunk, c])  # (b, 80), (b, bits) | None
+            has = (ncap[s:s + chunk] > c)[:, None]  # (b, 1): zero rows past n_captions are ignored
+            p_sum = p_sum + torch.where(has, torch.sigmoid(logits.float()), 0.0)
+            if h is not None:
+                h_sum = h_sum + torch.where(has, h.float(), 0.0)
+        k = ncap[s:s + chunk, None].float()
+        probs.append((p_sum / k).cpu())
+        if isinstance(h_sum, torch.Tensor):
+            codes.append(torch.where(h_sum > 0, 1, -1).to(torch.int8).cpu())  # "binarise h > 0"
+    return torch.cat(probs).numpy(), (torch.cat(codes).numpy() if codes else None)
+
+
+# ---------------------------------------------------------------------------- main
+
+def save_checkpoint(path, head, opt, scaler, sched, state, config, finished):
+    ckpt = {"model": head.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "scheduler": sched.state_dict(), "epoch": state["epoch"], "best": state["best"],
+            "best_epoch": state["best_epoch"], "bad_epochs": state["bad_epochs"],
+            "model_args": head.model_args, "config": config, "finished": finished,
+            "rng": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    data.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def _write_lines(path, lines):
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def save_best(out_dir, fold, probs, codes, val_metrics):
+    va = fold["val"]
+    arrays = {"ids": va["ids"].numpy(), "labels": va["labels"].cpu().numpy().astype(np.uint8),
+              "probs": probs.astype(np.float32)}
+    if codes is not None:
+        arrays["codes"] = codes
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    data.atomic_write(os.path.join(out_dir, "val_predictions.npz"), write)
+    data.save_json(os.path.join(out_dir, "val_metrics.json"), val_metrics)
+
+
+def main(args):
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device(args.device)
+    amp = (device.type == "cuda") if args.amp is None else args.amp
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16  # CPU autocast: bf16 only is useful
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    seed = args.seed + args.fold
+    torch.manual_seed(seed)
+
+    model_args = dict(dim=0, num_classes=data.NUM_CLASSES, fusion=args.fusion, decompose=args.decompose,
+                      mlp_dims=list(args.mlp_dims), dropout=args.dropout, bits=args.bits, input_norm=args.input_norm)
+    last_path = os.path.join(args.out_dir, "last.pt")
+    ckpt = None
+    if os.path.exists(last_path):
+        if not args.resume:
+            fail(f"--out_dir: {args.out_dir} already holds a run (last.pt); pass --resume to continue it or choose another --out_dir")
+        try:
+            ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            fail(f"{last_path}: unreadable checkpoint ({type(e).__name__}); delete it to start over")
+        mismatch = {k: (v, model_args[k]) for k, v in ckpt["model_args"].items() if k != "dim" and model_args.get(k) != v}
+        if mismatch or ckpt["config"]["fold"] != args.fold:
+            fail(f"--resume: {last_path} was trained with other model flags or fold "
+                 f"({', '.join(f'{k}: {a} in the checkpoint, {b} now' for k, (a, b) in mismatch.items()) or 'fold'}); "
+                 f"use the original flags or another --out_dir")
+        if ckpt.get("finished"):
+            print(f"{args.out_dir}: already finished (best val mAP_macro {ckpt['best']:.4f} at epoch {ckpt['best_epoch']})")
+            return
+    elif args.resume:
+        print(f"note: no {last_path} to resume from; starting fresh")
+
+    fold = load_fold(args, device)
+    model_args["dim"] = int(fold["train"]["image"].shape[2])
+    if ckpt is not None and ckpt["model_args"] != model_args:
+        fail(f"--resume: {last_path} has embedding dim {ckpt['model_args']['dim']}, {args.features} has "
+             f"{model_args['dim']}; use the original feature cache or another --out_dir")
+
+    head = model.HashHead(**model_args).to(device)
+    if args.prior_init == "on":
+        head.init_prior(fold["train"]["labels"].mean(0).cpu())
+    net = torch.compile(head, backend=args.compile_backend) if args.compile else head  # train through net, save head (no _orig_mod.)
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+
+    # derived numbers (printed and stored): the schedule is in optimizer steps
+    n_train, n_val = len(fold["train"]["ids"]), len(fold["val"]["ids"])
+    n_micro = n_train // args.batch_size
+    steps_per_epoch = math.ceil(n_micro / args.accum_steps)
+    total_steps = steps_per_epoch * args.epochs
+    warmup_steps = int(round(args.warmup_ratio * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_multiplier(s, warmup_steps, total_steps, steps_per_epoch, args))
+    with open(args.splits, "rb") as f:
+        splits_sha = hashlib.sha256(f.read()).hexdigest()
+    config = dict(vars(args), seed_fold=seed, amp=amp, model_args=model_args, n_train=n_train, n_val=n_val,
+                  skipped_train=fold["skipped"]["train"], skipped_val=fold["skipped"]["val"],
+                  effective_batch=args.batch_size * args.accum_steps, steps_per_epoch=steps_per_epoch,
+                  total_steps=total_steps, warmup_steps=warmup_steps, splits_sha256=splits_sha,
+                  features_meta=fold["meta"], torch_version=str(torch.__version__), finished=False)
+    print(f"fold {args.fold}: {n_train} train / {n_val} val images (skipped {fold['skipped']}), device {device}, "
+          f"amp {amp}, seed {seed}")
+    print(f"effective batch {config['effective_batch']} ({args.batch_size} x {args.accum_steps}), "
+          f"{steps_per_epoch} steps/epoch, {total_steps} total steps, {warmup_steps} warmup steps, "
+          f"lr {args.lr:g} -> {args.min_lr:g} ({args.scheduler})")
+    print(f"head: {model_args} ({sum(p.numel() for p in head.parameters()):,} parameters)")
+
+    state = dict(epoch=0, best=-1.0, best_epoch=0, bad_epochs=0, amp=amp, amp_dtype=amp_dtype,
+                 steps_per_epoch=steps_per_epoch)
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    log_lines = []
+    if ckpt is not None:
+        head.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("rng_cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt["rng_cuda"])
+        state.update({k: ckpt[k] for k in ("epoch", "best", "best_epoch", "bad_epochs")})
+        for k in ("lr", "epochs", "batch_size", "accum_steps", "hash_weight", "scheduler", "seed"):
+            if ckpt["config"].get(k) != getattr(args, k):
+                print(f"note: --{k} {getattr(args, k)} differs from the checkpoint's {ckpt['config'].get(k)}")
+        config = dict(config, resumed_from_epoch=ckpt["epoch"])
+        if os.path.exists(log_path):  # drop lines of epochs the checkpoint does not hold
+            with open(log_path) as f:
+                log_lines = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= state["epoch"]]
+        print(f"resumed from {last_path} at epoch {state['epoch']} (best {state['best']:.4f})")
+    os.makedirs(args.out_dir, exist_ok=True)
+    data.save_json(os.path.join(args.out_dir, "config.json"), config)
+
+    finished = False
+    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+        t0 = time.time()
+        train_stats, hw = train_one_epoch(net, fold, opt, sched, scaler, args, epoch, state)
+        probs, codes = evaluate(net, fold["val"], amp, amp_dtype)
+        labels = fold["val"]["labels"].cpu().numpy().astype(np.uint8)
+        val = metrics.compute_all(labels, probs)
+        score = val["mAP_macro"]
+        state["epoch"] = epoch
+        improved = score > state["best"]
+        if improved:
+            state.update(best=score, best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        finished = epoch == args.epochs or (args.patience > 0 and state["bad_epochs"] >= args.patience)
+        if improved:
+            save_best(args.out_dir, fold, probs, codes, dict(val, epoch=epoch, n_images=n_val))
+            save_checkpoint(os.path.join(args.out_dir, "best.pt"), head, opt, scaler, sched, state, config, finished)
+        seconds = time.time() - t0
+        rec = dict(epoch=epoch, lr=opt.param_groups[0]["lr"], hash_weight=hw, **train_stats,
+                   val_mAP_macro=score, best=state["best"], seconds=round(seconds, 2))
+        log_lines.append(json.dumps(rec) + "\n")
+        data.atomic_write(log_path, lambda tmp: _write_lines(tmp, log_lines))
+        save_checkpoint(last_path, head, opt, scaler, sched, state, config, finished)
+        print(f"epoch {epoch:3d} | loss {train_stats['loss']:.4f} bce {train_stats['bce']:.4f} "
+              f"|h| {train_stats['h_abs']:.3f} | lr {rec['lr']:.2e} | val mAP {score:.4f} "
+              f"(best {state['best']:.4f} @ {state['best_epoch']}){' *' if improved else ''} | {seconds:.1f}s")
+        if finished:
+            break
+    config.update(finished=True, best_epoch=state["best_epoch"], best_val_mAP_macro=state["best"],
+                  stopped_epoch=state["epoch"])
+    data.save_json(os.path.join(args.out_dir, "config.json"), config)
+    print(f"done: best val mAP_macro {state['best']:.4f} at epoch {state['best_epoch']} -> {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
