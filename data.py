@@ -247,7 +247,10 @@ def load_coco(data_root):
             atomic_write(npz, lambda tmp: np.savez(tmp, ids=idx["ids"], labels=idx["labels"]))
             meta = {"version": _INDEX_VERSION, "fingerprint": fp, "rel_paths": idx["rel_paths"],
                     "splits": idx["splits"], "captions": idx["captions"]}
-            atomic_write(js, lambda tmp: open(tmp, "w").write(json.dumps(meta)))
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    json.dump(meta, f)                                       # compact: ~40 MB on real COCO
+            atomic_write(js, write)
         except OSError:
             pass                                                                 # read-only data: no cache
     return {"ids": idx["ids"], "paths": [os.path.join(data_root, p) for p in idx["rel_paths"]],
@@ -258,10 +261,9 @@ def load_coco(data_root):
 class ImageCaptionDataset:
     """Raw images + captions of load_coco's rows: item i -> (row index, PIL RGB image or None, captions).
 
-    A plain map-style dataset (DataLoader takes it as is); torch is not imported, so make_splits.py starts fast.
-
     An unreadable / corrupt image gives None instead of raising, so extraction can record it as bad.
-    Use collate_fn=ImageCaptionDataset.collate -> (list of indices, list of images, list of caption lists).
+    A plain map-style dataset (torch's DataLoader takes it as is; data.py imports torch lazily so that
+    make_splits.py starts fast). collate_fn=ImageCaptionDataset.collate -> (indices, images, captions) lists.
     """
 
     def __init__(self, coco, indices=None):
@@ -466,8 +468,8 @@ _SPLIT_KEYS = ("method", "folds", "seed", "categories", "dev", "test", "val_fold
 def load_splits(path):
     """Load and validate splits.json (make_splits.py) -> dict as written (lists of int ids).
 
-    Checks: every key present; dev and test disjoint and duplicate-free; len(val_folds) == folds >= 2;
-    the val folds partition dev exactly.
+    Checks: every key present; the 80 COCO categories; dev and test disjoint and duplicate-free;
+    len(val_folds) == folds >= 2; the val folds partition dev exactly.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -480,6 +482,8 @@ def load_splits(path):
     missing = [k for k in _SPLIT_KEYS if not isinstance(s, dict) or k not in s]
     if missing:
         raise DataError(f"{path}: missing keys {missing}; re-run make_splits.py")
+    if s["categories"] != COCO_CATEGORIES:
+        raise DataError(f"{path}: categories are not the 80 COCO categories in id order; re-run make_splits.py")
     dev, test, folds = s["dev"], s["test"], s["val_folds"]
     if len(set(dev)) != len(dev) or len(set(test)) != len(test):
         raise DataError(f"{path}: duplicate image ids in dev or test; re-run make_splits.py")
@@ -570,8 +574,8 @@ def make_planted_features(n_images, dim=768, n_captions=5, seed=0):
     Image v = m * normalize(mu_i + a * sum_{c in labels} W_i[c] / sqrt(k) + noise); caption v likewise with
     mu_t, W_t and the labels that caption mentions (a random subset of the image's, at least one).
     W_t is correlated with W_i (aligned towers), mu_i != mu_t (modality gap), norms m random in [5, 30].
-    A logistic-regression probe on L2-normalised [image, mean caption] reaches val mAP ~0.87 with 48k
-    training images (higher at COCO scale, lower on a few thousand).
+    A logistic-regression probe on L2-normalised [image, mean caption] reaches val macro mAP 0.88 at COCO
+    scale (123,287 images, 80/20 split; 0.87 with 60k images, less on a few thousand): learnable, not trivial.
     Returns numpy arrays exactly like the cache: ids int64 [N], image float16 [N,1,D], text float16
     [N,C,D] (zero rows past n_captions), n_captions int64 [N] in 1..C, labels uint8 [N,80],
     prompts float16 [80,D]; plus "meta" (dict for save_features, model "planted").

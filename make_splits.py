@@ -89,7 +89,7 @@ def iterative_stratification(labels, n_folds, seed):
         lab = cand[rng.integers(len(cand))] if len(cand) > 1 else cand[0]       # rarest label, ties random
         block = np.flatnonzero(left & yp[:, lab])                                 # its examples, random order
         # tie-break: most missing examples overall, then a random fold order
-        prio = (want - want_lab[:, lab]) + rng.permutation(n_folds) * 1e-9
+        prio = np.round(want - want_lab[:, lab], 6) + rng.permutation(n_folds) * 1e-8
         share = _take_top(want_lab[:, lab].copy(), prio, len(block))
         assign = np.repeat(np.arange(n_folds), share)
         fold_of[block] = assign

@@ -176,7 +176,7 @@ def _good_splits():
 
 
 @pytest.mark.parametrize("case", ["ok", "overlap", "not_partition", "duplicate", "fold_count", "missing_key",
-                                  "no_file", "bad_json"])
+                                  "no_file", "bad_json", "categories"])
 def test_load_splits_validation(tmp_path, case):
     p = str(tmp_path / "s.json")
     s = _good_splits()
@@ -190,6 +190,8 @@ def test_load_splits_validation(tmp_path, case):
         s["folds"] = 3
     elif case == "missing_key":
         del s["val_folds"]
+    elif case == "categories":
+        s["categories"] = s["categories"][::-1]
     if case == "bad_json":
         open(p, "w").write("{")
     elif case != "no_file":
