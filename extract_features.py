@@ -163,9 +163,10 @@ class Collate:
                 imgs.append(augment(img, np.random.default_rng([self.seed, int(self.ids[row]), v])))
             caps.append(list(captions)[:self.max_captions])
         texts = [c for cs in caps for c in cs]
+        tok = model.tokenize(self.tokenizer, texts) if texts else torch.zeros(0, model.TEXT_MAX_LENGTH).long()
         return {"rows": torch.tensor(rows),
                 "pixel_values": model.preprocess_images(self.image_processor, imgs),  # (B*V, 3, H, W)
-                "input_ids": model.tokenize(self.tokenizer, texts) if texts else torch.zeros(0, 64, dtype=torch.long),
+                "input_ids": tok,  # (T, 64), T = captions of the whole batch
                 "n_captions": torch.tensor([len(c) for c in caps])}
 
 
