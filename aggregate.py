@@ -233,7 +233,8 @@ def main(args):
         for r in runs[1:]:
             if r["sha"] != runs[0]["sha"]:
                 fail(f"{r['dir']}: made with a different splits file than {runs[0]['dir']} (splits_sha256 "
-                     f"{str(r['sha'])[:12]} vs {str(runs[0]['sha'])[:12]}); compare only runs trained on the same splits.json")
+                     f"{str(r['sha'])[:12]} vs {str(runs[0]['sha'])[:12]}); compare only runs trained on the same "
+                     f"splits.json")
     for r in runs:
         rows, md = cv_tables(r)
         write(os.path.join(r["dir"], "cv_results.csv"), rows)

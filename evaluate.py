@@ -12,6 +12,8 @@ hold-out test split (default) or a fold's own validation images; MLP head, Hammi
 Writes to --out_dir: metrics.json, metrics.csv (model, head, 15 metrics), per_class.csv, errors.md,
 <split>_predictions.npz (ids, labels, probs of the ensemble, member_probs, knn_probs), ap_per_class.png,
 pr_curves.png; thresholds.csv + thresholds.json with --thresholds oof; examples.png with --data_root.
+per_class.csv, errors.md and the bootstrap CIs describe the ensemble's main head (mlp, or knn with --head knn)
+at the thresholds in use (0.5, or the oof ones); metrics.csv rows are all at 0.5.
 
 Conventions. An image's probabilities are sigmoid(head(image, caption)) averaged over ALL its captions, so a
 score is repeatable. An image's hash code is sign(mean over its captions of the tanh codes h), 0 -> +1: one
@@ -62,7 +64,7 @@ positive_float = _typed(float, lambda v: v > 0 and np.isfinite(v), "a number > 0
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("evaluate", description=__doc__.strip().splitlines()[0],
+    p = argparse.ArgumentParser("evaluate", description="test / val metrics of one fold model or the fold ensemble",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--features", default=None, help="feature cache; default: the one in the checkpoint's config")
@@ -86,7 +88,7 @@ def get_args_parser():
     p.add_argument("--model", default=None, help="SigLIP2 name/folder for --image; default: from the features")
     p.add_argument("--top", type=positive_int, default=5, help="labels printed for --image")
     p.add_argument("--batch_size", type=positive_int, default=4096, help="images per head call")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     # io
     p.add_argument("--out_dir", default=None, help="default: <run>/eval_<split> or <fold dir>/eval_<split>")
     p.add_argument("--bootstrap", type=nonneg_int, default=1000, help="bootstrap draws for 95%% CIs; 0 = off")
@@ -101,7 +103,8 @@ def fold_finished(d):
     """train.py's rule: val_metrics.json exists and config.json (or last.pt) says training ended."""
     try:
         with open(os.path.join(d, "config.json")) as f:
-            done = json.load(f).get("finished") or torch.load(os.path.join(d, "last.pt"), "cpu", weights_only=True)["finished"]
+            done = json.load(f).get("finished")
+        done = done or torch.load(os.path.join(d, "last.pt"), map_location="cpu", weights_only=True)["finished"]
         return bool(done) and os.path.isfile(os.path.join(d, "val_metrics.json"))
     except Exception:
         return False
@@ -159,42 +162,43 @@ def identity(ck):
 # ----------------------------------------------------------------------------- scoring
 
 @torch.no_grad()
-def run_head(head, image, text, n_caps, batch_size, device):
-    """image (N, D), text (N, C, D), n_caps (N,) -> probs (N, 80): mean over the image's captions of
-    sigmoid(logits), and the mean tanh codes (N, bits) (None without a hash layer)."""
+def run_head(head, feats, rows, batch_size, device):
+    """Cache rows (N,) -> probs (N, 80): mean over each image's captions of sigmoid(logits), and the mean
+    tanh codes (N, bits) (None without a hash layer). Rows are gathered per batch: memory stays bounded."""
     probs, codes = [], []
-    for s in range(0, len(n_caps), batch_size):
-        img, n = image[s:s + batch_size].to(device).float(), n_caps[s:s + batch_size].to(device)  # (b, D), (b,)
+    for s in range(0, len(rows), batch_size):
+        r = torch.as_tensor(rows[s:s + batch_size])
+        img, txt = feats["image"][r, 0].to(device).float(), feats["text"][r].to(device)  # (b, D), (b, C, D)
+        n = feats["n_captions"][r].to(device)  # (b,)
         p_sum, h_sum = 0.0, 0.0
         for c in range(int(n.max())):  # caption slot c; rows past an image's n_captions are masked out
-            logits, h = head(img, text[s:s + batch_size, c].to(device).float())  # (b, 80), (b, bits)
+            logits, h = head(img, txt[:, c].float())  # (b, 80), (b, bits)
             has = (n > c)[:, None]
             p_sum = p_sum + torch.where(has, torch.sigmoid(logits.float()), 0.0)
             h_sum = h_sum + torch.where(has, h.float(), 0.0) if h is not None else None
         probs.append((p_sum / n[:, None]).cpu())
-        codes.append(h_sum / n[:, None] if h_sum is not None else None)
-    return torch.cat(probs), (torch.cat(codes).cpu() if codes[0] is not None else None)
+        codes.append((h_sum / n[:, None]).cpu() if h_sum is not None else None)
+    return torch.cat(probs), (torch.cat(codes) if codes[0] is not None else None)
 
 
 def score_member(head, feats, rows, dev_rows, val_rows, args):
     """One model: rows = evaluated images, dev_rows = dev pool, val_rows = the model's own val fold (all
     cache row indices) -> ({head name: probs (N, 80)}, {retrieval mAP} or None)."""
-    img, txt, ncap, labels = feats["image"][:, 0], feats["text"], feats["n_captions"], feats["labels"]
-    probs, h = run_head(head, img[rows], txt[rows], ncap[rows], args.batch_size, args.device)
+    probs, h = run_head(head, feats, rows, args.batch_size, args.device)
     out, retrieval = {"mlp": probs.numpy()}, None
     if args.head != "mlp" or args.retrieval:
         q_codes = model.sign_codes(h)  # (N, bits): one code per image
-        _, h_dev = run_head(head, img[dev_rows], txt[dev_rows], ncap[dev_rows], args.batch_size, args.device)
-        dev_codes, dev_labels = model.sign_codes(h_dev), labels[dev_rows]  # (Nd, bits), (Nd, 80)
+        dev_codes = model.sign_codes(run_head(head, feats, dev_rows, args.batch_size, args.device)[1])  # (Nd, bits)
+        dev_labels, y = feats["labels"][dev_rows], feats["labels"][rows]  # (Nd, 80), (N, 80)
         if args.head != "mlp":  # database = this fold's training images
             train = ~np.isin(dev_rows, val_rows)
             out["knn"] = model.knn_scores(q_codes.to(args.device), dev_codes[train], dev_labels[train],
                                           args.knn_k, args.knn_tau, args.knn_vote).cpu().numpy()
         if args.retrieval:  # database = the dev pool minus the queries themselves
             keep = ~np.isin(dev_rows, rows)
-            retrieval = {f"mAP@{k or 'all'}": metrics.retrieval_map(
-                q_codes.numpy(), labels[rows].numpy(), dev_codes[keep].numpy(), dev_labels[keep].numpy(), topk=k)
-                for k in (1000, None)}
+            db, db_y = dev_codes[keep].numpy(), dev_labels[keep].numpy()
+            retrieval = {f"mAP@{k or 'all'}": metrics.retrieval_map(q_codes.numpy(), y.numpy(), db, db_y, topk=k)
+                         for k in (1000, None)}
     if args.head == "knn":
         del out["mlp"]
     return out, retrieval
@@ -335,28 +339,8 @@ def predict_image(args, heads, ck):
     return {names[c]: float(probs[c]) for c in top}
 
 
-def main(args):
-    if args.split == "val" and args.fold is None:
-        fail("--split val: give --fold K, the fold whose val images the checkpoint did not train on")
-    if args.fold is not None and args.split != "val":
-        fail("--fold: only used with --split val")
-    if args.split == "val" and args.ensemble:
-        fail("--split val: pass one fold's --checkpoint (the other ensemble members trained on those images)")
-    if args.thresholds == "oof" and (args.split != "test" or args.head == "knn"):
-        fail("--thresholds oof: only with --split test and the mlp head (tuned on the folds' MLP val predictions)")
-    if args.caption and not args.image:
-        fail("--caption: only used with --image")
-    paths = checkpoint_paths(args)
-    heads, cks = zip(*[load_checkpoint(p) for p in paths])
-    for ck, p in zip(cks[1:], paths[1:]):
-        for key, val in identity(ck).items():
-            if val != identity(cks[0])[key]:
-                fail(f"--ensemble: {p} differs from {paths[0]} in {key} ({val} vs {identity(cks[0])[key]}); "
-                     f"ensemble only the folds of one run")
-    if args.image:
-        return predict_image(args, heads, cks[0])
-    if (args.head != "mlp" or args.retrieval) and not cks[0]["model_args"].get("bits"):
-        fail("--head knn/both and --retrieval need hash codes, but these models have bits 0; use --head mlp")
+def load_inputs(args, paths, cks):
+    """Feature cache, splits and (with --data_root) COCO, checked against what the models were trained on."""
     cfg = cks[0]["config"]
     features, split_path = args.features or cfg.get("features"), args.splits or cfg.get("splits")
     if not features or not split_path:
@@ -375,12 +359,23 @@ def main(args):
         if cfg.get("splits_sha256") and hashlib.sha256(f.read()).hexdigest() != cfg["splits_sha256"]:
             fail(f"--splits {split_path}: not the splits file the models were trained with (sha256 differs)")
     folds = [ck["config"].get("fold") for ck in cks]
-    members = [f"fold{f}" for f in folds]
-    if len(set(members)) != len(members) or not all(isinstance(f, int) and 0 <= f < splits["folds"] for f in folds):
+    if len(set(folds)) != len(folds) or not all(isinstance(f, int) and 0 <= f < splits["folds"] for f in folds):
         fail(f"{', '.join(paths)}: fold numbers {folds} in the checkpoints' config are missing, repeated or "
              f"outside the {splits['folds']} folds of {split_path}")
+    missing = sorted(set(range(splits["folds"])) - set(folds)) if args.ensemble else []
+    if missing:  # fold dirs absent altogether
+        msg = f"--ensemble {args.ensemble}: folds {missing} of {split_path} have no best.pt"
+        fail(msg + "; train them or pass --allow_partial") if not args.allow_partial else print(f"warning: {msg}")
     if args.split == "val" and folds[0] != args.fold:
-        fail(f"--fold {args.fold}: the checkpoint trained on those images (it is fold {folds[0]}'s); use --fold {folds[0]}")
+        fail(f"--fold {args.fold}: the checkpoint trained on those images (it is fold {folds[0]}'s); "
+             f"use --fold {folds[0]}")
+    return features, split_path, feats, meta, splits, coco, folds
+
+
+def evaluate_split(args, paths, heads, cks):
+    """Score every model on the split, ensemble them, write every file and print the summary."""
+    features, split_path, feats, meta, splits, coco, folds = load_inputs(args, paths, cks)
+    members = [f"fold{f}" for f in folds]
     # rows of the cache; unreadable images and images without captions are skipped, as train.py does
     id2row = {int(i): r for r, i in enumerate(feats["ids"].tolist())}
     good = (feats["n_captions"].numpy() > 0) & ~np.isin(feats["ids"].numpy(), json.loads(meta.get("bad_images", "[]")))
@@ -457,7 +452,8 @@ def main(args):
         data.save_json(os.path.join(out_dir, name), content) if name.endswith(".json") else \
             write(os.path.join(out_dir, name), content)
     data.atomic_write(os.path.join(out_dir, f"{args.split}_predictions.npz"), lambda tmp: np.savez(tmp, **arrays))
-    plots = save_plots(out_dir, y, p_ens, pc, names, example_items(coco, eval_ids, y, p_ens, thr, names) if coco else None)
+    examples = example_items(coco, eval_ids, y, p_ens, thr, names) if coco else None
+    plots = save_plots(out_dir, y, p_ens, pc, names, examples)
 
     # ---- terminal summary
     print(f"{args.split} split: {len(rows)} images, {len(members)} model(s)\n{'model':<10} {'head':<5} "
@@ -465,8 +461,9 @@ def main(args):
     for hd, res in results.items():
         print("\n".join(f"{n:<10} {hd:<5} " + " ".join(f"{r[m]:>12.4f}" for m in SHOWN) for n, r in res.items()))
     if args.thresholds == "oof":
-        print("thresholds 0.5 -> oof: " + ", ".join(f"{m} {report['thresholds']['0.5'][m]:.4f} -> "
-              f"{report['thresholds']['oof'][m]:.4f}" for m in ("f1_macro", "f1_micro", "precision_macro", "recall_macro")))
+        t = report["thresholds"]
+        print("thresholds 0.5 -> oof: " + ", ".join(f"{m} {t['0.5'][m]:.4f} -> {t['oof'][m]:.4f}"
+                                                   for m in ("f1_macro", "f1_micro", "precision_macro", "recall_macro")))
     if args.bootstrap:
         print(f"95% bootstrap CI ({args.bootstrap} draws): "
               + ", ".join(f"{k} {v:.4f} [{lo:.4f}, {hi:.4f}]" for k, (v, lo, hi) in ci.items()))
@@ -474,6 +471,31 @@ def main(args):
         print(f"retrieval {n}: mAP@1000 {r['mAP@1000']:.4f}, mAP@all {r['mAP@all']:.4f}")
     print(f"wrote {out_dir}: metrics.json, {', '.join(files)}, {args.split}_predictions.npz, {', '.join(plots)}")
     return report
+
+
+def main(args):
+    if args.split == "val" and args.fold is None:
+        fail("--split val: give --fold K, the fold whose val images the checkpoint did not train on")
+    if args.fold is not None and args.split != "val":
+        fail("--fold: only used with --split val")
+    if args.split == "val" and args.ensemble:
+        fail("--split val: pass one fold's --checkpoint (the other ensemble members trained on those images)")
+    if args.thresholds == "oof" and (args.split != "test" or args.head == "knn"):
+        fail("--thresholds oof: only with --split test and the mlp head (tuned on the folds' MLP val predictions)")
+    if args.caption and not args.image:
+        fail("--caption: only used with --image")
+    paths = checkpoint_paths(args)
+    heads, cks = zip(*[load_checkpoint(p) for p in paths])
+    for ck, p in zip(cks[1:], paths[1:]):
+        for key, val in identity(ck).items():
+            if val != identity(cks[0])[key]:
+                fail(f"--ensemble: {p} differs from {paths[0]} in {key} ({val} vs {identity(cks[0])[key]}); "
+                     f"ensemble only the folds of one run")
+    if args.image:
+        return predict_image(args, heads, cks[0])
+    if (args.head != "mlp" or args.retrieval) and not cks[0]["model_args"].get("bits"):
+        fail("--head knn/both and --retrieval need hash codes, but these models have bits 0; use --head mlp")
+    return evaluate_split(args, paths, heads, cks)
 
 
 if __name__ == "__main__":

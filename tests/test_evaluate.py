@@ -310,6 +310,7 @@ def _bad_cases(fake_run, tmp):
         "mixed model_args": ["--ensemble", mixed],
         "mixed splits": ["--ensemble", mixed_splits],
         "unfinished fold": ["--ensemble", unfinished],
+        "absent folds": ["--ensemble", _copy_run(fake_run, tmp / "absent", folds=(0, 1, 2, 3))],
         "split val without fold": ["--checkpoint", ck, "--split", "val"],
         "val with ensemble": ["--ensemble", fake_run["run"], "--split", "val", "--fold", 0],
         "oof on val": ["--checkpoint", ck, "--split", "val", "--fold", 0, "--thresholds", "oof"],
@@ -355,17 +356,17 @@ def test_bad_flags_rejected_by_argparse(argv, capsys):
 
 # ----------------------------------------------------------------------------- really trained (train.py)
 
-def test_trained_five_fold_ensemble(tmp_path):
+def test_trained_ensemble(tmp_path):
     train = pytest.importorskip("train")
-    feats, splits = make_data(tmp_path, n=300, dim=32, folds=5, n_test=60)
-    for k in range(5):
+    feats, splits = make_data(tmp_path, n=300, dim=32, folds=3, n_test=60)
+    for k in range(3):
         train.main(train.get_args_parser().parse_args([
-            "--features", str(feats), "--splits", str(splits), "--fold", str(k), "--out_dir", str(tmp_path / f"fold{k}"),
-            "--epochs", "2", "--batch_size", "32", "--mlp_dims", "32", "--bits", "16", "--device", "cpu"]))
-    rep = run("--ensemble", tmp_path, "--head", "both", "--thresholds", "oof", "--retrieval", "--bootstrap", 50,
-              "--device", "cpu")
+            "--features", str(feats), "--splits", str(splits), "--fold", str(k),
+            "--out_dir", str(tmp_path / f"fold{k}"), "--epochs", "2", "--batch_size", "32", "--mlp_dims", "32",
+            "--bits", "16", "--device", "cpu"]))
+    rep = run("--ensemble", tmp_path, "--head", "both", "--thresholds", "oof", "--bootstrap", 20, "--device", "cpu")
     for name in (*FILES, "thresholds.csv", "thresholds.json"):
         assert (tmp_path / "eval_test" / name).is_file(), name
-    assert sorted(rep["models"]) == [f"fold{k}" for k in range(5)] and rep["n_images"] == 60
-    single = run("--checkpoint", tmp_path / "fold3" / "best.pt", "--head", "both", "--bootstrap", 0, "--device", "cpu")
-    assert single["models"]["fold3"] == rep["models"]["fold3"]
+    assert sorted(rep["models"]) == [f"fold{k}" for k in range(3)] and rep["n_images"] == 60
+    single = run("--checkpoint", tmp_path / "fold2" / "best.pt", "--head", "both", "--bootstrap", 0, "--device", "cpu")
+    assert single["models"]["fold2"] == rep["models"]["fold2"]
