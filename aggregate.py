@@ -57,18 +57,21 @@ def get_args_parser():
     p = argparse.ArgumentParser("aggregate", description="cross-validation tables and run comparisons",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
-    p.add_argument("runs", nargs="+", help="run folders (outputs/<run>) holding fold<k>/; the first is the reference")
-    p.add_argument("--folds", type=_int_at_least(2), default=None,
+    g = p.add_argument_group("data")
+    g.add_argument("runs", nargs="+", help="run folders (outputs/<run>) holding fold<k>/; the first is the reference")
+    g.add_argument("--folds", type=_int_at_least(2), default=None,
                    help="expected folds per run; default: the splits file's 'folds' (from the folds' config.json)")
-    p.add_argument("--allow_partial", action="store_true",
+    g.add_argument("--allow_partial", action="store_true",
                    help="tabulate the finished folds when some are missing or unfinished (they are still named)")
-    p.add_argument("--test_dir", default="eval_test", help="evaluate.py's out_dir inside each run (test predictions)")
+    g.add_argument("--test_dir", default="eval_test", help="evaluate.py's out_dir inside each run (test predictions)")
     # optim (statistics)
-    p.add_argument("--bootstrap", type=_int_at_least(0), default=1000,
+    g = p.add_argument_group("optim (statistics)")
+    g.add_argument("--bootstrap", type=_int_at_least(0), default=1000,
                    help="paired-bootstrap draws on the test images (0 = skip the test comparison)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (fixed, so p-values are repeatable)")
+    g.add_argument("--seed", type=int, default=0, help="bootstrap seed (fixed, so p-values are repeatable)")
     # io
-    p.add_argument("--out", default=None, help="folder for comparison.* (several runs); default: first run's parent")
+    g = p.add_argument_group("io")
+    g.add_argument("--out", default=None, help="folder for comparison.* (several runs); default: first run's parent")
     return p
 
 

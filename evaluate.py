@@ -67,33 +67,40 @@ def get_args_parser():
     p = argparse.ArgumentParser("evaluate", description="test / val metrics of one fold model or the fold ensemble",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
-    p.add_argument("--features", default=None, help="feature cache; default: the one in the checkpoint's config")
-    p.add_argument("--splits", default=None, help="splits.json the models trained with (defines KNN databases)")
-    p.add_argument("--split", default="test", choices=("test", "val"), help="test = hold-out; val = val_folds[--fold]")
-    p.add_argument("--fold", type=nonneg_int, default=None, help="with --split val: the checkpoint's own fold")
-    p.add_argument("--data_root", default=None, help="COCO root: adds examples.png (worst-predicted images)")
+    g = p.add_argument_group("data")
+    g.add_argument("--features", default=None, help="feature cache; default: the one in the checkpoint's config")
+    g.add_argument("--splits", default=None, help="splits.json the models trained with (defines KNN databases)")
+    g.add_argument("--split", default="test", choices=("test", "val"), help="test = hold-out; val = val_folds[--fold]")
+    g.add_argument("--fold", type=nonneg_int, default=None, help="with --split val: the checkpoint's own fold")
+    g.add_argument("--data_root", default=None, help="COCO root: adds examples.png (worst-predicted images)")
     # model
-    src = p.add_mutually_exclusive_group(required=True)
+    g = p.add_argument_group("model")
+    src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", default=None, help="one model: a train.py best.pt")
     src.add_argument("--ensemble", default=None, help="a run dir: every fold*/best.pt, probabilities averaged")
-    p.add_argument("--head", default="mlp", choices=("mlp", "knn", "both"), help="classifier head(s) to score")
-    p.add_argument("--knn_k", type=positive_int, default=20, help="neighbours per query (as the original plan)")
-    p.add_argument("--knn_tau", type=positive_float, default=0.07, help="softmax temperature of the votes")
-    p.add_argument("--knn_vote", default="softmax", choices=model.KNN_VOTES, help="neighbour vote weights")
-    p.add_argument("--thresholds", default="0.5", choices=("0.5", "oof"), help="oof: per-class F1-optimal "
+    g.add_argument("--batch_size", type=positive_int, default=4096, help="images per head call")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    # heads and analyses
+    g = p.add_argument_group("heads and analyses")
+    g.add_argument("--head", default="mlp", choices=("mlp", "knn", "both"), help="classifier head(s) to score")
+    g.add_argument("--knn_k", type=positive_int, default=20, help="neighbours per query (as the original plan)")
+    g.add_argument("--knn_tau", type=positive_float, default=0.07, help="softmax temperature of the votes")
+    g.add_argument("--knn_vote", default="softmax", choices=model.KNN_VOTES, help="neighbour vote weights")
+    g.add_argument("--thresholds", default="0.5", choices=("0.5", "oof"), help="oof: per-class F1-optimal "
                    "thresholds from the folds' val predictions (never the test split), reported beside 0.5")
-    p.add_argument("--retrieval", action="store_true", help="Hamming retrieval mAP@1000/@all against the dev pool")
-    p.add_argument("--image", default=None, help="predict one image file instead (needs --caption)")
-    p.add_argument("--caption", action="append", default=None, help="caption of --image; repeat to average")
-    p.add_argument("--model", default=None, help="SigLIP2 name/folder for --image; default: from the features")
-    p.add_argument("--top", type=positive_int, default=5, help="labels printed for --image")
-    p.add_argument("--batch_size", type=positive_int, default=4096, help="images per head call")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--retrieval", action="store_true", help="Hamming retrieval mAP@1000/@all against the dev pool")
+    # predict one image
+    g = p.add_argument_group("predict one image")
+    g.add_argument("--image", default=None, help="predict one image file instead (needs --caption)")
+    g.add_argument("--caption", action="append", default=None, help="caption of --image; repeat to average")
+    g.add_argument("--model", default=None, help="SigLIP2 name/folder for --image; default: from the features")
+    g.add_argument("--top", type=positive_int, default=5, help="labels printed for --image")
     # io
-    p.add_argument("--out_dir", default=None, help="default: <run>/eval_<split> or <fold dir>/eval_<split>")
-    p.add_argument("--bootstrap", type=nonneg_int, default=1000, help="bootstrap draws for 95%% CIs; 0 = off")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (fixed: CIs are repeatable)")
-    p.add_argument("--allow_partial", action="store_true", help="ensemble the finished folds, name the others")
+    g = p.add_argument_group("io")
+    g.add_argument("--out_dir", default=None, help="default: <run>/eval_<split> or <fold dir>/eval_<split>")
+    g.add_argument("--bootstrap", type=nonneg_int, default=1000, help="bootstrap draws for 95%% CIs; 0 = off")
+    g.add_argument("--seed", type=int, default=0, help="bootstrap seed (fixed: CIs are repeatable)")
+    g.add_argument("--allow_partial", action="store_true", help="ensemble the finished folds, name the others")
     return p
 
 

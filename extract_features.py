@@ -58,34 +58,38 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Cache frozen SigLIP2 embeddings of COCO images and captions",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
-    p.add_argument("--data_root", default="data/coco", help="COCO root: dataset_coco.json, annotations/, images")
-    p.add_argument("--max_captions", type=positive_int, default=5, help="captions kept per image (COCO has 5-7)")
-    p.add_argument("--views", type=positive_int, default=1,
+    g = p.add_argument_group("data")
+    g.add_argument("--data_root", default="data/coco", help="COCO root: dataset_coco.json, annotations/, images")
+    g.add_argument("--max_captions", type=positive_int, default=5, help="captions kept per image (COCO has 5-7)")
+    g.add_argument("--views", type=positive_int, default=1,
                    help="image views per image: view 0 is the plain image, the others a random resized crop "
                         "(50-100%% of the area) + horizontal flip, seeded per image so reruns agree")
-    p.add_argument("--limit", type=positive_int, default=None,
+    g.add_argument("--limit", type=positive_int, default=None,
                    help="only the first N dev and the first N test images (by id), for a quick try")
-    p.add_argument("--skip_bad_images", action="store_true",
+    g.add_argument("--skip_bad_images", action="store_true",
                    help="leave unreadable images out of the cache (listed in metadata bad_images) "
                         "instead of stopping with exit code 2")
-    p.add_argument("--seed", type=int, default=0, help="seed of the augmented views")
+    g.add_argument("--seed", type=int, default=0, help="seed of the augmented views")
     # model
-    p.add_argument("--model", default="google/siglip2-base-patch16-256",
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="google/siglip2-base-patch16-256",
                    help="Hugging Face name or local folder of a fixed-resolution SigLIP/SigLIP2 model")
-    p.add_argument("--prompts", action="store_true", default=True,
+    g.add_argument("--prompts", action="store_true", default=True,
                    help="also cache the embedding of 'a photo of a {name}.' per class (zero-shot baseline)")
-    p.add_argument("--no_prompts", dest="prompts", action="store_false", default=argparse.SUPPRESS,
+    g.add_argument("--no_prompts", dest="prompts", action="store_false", default=argparse.SUPPRESS,
                    help="do not cache the class prompts")
     # optim (throughput)
-    p.add_argument("--batch_size", type=positive_int, default=64, help="images per forward pass")
-    p.add_argument("--num_workers", type=non_negative_int, default=4, help="DataLoader worker processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+    g = p.add_argument_group("optim (throughput)")
+    g.add_argument("--batch_size", type=positive_int, default=64, help="images per forward pass")
+    g.add_argument("--num_workers", type=non_negative_int, default=4, help="DataLoader worker processes")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="tower precision; default fp16 on cuda, fp32 on cpu")
     # io
-    p.add_argument("--out", default=None,
+    g = p.add_argument_group("io")
+    g.add_argument("--out", default=None,
                    help="output .safetensors; default <data_root>/features_<model basename>.safetensors")
-    p.add_argument("--shard_size", type=positive_int, default=2048,
+    g.add_argument("--shard_size", type=positive_int, default=2048,
                    help="images per resumable shard in <out>.parts/ (a killed run loses at most one shard)")
     return p
 

@@ -37,15 +37,17 @@ def get_args_parser():
     p = argparse.ArgumentParser("make_splits", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
-    p.add_argument("--data_root", default="data/coco",
+    g = p.add_argument_group("data")
+    g.add_argument("--data_root", default="data/coco",
                    help="COCO folder with dataset_coco.json and annotations/instances_{train,val}2014.json")
-    p.add_argument("--folds", type=folds_type, default=5, help="number of cross-validation folds (>= 2)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the fold assignment; same seed, same file")
-    p.add_argument("--method", default="stratified", choices=["stratified", "random"],
+    g.add_argument("--folds", type=folds_type, default=5, help="number of cross-validation folds (>= 2)")
+    g.add_argument("--seed", type=int, default=42, help="seed of the fold assignment; same seed, same file")
+    g.add_argument("--method", default="stratified", choices=["stratified", "random"],
                    help="stratified: iterative stratification (Sechidis 2011) keeps every class's prevalence "
                         "equal across folds; random: plain shuffled KFold")
     # io
-    p.add_argument("--out", default="<data_root>/splits.json", help="where to write the splits json")
+    g = p.add_argument_group("io")
+    g.add_argument("--out", default="<data_root>/splits.json", help="where to write the splits json")
     return p
 
 
