@@ -2,7 +2,7 @@
 Performance benchmark: what caching the frozen towers buys, and how fast the head, metrics, splits and KNN are.
 All inputs are generated in memory at COCO scale (random weights, synthetic labels, random or planted embeddings).
 
-    python bench.py                                # full run, ~5 min on a 2-core CPU -> table + bench.json
+    python bench.py                                # full run -> table + bench.json (~8 min on 2 idle cores)
     python bench.py --quick --out /tmp/bench.json  # small sizes, ~30 s (what tests/test_bench.py runs)
     python bench.py --sections encoder,metrics     # a subset, by name or number (1-6)
     python bench.py --device cuda                  # also sections 1, 2 and 5 on the GPU (under "cuda")
@@ -15,6 +15,7 @@ Timings are the best of a few repeats (noise on a shared machine only adds time)
 """
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -144,6 +145,11 @@ def measure(call, device):
     return out, seconds, peak, peak if cuda else max(sampled[0], rss_mb()) - base, method
 
 
+def cpu_seconds():
+    """CPU time used so far by this process and its finished children (user + system), s."""
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
+
 def run_child(func, **kwargs):
     """bench.<func>(**kwargs) in a fresh Python process (its own peak memory) -> the dict it returns."""
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench; "
@@ -270,8 +276,8 @@ def bench_epoch(quick, device, seed=0):
         args = train.get_args_parser().parse_args(["--features", "-", "--splits", "-", "--out_dir", "-",
                                                    "--device", device] + flags)
         torch.manual_seed(seed)
-        head = model.HashHead(dim=768, fusion=args.fusion, decompose=args.decompose, mlp_dims=args.mlp_dims,
-                              dropout=args.dropout, bits=args.bits, input_norm=args.input_norm).to(device)
+        kw = {k: getattr(args, k) for k in inspect.signature(model.HashHead).parameters if k != "dim" and hasattr(args, k)}
+        head = model.HashHead(dim=768, **kw).to(device)  # every head flag of train.py, at its default
         if args.prior_init == "on":
             head.init_prior(fold["train"]["labels"].mean(0).cpu())
         opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
@@ -290,7 +296,7 @@ def bench_epoch(quick, device, seed=0):
     epoch(["--batch_size", "256"], {"train": {k: v[:2048] for k, v in fold["train"].items()}})  # warm-up
     t_def, head, a = epoch([])
     t_256 = epoch(["--batch_size", "256"])[0]
-    frac = 0.25 if quick else 0.1  # the naive loop runs on a fraction of the epoch, scaled linearly
+    frac = 0.25 if quick else 0.05  # the naive loop runs on a fraction of the epoch, scaled linearly
     t_naive = naive_epoch(cache, int(n * frac), a.batch_size, device, seed) / frac
     flops = 3 * head_matmul_flops(head, n // 256 * 256)  # forward + backward (2x forward) of the matmuls
     peak = matmul_flop_per_s(device, 1024 if quick else 2048)
@@ -514,6 +520,9 @@ def print_table(res):
     w = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         print("  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r)).rstrip())
+    print(f"contention: cores this run kept busy (CPU-s / wall-s; torch code can use {m['threads']}, numpy / sklearn "
+          "1) and the 1-min load average after each section: " + ", ".join(
+              f"{k} {v['cores_busy']:.2f} / {v['loadavg_1min']:.1f}" for k, v in m.get("load", {}).items()))
 
 
 def fail(msg):
@@ -535,12 +544,17 @@ def main(args):
     run = {"encoder": lambda d: bench_encoder(args.quick, d, args.seed), "epoch": lambda d: bench_epoch(args.quick, d, args.seed),
            "metrics": lambda d: bench_metrics(args.quick, args.seed), "splits": lambda d: bench_splits(args.quick, args.seed),
            "knn": lambda d: bench_knn(args.quick, d, args.seed), "memory": lambda d: bench_memory(args.quick, args.seed)}
+    res["meta"]["load"] = {}  # per section: how much of the cores it got (other users of a shared machine)
     for dev in ["cpu"] + (["cuda"] if args.device == "cuda" else []):
         block = res if dev == "cpu" else res["cuda"]
         for name in (s for s in args.sections if dev == "cpu" or s in GPU_SECTIONS):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu_seconds()
             block[name] = run[name](dev)
-            print(f"[{name}] {dev}: {time.perf_counter() - t:.1f} s", flush=True)
+            wall, used = time.perf_counter() - t, cpu_seconds() - c
+            res["meta"]["load"][f"{name}_{dev}"] = {"wall_s": wall, "cpu_s": used, "cores_busy": used / wall,
+                                                   "loadavg_1min": os.getloadavg()[0]}
+            print(f"[{name}] {dev}: {wall:.1f} s wall, {used / wall:.2f} cores busy on average, "
+                  f"load average {os.getloadavg()[0]:.1f}", flush=True)
     res["targets"] = targets(res, "cpu") + targets(res.get("cuda", {}), "cuda")
     print_table(res)
     data.save_json(args.out, res)

@@ -173,6 +173,7 @@ def make_tiny_siglip(out_dir, image_size=32, seed=0):
 HASH_BITS = (0, 16, 32, 64, 128, 256)  # 0 = no hash layer: the plain-MLP baseline
 FUSIONS = ("hadamard", "concat")
 INPUT_NORMS = ("batchnorm", "none")
+HASH_NORMS = ("batchnorm", "none")
 
 
 class HashHead(nn.Module):
@@ -182,12 +183,15 @@ class HashHead(nn.Module):
     fusion "hadamard" feeds [d_i, d_t, d_i*d_t, m_i, m_t], "concat" feeds [d_i, d_t, m_i, m_t]
     (decompose=False: the raw v in place of d and no m). input_norm "batchnorm" standardises the fusion
     vector with a non-affine BatchNorm (as MAE's linear probe): frozen SigLIP coordinates are ~0.04, which
-    an MLP at a small lr barely moves from. bits=0 drops the hash layer (MLP -> classifier directly).
+    an MLP at a small lr barely moves from. hash_norm "batchnorm" puts an (affine) BatchNorm between the hash
+    Linear and tanh: the pre-activations stay centred (balanced bits) and their scale is learnt slowly by
+    BatchNorm's weight instead of exploding under Adam, which saturated tanh and stopped all gradient below
+    it. bits=0 drops the hash layer (MLP -> classifier directly).
     Rebuild from a checkpoint with HashHead(**ckpt["model_args"]); the state dict carries everything else.
     """
 
     def __init__(self, dim=768, num_classes=80, fusion="hadamard", decompose=True, mlp_dims=(1024, 512),
-                 dropout=0.1, bits=64, input_norm="batchnorm"):
+                 dropout=0.1, bits=64, input_norm="batchnorm", hash_norm="batchnorm"):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
@@ -195,9 +199,11 @@ class HashHead(nn.Module):
             raise ValueError(f"bits must be one of {HASH_BITS}, got {bits!r}")
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        if hash_norm not in HASH_NORMS:
+            raise ValueError(f"hash_norm must be one of {HASH_NORMS}, got {hash_norm!r}")
         self.model_args = dict(dim=int(dim), num_classes=int(num_classes), fusion=fusion,
                                decompose=bool(decompose), mlp_dims=[int(h) for h in mlp_dims],
-                               dropout=float(dropout), bits=int(bits), input_norm=input_norm)
+                               dropout=float(dropout), bits=int(bits), input_norm=input_norm, hash_norm=hash_norm)
         self.fusion, self.decompose, self.bits = fusion, bool(decompose), int(bits)
         in_dim = dim * (3 if fusion == "hadamard" else 2) + (2 if self.decompose else 0)
         # non-affine: pure standardisation (running stats in the state dict), nothing to learn
@@ -208,6 +214,7 @@ class HashHead(nn.Module):
             width = int(h)
         self.mlp = nn.Sequential(*layers)
         self.hash = nn.Linear(width, bits) if bits > 0 else None
+        self.hash_norm = nn.BatchNorm1d(bits) if bits > 0 and hash_norm == "batchnorm" else nn.Identity()
         self.classifier = nn.Linear(bits if bits > 0 else width, num_classes)
 
     def fuse(self, img, txt):
@@ -225,7 +232,7 @@ class HashHead(nn.Module):
     def forward(self, img, txt):
         """img, txt (B, D) -> logits (B, num_classes), codes h (B, bits) in (-1, 1) or None if bits == 0."""
         z = self.mlp(self.input_norm(self.fuse(img, txt)))  # (B, mlp_dims[-1])
-        h = torch.tanh(self.hash(z)) if self.hash is not None else None  # (B, bits)
+        h = torch.tanh(self.hash_norm(self.hash(z))) if self.hash is not None else None  # (B, bits)
         return self.classifier(h if h is not None else z), h
 
     @torch.no_grad()

@@ -5,7 +5,7 @@ Train the hash head on cached frozen SigLIP2 embeddings: one cross-validation fo
         --splits data/coco/splits.json --fold 0 --out_dir outputs/siglip2_hash64/fold0
     python train.py ... --bits 0                  # plain-MLP baseline (no hash layer)
     python train.py ... --resume                  # continue an interrupted run from out_dir/last.pt
-    python train.py ... --input_norm none --prior_init off --hash_warmup 0 --lr 2e-4   # the original recipe
+    python train.py ... --input_norm none --hash_norm none --prior_init off --hash_warmup 0 --lr 2e-4  # original recipe
 
 The towers are frozen, so training on their cached outputs is the same computation as running them in the
 loop. The whole fold lives in memory as float32; an epoch is one randperm plus tensor slicing (one caption,
@@ -81,12 +81,13 @@ def get_args_parser():
     p.add_argument("--dropout", type=_fraction, default=0.1, help="dropout after each hidden layer")
     p.add_argument("--bits", type=int, choices=model.HASH_BITS, default=64, help="hash code length; 0 = no hash layer (plain-MLP baseline)")
     p.add_argument("--input_norm", choices=model.INPUT_NORMS, default="batchnorm", help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns (original: none)")
+    p.add_argument("--hash_norm", choices=model.HASH_NORMS, default="batchnorm", help="BatchNorm between the hash Linear and tanh: balanced bits, no early tanh saturation (original: none)")
     p.add_argument("--prior_init", choices=("on", "off"), default="on", help="classifier bias = log(p/(1-p)) of the fold's class priors; keeps tanh out of saturation (original: off)")
     # loss
     p.add_argument("--hash_weight", type=_number(float, 0.0, True), default=0.1, help="weight of the hash regulariser (quantisation + balance + decorrelation)")
     p.add_argument("--lambda_balance", type=_number(float, 0.0, True), default=0.1, help="bit-balance weight inside the hash regulariser")
     p.add_argument("--lambda_decorr", type=_number(float, 0.0, True), default=0.01, help="bit-decorrelation weight inside the hash regulariser")
-    p.add_argument("--hash_warmup", type=_number(float, 0.0, True), default=0.0, help="epochs of linear ramp of hash_weight from 0 (0 = full weight from the start, as the original)")
+    p.add_argument("--hash_warmup", type=_number(float, 0.0, True), default=5.0, help="epochs of linear ramp of hash_weight from 0: codes first learn the labels, then get quantised (original: 0 = full weight from the start)")
     # optim
     p.add_argument("--epochs", type=_number(int, 1, True), default=20, help="maximum epochs")
     p.add_argument("--patience", type=_number(int, 0, True), default=3, help="stop after this many epochs without a better val mAP_macro (0 = never)")
@@ -281,7 +282,8 @@ def main(args):
     torch.manual_seed(seed)
 
     model_args = dict(dim=0, num_classes=data.NUM_CLASSES, fusion=args.fusion, decompose=args.decompose,
-                      mlp_dims=list(args.mlp_dims), dropout=args.dropout, bits=args.bits, input_norm=args.input_norm)
+                      mlp_dims=list(args.mlp_dims), dropout=args.dropout, bits=args.bits, input_norm=args.input_norm,
+                      hash_norm=args.hash_norm)
     last_path = os.path.join(args.out_dir, "last.pt")
     ckpt = None
     if os.path.exists(last_path):
@@ -304,7 +306,7 @@ def main(args):
 
     fold = load_fold(args, device)
     model_args["dim"] = int(fold["train"]["image"].shape[2])
-    if ckpt is not None and ckpt["model_args"] != model_args:
+    if ckpt is not None and ckpt["model_args"]["dim"] != model_args["dim"]:
         fail(f"--resume: {last_path} has embedding dim {ckpt['model_args']['dim']}, {args.features} has "
              f"{model_args['dim']}; use the original feature cache or another --out_dir")
 

@@ -34,8 +34,21 @@ def test_shapes_and_fusion(fusion, decompose, bits, in_dim):
     assert logits.shape == (6, 80)
     if bits:
         assert h.shape == (6, bits) and h.abs().max() <= 1
+        assert isinstance(head.hash_norm, torch.nn.BatchNorm1d) and head.hash_norm.num_features == bits
     else:
         assert h is None and head.hash is None and head.classifier.in_features == 8
+
+
+def test_original_architecture_reachable():
+    """input_norm / hash_norm "none" give the original head: fusion -> MLP -> tanh(Linear) -> Linear."""
+    head = model.HashHead(dim=16, mlp_dims=(8,), bits=16, input_norm="none", hash_norm="none", dropout=0.0).eval()
+    img, txt = _pair()
+    z = head.mlp(head.fuse(img, txt))
+    h = torch.tanh(head.hash(z))
+    logits, codes = head(img, txt)
+    torch.testing.assert_close(codes, h)
+    torch.testing.assert_close(logits, head.classifier(h))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules())
 
 
 def test_rebuild_from_model_args(tmp_path):
@@ -55,7 +68,7 @@ def test_rebuild_from_model_args(tmp_path):
 
 
 def test_bad_constructor_args():
-    for kw in (dict(bits=7), dict(fusion="foo"), dict(input_norm="layer")):
+    for kw in (dict(bits=7), dict(fusion="foo"), dict(input_norm="layer"), dict(hash_norm="x")):
         with pytest.raises(ValueError):
             model.HashHead(dim=8, **kw)
 
