@@ -20,7 +20,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -68,50 +67,58 @@ def _dims(s):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("train the hash head on one fold", add_help=True,
+    p = argparse.ArgumentParser("train", description="train the hash head on one fold of cached embeddings",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
-    p.add_argument("--features", required=True, help="feature cache from extract_features.py (.safetensors)")
-    p.add_argument("--splits", required=True, help="splits.json from make_splits.py")
-    p.add_argument("--fold", type=_number(int, 0, True), default=0, help="validation fold k; trains on dev minus val_folds[k]")
+    g = p.add_argument_group("data")
+    g.add_argument("--features", required=True, help="feature cache from extract_features.py (.safetensors)")
+    g.add_argument("--splits", required=True, help="splits.json from make_splits.py")
+    g.add_argument("--fold", type=_number(int, 0, True), default=0, help="validation fold k; trains on dev minus val_folds[k]")
     # model
-    p.add_argument("--fusion", choices=model.FUSIONS, default="hadamard", help="hadamard: [d_i, d_t, d_i*d_t, m_i, m_t]; concat: [d_i, d_t, m_i, m_t]")
-    p.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude")
-    p.add_argument("--mlp_dims", type=_dims, default=[1024, 512], help="hidden widths of the MLP, comma-separated")
-    p.add_argument("--dropout", type=_fraction, default=0.1, help="dropout after each hidden layer")
-    p.add_argument("--bits", type=int, choices=model.HASH_BITS, default=64, help="hash code length; 0 = no hash layer (plain-MLP baseline)")
-    p.add_argument("--input_norm", choices=model.INPUT_NORMS, default="batchnorm", help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns (original: none)")
-    p.add_argument("--hash_norm", choices=model.HASH_NORMS, default="batchnorm", help="BatchNorm between the hash Linear and tanh: balanced bits, no early tanh saturation (original: none)")
-    p.add_argument("--prior_init", choices=("on", "off"), default="on", help="classifier bias = log(p/(1-p)) of the fold's class priors; keeps tanh out of saturation (original: off)")
+    g = p.add_argument_group("model")
+    g.add_argument("--fusion", choices=model.FUSIONS, default="hadamard", help="hadamard: [d_i, d_t, d_i*d_t, m_i, m_t]; concat: [d_i, d_t, m_i, m_t]")
+    g.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude")
+    g.add_argument("--mlp_dims", type=_dims, default=[1024, 512], help="hidden widths of the MLP, comma-separated")
+    g.add_argument("--dropout", type=_fraction, default=0.1, help="dropout after each hidden layer")
+    g.add_argument("--bits", type=int, choices=model.HASH_BITS, default=64, help="hash code length; 0 = no hash layer (plain-MLP baseline)")
+    g.add_argument("--input_norm", choices=model.INPUT_NORMS, default="batchnorm", help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns (original: none)")
+    g.add_argument("--hash_norm", choices=model.HASH_NORMS, default="batchnorm", help="BatchNorm between the hash Linear and tanh: balanced bits, no early tanh saturation (original: none)")
+    g.add_argument("--baseline", choices=("none", "probe", "zeroshot"), default="none", help="instead of training the hash head, fit a linear baseline and write the same outputs: probe = one-vs-rest logistic regression (scikit-learn) on [d_i, d_t, m_i, m_t]; zeroshot = SigLIP's own classifier, scale * cos(image, 'a photo of a {name}.') + bias")
+    g.add_argument("--probe_C", type=_number(float, 0.0, False), default=1.0, help="inverse L2 strength of the --baseline probe logistic regressions (standardised inputs)")
+    g.add_argument("--prior_init", choices=("on", "off"), default="on", help="classifier bias = log(p/(1-p)) of the fold's class priors; keeps tanh out of saturation (original: off)")
     # loss
-    p.add_argument("--hash_weight", type=_number(float, 0.0, True), default=0.1, help="weight of the hash regulariser (quantisation + balance + decorrelation)")
-    p.add_argument("--lambda_balance", type=_number(float, 0.0, True), default=0.1, help="bit-balance weight inside the hash regulariser")
-    p.add_argument("--lambda_decorr", type=_number(float, 0.0, True), default=0.01, help="bit-decorrelation weight inside the hash regulariser")
-    p.add_argument("--hash_warmup", type=_number(float, 0.0, True), default=5.0, help="epochs of linear ramp of hash_weight from 0: codes first learn the labels, then get quantised (original: 0 = full weight from the start)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--hash_weight", type=_number(float, 0.0, True), default=0.1, help="weight of the hash regulariser (quantisation + balance + decorrelation)")
+    g.add_argument("--lambda_balance", type=_number(float, 0.0, True), default=0.1, help="bit-balance weight inside the hash regulariser")
+    g.add_argument("--lambda_decorr", type=_number(float, 0.0, True), default=0.01, help="bit-decorrelation weight inside the hash regulariser")
+    g.add_argument("--hash_warmup", type=_number(float, 0.0, True), default=5.0, help="epochs of linear ramp of hash_weight from 0: codes first learn the labels, then get quantised (original: 0 = full weight from the start)")
     # optim
-    p.add_argument("--epochs", type=_number(int, 1, True), default=20, help="maximum epochs")
-    p.add_argument("--patience", type=_number(int, 0, True), default=3, help="stop after this many epochs without a better val mAP_macro (0 = never)")
-    p.add_argument("--batch_size", type=_number(int, 2, True), default=32, help="micro-batch size (>= 2 for BatchNorm)")
-    p.add_argument("--accum_steps", type=_number(int, 1, True), default=2, help="micro-batches per optimizer step; effective batch = batch_size * accum_steps")
-    p.add_argument("--lr", type=_number(float, 0.0, False), default=1e-3, help="peak AdamW learning rate (original: 2e-4, too small to train in 20 epochs)")
-    p.add_argument("--weight_decay", type=_number(float, 0.0, True), default=0.01, help="AdamW weight decay")
-    p.add_argument("--warmup_ratio", type=_fraction, default=0.1, help="fraction of all optimizer steps spent in linear lr warmup")
-    p.add_argument("--min_lr", type=_number(float, 0.0, True), default=1e-6, help="lr at the end of the cosine decay")
-    p.add_argument("--scheduler", choices=("cosine", "cosine_restarts"), default="cosine", help="after warmup: one cosine decay, or SGDR restarts (periods T_0, T_0*T_mult, ... epochs)")
-    p.add_argument("--T_0", type=_number(int, 1, True), default=5, help="first cosine_restarts period in epochs")
-    p.add_argument("--T_mult", type=_number(int, 1, True), default=2, help="period growth factor of cosine_restarts")
-    p.add_argument("--clip_grad", type=_number(float, 0.0, True), default=1.0, help="max gradient norm (0 = no clipping)")
+    g = p.add_argument_group("optim")
+    g.add_argument("--epochs", type=_number(int, 1, True), default=20, help="maximum epochs")
+    g.add_argument("--patience", type=_number(int, 0, True), default=3, help="stop after this many epochs without a better val mAP_macro (0 = never)")
+    g.add_argument("--batch_size", type=_number(int, 2, True), default=32, help="micro-batch size (>= 2 for BatchNorm)")
+    g.add_argument("--accum_steps", type=_number(int, 1, True), default=2, help="micro-batches per optimizer step; effective batch = batch_size * accum_steps")
+    g.add_argument("--lr", type=_number(float, 0.0, False), default=1e-3, help="peak AdamW learning rate (original: 2e-4, too small to train in 20 epochs)")
+    g.add_argument("--weight_decay", type=_number(float, 0.0, True), default=0.01, help="AdamW weight decay")
+    g.add_argument("--warmup_ratio", type=_fraction, default=0.1, help="fraction of all optimizer steps spent in linear lr warmup")
+    g.add_argument("--min_lr", type=_number(float, 0.0, True), default=1e-6, help="lr at the end of the cosine decay")
+    g.add_argument("--scheduler", choices=("cosine", "cosine_restarts"), default="cosine", help="after warmup: one cosine decay, or SGDR restarts (periods T_0, T_0*T_mult, ... epochs)")
+    g.add_argument("--T_0", type=_number(int, 1, True), default=5, help="first cosine_restarts period in epochs")
+    g.add_argument("--T_mult", type=_number(int, 1, True), default=2, help="period growth factor of cosine_restarts")
+    g.add_argument("--clip_grad", type=_number(float, 0.0, True), default=1.0, help="max gradient norm (0 = no clipping)")
     # run
-    p.add_argument("--seed", type=int, default=42, help="base seed; fold k uses seed + k")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (default: fp16 + GradScaler on cuda, off on cpu)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the head (checkpoints still hold the plain module's weights)")
-    p.add_argument("--compile_backend", choices=("inductor", "aot_eager", "eager"), default="inductor", help="torch.compile backend (aot_eager: no C++ codegen, compiles in seconds)")
-    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (bit-repeatable on GPU too, slower)")
-    p.add_argument("--num_threads", type=_number(int, 0, True), default=0, help="CPU threads for torch (0 = torch default)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=42, help="base seed; fold k uses seed + k")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (default: fp16 + GradScaler on cuda, off on cpu)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the head (checkpoints still hold the plain module's weights)")
+    g.add_argument("--compile_backend", choices=("inductor", "aot_eager", "eager"), default="inductor", help="torch.compile backend (aot_eager: no C++ codegen, compiles in seconds)")
+    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (bit-repeatable on GPU too, slower)")
+    g.add_argument("--num_threads", type=_number(int, 0, True), default=0, help="CPU threads for torch (0 = torch default)")
     # io
-    p.add_argument("--out_dir", required=True, help="output folder of this fold")
-    p.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt (fresh start if there is none)")
+    g = p.add_argument_group("io")
+    g.add_argument("--out_dir", required=True, help="output folder of this fold")
+    g.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt (fresh start if there is none)")
     return p
 
 
@@ -134,7 +141,7 @@ def load_fold(args, device):
     # images the extractor could not read, and images without a caption, cannot be fed to the head
     bad = set(json.loads(meta.get("bad_images", "[]"))) | set(ids[tensors["n_captions"].numpy() == 0].tolist())
     order = np.argsort(ids)
-    out = {"meta": meta, "skipped": {}}
+    out = {"meta": meta, "skipped": {}, "prompts": tensors.get("prompts")}
     for name, want in (("train", train_ids), ("val", val_ids)):
         keep = np.asarray([i not in bad for i in want.tolist()], dtype=bool)
         out["skipped"][name] = int((~keep).sum())
@@ -193,7 +200,7 @@ def train_one_epoch(net, fold, opt, sched, scaler, args, epoch, state):
         scaler.scale(loss / A).backward()
         zero = loss.detach() * 0
         stats[i] = torch.stack([loss.detach()] + [terms.get(k, zero) for k in TERMS[1:-1]]
-                               + [h.detach().abs().mean() if h is not None else zero])
+                               + [h.detach().float().abs().mean() if h is not None else zero])
         if (i + 1) % A == 0 or i + 1 == n_micro:
             if args.clip_grad > 0:
                 scaler.unscale_(opt)
@@ -235,6 +242,52 @@ def evaluate(net, split, amp, amp_dtype, chunk=8192):
         if isinstance(h_sum, torch.Tensor):
             codes.append(torch.where(h_sum > 0, 1, -1).to(torch.int8).cpu())  # "binarise h > 0"
     return torch.cat(probs).numpy(), (torch.cat(codes).numpy() if codes else None)
+
+
+# ---------------------------------------------------------------------------- baselines
+
+@torch.no_grad()
+def fit_baseline(head, args, fold, seed):
+    """Set a linear HashHead (bits 0, no MLP, concat fusion) to a baseline that needs no gradient descent.
+
+    zeroshot: SigLIP's own classifier, logit_c = logit_scale * cos(image, prompt_c) + logit_bias, with the
+    model's scale and bias from the cache metadata (the caption is ignored). probe: one-vs-rest logistic
+    regression (scikit-learn L-BFGS, as CLIP's linear probes) on the standardised fusion vector of one
+    sampled caption per training image; the standardisation is the eval-mode input BatchNorm.
+    As a HashHead the baseline is evaluated, ensembled and aggregated exactly like a trained run.
+    """
+    W, b = head.classifier.weight, head.classifier.bias  # (80, 2D+2), (80,)
+    W.zero_()
+    dim = head.model_args["dim"]
+    if args.baseline == "zeroshot":
+        meta = fold["meta"]
+        if fold["prompts"] is None or "logit_scale" not in meta:
+            fail(f"{args.features}: no class prompts / logit scale in the cache; re-run extract_features.py "
+                 f"with --prompts to use --baseline zeroshot")
+        p = fold["prompts"].float()
+        W[:, :dim] = float(meta["logit_scale"]) * p / p.norm(dim=1, keepdim=True)  # acts on d_i = v_i / |v_i|
+        b.fill_(float(meta["logit_bias"]))
+        return
+    from sklearn.linear_model import LogisticRegression
+    tr = fold["train"]
+    n = len(tr["ids"])
+    g = torch.Generator().manual_seed(seed)
+    cap = (torch.rand(n, generator=g) * tr["n_captions"].cpu()).long()  # one caption per image, seeded
+    x = head.fuse(tr["image"][:, 0].cpu(), tr["text"].cpu()[torch.arange(n), cap]).double()  # (n, 2D+2)
+    bn = head.input_norm
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
+    z = ((x - mean) / (var + bn.eps).sqrt()).numpy()  # exactly what the eval-mode BatchNorm computes
+    y = tr["labels"].cpu().numpy()
+    for c in tqdm(range(y.shape[1]), desc="probe classes", disable=not sys.stderr.isatty()):
+        p = float(y[:, c].mean())
+        if p in (0.0, 1.0):  # a class absent (or everywhere) in this fold's training images: its prior
+            b[c] = math.log(max(p, 1e-4) / max(1 - p, 1e-4))
+            continue
+        clf = LogisticRegression(C=args.probe_C, max_iter=1000).fit(z, y[:, c])
+        W[c] = torch.from_numpy(clf.coef_[0]).to(W)
+        b[c] = float(clf.intercept_[0])
 
 
 # ---------------------------------------------------------------------------- main
@@ -304,6 +357,9 @@ def main(args):
     elif args.resume:
         print(f"note: no {last_path} to resume from; starting fresh")
 
+    if args.baseline != "none":  # a linear head on [d_i, d_t, m_i, m_t]; standardised inputs for the probe
+        model_args.update(fusion="concat", decompose=True, mlp_dims=[], dropout=0.0, bits=0,
+                          input_norm="batchnorm" if args.baseline == "probe" else "none")
     fold = load_fold(args, device)
     model_args["dim"] = int(fold["train"]["image"].shape[2])
     if ckpt is not None and ckpt["model_args"]["dim"] != model_args["dim"]:
@@ -311,7 +367,9 @@ def main(args):
              f"{model_args['dim']}; use the original feature cache or another --out_dir")
 
     head = model.HashHead(**model_args).to(device)
-    if args.prior_init == "on":
+    if args.baseline != "none":
+        fit_baseline(head, args, fold, seed)
+    elif args.prior_init == "on":
         head.init_prior(fold["train"]["labels"].mean(0).cpu())
     net = torch.compile(head, backend=args.compile_backend) if args.compile else head  # train through net, save head (no _orig_mod.)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -367,7 +425,10 @@ def main(args):
     finished = False
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         t0 = time.time()
-        train_stats, hw = train_one_epoch(net, fold, opt, sched, scaler, args, epoch, state)
+        if args.baseline == "none":
+            train_stats, hw = train_one_epoch(net, fold, opt, sched, scaler, args, epoch, state)
+        else:  # fitted in closed form above: evaluate once and finish
+            train_stats, hw = {k: 0.0 for k in TERMS}, 0.0
         probs, codes = evaluate(net, fold["val"], amp, amp_dtype)
         labels = fold["val"]["labels"].cpu().numpy().astype(np.uint8)
         val = metrics.compute_all(labels, probs)
@@ -378,9 +439,11 @@ def main(args):
             state.update(best=score, best_epoch=epoch, bad_epochs=0)
         else:
             state["bad_epochs"] += 1
-        finished = epoch == args.epochs or (args.patience > 0 and state["bad_epochs"] >= args.patience)
+        finished = (epoch == args.epochs or args.baseline != "none"
+                    or (args.patience > 0 and state["bad_epochs"] >= args.patience))
         if improved:
-            save_best(args.out_dir, fold, probs, codes, dict(val, epoch=epoch, n_images=n_val))
+            save_best(args.out_dir, fold, probs, codes,
+                      dict(val, epoch=epoch, n_images=n_val, skipped_images=fold["skipped"]["val"]))
             save_checkpoint(os.path.join(args.out_dir, "best.pt"), head, opt, scaler, sched, state, config, finished)
         seconds = time.time() - t0
         rec = dict(epoch=epoch, lr=opt.param_groups[0]["lr"], hash_weight=hw, **train_stats,
