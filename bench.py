@@ -2,7 +2,7 @@
 Performance benchmark: what caching the frozen towers buys, and how fast the head, metrics, splits and KNN are.
 All inputs are generated in memory at COCO scale (random weights, synthetic labels, random or planted embeddings).
 
-    python bench.py                                # full run -> table + bench.json (~8 min on 2 idle cores)
+    python bench.py                                # full run -> table + bench.json (~5 min on this 2-core CPU at --threads 1)
     python bench.py --quick --out /tmp/bench.json  # small sizes, ~30 s (what tests/test_bench.py runs)
     python bench.py --sections encoder,metrics     # a subset, by name or number (1-6)
     python bench.py --device cuda                  # also sections 1, 2 and 5 on the GPU (under "cuda")
@@ -70,7 +70,8 @@ def get_args_parser():
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda: sections 1, 2 and 5 also run on the GPU (the CPU figures are always taken)")
     p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
-                   help="torch CPU threads, also for the child processes (default: this machine's cores)")
+                   help="torch CPU threads, also in the child processes; the default is this machine's cores, "
+                   "1 is steadier when others share them")
     # io
     p.add_argument("--out", default="bench.json", help="every raw figure as JSON (written atomically)")
     return p
@@ -534,6 +535,9 @@ def main(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device: cuda is not available on this machine; use --device cpu")
     torch.set_num_threads(args.threads)
+    if args.threads > 1 and os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1):  # others are using the cores
+        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: with --threads {args.threads} "
+              "torch's thread barriers stall on shared cores (small ops up to ~20x slower); --threads 1 is stable")
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     res = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),

@@ -7,8 +7,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# two CPU cores here; keep intra-op threads modest so parallel work does not thrash
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# tiny tensors: one intra-op thread is fastest, and two threads on a shared 2-core machine can stall badly
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -5,6 +5,9 @@ Performance targets are not asserted here (timings on a shared CPU are noisy); t
 import json
 import math
 
+import pytest
+import torch
+
 import bench
 
 
@@ -22,8 +25,13 @@ def finite_numbers(obj, path="bench"):
 
 def test_bench_quick(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = bench.get_args_parser().parse_args(["--quick", "--device", "cpu", "--out", str(out)])
-    returned = bench.main(args)
+    # one thread: on a shared CPU, multi-threaded small ops stall; main() sets it process-wide, so restore it
+    args = bench.get_args_parser().parse_args(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        returned = bench.main(args)
+    finally:
+        torch.set_num_threads(threads)
     res = json.loads(out.read_text())
     assert set(bench.SECTIONS) <= set(res), f"missing sections: {set(bench.SECTIONS) - set(res)}"
     numbers = list(finite_numbers(res))
@@ -45,9 +53,8 @@ def test_bench_quick(tmp_path, capsys):
     assert res["knn"]["finite"] and res["knn"]["peak_mb"] >= 0
 
 
-def test_bench_bad_flags(capsys):
-    import pytest
-    for argv in (["--sections", "nope"], ["--device", "tpu"]):
+def test_bench_bad_flags():
+    for argv in (["--sections", "nope"], ["--device", "tpu"], ["--threads", "0"], ["--sections", "7"]):
         with pytest.raises(SystemExit) as e:
             bench.get_args_parser().parse_args(argv)
         assert e.value.code == 2
