@@ -21,7 +21,6 @@ auc_macro. Runs must share their splits file (config.json splits_sha256), so fol
 validated on the same images; runs made with different splits files are refused.
 """
 import argparse
-import csv
 import glob
 import json
 import os
@@ -150,14 +149,6 @@ def fmt(mean, std):
     return f"{mean:.4f} ± {std:.4f}" if np.isfinite(std) else f"{mean:.4f}"
 
 
-def write(path, content):
-    """Atomically write text, or CSV rows (a list of lists, header first)."""
-    def fn(tmp):
-        with open(tmp, "w", newline="") as f:
-            f.write(content) if isinstance(content, str) else csv.writer(f).writerows(content)
-    data.atomic_write(path, fn)
-
-
 def md_table(header, rows):
     return "\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows]]) + "\n"
 
@@ -240,8 +231,8 @@ def main(args):
                      f"splits.json")
     for r in runs:
         rows, md = cv_tables(r)
-        write(os.path.join(r["dir"], "cv_results.csv"), rows)
-        write(os.path.join(r["dir"], "cv_results.md"), md)
+        data.save_text(os.path.join(r["dir"], "cv_results.csv"), rows)
+        data.save_text(os.path.join(r["dir"], "cv_results.md"), md)
         print(md)
     if len(runs) == 1:
         print(f"wrote {os.path.join(runs[0]['dir'], 'cv_results.csv')} and cv_results.md")
@@ -265,9 +256,9 @@ def main(args):
               [t["run"], t["metric"], f"{t['mean_diff']:+.4f}", f"{t['p_folds']:.3g}",
                f"{t['test_diff']:+.4f} [{t['test_low']:+.4f}, {t['test_high']:+.4f}]" if "test_diff" in t else "-",
                f"{t['p_test']:.3g}" if "p_test" in t else "-"] for t in tests])]
-    write(os.path.join(out, "comparison.csv"), table)
-    write(os.path.join(out, "comparison_tests.csv"), [keys] + [[t.get(k, "") for k in keys] for t in tests])
-    write(os.path.join(out, "comparison.md"), "\n".join(md))
+    data.save_text(os.path.join(out, "comparison.csv"), table)
+    data.save_text(os.path.join(out, "comparison_tests.csv"), [keys] + [[t.get(k, "") for k in keys] for t in tests])
+    data.save_text(os.path.join(out, "comparison.md"), "\n".join(md))
     print("\n".join(md))
     print(f"wrote {os.path.join(out, 'comparison.md')}, comparison.csv, comparison_tests.csv")
     return {"runs": runs, "tests": tests}

@@ -92,6 +92,16 @@ def atomic_write(path, write_fn):
         raise
 
 
+def save_text(path, content):
+    """Atomically write a string, or CSV rows (a list of lists, header first)."""
+    import csv
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            f.write(content) if isinstance(content, str) else csv.writer(f).writerows(content)
+    atomic_write(path, write)
+
+
 def save_json(path, obj):
     """Atomically write obj as JSON (indent=2, trailing newline)."""
     def write(tmp):

@@ -23,7 +23,6 @@ heads averages the members' vote scores. --thresholds oof tunes per-class F1 thr
 val_predictions.npz (never on the evaluated split) and averages them over the folds.
 """
 import argparse
-import csv
 import glob
 import hashlib
 import json
@@ -231,14 +230,6 @@ def oof_thresholds(paths, eval_ids):
 
 
 # ----------------------------------------------------------------------------- writing
-
-def write(path, content):
-    """Atomically write text, or CSV rows (a list of lists, header first)."""
-    def fn(tmp):
-        with open(tmp, "w", newline="") as f:
-            f.write(content) if isinstance(content, str) else csv.writer(f).writerows(content)
-    data.atomic_write(path, fn)
-
 
 def md_table(header, rows):
     return "\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows]]) + "\n"
@@ -457,7 +448,7 @@ def evaluate_split(args, paths, heads, cks):
     data.save_json(os.path.join(out_dir, "metrics.json"), report)
     for name, content in files.items():
         data.save_json(os.path.join(out_dir, name), content) if name.endswith(".json") else \
-            write(os.path.join(out_dir, name), content)
+            data.save_text(os.path.join(out_dir, name), content)
     data.atomic_write(os.path.join(out_dir, f"{args.split}_predictions.npz"), lambda tmp: np.savez(tmp, **arrays))
     examples = example_items(coco, eval_ids, y, p_ens, thr, names) if coco else None
     plots = save_plots(out_dir, y, p_ens, pc, names, examples)
