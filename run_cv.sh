@@ -29,7 +29,7 @@ if [ "$demo" = 1 ]; then
   MODEL=${MODEL:-demo/tiny_siglip}
   RUN=${RUN:-outputs/demo}
   # a small synthetic problem: few epochs are enough, and they keep the demo near a minute
-  [ ${#train_args[@]} -eq 0 ] && train_args=(--epochs 6 --patience 3 --batch_size 32 --lr 1e-3)
+  [ ${#train_args[@]} -eq 0 ] && train_args=(--epochs 30 --patience 5 --batch_size 16 --accum_steps 1 --hash_warmup 2 --lr 3e-3)
 else
   DATA_ROOT=${DATA_ROOT:-data/coco}
   MODEL=${MODEL:-google/siglip2-base-patch16-256}
@@ -59,7 +59,7 @@ skip() { echo; echo "== $1: skipped ($2 exists)"; }
 # ---------------------------------------------------------------------------- data
 if [ "$demo" = 1 ]; then
   if [ ! -f "$DATA_ROOT/dataset_coco.json" ]; then
-    step "demo data" "$PYTHON" -c "import data; data.make_synthetic_coco('$DATA_ROOT', n_images=400, seed=0)"
+    step "demo data" "$PYTHON" -c "import data; data.make_synthetic_coco('$DATA_ROOT', n_images=1000, seed=0)"
   fi
   if [ ! -f "$MODEL/config.json" ]; then
     step "demo model" "$PYTHON" -c "import model; model.make_tiny_siglip('$MODEL', image_size=32, seed=0)"
