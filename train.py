@@ -240,7 +240,7 @@ def evaluate(net, split, amp, amp_dtype, chunk=8192):
         k = ncap[s:s + chunk, None].float()
         probs.append((p_sum / k).cpu())
         if isinstance(h_sum, torch.Tensor):
-            codes.append(torch.where(h_sum > 0, 1, -1).to(torch.int8).cpu())  # "binarise h > 0"
+            codes.append(model.sign_codes(h_sum).to(torch.int8).cpu())  # sign of the mean code, 0 -> +1
     return torch.cat(probs).numpy(), (torch.cat(codes).numpy() if codes else None)
 
 

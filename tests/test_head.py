@@ -104,7 +104,7 @@ def test_init_prior_sets_bias_to_log_odds():
 
 
 def _probe_map(feats, tr, va):
-    """scikit-learn one-vs-rest logistic regression on L2-normalised [image, mean caption] embeddings."""
+    """scikit-learn one-vs-rest logistic regression on L2-normalised [image, mean caption] embeddings -> val AP."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import average_precision_score
     from sklearn.multiclass import OneVsRestClassifier
@@ -115,4 +115,45 @@ def _probe_map(feats, tr, va):
     y = feats["labels"]
     keep = (y[tr].sum(0) > 0) & (y[va].sum(0) > 0)  # classes the probe can fit and AP can score
     clf = OneVsRestClassifier(LogisticRegression(max_iter=500)).fit(x[tr], y[tr][:, keep])
-    return average_precision_score(y[va][:, keep], clf.predict_proba(x[va]), average="macro")
+    p = clf.predict_proba(x[va])
+    return {a: average_precision_score(y[va][:, keep], p, average=a) for a in ("macro", "micro")}
+
+
+def test_head_learns_planted_labels(tmp_path):
+    """The default recipe learns on planted features; the original one (unscaled input, zero bias, tanh straight
+    on the Linear, full hash weight from step 0, lr 2e-4) stays near chance on the same data."""
+    import train
+    feats = data.make_planted_features(2000, seed=1)
+    data.save_features(tmp_path / "f.safetensors", feats, feats["meta"])
+    ids = feats["ids"]
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(ids))
+    va_rows, tr_rows = np.sort(perm[:500]), np.sort(perm[500:])
+    va_ids = sorted(ids[va_rows].tolist())
+    data.save_json(tmp_path / "s.json", {"method": "random", "folds": 2, "seed": 0, "categories": data.COCO_CATEGORIES,
+                                         "dev": sorted(ids.tolist()), "test": [], "stats": [{}, {}],
+                                         "val_folds": [va_ids, sorted(set(ids.tolist()) - set(va_ids))]})
+    y_va = feats["labels"][va_rows]
+    keep = (feats["labels"][tr_rows].sum(0) > 0) & (y_va.sum(0) > 0)
+    chance = y_va[:, keep].mean(0).mean()  # AP of a random ranking = the class prevalence
+    probe = _probe_map(feats, tr_rows, va_rows)
+
+    def head_map(*flags):
+        out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        train.main(train.get_args_parser().parse_args(
+            ["--features", str(tmp_path / "f.safetensors"), "--splits", str(tmp_path / "s.json"), "--out_dir", str(out),
+             "--mlp_dims", "256", "--epochs", "8", "--patience", "0", "--device", "cpu", "--num_threads", "1"] + list(flags)))
+        pred = np.load(out / "val_predictions.npz")
+        assert np.array_equal(pred["ids"], ids[va_rows])
+        from sklearn.metrics import average_precision_score
+        return {a: average_precision_score(pred["labels"][:, keep], pred["probs"][:, keep], average=a)
+                for a in ("macro", "micro")}
+
+    ours = head_map()
+    original = head_map("--input_norm", "none", "--hash_norm", "none", "--prior_init", "off", "--hash_warmup", "0",
+                        "--lr", "2e-4")
+    print(f"chance {chance:.3f} probe {probe} head {ours} original recipe {original}")
+    assert ours["macro"] > 4 * chance and original["macro"] < 2 * chance
+    # frequent classes: as good as the probe; macro: measured ~0.3 below it here. Most of that gap is the protocol,
+    # not learning: the head sees one caption at a time and averages probabilities, the probe sees the mean caption
+    assert ours["micro"] > probe["micro"] - 0.06 and ours["macro"] > probe["macro"] - 0.35

@@ -88,7 +88,7 @@ def test_outputs_and_formats(cache, full_run):
             caps = range(int(tensors["n_captions"][r]))
             outs = [head(tensors["image"][r:r + 1, 0].float(), tensors["text"][r:r + 1, c].float()) for c in caps]
             p = np.mean([torch.sigmoid(lo)[0].numpy() for lo, _ in outs], 0)
-            code = np.where(np.mean([h[0].numpy() for _, h in outs], 0) > 0, 1, -1)
+            code = np.where(np.mean([h[0].numpy() for _, h in outs], 0) >= 0, 1, -1)  # 0 -> +1 as model.sign_codes
             np.testing.assert_allclose(pred["probs"][j], p, rtol=1e-4, atol=1e-6)
             np.testing.assert_array_equal(pred["codes"][j], code)
             np.testing.assert_array_equal(pred["labels"][j], tensors["labels"][r].numpy())
