@@ -62,18 +62,21 @@ def get_args_parser():
     p = argparse.ArgumentParser("bench", description="Performance benchmark at COCO scale (see the module docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
-    p.add_argument("--quick", action="store_true", help="small sizes and a tiny encoder: checks that every section "
+    g = p.add_argument_group("data")
+    g.add_argument("--quick", action="store_true", help="small sizes and a tiny encoder: checks that every section "
                    "runs (what the test does); its figures are not the benchmark")
-    p.add_argument("--sections", type=sections_type, default=list(SECTIONS), help="comma-separated subset, names or 1-6")
-    p.add_argument("--seed", type=int, default=0, help="seed of every generated input")
+    g.add_argument("--sections", type=sections_type, default=list(SECTIONS), help="comma-separated subset, names or 1-6")
+    g.add_argument("--seed", type=int, default=0, help="seed of every generated input")
     # model
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+    g = p.add_argument_group("model")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda: sections 1, 2 and 5 also run on the GPU (the CPU figures are always taken)")
-    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+    g.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
                    help="torch CPU threads, also in the child processes; the default is this machine's cores, "
                    "1 is steadier when others share them")
     # io
-    p.add_argument("--out", default="bench.json", help="every raw figure as JSON (written atomically)")
+    g = p.add_argument_group("io")
+    g.add_argument("--out", default="bench.json", help="every raw figure as JSON (written atomically)")
     return p
 
 

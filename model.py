@@ -191,7 +191,7 @@ class HashHead(nn.Module):
     """
 
     def __init__(self, dim=768, num_classes=80, fusion="hadamard", decompose=True, mlp_dims=(1024, 512),
-                 dropout=0.1, bits=64, input_norm="batchnorm", hash_norm="batchnorm"):
+                 dropout=0.1, bits=64, input_norm="batchnorm", hash_norm="batchnorm", input_dropout=0.0):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
@@ -203,11 +203,14 @@ class HashHead(nn.Module):
             raise ValueError(f"hash_norm must be one of {HASH_NORMS}, got {hash_norm!r}")
         self.model_args = dict(dim=int(dim), num_classes=int(num_classes), fusion=fusion,
                                decompose=bool(decompose), mlp_dims=[int(h) for h in mlp_dims],
-                               dropout=float(dropout), bits=int(bits), input_norm=input_norm, hash_norm=hash_norm)
+                               dropout=float(dropout), bits=int(bits), input_norm=input_norm, hash_norm=hash_norm,
+                               input_dropout=float(input_dropout))
         self.fusion, self.decompose, self.bits = fusion, bool(decompose), int(bits)
         in_dim = dim * (3 if fusion == "hadamard" else 2) + (2 if self.decompose else 0)
         # non-affine: pure standardisation (running stats in the state dict), nothing to learn
         self.input_norm = nn.BatchNorm1d(in_dim, affine=False) if input_norm == "batchnorm" else nn.Identity()
+        # dropout on the standardised fusion vector: without it the MLP memorises the training images
+        self.input_dropout = nn.Dropout(input_dropout)  # no parameters: state-dict keys do not change
         layers, width = [], in_dim
         for h in mlp_dims:
             layers += [nn.Linear(width, int(h)), nn.ReLU(inplace=True), nn.Dropout(dropout)]
@@ -231,7 +234,7 @@ class HashHead(nn.Module):
 
     def forward(self, img, txt):
         """img, txt (B, D) -> logits (B, num_classes), codes h (B, bits) in (-1, 1) or None if bits == 0."""
-        z = self.mlp(self.input_norm(self.fuse(img, txt)))  # (B, mlp_dims[-1])
+        z = self.mlp(self.input_dropout(self.input_norm(self.fuse(img, txt))))  # (B, mlp_dims[-1])
         h = torch.tanh(self.hash_norm(self.hash(z))) if self.hash is not None else None  # (B, bits)
         return self.classifier(h if h is not None else z), h
 
