@@ -289,7 +289,7 @@ def sign_codes(x):
     return torch.where(x >= 0, 1.0, -1.0).to(torch.float32)
 
 
-def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax", chunk=None):
+def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax", chunk=None, block=64):
     """Hamming-KNN multi-label scores: query_codes (Q, bits), db_codes (N, bits), db_labels (N, C) -> (Q, C).
 
     Codes are binarised with sign (0 -> +1). For +-1 codes q.d = bits - 2 * hamming, so one matmul gives
@@ -297,14 +297,20 @@ def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax",
     (k > N clamps to N) and the neighbours vote: "softmax" softmax(sim / tau), "uniform" 1/k, "rank" 1/rank
     normalised to sum 1. score[q, c] = sum of weights of the neighbours with label c: float32 in [0, 1].
     Ties are broken deterministically: equal distance -> lower database index first (so CPU, GPU and any
-    chunk size pick the same neighbours). Nothing is excluded (the database must not hold the queries).
-    Queries run in chunks of `chunk` (None: sized for ~256 MiB of scratch), so memory stays bounded.
-    Runs on the device of query_codes; returns float32 on that device.
+    chunk or block size pick the same neighbours). Nothing is excluded (the database must not hold the queries).
+
+    Exact, but it never sorts a whole row: the database is cut into blocks of `block` consecutive codes,
+    each block is ranked by its best code (largest q.d, then lowest index), and the k nearest codes all lie
+    in the k best blocks (a code outside them is beaten by each of those blocks' best codes, which are k
+    distinct codes). So a row needs a max over its blocks, a top-k over N / block block maxima and a top-k
+    over k * block candidates. Queries run in chunks of `chunk` (None: ~32 MiB of scratch), so memory stays
+    bounded. Runs on the device of query_codes (float16 matmul on CUDA: its integer dot products are exact);
+    returns float32 on that device.
     """
     if vote not in KNN_VOTES:
         raise ValueError(f"vote must be one of {KNN_VOTES}, got {vote!r}")
-    if k < 1 or tau <= 0:
-        raise ValueError(f"need k >= 1 and tau > 0, got k={k}, tau={tau}")
+    if k < 1 or tau <= 0 or block < 1:
+        raise ValueError(f"need k >= 1, tau > 0 and block >= 1, got k={k}, tau={tau}, block={block}")
     q = sign_codes(query_codes)
     device = q.device
     d = sign_codes(db_codes).to(device)  # (N, bits)
@@ -314,14 +320,16 @@ def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax",
         raise ValueError(f"shape mismatch: query {tuple(q.shape)}, db {tuple(d.shape)}, "
                          f"labels {tuple(labels.shape)}")
     k = min(int(k), N)
-    # one sortable number per (query, db row): key = N * dot + (N - 1 - index), larger = nearer, then lower
-    # index; keys are unique, so topk's order is exact. float32 holds it exactly while |key| < 2^24
-    # (64 bits x 258k codes): then one addmm makes it; else integer keys (int32 while they fit).
-    exact_f32 = (bits + 1) * N < 2 ** 24
-    key_dtype = torch.float32 if exact_f32 else torch.int32 if (bits + 1) * N < 2 ** 31 else torch.int64
-    rev_index = torch.arange(N - 1, -1, -1, device=device).to(key_dtype)  # (N,)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # |q.d| <= bits <= 256: exact in both
+    q, d_t = q.to(dtype), d.to(dtype).T  # (Q, bits), (bits, N)
+    n_blocks = -(-N // block)
+    full = N // block * block  # codes in whole blocks; a ragged tail is one more block
+    kb = min(k, n_blocks)
+    # unique block keys: larger = better block (best q.d, then lower block index); exact in float64
+    block_rev = torch.arange(n_blocks - 1, -1, -1, device=device, dtype=torch.float64)  # (n_blocks,)
+    offsets = torch.arange(block, device=device)  # (block,)
     if chunk is None:
-        chunk = max(1, (256 << 20) // (N * 8 + 1))  # ~256 MiB of keys + topk scratch per chunk
+        chunk = max(1, (32 << 20) // (N * 4 + 1))  # ~32 MiB of dot products per chunk (cache-friendly)
     if vote == "uniform":
         w_fixed = torch.full((k,), 1.0 / k, device=device)
     else:
@@ -329,19 +337,26 @@ def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax",
         w_fixed = w_fixed / w_fixed.sum()
     scores = torch.empty(Q, labels.shape[1], device=device, dtype=torch.float32)
     for s in range(0, Q, chunk):
-        if exact_f32:
-            key = torch.addmm(rev_index, q[s:s + chunk], d.T, alpha=N)  # (c, N) = N * (q . d) + rev
-        else:
-            key = (q[s:s + chunk] @ d.T).to(key_dtype).mul_(N).add_(rev_index)  # (c, N)
-        top = key.topk(k, dim=1, largest=True, sorted=True).values.long()  # (c, k), nearest first
-        del key
-        dot = torch.div(top, N, rounding_mode="floor")  # (c, k) q . d in [-bits, bits]
-        idx = (N - 1) - (top - dot * N)  # (c, k) database rows
-        hamming = (bits - dot).float() / 2  # (c, k)
+        dot = q[s:s + chunk] @ d_t  # (c, N) exact integers
+        c = dot.shape[0]
+        best = dot[:, :full].view(c, full // block, block).amax(-1)  # (c, N // block)
+        if full < N:
+            best = torch.cat([best, dot[:, full:].amax(-1, keepdim=True)], 1)  # (c, n_blocks)
+        top_blocks = (best.double() * n_blocks + block_rev).topk(kb, dim=1).indices  # (c, kb)
+        cand = (top_blocks[:, :, None] * block + offsets).view(c, kb * block)  # (c, kb * block) db rows
+        valid = cand < N  # the ragged tail block runs past the database
+        cand = torch.where(valid, cand, 0)
+        # unique code keys: larger = nearer (q.d, then lower index); int64 is exact for any size
+        key = dot.gather(1, cand).long() * N + (N - 1 - cand)
+        key = torch.where(valid, key, torch.iinfo(torch.int64).min)
+        pick = key.topk(k, dim=1, sorted=True).indices  # (c, k), nearest first
+        idx = cand.gather(1, pick)  # (c, k) database rows
+        hamming = (bits - dot.gather(1, idx).float()) / 2  # (c, k)
+        del dot
         if vote == "softmax":
             w = torch.softmax((1.0 - hamming / bits) / tau, dim=1)  # (c, k)
         else:
-            w = w_fixed.expand(idx.shape[0], k)
+            w = w_fixed.expand(c, k)
         scores[s:s + chunk] = torch.einsum("qk,qkc->qc", w, labels[idx])
     return scores.clamp_(0.0, 1.0)
 

@@ -66,8 +66,20 @@ def _dims(s):
     return dims
 
 
+class _Parser(argparse.ArgumentParser):
+    """Fills the defaults that depend on --bits after parsing, so every caller of parse_args sees numbers."""
+
+    def parse_known_args(self, *a, **k):
+        args, rest = super().parse_known_args(*a, **k)
+        if getattr(args, "lr", 0) is None:  # measured best per model (README / issue 3 report)
+            args.lr = 3e-4 if args.bits == 0 else 1e-3
+        if getattr(args, "input_dropout", 0) is None:
+            args.input_dropout = 0.5 if args.bits == 0 else 0.0
+        return args, rest
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser("train", description="train the hash head on one fold of cached embeddings",
+    p = _Parser("train", description="train the hash head on one fold of cached embeddings",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     g = p.add_argument_group("data")
@@ -82,7 +94,7 @@ def get_args_parser():
     g.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude")
     g.add_argument("--mlp_dims", type=_dims, default=[1024, 512], help="hidden widths of the MLP, comma-separated")
     g.add_argument("--dropout", type=_fraction, default=0.1, help="dropout after each hidden layer")
-    g.add_argument("--input_dropout", type=_fraction, default=0.0, help="dropout on the standardised fusion vector (original: 0)")
+    g.add_argument("--input_dropout", type=_fraction, default=None, help="dropout on the standardised fusion vector; default 0 with a hash layer, 0.5 for --bits 0, whose MLP otherwise memorises the training images (original: 0)")
     g.add_argument("--bits", type=int, choices=model.HASH_BITS, default=64, help="hash code length; 0 = no hash layer (plain-MLP baseline)")
     g.add_argument("--input_norm", choices=model.INPUT_NORMS, default="batchnorm", help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns (original: none)")
     g.add_argument("--hash_norm", choices=model.HASH_NORMS, default="batchnorm", help="BatchNorm between the hash Linear and tanh: balanced bits, no early tanh saturation (original: none)")
@@ -103,7 +115,7 @@ def get_args_parser():
     g.add_argument("--patience", type=_number(int, 0, True), default=3, help="stop after this many epochs without a better val mAP_macro (0 = never)")
     g.add_argument("--batch_size", type=_number(int, 2, True), default=32, help="micro-batch size (>= 2 for BatchNorm)")
     g.add_argument("--accum_steps", type=_number(int, 1, True), default=2, help="micro-batches per optimizer step; effective batch = batch_size * accum_steps")
-    g.add_argument("--lr", type=_number(float, 0.0, False), default=1e-3, help="peak AdamW learning rate (original: 2e-4, too small to train in 20 epochs)")
+    g.add_argument("--lr", type=_number(float, 0.0, False), default=None, help="peak AdamW learning rate; default 1e-3 with a hash layer, 3e-4 for --bits 0 (original: 2e-4, too small to train the hash head in 20 epochs)")
     g.add_argument("--weight_decay", type=_number(float, 0.0, True), default=0.01, help="AdamW weight decay")
     g.add_argument("--warmup_ratio", type=_fraction, default=0.1, help="fraction of all optimizer steps spent in linear lr warmup")
     g.add_argument("--min_lr", type=_number(float, 0.0, True), default=1e-6, help="lr at the end of the cosine decay")
@@ -215,7 +227,7 @@ def train_one_epoch(net, fold, opt, sched, scaler, args, epoch, state):
             scaler.step(opt)
             scaler.update()
             sched.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)  # reuse the gradient buffers: no reallocation (page faults) per step
             bar.update(A)
         if (i + 1) % 200 == 0 or i + 1 == n_micro:  # one host sync per 200 steps: stop on NaN/Inf loss
             finite = torch.isfinite(stats[checked:i + 1, 0])

@@ -52,7 +52,7 @@ def test_original_architecture_reachable():
 
 
 def test_rebuild_from_model_args(tmp_path):
-    head = model.HashHead(dim=16, mlp_dims=(12, 8), bits=32, dropout=0.2, input_norm="batchnorm")
+    head = model.HashHead(dim=16, mlp_dims=(12, 8), bits=32, dropout=0.2, input_norm="batchnorm", input_dropout=0.3)
     head.train()
     head(*_pair(32))  # move the BatchNorm running stats away from their init
     head.eval()

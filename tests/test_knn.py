@@ -84,10 +84,19 @@ def test_ties_lower_index_first_and_chunk_invariant():
     assert torch.equal(full, model.knn_scores(q, d, labels, k=20, chunk=7))
 
 
-def test_integer_key_path_large_bits():
-    # (bits + 1) * N >= 2^24: keys no longer exact in float32, so the integer path runs
+def test_block_pruning_exact_under_heavy_ties():
+    # 4-bit codes: 16 distinct codes among 500, so nearly every distance is tied; every block size
+    # (1, a ragged 7, 64, more than the database) must pick exactly the brute-force neighbours
+    q, d, labels = _case(30, 500, 4, seed=11)
+    for vote in VOTES:
+        ref = brute_knn(q, d, labels, 20, 0.07, vote)
+        for block in (1, 7, 64, 1000):
+            got = model.knn_scores(q, d, labels, k=20, vote=vote, block=block, chunk=8)
+            np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, err_msg=f"{vote} block {block}")
+
+
+def test_large_database_256_bits():
     q, d, labels = _case(3, 66000, 256, seed=7)
-    assert (256 + 1) * 66000 >= 2 ** 24
     got = model.knn_scores(q, d, labels, k=20, vote="softmax", tau=0.07)
     np.testing.assert_allclose(got.numpy(), brute_knn(q, d, labels, 20, 0.07, "softmax"), atol=1e-5)
 
@@ -98,6 +107,8 @@ def test_bad_arguments():
         model.knn_scores(q, d, labels, vote="majority")
     with pytest.raises(ValueError):
         model.knn_scores(q, d, labels, k=0)
+    with pytest.raises(ValueError):
+        model.knn_scores(q, d, labels, block=0)
     with pytest.raises(ValueError, match="shape"):
         model.knn_scores(q[:, :4], d, labels)
     assert model.knn_scores(q[:0], d, labels).shape == (0, 80)
