@@ -6,11 +6,15 @@ All inputs are generated in memory at COCO scale (random weights, synthetic labe
     python bench.py --quick --out /tmp/bench.json  # small sizes, ~30 s (what tests/test_bench.py runs)
     python bench.py --sections encoder,metrics     # a subset, by name or number (1-6)
     python bench.py --device cuda                  # also sections 1, 2 and 5 on the GPU (under "cuda")
+    python bench.py --sections learning            # opt-in, ~1.5 h on 2 cores: the learning check (section 7)
 
 1 encoder: SigLIP2-base forward vs one head step; encoder passes and hours, in-loop (original) vs cached once.
 2 epoch: train.train_one_epoch on 94,630 cached rows vs a naive loop; achieved FLOP/s vs a timed torch.mm.
 3 metrics: metrics.compute_all vs the scikit-learn calls. 4 splits: stratified folds vs KFold.
 5 knn: model.knn_scores vs a full distance matrix + argsort. 6 memory: peak RSS of one train.py epoch.
+7 learning (opt-in, not timed): fold 0 of a planted cache at COCO scale; scikit-learn logistic-regression probe
+  on [image, mean caption] vs train.py --bits 64 and --bits 0 at default flags, and the 64-bit KNN head
+  (evaluate.py --head both). Work files go to --work and are reused, so an interrupted run picks up where it was.
 Timings are the best of a few repeats (noise on a shared machine only adds time); long runs are timed once.
 """
 import argparse
@@ -35,7 +39,8 @@ import data
 import metrics
 import model
 
-SECTIONS = ("encoder", "epoch", "metrics", "splits", "knn", "memory")
+SECTIONS = ("encoder", "epoch", "metrics", "splits", "knn", "memory", "learning")
+DEFAULT_SECTIONS = SECTIONS[:6]  # "learning" takes hours: only when asked for
 GPU_SECTIONS = ("encoder", "epoch", "knn")
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_DEV, N_TEST, N_TRAIN, N_VAL = 118_287, 5_000, 94_630, 23_657  # COCO dev pool, test, one fold's train / val
@@ -47,7 +52,7 @@ def sections_type(s):
     for p in s.split(","):
         name = SECTIONS[int(p) - 1] if p.strip().isdigit() and 1 <= int(p) <= len(SECTIONS) else p.strip()
         if name not in SECTIONS:
-            raise argparse.ArgumentTypeError(f"unknown section {p!r}; use {','.join(SECTIONS)} or 1-6")
+            raise argparse.ArgumentTypeError(f"unknown section {p!r}; use {','.join(SECTIONS)} or 1-{len(SECTIONS)}")
         out += [name] if name not in out else []
     return out
 
@@ -65,7 +70,10 @@ def get_args_parser():
     g = p.add_argument_group("data")
     g.add_argument("--quick", action="store_true", help="small sizes and a tiny encoder: checks that every section "
                    "runs (what the test does); its figures are not the benchmark")
-    g.add_argument("--sections", type=sections_type, default=list(SECTIONS), help="comma-separated subset, names or 1-6")
+    g.add_argument("--sections", type=sections_type, default=list(DEFAULT_SECTIONS),
+                   help="comma-separated subset, names or 1-7 (7 = learning: opt-in, hours)")
+    g.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_learning"),
+                   help="section 7's cache, probe and runs; reused by the next call")
     g.add_argument("--seed", type=int, default=0, help="seed of every generated input")
     # model
     g = p.add_argument_group("model")
@@ -234,13 +242,14 @@ def bench_encoder(quick, device, seed=0):
 
 # ----------------------------------------------------------------------------- 2. training epoch
 
-def naive_epoch(cache, n_rows, batch, device, seed=0):
+def naive_epoch(cache, n_rows, batch, device, seed=0, head_kwargs=None):
     """What the original's loop would do, timed over n_rows (seconds): Dataset-style per-sample indexing with a
     random caption, collate by stacking, fp16 -> float per batch, torch's default AdamW stepping after every
-    micro-batch, a loss .item() per step for the log; fp16 autocast + GradScaler on the GPU, as it ran."""
+    micro-batch, a loss .item() per step for the log; fp16 autocast + GradScaler on the GPU, as it ran.
+    head_kwargs: the same head as the loop it is compared with (HashHead's defaults if None)."""
     torch.manual_seed(seed)
     cuda = device.startswith("cuda")
-    head = model.HashHead().to(device)
+    head = model.HashHead(**(head_kwargs or {})).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=2e-4, weight_decay=0.01)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     perm = torch.randperm(cache["labels"].shape[0])[:n_rows]
@@ -264,6 +273,11 @@ def naive_epoch(cache, n_rows, batch, device, seed=0):
     return time.perf_counter() - t
 
 
+def head_kwargs(args):
+    """HashHead arguments from train.py's parsed flags."""
+    return {k: getattr(args, k) for k in inspect.signature(model.HashHead).parameters if k != "dim" and hasattr(args, k)}
+
+
 def bench_epoch(quick, device, seed=0):
     import train
     n, cuda = (512 if quick else N_TRAIN), device.startswith("cuda")
@@ -280,8 +294,8 @@ def bench_epoch(quick, device, seed=0):
         args = train.get_args_parser().parse_args(["--features", "-", "--splits", "-", "--out_dir", "-",
                                                    "--device", device] + flags)
         torch.manual_seed(seed)
-        kw = {k: getattr(args, k) for k in inspect.signature(model.HashHead).parameters if k != "dim" and hasattr(args, k)}
-        head = model.HashHead(dim=768, **kw).to(device)  # every head flag of train.py, at its default
+        head = model.HashHead(dim=768, **head_kwargs(args)).to(device)  # every head flag of train.py, at its default
+        head.init_code_classifier(args.code_classifier_gain)
         if args.prior_init == "on":
             head.init_prior(fold["train"]["labels"].mean(0).cpu())
         opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
@@ -301,7 +315,7 @@ def bench_epoch(quick, device, seed=0):
     t_def, head, a = epoch([])
     t_256 = epoch(["--batch_size", "256"])[0]
     frac = 0.25 if quick else 0.05  # the naive loop runs on a fraction of the epoch, scaled linearly
-    t_naive = naive_epoch(cache, int(n * frac), a.batch_size, device, seed) / frac
+    t_naive = naive_epoch(cache, int(n * frac), a.batch_size, device, seed, head_kwargs(a)) / frac  # the same head
     flops = 3 * head_matmul_flops(head, n // 256 * 256)  # forward + backward (2x forward) of the matmuls
     peak = matmul_flop_per_s(device, 1024 if quick else 2048)
     return {"rows": n, "captions": 5, "default_flags": f"batch {a.batch_size} x accum {a.accum_steps}, amp {cuda}",
@@ -418,7 +432,8 @@ def write_cache(n_images, path, splits_path, seed):
     perm = np.random.default_rng(seed).permutation(len(ids))
     n_test = min(N_TEST, n_images // 20)
     dev, test = np.sort(ids[perm[n_test:]]), np.sort(ids[perm[:n_test]])
-    folds = [np.sort(f) for f in np.array_split(np.random.default_rng(seed + 1).permutation(dev), FOLDS)]
+    # smaller folds first: fold 0 of the 118,287-image pool is 94,630 train / 23,657 val, as COCO's would be
+    folds = [np.sort(f) for f in np.array_split(np.random.default_rng(seed + 1).permutation(dev), FOLDS)[::-1]]
     stats = [{"size": len(f), "positives": labels[np.isin(ids, f)].sum(0, dtype=np.int64).tolist()} for f in folds]
     data.save_json(splits_path, {"method": "random", "folds": FOLDS, "seed": seed, "categories": data.COCO_CATEGORIES,
                                  "dev": dev.tolist(), "test": test.tolist(), "val_folds": [f.tolist() for f in folds],
@@ -454,6 +469,77 @@ def bench_memory(quick, seed=0):
             "maxrss_after_imports_mb": r["after_imports_mb"]}
 
 
+# ----------------------------------------------------------------------------- 7. learning check (opt-in)
+
+def planted_probe(features, splits, fold, jobs):
+    """scikit-learn one-vs-rest logistic regression on L2-normalised [image, mean caption] -> compute_all dict."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    tensors, _ = data.load_features(features)
+    sp = data.load_splits(splits)
+    ids = tensors["ids"].numpy()
+    order = np.argsort(ids)
+    val = np.asarray(sorted(sp["val_folds"][fold]), dtype=np.int64)
+    train = np.setdiff1d(np.asarray(sp["dev"], dtype=np.int64), val)
+
+    def xy(want):
+        rows = torch.from_numpy(order[np.searchsorted(ids, want, sorter=order)])
+        img = tensors["image"][rows, 0].float()  # (n, D)
+        cap = tensors["text"][rows].float().sum(1) / tensors["n_captions"][rows, None].float()  # mean caption
+        x = torch.cat([torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(cap, dim=1)], 1)
+        return x.numpy(), tensors["labels"][rows].numpy()
+    (xt, yt), (xv, yv) = xy(train), xy(val)
+    t = time.perf_counter()
+    clf = OneVsRestClassifier(LogisticRegression(max_iter=1000), n_jobs=jobs).fit(xt, yt)
+    return dict(metrics.compute_all(yv, clf.predict_proba(xv)), n_train=len(train), n_val=len(val),
+                seconds=time.perf_counter() - t)
+
+
+def bench_learning(quick, work, threads, seed=0):
+    """Planted COCO-scale fold 0: probe vs train.py --bits 64 / --bits 0 (default flags) and the KNN head."""
+    n = 1500 if quick else N_DEV + N_TEST
+    extra = ["--epochs", "2"] if quick else []  # quick: checks the plumbing only
+    os.makedirs(work, exist_ok=True)
+    feats, splits = os.path.join(work, "features.safetensors"), os.path.join(work, "splits.json")
+    if not (os.path.exists(feats) and os.path.exists(splits)):
+        write_cache(n, feats, splits, seed)
+    probe_path = os.path.join(work, "probe.json")
+    if not os.path.exists(probe_path):
+        data.save_json(probe_path, planted_probe(feats, splits, 0, jobs=threads))
+    probe = json.load(open(probe_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {bits: os.path.join(work, f"bits{bits}") for bits in (64, 0)}
+    procs = []  # both runs at once, one thread each (resumed where an earlier call stopped)
+    for bits, out in runs.items():
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), "--features", feats, "--splits", splits, "--fold", "0",
+               "--out_dir", out, "--bits", str(bits), "--num_threads", "1", "--resume"] + extra
+        log = open(out + ".log", "a")
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out, log))
+        if threads < 2:
+            procs[-1][0].wait()
+    for p, out, log in procs:
+        if p.wait() != 0:
+            raise RuntimeError(f"train.py failed; see {out}.log")
+        log.close()
+    ev = os.path.join(work, "eval_bits64")
+    subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--checkpoint", os.path.join(runs[64], "best.pt"),
+                    "--splits", splits, "--split", "val", "--fold", "0", "--head", "both", "--out_dir", ev],
+                   check=True, env=env, capture_output=True)
+    heads = json.load(open(os.path.join(ev, "metrics.json")))["models"]["fold0"]
+    res = {"n_images": n, "work": work, "probe_mAP_macro": probe["mAP_macro"], "probe_s": probe["seconds"],
+           "n_train": probe["n_train"], "n_val": probe["n_val"], "knn_mAP_macro": heads["knn"]["mAP_macro"],
+           "mlp64_eval_mAP_macro": heads["mlp"]["mAP_macro"]}
+    for bits, out in runs.items():
+        m = json.load(open(os.path.join(out, "val_metrics.json")))
+        cfg = json.load(open(os.path.join(out, "config.json")))
+        res.update({f"bits{bits}_mAP_macro": m["mAP_macro"], f"bits{bits}_best_epoch": m["epoch"],
+                    f"bits{bits}_stopped_epoch": cfg.get("stopped_epoch"), f"bits{bits}_lr": cfg["lr"],
+                    f"bits{bits}_input_dropout": cfg["input_dropout"]})
+    res.update(gap64=res["probe_mAP_macro"] - res["bits64_mAP_macro"], gap0=res["probe_mAP_macro"] - res["bits0_mAP_macro"],
+               knn_gap=res["bits64_mAP_macro"] - res["knn_mAP_macro"])
+    return res
+
+
 # ----------------------------------------------------------------------------- report
 
 TARGETS = [  # (section, figure, target, check)
@@ -461,7 +547,9 @@ TARGETS = [  # (section, figure, target, check)
     ("metrics", "speedup", ">= 8x", lambda v: v >= 8), ("metrics", "max_abs_diff", "< 1e-6", lambda v: v < 1e-6),
     ("splits", "stratified_mean_rel_dev", "<= 0.2%", lambda v: v <= 0.002),
     ("splits", "stratified_s", "<= 5 s", lambda v: v <= 5),
-    ("knn", "peak_mb", "<= 2048 MB", lambda v: v <= 2048), ("knn", "speedup", ">= 10x", lambda v: v >= 10)]
+    ("knn", "peak_mb", "<= 2048 MB", lambda v: v <= 2048), ("knn", "speedup", ">= 10x", lambda v: v >= 10),
+    ("learning", "gap64", "<= 0.02", lambda v: v <= 0.02), ("learning", "gap0", "<= 0.01", lambda v: v <= 0.01),
+    ("learning", "knn_gap", "<= 0.03", lambda v: v <= 0.03)]
 
 ROWS = {  # section -> (figure, value) templates over its results, and the target figure of the row
     "encoder": [("encode 1 image + 5 captions, s/sample ({config}, batch {batch}, {dtype})", "{encoder_s_per_sample:.3g}", None),
@@ -499,7 +587,16 @@ ROWS = {  # section -> (figure, value) templates over its results, and the targe
             ("speedup over the full matrix", "{speedup:.1f}x", "speedup")],
     "memory": [("planted feature cache of {n_images:,} images, MB", "{cache_mb:,.0f}", None),
                ("train.py main() on {n_train:,} training rows ({flags}), s", "{train_s:.1f}", None),
-               ("peak resident memory of that process (ru_maxrss), MB", "{maxrss_mb:,.0f}", None)]}
+               ("peak resident memory of that process (ru_maxrss), MB", "{maxrss_mb:,.0f}", None)],
+    "learning": [("probe: LogisticRegression on [image, mean caption], {n_train:,} / {n_val:,} rows, val mAP_macro",
+                  "{probe_mAP_macro:.4f}", None),
+                 ("train.py --bits 64 (lr {bits64_lr:g}, input_dropout {bits64_input_dropout:g}; best epoch "
+                  "{bits64_best_epoch}), val mAP_macro", "{bits64_mAP_macro:.4f}", None),
+                 ("train.py --bits 0 (lr {bits0_lr:g}, input_dropout {bits0_input_dropout:g}; best epoch "
+                  "{bits0_best_epoch}), val mAP_macro", "{bits0_mAP_macro:.4f}", None),
+                 ("probe minus the 64-bit head", "{gap64:+.4f}", "gap64"), ("probe minus bits 0", "{gap0:+.4f}", "gap0"),
+                 ("64-bit KNN head (evaluate.py --head knn), val mAP_macro", "{knn_mAP_macro:.4f}", None),
+                 ("64-bit MLP head minus its KNN head", "{knn_gap:+.4f}", "knn_gap")]}
 
 
 def targets(res, device):
@@ -550,7 +647,8 @@ def main(args):
         res["meta"]["gpu"], res["cuda"] = torch.cuda.get_device_name(0), {}
     run = {"encoder": lambda d: bench_encoder(args.quick, d, args.seed), "epoch": lambda d: bench_epoch(args.quick, d, args.seed),
            "metrics": lambda d: bench_metrics(args.quick, args.seed), "splits": lambda d: bench_splits(args.quick, args.seed),
-           "knn": lambda d: bench_knn(args.quick, d, args.seed), "memory": lambda d: bench_memory(args.quick, args.seed)}
+           "knn": lambda d: bench_knn(args.quick, d, args.seed), "memory": lambda d: bench_memory(args.quick, args.seed),
+           "learning": lambda d: bench_learning(args.quick, args.work, args.threads, args.seed)}
     res["meta"]["load"] = {}  # per section: how much of the cores it got (other users of a shared machine)
     for dev in ["cpu"] + (["cuda"] if args.device == "cuda" else []):
         block = res if dev == "cpu" else res["cuda"]

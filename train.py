@@ -5,7 +5,8 @@ Train the hash head on cached frozen SigLIP2 embeddings: one cross-validation fo
         --splits data/coco/splits.json --fold 0 --out_dir outputs/siglip2_hash64/fold0
     python train.py ... --bits 0                  # plain-MLP baseline (no hash layer)
     python train.py ... --resume                  # continue an interrupted run from out_dir/last.pt
-    python train.py ... --input_norm none --hash_norm none --prior_init off --hash_warmup 0 --lr 2e-4  # original recipe
+    python train.py ... --input_norm none --hash_norm none --prior_init off --hash_warmup 0 --lr 2e-4 \
+        --input_dropout 0 --code_classifier_gain 1  # the original recipe
 
 The towers are frozen, so training on their cached outputs is the same computation as running them in the
 loop. The whole fold lives in memory as float32; an epoch is one randperm plus tensor slicing (one caption,
@@ -100,6 +101,7 @@ def get_args_parser():
     g.add_argument("--hash_norm", choices=model.HASH_NORMS, default="batchnorm", help="BatchNorm between the hash Linear and tanh: balanced bits, no early tanh saturation (original: none)")
     g.add_argument("--baseline", choices=("none", "probe", "zeroshot"), default="none", help="instead of training the hash head, fit a linear baseline and write the same outputs: probe = one-vs-rest logistic regression (scikit-learn) on [d_i, d_t, m_i, m_t]; zeroshot = SigLIP's own classifier, scale * cos(image, 'a photo of a {name}.') + bias")
     g.add_argument("--probe_C", type=_number(float, 0.0, False), default=1.0, help="inverse L2 strength of the --baseline probe logistic regressions (standardised inputs)")
+    g.add_argument("--code_classifier_gain", type=_number(float, 0.0, False), default=5.0, help="multiplies the initial weights of the classifier on the tanh codes (not used with --bits 0): bounded codes need larger weights, which Adam grows only slowly from the default init (original: 1)")
     g.add_argument("--prior_init", choices=("on", "off"), default="on", help="classifier bias = log(p/(1-p)) of the fold's class priors; keeps tanh out of saturation (original: off)")
     # loss
     g = p.add_argument_group("loss")
@@ -388,8 +390,10 @@ def main(args):
     head = model.HashHead(**model_args).to(device)
     if args.baseline != "none":
         fit_baseline(head, args, fold, seed)
-    elif args.prior_init == "on":
-        head.init_prior(fold["train"]["labels"].mean(0).cpu())
+    else:
+        head.init_code_classifier(args.code_classifier_gain)
+        if args.prior_init == "on":
+            head.init_prior(fold["train"]["labels"].mean(0).cpu())
     net = torch.compile(head, backend=args.compile_backend) if args.compile else head  # train through net, save head (no _orig_mod.)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type in ("cuda", "cpu"))

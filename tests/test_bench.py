@@ -33,16 +33,17 @@ def test_bench_quick(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     res = json.loads(out.read_text())
-    assert set(bench.SECTIONS) <= set(res), f"missing sections: {set(bench.SECTIONS) - set(res)}"
+    assert set(bench.DEFAULT_SECTIONS) <= set(res), f"missing sections: {set(bench.DEFAULT_SECTIONS) - set(res)}"
+    assert "learning" not in res  # opt-in: hours at full size
     numbers = list(finite_numbers(res))
     bad = [(p, v) for p, v in numbers if not math.isfinite(v)]
     assert not bad, f"non-finite figures: {bad}"
-    for sec in bench.SECTIONS:  # each section holds real measurements, not an empty dict
+    for sec in bench.DEFAULT_SECTIONS:  # each section holds real measurements, not an empty dict
         assert sum(1 for p, _ in numbers if p.startswith(f"bench.{sec}.")) >= 3, sec
         assert all(v >= 0 for p, v in numbers if p.startswith(f"bench.{sec}.") and p.endswith("_s")), sec
     # what the run measured is what it wrote, and the table names every target with a verdict
     assert res["metrics"]["values"] == returned["metrics"]["values"]
-    assert len(res["targets"]) == len(bench.TARGETS)
+    assert len(res["targets"]) == sum(sec in bench.DEFAULT_SECTIONS for sec, *_ in bench.TARGETS)
     assert all(isinstance(t["pass"], bool) for t in res["targets"])
     table = capsys.readouterr().out
     assert all(t["target"] in table for t in res["targets"]) and "torch" in table
@@ -54,7 +55,23 @@ def test_bench_quick(tmp_path, capsys):
 
 
 def test_bench_bad_flags():
-    for argv in (["--sections", "nope"], ["--device", "tpu"], ["--threads", "0"], ["--sections", "7"]):
+    for argv in (["--sections", "nope"], ["--device", "tpu"], ["--threads", "0"], ["--sections", "8"]):
         with pytest.raises(SystemExit) as e:
             bench.get_args_parser().parse_args(argv)
         assert e.value.code == 2
+
+
+def test_bench_learning_quick(tmp_path):
+    """Section 7's plumbing on 1,500 planted images and 2 epochs: cache, probe, both train.py runs, the KNN head."""
+    args = bench.get_args_parser().parse_args(["--quick", "--sections", "learning", "--threads", "1",
+                                               "--work", str(tmp_path / "work"), "--out", str(tmp_path / "b.json")])
+    threads = torch.get_num_threads()
+    try:
+        res = bench.main(args)["learning"]
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("probe_mAP_macro", "bits64_mAP_macro", "bits0_mAP_macro", "knn_mAP_macro"):
+        assert 0 < res[key] <= 1, key
+    assert res["bits64_best_epoch"] in (1, 2) and res["n_train"] + res["n_val"] == 1425  # 1,500 - 75 test images
+    assert abs(res["mlp64_eval_mAP_macro"] - res["bits64_mAP_macro"]) < 1e-6  # evaluate.py agrees with train.py
+    assert (tmp_path / "work" / "bits64" / "best.pt").exists() and (tmp_path / "work" / "probe.json").exists()

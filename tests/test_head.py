@@ -103,6 +103,34 @@ def test_init_prior_sets_bias_to_log_odds():
     assert torch.isfinite(head.classifier.bias).all() and head.classifier.bias.max() < -9
 
 
+def test_dropout_same_distribution_as_torch():
+    torch.manual_seed(0)
+    x = torch.ones(400, 500, requires_grad=True)
+    drop = model.Dropout(0.3)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005  # 200,000 draws: 5 standard deviations ~ 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))  # survivors scaled by 1 / (1 - p)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)  # the gradient goes through the same mask
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    assert torch.equal(model.Dropout(1.0)(x), torch.zeros_like(x))  # p = 1: nn.Dropout's own path
+
+
+def test_init_code_classifier_scales_only_the_code_classifier():
+    torch.manual_seed(0)
+    head = model.HashHead(dim=8, mlp_dims=(4,), bits=16)
+    w, mlp = head.classifier.weight.clone(), head.mlp[0].weight.clone()
+    head.init_code_classifier(5.0)
+    torch.testing.assert_close(head.classifier.weight, 5 * w)
+    assert torch.equal(head.mlp[0].weight, mlp)
+    plain = model.HashHead(dim=8, mlp_dims=(4,), bits=0)  # no codes: the classifier reads ReLU features
+    w = plain.classifier.weight.clone()
+    plain.init_code_classifier(5.0)
+    assert torch.equal(plain.classifier.weight, w)
+
+
 def _probe_map(feats, tr, va):
     """scikit-learn one-vs-rest logistic regression on L2-normalised [image, mean caption] embeddings -> val AP."""
     from sklearn.linear_model import LogisticRegression
@@ -151,7 +179,7 @@ def test_head_learns_planted_labels(tmp_path):
 
     ours = head_map()
     original = head_map("--input_norm", "none", "--hash_norm", "none", "--prior_init", "off", "--hash_warmup", "0",
-                        "--lr", "2e-4")
+                        "--lr", "2e-4", "--input_dropout", "0", "--code_classifier_gain", "1")
     print(f"chance {chance:.3f} probe {probe} head {ours} original recipe {original}")
     assert ours["macro"] > 4 * chance and original["macro"] < 2 * chance
     # frequent classes: as good as the probe; macro: measured ~0.3 below it here. Most of that gap is the protocol,
