@@ -169,37 +169,53 @@ def identity(ck):
 
 @torch.no_grad()
 def run_head(head, feats, rows, batch_size, device):
-    """Cache rows (N,) -> probs (N, 80): mean over each image's captions of sigmoid(logits), and the mean
-    tanh codes (N, bits) (None without a hash layer). Rows are gathered per batch: memory stays bounded."""
-    probs, codes = [], []
+    """Cache rows (N,) -> probs (N, 80): mean over each image's captions of sigmoid(logits); the mean tanh
+    codes (N, bits); the per-caption tanh codes (N, C, bits) with zero rows past n_captions (both None
+    without a hash layer). Rows are gathered per batch: memory stays bounded."""
+    probs, codes, caps = [], [], []
     for s in range(0, len(rows), batch_size):
         r = torch.as_tensor(rows[s:s + batch_size])
         img, txt = feats["image"][r, 0].to(device).float(), feats["text"][r].to(device)  # (b, D), (b, C, D)
         n = feats["n_captions"][r].to(device)  # (b,)
-        p_sum, h_sum = 0.0, 0.0
-        for c in range(int(n.max())):  # caption slot c; rows past an image's n_captions are masked out
+        p_sum, h_cap = 0.0, []
+        for c in range(txt.shape[1]):  # caption slot c; rows past an image's n_captions are masked out
             logits, h = head(img, txt[:, c].float())  # (b, 80), (b, bits)
             has = (n > c)[:, None]
             p_sum = p_sum + torch.where(has, torch.sigmoid(logits.float()), 0.0)
-            h_sum = h_sum + torch.where(has, h.float(), 0.0) if h is not None else None
+            h_cap += [torch.where(has, h.float(), 0.0)] if h is not None else []
         probs.append((p_sum / n[:, None]).cpu())
-        codes.append((h_sum / n[:, None]).cpu() if h_sum is not None else None)
-    return torch.cat(probs), (torch.cat(codes) if codes[0] is not None else None)
+        if h_cap:
+            caps.append(torch.stack(h_cap, 1).cpu())  # (b, C, bits)
+            codes.append(caps[-1].sum(1) / n[:, None].cpu())
+    cat = (lambda x: torch.cat(x) if x else None)
+    return torch.cat(probs), cat(codes), cat(caps)
+
+
+def knn_head(caps, n_captions, db_codes, db_labels, args):
+    """The KNN head under the MLP head's protocol: each (image, caption) code votes with its k nearest
+    database codes, and an image's scores are the mean over its captions. caps (N, C, bits), n_captions (N,)."""
+    scores = torch.zeros(caps.shape[0], db_labels.shape[1])
+    for c in range(caps.shape[1]):
+        has = n_captions > c
+        if has.any():
+            scores[has] += model.knn_scores(caps[has, c].to(args.device), db_codes, db_labels, args.knn_k,
+                                            args.knn_tau, args.knn_vote).cpu()
+    return scores / n_captions[:, None]
 
 
 def score_member(head, feats, rows, dev_rows, val_rows, args):
     """One model: rows = evaluated images, dev_rows = dev pool, val_rows = the model's own val fold (all
     cache row indices) -> ({head name: probs (N, 80)}, {retrieval mAP} or None)."""
-    probs, h = run_head(head, feats, rows, args.batch_size, args.device)
+    probs, h, caps = run_head(head, feats, rows, args.batch_size, args.device)
     out, retrieval = {"mlp": probs.numpy()}, None
     if args.head != "mlp" or args.retrieval:
-        q_codes = model.sign_codes(h)  # (N, bits): one code per image
+        q_codes = model.sign_codes(h)  # (N, bits): one code per image (the sign of its mean code)
         dev_codes = model.sign_codes(run_head(head, feats, dev_rows, args.batch_size, args.device)[1])  # (Nd, bits)
         dev_labels, y = feats["labels"][dev_rows], feats["labels"][rows]  # (Nd, 80), (N, 80)
-        if args.head != "mlp":  # database = this fold's training images
+        if args.head != "mlp":  # database = this fold's training images, one code each
             train = ~np.isin(dev_rows, val_rows)
-            out["knn"] = model.knn_scores(q_codes.to(args.device), dev_codes[train], dev_labels[train],
-                                          args.knn_k, args.knn_tau, args.knn_vote).cpu().numpy()
+            out["knn"] = knn_head(caps, feats["n_captions"][rows], dev_codes[train].to(args.device),
+                                  dev_labels[train].to(args.device), args).numpy()
         if args.retrieval:  # database = the dev pool minus the queries themselves
             keep = ~np.isin(dev_rows, rows)
             db, db_y = dev_codes[keep].numpy(), dev_labels[keep].numpy()

@@ -67,6 +67,13 @@ def _dims(s):
     return dims
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the None of the flags whose default depends on --bits (their help says it)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Fills the defaults that depend on --bits after parsing, so every caller of parse_args sees numbers."""
 
@@ -81,7 +88,7 @@ class _Parser(argparse.ArgumentParser):
 
 def get_args_parser():
     p = _Parser("train", description="train the hash head on one fold of cached embeddings",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=_Formatter)
     # data
     g = p.add_argument_group("data")
     g = p.add_argument_group("data")

@@ -97,6 +97,25 @@ def codes_and_probs(head, feats_path, ids):
     return np.where(h.numpy() >= 0, 1.0, -1.0), p.numpy(), t["labels"].numpy()[r]
 
 
+def caption_codes(head, feats_path, ids):
+    """Independent reference: the sign code of each (image, caption) pair -> list of (Q_c, bits), row index."""
+    t, _ = data.load_features(feats_path)
+    r = np.searchsorted(t["ids"].numpy(), np.asarray(ids))
+    img, txt, n = t["image"][r, 0].float(), t["text"][r].float(), t["n_captions"][r].numpy()
+    with torch.no_grad():
+        return [(np.where(head(img, txt[:, c])[1].numpy() >= 0, 1.0, -1.0), np.flatnonzero(n > c))
+                for c in range(txt.shape[1])], n
+
+
+def brute_knn_head(head, feats_path, ids, db, dby, k, tau, vote):
+    """KNN head reference: votes of every (image, caption) code, averaged over the image's captions."""
+    per_cap, n = caption_codes(head, feats_path, ids)
+    acc = np.zeros((len(ids), dby.shape[1]))
+    for codes, rows in per_cap:
+        acc[rows] += brute_knn(codes[rows], db, dby, k, tau, vote)
+    return acc / n[:, None]
+
+
 def brute_knn(q, db, labels, k, tau, vote):
     bits, k = q.shape[1], min(k, len(db))
     ham = (q[:, None, :] != db[None, :, :]).sum(2)  # (Q, N)
@@ -172,7 +191,8 @@ def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote):
         q, _, qy = codes_and_probs(head, fake_run["feats"], splits["test"])
         train_ids = [j for j in splits["dev"] if j not in set(splits["val_folds"][fold])]  # the fold's database
         db, _, dby = codes_and_probs(head, fake_run["feats"], train_ids)
-        np.testing.assert_allclose(z["member_probs"][i], brute_knn(q, db, dby, k, 0.5, vote), atol=1e-5)
+        ref = brute_knn_head(head, fake_run["feats"], splits["test"], db, dby, k, 0.5, vote)
+        np.testing.assert_allclose(z["member_probs"][i], ref, atol=1e-5)
         if vote == "softmax":  # retrieval: test codes ranked against the whole dev pool's codes
             dev, _, devy = codes_and_probs(head, fake_run["feats"], splits["dev"])
             r = rep["retrieval"][f"fold{fold}"]
