@@ -424,20 +424,22 @@ def bench_knn(quick, device, seed=0):
 # ----------------------------------------------------------------------------- 6. memory of a training run
 
 def write_cache(n_images, path, splits_path, seed):
-    """A planted feature cache (dev + 5,000 test at full size) and a random 5-fold splits file -> fold 0 rows."""
+    """A planted feature cache (dev + 5,000 test at full size) and a random 5-fold splits file -> fold 0 rows.
+    Folds are consecutive slices of a random order of the dev ids, the smaller ones first: fold 0 of the
+    118,287-image pool is 94,630 train / 23,657 val, as COCO's would be."""
     feats = data.make_planted_features(n_images, seed=seed)
     data.save_features(path, feats, feats["meta"])
     ids, labels = feats["ids"], feats["labels"]
     del feats
-    perm = np.random.default_rng(seed).permutation(len(ids))
+    order = np.random.default_rng(seed).permutation(ids)
     n_test = min(N_TEST, n_images // 20)
-    dev, test = np.sort(ids[perm[n_test:]]), np.sort(ids[perm[:n_test]])
-    # smaller folds first: fold 0 of the 118,287-image pool is 94,630 train / 23,657 val, as COCO's would be
-    folds = [np.sort(f) for f in np.array_split(np.random.default_rng(seed + 1).permutation(dev), FOLDS)[::-1]]
+    test, dev = np.sort(order[:n_test]), order[n_test:]
+    base, extra = divmod(len(dev), FOLDS)
+    folds = [np.sort(f) for f in np.split(dev, np.cumsum([base] * (FOLDS - extra) + [base + 1] * extra)[:-1])]
     stats = [{"size": len(f), "positives": labels[np.isin(ids, f)].sum(0, dtype=np.int64).tolist()} for f in folds]
     data.save_json(splits_path, {"method": "random", "folds": FOLDS, "seed": seed, "categories": data.COCO_CATEGORIES,
-                                 "dev": dev.tolist(), "test": test.tolist(), "val_folds": [f.tolist() for f in folds],
-                                 "stats": stats})
+                                 "dev": np.sort(dev).tolist(), "test": test.tolist(),
+                                 "val_folds": [f.tolist() for f in folds], "stats": stats})
     return len(dev) - len(folds[0])
 
 
