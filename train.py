@@ -82,7 +82,7 @@ class _Parser(argparse.ArgumentParser):
         if getattr(args, "lr", 0) is None:  # measured best per model (README / issue 3 report)
             args.lr = 3e-4 if args.bits == 0 else 1e-3
         if getattr(args, "input_dropout", 0) is None:
-            args.input_dropout = 0.5 if args.bits == 0 else 0.0
+            args.input_dropout = 0.5 if args.bits == 0 else 0.2
         return args, rest
 
 
@@ -102,7 +102,7 @@ def get_args_parser():
     g.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude")
     g.add_argument("--mlp_dims", type=_dims, default=[1024, 512], help="hidden widths of the MLP, comma-separated")
     g.add_argument("--dropout", type=_fraction, default=0.1, help="dropout after each hidden layer")
-    g.add_argument("--input_dropout", type=_fraction, default=None, help="dropout on the standardised fusion vector; default 0 with a hash layer, 0.5 for --bits 0, whose MLP otherwise memorises the training images (original: 0)")
+    g.add_argument("--input_dropout", type=_fraction, default=None, help="dropout on the standardised fusion vector, against memorising the training images; default 0.2 with a hash layer (0.5 slows its learning), 0.5 for --bits 0 (original: 0)")
     g.add_argument("--bits", type=int, choices=model.HASH_BITS, default=64, help="hash code length; 0 = no hash layer (plain-MLP baseline)")
     g.add_argument("--input_norm", choices=model.INPUT_NORMS, default="batchnorm", help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns (original: none)")
     g.add_argument("--hash_norm", choices=model.HASH_NORMS, default="batchnorm", help="BatchNorm between the hash Linear and tanh: balanced bits, no early tanh saturation (original: none)")
@@ -116,7 +116,7 @@ def get_args_parser():
     g.add_argument("--hash_weight", type=_number(float, 0.0, True), default=0.1, help="weight of the hash regulariser (quantisation + balance + decorrelation)")
     g.add_argument("--lambda_balance", type=_number(float, 0.0, True), default=0.1, help="bit-balance weight inside the hash regulariser")
     g.add_argument("--lambda_decorr", type=_number(float, 0.0, True), default=0.01, help="bit-decorrelation weight inside the hash regulariser")
-    g.add_argument("--hash_warmup", type=_number(float, 0.0, True), default=5.0, help="epochs of linear ramp of hash_weight from 0: codes first learn the labels, then get quantised (original: 0 = full weight from the start)")
+    g.add_argument("--hash_warmup", type=_number(float, 0.0, True), default=15.0, help="epochs of linear ramp of hash_weight from 0: codes first learn the labels, then get quantised; keep it below --epochs (original: 0 = full weight from the start)")
     # optim
     g = p.add_argument_group("optim")
     g = p.add_argument_group("optim")
