@@ -81,7 +81,7 @@ def get_args_parser():
     # optim (throughput)
     g = p.add_argument_group("optim (throughput)")
     g.add_argument("--batch_size", type=positive_int, default=64, help="images per forward pass")
-    g.add_argument("--num_workers", type=non_negative_int, default=4, help="DataLoader worker processes")
+    g.add_argument("--num_workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes; the default is 4, or the number of cores if fewer")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="tower precision; default fp16 on cuda, fp32 on cpu")
