@@ -91,12 +91,10 @@ def get_args_parser():
                 formatter_class=_Formatter)
     # data
     g = p.add_argument_group("data")
-    g = p.add_argument_group("data")
     g.add_argument("--features", required=True, help="feature cache from extract_features.py (.safetensors)")
     g.add_argument("--splits", required=True, help="splits.json from make_splits.py")
     g.add_argument("--fold", type=_number(int, 0, True), default=0, help="validation fold k; trains on dev minus val_folds[k]")
     # model
-    g = p.add_argument_group("model")
     g = p.add_argument_group("model")
     g.add_argument("--fusion", choices=model.FUSIONS, default="hadamard", help="hadamard: [d_i, d_t, d_i*d_t, m_i, m_t]; concat: [d_i, d_t, m_i, m_t]")
     g.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude")
@@ -112,13 +110,11 @@ def get_args_parser():
     g.add_argument("--prior_init", choices=("on", "off"), default="on", help="classifier bias = log(p/(1-p)) of the fold's class priors; keeps tanh out of saturation (original: off)")
     # loss
     g = p.add_argument_group("loss")
-    g = p.add_argument_group("loss")
     g.add_argument("--hash_weight", type=_number(float, 0.0, True), default=0.1, help="weight of the hash regulariser (quantisation + balance + decorrelation)")
     g.add_argument("--lambda_balance", type=_number(float, 0.0, True), default=0.1, help="bit-balance weight inside the hash regulariser")
     g.add_argument("--lambda_decorr", type=_number(float, 0.0, True), default=0.01, help="bit-decorrelation weight inside the hash regulariser")
     g.add_argument("--hash_warmup", type=_number(float, 0.0, True), default=15.0, help="epochs of linear ramp of hash_weight from 0: codes first learn the labels, then get quantised; keep it below --epochs (original: 0 = full weight from the start)")
     # optim
-    g = p.add_argument_group("optim")
     g = p.add_argument_group("optim")
     g.add_argument("--epochs", type=_number(int, 1, True), default=20, help="maximum epochs")
     g.add_argument("--patience", type=_number(int, 0, True), default=3, help="stop after this many epochs without a better val mAP_macro (0 = never)")
@@ -134,7 +130,6 @@ def get_args_parser():
     g.add_argument("--clip_grad", type=_number(float, 0.0, True), default=1.0, help="max gradient norm (0 = no clipping)")
     # run
     g = p.add_argument_group("run")
-    g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=42, help="base seed; fold k uses seed + k")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (default: fp16 + GradScaler on cuda, off on cpu)")
@@ -143,7 +138,6 @@ def get_args_parser():
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (bit-repeatable on GPU too, slower)")
     g.add_argument("--num_threads", type=_number(int, 0, True), default=0, help="CPU threads for torch (0 = torch default)")
     # io
-    g = p.add_argument_group("io")
     g = p.add_argument_group("io")
     g.add_argument("--out_dir", required=True, help="output folder of this fold")
     g.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt (fresh start if there is none)")
