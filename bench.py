@@ -73,7 +73,7 @@ def get_args_parser():
     g.add_argument("--sections", type=sections_type, default=list(DEFAULT_SECTIONS),
                    help="comma-separated subset, names or 1-7 (7 = learning: opt-in, hours)")
     g.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_learning"),
-                   help="section 7's cache, probe and runs; reused by the next call")
+                   help="section 7 keeps its cache, probe and runs in WORK/{full,quick}_seed<seed> and reuses them")
     g.add_argument("--seed", type=int, default=0, help="seed of every generated input")
     # model
     g = p.add_argument_group("model")
@@ -501,6 +501,7 @@ def bench_learning(quick, work, threads, seed=0):
     """Planted COCO-scale fold 0: probe vs train.py --bits 64 / --bits 0 (default flags) and the KNN head."""
     n = 1500 if quick else N_DEV + N_TEST
     extra = ["--epochs", "2"] if quick else []  # quick: checks the plumbing only
+    work = os.path.join(work, f"{'quick' if quick else 'full'}_seed{seed}")  # never reuse another setting's work
     os.makedirs(work, exist_ok=True)
     feats, splits = os.path.join(work, "features.safetensors"), os.path.join(work, "splits.json")
     if not (os.path.exists(feats) and os.path.exists(splits)):
@@ -525,7 +526,7 @@ def bench_learning(quick, work, threads, seed=0):
         log.close()
     ev = os.path.join(work, "eval_bits64")
     subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--checkpoint", os.path.join(runs[64], "best.pt"),
-                    "--splits", splits, "--split", "val", "--fold", "0", "--head", "both", "--out_dir", ev],
+                    "--features", feats, "--splits", splits, "--split", "val", "--fold", "0", "--head", "both", "--out_dir", ev],
                    check=True, env=env, capture_output=True)
     heads = json.load(open(os.path.join(ev, "metrics.json")))["models"]["fold0"]
     res = {"n_images": n, "work": work, "probe_mAP_macro": probe["mAP_macro"], "probe_s": probe["seconds"],

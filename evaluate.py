@@ -168,10 +168,10 @@ def identity(ck):
 # ----------------------------------------------------------------------------- scoring
 
 @torch.no_grad()
-def run_head(head, feats, rows, batch_size, device):
+def run_head(head, feats, rows, batch_size, device, keep_captions=True):
     """Cache rows (N,) -> probs (N, 80): mean over each image's captions of sigmoid(logits); the mean tanh
     codes (N, bits); the per-caption tanh codes (N, C, bits) with zero rows past n_captions (both None
-    without a hash layer). Rows are gathered per batch: memory stays bounded."""
+    without a hash layer; the last also with keep_captions=False). Rows are gathered per batch."""
     probs, codes, caps = [], [], []
     for s in range(0, len(rows), batch_size):
         r = torch.as_tensor(rows[s:s + batch_size])
@@ -185,8 +185,9 @@ def run_head(head, feats, rows, batch_size, device):
             h_cap += [torch.where(has, h.float(), 0.0)] if h is not None else []
         probs.append((p_sum / n[:, None]).cpu())
         if h_cap:
-            caps.append(torch.stack(h_cap, 1).cpu())  # (b, C, bits)
-            codes.append(caps[-1].sum(1) / n[:, None].cpu())
+            stacked = torch.stack(h_cap, 1).cpu()  # (b, C, bits)
+            codes.append(stacked.sum(1) / n[:, None].cpu())
+            caps += [stacked] if keep_captions else []
     cat = (lambda x: torch.cat(x) if x else None)
     return torch.cat(probs), cat(codes), cat(caps)
 
@@ -210,7 +211,7 @@ def score_member(head, feats, rows, dev_rows, val_rows, args):
     out, retrieval = {"mlp": probs.numpy()}, None
     if args.head != "mlp" or args.retrieval:
         q_codes = model.sign_codes(h)  # (N, bits): one code per image (the sign of its mean code)
-        dev_codes = model.sign_codes(run_head(head, feats, dev_rows, args.batch_size, args.device)[1])  # (Nd, bits)
+        dev_codes = model.sign_codes(run_head(head, feats, dev_rows, args.batch_size, args.device, False)[1])  # (Nd, bits)
         dev_labels, y = feats["labels"][dev_rows], feats["labels"][rows]  # (Nd, 80), (N, 80)
         if args.head != "mlp":  # database = this fold's training images, one code each
             train = ~np.isin(dev_rows, val_rows)

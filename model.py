@@ -183,7 +183,7 @@ class Dropout(nn.Dropout):
     def forward(self, x):
         if not self.training or self.p in (0, 1) or x.is_cuda:
             return super().forward(x)
-        return x * (torch.rand_like(x) >= self.p) / (1 - self.p)
+        return x * (torch.rand(x.shape, device=x.device) >= self.p) / (1 - self.p)  # float32 draws, also under bf16
 
 
 class HashHead(nn.Module):

@@ -74,4 +74,5 @@ def test_bench_learning_quick(tmp_path):
         assert 0 < res[key] <= 1, key
     assert res["bits64_best_epoch"] in (1, 2) and res["n_train"] + res["n_val"] == 1425  # 1,500 - 75 test images
     assert abs(res["mlp64_eval_mAP_macro"] - res["bits64_mAP_macro"]) < 1e-6  # evaluate.py agrees with train.py
-    assert (tmp_path / "work" / "bits64" / "best.pt").exists() and (tmp_path / "work" / "probe.json").exists()
+    work = tmp_path / "work" / "quick_seed0"  # one folder per setting: a full run never reuses quick work
+    assert (work / "bits64" / "best.pt").exists() and (work / "probe.json").exists()
