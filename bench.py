@@ -477,23 +477,19 @@ def planted_probe(features, splits, fold, jobs):
     """scikit-learn one-vs-rest logistic regression on L2-normalised [image, mean caption] -> compute_all dict."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
-    tensors, _ = data.load_features(features)
-    sp = data.load_splits(splits)
-    ids = tensors["ids"].numpy()
-    order = np.argsort(ids)
-    val = np.asarray(sorted(sp["val_folds"][fold]), dtype=np.int64)
-    train = np.setdiff1d(np.asarray(sp["dev"], dtype=np.int64), val)
+    import train
+    f = train.load_fold(train.get_args_parser().parse_args(
+        ["--features", features, "--splits", splits, "--fold", str(fold), "--out_dir", "-"]), torch.device("cpu"))
 
-    def xy(want):
-        rows = torch.from_numpy(order[np.searchsorted(ids, want, sorter=order)])
-        img = tensors["image"][rows, 0].float()  # (n, D)
-        cap = tensors["text"][rows].float().sum(1) / tensors["n_captions"][rows, None].float()  # mean caption
-        x = torch.cat([torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(cap, dim=1)], 1)
-        return x.numpy(), tensors["labels"][rows].numpy()
-    (xt, yt), (xv, yv) = xy(train), xy(val)
+    def xy(split):  # the fold's rows exactly as train.py sees them
+        cap = split["text"].sum(1) / split["n_captions"][:, None]  # (n, D) mean caption (padding rows are 0)
+        x = torch.cat([torch.nn.functional.normalize(split["image"][:, 0], dim=1),
+                       torch.nn.functional.normalize(cap, dim=1)], 1)
+        return x.numpy(), split["labels"].numpy()
+    (xt, yt), (xv, yv) = xy(f["train"]), xy(f["val"])
     t = time.perf_counter()
     clf = OneVsRestClassifier(LogisticRegression(max_iter=1000), n_jobs=jobs).fit(xt, yt)
-    return dict(metrics.compute_all(yv, clf.predict_proba(xv)), n_train=len(train), n_val=len(val),
+    return dict(metrics.compute_all(yv, clf.predict_proba(xv)), n_train=len(xt), n_val=len(xv),
                 seconds=time.perf_counter() - t)
 
 
