@@ -310,6 +310,16 @@ def sign_codes(x):
     return torch.where(x >= 0, 1.0, -1.0).to(torch.float32)
 
 
+def _dot_dtype(device):
+    """dtype of the code products in knn_scores. They are even integers in [0, 2 * bits] <= 512, exact in all
+    three (bfloat16 holds every even integer up to 512). float16 on CUDA; bfloat16 on CPUs with bf16 matrix
+    units (AMX or AVX512-BF16: this product runs several times faster than in float32 there), else float32."""
+    if device.type == "cuda":
+        return torch.float16
+    fast = [getattr(torch.cpu, f, None) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return torch.bfloat16 if device.type == "cpu" and any(f is not None and f() for f in fast) else torch.float32
+
+
 def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax", chunk=None, block=64):
     """Hamming-KNN multi-label scores: query_codes (Q, bits), db_codes (N, bits), db_labels (N, C) -> (Q, C).
 
@@ -325,8 +335,8 @@ def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax",
     in the k best blocks (a code outside them is beaten by each of those blocks' best codes, which are k
     distinct codes). So a row needs a max over its blocks, a top-k over N / block block maxima and a top-k
     over k * block candidates. Queries run in chunks of `chunk` (None: ~32 MiB of scratch), so memory stays
-    bounded. Runs on the device of query_codes (float16 matmul on CUDA: its integer dot products are exact);
-    returns float32 on that device.
+    bounded. Runs on the device of query_codes; the products are exact small integers, computed in float16 on
+    CUDA and in bfloat16 on CPUs with bf16 matrix units (see _dot_dtype). Returns float32 on that device.
     """
     if vote not in KNN_VOTES:
         raise ValueError(f"vote must be one of {KNN_VOTES}, got {vote!r}")
@@ -341,8 +351,13 @@ def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax",
         raise ValueError(f"shape mismatch: query {tuple(q.shape)}, db {tuple(d.shape)}, "
                          f"labels {tuple(labels.shape)}")
     k = min(int(k), N)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32  # |q.d| <= bits <= 256: exact in both
-    q, d_t = q.to(dtype), d.to(dtype).T  # (Q, bits), (bits, N)
+    # one extra column makes every product non-negative: [q, 1] . [d, bits] = q.d + bits = 2 * (bits - hamming),
+    # so block maxima can run on the integer view of the floats (same order for non-negative floats, and a
+    # vectorised integer max, ~8x faster than a bfloat16 amax on CPU)
+    dtype = _dot_dtype(device)
+    as_int = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
+    q = torch.cat([q, torch.ones(Q, 1, device=device)], 1).to(dtype)  # (Q, bits + 1)
+    d_t = torch.cat([d, torch.full((N, 1), float(bits), device=device)], 1).to(dtype).T.contiguous()  # (bits + 1, N)
     n_blocks = -(-N // block)
     full = N // block * block  # codes in whole blocks; a ragged tail is one more block
     kb = min(k, n_blocks)
@@ -350,7 +365,7 @@ def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax",
     block_rev = torch.arange(n_blocks - 1, -1, -1, device=device, dtype=torch.float64)  # (n_blocks,)
     offsets = torch.arange(block, device=device)  # (block,)
     if chunk is None:
-        chunk = max(1, (32 << 20) // (N * 4 + 1))  # ~32 MiB of dot products per chunk (cache-friendly)
+        chunk = max(1, (32 << 20) // (N * dtype.itemsize + 1))  # ~32 MiB of products per chunk (cache-friendly)
     if vote == "uniform":
         w_fixed = torch.full((k,), 1.0 / k, device=device)
     else:
@@ -358,11 +373,12 @@ def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax",
         w_fixed = w_fixed / w_fixed.sum()
     scores = torch.empty(Q, labels.shape[1], device=device, dtype=torch.float32)
     for s in range(0, Q, chunk):
-        dot = q[s:s + chunk] @ d_t  # (c, N) exact integers
+        dot = q[s:s + chunk] @ d_t  # (c, N) q.d + bits: even integers in [0, 2 * bits], exact
         c = dot.shape[0]
-        best = dot[:, :full].view(c, full // block, block).amax(-1)  # (c, N // block)
+        best = dot[:, :full].view(as_int).view(c, full // block, block).amax(-1)  # (c, N // block)
         if full < N:
-            best = torch.cat([best, dot[:, full:].amax(-1, keepdim=True)], 1)  # (c, n_blocks)
+            best = torch.cat([best, dot[:, full:].view(as_int).amax(-1, keepdim=True)], 1)  # (c, n_blocks)
+        best = best.view(dtype)
         top_blocks = (best.double() * n_blocks + block_rev).topk(kb, dim=1).indices  # (c, kb)
         cand = (top_blocks[:, :, None] * block + offsets).view(c, kb * block)  # (c, kb * block) db rows
         valid = cand < N  # the ragged tail block runs past the database
@@ -372,7 +388,7 @@ def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax",
         key = torch.where(valid, key, torch.iinfo(torch.int64).min)
         pick = key.topk(k, dim=1, sorted=True).indices  # (c, k), nearest first
         idx = cand.gather(1, pick)  # (c, k) database rows
-        hamming = (bits - dot.gather(1, idx).float()) / 2  # (c, k)
+        hamming = bits - dot.gather(1, idx).float() / 2  # (c, k)
         del dot
         if vote == "softmax":
             w = torch.softmax((1.0 - hamming / bits) / tau, dim=1)  # (c, k)

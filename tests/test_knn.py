@@ -95,6 +95,19 @@ def test_block_pruning_exact_under_heavy_ties():
             np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, err_msg=f"{vote} block {block}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_product_dtype_is_exact(dtype, monkeypatch):
+    # the products run in bfloat16 on CPUs with bf16 units, float16 on CUDA, float32 elsewhere; q.d + bits
+    # reaches 2 * bits = 512 at 256 bits, still exact, and block maxima use the integer view of the floats
+    monkeypatch.setattr(model, "_dot_dtype", lambda device: dtype)
+    for bits, block in ((256, 64), (64, 7), (4, 16)):
+        q, d, labels = _case(12, 700, bits, seed=bits)
+        d[:50] = d[50:100]  # repeated database codes: exact ties across blocks
+        ref = brute_knn(q, d, labels, 20, 0.07, "softmax")
+        got = model.knn_scores(q, d, labels, k=20, block=block, chunk=5)
+        np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, err_msg=f"{dtype} bits {bits}")
+
+
 def test_large_database_256_bits():
     q, d, labels = _case(3, 66000, 256, seed=7)
     got = model.knn_scores(q, d, labels, k=20, vote="softmax", tau=0.07)
