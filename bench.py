@@ -298,7 +298,7 @@ def bench_epoch(quick, device, seed=0):
         head.init_code_classifier(args.code_classifier_gain)
         if args.prior_init == "on":
             head.init_prior(fold["train"]["labels"].mean(0).cpu())
-        opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+        opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay, fused=True)
         steps = math.ceil(len(fold["train"]["ids"]) // args.batch_size / args.accum_steps)
         total = steps * args.epochs
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.lr_multiplier(

@@ -174,6 +174,7 @@ HASH_BITS = (0, 16, 32, 64, 128, 256)  # 0 = no hash layer: the plain-MLP baseli
 FUSIONS = ("hadamard", "concat")
 INPUT_NORMS = ("batchnorm", "none")
 HASH_NORMS = ("batchnorm", "none")
+CODE_CLASSIFIERS = ("learned", "centres")
 
 
 class Dropout(nn.Dropout):
@@ -196,12 +197,17 @@ class HashHead(nn.Module):
     an MLP at a small lr barely moves from. hash_norm "batchnorm" puts an (affine) BatchNorm between the hash
     Linear and tanh: the pre-activations stay centred (balanced bits) and their scale is learnt slowly by
     BatchNorm's weight instead of exploding under Adam, which saturated tanh and stopped all gradient below
-    it. bits=0 drops the hash layer (MLP -> classifier directly).
+    it. code_classifier "centres" fixes the classifier on the codes to random +-1 class centres / sqrt(bits)
+    (not trained; only its bias learns): class c's logit is then the agreement of the code with centre c, so
+    every class, rare or common, owns its share of the code and images sharing labels get nearby codes
+    (what the KNN vote over Hamming codes needs); "learned" trains it as an ordinary Linear.
+    bits=0 drops the hash layer (MLP -> classifier directly).
     Rebuild from a checkpoint with HashHead(**ckpt["model_args"]); the state dict carries everything else.
     """
 
     def __init__(self, dim=768, num_classes=80, fusion="hadamard", decompose=True, mlp_dims=(1024, 512),
-                 dropout=0.1, bits=64, input_norm="batchnorm", hash_norm="batchnorm", input_dropout=0.0):
+                 dropout=0.1, bits=64, input_norm="batchnorm", hash_norm="batchnorm", input_dropout=0.0,
+                 code_classifier="learned"):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
@@ -211,10 +217,12 @@ class HashHead(nn.Module):
             raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         if hash_norm not in HASH_NORMS:
             raise ValueError(f"hash_norm must be one of {HASH_NORMS}, got {hash_norm!r}")
+        if code_classifier not in CODE_CLASSIFIERS:
+            raise ValueError(f"code_classifier must be one of {CODE_CLASSIFIERS}, got {code_classifier!r}")
         self.model_args = dict(dim=int(dim), num_classes=int(num_classes), fusion=fusion,
                                decompose=bool(decompose), mlp_dims=[int(h) for h in mlp_dims],
                                dropout=float(dropout), bits=int(bits), input_norm=input_norm, hash_norm=hash_norm,
-                               input_dropout=float(input_dropout))
+                               input_dropout=float(input_dropout), code_classifier=code_classifier)
         self.fusion, self.decompose, self.bits = fusion, bool(decompose), int(bits)
         in_dim = dim * (3 if fusion == "hadamard" else 2) + (2 if self.decompose else 0)
         # non-affine: pure standardisation (running stats in the state dict), nothing to learn
@@ -229,6 +237,11 @@ class HashHead(nn.Module):
         self.hash = nn.Linear(width, bits) if bits > 0 else None
         self.hash_norm = nn.BatchNorm1d(bits) if bits > 0 and hash_norm == "batchnorm" else nn.Identity()
         self.classifier = nn.Linear(bits if bits > 0 else width, num_classes)
+        if bits > 0 and code_classifier == "centres":  # stays in the state dict; the optimizer skips it
+            with torch.no_grad():
+                signs = torch.randint(0, 2, (num_classes, bits)) * 2.0 - 1.0  # (C, bits) from the global RNG
+                self.classifier.weight.copy_(signs / math.sqrt(bits))
+            self.classifier.weight.requires_grad_(False)
 
     def fuse(self, img, txt):
         """(B, D), (B, D) -> fusion vector (B, in_dim), computed in float32 (log/normalise are fp16-unsafe)."""
@@ -250,7 +263,8 @@ class HashHead(nn.Module):
 
     @torch.no_grad()
     def init_code_classifier(self, gain):
-        """Multiply the initial weights of the classifier on the codes by `gain` (no-op for bits == 0).
+        """Multiply the initial weights of the classifier on the codes by `gain` (no-op for bits == 0); with
+        code_classifier "centres" this sets their fixed scale: logit_c = gain * <h, centre_c> / sqrt(bits) + b_c.
 
         Codes are bounded (|h| < 1): with PyTorch's default init (weights ~U(+-1/sqrt(bits))) the logits can
         move only ~+-0.4 away from their bias, and Adam needs epochs of steps of ~lr to grow the weights, while

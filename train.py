@@ -83,6 +83,8 @@ class _Parser(argparse.ArgumentParser):
             args.lr = 3e-4 if args.bits == 0 else 1e-3
         if getattr(args, "input_dropout", 0) is None:
             args.input_dropout = 0.5 if args.bits == 0 else 0.2
+        if getattr(args, "code_classifier_gain", 0) is None:
+            args.code_classifier_gain = 2.0 if args.code_classifier == "centres" else 5.0
         return args, rest
 
 
@@ -106,7 +108,8 @@ def get_args_parser():
     g.add_argument("--hash_norm", choices=model.HASH_NORMS, default="batchnorm", help="BatchNorm between the hash Linear and tanh: balanced bits, no early tanh saturation (original: none)")
     g.add_argument("--baseline", choices=("none", "probe", "zeroshot"), default="none", help="instead of training the hash head, fit a linear baseline and write the same outputs: probe = one-vs-rest logistic regression (scikit-learn) on [d_i, d_t, m_i, m_t]; zeroshot = SigLIP's own classifier, scale * cos(image, 'a photo of a {name}.') + bias")
     g.add_argument("--probe_C", type=_number(float, 0.0, False), default=1.0, help="inverse L2 strength of the --baseline probe logistic regressions (standardised inputs)")
-    g.add_argument("--code_classifier_gain", type=_number(float, 0.0, False), default=5.0, help="multiplies the initial weights of the classifier on the tanh codes (not used with --bits 0): bounded codes need larger weights, which Adam grows only slowly from the default init (original: 1)")
+    g.add_argument("--code_classifier", choices=model.CODE_CLASSIFIERS, default="learned", help="classifier on the codes: learned = an ordinary trained Linear (original); centres = fixed random +-1 class centres, only the bias trains: images sharing labels get nearby codes, so the KNN head comes closer to the MLP head, which loses accuracy (README)")
+    g.add_argument("--code_classifier_gain", type=_number(float, 0.0, False), default=None, help="multiplies the initial weights of the classifier on the tanh codes (not used with --bits 0): bounded codes need larger weights, which Adam grows only slowly from the default init; default 5 (original: 1), and 2 for the fixed --code_classifier centres (their scale: larger lets the codes stay unsaturated, which the KNN head pays for)")
     g.add_argument("--prior_init", choices=("on", "off"), default="on", help="classifier bias = log(p/(1-p)) of the fold's class priors; keeps tanh out of saturation (original: off)")
     # loss
     g = p.add_argument_group("loss")
@@ -358,7 +361,7 @@ def main(args):
 
     model_args = dict(dim=0, num_classes=data.NUM_CLASSES, fusion=args.fusion, decompose=args.decompose,
                       mlp_dims=list(args.mlp_dims), dropout=args.dropout, bits=args.bits, input_norm=args.input_norm,
-                      hash_norm=args.hash_norm, input_dropout=args.input_dropout)
+                      hash_norm=args.hash_norm, input_dropout=args.input_dropout, code_classifier=args.code_classifier)
     last_path = os.path.join(args.out_dir, "last.pt")
     ckpt = None
     if os.path.exists(last_path):
@@ -396,7 +399,7 @@ def main(args):
         if args.prior_init == "on":
             head.init_prior(fold["train"]["labels"].mean(0).cpu())
     net = torch.compile(head, backend=args.compile_backend) if args.compile else head  # train through net, save head (no _orig_mod.)
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
 

@@ -131,6 +131,31 @@ def test_init_code_classifier_scales_only_the_code_classifier():
     assert torch.equal(plain.classifier.weight, w)
 
 
+def test_centres_code_classifier_is_fixed_and_saved():
+    torch.manual_seed(0)
+    head = model.HashHead(dim=16, mlp_dims=(4,), bits=16, code_classifier="centres")
+    w = head.classifier.weight
+    assert not w.requires_grad and torch.equal(w.abs(), torch.full_like(w, 0.25))  # +-1 / sqrt(16)
+    assert 0.3 < (w > 0).float().mean() < 0.7  # random signs
+    head.init_code_classifier(2.0)  # the gain sets the centres' scale
+    assert torch.equal(w.abs(), torch.full_like(w, 0.5))
+    centres, bias = w.clone(), head.classifier.bias.clone()
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-2)  # as train.py builds it
+    img, txt = _pair(6, seed=2)
+    for _ in range(3):
+        logits, h = head(img, txt)
+        model.head_loss(logits, (logits.detach() > 0).float().flip(0), h)[0].backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(head.classifier.weight, centres) and not torch.equal(head.classifier.bias, bias)
+    again = model.HashHead(**head.model_args)  # other random centres until the state dict is loaded
+    again.load_state_dict(head.state_dict())
+    assert torch.equal(again.classifier.weight, centres) and not again.classifier.weight.requires_grad
+    assert model.HashHead(dim=8, mlp_dims=(4,), bits=0, code_classifier="centres").classifier.weight.requires_grad
+    with pytest.raises(ValueError):
+        model.HashHead(dim=8, code_classifier="fixed")
+
+
 def _probe_map(feats, tr, va):
     """scikit-learn one-vs-rest logistic regression on L2-normalised [image, mean caption] embeddings -> val AP."""
     from sklearn.linear_model import LogisticRegression

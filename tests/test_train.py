@@ -96,6 +96,16 @@ def test_outputs_and_formats(cache, full_run):
     assert abs(again["mAP_macro"] - val["mAP_macro"]) < 1e-9
 
 
+def test_centres_stay_fixed(cache, tmp_path):
+    out = tmp_path / "centres"
+    run(*cache, out, "--code_classifier", "centres", "--epochs", 2, "--patience", 0)
+    ckpt = _load(out / "best.pt")
+    assert ckpt["model_args"]["code_classifier"] == "centres" and ckpt["config"]["code_classifier_gain"] == 2.0
+    w = ckpt["model"]["classifier.weight"]  # (80, 16): +-2 / sqrt(16) after training, as initialised
+    assert torch.equal(w.abs(), torch.full_like(w, 0.5)) and 0.3 < (w > 0).float().mean() < 0.7
+    assert len(ckpt["optimizer"]["state"]) == len([k for k in ckpt["model"] if "running" not in k and "num_batches" not in k]) - 1
+
+
 def test_resume_is_exact(cache, full_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "resumed"
     calls = {"n": 0}
