@@ -203,7 +203,8 @@ def test_head_learns_planted_labels(tmp_path):
                 for a in ("macro", "micro")}
 
     ours = head_map()
-    original = head_map("--input_norm", "none", "--hash_norm", "none", "--prior_init", "off", "--hash_warmup", "0",
+    original = head_map("--input_norm", "none", "--hash_norm", "none", "--prior_init", "off", "--hash_weight", "0.1",
+                        "--hash_warmup", "0",
                         "--lr", "2e-4", "--input_dropout", "0", "--code_classifier_gain", "1")
     print(f"chance {chance:.3f} probe {probe} head {ours} original recipe {original}")
     assert ours["macro"] > 4 * chance and original["macro"] < 2 * chance
