@@ -82,7 +82,7 @@ class _Parser(argparse.ArgumentParser):
         if getattr(args, "lr", 0) is None:  # measured best per model (README / issue 3 report)
             args.lr = 3e-4 if args.bits == 0 else 2e-3
         if getattr(args, "input_dropout", 0) is None:
-            args.input_dropout = 0.5 if args.bits == 0 else 0.2
+            args.input_dropout = 0.5 if args.bits == 0 else 0.35
         if getattr(args, "code_classifier_gain", 0) is None:
             args.code_classifier_gain = 2.0 if args.code_classifier == "centres" else 5.0
         return args, rest
@@ -102,7 +102,7 @@ def get_args_parser():
     g.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude")
     g.add_argument("--mlp_dims", type=_dims, default=[1024, 512], help="hidden widths of the MLP, comma-separated")
     g.add_argument("--dropout", type=_fraction, default=0.1, help="dropout after each hidden layer")
-    g.add_argument("--input_dropout", type=_fraction, default=None, help="dropout on the standardised fusion vector, against memorising the training images; default 0.2 with a hash layer (0.5 slows its learning), 0.5 for --bits 0 (original: 0)")
+    g.add_argument("--input_dropout", type=_fraction, default=None, help="dropout on the standardised fusion vector, against memorising the training images; default 0.35 with a hash layer, 0.5 for --bits 0 (original: 0)")
     g.add_argument("--bits", type=int, choices=model.HASH_BITS, default=64, help="hash code length; 0 = no hash layer (plain-MLP baseline)")
     g.add_argument("--input_norm", choices=model.INPUT_NORMS, default="batchnorm", help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns (original: none)")
     g.add_argument("--hash_norm", choices=model.HASH_NORMS, default="batchnorm", help="BatchNorm between the hash Linear and tanh: balanced bits, no early tanh saturation (original: none)")
