@@ -29,7 +29,7 @@ if [ "$demo" = 1 ]; then
   MODEL=${MODEL:-demo/tiny_siglip}
   RUN=${RUN:-outputs/demo}
   # a small synthetic problem: few epochs are enough, and they keep the demo near a minute
-  [ ${#train_args[@]} -eq 0 ] && train_args=(--epochs 30 --patience 5 --batch_size 16 --accum_steps 1 --hash_warmup 2 --lr 3e-3 --num_threads 1)
+  [ ${#train_args[@]} -eq 0 ] && train_args=(--epochs 30 --patience 5 --batch_size 16 --accum_steps 1 --lr 3e-3 --num_threads 1)
 else
   DATA_ROOT=${DATA_ROOT:-data/coco}
   MODEL=${MODEL:-google/siglip2-base-patch16-256}
