@@ -16,6 +16,7 @@ last.pt, best.pt, val_metrics.json, val_predictions.npz (see README / contract).
 """
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -371,7 +372,9 @@ def main(args):
             ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
         except Exception as e:
             fail(f"{last_path}: unreadable checkpoint ({type(e).__name__}); delete it to start over")
-        mismatch = {k: (v, model_args[k]) for k, v in ckpt["model_args"].items() if k != "dim" and model_args.get(k) != v}
+        stored = {k: p.default for k, p in inspect.signature(model.HashHead).parameters.items()}
+        stored.update(ckpt["model_args"])  # a key the checkpoint predates means HashHead's default
+        mismatch = {k: (stored.get(k), v) for k, v in model_args.items() if k != "dim" and stored.get(k) != v}
         if mismatch or ckpt["config"]["fold"] != args.fold:
             fail(f"--resume: {last_path} was trained with other model flags or fold "
                  f"({', '.join(f'{k}: {a} in the checkpoint, {b} now' for k, (a, b) in mismatch.items()) or 'fold'}); "

@@ -191,6 +191,12 @@ def test_bad_input_exits_2(cache, tmp_path, capsys):
     err = _fails(capsys, "--features", feats, "--splits", splits, "--out_dir", out, "--resume", "--epochs", 3,
                  "--fusion", "concat")
     assert "--resume" in err and "concat" in err
+    ckpt = torch.load(out / "last.pt", weights_only=True)  # a checkpoint older than a model flag: its default holds
+    del ckpt["model_args"]["code_classifier"]
+    torch.save(ckpt, out / "last.pt")
+    err = _fails(capsys, "--features", feats, "--splits", splits, "--out_dir", out, "--resume", "--epochs", 3,
+                 "--code_classifier", "centres")
+    assert "code_classifier: learned in the checkpoint, centres now" in err
 
 
 def test_argparse_rejects_bad_flags(capsys):
