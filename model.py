@@ -187,6 +187,13 @@ class Dropout(nn.Dropout):
         return x * (torch.rand(x.shape, device=x.device) >= self.p) / (1 - self.p)  # float32 draws, also under bf16
 
 
+def _per_group(norm, x, groups):
+    """norm(x), with a training BatchNorm applied to each of `groups` equal row blocks of x on its own."""
+    if groups == 1 or not (isinstance(norm, nn.BatchNorm1d) and norm.training):
+        return norm(x)
+    return torch.cat([norm(c) for c in x.chunk(groups)])
+
+
 class HashHead(nn.Module):
     """Trainable head on frozen image/text embeddings: fusion -> MLP -> tanh hash codes -> 80 logits.
 
@@ -255,10 +262,14 @@ class HashHead(nn.Module):
         parts = [a, b, a * b] if self.fusion == "hadamard" else [a, b]
         return torch.cat(parts + mags, dim=-1)
 
-    def forward(self, img, txt):
-        """img, txt (B, D) -> logits (B, num_classes), codes h (B, bits) in (-1, 1) or None if bits == 0."""
-        z = self.mlp(self.input_dropout(self.input_norm(self.fuse(img, txt))))  # (B, mlp_dims[-1])
-        h = torch.tanh(self.hash_norm(self.hash(z))) if self.hash is not None else None  # (B, bits)
+    def forward(self, img, txt, groups=1):
+        """img, txt (B, D) -> logits (B, num_classes), codes h (B, bits) in (-1, 1) or None if bits == 0.
+
+        groups > 1: the batch is `groups` equal micro-batches stacked (gradient accumulation run as one pass);
+        in training, BatchNorm takes its statistics and running-stat updates per micro-batch, in order, so the
+        result is that of `groups` separate calls, while the matmuls run once on the whole batch."""
+        z = self.mlp(self.input_dropout(_per_group(self.input_norm, self.fuse(img, txt), groups)))  # (B, mlp_dims[-1])
+        h = torch.tanh(_per_group(self.hash_norm, self.hash(z), groups)) if self.hash is not None else None
         return self.classifier(h if h is not None else z), h
 
     @torch.no_grad()

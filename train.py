@@ -216,33 +216,37 @@ def train_one_epoch(net, fold, opt, sched, scaler, args, epoch, state):
     ramp = args.hash_warmup * state["steps_per_epoch"]
     bar = tqdm(total=n_micro, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty())
     checked = 0
-    for i in range(n_micro):
-        s = i * B
+    for s in range(0, n_micro, A):  # one optimizer step: micro-batches s .. e-1 in one forward/backward pass
+        e = min(s + A, n_micro)
         hw = args.hash_weight * (min(1.0, sched.last_epoch / ramp) if ramp > 0 else 1.0)
-        with amp_ctx:
-            logits, h = net(x_img[s:s + B], x_txt[s:s + B])  # (B, 80), (B, bits) | None
-        loss, terms = model.head_loss(logits, y[s:s + B], h, hash_weight=hw, lambda_balance=args.lambda_balance,
-                                      lambda_decorr=args.lambda_decorr, as_float=False)
-        scaler.scale(loss / A).backward()
-        zero = loss.detach() * 0
-        stats[i] = torch.stack([loss.detach()] + [terms.get(k, zero) for k in TERMS[1:-1]]
-                               + [h.detach().float().abs().mean() if h is not None else zero])
-        if (i + 1) % A == 0 or i + 1 == n_micro:
-            if args.clip_grad > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad, foreach=True)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            opt.zero_grad(set_to_none=False)  # reuse the gradient buffers: no reallocation (page faults) per step
-            bar.update(A)
-        if (i + 1) % 200 == 0 or i + 1 == n_micro:  # one host sync per 200 steps: stop on NaN/Inf loss
-            finite = torch.isfinite(stats[checked:i + 1, 0])
+        with amp_ctx:  # BatchNorm per micro-batch (groups), so this equals accumulating e - s separate passes
+            logits, h = net(x_img[s * B:e * B], x_txt[s * B:e * B], groups=e - s)  # (rows, 80), (rows, bits) | None
+        total = 0
+        for i in range(s, e):
+            r = slice((i - s) * B, (i - s + 1) * B)  # micro-batch i: its own BCE and code statistics
+            loss, terms = model.head_loss(logits[r], y[i * B:(i + 1) * B], h[r] if h is not None else None,
+                                          hash_weight=hw, lambda_balance=args.lambda_balance,
+                                          lambda_decorr=args.lambda_decorr, as_float=False)
+            total = total + loss / A
+            zero = loss.detach() * 0
+            stats[i] = torch.stack([loss.detach()] + [terms.get(k, zero) for k in TERMS[1:-1]]
+                                   + [h[r].detach().float().abs().mean() if h is not None else zero])
+        scaler.scale(total).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad, foreach=True)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        opt.zero_grad(set_to_none=False)  # reuse the gradient buffers: no reallocation (page faults) per step
+        bar.update(e - s)
+        if e // 200 > s // 200 or e == n_micro:  # one host sync per 200 micro-batches: stop on NaN/Inf loss
+            finite = torch.isfinite(stats[checked:e, 0])
             if not bool(finite.all()):
                 bad = checked + int((~finite).nonzero()[0, 0]) + 1
                 bar.close()
                 fail(f"non-finite loss at epoch {epoch} step {bad}; lower --lr or check the feature cache")
-            checked = i + 1
+            checked = e
     bar.close()
     return dict(zip(TERMS, stats.mean(0).tolist())), hw
 
