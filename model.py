@@ -272,6 +272,11 @@ class HashHead(nn.Module):
         h = torch.tanh(_per_group(self.hash_norm, self.hash(z), groups)) if self.hash is not None else None
         return self.classifier(h if h is not None else z), h
 
+    def sign_logits(self, h):
+        """Logits of the binarised codes sign(h) (0 -> +1), with a straight-through gradient to h: what the
+        classifier makes of the codes the KNN head and retrieval see."""
+        return self.classifier(h + (torch.where(h >= 0, 1.0, -1.0) - h).detach())
+
     @torch.no_grad()
     def init_code_classifier(self, gain):
         """Multiply the initial weights of the classifier on the codes by `gain` (no-op for bits == 0); with
@@ -296,7 +301,8 @@ class HashHead(nn.Module):
         self.classifier.bias.copy_((p / (1 - p)).log().to(self.classifier.bias))
 
 
-def head_loss(logits, targets, h, hash_weight=0.1, lambda_balance=0.1, lambda_decorr=0.01, as_float=True):
+def head_loss(logits, targets, h, hash_weight=0.1, lambda_balance=0.1, lambda_decorr=0.01, as_float=True,
+              sign_logits=None, sign_weight=0.0):
     """BCE + hash_weight * (quantisation + lambda_balance * balance + lambda_decorr * decorrelation).
 
     logits (B, C), targets (B, C) in {0, 1}, h (B, bits) tanh codes or None (no hash terms).
@@ -308,6 +314,9 @@ def head_loss(logits, targets, h, hash_weight=0.1, lambda_balance=0.1, lambda_de
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float())
     terms = {"bce": bce}
     loss = bce
+    if sign_logits is not None:
+        terms["bce_sign"] = F.binary_cross_entropy_with_logits(sign_logits.float(), targets.float())
+        loss = loss + sign_weight * terms["bce_sign"]
     if h is not None:
         h = h.float()
         n, bits = h.shape
@@ -318,7 +327,7 @@ def head_loss(logits, targets, h, hash_weight=0.1, lambda_balance=0.1, lambda_de
         cov = hc.T @ hc / max(n - 1, 1)  # (bits, bits)
         decorr = (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / bits ** 2
         hash_reg = quant + lambda_balance * balance + lambda_decorr * decorr
-        loss = bce + hash_weight * hash_reg
+        loss = loss + hash_weight * hash_reg
         terms.update(quant=quant, balance=balance, decorr=decorr, hash_reg=hash_reg)
     terms = {k: (v.item() if as_float else v.detach()) for k, v in terms.items()}
     return loss, terms

@@ -31,7 +31,7 @@ import data
 import metrics
 import model
 
-TERMS = ("loss", "bce", "quant", "balance", "decorr", "hash_reg", "h_abs")  # per-step training statistics
+TERMS = ("loss", "bce", "bce_sign", "quant", "balance", "decorr", "hash_reg", "h_abs")  # per-step training statistics
 
 
 def fail(msg):
@@ -117,13 +117,14 @@ def get_args_parser():
     g.add_argument("--hash_weight", type=_number(float, 0.0, True), default=0.0, help="weight of the hash regulariser (quantisation + balance + decorrelation); 0 by default: on planted data it cost the MLP head ~2 points of mAP and did not help the KNN head (README; original: 0.1)")
     g.add_argument("--lambda_balance", type=_number(float, 0.0, True), default=0.1, help="bit-balance weight inside the hash regulariser")
     g.add_argument("--lambda_decorr", type=_number(float, 0.0, True), default=0.01, help="bit-decorrelation weight inside the hash regulariser")
+    g.add_argument("--sign_weight", type=_number(float, 0.0, True), default=0.0, help="weight of a second BCE on the classifier applied to the binarised codes sign(h) (straight-through gradient)")
     g.add_argument("--hash_warmup", type=_number(float, 0.0, True), default=15.0, help="with --hash_weight > 0: epochs of linear ramp of hash_weight from 0, so codes first learn the labels, then get quantised; keep it below --epochs (original: 0 = full weight from the start)")
     # optim
     g = p.add_argument_group("optim")
     g.add_argument("--epochs", type=_number(int, 1, True), default=20, help="maximum epochs")
     g.add_argument("--patience", type=_number(int, 0, True), default=3, help="stop after this many epochs without a better val mAP_macro (0 = never)")
     g.add_argument("--batch_size", type=_number(int, 2, True), default=32, help="micro-batch size (>= 2 for BatchNorm)")
-    g.add_argument("--accum_steps", type=_number(int, 1, True), default=2, help="micro-batches per optimizer step; effective batch = batch_size * accum_steps")
+    g.add_argument("--accum_steps", type=_number(int, 1, True), default=2, help="micro-batches per optimizer step, run as one pass with BatchNorm statistics per micro-batch (equal to accumulating them); effective batch = batch_size * accum_steps")
     g.add_argument("--lr", type=_number(float, 0.0, False), default=None, help="peak AdamW learning rate; default 2e-3 with a hash layer, 3e-4 for --bits 0 (original: 2e-4, too small to train the hash head in 20 epochs)")
     g.add_argument("--weight_decay", type=_number(float, 0.0, True), default=0.01, help="AdamW weight decay")
     g.add_argument("--warmup_ratio", type=_fraction, default=0.1, help="fraction of all optimizer steps spent in linear lr warmup")
@@ -221,12 +222,15 @@ def train_one_epoch(net, fold, opt, sched, scaler, args, epoch, state):
         hw = args.hash_weight * (min(1.0, sched.last_epoch / ramp) if ramp > 0 else 1.0)
         with amp_ctx:  # BatchNorm per micro-batch (groups), so this equals accumulating e - s separate passes
             logits, h = net(x_img[s * B:e * B], x_txt[s * B:e * B], groups=e - s)  # (rows, 80), (rows, bits) | None
+            sign_logits = net.sign_logits(h) if args.sign_weight > 0 and h is not None else None
         total = 0
         for i in range(s, e):
             r = slice((i - s) * B, (i - s + 1) * B)  # micro-batch i: its own BCE and code statistics
             loss, terms = model.head_loss(logits[r], y[i * B:(i + 1) * B], h[r] if h is not None else None,
                                           hash_weight=hw, lambda_balance=args.lambda_balance,
-                                          lambda_decorr=args.lambda_decorr, as_float=False)
+                                          lambda_decorr=args.lambda_decorr, as_float=False,
+                                          sign_logits=sign_logits[r] if sign_logits is not None else None,
+                                          sign_weight=args.sign_weight)
             total = total + loss / A
             zero = loss.detach() * 0
             stats[i] = torch.stack([loss.detach()] + [terms.get(k, zero) for k in TERMS[1:-1]]

@@ -89,6 +89,13 @@ def test_head_loss_matches_numpy_reference():
     assert abs(loss.item() - ref) < 1e-5
     for k, v in dict(bce=bce, quant=quant, balance=balance, decorr=decorr).items():
         assert abs(terms[k] - v) < 1e-5 and isinstance(terms[k], float)
+    # the BCE of the binarised codes' logits, weighted, on top
+    sl = torch.randn(10, 80, generator=g)
+    loss_s, terms_s = model.head_loss(logits, y, h, hash_weight=0.3, lambda_balance=0.5, lambda_decorr=2.0,
+                                      sign_logits=sl, sign_weight=0.7)
+    ps = 1 / (1 + np.exp(-sl.double().numpy()))
+    bce_s = -np.mean(Y * np.log(ps) + (1 - Y) * np.log(1 - ps))
+    assert abs(terms_s["bce_sign"] - bce_s) < 1e-5 and abs(loss_s.item() - (ref + 0.7 * bce_s)) < 1e-5
     # no codes (bits 0): BCE only; detached tensors on request
     loss0, terms0 = model.head_loss(logits, y, None, as_float=False)
     assert set(terms0) == {"bce"} and abs(loss0.item() - bce) < 1e-5 and not terms0["bce"].requires_grad
@@ -170,6 +177,16 @@ def _probe_map(feats, tr, va):
     clf = OneVsRestClassifier(LogisticRegression(max_iter=500)).fit(x[tr], y[tr][:, keep])
     p = clf.predict_proba(x[va])
     return {a: average_precision_score(y[va][:, keep], p, average=a) for a in ("macro", "micro")}
+
+
+def test_sign_logits_binarise_with_straight_through_gradient():
+    torch.manual_seed(0)
+    head = model.HashHead(dim=8, num_classes=5, mlp_dims=(16,), bits=16)
+    h = torch.tensor([[0.3, -0.2, 0.0, -0.9] * 4], requires_grad=True)  # 0 -> +1, as sign_codes
+    out = head.sign_logits(h)
+    torch.testing.assert_close(out, head.classifier(model.sign_codes(h.detach())))
+    out.sum().backward()  # straight through: d out / d h = d classifier / d input, as if sign were the identity
+    torch.testing.assert_close(h.grad, head.classifier.weight.sum(0, keepdim=True))
 
 
 @pytest.mark.parametrize("bits", [64, 0])

@@ -199,6 +199,14 @@ def test_bad_input_exits_2(cache, tmp_path, capsys):
     assert "code_classifier: learned in the checkpoint, centres now" in err
 
 
+def test_sign_weight_adds_the_binarised_codes_bce(cache, full_run, tmp_path):
+    run(*cache, tmp_path, "--epochs", 1, "--sign_weight", 0.5)
+    rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert rec["bce_sign"] > 0.05 and rec["loss"] == pytest.approx(rec["bce"] + 0.5 * rec["bce_sign"], rel=1e-5)
+    off = json.loads((full_run / "log.jsonl").read_text().splitlines()[0])  # default --sign_weight 0: not computed
+    assert off["bce_sign"] == 0 and off["loss"] == pytest.approx(off["bce"], rel=1e-6)
+
+
 def test_argparse_rejects_bad_flags(capsys):
     base = ["--features", "f", "--splits", "s", "--out_dir", "o"]
     for bad in (["--bits", "7"], ["--lr", "-1"], ["--fusion", "foo"], ["--batch_size", "1"], ["--dropout", "1.5"],
