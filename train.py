@@ -365,6 +365,8 @@ def main(args):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    if args.sign_weight > 0 and (args.bits == 0 or args.baseline != "none"):
+        fail("--sign_weight: the binarised-code loss needs hash codes, but this run has none (--bits 0 or --baseline); drop it")
     seed = args.seed + args.fold
     torch.manual_seed(seed)
 

@@ -183,6 +183,10 @@ def test_bad_input_exits_2(cache, tmp_path, capsys):
     part_feats, part_splits = _write_cache(sub, drop_ids=dev[:5])  # the cache lacks 5 split ids
     assert "missing" in _fails(capsys, "--features", part_feats, "--splits", part_splits, "--out_dir", tmp_path / "a")
     assert "--fold" in _fails(capsys, "--features", feats, "--splits", splits, "--fold", 3, "--out_dir", tmp_path / "a")
+    with pytest.raises(SystemExit) as e:  # after SMALL, whose --bits 16 would win
+        train.main(train.get_args_parser().parse_args(["--features", str(feats), "--splits", str(splits), "--out_dir",
+                                                       str(tmp_path / "a")] + SMALL + ["--bits", "0", "--sign_weight", "1"]))
+    assert e.value.code == 2 and "--sign_weight" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()  # nothing half-written
 
     out = tmp_path / "r"
