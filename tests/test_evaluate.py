@@ -97,19 +97,21 @@ def codes_and_probs(head, feats_path, ids):
     return np.where(h.numpy() >= 0, 1.0, -1.0), p.numpy(), t["labels"].numpy()[r]
 
 
-def caption_codes(head, feats_path, ids):
-    """Independent reference: the sign code of each (image, caption) pair -> list of (Q_c, bits), row index."""
+def caption_codes(head, feats_path, ids, query="sign"):
+    """Independent reference: the sign (query "real": tanh) code of each (image, caption) pair -> list of
+    (Q_c, bits), row index."""
     t, _ = data.load_features(feats_path)
     r = np.searchsorted(t["ids"].numpy(), np.asarray(ids))
     img, txt, n = t["image"][r, 0].float(), t["text"][r].float(), t["n_captions"][r].numpy()
     with torch.no_grad():
-        return [(np.where(head(img, txt[:, c])[1].numpy() >= 0, 1.0, -1.0), np.flatnonzero(n > c))
-                for c in range(txt.shape[1])], n
+        codes = [head(img, txt[:, c])[1].double().numpy() for c in range(txt.shape[1])]
+    return [(h if query == "real" else np.where(h >= 0, 1.0, -1.0), np.flatnonzero(n > c))
+            for c, h in enumerate(codes)], n
 
 
-def brute_knn_head(head, feats_path, ids, db, dby, k, tau, vote):
+def brute_knn_head(head, feats_path, ids, db, dby, k, tau, vote, query="sign"):
     """KNN head reference: votes of every (image, caption) code, averaged over the image's captions."""
-    per_cap, n = caption_codes(head, feats_path, ids)
+    per_cap, n = caption_codes(head, feats_path, ids, query)
     acc = np.zeros((len(ids), dby.shape[1]))
     for codes, rows in per_cap:
         acc[rows] += brute_knn(codes[rows], db, dby, k, tau, vote)
@@ -117,10 +119,11 @@ def brute_knn_head(head, feats_path, ids, db, dby, k, tau, vote):
 
 
 def brute_knn(q, db, labels, k, tau, vote):
-    bits, k = q.shape[1], min(k, len(db))
-    ham = (q[:, None, :] != db[None, :, :]).sum(2)  # (Q, N)
-    order = np.argsort(ham, axis=1, kind="stable")[:, :k]  # ties: lower database index first
-    sim = 1 - np.take_along_axis(ham, order, 1) / bits
+    """+-1 queries: Hamming distance; real queries: similarity (1 + q.db / |q|_1) / 2 (float64)."""
+    k = min(k, len(db))
+    sim_all = (1 + q @ db.T / np.abs(q).sum(1, keepdims=True)) / 2  # (Q, N); 1 - hamming / bits for +-1 q
+    order = np.argsort(-sim_all, axis=1, kind="stable")[:, :k]  # ties: lower database index first
+    sim = np.take_along_axis(sim_all, order, 1)
     w = {"softmax": np.exp((sim - sim.max(1, keepdims=True)) / tau), "uniform": np.ones_like(sim),
          "rank": np.broadcast_to(1 / np.arange(1, k + 1), sim.shape)}[vote]
     w = w / w.sum(1, keepdims=True)
@@ -176,14 +179,15 @@ def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_p
         assert section in text
 
 
-@pytest.mark.parametrize("vote", ["softmax", "uniform", "rank"])
-def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote):
-    """softmax: the 5-fold KNN ensemble + retrieval; uniform / rank: fold 1 alone, k above the database size."""
+@pytest.mark.parametrize("vote,query", [("softmax", "real"), ("softmax", "sign"), ("uniform", "sign"), ("rank", "real")])
+def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote, query):
+    """softmax: the 5-fold KNN ensemble + retrieval; uniform / rank: fold 1 alone, k above the database size.
+    query real: the real-valued tanh codes against the binary database (the default), sign: both binary."""
     k, folds = (7, range(5)) if vote == "softmax" else (1000, [1])  # 1000 > database: every training image votes
     src = ["--ensemble", fake_run["run"], "--retrieval"] if vote == "softmax" else \
         ["--checkpoint", fake_run["run"] / "fold1" / "best.pt"]
-    rep = run(*src, "--head", "knn", "--knn_k", k, "--knn_tau", 0.5, "--knn_vote", vote, "--bootstrap", 0,
-              "--out_dir", tmp_path, "--device", "cpu")
+    rep = run(*src, "--head", "knn", "--knn_k", k, "--knn_tau", 0.5, "--knn_vote", vote, "--knn_query", query,
+              "--bootstrap", 0, "--out_dir", tmp_path, "--device", "cpu")
     z = np.load(tmp_path / "test_predictions.npz")
     splits = json.loads(open(fake_run["splits"]).read())
     for i, fold in enumerate(folds):
@@ -191,7 +195,7 @@ def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote):
         q, _, qy = codes_and_probs(head, fake_run["feats"], splits["test"])
         train_ids = [j for j in splits["dev"] if j not in set(splits["val_folds"][fold])]  # the fold's database
         db, _, dby = codes_and_probs(head, fake_run["feats"], train_ids)
-        ref = brute_knn_head(head, fake_run["feats"], splits["test"], db, dby, k, 0.5, vote)
+        ref = brute_knn_head(head, fake_run["feats"], splits["test"], db, dby, k, 0.5, vote, query)
         np.testing.assert_allclose(z["member_probs"][i], ref, atol=1e-5)
         if vote == "softmax":  # retrieval: test codes ranked against the whole dev pool's codes
             dev, _, devy = codes_and_probs(head, fake_run["feats"], splits["dev"])
@@ -199,7 +203,7 @@ def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote):
             assert r["mAP@1000"] == pytest.approx(metrics.retrieval_map(q, qy, dev, devy, topk=1000), abs=1e-9)
             assert r["mAP@all"] == pytest.approx(metrics.retrieval_map(q, qy, dev, devy), abs=1e-9)
     np.testing.assert_allclose(z["probs"], z["member_probs"].mean(0), atol=1e-7)  # KNN ensemble: mean votes
-    assert list(rep["ensemble"]) == ["knn"] and rep["knn"]["k"] == k
+    assert list(rep["ensemble"]) == ["knn"] and rep["knn"]["k"] == k and rep["knn"]["query"] == query
 
 
 def test_thresholds_oof_never_look_at_test(fake_run, tmp_path):

@@ -19,15 +19,20 @@ VOTES = ("softmax", "uniform", "rank")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def brute_knn(q, d, labels, k, tau, vote):
-    """Reference: sign codes, Hamming by counting differing bits, stable order (distance, then index)."""
-    qb, db = np.where(q >= 0, 1, -1), np.where(d >= 0, 1, -1)
+def brute_knn(q, d, labels, k, tau, vote, query="sign"):
+    """Reference: Hamming by counting differing bits (query "real": the float64 weighted agreement
+    (1 + q.sign(d) / |q|_1) / 2), stable order (nearest first, ties -> lower index)."""
+    db = np.where(d >= 0, 1, -1)
     bits, k = q.shape[1], min(k, len(d))
     out = np.zeros((len(q), labels.shape[1]))
     for i in range(len(q)):
-        ham = (qb[i][None, :] != db).sum(1)  # (N,)
-        order = np.lexsort((np.arange(len(d)), ham))[:k]  # nearest first, ties -> lower index
-        sim = 1.0 - ham[order] / bits
+        if query == "sign":
+            sim_all = 1.0 - (np.where(q[i] >= 0, 1, -1)[None, :] != db).sum(1) / bits  # (N,)
+        else:
+            l1 = np.abs(q[i].astype(np.float64)).sum()
+            sim_all = (1.0 + db @ q[i].astype(np.float64) / l1) / 2 if l1 > 0 else np.zeros(len(d))
+        order = np.lexsort((np.arange(len(d)), -sim_all))[:k]  # nearest first, ties -> lower index
+        sim = sim_all[order]
         if vote == "softmax":
             w = np.exp((sim - sim.max()) / tau)
         elif vote == "uniform":
@@ -108,6 +113,29 @@ def test_every_product_dtype_is_exact(dtype, monkeypatch):
         np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, err_msg=f"{dtype} bits {bits}")
 
 
+@pytest.mark.parametrize("vote", VOTES)
+def test_real_queries_equal_brute_force(vote):
+    # asymmetric distance: real-valued query codes against the sign of the database codes. Queries are
+    # multiples of 1/4 in [-1, 1] (every float32 sum exact, so ties are real ties), the database repeats codes
+    # across blocks, and one query is all zero (every code equally near: the lowest indices win)
+    rng = np.random.default_rng(5)
+    for bits, block in ((64, 64), (64, 7), (8, 16)):
+        q = (rng.integers(-4, 5, (15, bits)) / 4).astype(np.float32)
+        q[0] = 0
+        d = rng.standard_normal((400, bits)).astype(np.float32)
+        d[:60] = d[100:160]
+        labels = (rng.random((400, 80)) < 0.2).astype(np.uint8)
+        for k, tau in ((1, 0.07), (20, 0.07), (20, 1.0)):
+            ref = brute_knn(q, d, labels, k, tau, vote, query="real")
+            got = model.knn_scores(q, d, labels, k=k, tau=tau, vote=vote, block=block, chunk=4, query="real")
+            np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, err_msg=f"bits {bits} block {block} k {k}")
+    # a +-1 query is the same search either way
+    q, d, labels = _case(10, 300, 64, seed=2)
+    pm = np.where(q >= 0, 1.0, -1.0).astype(np.float32)
+    np.testing.assert_allclose(model.knn_scores(pm, d, labels, query="real").numpy(),
+                               model.knn_scores(pm, d, labels, query="sign").numpy(), atol=1e-6)
+
+
 def test_large_database_256_bits():
     q, d, labels = _case(3, 66000, 256, seed=7)
     got = model.knn_scores(q, d, labels, k=20, vote="softmax", tau=0.07)
@@ -118,6 +146,8 @@ def test_bad_arguments():
     q, d, labels = _case(2, 5, 8)
     with pytest.raises(ValueError, match="vote"):
         model.knn_scores(q, d, labels, vote="majority")
+    with pytest.raises(ValueError, match="query"):
+        model.knn_scores(q, d, labels, query="hamming")
     with pytest.raises(ValueError):
         model.knn_scores(q, d, labels, k=0)
     with pytest.raises(ValueError):
