@@ -82,7 +82,8 @@ def get_args_parser():
     # heads and analyses
     g = p.add_argument_group("heads and analyses")
     g.add_argument("--head", default="mlp", choices=("mlp", "knn", "both"), help="classifier head(s) to score")
-    g.add_argument("--knn_k", type=positive_int, default=100, help="neighbours per query (the original plan: 20; on planted data 100 scored 0.6-1.9 points more, README)")
+    g.add_argument("--knn_k", type=positive_int, default=100,
+                   help="neighbours per query (the original plan: 20; on planted data 100 scored 0.6-1.9 points more, README)")
     g.add_argument("--knn_tau", type=positive_float, default=0.07, help="softmax temperature of the votes")
     g.add_argument("--knn_vote", default="softmax", choices=model.KNN_VOTES, help="neighbour vote weights")
     g.add_argument("--knn_query", default="real", choices=model.KNN_QUERIES, help="real: each query keeps its "

@@ -62,7 +62,7 @@ def test_bench_bad_flags():
 
 
 def test_bench_learning_quick(tmp_path):
-    """Section 7's plumbing on 1,500 planted images and 2 epochs: cache, probe, both train.py runs, the KNN head."""
+    """Section 7's plumbing on 1,500 planted images and 2 epochs: cache, probe, the three train.py runs, both heads."""
     args = bench.get_args_parser().parse_args(["--quick", "--sections", "learning", "--threads", "1",
                                                "--work", str(tmp_path / "work"), "--out", str(tmp_path / "b.json")])
     threads = torch.get_num_threads()
@@ -70,9 +70,12 @@ def test_bench_learning_quick(tmp_path):
         res = bench.main(args)["learning"]
     finally:
         torch.set_num_threads(threads)
-    for key in ("probe_mAP_macro", "bits64_mAP_macro", "bits0_mAP_macro", "knn_mAP_macro"):
+    for key in ("probe_mAP_macro", "bits64_mAP_macro", "bits0_mAP_macro", "bits64_knn_mAP_macro", "knn64_mAP_macro",
+                "knn64_knn_mAP_macro"):
         assert 0 < res[key] <= 1, key
     assert res["bits64_best_epoch"] in (1, 2) and res["n_train"] + res["n_val"] == 1425  # 1,500 - 75 test images
-    assert abs(res["mlp64_eval_mAP_macro"] - res["bits64_mAP_macro"]) < 1e-6  # evaluate.py agrees with train.py
+    for name in ("bits64", "knn64"):  # evaluate.py agrees with train.py
+        assert abs(res[f"{name}_eval_mAP_macro"] - res[f"{name}_mAP_macro"]) < 1e-6, name
     work = tmp_path / "work" / "quick_seed0"  # one folder per setting: a full run never reuses quick work
     assert (work / "bits64" / "best.pt").exists() and (work / "probe.json").exists()
+    assert json.load(open(work / "knn64" / "config.json"))["code_classifier"] == "centres"
