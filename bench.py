@@ -2,7 +2,7 @@
 Performance benchmark: what caching the frozen towers buys, and how fast the head, metrics, splits and KNN are.
 All inputs are generated in memory at COCO scale (random weights, synthetic labels, random or planted embeddings).
 
-    python bench.py                                # full run -> table + bench.json (~5 min on this 2-core CPU at --threads 1)
+    python bench.py                                # full run -> table + bench.json (~5 min on a 2-core CPU)
     python bench.py --quick --out /tmp/bench.json  # small sizes, ~30 s (what tests/test_bench.py runs)
     python bench.py --sections encoder,metrics     # a subset, by name or number (1-6)
     python bench.py --device cuda                  # also sections 1, 2 and 5 on the GPU (under "cuda")
@@ -278,17 +278,22 @@ def naive_epoch(cache, n_rows, batch, device, seed=0, head_kwargs=None):
 def bare_steps(n_steps, rows, device, seed=0, head_kwargs=None):
     """A floor for any training loop of this head, timed over n_steps (seconds): per optimizer step only the
     head's forward on `rows` ready float32 rows, the BCE, backward and a fused AdamW step. No data movement,
-    clipping, BatchNorm per micro-batch, statistics or hash terms."""
+    clipping, BatchNorm per micro-batch, statistics or hash terms. On CUDA with fp16 autocast and a GradScaler,
+    as the timed loop runs there."""
     torch.manual_seed(seed)
+    cuda = device.startswith("cuda")
     head = model.HashHead(**(head_kwargs or {})).to(device).train()
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     img, txt = torch.randn(rows, 768, device=device), torch.randn(rows, 768, device=device)
     y = (torch.rand(rows, 80, device=device) < 0.04).float()
 
     def step():
-        logits, _ = head(img, txt)
-        torch.nn.functional.binary_cross_entropy_with_logits(logits, y).backward()
-        opt.step()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+            logits, _ = head(img, txt)
+        scaler.scale(torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=False)
     for _ in range(3):
         step()
@@ -431,6 +436,9 @@ def knn_child(n_query, n_db, n_naive, bits, k, device, seed):
     finite = bool(torch.isfinite(out).all())
     del out
     sec = best_time(lambda: model.knn_scores(q, db, labels, k=k), repeats=1, warmup=0, device=device)
+    q_real = torch.tanh(torch.randn(q.shape, generator=g).to(device))  # real-valued codes, as evaluate.py's queries
+    real_sec = best_time(lambda: model.knn_scores(q_real, db, labels, k=100, query="real"), repeats=1, warmup=0,
+                         device=device)
     qn, dbn, ln = q[:n_naive].cpu().numpy(), db.cpu().numpy(), labels.cpu().numpy()
 
     def naive():  # full (Q, N) Hamming matrix, full argsort, softmax votes
@@ -441,7 +449,7 @@ def knn_child(n_query, n_db, n_naive, bits, k, device, seed):
     naive_peak = measure(naive, "cpu")[2]
     naive_sec = best_time(naive, repeats=1, warmup=0)
     naive_product_sec = best_time(lambda: (bits - qn @ dbn.T) / 2, repeats=1, warmup=0)  # its distances alone
-    return dict(seconds=sec, peak_mb=peak, sampled_peak_mb=sampled, method=method, finite=finite,
+    return dict(seconds=sec, real_k100_seconds=real_sec, peak_mb=peak, sampled_peak_mb=sampled, method=method, finite=finite,
                 naive_seconds=naive_sec, naive_peak_mb=naive_peak, naive_product_seconds=naive_product_sec)
 
 
@@ -449,7 +457,8 @@ def bench_knn(quick, device, seed=0):
     nq, ndb, n_naive, bits, k = (500, 2000, 100, 64, 20) if quick else (N_VAL, N_TRAIN, 500, 64, 20)
     r = run_child("knn_child", n_query=nq, n_db=ndb, n_naive=n_naive, bits=bits, k=k, device=device, seed=seed)
     naive_full = r["naive_seconds"] * nq / n_naive  # linear in the queries: one row sort each
-    return {"queries": nq, "db": ndb, "bits": bits, "k": k, "seconds": r["seconds"], "peak_mb": r["peak_mb"],
+    return {"queries": nq, "db": ndb, "bits": bits, "k": k, "seconds": r["seconds"], "real_k100_s": r["real_k100_seconds"],
+            "peak_mb": r["peak_mb"],
             "sampled_peak_mb": r["sampled_peak_mb"], "memory_method": r["method"], "finite": r["finite"],
             "naive_queries": n_naive, "naive_subset_s": r["naive_seconds"], "naive_subset_peak_mb": r["naive_peak_mb"],
             "naive_full_s_scaled": naive_full, "speedup": naive_full / r["seconds"],
@@ -626,6 +635,7 @@ ROWS = {  # section -> (figure, value) templates over its results, and the targe
                ("sklearn KFold(shuffle): s / mean / max deviation",
                 "{kfold_s:.2f} / {kfold_mean_rel_dev:.2%} / {kfold_max_rel_dev:.1%}", None)],
     "knn": [("model.knn_scores {queries:,} queries x {db:,} codes, {bits} bits, k={k}, s", "{seconds:.2f}", None),
+            ("  the same with evaluate.py's defaults (real-valued queries, k=100), s", "{real_k100_s:.2f}", None),
             ("knn_scores peak memory, MB ({memory_method}; 2 ms RSS sampling)", "{peak_mb:,.0f} ({sampled_peak_mb:,.0f})",
              "peak_mb"),
             ("full matrix + numpy argsort, s (timed on {naive_queries:,} queries, scaled)", "{naive_full_s_scaled:.1f}", None),

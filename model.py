@@ -339,6 +339,18 @@ KNN_VOTES = ("softmax", "uniform", "rank")
 KNN_QUERIES = ("real", "sign")
 
 
+def exact_queries(x):
+    """Real-valued query codes (Q, bits) -> float32 codes on which every product with +-1 codes is exact in float32:
+    each row scaled by a power of two to max |q_j| < 1 (exact; rankings and knn_scores' similarities do not
+    change), then rounded to a multiple of 2^-s with s = 23 - bit_length(2 * bits), so every partial sum of
+    q.d + |q|_1 (magnitude < 2 * bits) fits float32's 24-bit mantissa. The rounding moves a code by < 2^-15 at
+    64 bits; in exchange the search is exact and the same for any chunk, BLAS or device."""
+    x = torch.as_tensor(x).float()
+    s = 23 - (2 * x.shape[-1]).bit_length()
+    _, e = torch.frexp(x.abs().amax(-1, keepdim=True))  # max |q| = m * 2^e, 0.5 <= m < 1 (e = 0 for a zero row)
+    return torch.round(torch.ldexp(x, s - e)) / 2.0 ** s
+
+
 def sign_codes(x):
     """Real or {-1, +1} codes (N, bits) -> float32 {-1, +1}; 0 counts as +1 (the h > 0 rule, ties up)."""
     x = torch.as_tensor(x)
@@ -358,12 +370,14 @@ def _dot_dtype(device):
 def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax", chunk=None, block=64,
                query="sign"):
     """Hamming-KNN multi-label scores: query_codes (Q, bits), db_codes (N, bits), db_labels (N, C) -> (Q, C).
+    (The function's defaults, k 20 and query "sign", are the plain search; evaluate.py defaults to 100 and "real".)
 
     Database codes are binarised with sign (0 -> +1). query "sign" binarises the queries too: for +-1 codes
     q.d = bits - 2 * hamming, so one matmul gives every distance, and similarity = 1 - hamming / bits.
     query "real" keeps each query's real-valued code q (an asymmetric distance: only the database is
     binary) and ranks by q.d, a Hamming distance whose bits weigh |q_j|; similarity = (1 + q.d / |q|_1) / 2,
-    which is 1 - hamming / bits again for a +-1 query. Each query takes its k nearest database codes
+    which is 1 - hamming / bits again for a +-1 query. Real queries go through exact_queries first (scaled by a
+    power of two, rounded to a grid finer than 2^-15 at 64 bits), so their products are exact too. Each query takes its k nearest database codes
     (k > N clamps to N) and the neighbours vote: "softmax" softmax(sim / tau), "uniform" 1/k, "rank" 1/rank
     normalised to sum 1. score[q, c] = sum of weights of the neighbours with label c: float32 in [0, 1].
     Ties are broken deterministically: equal similarity -> lower database index first (so CPU, GPU and any
@@ -384,7 +398,7 @@ def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax",
         raise ValueError(f"query must be one of {KNN_QUERIES}, got {query!r}")
     if k < 1 or tau <= 0 or block < 1:
         raise ValueError(f"need k >= 1, tau > 0 and block >= 1, got k={k}, tau={tau}, block={block}")
-    q = sign_codes(query_codes) if query == "sign" else torch.as_tensor(query_codes).float()
+    q = sign_codes(query_codes) if query == "sign" else exact_queries(query_codes)
     device = q.device
     d = sign_codes(db_codes).to(device)  # (N, bits)
     labels = torch.as_tensor(db_labels).to(device=device, dtype=torch.float32)  # (N, C)

@@ -119,8 +119,13 @@ def brute_knn_head(head, feats_path, ids, db, dby, k, tau, vote, query="sign"):
 
 
 def brute_knn(q, db, labels, k, tau, vote):
-    """+-1 queries: Hamming distance; real queries: similarity (1 + q.db / |q|_1) / 2 (float64)."""
+    """+-1 queries: Hamming distance; real queries: similarity (1 + q.db / |q|_1) / 2 (float64) of the query
+    rounded as knn_scores defines it (a power-of-two scale to max |q_j| < 1, then a 2^-15 grid at 64 bits)."""
     k = min(k, len(db))
+    if not np.isin(q, (-1.0, 1.0)).all():
+        _, e = np.frexp(np.abs(q).max(1, keepdims=True))
+        s = 23 - (2 * q.shape[1]).bit_length()
+        q = np.round(np.ldexp(q.astype(np.float32).astype(np.float64), s - e)) / 2.0 ** s
     sim_all = (1 + q @ db.T / np.abs(q).sum(1, keepdims=True)) / 2  # (Q, N); 1 - hamming / bits for +-1 q
     order = np.argsort(-sim_all, axis=1, kind="stable")[:, :k]  # ties: lower database index first
     sim = np.take_along_axis(sim_all, order, 1)

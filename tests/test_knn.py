@@ -19,10 +19,19 @@ VOTES = ("softmax", "uniform", "rank")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def exact_grid(q):
+    """The query rounding knn_scores defines for real queries, in numpy: each row times a power of two to
+    max |q_j| < 1, then rounded to a multiple of 2^-(23 - bit_length(2 * bits))."""
+    s = 23 - (2 * q.shape[1]).bit_length()
+    _, e = np.frexp(np.abs(q).max(1, keepdims=True))
+    return np.round(np.ldexp(q.astype(np.float64), s - e)) / 2.0 ** s
+
+
 def brute_knn(q, d, labels, k, tau, vote, query="sign"):
     """Reference: Hamming by counting differing bits (query "real": the float64 weighted agreement
-    (1 + q.sign(d) / |q|_1) / 2), stable order (nearest first, ties -> lower index)."""
+    (1 + q.sign(d) / |q|_1) / 2 of the rounded query), stable order (nearest first, ties -> lower index)."""
     db = np.where(d >= 0, 1, -1)
+    q = exact_grid(q) if query == "real" else q
     bits, k = q.shape[1], min(k, len(d))
     out = np.zeros((len(q), labels.shape[1]))
     for i in range(len(q)):
@@ -134,6 +143,21 @@ def test_real_queries_equal_brute_force(vote):
     pm = np.where(q >= 0, 1.0, -1.0).astype(np.float32)
     np.testing.assert_allclose(model.knn_scores(pm, d, labels, query="real").numpy(),
                                model.knn_scores(pm, d, labels, query="sign").numpy(), atol=1e-6)
+
+
+def test_real_queries_tanh_codes_exact_for_any_chunk():
+    # tanh-like codes with near-ties: the rounded queries make every product exact in float32, so a matrix-vector
+    # product (chunk 1), odd chunks and the default chunk pick the same neighbours as the float64 reference
+    rng = np.random.default_rng(9)
+    q = np.tanh(rng.standard_normal((300, 64)) * 0.5).astype(np.float32)
+    d = rng.standard_normal((3000, 64)).astype(np.float32)
+    labels = (rng.random((3000, 80)) < 0.1).astype(np.uint8)
+    ref = brute_knn(q, d, labels, 100, 0.07, "rank", query="real")
+    runs = [model.knn_scores(q, d, labels, k=100, vote="rank", chunk=c, query="real") for c in (None, 1, 7)]
+    for got in runs[1:]:
+        assert torch.equal(got, runs[0])
+    np.testing.assert_allclose(runs[0].numpy(), ref, atol=1e-5)
+    np.testing.assert_array_equal(model.exact_queries(q).numpy(), exact_grid(q))  # the same rounding
 
 
 def test_large_database_256_bits():
