@@ -122,6 +122,20 @@ def test_every_product_dtype_is_exact(dtype, monkeypatch):
         np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, err_msg=f"{dtype} bits {bits}")
 
 
+@pytest.mark.parametrize("bits,fields", [(1, 3), (64, 3), (127, 3), (128, 2), (255, 2), (256, 1)])
+def test_packed_sign_search_exact_at_its_limits(bits, fields):
+    # on a float32 CPU, sign queries pack `fields` database codes into each float32 of the product; all-+1 and
+    # all--1 rows reach the largest partial sums and agreement counts (bits), and N is not a multiple of the
+    # fields or blocks, so padding slots are in play
+    assert model._pack_fields(bits) == fields
+    q, d, labels = _case(10, 401, bits, seed=bits)
+    q[0], q[1], d[:40], d[40:80] = 1, -1, 1, -1
+    for block in (1, 64):
+        got = model.knn_scores(q, d, labels, k=20, vote="rank", block=block, chunk=3)
+        np.testing.assert_allclose(got.numpy(), brute_knn(q, d, labels, 20, 0.07, "rank"), atol=1e-6,
+                                   err_msg=f"bits {bits} block {block}")
+
+
 @pytest.mark.parametrize("vote", VOTES)
 def test_real_queries_equal_brute_force(vote):
     # asymmetric distance: real-valued query codes against the sign of the database codes. Queries are
