@@ -123,17 +123,30 @@ def test_every_product_dtype_is_exact(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("bits,fields", [(1, 3), (64, 3), (127, 3), (128, 2), (255, 2), (256, 1)])
-def test_packed_sign_search_exact_at_its_limits(bits, fields):
+def test_packed_sign_search_exact_at_its_limits(bits, fields, monkeypatch):
     # on a float32 CPU, sign queries pack `fields` database codes into each float32 of the product; all-+1 and
-    # all--1 rows reach the largest partial sums and agreement counts (bits), and N is not a multiple of the
-    # fields or blocks, so padding slots are in play
+    # all--1 codes at both ends of the database (so in the first and the last field) reach the largest partial
+    # sums and agreement counts (bits), and N is not a multiple of the fields or blocks, so padding is in play
+    monkeypatch.setattr(model, "_dot_dtype", lambda device: torch.float32)  # packed even on CPUs with bf16 units
     assert model._pack_fields(bits) == fields
     q, d, labels = _case(10, 401, bits, seed=bits)
-    q[0], q[1], d[:40], d[40:80] = 1, -1, 1, -1
+    q[0], q[1], d[:40], d[40:80], d[-40:], d[-80:-40] = 1, -1, 1, -1, 1, -1
     for block in (1, 64):
         got = model.knn_scores(q, d, labels, k=20, vote="rank", block=block, chunk=3)
         np.testing.assert_allclose(got.numpy(), brute_knn(q, d, labels, 20, 0.07, "rank"), atol=1e-6,
                                    err_msg=f"bits {bits} block {block}")
+
+
+def test_packing_only_with_full_float32_matmuls():
+    assert model._full_float32_matmul()
+    try:
+        torch.set_float32_matmul_precision("medium")  # may run float32 matmuls in bfloat16: no packing
+        assert not model._full_float32_matmul()
+        q, d, labels = _case(7, 300, 64, seed=2)
+        np.testing.assert_allclose(model.knn_scores(q, d, labels).numpy(), brute_knn(q, d, labels, 20, 0.07, "softmax"),
+                                   atol=1e-5)
+    finally:
+        torch.set_float32_matmul_precision("highest")
 
 
 @pytest.mark.parametrize("vote", VOTES)
