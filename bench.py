@@ -2,7 +2,7 @@
 Performance benchmark: what caching the frozen towers buys, and how fast the head, metrics, splits and KNN are.
 All inputs are generated in memory at COCO scale (random weights, synthetic labels, random or planted embeddings).
 
-    python bench.py                                # full run -> table + bench.json (~5 min on a 2-core CPU)
+    python bench.py                                # full run -> table + bench.json (~3-4 min on a 2-core CPU)
     python bench.py --quick --out /tmp/bench.json  # small sizes, ~30 s (what tests/test_bench.py runs)
     python bench.py --sections encoder,metrics     # a subset, by name or number (1-6)
     python bench.py --device cuda                  # also sections 1, 2 and 5 on the GPU (under "cuda")

@@ -54,6 +54,18 @@ def test_bench_quick(tmp_path, capsys):
     assert res["knn"]["finite"] and res["knn"]["peak_mb"] >= 0
 
 
+def test_train_matmul_flops_equals_torch_flop_counter():
+    # the FLOPs behind the batch-256 throughput fraction and the matmul bound, against torch's own count of
+    # one forward + backward pass (only matmuls count; the first Linear's input needs no gradient)
+    from torch.utils.flop_counter import FlopCounterMode
+    for kwargs in ({}, {"fusion": "concat", "mlp_dims": [256], "bits": 16}):
+        head = bench.model.HashHead(**kwargs).train()
+        with FlopCounterMode(display=False) as fc:
+            logits, _ = head(torch.randn(64, 768), torch.randn(64, 768), groups=2)
+            logits.sum().backward()
+        assert fc.get_total_flops() == bench.train_matmul_flops(head, 64)
+
+
 def test_bench_bad_flags():
     for argv in (["--sections", "nope"], ["--device", "tpu"], ["--threads", "0"], ["--sections", "8"]):
         with pytest.raises(SystemExit) as e:
