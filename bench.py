@@ -317,12 +317,12 @@ def matmul_adamw_steps(n_steps, rows, device, seed=0, head_kwargs=None):
     torch.manual_seed(seed)
     head = model.HashHead(**(head_kwargs or {})).to(device)
     t_mm = 0.0
-    for i, m in enumerate(x for x in head.modules() if isinstance(x, torch.nn.Linear)):
-        x, g, w = (torch.randn(rows, m.in_features, device=device), torch.randn(rows, m.out_features, device=device),
-                   m.weight.detach())
-        parts = [lambda: x @ w.T, min(best_time(lambda: g.T @ x, device=device), best_time(lambda: x.T @ g, device=device))]
-        parts += [lambda: g @ w] if i else []
-        t_mm += sum(p if isinstance(p, float) else best_time(p, device=device) for p in parts)
+    for i, m in enumerate(mod for mod in head.modules() if isinstance(mod, torch.nn.Linear)):
+        x, g = torch.randn(rows, m.in_features, device=device), torch.randn(rows, m.out_features, device=device)
+        w = m.weight.detach()
+        t_mm += best_time(lambda: x @ w.T, device=device)  # forward
+        t_mm += min(best_time(lambda: g.T @ x, device=device), best_time(lambda: x.T @ g, device=device))  # weight grad
+        t_mm += best_time(lambda: g @ w, device=device) if i else 0.0  # input grad (none for the first Linear)
     params = [p for p in head.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3

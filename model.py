@@ -469,6 +469,13 @@ def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax",
         w_fixed = 1.0 / torch.arange(1, k + 1, device=device, dtype=torch.float32)
         w_fixed = w_fixed / w_fixed.sum()
     scores = torch.empty(Q, labels.shape[1], device=device, dtype=torch.float32)
+
+    def value(xt, slot):  # (c, P) products, (c, m) slots -> similarity keys: agreements, or the integer view
+        if fields == 1:
+            return xt.gather(1, slot)
+        f = torch.div(slot, P, rounding_mode="floor")
+        return (xt.gather(1, slot - f * P) >> 8 * f) & 255
+
     for s in range(0, Q, chunk):
         # database-major products (P, c): the small query chunk is the matrix the BLAS packs, not the whole
         # database (1.6-2.5x faster than (c, P) = q @ d.T on a 2-core AVX2 CPU), and block maxima reduce a
@@ -484,20 +491,13 @@ def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax",
         else:
             best = x.view(P // block, block, c).amax(1).T  # (c, n_blocks), integer view
         xt = x.T  # (c, P) view: the gathers below read only k * block entries per query
-
-        def value(slot):  # (c, m) slots -> their similarity keys: agreements, or the products' integer view
-            if fields == 1:
-                return xt.gather(1, slot)
-            f = torch.div(slot, P, rounding_mode="floor")
-            return (xt.gather(1, slot - f * P) >> 8 * f) & 255
-
         top_blocks = (best.long() * n_blocks + block_rev).topk(kb, dim=1).indices  # (c, kb)
         cand = (top_blocks[:, :, None] * block + offsets).view(c, kb * block)  # (c, kb * block) code slots
         # unique code keys: larger = nearer (similarity, then lower index), exact in int64 for M < 2^32. Padding
         # slots (>= N) score 0, the minimum, and come after every code, so they rank below all N codes
-        key = value(cand).long() * M + (M - 1 - cand)
+        key = value(xt, cand).long() * M + (M - 1 - cand)
         idx = cand.gather(1, key.topk(k, dim=1, sorted=True).indices)  # (c, k) database rows, nearest first
-        near = value(idx)  # (c, k) agreements (packed) or the products' integer view
+        near = value(xt, idx)  # (c, k) agreements (packed) or the products' integer view
         sim = near.float() / bits if fields > 1 else near.view(dtype).float() / (2 * l1[s:s + chunk]).clamp_min(1e-12)
         del dot, x, xt
         if vote == "softmax":

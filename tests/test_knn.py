@@ -96,6 +96,8 @@ def test_ties_lower_index_first_and_chunk_invariant():
     q, d, labels = _case(40, 500, 32, seed=5)
     full = model.knn_scores(q, d, labels, k=20, chunk=None)
     assert torch.equal(full, model.knn_scores(q, d, labels, k=20, chunk=7))
+    q, d, labels = _case(300, 40_000, 8, seed=6)  # the default chunk (~12 MiB, a multiple of 32) < 300 queries
+    assert torch.equal(model.knn_scores(q, d, labels, k=20), model.knn_scores(q, d, labels, k=20, chunk=7))
 
 
 def test_block_pruning_exact_under_heavy_ties():
