@@ -9,8 +9,9 @@ All inputs are generated in memory at COCO scale (random weights, synthetic labe
     python bench.py --sections learning            # opt-in, ~2 h on 2 cores: the learning check (section 7)
 
 1 encoder: SigLIP2-base forward vs one head step; encoder passes and hours, in-loop (original) vs cached once.
-2 epoch: train.train_one_epoch on 94,630 cached rows vs a naive loop and vs a floor (bare forward, backward and
-  optimizer steps of the same head); achieved FLOP/s vs a timed torch.mm.
+2 epoch: train.train_one_epoch on 94,630 cached rows vs a naive loop and vs two floors (bare forward, backward and
+  optimizer steps of the same head; the same step written by hand without autograd, profiled by part); achieved
+  FLOP/s vs a timed torch.mm.
 3 metrics: metrics.compute_all vs the scikit-learn calls. 4 splits: stratified folds vs KFold.
 5 knn: model.knn_scores vs a full distance matrix + argsort. 6 memory: peak RSS of one train.py epoch.
 7 learning (opt-in, not timed): fold 0 of a planted cache at COCO scale; scikit-learn logistic-regression probe
@@ -27,6 +28,7 @@ import math
 import os
 import platform
 import resource
+import string
 import subprocess
 import sys
 import tempfile
@@ -65,9 +67,14 @@ def positive_int(s):
     return int(s)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line that names the flag, instead of the whole usage
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser("bench", description="Performance benchmark at COCO scale (see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser("bench", description="Performance benchmark at COCO scale (see the module docstring).",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     g = p.add_argument_group("data")
     g.add_argument("--quick", action="store_true", help="small sizes and a tiny encoder: checks that every section "
@@ -309,6 +316,119 @@ def bare_steps(n_steps, rows, device, seed=0, head_kwargs=None):
     return time.perf_counter() - t
 
 
+def lean_grads(head, groups):
+    """The gradients of train.py's default-flags step written by hand, without autograd, for a floor below
+    bare_steps: grads(img, txt, y) -> loss writes every gradient once into its .grad buffer (no zeroing, no
+    accumulation add), folds dropout's 1 / (1 - p) into the next matmul's alpha, and takes ReLU's and dropout's
+    backward in one pass. BatchNorm per micro-batch (groups) with running statistics, the mean BCE of each
+    micro-batch averaged over them; the hash terms have weight 0 at default flags, so they are left out.
+    For a head with hash bits and hash BatchNorm (train.py's defaults); tests/test_bench.py checks it against
+    autograd."""
+    F, nn = torch.nn.functional, torch.nn
+    if not (head.training and head.hash is not None and isinstance(head.hash_norm, nn.BatchNorm1d)):
+        raise ValueError("lean_grads: a training head with hash bits and hash_norm batchnorm")
+    lins = [m for m in head.mlp if isinstance(m, nn.Linear)] + [head.hash]
+    drop_p = [head.input_dropout.p] + [m.p for m in head.mlp if isinstance(m, nn.Dropout)]
+    params = [p for p in head.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+
+    def norm(bn, x):  # training BatchNorm per micro-batch -> output, [(mean, invstd)] per micro-batch
+        outs, saved = [], []
+        for c in x.chunk(groups):
+            out, mean, invstd = torch.native_batch_norm(c, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                        True, bn.momentum, bn.eps)
+            bn.num_batches_tracked += 1
+            outs.append(out)
+            saved.append((mean, invstd))
+        return torch.cat(outs), saved
+
+    def drop(x, p):  # dropout's mask, in place; its scale is returned for the next matmul
+        if p > 0:
+            x.mul_(torch.rand(x.shape, device=x.device) >= p)
+        return 1 / (1 - p)
+
+    @torch.no_grad()
+    def grads(img, txt, y):
+        x = head.fuse(img, txt)
+        if isinstance(head.input_norm, nn.BatchNorm1d):
+            x = norm(head.input_norm, x)[0]
+        acts, scales = [x], [drop(x, drop_p[0])]  # each Linear's input (masked, unscaled) and its scale
+        for lin, p in zip(lins[:-1], drop_p[1:]):
+            a = torch.addmm(lin.bias, acts[-1], lin.weight.t(), alpha=scales[-1]).relu_()
+            scales.append(drop(a, p))
+            acts.append(a)
+        z = torch.addmm(lins[-1].bias, acts[-1], lins[-1].weight.t(), alpha=scales[-1])
+        zn, saved = norm(head.hash_norm, z)
+        h = torch.tanh(zn)
+        cls = head.classifier
+        logits = torch.addmm(cls.bias, h, cls.weight.t())
+        loss = F.binary_cross_entropy_with_logits(logits, y)  # the mean of equal micro-batches' means
+        d = torch.sigmoid(logits).sub_(y).div_(y.numel())
+        if cls.weight.requires_grad:
+            torch.mm(d.t(), h, out=cls.weight.grad)
+        torch.sum(d, 0, out=cls.bias.grad)
+        dz, bn = (d @ cls.weight).mul_(1 - h * h), head.hash_norm  # through tanh
+        parts = [torch.ops.aten.native_batch_norm_backward(g, c, bn.weight, bn.running_mean, bn.running_var, mean,
+                                                           invstd, True, bn.eps, [True, True, True])
+                 for g, c, (mean, invstd) in zip(dz.chunk(groups), z.chunk(groups), saved)]
+        torch.sum(torch.stack([p[1] for p in parts]), 0, out=bn.weight.grad)
+        torch.sum(torch.stack([p[2] for p in parts]), 0, out=bn.bias.grad)
+        g = torch.cat([p[0] for p in parts])
+        for i in reversed(range(len(lins))):  # g: the gradient of Linear i's output
+            w = lins[i].weight
+            torch.addmm(w.grad, g.t(), acts[i], beta=0, alpha=scales[i], out=w.grad)
+            torch.sum(g, 0, out=lins[i].bias.grad)
+            if i:  # through the scale, dropout's mask and the ReLU in one pass (acts[i] > 0 exactly where both pass)
+                g = torch.ops.aten.threshold_backward(g @ w, acts[i], 0).mul_(scales[i])
+        return loss
+
+    return grads
+
+
+def lean_steps(n_steps, rows, groups, device, seed=0, head_kwargs=None, clip=1.0):
+    """lean_grads + train.py's clipping + a fused AdamW step on `rows` ready rows, timed over n_steps: a floor for
+    a loop at default flags without autograd's and the modules' own passes (float32, also on CUDA). Returns
+    (seconds, parts): the same steps run again under torch.profiler, and the CPU self time of their matmuls (of
+    which the first Linear's forward and weight gradient) and of the fused AdamW, as they ran inside the steps
+    (the profiler's own cost per op is microseconds: small beside these, not beside the many small ops)."""
+    torch.manual_seed(seed)
+    head = model.HashHead(**(head_kwargs or {})).to(device).train()
+    grads = lean_grads(head, groups)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    img, txt = torch.randn(rows, 768, device=device), torch.randn(rows, 768, device=device)
+    y = (torch.rand(rows, 80, device=device) < 0.04).float()
+
+    def step():
+        grads(img, txt, y)
+        torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        opt.step()
+    for _ in range(3):
+        step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - t
+    parts = dict.fromkeys(("matmuls", "first_linear_matmuls", "adamw"), 0.0)
+    if device != "cpu":  # CUDA kernels run asynchronously: CPU op times would not say where the time goes
+        return seconds, {}
+    in_dim = head.mlp[0].in_features  # only the first Linear's matmuls have it as a dimension
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(n_steps):
+            step()
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in ("aten::mm", "aten::addmm"):
+            parts["matmuls"] += e.self_cpu_time_total / 1e6
+            if any(in_dim in shape for shape in e.input_shapes if shape):
+                parts["first_linear_matmuls"] += e.self_cpu_time_total / 1e6
+        elif e.key == "aten::_fused_adamw_":
+            parts["adamw"] += e.self_cpu_time_total / 1e6
+    return seconds, parts
+
+
 def matmul_adamw_steps(n_steps, rows, device, seed=0, head_kwargs=None):
     """A bound below any loop of this head, timed over n_steps (seconds): per optimizer step only the matmuls of
     a training pass on `rows` rows, each timed alone at its own shape (x @ W.T; the weight gradient in the
@@ -376,6 +496,9 @@ def bench_epoch(quick, device, seed=0):
     t_naive = min(naive_epoch(cache, int(n * frac), a.batch_size, device, seed, head_kwargs(a)) for _ in range(3)) / frac
     steps, timed = n // a.batch_size // a.accum_steps, (20 if quick else 300)
     t_floor = bare_steps(timed, a.batch_size * a.accum_steps, device, seed, head_kwargs(a)) / timed * steps
+    t_lean, parts = lean_steps(timed, a.batch_size * a.accum_steps, a.accum_steps, device, seed, head_kwargs(a),
+                               a.clip_grad)
+    t_lean, parts = t_lean / timed * steps, {f"lean_{k}_s": v / timed * steps for k, v in parts.items()}
     flops = train_matmul_flops(head, n // 256 * 256)
     peak = matmul_flop_per_s(device, 1024 if quick else 2048)
     t_mm, t_adamw = (t / timed * steps for t in matmul_adamw_steps(timed, a.batch_size * a.accum_steps, device, seed,
@@ -384,6 +507,8 @@ def bench_epoch(quick, device, seed=0):
             "epoch_default_s": t_def, "epoch_b256_s": t_256, "naive_epoch_s": t_naive, "naive_fraction": frac,
             "speedup_default": t_naive / t_def, "speedup_b256": t_naive / t_256, "b256_flops": flops,
             "floor_default_s": t_floor, "speedup_bound_default": t_naive / t_floor,
+            "lean_default_s": t_lean, "speedup_lean_default": t_naive / t_lean, **parts,
+            **({"speedup_inloop_bound_default": t_naive / (parts["lean_matmuls_s"] + parts["lean_adamw_s"])} if parts else {}),
             "matmuls_default_s": t_mm, "adamw_default_s": t_adamw, "matmul_bound_default_s": t_mm + t_adamw,
             "speedup_matmul_bound_default": t_naive / (t_mm + t_adamw),
             "matmuls_default_at_peak_s": train_matmul_flops(head, steps * a.batch_size * a.accum_steps) / peak,
@@ -652,7 +777,13 @@ ROWS = {  # section -> (figure, value) templates over its results, and the targe
               ("speedup of the default-flags epoch over the naive loop", "{speedup_default:.2f}x", "speedup_default"),
               ("floor at default flags: bare forward + BCE + backward + fused AdamW on ready rows, s per epoch",
                "{floor_default_s:.1f}", None),
-              ("naive loop / that floor: the most any loop of this head could gain here", "{speedup_bound_default:.2f}x", None),
+              ("naive loop / that floor", "{speedup_bound_default:.2f}x", None),
+              ("the same step written by hand without autograd (lean_grads; float32) + clipping + fused AdamW, s per epoch",
+               "{lean_default_s:.1f}", None),
+              ("naive loop / that hand-written floor", "{speedup_lean_default:.2f}x", None),
+              ("  its steps again, profiled: the matmuls (of which the first Linear's) / the fused AdamW, s per epoch",
+               "{lean_matmuls_s:.1f} ({lean_first_linear_matmuls_s:.1f}) / {lean_adamw_s:.1f}", None),
+              ("  naive loop / (those matmuls + AdamW, as they ran inside the steps)", "{speedup_inloop_bound_default:.2f}x", None),
               ("below that: the epoch's matmuls alone at their shapes ({matmuls_default_s:.1f} s; "
                "{matmuls_default_at_peak_s:.1f} s at the torch.mm rate below) + fused AdamW alone ({adamw_default_s:.1f} s), s",
                "{matmul_bound_default_s:.1f}", None),
@@ -712,6 +843,8 @@ def print_table(res):
     for dev, block in (("cpu", res), ("cuda", res.get("cuda", {}))):
         for sec in (s for s in SECTIONS if s in block):
             for fig, val, key in ROWS[sec]:
+                if any(f and f not in block[sec] for _, f, _, _ in string.Formatter().parse(fig + val)):
+                    continue  # a figure this device does not have (the profiled parts are CPU-only)
                 t = verdict.get((dev, sec, key), {"target": "", "pass": None})
                 rows.append((f"{SECTIONS.index(sec) + 1} {sec}{' cuda' if dev == 'cuda' else ''}",
                              fig.format(**block[sec]), val.format(**block[sec]), t["target"],

@@ -66,6 +66,37 @@ def test_train_matmul_flops_equals_torch_flop_counter():
         assert fc.get_total_flops() == bench.train_matmul_flops(head, 64)
 
 
+@pytest.mark.parametrize("kwargs,groups,rows", [
+    (dict(mlp_dims=[24, 12], input_dropout=0.35, dropout=0.1), 2, 8),  # the default structure: 2 micro-batches
+    (dict(mlp_dims=[24], input_dropout=0.0, dropout=0.2, fusion="concat", input_norm="none",
+          code_classifier="centres"), 1, 6)])
+def test_lean_grads_equal_autograd(kwargs, groups, rows):
+    # the hand-written floor computes what train.py's step computes: the loss, every gradient and the
+    # BatchNorm running statistics of a forward/backward pass (the same dropout masks: the same RNG draws)
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    ref = bench.model.HashHead(dim=16, num_classes=5, bits=16, **kwargs).train()
+    ref.init_code_classifier(5.0)
+    lean = bench.model.HashHead(dim=16, num_classes=5, bits=16, **kwargs).train()
+    lean.load_state_dict(ref.state_dict())
+    img, txt, y = torch.randn(rows, 16), torch.randn(rows, 16), (torch.rand(rows, 5) < 0.3).float()
+    torch.manual_seed(1)
+    logits, _ = ref(img, txt, groups=groups)
+    b = rows // groups
+    loss = sum(F.binary_cross_entropy_with_logits(logits[i * b:(i + 1) * b], y[i * b:(i + 1) * b])
+               for i in range(groups)) / groups
+    loss.backward()
+    torch.manual_seed(1)
+    lean_loss = bench.lean_grads(lean, groups)(img, txt, y)
+    torch.testing.assert_close(lean_loss, loss.detach())
+    for (name, p), q in zip(ref.named_parameters(), lean.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, a), c in zip(ref.named_buffers(), lean.buffers()):
+        torch.testing.assert_close(c, a, msg=name)
+    assert any(p.grad.abs().max() > 1e-3 for p in lean.parameters() if p.grad is not None)
+
+
 def test_bench_bad_flags():
     for argv in (["--sections", "nope"], ["--device", "tpu"], ["--threads", "0"], ["--sections", "8"]):
         with pytest.raises(SystemExit) as e:
