@@ -52,9 +52,14 @@ def _int_at_least(lo):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line that names the flag, instead of the whole usage
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser("aggregate", description="cross-validation tables and run comparisons",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser("aggregate", description="cross-validation tables and run comparisons",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     g = p.add_argument_group("data")
     g.add_argument("runs", nargs="+", help="run folders (outputs/<run>) holding fold<k>/; the first is the reference")
@@ -63,8 +68,8 @@ def get_args_parser():
     g.add_argument("--allow_partial", action="store_true",
                    help="tabulate the finished folds when some are missing or unfinished (they are still named)")
     g.add_argument("--test_dir", default="eval_test", help="evaluate.py's out_dir inside each run (test predictions)")
-    # optim (statistics)
-    g = p.add_argument_group("optim (statistics)")
+    # statistics
+    g = p.add_argument_group("statistics")
     g.add_argument("--bootstrap", type=_int_at_least(0), default=1000,
                    help="paired-bootstrap draws on the test images (0 = skip the test comparison)")
     g.add_argument("--seed", type=int, default=0, help="bootstrap seed (fixed, so p-values are repeatable)")

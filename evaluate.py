@@ -29,6 +29,7 @@ import json
 import os
 import re
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -62,9 +63,14 @@ nonneg_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _typed(float, lambda v: v > 0 and np.isfinite(v), "a number > 0")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line that names the flag, instead of the whole usage
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser("evaluate", description="test / val metrics of one fold model or the fold ensemble",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser("evaluate", description="test / val metrics of one fold model or the fold ensemble",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     g = p.add_argument_group("data")
     g.add_argument("--features", default=None, help="feature cache; default: the one in the checkpoint's config")
@@ -146,6 +152,8 @@ def load_checkpoint(path):
     """-> (head in eval mode, checkpoint dict). Only weights_only loading: a pickle can run code."""
     if not os.path.isfile(path):
         fail(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        fail(f"{path}: not a checkpoint (not a file written by torch.save); pass a best.pt from train.py")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or a pickled object (refused by weights_only)
@@ -342,10 +350,14 @@ def predict_image(args, heads, ck):
     name = args.model or meta.get("model")
     if not name:
         fail("--model: the checkpoint does not name its SigLIP2 model; pass --model NAME_OR_FOLDER")
+    cwd = ck["config"].get("cwd")  # a local model folder saved as a relative path: relative to train.py's folder
+    if not args.model and cwd and not os.path.exists(name) and os.path.isdir(os.path.join(cwd, name)):
+        name = os.path.join(cwd, name)
     try:
         enc = model.Siglip2Encoder(name, device=args.device)
     except Exception as e:
-        fail(f"--model {name}: cannot load the SigLIP2 towers ({type(e).__name__}); pass --model NAME_OR_FOLDER")
+        where = "" if os.path.exists(name) else ", not a folder here"
+        fail(f"--model {name}: cannot load the SigLIP2 towers ({type(e).__name__}{where}); pass --model NAME_OR_FOLDER")
     if enc.dim != heads[0].model_args["dim"]:
         fail(f"--model {name}: embeddings are {enc.dim}-d but the head expects {heads[0].model_args['dim']}")
     names = [c["name"] for c in json.loads(meta.get("categories") or "null") or data.COCO_CATEGORIES]
@@ -358,12 +370,24 @@ def predict_image(args, heads, ck):
     return {names[c]: float(probs[c]) for c in top}
 
 
+def config_path(path, cfg, flag):
+    """A file path from a checkpoint's config: as saved, or relative to the folder train.py ran in."""
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    there = os.path.join(cfg.get("cwd") or "", path)
+    if cfg.get("cwd") and os.path.exists(there):
+        return there
+    fail(f"{path}: not found from {os.getcwd()} (the checkpoint's config names it relative to the folder train.py "
+         f"ran in{', ' + cfg['cwd'] if cfg.get('cwd') else ''}); run from that folder or pass {flag}")
+
+
 def load_inputs(args, paths, cks):
     """Feature cache, splits and (with --data_root) COCO, checked against what the models were trained on."""
     cfg = cks[0]["config"]
-    features, split_path = args.features or cfg.get("features"), args.splits or cfg.get("splits")
-    if not features or not split_path:
+    if not (args.features or cfg.get("features")) or not (args.splits or cfg.get("splits")):
         fail("--features/--splits: the checkpoint's config does not name them; pass both flags")
+    features = args.features or config_path(cfg["features"], cfg, "--features")
+    split_path = args.splits or config_path(cfg["splits"], cfg, "--splits")
     try:
         feats, meta = data.load_features(features)
         splits = data.load_splits(split_path)
@@ -381,6 +405,8 @@ def load_inputs(args, paths, cks):
     if len(set(folds)) != len(folds) or not all(isinstance(f, int) and 0 <= f < splits["folds"] for f in folds):
         fail(f"{', '.join(paths)}: fold numbers {folds} in the checkpoints' config are missing, repeated or "
              f"outside the {splits['folds']} folds of {split_path}")
+    if args.fold is not None and args.fold >= splits["folds"]:
+        fail(f"--fold: {args.fold} is out of range; {split_path} has folds 0..{splits['folds'] - 1}")
     missing = sorted(set(range(splits["folds"])) - set(folds)) if args.ensemble else []
     if missing:  # fold dirs absent altogether
         msg = f"--ensemble {args.ensemble}: folds {missing} of {split_path} have no best.pt"
@@ -473,6 +499,10 @@ def evaluate_split(args, paths, heads, cks):
     data.atomic_write(os.path.join(out_dir, f"{args.split}_predictions.npz"), lambda tmp: np.savez(tmp, **arrays))
     examples = example_items(coco, eval_ids, y, p_ens, thr, names) if coco else None
     plots = save_plots(out_dir, y, p_ens, pc, names, examples)
+    stale = [f for f in ("thresholds.json", "thresholds.csv", "examples.png")  # an earlier run's, not this one's
+             if f not in files and f not in plots and os.path.exists(os.path.join(out_dir, f))]
+    for f in stale:
+        os.remove(os.path.join(out_dir, f))
 
     # ---- terminal summary
     print(f"{args.split} split: {len(rows)} images, {len(members)} model(s)\n{'model':<10} {'head':<5} "
@@ -488,7 +518,8 @@ def evaluate_split(args, paths, heads, cks):
               + ", ".join(f"{k} {v:.4f} [{lo:.4f}, {hi:.4f}]" for k, (v, lo, hi) in ci.items()))
     for n, r in retrieval.items():
         print(f"retrieval {n}: mAP@1000 {r['mAP@1000']:.4f}, mAP@all {r['mAP@all']:.4f}")
-    print(f"wrote {out_dir}: metrics.json, {', '.join(files)}, {args.split}_predictions.npz, {', '.join(plots)}")
+    print(f"wrote {out_dir}: metrics.json, {', '.join(files)}, {args.split}_predictions.npz, {', '.join(plots)}"
+          + (f"; removed an earlier run's {', '.join(stale)}" if stale else ""))
     return report
 
 

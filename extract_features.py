@@ -54,9 +54,14 @@ def non_negative_int(s):
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line that names the flag, instead of the whole usage
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Cache frozen SigLIP2 embeddings of COCO images and captions",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser("extract_features", description="Cache frozen SigLIP2 embeddings of COCO images and captions",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     g = p.add_argument_group("data")
     g.add_argument("--data_root", default="data/coco", help="COCO root: dataset_coco.json, annotations/, images")
@@ -337,7 +342,8 @@ def main(args):
     try:
         encoder = model.Siglip2Encoder(args.model, device=args.device, dtype=DTYPES[dtype_name])
     except (OSError, ValueError) as e:
-        fail(f"--model {args.model}: cannot load it ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+        where = "" if os.path.exists(args.model) else "not a folder here; "
+        fail(f"--model {args.model}: cannot load it ({where}{str(e).splitlines()[0] if str(e) else type(e).__name__}); "
              f"give a Hugging Face name or a local folder of a SigLIP model")
     V, C, D = args.views, args.max_captions, encoder.dim
     print(f"{n} images ({len(bad)} skipped) x {V} view(s), <= {C} captions each, {args.model} (dim {D}, "

@@ -33,9 +33,14 @@ def folds_type(s):
     return k
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line that names the flag, instead of the whole usage
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser("make_splits", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser("make_splits", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     g = p.add_argument_group("data")
     g.add_argument("--data_root", default="data/coco",

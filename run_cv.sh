@@ -3,7 +3,7 @@
 # Every step is skipped when its output exists; an interrupted fold resumes from its last.pt.
 #
 #   bash run_cv.sh                                  # real data under data/coco, SigLIP2 base
-#   bash run_cv.sh --demo                           # synthetic COCO + tiny random SigLIP, ~1 minute on a CPU
+#   bash run_cv.sh --demo                           # synthetic COCO + tiny random SigLIP, ~2 minutes on a CPU
 #   RUN=outputs/bits32 bash run_cv.sh -- --bits 32  # an ablation: everything after -- goes to train.py
 #
 # Settings (environment variables): DATA_ROOT, MODEL, RUN, FOLDS, SEED, FEATURES, SPLITS, PYTHON,
@@ -28,8 +28,9 @@ if [ "$demo" = 1 ]; then
   DATA_ROOT=${DATA_ROOT:-demo/coco}
   MODEL=${MODEL:-demo/tiny_siglip}
   RUN=${RUN:-outputs/demo}
-  # a small synthetic problem: few epochs are enough, and they keep the demo near a minute
-  [ ${#train_args[@]} -eq 0 ] && train_args=(--epochs 30 --patience 5 --batch_size 16 --accum_steps 1 --lr 3e-3 --num_threads 1)
+  # a small synthetic problem: few epochs are enough, and they keep the demo near two minutes; flags after --
+  # come later on train.py's command line, so they override only what they name
+  train_args=(--epochs 30 --patience 5 --batch_size 16 --accum_steps 1 --lr 3e-3 --num_threads 1 ${train_args[@]+"${train_args[@]}"})
 else
   DATA_ROOT=${DATA_ROOT:-data/coco}
   MODEL=${MODEL:-google/siglip2-base-patch16-256}

@@ -75,5 +75,7 @@ def test_smoke(tmp_path):
 
 
 if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser("test_smoke", description=__doc__.strip().split("\n\n")[0]).parse_args()
     with tempfile.TemporaryDirectory() as d:
         print(f"smoke test passed in {smoke(d):.1f} s")

@@ -76,7 +76,11 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Fills the defaults that depend on --bits after parsing, so every caller of parse_args sees numbers."""
+    """Fills the defaults that depend on --bits after parsing, so every caller of parse_args sees numbers;
+    a bad flag gets one line that names it, instead of the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
     def parse_known_args(self, *a, **k):
         args, rest = super().parse_known_args(*a, **k)
@@ -430,7 +434,8 @@ def main(args):
                   skipped_train=fold["skipped"]["train"], skipped_val=fold["skipped"]["val"],
                   effective_batch=args.batch_size * args.accum_steps, steps_per_epoch=steps_per_epoch,
                   total_steps=total_steps, warmup_steps=warmup_steps, splits_sha256=splits_sha,
-                  features_meta=fold["meta"], torch_version=str(torch.__version__), finished=False)
+                  features_meta=fold["meta"], torch_version=str(torch.__version__), finished=False,
+                  cwd=os.getcwd())  # what relative --features / --splits paths are relative to (evaluate.py)
     print(f"fold {args.fold}: {n_train} train / {n_val} val images (skipped {fold['skipped']}), device {device}, "
           f"amp {amp}, seed {seed}")
     print(f"effective batch {config['effective_batch']} ({args.batch_size} x {args.accum_steps}), "

@@ -306,6 +306,49 @@ def test_single_image_prediction(tiny_siglip, tmp_path, capsys):
         assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
+def test_rerun_removes_an_earlier_runs_optional_files(fake_run, tmp_path, capsys):
+    # thresholds.* from an earlier --thresholds oof run must not sit beside the results of a run without it
+    out = tmp_path / "out"
+    run("--ensemble", fake_run["run"], "--thresholds", "oof", "--bootstrap", 0, "--out_dir", out, "--device", "cpu")
+    assert (out / "thresholds.csv").is_file() and (out / "thresholds.json").is_file()
+    capsys.readouterr()
+    run("--ensemble", fake_run["run"], "--bootstrap", 0, "--out_dir", out, "--device", "cpu")
+    assert not (out / "thresholds.csv").exists() and not (out / "thresholds.json").exists()
+    assert "removed an earlier run's thresholds.json, thresholds.csv" in capsys.readouterr().out
+    assert all((out / f).is_file() for f in FILES)
+
+
+def test_fold_out_of_range_is_named(fake_run, capsys):
+    with pytest.raises(SystemExit) as e:
+        run("--checkpoint", fake_run["run"] / "fold0" / "best.pt", "--split", "val", "--fold", 7, "--device", "cpu")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--fold: 7 is out of range" in err and "folds 0..4" in err
+
+
+def test_config_paths_relative_to_the_training_folder(fake_run, tmp_path, monkeypatch, capsys):
+    # train.py saves --features / --splits as given (run_cv.sh gives them relative) and the folder it ran in;
+    # evaluate.py finds them from any folder, and without that folder (older runs) says which flag to pass
+    root, rel = fake_run["root"], tmp_path / "rel"
+    _copy_run(fake_run, rel, folds=range(5))
+    for k in range(5):
+        ck = torch.load(rel / f"fold{k}" / "best.pt", weights_only=True)
+        ck["config"].update(features=os.path.relpath(fake_run["feats"], root), cwd=str(root),
+                            splits=os.path.relpath(fake_run["splits"], root))
+        torch.save(ck, rel / f"fold{k}" / "best.pt")
+    monkeypatch.chdir(tmp_path)
+    rep = run("--ensemble", rel, "--bootstrap", 0, "--device", "cpu")
+    assert rep["features"] == str(fake_run["feats"]) and rep["splits"] == str(fake_run["splits"])
+    for k in range(5):
+        ck = torch.load(rel / f"fold{k}" / "best.pt", weights_only=True)
+        del ck["config"]["cwd"]
+        torch.save(ck, rel / f"fold{k}" / "best.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run("--ensemble", rel, "--bootstrap", 0, "--device", "cpu")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "feat.safetensors" in err and "--features" in err
+
+
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
 
 def _copy_run(fake_run, dst, folds=(0, 1)):
