@@ -2,7 +2,7 @@
 Performance benchmark: what caching the frozen towers buys, and how fast the head, metrics, splits and KNN are.
 All inputs are generated in memory at COCO scale (random weights, synthetic labels, random or planted embeddings).
 
-    python bench.py                                # full run -> table + bench.json (~3-4 min on a 2-core CPU)
+    python bench.py                                # full run -> table + bench.json (~4-5 min on a 2-core CPU)
     python bench.py --quick --out /tmp/bench.json  # small sizes, ~30 s (what tests/test_bench.py runs)
     python bench.py --sections encoder,metrics     # a subset, by name or number (1-6)
     python bench.py --device cuda                  # also sections 1, 2 and 5 on the GPU (under "cuda")
@@ -389,7 +389,7 @@ def lean_grads(head, groups):
 def lean_steps(n_steps, rows, groups, device, seed=0, head_kwargs=None, clip=1.0):
     """lean_grads + train.py's clipping + a fused AdamW step on `rows` ready rows, timed over n_steps: a floor for
     a loop at default flags without autograd's and the modules' own passes (float32, also on CUDA). Returns
-    (seconds, parts): the same steps run again under torch.profiler, and the CPU self time of their matmuls (of
+    (seconds, parts): a third as many steps run again under torch.profiler, and the CPU self time of their matmuls (of
     which the first Linear's forward and weight gradient) and of the fused AdamW, as they ran inside the steps
     (the profiler's own cost per op is microseconds: small beside these, not beside the many small ops)."""
     torch.manual_seed(seed)
@@ -416,16 +416,18 @@ def lean_steps(n_steps, rows, groups, device, seed=0, head_kwargs=None, clip=1.0
     if device != "cpu":  # CUDA kernels run asynchronously: CPU op times would not say where the time goes
         return seconds, {}
     in_dim = head.mlp[0].in_features  # only the first Linear's matmuls have it as a dimension
+    profiled = max(1, n_steps // 3)  # scaled to n_steps below
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(n_steps):
+        for _ in range(profiled):
             step()
     for e in prof.key_averages(group_by_input_shape=True):
+        t = e.self_cpu_time_total / 1e6 * n_steps / profiled
         if e.key in ("aten::mm", "aten::addmm"):
-            parts["matmuls"] += e.self_cpu_time_total / 1e6
+            parts["matmuls"] += t
             if any(in_dim in shape for shape in e.input_shapes if shape):
-                parts["first_linear_matmuls"] += e.self_cpu_time_total / 1e6
+                parts["first_linear_matmuls"] += t
         elif e.key == "aten::_fused_adamw_":
-            parts["adamw"] += e.self_cpu_time_total / 1e6
+            parts["adamw"] += t
     return seconds, parts
 
 
