@@ -286,6 +286,24 @@ def naive_epoch(cache, n_rows, batch, device, seed=0, head_kwargs=None):
     return time.perf_counter() - t
 
 
+def ready_rows(rows, device):
+    """Random image / text embeddings (rows, 768) and labels (rows, 80) with COCO-like prevalence, on device."""
+    img, txt = torch.randn(rows, 768, device=device), torch.randn(rows, 768, device=device)
+    return img, txt, (torch.rand(rows, 80, device=device) < 0.04).float()
+
+
+def time_steps(step, n_steps, device, warmup=3):
+    """Seconds for n_steps calls of step() after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    sync(device)
+    return time.perf_counter() - t
+
+
 def bare_steps(n_steps, rows, device, seed=0, head_kwargs=None):
     """A floor for any training loop of this head, timed over n_steps (seconds): per optimizer step only the
     head's forward on `rows` ready float32 rows, the BCE, backward and a fused AdamW step. No data movement,
@@ -296,8 +314,7 @@ def bare_steps(n_steps, rows, device, seed=0, head_kwargs=None):
     head = model.HashHead(**(head_kwargs or {})).to(device).train()
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    img, txt = torch.randn(rows, 768, device=device), torch.randn(rows, 768, device=device)
-    y = (torch.rand(rows, 80, device=device) < 0.04).float()
+    img, txt, y = ready_rows(rows, device)
 
     def step():
         with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
@@ -306,14 +323,7 @@ def bare_steps(n_steps, rows, device, seed=0, head_kwargs=None):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=False)
-    for _ in range(3):
-        step()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    sync(device)
-    return time.perf_counter() - t
+    return time_steps(step, n_steps, device)
 
 
 def lean_grads(head, groups):
@@ -397,21 +407,13 @@ def lean_steps(n_steps, rows, groups, device, seed=0, head_kwargs=None, clip=1.0
     grads = lean_grads(head, groups)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    img, txt = torch.randn(rows, 768, device=device), torch.randn(rows, 768, device=device)
-    y = (torch.rand(rows, 80, device=device) < 0.04).float()
+    img, txt, y = ready_rows(rows, device)
 
     def step():
         grads(img, txt, y)
         torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
         opt.step()
-    for _ in range(3):
-        step()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    sync(device)
-    seconds = time.perf_counter() - t
+    seconds = time_steps(step, n_steps, device)
     parts = dict.fromkeys(("matmuls", "first_linear_matmuls", "adamw"), 0.0)
     if device != "cpu":  # CUDA kernels run asynchronously: CPU op times would not say where the time goes
         return seconds, {}
