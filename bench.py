@@ -398,7 +398,8 @@ def lean_grads(head, groups):
 
 def lean_steps(n_steps, rows, groups, device, seed=0, head_kwargs=None, clip=1.0):
     """lean_grads + train.py's clipping + a fused AdamW step on `rows` ready rows, timed over n_steps: a floor for
-    a loop at default flags without autograd's and the modules' own passes (float32, also on CUDA). Returns
+    a loop at default flags without autograd's and the modules' own passes (float32: bench_epoch runs it on the
+    CPU only, where train.py's default is float32 too). Returns
     (seconds, parts): a third as many steps run again under torch.profiler, and the CPU self time of their matmuls (of
     which the first Linear's forward and weight gradient) and of the fused AdamW, as they ran inside the steps
     (the profiler's own cost per op is microseconds: small beside these, not beside the many small ops)."""
@@ -411,12 +412,13 @@ def lean_steps(n_steps, rows, groups, device, seed=0, head_kwargs=None, clip=1.0
 
     def step():
         grads(img, txt, y)
-        torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
         opt.step()
     seconds = time_steps(step, n_steps, device)
     parts = dict.fromkeys(("matmuls", "first_linear_matmuls", "adamw"), 0.0)
     if device != "cpu":  # CUDA kernels run asynchronously: CPU op times would not say where the time goes
-        return seconds, {}
+        return seconds, None
     in_dim = head.mlp[0].in_features  # only the first Linear's matmuls have it as a dimension
     profiled = max(1, n_steps // 3)  # scaled to n_steps below
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -500,9 +502,13 @@ def bench_epoch(quick, device, seed=0):
     t_naive = min(naive_epoch(cache, int(n * frac), a.batch_size, device, seed, head_kwargs(a)) for _ in range(3)) / frac
     steps, timed = n // a.batch_size // a.accum_steps, (20 if quick else 300)
     t_floor = bare_steps(timed, a.batch_size * a.accum_steps, device, seed, head_kwargs(a)) / timed * steps
-    t_lean, parts = lean_steps(timed, a.batch_size * a.accum_steps, a.accum_steps, device, seed, head_kwargs(a),
-                               a.clip_grad)
-    t_lean, parts = t_lean / timed * steps, {f"lean_{k}_s": v / timed * steps for k, v in parts.items()}
+    lean = {}
+    if not cuda:  # float32 by hand: not comparable with the fp16 autocast of the CUDA loop and floor
+        t_lean, parts = lean_steps(timed, a.batch_size * a.accum_steps, a.accum_steps, device, seed, head_kwargs(a),
+                                   a.clip_grad)
+        lean = {"lean_default_s": t_lean / timed * steps, **{f"lean_{k}_s": v / timed * steps for k, v in parts.items()}}
+        lean.update(speedup_lean_default=t_naive / lean["lean_default_s"], speedup_inloop_bound_default=t_naive / (
+            lean["lean_matmuls_s"] + lean["lean_adamw_s"]))
     flops = train_matmul_flops(head, n // 256 * 256)
     peak = matmul_flop_per_s(device, 1024 if quick else 2048)
     t_mm, t_adamw = (t / timed * steps for t in matmul_adamw_steps(timed, a.batch_size * a.accum_steps, device, seed,
@@ -511,8 +517,7 @@ def bench_epoch(quick, device, seed=0):
             "epoch_default_s": t_def, "epoch_b256_s": t_256, "naive_epoch_s": t_naive, "naive_fraction": frac,
             "speedup_default": t_naive / t_def, "speedup_b256": t_naive / t_256, "b256_flops": flops,
             "floor_default_s": t_floor, "speedup_bound_default": t_naive / t_floor,
-            "lean_default_s": t_lean, "speedup_lean_default": t_naive / t_lean, **parts,
-            **({"speedup_inloop_bound_default": t_naive / (parts["lean_matmuls_s"] + parts["lean_adamw_s"])} if parts else {}),
+            **lean,
             "matmuls_default_s": t_mm, "adamw_default_s": t_adamw, "matmul_bound_default_s": t_mm + t_adamw,
             "speedup_matmul_bound_default": t_naive / (t_mm + t_adamw),
             "matmuls_default_at_peak_s": train_matmul_flops(head, steps * a.batch_size * a.accum_steps) / peak,
@@ -782,7 +787,7 @@ ROWS = {  # section -> (figure, value) templates over its results, and the targe
               ("floor at default flags: bare forward + BCE + backward + fused AdamW on ready rows, s per epoch",
                "{floor_default_s:.1f}", None),
               ("naive loop / that floor", "{speedup_bound_default:.2f}x", None),
-              ("the same step written by hand without autograd (lean_grads; float32) + clipping + fused AdamW, s per epoch",
+              ("the same step written by hand without autograd (lean_grads) + clipping + fused AdamW, s per epoch",
                "{lean_default_s:.1f}", None),
               ("naive loop / that hand-written floor", "{speedup_lean_default:.2f}x", None),
               ("  its steps again, profiled: the matmuls (of which the first Linear's) / the fused AdamW, s per epoch",
@@ -848,7 +853,7 @@ def print_table(res):
         for sec in (s for s in SECTIONS if s in block):
             for fig, val, key in ROWS[sec]:
                 if any(f and f not in block[sec] for _, f, _, _ in string.Formatter().parse(fig + val)):
-                    continue  # a figure this device does not have (the profiled parts are CPU-only)
+                    continue  # a figure this device does not have (the hand-written floor is CPU-only)
                 t = verdict.get((dev, sec, key), {"target": "", "pass": None})
                 rows.append((f"{SECTIONS.index(sec) + 1} {sec}{' cuda' if dev == 'cuda' else ''}",
                              fig.format(**block[sec]), val.format(**block[sec]), t["target"],

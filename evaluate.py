@@ -350,7 +350,9 @@ def predict_image(args, heads, ck):
     name = args.model or meta.get("model")
     if not name:
         fail("--model: the checkpoint does not name its SigLIP2 model; pass --model NAME_OR_FOLDER")
-    cwd = ck["config"].get("cwd")  # a local model folder saved as a relative path: relative to train.py's folder
+    # a local model folder saved relative to the folder extract_features.py ran in; run_cv.sh runs every step
+    # from the repository folder, so that is train.py's folder too
+    cwd = ck["config"].get("cwd")
     if not args.model and cwd and not os.path.exists(name) and os.path.isdir(os.path.join(cwd, name)):
         name = os.path.join(cwd, name)
     try:
@@ -371,12 +373,13 @@ def predict_image(args, heads, ck):
 
 
 def config_path(path, cfg, flag):
-    """A file path from a checkpoint's config: as saved, or relative to the folder train.py ran in."""
+    """A file path from a checkpoint's config, relative to the folder train.py ran in (config "cwd") when it is
+    there, else as saved (absolute, or relative to this folder: checkpoints from before "cwd" was recorded)."""
+    there = os.path.join(cfg.get("cwd") or "", path)
+    if cfg.get("cwd") and not os.path.isabs(path) and os.path.exists(there):
+        return there
     if os.path.exists(path) or os.path.isabs(path):
         return path
-    there = os.path.join(cfg.get("cwd") or "", path)
-    if cfg.get("cwd") and os.path.exists(there):
-        return there
     fail(f"{path}: not found from {os.getcwd()} (the checkpoint's config names it relative to the folder train.py "
          f"ran in{', ' + cfg['cwd'] if cfg.get('cwd') else ''}); run from that folder or pass {flag}")
 
@@ -492,6 +495,7 @@ def evaluate_split(args, paths, heads, cks):
         arrays["knn_probs"] = preds["knn"]["ensemble"].astype(np.float32)
 
     # ---- files, each written atomically (test_predictions.npz is what aggregate.py's paired bootstrap reads)
+    earlier = os.path.isfile(os.path.join(out_dir, "metrics.json"))  # an earlier evaluate.py run wrote here
     data.save_json(os.path.join(out_dir, "metrics.json"), report)
     for name, content in files.items():
         data.save_json(os.path.join(out_dir, name), content) if name.endswith(".json") else \
@@ -500,7 +504,7 @@ def evaluate_split(args, paths, heads, cks):
     examples = example_items(coco, eval_ids, y, p_ens, thr, names) if coco else None
     plots = save_plots(out_dir, y, p_ens, pc, names, examples)
     stale = [f for f in ("thresholds.json", "thresholds.csv", "examples.png")  # an earlier run's, not this one's
-             if f not in files and f not in plots and os.path.exists(os.path.join(out_dir, f))]
+             if earlier and f not in files and f not in plots and os.path.exists(os.path.join(out_dir, f))]
     for f in stale:
         os.remove(os.path.join(out_dir, f))
 

@@ -29,7 +29,8 @@ if [ "$demo" = 1 ]; then
   MODEL=${MODEL:-demo/tiny_siglip}
   RUN=${RUN:-outputs/demo}
   # a small synthetic problem: few epochs are enough, and they keep the demo near two minutes; flags after --
-  # come later on train.py's command line, so they override only what they name
+  # come later on train.py's command line, so they override only what they name (--lr 3e-3 stays, also for
+  # -- --bits 0, unless -- --lr is given)
   train_args=(--epochs 30 --patience 5 --batch_size 16 --accum_steps 1 --lr 3e-3 --num_threads 1 ${train_args[@]+"${train_args[@]}"})
 else
   DATA_ROOT=${DATA_ROOT:-data/coco}

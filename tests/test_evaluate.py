@@ -316,6 +316,11 @@ def test_rerun_removes_an_earlier_runs_optional_files(fake_run, tmp_path, capsys
     assert not (out / "thresholds.csv").exists() and not (out / "thresholds.json").exists()
     assert "removed an earlier run's thresholds.json, thresholds.csv" in capsys.readouterr().out
     assert all((out / f).is_file() for f in FILES)
+    mine = tmp_path / "mine"  # a folder evaluate.py never wrote to: nothing of the user's is removed
+    mine.mkdir()
+    (mine / "examples.png").write_bytes(b"the user's own file")
+    run("--ensemble", fake_run["run"], "--bootstrap", 0, "--out_dir", mine, "--device", "cpu")
+    assert (mine / "examples.png").read_bytes() == b"the user's own file"
 
 
 def test_fold_out_of_range_is_named(fake_run, capsys):
