@@ -75,11 +75,6 @@ def test_smoke(tmp_path):
 
 
 if __name__ == "__main__":
-    import argparse
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, as the other scripts
-            self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-    Parser("test_smoke", description=__doc__.strip().split("\n\n")[0]).parse_args()
+    aggregate._Parser("test_smoke", description=__doc__.strip().split("\n\n")[0]).parse_args()  # --help, one-line errors
     with tempfile.TemporaryDirectory() as d:
         print(f"smoke test passed in {smoke(d):.1f} s")
