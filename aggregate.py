@@ -20,7 +20,6 @@ a paired bootstrap on the test images (metrics.paired_bootstrap, threshold 0.5) 
 auc_macro. Runs must share their splits file (config.json splits_sha256), so fold k of every run was
 validated on the same images; runs made with different splits files are refused.
 """
-import argparse
 import glob
 import json
 import os
@@ -30,47 +29,26 @@ import sys
 import numpy as np
 import torch
 
+import cli
 import data
 import metrics
 
 COLUMNS = (*metrics.METRIC_NAMES, "best_epoch")
 
 
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _int_at_least(lo):
-    def parse(s):
-        try:
-            if int(s) >= lo:
-                return int(s)
-        except ValueError:
-            pass
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= {lo}")
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line that names the flag, instead of the whole usage
-        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
-
 def get_args_parser():
-    p = _Parser("aggregate", description="cross-validation tables and run comparisons",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser("aggregate", description="cross-validation tables and run comparisons")
     # data
     g = p.add_argument_group("data")
     g.add_argument("runs", nargs="+", help="run folders (outputs/<run>) holding fold<k>/; the first is the reference")
-    g.add_argument("--folds", type=_int_at_least(2), default=None,
+    g.add_argument("--folds", type=cli.number(int, 2), default=None,
                    help="expected folds per run; default: the splits file's 'folds' (from the folds' config.json)")
     g.add_argument("--allow_partial", action="store_true",
                    help="tabulate the finished folds when some are missing or unfinished (they are still named)")
     g.add_argument("--test_dir", default="eval_test", help="evaluate.py's out_dir inside each run (test predictions)")
     # statistics
     g = p.add_argument_group("statistics")
-    g.add_argument("--bootstrap", type=_int_at_least(0), default=1000,
+    g.add_argument("--bootstrap", type=cli.nonneg_int, default=1000,
                    help="paired-bootstrap draws on the test images (0 = skip the test comparison)")
     g.add_argument("--seed", type=int, default=0, help="bootstrap seed (fixed, so p-values are repeatable)")
     # io
@@ -86,7 +64,7 @@ def read_json(path):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        fail(f"{path}: unreadable JSON ({type(e).__name__}); re-run that fold with train.py --resume")
+        cli.fail(f"{path}: unreadable JSON ({type(e).__name__}); re-run that fold with train.py --resume")
 
 
 def fold_finished(d):
@@ -104,14 +82,14 @@ def fold_finished(d):
 def read_run(run, args):
     """-> {"name", "dir", "folds": {k: val_metrics dict}, "expected": K, "problems": [str], "sha": str|None}."""
     if not os.path.isdir(run):
-        fail(f"{run}: not a directory; pass run folders written by train.py --out_dir <run>/fold<k>")
+        cli.fail(f"{run}: not a directory; pass run folders written by train.py --out_dir <run>/fold<k>")
     dirs = {}
     for d in glob.glob(os.path.join(run, "fold*")):
         m = re.fullmatch(r"fold(\d+)", os.path.basename(d))
         if m and os.path.isdir(d):
             dirs[int(m.group(1))] = d
     if not dirs:
-        fail(f"{run}: no fold<k>/ folders; train folds with train.py --out_dir {run}/fold<k>")
+        cli.fail(f"{run}: no fold<k>/ folders; train folds with train.py --out_dir {run}/fold<k>")
     configs = {k: read_json(os.path.join(d, "config.json")) for k, d in dirs.items()
                if os.path.isfile(os.path.join(d, "config.json"))}
     expected = args.folds
@@ -121,7 +99,7 @@ def read_run(run, args):
     expected = expected or max(dirs) + 1
     shas = {cfg.get("splits_sha256") for cfg in configs.values()} - {None}
     if len(shas) > 1:
-        fail(f"{run}: its folds were trained with different splits files (splits_sha256 differ); re-train them")
+        cli.fail(f"{run}: its folds were trained with different splits files (splits_sha256 differ); re-train them")
     folds, problems = {}, []
     for k in range(expected):
         if k not in dirs:
@@ -132,7 +110,7 @@ def read_run(run, args):
             vm = read_json(os.path.join(dirs[k], "val_metrics.json"))
             absent = [m for m in metrics.METRIC_NAMES if m not in vm]
             if absent:
-                fail(f"{dirs[k]}/val_metrics.json: metrics {absent} missing; re-run the fold with this train.py")
+                cli.fail(f"{dirs[k]}/val_metrics.json: metrics {absent} missing; re-run the fold with this train.py")
             folds[k] = dict(vm, best_epoch=vm.get("epoch", float("nan")))
     extra = sorted(set(dirs) - set(range(expected)))
     if extra:
@@ -182,7 +160,7 @@ def load_test(r, test_dir):
         with np.load(path) as z:
             return {"path": path, "ids": z["ids"], "labels": z["labels"], "probs": z["probs"]}
     except Exception as e:
-        fail(f"{path}: unreadable ({type(e).__name__}); re-run evaluate.py --ensemble {r['dir']}")
+        cli.fail(f"{path}: unreadable ({type(e).__name__}); re-run evaluate.py --ensemble {r['dir']}")
 
 
 def compare(ref, r, args):
@@ -199,7 +177,7 @@ def compare(ref, r, args):
     if args.bootstrap and ta and tb:
         ids, ia, ib = np.intersect1d(ta["ids"], tb["ids"], return_indices=True)
         if len(ids) == 0 or not np.array_equal(ta["labels"][ia], tb["labels"][ib]):
-            fail(f"{ta['path']} and {tb['path']}: no common test images or their labels differ; "
+            cli.fail(f"{ta['path']} and {tb['path']}: no common test images or their labels differ; "
                  f"evaluate both runs on the same features and splits")
         if len(ids) < max(len(ta["ids"]), len(tb["ids"])):
             print(f"note: {r['name']} vs {ref['name']}: paired bootstrap on the {len(ids)} test images both scored")
@@ -222,16 +200,16 @@ def main(args):
     runs = [read_run(run, args) for run in args.runs]
     bad = [f"{r['dir']}: {', '.join(r['problems'])}" for r in runs if r["problems"]]
     if bad and not args.allow_partial:
-        fail(f"{'; '.join(bad)}; finish them (run_cv.sh resumes interrupted folds) or pass --allow_partial")
+        cli.fail(f"{'; '.join(bad)}; finish them (run_cv.sh resumes interrupted folds) or pass --allow_partial")
     for line in bad:
         print(f"warning: {line}; tabulating the finished folds only", file=sys.stderr)
     empty = [r["dir"] for r in runs if not r["folds"]]
     if empty:
-        fail(f"{', '.join(empty)}: no finished fold to tabulate")
+        cli.fail(f"{', '.join(empty)}: no finished fold to tabulate")
     if len(runs) > 1:
         for r in runs[1:]:
             if r["sha"] != runs[0]["sha"]:
-                fail(f"{r['dir']}: made with a different splits file than {runs[0]['dir']} (splits_sha256 "
+                cli.fail(f"{r['dir']}: made with a different splits file than {runs[0]['dir']} (splits_sha256 "
                      f"{str(r['sha'])[:12]} vs {str(runs[0]['sha'])[:12]}); compare only runs trained on the same "
                      f"splits.json")
     for r in runs:

@@ -42,6 +42,7 @@ import torch
 import data
 import metrics
 import model
+import synthetic
 
 SECTIONS = ("encoder", "epoch", "metrics", "splits", "knn", "memory", "learning")
 DEFAULT_SECTIONS = SECTIONS[:6]  # "learning" takes hours: only when asked for
@@ -466,7 +467,7 @@ def bench_epoch(quick, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     # random rows cost what real ones do; fp16 as the cache file holds them: image (n, 1, D), text (n, 5, D)
     cache = {"image": (torch.randn(n, 1, 768, generator=g) * 0.5).half(), "labels": torch.from_numpy(
-        data.synthetic_labels(n, seed)), "text": (torch.randn(n, 5, 768, generator=g) * 0.5).half(),
+        synthetic.synthetic_labels(n, seed)), "text": (torch.randn(n, 5, 768, generator=g) * 0.5).half(),
         "n_captions": torch.full((n,), 5)}
     # train.load_fold converts the fold to float32 on the device once; the epoch slices it
     fold = {"train": {"ids": torch.arange(n), **{k: (v.float() if k != "n_captions" else v).to(device)
@@ -542,7 +543,7 @@ def sklearn_metrics(y, s, threshold=0.5):
 
 def bench_metrics(quick, seed=0):
     n = 1000 if quick else N_VAL
-    y = data.synthetic_labels(n, seed)  # (N, 80)
+    y = synthetic.synthetic_labels(n, seed)  # (N, 80)
     y[np.arange(80), np.arange(80)] = 1  # every class has a positive (sklearn's macro AP / AUC need one)
     logit = 3.0 * y - 3.0 + 2.0 * np.random.default_rng(seed).standard_normal(y.shape)
     s = (1 / (1 + np.exp(-logit))).astype(np.float32)  # (N, 80) probabilities, float32 as saved; some tie
@@ -573,7 +574,7 @@ def bench_splits(quick, seed=0):
     import make_splits
     from sklearn.model_selection import KFold
     n = 2000 if quick else N_DEV
-    labels = data.synthetic_labels(n, seed)  # (N, 80) uint8
+    labels = synthetic.synthetic_labels(n, seed)  # (N, 80) uint8
     t = time.perf_counter()
     fold_of = make_splits.iterative_stratification(labels, FOLDS, seed)  # (N,) fold index
     t_strat = time.perf_counter() - t
@@ -593,7 +594,7 @@ def knn_child(n_query, n_db, n_naive, bits, k, device, seed):
     """In a fresh process: model.knn_scores on random codes, then the textbook version on n_naive queries."""
     g = torch.Generator().manual_seed(seed)
     q, db = (torch.randint(0, 2, (m, bits), generator=g).float().mul_(2).sub_(1).to(device) for m in (n_query, n_db))
-    labels = torch.from_numpy(data.synthetic_labels(n_db, seed)).to(device)  # (N, 80) uint8
+    labels = torch.from_numpy(synthetic.synthetic_labels(n_db, seed)).to(device)  # (N, 80) uint8
     model.knn_scores(q[:8], db[:1000], labels[:1000], k=k)  # warm-up: code paths, threads, CUDA context
     # peak memory with measure()'s RSS sampler running; the times below without it (on 2 cores a third,
     # sampling thread slows the 2-thread products by 20-30%)
@@ -638,7 +639,7 @@ def write_cache(n_images, path, splits_path, seed):
     """A planted feature cache (dev + 5,000 test at full size) and a random 5-fold splits file -> fold 0 rows.
     Folds are consecutive slices of a random order of the dev ids, the smaller ones first: fold 0 of the
     118,287-image pool is 94,630 train / 23,657 val, as COCO's would be."""
-    feats = data.make_planted_features(n_images, seed=seed)
+    feats = synthetic.make_planted_features(n_images, seed=seed)
     data.save_features(path, feats, feats["meta"])
     ids, labels = feats["ids"], feats["labels"]
     del feats

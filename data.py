@@ -1,12 +1,10 @@
-"""COCO data: loading (Karpathy split + 2014 instances), feature cache I/O, splits I/O, synthetic data.
+"""Data: the COCO loader (Karpathy split + 2014 instances), feature cache I/O, splits I/O, atomic writes.
 
 Importable module, no CLI. Typical use:
 
     import data
     coco = data.load_coco("data/coco")            # ids, paths, splits, labels [N,80], captions, categories
-    data.make_synthetic_coco("demo/coco", n_images=200, seed=0)   # a tiny COCO-like tree in the real formats
-    feats = data.make_planted_features(1200)      # fake feature cache with recoverable labels
-    data.save_features("f.safetensors", {k: v for k, v in feats.items() if k != "meta"}, feats["meta"])
+    data.save_features("f.safetensors", tensors, meta)
     tensors, meta = data.load_features("f.safetensors")
 
 Every error caused by bad input is raised as DataError(one line naming the file and the fix);
@@ -15,7 +13,6 @@ scripts catch it and exit with code 2.
 import hashlib
 import json
 import os
-from statistics import NormalDist
 
 import numpy as np
 
@@ -52,18 +49,6 @@ COCO_CATEGORIES = [
     {"id": 87, "name": "scissors"}, {"id": 88, "name": "teddy bear"}, {"id": 89, "name": "hair drier"},
     {"id": 90, "name": "toothbrush"},
 ]
-
-# approximate number of images containing each category in the 118,287-image pool (index order);
-# sums to ~2.9 labels per image, person ~54%, hair drier / toaster ~0.2%
-_COCO_IMAGE_COUNTS = [
-    64115, 3252, 12251, 3502, 2986, 3952, 3588, 6127, 3025, 4139, 1711, 1734, 705, 5570, 3237, 4114, 4385,
-    2941, 1529, 1968, 2143, 960, 1916, 2546, 5528, 3968, 6841, 3810, 2402, 2184, 3082, 1654, 4262, 2261,
-    2506, 2629, 3476, 3486, 3394, 8501, 2533, 9189, 3555, 4326, 3529, 7111, 2243, 1586, 2365, 1699, 1939,
-    2180, 1222, 3166, 1523, 2925, 12774, 4423, 4452, 3682, 11837, 3353, 4561, 3524, 1876, 3076, 2115, 4803,
-    1547, 2877, 217, 4678, 2360, 5332, 4659, 3593, 947, 1571, 189, 1007]
-# first COCO id of each supercategory after "person" (vehicle, outdoor, animal, ..., indoor): a group per range
-_SUPERCATEGORY_STARTS = [2, 10, 16, 27, 34, 44, 52, 62, 72, 78, 84]
-
 
 class DataError(Exception):
     """Bad input data: the message is one line naming the file and what to do."""
@@ -298,92 +283,6 @@ class ImageCaptionDataset:
         return [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
 
 
-# ----------------------------------------------------------------------------- synthetic COCO tree
-
-_SUPERCATEGORIES = ["person", "vehicle", "outdoor", "animal", "accessory", "sports", "kitchen", "food",
-                    "furniture", "electronic", "appliance", "indoor"]
-_CAPTION_TEMPLATES = ["A photo of {}.", "  There is {} in this picture. ", "{} can be seen here.\n",
-                      "An image showing {} ", "Someone took a picture of {}.", "A scene with {}  in it.",
-                      "Close up of {}."]
-
-
-def _category_look(k):
-    """Category index k -> (cell x, cell y, RGB colour, shape) on a 9x9 grid of 7-pixel cells."""
-    hue = (k * 0.618034) % 1.0
-    rgb = tuple(int(255 * min(1.0, max(0.0, 2.0 - abs(((hue * 6 + o) % 6) - 3)))) for o in (0, 4, 2))
-    return k % 9, k // 9, rgb, ("rect", "ellipse", "triangle")[k % 3]
-
-
-def make_synthetic_coco(root, n_images=200, seed=0):
-    """Write a small COCO-2014-like tree under root in the real formats and return root.
-
-    root/train2014/*.jpg, root/val2014/*.jpg (64x64; one shape per present category, at a category-specific
-    place and colour, so a model can learn the labels), root/annotations/instances_{train,val}2014.json
-    (real 80 category ids/names, bboxes, polygons, some iscrowd=1 RLE, some images without annotations)
-    and root/dataset_coco.json (Karpathy format; train/restval/val/test, test and val from val2014,
-    5-7 captions per image naming some of its labels, with stray whitespace).
-    """
-    from PIL import Image, ImageDraw
-    rng = np.random.default_rng(seed)
-    n = int(n_images)
-    labels = synthetic_labels(n, seed)
-    labels[rng.permutation(n)[:max(1, n // 20)]] = 0                            # ~5% without annotations
-    ids = np.sort(rng.choice(np.arange(1, 600000), size=n, replace=False))
-    n_test, n_val = max(2, n // 10), max(2, n // 10)
-    n_restval = max(1, n // 5)
-    split = np.array(["test"] * n_test + ["val"] * n_val + ["restval"] * n_restval
-                     + ["train"] * (n - n_test - n_val - n_restval))[rng.permutation(n)]
-    folder = np.where(split == "train", "train2014", "val2014")
-    group = np.searchsorted(_SUPERCATEGORY_STARTS, [c["id"] for c in COCO_CATEGORIES], side="right")
-    cats = [{"supercategory": _SUPERCATEGORIES[g], "id": c["id"], "name": c["name"]}
-            for c, g in zip(COCO_CATEGORIES, group)]
-    inst = {f: {"info": {"description": "synthetic COCO-like data", "version": "1.0", "year": 2014},
-                "licenses": [{"id": 1, "name": "synthetic", "url": ""}], "images": [], "annotations": [],
-                "categories": cats} for f in ("train2014", "val2014")}
-    karpathy, ann_id, sent_id = [], 1, 1
-    for i in range(n):
-        cid, f = int(ids[i]), str(folder[i])
-        fname = f"COCO_{f}_{cid:012d}.jpg"
-        img = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(90, 140, 3)))
-        draw = ImageDraw.Draw(img)
-        present = np.flatnonzero(labels[i])
-        for k in present:
-            cx, cy, rgb, shape = _category_look(int(k))
-            x, y = 1 + 7 * cx + int(rng.integers(0, 2)), 1 + 7 * cy + int(rng.integers(0, 2))
-            box = [x, y, x + 5, y + 5]
-            getattr(draw, {"rect": "rectangle", "ellipse": "ellipse", "triangle": "polygon"}[shape])(
-                [(x, y + 5), (x + 5, y + 5), (x + 2.5, y)] if shape == "triangle" else box, fill=rgb)
-            for _ in range(1 + int(rng.random() < 0.2)):                            # sometimes 2 instances
-                crowd = rng.random() < 0.08
-                # crowd: uncompressed RLE, column-major runs (5 columns of 5 pixels); else a polygon
-                rle = [x * 64 + y] + [5, 59] * 4 + [5, 64 * 64 - x * 64 - y - 4 * 64 - 5]
-                seg = ({"counts": rle, "size": [64, 64]} if crowd
-                       else [[float(x), float(y), x + 5.0, float(y), x + 5.0, y + 5.0, float(x), y + 5.0]])
-                inst[f]["annotations"].append({"segmentation": seg, "area": 25.0, "iscrowd": int(crowd),
-                                               "image_id": cid, "bbox": [float(x), float(y), 5.0, 5.0],
-                                               "category_id": COCO_CATEGORIES[k]["id"], "id": ann_id})
-                ann_id += 1
-        os.makedirs(os.path.join(root, f), exist_ok=True)
-        atomic_write(os.path.join(root, f, fname), lambda tmp: img.save(tmp, format="JPEG", quality=90))
-        inst[f]["images"].append({"license": 1, "file_name": fname, "height": 64, "width": 64, "id": cid,
-                                  "coco_url": "", "date_captured": "2014-01-01 00:00:00", "flickr_url": ""})
-        names = [COCO_CATEGORIES[k]["name"] for k in present]
-        sentences = []
-        for _ in range(int(rng.integers(5, 8))):                                   # 5-7 captions
-            said = [a for a in names if rng.random() < 0.6] or names[:1]
-            what = " and ".join(f"a {a}" for a in said) if said else "nothing in particular"
-            raw = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))].format(what)
-            sentences.append({"tokens": raw.lower().replace(".", "").split(), "raw": raw, "imgid": i,
-                              "sentid": sent_id})
-            sent_id += 1
-        karpathy.append({"filepath": f, "sentids": [s["sentid"] for s in sentences], "filename": fname,
-                         "imgid": i, "split": str(split[i]), "sentences": sentences, "cocoid": cid})
-    for f in ("train2014", "val2014"):
-        save_json(os.path.join(root, "annotations", f"instances_{f}.json"), inst[f])
-    save_json(os.path.join(root, "dataset_coco.json"), {"images": karpathy, "dataset": "coco"})
-    return root
-
-
 # ----------------------------------------------------------------------------- feature cache
 
 # name -> (dtype, rank); N must agree across all, D across image/text/prompts
@@ -517,111 +416,3 @@ def check_split_ids(splits, ids, where="feature cache"):
         raise DataError(f"{where}: {len(missing)} of {len(want)} split image ids are missing (e.g. "
                         f"{missing[:5]}); the splits and the {where} come from different data - re-run "
                         f"extract_features.py on the same data_root as make_splits.py")
-
-
-# ----------------------------------------------------------------------------- synthetic labels / features
-
-def synthetic_labels(n, seed=0):
-    """COCO-like multi-label matrix uint8 [n, 80]: real per-class prevalences (person ~54% ... ~0.2%),
-    ~2.9 labels per image, correlated within supercategories, ~1% all-zero rows."""
-    rng = np.random.default_rng(seed)
-    p = np.asarray(_COCO_IMAGE_COUNTS, np.float64) / 118287.0                        # (80,)
-    group = np.searchsorted(_SUPERCATEGORY_STARTS, [c["id"] for c in COCO_CATEGORIES], side="right")
-    thr = np.array([NormalDist().inv_cdf(1.0 - q) for q in p], np.float32)         # (80,)
-    # Gaussian copula: one latent factor per supercategory keeps every marginal exact but makes
-    # co-occurrence realistic (fork with knife, car with truck) for stratification to cope with
-    rho = 0.35
-    g = rng.standard_normal((n, len(_SUPERCATEGORY_STARTS) + 1), dtype=np.float32)   # (n, 12)
-    z = rng.standard_normal((n, NUM_CLASSES), dtype=np.float32)                      # (n, 80)
-    z *= np.float32(np.sqrt(1 - rho))
-    z += np.float32(np.sqrt(rho)) * g[:, group]
-    labels = (z > thr).astype(np.uint8)
-    # images with nothing: ~1% stay empty on purpose, the others get one label drawn by prevalence
-    empty = rng.random(n) < 0.01
-    fill = ~labels.any(1) & ~empty
-    pick = np.searchsorted(np.cumsum(p) / p.sum(), rng.random(int(fill.sum())), side="right")
-    labels[np.flatnonzero(fill), np.minimum(pick, NUM_CLASSES - 1)] = 1
-    labels[empty] = 0
-    return labels
-
-
-def _planted_blocks(rng, labels, ncap, table, image, text, pool, p_mention, step=512):
-    """Fill image [N,1,D] / text [N,C,D] float16 block by block (blocks of `step` images stay in cache)."""
-    import torch
-    import torch.nn.functional as F
-    n, c, d = len(labels), text.shape[1], text.shape[2]
-    for s in range(0, n, step):
-        lab = labels[s:s + step].astype(bool)                                       # (B, 80)
-        b = lab.shape[0]
-        m = b * (1 + c)
-        # captions: each mentions each label with prob p_mention, and at least one when there is any
-        r = lab[:, None, :] * rng.random((b, c, NUM_CLASSES), dtype=np.float32)     # (B, C, 80)
-        ment = r > 1.0 - p_mention
-        bi, ci = np.nonzero(~ment.any(2) & lab.any(1)[:, None])
-        ment[bi, ci, np.argmax(r[bi, ci], axis=1)] = True
-        rows, col = np.nonzero(np.concatenate([lab[:, None], ment], 1).reshape(m, NUM_CLASSES))
-        cnt = np.bincount(rows, minlength=m)
-        col = col + pool + NUM_CLASSES * (rows % (1 + c) > 0)                       # W_i or W_t rows
-        offsets = np.concatenate([[0], np.cumsum(cnt)[:-1]])
-        fixed = np.empty((m, 3), np.int64)
-        fixed[:, :2] = rng.integers(0, pool, size=(m, 2))                            # noise rows
-        fixed[:, 2] = pool + 2 * NUM_CLASSES + (np.arange(m) % (1 + c) > 0)          # mu_i or mu_t
-        v = F.embedding_bag(torch.from_numpy(fixed), table, mode="sum")             # (B*(1+C), D)
-        v += F.embedding_bag(torch.from_numpy(col), table, torch.from_numpy(offsets), mode="sum",
-                             per_sample_weights=torch.from_numpy((1.0 / np.sqrt(np.maximum(cnt, 1)))[rows]
-                                                                 .astype(np.float32)))
-        mags = np.exp(rng.uniform(np.log(5.0), np.log(30.0), size=(b, 1 + c)))       # random norms
-        mags[:, 1:] *= np.arange(c)[None, :] < ncap[s:s + b, None]                   # no caption -> zero row
-        v = v.view(b, 1 + c, d)                                                      # slot 0 = image
-        scale = (torch.from_numpy(mags.astype(np.float32)) / torch.linalg.vector_norm(v, dim=2))[:, :, None]
-        torch.mul(v[:, :1], scale[:, :1], out=image[s:s + b])                       # float16 from here
-        torch.mul(v[:, 1:], scale[:, 1:], out=text[s:s + b])
-
-
-def make_planted_features(n_images, dim=768, n_captions=5, seed=0):
-    """A fake feature cache whose labels a linear probe can recover, but not trivially.
-
-    Image v = m * normalize(mu_i + a * sum_{c in labels} W_i[c] / sqrt(k) + noise); caption v likewise with
-    mu_t, W_t and the labels that caption mentions (a random subset of the image's, at least one).
-    W_t is correlated with W_i (aligned towers), mu_i != mu_t (modality gap), norms m random in [5, 30].
-    A logistic-regression probe on L2-normalised [image, mean caption] reaches val macro mAP 0.88 at COCO
-    scale (123,287 images, 80/20 split; 0.87 with 60k images, less on a few thousand): learnable, not trivial.
-    Returns numpy arrays exactly like the cache: ids int64 [N], image float16 [N,1,D], text float16
-    [N,C,D] (zero rows past n_captions), n_captions int64 [N] in 1..C, labels uint8 [N,80],
-    prompts float16 [80,D]; plus "meta" (dict for save_features, model "planted").
-    """
-    import torch
-    n, d, c = int(n_images), int(dim), int(n_captions)
-    rng = np.random.default_rng(seed)
-    labels = synthetic_labels(n, seed)                                               # (N, 80)
-    ids = np.sort(rng.choice(np.arange(1, 600000), size=n, replace=False)).astype(np.int64)
-    probs = np.array([0.02, 0.02, 0.03, 0.03] + [0.0] * max(c - 5, 0) + [0.9])[-c:] if c > 1 else np.ones(1)
-    ncap = (rng.choice(c, size=n, p=probs / probs.sum()) + 1).astype(np.int64)     # mostly C captions
-
-    def unit(x):
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-    sig, p_mention, pool = 0.25, 0.5, 16384   # signal vs two unit noise vectors: sets the difficulty
-    w_img = unit(rng.standard_normal((NUM_CLASSES, d)))                             # (80, D) class directions
-    w_txt = unit(0.6 * w_img + 0.8 * unit(rng.standard_normal((NUM_CLASSES, d))))
-    mu = unit(rng.standard_normal((2, d)))                                           # image / text offsets
-    # one lookup table, every vector = a weighted bag of its rows: 2 random noise rows (full-rank,
-    # label-free, far cheaper than N*(1+C)*D fresh normals), its mean row and its label rows
-    table = np.concatenate([unit(rng.standard_normal((pool, d), dtype=np.float32)), sig * w_img, sig * w_txt, mu])
-    table = torch.from_numpy(table.astype(np.float32))                             # (pool+162, D)
-    image = torch.empty((n, 1, d), dtype=torch.float16)
-    text = torch.empty((n, c, d), dtype=torch.float16)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # memory-bound gathers: one thread is as fast, and 3x faster on a busy CPU
-    try:
-        _planted_blocks(rng, labels, ncap, table, image, text, pool, p_mention)
-    finally:
-        torch.set_num_threads(threads)
-    image, text = image.numpy(), text.numpy()
-    w_txt = sig * w_txt
-    prompts = (unit(mu[1] + w_txt) * 10.0).astype(np.float16)                      # (80, D) "a photo of a <c>"
-    meta = {"format": FEATURES_FORMAT, "model": "planted", "dim": d, "views": 1, "max_captions": c,
-            "image_size": 0, "transformers_version": "none", "logit_scale": 10.0, "logit_bias": -10.0,
-            "fingerprint": f"planted-seed{seed}", "categories": json.dumps(COCO_CATEGORIES), "bad_images": "[]"}
-    return {"ids": ids, "image": image, "text": text, "n_captions": ncap, "labels": labels,
-            "prompts": prompts, "meta": meta}

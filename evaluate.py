@@ -22,7 +22,6 @@ own training images (dev minus val_folds[fold]), recomputed from the cached embe
 heads averages the members' vote scores. --thresholds oof tunes per-class F1 thresholds on each fold's
 val_predictions.npz (never on the evaluated split) and averages them over the folds.
 """
-import argparse
 import glob
 import hashlib
 import json
@@ -34,6 +33,7 @@ import zipfile
 import numpy as np
 import torch
 
+import cli
 import data
 import metrics
 import model
@@ -41,56 +41,28 @@ import model
 SHOWN = ("mAP_macro", "mAP_micro", "auc_macro", "f1_macro", "f1_micro", "hamming_loss")  # terminal table
 
 
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _typed(cast, ok, what):
-    """argparse type= that rejects bad values before any work (--knn_k 0 -> usage + exit 2)."""
-    def parse(s):
-        try:
-            if ok(cast(s)):
-                return cast(s)
-        except ValueError:
-            pass
-        raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
-    return parse
-
-
-positive_int = _typed(int, lambda v: v >= 1, "an integer >= 1")
-nonneg_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _typed(float, lambda v: v > 0 and np.isfinite(v), "a number > 0")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line that names the flag, instead of the whole usage
-        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
-
 def get_args_parser():
-    p = _Parser("evaluate", description="test / val metrics of one fold model or the fold ensemble",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser("evaluate", description="test / val metrics of one fold model or the fold ensemble")
     # data
     g = p.add_argument_group("data")
     g.add_argument("--features", default=None, help="feature cache; default: the one in the checkpoint's config")
     g.add_argument("--splits", default=None, help="splits.json the models trained with (defines KNN databases)")
     g.add_argument("--split", default="test", choices=("test", "val"), help="test = hold-out; val = val_folds[--fold]")
-    g.add_argument("--fold", type=nonneg_int, default=None, help="with --split val: the checkpoint's own fold")
+    g.add_argument("--fold", type=cli.nonneg_int, default=None, help="with --split val: the checkpoint's own fold")
     g.add_argument("--data_root", default=None, help="COCO root: adds examples.png (worst-predicted images)")
     # model
     g = p.add_argument_group("model")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", default=None, help="one model: a train.py best.pt")
     src.add_argument("--ensemble", default=None, help="a run dir: every fold*/best.pt, probabilities averaged")
-    g.add_argument("--batch_size", type=positive_int, default=4096, help="images per head call")
+    g.add_argument("--batch_size", type=cli.positive_int, default=4096, help="images per head call")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     # heads and analyses
     g = p.add_argument_group("heads and analyses")
     g.add_argument("--head", default="mlp", choices=("mlp", "knn", "both"), help="classifier head(s) to score")
-    g.add_argument("--knn_k", type=positive_int, default=100,
+    g.add_argument("--knn_k", type=cli.positive_int, default=100,
                    help="neighbours per query (the original plan: 20; on planted data 100 scored 0.6-1.9 points more, README)")
-    g.add_argument("--knn_tau", type=positive_float, default=0.07, help="softmax temperature of the votes")
+    g.add_argument("--knn_tau", type=cli.positive_float, default=0.07, help="softmax temperature of the votes")
     g.add_argument("--knn_vote", default="softmax", choices=model.KNN_VOTES, help="neighbour vote weights")
     g.add_argument("--knn_query", default="real", choices=model.KNN_QUERIES, help="real: each query keeps its "
                    "real-valued tanh code against the binary database codes (asymmetric distance, bits weighted by "
@@ -103,11 +75,11 @@ def get_args_parser():
     g.add_argument("--image", default=None, help="predict one image file instead (needs --caption)")
     g.add_argument("--caption", action="append", default=None, help="caption of --image; repeat to average")
     g.add_argument("--model", default=None, help="SigLIP2 name/folder for --image; default: from the features")
-    g.add_argument("--top", type=positive_int, default=5, help="labels printed for --image")
+    g.add_argument("--top", type=cli.positive_int, default=5, help="labels printed for --image")
     # io
     g = p.add_argument_group("io")
     g.add_argument("--out_dir", default=None, help="default: <run>/eval_<split> or <fold dir>/eval_<split>")
-    g.add_argument("--bootstrap", type=nonneg_int, default=1000, help="bootstrap draws for 95%% CIs; 0 = off")
+    g.add_argument("--bootstrap", type=cli.nonneg_int, default=1000, help="bootstrap draws for 95%% CIs; 0 = off")
     g.add_argument("--seed", type=int, default=0, help="bootstrap seed (fixed: CIs are repeatable)")
     g.add_argument("--allow_partial", action="store_true", help="ensemble the finished folds, name the others")
     return p
@@ -130,43 +102,43 @@ def checkpoint_paths(args):
     if args.checkpoint:
         return [args.checkpoint]
     if not os.path.isdir(args.ensemble):
-        fail(f"--ensemble {args.ensemble}: not a directory")
+        cli.fail(f"--ensemble {args.ensemble}: not a directory")
     dirs = sorted((d for d in glob.glob(os.path.join(args.ensemble, "fold*")) if re.fullmatch(r"fold\d+",
                    os.path.basename(d)) and os.path.isdir(d)), key=lambda d: int(os.path.basename(d)[4:]))
     paths = [os.path.join(d, "best.pt") for d in dirs if os.path.isfile(os.path.join(d, "best.pt"))]
     if not paths:
-        fail(f"--ensemble {args.ensemble}: no fold*/best.pt in it; train folds with train.py first")
+        cli.fail(f"--ensemble {args.ensemble}: no fold*/best.pt in it; train folds with train.py first")
     bad = [os.path.basename(d) for d in dirs if not fold_finished(d)]
     if bad:
         msg = f"--ensemble {args.ensemble}: unfinished or missing folds: {', '.join(bad)}"
         if not args.allow_partial:
-            fail(msg + "; finish them (run_cv.sh resumes) or pass --allow_partial")
+            cli.fail(msg + "; finish them (run_cv.sh resumes) or pass --allow_partial")
         print(f"warning: {msg}; ensembling the others", file=sys.stderr)
         paths = [p for p in paths if os.path.basename(os.path.dirname(p)) not in bad]
         if not paths:
-            fail(msg)
+            cli.fail(msg)
     return paths
 
 
 def load_checkpoint(path):
     """-> (head in eval mode, checkpoint dict). Only weights_only loading: a pickle can run code."""
     if not os.path.isfile(path):
-        fail(f"{path}: checkpoint not found")
+        cli.fail(f"{path}: checkpoint not found")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        fail(f"{path}: not a checkpoint (not a file written by torch.save); pass a best.pt from train.py")
+        cli.fail(f"{path}: not a checkpoint (not a file written by torch.save); pass a best.pt from train.py")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or a pickled object (refused by weights_only)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
         first = next((ln for ln in lines if "Unsupported global" in ln), lines[0])[:200]
-        fail(f"{path}: not a loadable train.py checkpoint ({type(e).__name__}: {first}); pass a best.pt from train.py")
+        cli.fail(f"{path}: not a loadable train.py checkpoint ({type(e).__name__}: {first}); pass a best.pt from train.py")
     if not isinstance(ck, dict) or not {"model", "model_args", "config"} <= set(ck):
-        fail(f"{path}: not a train.py checkpoint (needs keys model, model_args, config); pass a best.pt")
+        cli.fail(f"{path}: not a train.py checkpoint (needs keys model, model_args, config); pass a best.pt")
     try:
         head = model.HashHead(**ck["model_args"])
         head.load_state_dict(ck["model"])
     except Exception as e:
-        fail(f"{path}: weights do not fit HashHead(**model_args) ({type(e).__name__}); re-train with this model.py")
+        cli.fail(f"{path}: weights do not fit HashHead(**model_args) ({type(e).__name__}); re-train with this model.py")
     return head.eval(), ck
 
 
@@ -248,9 +220,9 @@ def oof_thresholds(paths, eval_ids):
             with np.load(f) as z:
                 ids, y, prob = z["ids"], z["labels"], z["probs"]
         except Exception as e:
-            fail(f"{f}: cannot read val predictions ({type(e).__name__}); --thresholds oof needs each fold's file")
+            cli.fail(f"{f}: cannot read val predictions ({type(e).__name__}); --thresholds oof needs each fold's file")
         if np.isin(ids, eval_ids).any():  # thresholds must never be chosen on the evaluated images
-            fail(f"{f}: {int(np.isin(ids, eval_ids).sum())} val ids are in the evaluated split; use --split test")
+            cli.fail(f"{f}: {int(np.isin(ids, eval_ids).sum())} val ids are in the evaluated split; use --split test")
         per_fold.append(metrics.best_f1_thresholds(y, prob))
         n_val += len(ids)
     thr = np.mean(per_fold, axis=0)
@@ -340,16 +312,16 @@ def predict_image(args, heads, ck):
     """Run the frozen towers + every head on one image and its caption(s); print the top labels."""
     from PIL import Image
     if not args.caption:
-        fail("--image: give its caption with --caption \"...\" (repeat the flag to average several)")
+        cli.fail("--image: give its caption with --caption \"...\" (repeat the flag to average several)")
     try:
         with Image.open(args.image) as im:
             img = im.convert("RGB")
     except Exception as e:
-        fail(f"--image {args.image}: cannot read the image ({type(e).__name__}); pass a JPEG/PNG file")
+        cli.fail(f"--image {args.image}: cannot read the image ({type(e).__name__}); pass a JPEG/PNG file")
     meta = ck["config"].get("features_meta") or {}
     name = args.model or meta.get("model")
     if not name:
-        fail("--model: the checkpoint does not name its SigLIP2 model; pass --model NAME_OR_FOLDER")
+        cli.fail("--model: the checkpoint does not name its SigLIP2 model; pass --model NAME_OR_FOLDER")
     # a local model folder saved relative to the folder extract_features.py ran in; run_cv.sh runs every step
     # from the repository folder, so that is train.py's folder too
     cwd = ck["config"].get("cwd")
@@ -359,9 +331,9 @@ def predict_image(args, heads, ck):
         enc = model.Siglip2Encoder(name, device=args.device)
     except Exception as e:
         where = "" if os.path.exists(name) else ", not a folder here"
-        fail(f"--model {name}: cannot load the SigLIP2 towers ({type(e).__name__}{where}); pass --model NAME_OR_FOLDER")
+        cli.fail(f"--model {name}: cannot load the SigLIP2 towers ({type(e).__name__}{where}); pass --model NAME_OR_FOLDER")
     if enc.dim != heads[0].model_args["dim"]:
-        fail(f"--model {name}: embeddings are {enc.dim}-d but the head expects {heads[0].model_args['dim']}")
+        cli.fail(f"--model {name}: embeddings are {enc.dim}-d but the head expects {heads[0].model_args['dim']}")
     names = [c["name"] for c in json.loads(meta.get("categories") or "null") or data.COCO_CATEGORIES]
     probs = torch.stack([model.HashModel(enc, h.to(args.device)).predict([img], [args.caption])[0]
                          for h in heads]).mean(0)  # (80,) averaged over the ensemble
@@ -380,7 +352,7 @@ def config_path(path, cfg, flag):
         return there
     if os.path.exists(path) or os.path.isabs(path):
         return path
-    fail(f"{path}: not found from {os.getcwd()} (the checkpoint's config names it relative to the folder train.py "
+    cli.fail(f"{path}: not found from {os.getcwd()} (the checkpoint's config names it relative to the folder train.py "
          f"ran in{', ' + cfg['cwd'] if cfg.get('cwd') else ''}); run from that folder or pass {flag}")
 
 
@@ -388,7 +360,7 @@ def load_inputs(args, paths, cks):
     """Feature cache, splits and (with --data_root) COCO, checked against what the models were trained on."""
     cfg = cks[0]["config"]
     if not (args.features or cfg.get("features")) or not (args.splits or cfg.get("splits")):
-        fail("--features/--splits: the checkpoint's config does not name them; pass both flags")
+        cli.fail("--features/--splits: the checkpoint's config does not name them; pass both flags")
     features = args.features or config_path(cfg["features"], cfg, "--features")
     split_path = args.splits or config_path(cfg["splits"], cfg, "--splits")
     try:
@@ -397,25 +369,25 @@ def load_inputs(args, paths, cks):
         data.check_split_ids(splits, feats["ids"].numpy(), where=features)
         coco = data.load_coco(args.data_root) if args.data_root else None
     except data.DataError as e:
-        fail(str(e))
+        cli.fail(str(e))
     if cfg.get("features_meta") and identity(cks[0])["features"] != (meta.get("model"), meta.get("fingerprint")):
-        fail(f"--features {features}: embeddings of {meta.get('model')} / data {meta.get('fingerprint')}, but the "
+        cli.fail(f"--features {features}: embeddings of {meta.get('model')} / data {meta.get('fingerprint')}, but the "
              f"models were trained on {identity(cks[0])['features']}; pass the cache they were trained on")
     with open(split_path, "rb") as f:
         if cfg.get("splits_sha256") and hashlib.sha256(f.read()).hexdigest() != cfg["splits_sha256"]:
-            fail(f"--splits {split_path}: not the splits file the models were trained with (sha256 differs)")
+            cli.fail(f"--splits {split_path}: not the splits file the models were trained with (sha256 differs)")
     folds = [ck["config"].get("fold") for ck in cks]
     if len(set(folds)) != len(folds) or not all(isinstance(f, int) and 0 <= f < splits["folds"] for f in folds):
-        fail(f"{', '.join(paths)}: fold numbers {folds} in the checkpoints' config are missing, repeated or "
+        cli.fail(f"{', '.join(paths)}: fold numbers {folds} in the checkpoints' config are missing, repeated or "
              f"outside the {splits['folds']} folds of {split_path}")
     if args.fold is not None and args.fold >= splits["folds"]:
-        fail(f"--fold: {args.fold} is out of range; {split_path} has folds 0..{splits['folds'] - 1}")
+        cli.fail(f"--fold: {args.fold} is out of range; {split_path} has folds 0..{splits['folds'] - 1}")
     missing = sorted(set(range(splits["folds"])) - set(folds)) if args.ensemble else []
     if missing:  # fold dirs absent altogether
         msg = f"--ensemble {args.ensemble}: folds {missing} of {split_path} have no best.pt"
-        fail(msg + "; train them or pass --allow_partial") if not args.allow_partial else print(f"warning: {msg}")
+        cli.fail(msg + "; train them or pass --allow_partial") if not args.allow_partial else print(f"warning: {msg}")
     if args.split == "val" and folds[0] != args.fold:
-        fail(f"--fold {args.fold}: the checkpoint trained on those images (it is fold {folds[0]}'s); "
+        cli.fail(f"--fold {args.fold}: the checkpoint trained on those images (it is fold {folds[0]}'s); "
              f"use --fold {folds[0]}")
     return features, split_path, feats, meta, splits, coco, folds
 
@@ -434,7 +406,7 @@ def evaluate_split(args, paths, heads, cks):
     want = splits["test"] if args.split == "test" else splits["val_folds"][args.fold]
     rows, dev_rows = to_rows(want), to_rows(splits["dev"])
     if len(rows) == 0:
-        fail(f"{split_path}: the {args.split} split has no usable images in {features}")
+        cli.fail(f"{split_path}: the {args.split} split has no usable images in {features}")
     if len(rows) < len(want):
         print(f"note: skipped {len(want) - len(rows)} {args.split} images (unreadable or without captions)")
     eval_ids = feats["ids"][rows].numpy()
@@ -529,26 +501,26 @@ def evaluate_split(args, paths, heads, cks):
 
 def main(args):
     if args.split == "val" and args.fold is None:
-        fail("--split val: give --fold K, the fold whose val images the checkpoint did not train on")
+        cli.fail("--split val: give --fold K, the fold whose val images the checkpoint did not train on")
     if args.fold is not None and args.split != "val":
-        fail("--fold: only used with --split val")
+        cli.fail("--fold: only used with --split val")
     if args.split == "val" and args.ensemble:
-        fail("--split val: pass one fold's --checkpoint (the other ensemble members trained on those images)")
+        cli.fail("--split val: pass one fold's --checkpoint (the other ensemble members trained on those images)")
     if args.thresholds == "oof" and (args.split != "test" or args.head == "knn"):
-        fail("--thresholds oof: only with --split test and the mlp head (tuned on the folds' MLP val predictions)")
+        cli.fail("--thresholds oof: only with --split test and the mlp head (tuned on the folds' MLP val predictions)")
     if args.caption and not args.image:
-        fail("--caption: only used with --image")
+        cli.fail("--caption: only used with --image")
     paths = checkpoint_paths(args)
     heads, cks = zip(*[load_checkpoint(p) for p in paths])
     for ck, p in zip(cks[1:], paths[1:]):
         for key, val in identity(ck).items():
             if val != identity(cks[0])[key]:
-                fail(f"--ensemble: {p} differs from {paths[0]} in {key} ({val} vs {identity(cks[0])[key]}); "
+                cli.fail(f"--ensemble: {p} differs from {paths[0]} in {key} ({val} vs {identity(cks[0])[key]}); "
                      f"ensemble only the folds of one run")
     if args.image:
         return predict_image(args, heads, cks[0])
     if (args.head != "mlp" or args.retrieval) and not cks[0]["model_args"].get("bits"):
-        fail("--head knn/both and --retrieval need hash codes, but these models have bits 0; use --head mlp")
+        cli.fail("--head knn/both and --retrieval need hash codes, but these models have bits 0; use --head mlp")
     return evaluate_split(args, paths, heads, cks)
 
 

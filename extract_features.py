@@ -23,7 +23,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import data
 import model
 
@@ -40,36 +40,16 @@ DEV_SPLITS = ("train", "restval", "val")
 IDENTITY = ("model", "max_captions", "views", "fingerprint", "limit", "seed")
 
 
-def positive_int(s):
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def non_negative_int(s):
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line that names the flag, instead of the whole usage
-        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
-
 def get_args_parser():
-    p = _Parser("extract_features", description="Cache frozen SigLIP2 embeddings of COCO images and captions",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser("extract_features", description="Cache frozen SigLIP2 embeddings of COCO images and captions")
     # data
     g = p.add_argument_group("data")
     g.add_argument("--data_root", default="data/coco", help="COCO root: dataset_coco.json, annotations/, images")
-    g.add_argument("--max_captions", type=positive_int, default=5, help="captions kept per image (COCO has 5-7)")
-    g.add_argument("--views", type=positive_int, default=1,
+    g.add_argument("--max_captions", type=cli.positive_int, default=5, help="captions kept per image (COCO has 5-7)")
+    g.add_argument("--views", type=cli.positive_int, default=1,
                    help="image views per image: view 0 is the plain image, the others a random resized crop "
                         "(50-100%% of the area) + horizontal flip, seeded per image so reruns agree")
-    g.add_argument("--limit", type=positive_int, default=None,
+    g.add_argument("--limit", type=cli.positive_int, default=None,
                    help="only the first N dev and the first N test images (by id), for a quick try")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="leave unreadable images out of the cache (listed in metadata bad_images) "
@@ -85,8 +65,8 @@ def get_args_parser():
                    help="do not cache the class prompts")
     # optim (throughput)
     g = p.add_argument_group("optim (throughput)")
-    g.add_argument("--batch_size", type=positive_int, default=64, help="images per forward pass")
-    g.add_argument("--num_workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes; the default is 4, or the number of cores if fewer")
+    g.add_argument("--batch_size", type=cli.positive_int, default=64, help="images per forward pass")
+    g.add_argument("--num_workers", type=cli.nonneg_int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes; the default is 4, or the number of cores if fewer")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="tower precision; default fp16 on cuda, fp32 on cpu")
@@ -94,14 +74,9 @@ def get_args_parser():
     g = p.add_argument_group("io")
     g.add_argument("--out", default=None,
                    help="output .safetensors; default <data_root>/features_<model basename>.safetensors")
-    g.add_argument("--shard_size", type=positive_int, default=2048,
+    g.add_argument("--shard_size", type=cli.positive_int, default=2048,
                    help="images per resumable shard in <out>.parts/ (a killed run loses at most one shard)")
     return p
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- images
@@ -210,7 +185,7 @@ def finished_shards(parts, run, n_shards):
             continue
         for k, v in run.items():
             if meta.get(k) != v:
-                fail(f"{path}: left by a different run ({k} {meta.get(k)!r} there, {v!r} now); "
+                cli.fail(f"{path}: left by a different run ({k} {meta.get(k)!r} there, {v!r} now); "
                      f"delete {parts} to start over, or pass another --out")
         if int(m.group(1)) < n_shards:
             done.add(int(m.group(1)))
@@ -226,10 +201,10 @@ def existing_output(out, want):
         with safe_open(out, framework="pt") as f:
             meta = f.metadata() or {}
     except Exception:
-        fail(f"{out}: exists but is not a readable feature cache; delete it or pass another --out")
+        cli.fail(f"{out}: exists but is not a readable feature cache; delete it or pass another --out")
     for k in IDENTITY:
         if meta.get(k) != want[k]:
-            fail(f"{out}: exists with {k} {meta.get(k)!r}, this run has {want[k]!r}; "
+            cli.fail(f"{out}: exists with {k} {meta.get(k)!r}, this run has {want[k]!r}; "
                  f"pass another --out or delete it")
     return True
 
@@ -251,7 +226,7 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args):
     buf, t0, n_caps = [], time.time(), 0
     for batch in loader:
         if "unreadable" in batch:
-            fail(f"{coco['paths'][batch['unreadable'][0]]}: became unreadable during the run; fix it and "
+            cli.fail(f"{coco['paths'][batch['unreadable'][0]]}: became unreadable during the run; fix it and "
                  f"rerun (finished shards are kept)")
         img = encoder.encode_pixels(batch["pixel_values"]).view(-1, V, D).half()  # (B, V, D)
         tok, ncap = batch["input_ids"], batch["n_captions"]  # (T, 64) every caption of the batch; (B,)
@@ -259,7 +234,7 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args):
         txt = torch.zeros(len(ncap), C, D, dtype=torch.float16)  # (B, C, D), zero rows past n_captions
         txt[torch.arange(C)[None, :] < ncap[:, None]] = txt_flat.half()  # row-major: image i, captions 0..n_i-1
         if not (torch.isfinite(img).all() and torch.isfinite(txt).all()):  # also catches float16 overflow
-            fail(f"--dtype {dtype_name}: non-finite embeddings near COCO id {int(ids_all[batch['rows'][0]])}; "
+            cli.fail(f"--dtype {dtype_name}: non-finite embeddings near COCO id {int(ids_all[batch['rows'][0]])}; "
                  f"rerun with --dtype bf16 or fp32")
         buf.append((batch["rows"], img, txt, ncap))
         n_caps += int(ncap.sum())
@@ -287,7 +262,7 @@ def merge_shards(parts, ids, n_shards, size, V, C, D):
     for s in range(n_shards):
         part, sl = load_file(shard_path(parts, s)), slice(s * size, min((s + 1) * size, n))
         if not torch.equal(part["ids"], out["ids"][sl]):
-            fail(f"{shard_path(parts, s)}: holds other images than expected; delete {parts} and rerun")
+            cli.fail(f"{shard_path(parts, s)}: holds other images than expected; delete {parts} and rerun")
         for k in ("image", "text", "n_captions"):
             out[k][sl] = part[k]
     return out
@@ -303,7 +278,7 @@ def main(args):
     try:
         coco = data.load_coco(args.data_root)
     except data.DataError as e:
-        fail(str(e))
+        cli.fail(str(e))
     ids_all = np.asarray(coco["ids"])
     dev_rows = np.flatnonzero([s in DEV_SPLITS for s in coco["splits"]])
     test_rows = np.flatnonzero([s == "test" for s in coco["splits"]])
@@ -321,7 +296,7 @@ def main(args):
     bad = find_bad_images([coco["paths"][r] for r in rows], args.num_workers)
     if bad and not args.skip_bad_images:
         listing = "; ".join(f"{coco['paths'][rows[i]]} ({e})" for i, e in bad)
-        fail(f"{args.data_root}: {len(bad)} unreadable image(s): {listing}; replace them, or pass "
+        cli.fail(f"{args.data_root}: {len(bad)} unreadable image(s): {listing}; replace them, or pass "
              f"--skip_bad_images to leave them out")
     bad_ids = [int(ids_all[rows[i]]) for i, _ in bad]
     for i, e in bad:
@@ -329,7 +304,7 @@ def main(args):
     rows = np.delete(rows, [i for i, _ in bad])
     n = len(rows)
     if n == 0:
-        fail(f"{args.data_root}: no readable dev/test images to encode")
+        cli.fail(f"{args.data_root}: no readable dev/test images to encode")
 
     # ---- shards: fixed slices of `rows`, each stamped with the run's settings and a hash of its image ids
     run = dict(ident, dtype=dtype_name, shard_size=str(args.shard_size),
@@ -343,7 +318,7 @@ def main(args):
         encoder = model.Siglip2Encoder(args.model, device=args.device, dtype=DTYPES[dtype_name])
     except (OSError, ValueError) as e:
         where = "" if os.path.exists(args.model) else "not a folder here; "
-        fail(f"--model {args.model}: cannot load it ({where}{str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+        cli.fail(f"--model {args.model}: cannot load it ({where}{str(e).splitlines()[0] if str(e) else type(e).__name__}); "
              f"give a Hugging Face name or a local folder of a SigLIP model")
     V, C, D = args.views, args.max_captions, encoder.dim
     print(f"{n} images ({len(bad)} skipped) x {V} view(s), <= {C} captions each, {args.model} (dim {D}, "

@@ -9,43 +9,21 @@ Usage:
     python make_splits.py --data_root data/coco                       # -> data/coco/splits.json
     python make_splits.py --data_root data/coco --method random --out data/coco/splits_random.json
 """
-import argparse
 import os
-import sys
 
 import numpy as np
 
+import cli
 import data
 
 
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def folds_type(s):
-    try:
-        k = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if k < 2:
-        raise argparse.ArgumentTypeError(f"need at least 2 folds, got {k}")
-    return k
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line that names the flag, instead of the whole usage
-        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
-
 def get_args_parser():
-    p = _Parser("make_splits", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser("make_splits", description=__doc__.split("\n\n")[0])
     # data
     g = p.add_argument_group("data")
     g.add_argument("--data_root", default="data/coco",
                    help="COCO folder with dataset_coco.json and annotations/instances_{train,val}2014.json")
-    g.add_argument("--folds", type=folds_type, default=5, help="number of cross-validation folds (>= 2)")
+    g.add_argument("--folds", type=cli.number(int, 2), default=5, help="number of cross-validation folds (>= 2)")
     g.add_argument("--seed", type=int, default=42, help="seed of the fold assignment; same seed, same file")
     g.add_argument("--method", default="stratified", choices=["stratified", "random"],
                    help="stratified: iterative stratification (Sechidis 2011) keeps every class's prevalence "
@@ -142,13 +120,13 @@ def main(args):
     try:
         coco = data.load_coco(args.data_root)
     except data.DataError as e:
-        fail(e)
+        cli.fail(e)
     splits = np.asarray(coco["splits"])
     dev_mask, test_mask = splits != "test", splits == "test"
     ids, labels = coco["ids"], coco["labels"]
     assert not set(ids[dev_mask].tolist()) & set(ids[test_mask].tolist()), "dev and test overlap"
     if dev_mask.sum() < args.folds:
-        fail(f"{args.data_root}: only {dev_mask.sum()} development images for {args.folds} folds")
+        cli.fail(f"{args.data_root}: only {dev_mask.sum()} development images for {args.folds} folds")
     dev_ids, dev_y = ids[dev_mask], labels[dev_mask]                               # ids ascending
     if args.method == "stratified":
         fold_of = iterative_stratification(dev_y, args.folds, args.seed)

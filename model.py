@@ -107,66 +107,6 @@ class Siglip2Encoder:
         return self.encode_tokens(self.tokenize(texts))
 
 
-# words of the tiny test tokenizer: the 80 COCO category names plus common caption words
-_TINY_WORDS = """
-person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign parking
-meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase
-frisbee skis snowboard sports ball kite baseball bat glove skateboard surfboard tennis racket bottle wine
-glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot hot pizza donut cake chair
-couch potted plant bed dining table toilet tv laptop mouse remote keyboard cell phone microwave oven
-toaster sink refrigerator book clock vase scissors teddy hair drier toothbrush
-a an the of on in at with and or to from by for near next under over above behind front top
-is are was be being sitting standing walking riding holding playing eating looking lying flying
-parked running jumping laying waiting carrying wearing driving crossing taking showing filled
-man woman men women boy girl child children people group couple player players kid kids
-photo picture image view close up small large big little two three four several many some
-white black red blue green yellow brown gray grey pink purple colorful dark bright old young
-street road city field grass water beach snow sky room kitchen bathroom living area house building
-wall window door floor plate food tray shelf counter desk park air ocean lake river tree trees
-it its his her their this that there other each one side background several together around
-very while out into down along across like has have shown made set full empty sits stands
-circle square triangle shape shapes color colored drawn scene object objects thing things
-. , ' - !
-"""
-
-
-def make_tiny_siglip(out_dir, image_size=32, seed=0):
-    """Save a tiny randomly initialised SiglipModel + tokenizer + processor to out_dir -> out_dir (str).
-
-    Offline stand-in for google/siglip2-base-patch16-256 in tests and demos: same class, same
-    preprocessing path, loadable by Siglip2Encoder(out_dir) via AutoModel / AutoProcessor. hidden 32,
-    2 layers, patch 8; a case-sensitive WordLevel tokenizer (unknown words -> <unk>) that appends </s>.
-    Deterministic for a seed; the global torch RNG is left untouched.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import (PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel,
-                              SiglipProcessor)
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in _TINY_WORDS.split():
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                        eos_token="</s>", model_max_length=TEXT_MAX_LENGTH)
-    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = SiglipConfig(
-        text_config=dict(vocab_size=len(vocab), max_position_embeddings=TEXT_MAX_LENGTH, projection_size=32,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=None, **small),
-        vision_config=dict(image_size=image_size, patch_size=8, **small))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SiglipModel(config).eval()
-    with torch.no_grad():  # SigLIP's initial temperature and bias (log 10, -10), not transformers' zeros
-        model.logit_scale.fill_(math.log(10.0))
-        model.logit_bias.fill_(-10.0)
-    out_dir = str(out_dir)
-    model.save_pretrained(out_dir)
-    SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
-    return out_dir
-
 # ----------------------------------------------------------------------------
 # SECTION: head (owner: head/train engineer) -- HashHead, head_loss
 

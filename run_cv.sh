@@ -61,10 +61,10 @@ skip() { echo; echo "== $1: skipped ($2 exists)"; }
 # ---------------------------------------------------------------------------- data
 if [ "$demo" = 1 ]; then
   if [ ! -f "$DATA_ROOT/dataset_coco.json" ]; then
-    step "demo data" "$PYTHON" -c "import data; data.make_synthetic_coco('$DATA_ROOT', n_images=1000, seed=0)"
+    step "demo data" "$PYTHON" -c "import synthetic; synthetic.make_synthetic_coco('$DATA_ROOT', n_images=1000, seed=0)"
   fi
   if [ ! -f "$MODEL/config.json" ]; then
-    step "demo model" "$PYTHON" -c "import model; model.make_tiny_siglip('$MODEL', image_size=32, seed=0)"
+    step "demo model" "$PYTHON" -c "import synthetic; synthetic.make_tiny_siglip('$MODEL', image_size=32, seed=0)"
   fi
 fi
 

@@ -19,13 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import aggregate  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import extract_features  # noqa: E402
 import make_splits  # noqa: E402
 import metrics  # noqa: E402
-import model  # noqa: E402
 import train  # noqa: E402
+import synthetic  # noqa: E402
 
 
 def run(script, *argv):
@@ -36,8 +37,8 @@ def run(script, *argv):
 def smoke(work):
     work = Path(work)
     t0 = time.time()
-    coco = data.make_synthetic_coco(work / "coco", n_images=120, seed=0)
-    tiny = model.make_tiny_siglip(work / "tiny_siglip", image_size=32, seed=0)
+    coco = synthetic.make_synthetic_coco(work / "coco", n_images=120, seed=0)
+    tiny = synthetic.make_tiny_siglip(work / "tiny_siglip", image_size=32, seed=0)
     splits, feats, out = work / "splits.json", work / "features.safetensors", work / "run"
 
     run(make_splits, "--data_root", coco, "--folds", 2, "--seed", 0, "--out", splits)
@@ -75,6 +76,6 @@ def test_smoke(tmp_path):
 
 
 if __name__ == "__main__":
-    aggregate._Parser("test_smoke", description=__doc__.strip().split("\n\n")[0]).parse_args()  # --help, one-line errors
+    cli.Parser("test_smoke", description=__doc__.strip().split("\n\n")[0]).parse_args()  # --help, one-line errors
     with tempfile.TemporaryDirectory() as d:
         print(f"smoke test passed in {smoke(d):.1f} s")

@@ -25,17 +25,17 @@ def fixtures_dir():
 
 @pytest.fixture(scope="session")
 def tiny_siglip(tmp_path_factory):
-    import model
-    return str(model.make_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"), image_size=32, seed=0))
+    import synthetic
+    return str(synthetic.make_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"), image_size=32, seed=0))
 
 
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory):
-    import data
-    return str(data.make_synthetic_coco(tmp_path_factory.mktemp("coco"), n_images=60, seed=0))
+    import synthetic
+    return str(synthetic.make_synthetic_coco(tmp_path_factory.mktemp("coco"), n_images=60, seed=0))
 
 
 @pytest.fixture(scope="session")
 def planted():
-    import data
-    return data.make_planted_features(n_images=1200, seed=0)
+    import synthetic
+    return synthetic.make_planted_features(n_images=1200, seed=0)

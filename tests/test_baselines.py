@@ -15,6 +15,7 @@ import data
 import evaluate
 import metrics
 import train
+import synthetic
 
 N_FOLDS = 2
 
@@ -23,7 +24,7 @@ N_FOLDS = 2
 def cache(tmp_path_factory):
     """Planted features with class prompts (logit scale 10, bias -10) and a 2-fold splits file."""
     root = tmp_path_factory.mktemp("baseline_cache")
-    feats = data.make_planted_features(1500, dim=256, seed=3)  # small D: the probe fits in seconds
+    feats = synthetic.make_planted_features(1500, dim=256, seed=3)  # small D: the probe fits in seconds
     ids = feats["ids"].tolist()
     order = np.random.default_rng(3).permutation(ids).tolist()
     test, dev = sorted(order[:200]), sorted(order[200:])

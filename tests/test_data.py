@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import synthetic
 
 KARPATHY_TEST_IDS = [42, 359, 636, 711, 810, 974, 1146, 1180, 1290]   # from SOURCES.md
 UNANNOTATED_IDS = [73, 74, 133]      # we strip their annotations: real "image without annotations" rows
@@ -170,7 +171,7 @@ def test_load_coco_bad_input(real_root, case):
 def test_synthetic_coco_real_formats(tmp_path):
     from pycocotools.coco import COCO
     from PIL import Image
-    root = data.make_synthetic_coco(str(tmp_path / "syn"), n_images=80, seed=3)
+    root = synthetic.make_synthetic_coco(str(tmp_path / "syn"), n_images=80, seed=3)
     coco = data.load_coco(root)
     ref, _ = _pycocotools_labels(root, coco["ids"].tolist())
     np.testing.assert_array_equal(coco["labels"], ref)
@@ -193,10 +194,10 @@ def test_synthetic_coco_real_formats(tmp_path):
     # the picture carries the labels: the category's colour sits in its grid cell
     r = int(np.flatnonzero(coco["labels"].sum(1) > 0)[0])
     k = int(np.flatnonzero(coco["labels"][r])[0])
-    cx, cy, rgb, _ = data._category_look(k)
+    cx, cy, rgb, _ = synthetic._category_look(k)
     px = np.asarray(Image.open(coco["paths"][r]).convert("RGB"), np.float32)[1 + 7 * cy + 3, 1 + 7 * cx + 3]
     assert np.abs(px - np.array(rgb)).max() < 60
-    again = data.make_synthetic_coco(str(tmp_path / "syn2"), n_images=80, seed=3)
+    again = synthetic.make_synthetic_coco(str(tmp_path / "syn2"), n_images=80, seed=3)
     np.testing.assert_array_equal(data.load_coco(again)["labels"], coco["labels"])
 
 
@@ -213,14 +214,14 @@ def test_image_caption_dataset(synthetic_coco, tmp_path):
 
 
 def test_synthetic_labels_are_coco_like():
-    y = data.synthetic_labels(60000, seed=1)
+    y = synthetic.synthetic_labels(60000, seed=1)
     assert y.dtype == np.uint8 and y.shape == (60000, 80)
     prev = y.mean(0)
     assert 0.52 < prev[0] < 0.57 and prev.argmax() == 0                      # person
     assert 0.001 < prev.min() < 0.003                                       # hair drier / toaster
     assert 2.7 < y.sum(1).mean() < 3.1
     assert 0.005 < (y.sum(1) == 0).mean() < 0.02
-    np.testing.assert_array_equal(y, data.synthetic_labels(60000, seed=1))
+    np.testing.assert_array_equal(y, synthetic.synthetic_labels(60000, seed=1))
 
 
 def _average_precision(y, s):
@@ -265,10 +266,10 @@ def test_planted_features(planted):
 
 def test_planted_is_fast_and_deterministic():
     t = time.time()
-    a = data.make_planted_features(3000, seed=5)
+    a = synthetic.make_planted_features(3000, seed=5)
     assert time.time() - t < 15                                              # <1 s idle; shared CPUs here
-    b = data.make_planted_features(300, seed=5)
-    c = data.make_planted_features(300, seed=5)
+    b = synthetic.make_planted_features(300, seed=5)
+    c = synthetic.make_planted_features(300, seed=5)
     for k in ("ids", "image", "text", "n_captions", "labels", "prompts"):
         np.testing.assert_array_equal(b[k], c[k])
     assert a["labels"].shape == (3000, 80)
@@ -350,4 +351,4 @@ def test_coco_categories_literal(fixtures_dir):
     official = json.loads((fixtures_dir / "coco80_categories_official.json").read_text())
     assert data.COCO_CATEGORIES == [{"id": c["id"], "name": c["name"]} for c in official]
     assert data.NUM_CLASSES == len(data.COCO_CATEGORIES) == 80
-    assert len(data._COCO_IMAGE_COUNTS) == 80
+    assert len(synthetic.COCO_IMAGE_COUNTS) == 80

@@ -22,6 +22,7 @@ import data
 import evaluate
 import metrics
 import model
+import synthetic
 
 MODEL_ARGS = dict(dim=32, num_classes=80, fusion="hadamard", decompose=True, mlp_dims=[24], dropout=0.1, bits=16)
 FILES = ("metrics.json", "metrics.csv", "per_class.csv", "errors.md", "test_predictions.npz", "ap_per_class.png",
@@ -34,7 +35,7 @@ def run(*argv):
 
 def make_data(root, n=160, dim=32, folds=5, n_test=40, seed=0, ids=None, labels=None):
     """Planted feature cache (n_captions 1..3) + a splits.json with `folds` val folds -> (feats path, splits path)."""
-    f = data.make_planted_features(n, dim=dim, n_captions=3, seed=seed)
+    f = synthetic.make_planted_features(n, dim=dim, n_captions=3, seed=seed)
     if ids is not None:
         f["ids"] = np.asarray(ids, dtype=np.int64)
     if labels is not None:

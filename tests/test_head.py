@@ -8,6 +8,7 @@ import torch
 
 import data
 import model
+import synthetic
 
 
 def _pair(n=6, d=16, seed=0):
@@ -224,7 +225,7 @@ def test_head_learns_planted_labels(tmp_path):
     """The default recipe learns on planted features; the original one (unscaled input, zero bias, tanh straight
     on the Linear, full hash weight from step 0, lr 2e-4) stays near chance on the same data."""
     import train
-    feats = data.make_planted_features(2000, seed=1)
+    feats = synthetic.make_planted_features(2000, seed=1)
     data.save_features(tmp_path / "f.safetensors", feats, feats["meta"])
     ids = feats["ids"]
     rng = np.random.default_rng(0)

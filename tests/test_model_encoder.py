@@ -9,6 +9,7 @@ import torch.nn as nn
 from PIL import Image
 
 import model
+import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,9 @@ def test_attributes_and_frozen(enc, tiny_siglip):
 
 def test_make_tiny_siglip_deterministic(tmp_path):
     from safetensors.torch import load_file
-    a = load_file(f"{model.make_tiny_siglip(tmp_path / 'a', seed=0)}/model.safetensors")
-    b = load_file(f"{model.make_tiny_siglip(tmp_path / 'b', seed=0)}/model.safetensors")
-    c = load_file(f"{model.make_tiny_siglip(tmp_path / 'c', seed=1)}/model.safetensors")
+    a = load_file(f"{synthetic.make_tiny_siglip(tmp_path / 'a', seed=0)}/model.safetensors")
+    b = load_file(f"{synthetic.make_tiny_siglip(tmp_path / 'b', seed=0)}/model.safetensors")
+    c = load_file(f"{synthetic.make_tiny_siglip(tmp_path / 'c', seed=1)}/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
 

@@ -8,12 +8,13 @@ import pytest
 
 import data
 import make_splits
+import synthetic
 
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     # our own synthetic tree: load_coco writes its index cache next to the data
-    return data.make_synthetic_coco(str(tmp_path_factory.mktemp("coco") / "coco"), n_images=150, seed=1)
+    return synthetic.make_synthetic_coco(str(tmp_path_factory.mktemp("coco") / "coco"), n_images=150, seed=1)
 
 
 def run(argv):
@@ -59,7 +60,7 @@ def test_same_seed_same_bytes_other_seed_differs(coco_root, tmp_path):
 
 
 def test_default_out_is_under_data_root(tmp_path):
-    root = data.make_synthetic_coco(str(tmp_path / "coco"), n_images=30, seed=2)
+    root = synthetic.make_synthetic_coco(str(tmp_path / "coco"), n_images=30, seed=2)
     run(["--data_root", root])
     assert data.load_splits(os.path.join(root, "splits.json"))["folds"] == 5
 
@@ -90,7 +91,7 @@ def _mean_rel_dev(y, fold_of, k):
 
 
 def test_stratified_balance_and_determinism():
-    y = data.synthetic_labels(20000, seed=3)
+    y = synthetic.synthetic_labels(20000, seed=3)
     f = make_splits.iterative_stratification(y, 5, seed=0)
     assert f.dtype == np.int64 and set(np.unique(f)) == set(range(5))
     assert np.bincount(f).max() - np.bincount(f).min() <= 1
@@ -109,7 +110,7 @@ def test_stratified_balance_and_determinism():
 
 
 def test_coco_scale_acceptance():
-    y = data.synthetic_labels(118287, seed=0)
+    y = synthetic.synthetic_labels(118287, seed=0)
     t = time.time()
     f = make_splits.iterative_stratification(y, 5, seed=42)
     took = time.time() - t
@@ -126,7 +127,7 @@ def test_random_folds_partition():
 
 @pytest.mark.parametrize("case", ["no_root", "no_ann", "bad_keys", "bad_cats", "absent_image"])
 def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, case):
-    root = data.make_synthetic_coco(str(tmp_path / "coco"), n_images=20, seed=0)
+    root = synthetic.make_synthetic_coco(str(tmp_path / "coco"), n_images=20, seed=0)
     kp = os.path.join(root, "dataset_coco.json")
     tr = os.path.join(root, "annotations", "instances_train2014.json")
     if case == "no_root":

@@ -11,13 +11,14 @@ import data
 import metrics
 import model
 import train
+import synthetic
 
 SMALL = ["--mlp_dims", "48", "--bits", "16", "--batch_size", "16", "--device", "cpu", "--num_threads", "1"]
 
 
 def _write_cache(root, n=300, seed=0, drop_ids=()):
     """Planted features + a 3-fold random splits file (the real formats) -> (features path, splits path)."""
-    feats = data.make_planted_features(n, seed=seed)
+    feats = synthetic.make_planted_features(n, seed=seed)
     ids = feats["ids"].tolist()
     rng = np.random.default_rng(seed)
     order = rng.permutation(ids).tolist()
