@@ -32,6 +32,7 @@ import torch
 import cli
 import data
 import metrics
+import report
 
 COLUMNS = (*metrics.METRIC_NAMES, "best_epoch")
 
@@ -132,10 +133,6 @@ def fmt(mean, std):
     return f"{mean:.4f} ± {std:.4f}" if np.isfinite(std) else f"{mean:.4f}"
 
 
-def md_table(header, rows):
-    return "\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows]]) + "\n"
-
-
 def cv_tables(r):
     """-> (csv rows, markdown text) of one run."""
     mean, std = summary(r)
@@ -145,7 +142,7 @@ def cv_tables(r):
     md = [f"# Cross-validation: {r['name']} ({len(ks)} of {r['expected']} folds)\n"]
     if r["problems"]:
         md.append(f"Partial: {'; '.join(r['problems'])}.\n")
-    md.append(md_table(["metric", "mean ± std", *(f"fold {k}" for k in ks)],
+    md.append(report.md_table(["metric", "mean ± std", *(f"fold {k}" for k in ks)],
                        [[c.replace("_", " "), fmt(mean[c], std[c]), *(f"{r['folds'][k][c]:.4f}" if c != "best_epoch"
                                                                       else str(r["folds"][k][c]) for k in ks)]
                         for c in COLUMNS]))
@@ -230,12 +227,12 @@ def main(args):
     keys = ["run", "vs", "metric", "folds", "mean_diff", "t", "p_folds", "test_images", "test_diff", "test_low",
             "test_high", "p_test"]
     md = [f"# Comparison of {len(runs)} runs (mean ± std over folds)\n",
-          md_table(["run", "folds", *metrics.METRIC_NAMES],
+          report.md_table(["run", "folds", *metrics.METRIC_NAMES],
                    [[r["name"], len(r["folds"]), *(fmt(m[c], s[c]) for c in metrics.METRIC_NAMES)]
                     for r, (m, s) in zip(runs, stats)]),
           f"## Against {runs[0]['name']}: mean over folds of (run - {runs[0]['name']}), paired t-test across folds; "
           f"test: paired bootstrap on the test images (95% CI)\n",
-          md_table(["run", "metric", "mean diff", "p (folds)", "test diff [95% CI]", "p (test)"], [
+          report.md_table(["run", "metric", "mean diff", "p (folds)", "test diff [95% CI]", "p (test)"], [
               [t["run"], t["metric"], f"{t['mean_diff']:+.4f}", f"{t['p_folds']:.3g}",
                f"{t['test_diff']:+.4f} [{t['test_low']:+.4f}, {t['test_high']:+.4f}]" if "test_diff" in t else "-",
                f"{t['p_test']:.3g}" if "p_test" in t else "-"] for t in tests])]

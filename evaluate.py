@@ -37,6 +37,7 @@ import cli
 import data
 import metrics
 import model
+import report
 
 SHOWN = ("mAP_macro", "mAP_micro", "auc_macro", "f1_macro", "f1_micro", "hamming_loss")  # terminal table
 
@@ -230,82 +231,6 @@ def oof_thresholds(paths, eval_ids):
                  "sources": [os.path.join(os.path.dirname(p), "val_predictions.npz") for p in paths], "n_val": n_val}
 
 
-# ----------------------------------------------------------------------------- writing
-
-def md_table(header, rows):
-    return "\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows]]) + "\n"
-
-
-def label_names(row, names):
-    return ", ".join(names[c] for c in np.flatnonzero(row)) or "-"
-
-
-def errors_md(title, y, p, thr, names, ids, pc):
-    """Markdown: best / worst 10 classes by AP, most FP / FN classes, top confusions, worst-predicted images."""
-    err = metrics.error_analysis(y, p, thr, top=15)
-    order = [c for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable") if not np.isnan(pc["ap"][c])]
-    by_ap = lambda cs: md_table(["class", "AP", "F1", "support"], [  # noqa: E731
-        [names[c], f"{pc['ap'][c]:.4f}", f"{pc['f1'][c]:.4f}", int(pc["support"][c])] for c in cs])
-    by_err = lambda k, m: md_table(["class", k.upper(), m, "support"], [  # noqa: E731
-        [names[c], int(err[k][c]), f"{pc[m][c]:.4f}", int(pc["support"][c])]
-        for c in np.argsort(-err[k], kind="stable")[:10]])
-    img_err = np.abs(p - y).sum(1)  # per-image error: sum over classes of |p - y|
-    worst = np.argsort(-img_err, kind="stable")[:10]
-    return "\n".join([
-        f"# Error analysis: {title}\n", f"{len(names) - len(order)} classes without a positive are left out.\n",
-        "## Best 10 classes by AP\n", by_ap(order[:10]), "## Worst 10 classes by AP\n", by_ap(order[::-1][:10]),
-        "## Most false positives\n", by_err("fp", "precision"), "## Most false negatives\n", by_err("fn", "recall"),
-        "## Top confusions: missed A (true), predicted B (absent) on the same image\n",
-        md_table(["missed A", "predicted B", "images"], [[names[a], names[b], n] for a, b, n in err["confusions"]]),
-        "## Worst-predicted images (sum over classes of |p - y|)\n",
-        md_table(["id", "error", "true", "predicted"], [[int(ids[i]), f"{img_err[i]:.2f}", label_names(y[i], names),
-                                                        label_names(p[i] > thr, names)] for i in worst])])
-
-
-def save_plots(out_dir, y, p, pc, names, examples):
-    """ap_per_class.png, pr_curves.png (4 best + 4 worst classes), examples.png ([(path, title)], if any)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-    order = [c for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable") if not np.isnan(pc["ap"][c])]
-    figs = {"ap_per_class.png": plt.subplots(figsize=(18, 5)), "pr_curves.png": plt.subplots(figsize=(7, 6))}
-    ax = figs["ap_per_class.png"][1]
-    ax.bar(range(len(order)), pc["ap"][order])
-    ax.set_xticks(range(len(order)), [names[c] for c in order], rotation=90, fontsize=7)
-    ax.set(ylabel="AP", ylim=(0, 1), title="per-class average precision")
-    ax = figs["pr_curves.png"][1]
-    for c in order[:4] + order[-4:]:
-        tp = np.cumsum(y[np.argsort(-p[:, c], kind="stable"), c])  # true positives in the top 1..N
-        prec, rec = tp / np.arange(1, len(tp) + 1), tp / max(tp[-1], 1)
-        ax.plot(rec, prec, "-" if c in order[:4] else "--", label=f"{names[c]} (AP {pc['ap'][c]:.3f})")
-    ax.set(xlabel="recall", ylabel="precision", title="PR curves: best (solid) and worst (dashed) classes")
-    ax.legend(fontsize=7)
-    if examples:
-        rows = (len(examples) + 3) // 4
-        figs["examples.png"] = fig, axes = plt.subplots(rows, 4, figsize=(16, 4.6 * rows), squeeze=False)
-        for i, ax in enumerate(axes.ravel()):
-            ax.axis("off")
-            if i < len(examples):
-                with Image.open(examples[i][0]) as im:
-                    ax.imshow(im.convert("RGB"))
-                ax.set_title(examples[i][1], fontsize=7, loc="left")
-    for name, (fig, _) in figs.items():
-        fig.tight_layout()
-        data.atomic_write(os.path.join(out_dir, name), lambda tmp: fig.savefig(tmp, dpi=100))
-        plt.close(fig)
-    return list(figs)
-
-
-def example_items(coco, ids, y, p, thr, names, n=12):
-    """The n worst-predicted images found on disk -> [(path, "id, error / true / predicted")]."""
-    id2path = dict(zip(np.asarray(coco["ids"]).tolist(), coco["paths"]))
-    err = np.abs(p - y).sum(1)
-    found = [i for i in np.argsort(-err, kind="stable") if os.path.isfile(id2path.get(int(ids[i]), ""))][:n]
-    return [(id2path[int(ids[i])], f"id {ids[i]}  error {err[i]:.2f}\ntrue: {label_names(y[i], names)[:70]}\n"
-             f"pred: {label_names(p[i] > thr, names)[:70]}") for i in found]
-
-
 # ----------------------------------------------------------------------------- main
 
 def predict_image(args, heads, ck):
@@ -429,27 +354,27 @@ def evaluate_split(args, paths, heads, cks):
     main_head = "knn" if args.head == "knn" else "mlp"
     p_ens = preds[main_head]["ensemble"]
     results = {hd: {n: metrics.compute_all(y, p) for n, p in d.items()} for hd, d in preds.items()}
-    report = {"split": args.split, "n_images": len(rows), "skipped": len(want) - len(rows), "checkpoints": paths,
+    summary = {"split": args.split, "n_images": len(rows), "skipped": len(want) - len(rows), "checkpoints": paths,
               "features": features, "splits": split_path, "heads": list(preds),
               "models": {n: {hd: results[hd][n] for hd in results} for n in members},
               "ensemble": {hd: results[hd]["ensemble"] for hd in results}}
     if args.head != "mlp":
-        report["knn"] = {"k": args.knn_k, "tau": args.knn_tau, "vote": args.knn_vote, "query": args.knn_query,
+        summary["knn"] = {"k": args.knn_k, "tau": args.knn_tau, "vote": args.knn_vote, "query": args.knn_query,
                          "database": "each fold model's training images (dev - val_folds[fold])"}
     thr, files = 0.5, {}
     if args.thresholds == "oof":  # chosen on the folds' val images only; the test labels play no part
         thr, files["thresholds.json"] = oof_thresholds(paths, eval_ids)
-        report["thresholds"] = {"0.5": results["mlp"]["ensemble"], "oof": metrics.compute_all(y, p_ens, thr)}
+        summary["thresholds"] = {"0.5": results["mlp"]["ensemble"], "oof": metrics.compute_all(y, p_ens, thr)}
         files["thresholds.csv"] = [["metric", "at_0.5", "at_oof"]] + [
-            [m, report["thresholds"]["0.5"][m], report["thresholds"]["oof"][m]] for m in metrics.METRIC_NAMES]
+            [m, summary["thresholds"]["0.5"][m], summary["thresholds"]["oof"][m]] for m in metrics.METRIC_NAMES]
     if args.bootstrap:
         ci = metrics.bootstrap_ci(y, p_ens, n_boot=args.bootstrap, seed=args.seed, thresholds=thr)
-        report["bootstrap_ci"] = {"n_boot": args.bootstrap, "seed": args.seed, "alpha": 0.05, "head": main_head,
+        summary["bootstrap_ci"] = {"n_boot": args.bootstrap, "seed": args.seed, "alpha": 0.05, "head": main_head,
                                   "thresholds": args.thresholds,
                                   **{k: {"value": v, "low": lo, "high": hi} for k, (v, lo, hi) in ci.items()}}
     if retrieval:
         retrieval["mean"] = {k: float(np.mean([r[k] for r in retrieval.values()])) for k in ("mAP@1000", "mAP@all")}
-        report["retrieval"] = retrieval
+        summary["retrieval"] = retrieval
     pc = metrics.per_class(y, p_ens, thr)  # per-class table of the ensemble, at the thresholds in use
     title = (f"{'ensemble of ' + str(len(members)) if len(members) > 1 else members[0]}, {main_head} head, "
              f"{args.split} split ({len(rows)} images), thresholds {args.thresholds}")
@@ -459,7 +384,7 @@ def evaluate_split(args, paths, heads, cks):
                                "fn"]] + [[int(c), cats[c]["id"], names[c], *(pc[k][c] for k in ("ap", "auc", "f1",
                                          "precision", "recall")), *(int(pc[k][c]) for k in ("support", "fp", "fn"))]
                                         for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable")]
-    files["errors.md"] = errors_md(title, y, p_ens, thr, names, eval_ids, pc)
+    files["errors.md"] = report.errors_md(title, y, p_ens, thr, names, eval_ids, pc)
     arrays = {"ids": eval_ids, "labels": y, "probs": p_ens.astype(np.float32), "members": np.array(members),
               "member_probs": np.stack([preds[main_head][n] for n in members]).astype(np.float32),
               "thresholds": np.broadcast_to(np.asarray(thr, np.float64), (y.shape[1],))}
@@ -468,13 +393,13 @@ def evaluate_split(args, paths, heads, cks):
 
     # ---- files, each written atomically (test_predictions.npz is what aggregate.py's paired bootstrap reads)
     earlier = os.path.isfile(os.path.join(out_dir, "metrics.json"))  # an earlier evaluate.py run wrote here
-    data.save_json(os.path.join(out_dir, "metrics.json"), report)
+    data.save_json(os.path.join(out_dir, "metrics.json"), summary)
     for name, content in files.items():
         data.save_json(os.path.join(out_dir, name), content) if name.endswith(".json") else \
             data.save_text(os.path.join(out_dir, name), content)
     data.atomic_write(os.path.join(out_dir, f"{args.split}_predictions.npz"), lambda tmp: np.savez(tmp, **arrays))
-    examples = example_items(coco, eval_ids, y, p_ens, thr, names) if coco else None
-    plots = save_plots(out_dir, y, p_ens, pc, names, examples)
+    examples = report.example_items(coco, eval_ids, y, p_ens, thr, names) if coco else None
+    plots = report.save_plots(out_dir, y, p_ens, pc, names, examples)
     stale = [f for f in ("thresholds.json", "thresholds.csv", "examples.png")  # an earlier run's, not this one's
              if earlier and f not in files and f not in plots and os.path.exists(os.path.join(out_dir, f))]
     for f in stale:
@@ -486,7 +411,7 @@ def evaluate_split(args, paths, heads, cks):
     for hd, res in results.items():
         print("\n".join(f"{n:<10} {hd:<5} " + " ".join(f"{r[m]:>12.4f}" for m in SHOWN) for n, r in res.items()))
     if args.thresholds == "oof":
-        t = report["thresholds"]
+        t = summary["thresholds"]
         print("thresholds 0.5 -> oof: " + ", ".join(f"{m} {t['0.5'][m]:.4f} -> {t['oof'][m]:.4f}"
                                                    for m in ("f1_macro", "f1_micro", "precision_macro", "recall_macro")))
     if args.bootstrap:
@@ -496,7 +421,7 @@ def evaluate_split(args, paths, heads, cks):
         print(f"retrieval {n}: mAP@1000 {r['mAP@1000']:.4f}, mAP@all {r['mAP@all']:.4f}")
     print(f"wrote {out_dir}: metrics.json, {', '.join(files)}, {args.split}_predictions.npz, {', '.join(plots)}"
           + (f"; removed an earlier run's {', '.join(stale)}" if stale else ""))
-    return report
+    return summary
 
 
 def main(args):

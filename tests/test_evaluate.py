@@ -160,7 +160,7 @@ def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_p
         np.testing.assert_allclose(z["member_probs"][k], p, atol=1e-5)
         np.testing.assert_array_equal(z["labels"], y)
     # each checkpoint alone gives exactly its row of the ensemble's table (both heads); plots are not needed here
-    monkeypatch.setattr(evaluate, "save_plots", lambda *a, **kw: [])
+    monkeypatch.setattr(evaluate.report, "save_plots", lambda *a, **kw: [])
     for k in range(5):
         single = tmp_path / f"single{k}"
         run("--checkpoint", fake_run["run"] / f"fold{k}" / "best.pt", "--head", "both", "--bootstrap", 0,
