@@ -1,13 +1,20 @@
-"""Development / test split and K validation folds of the COCO Karpathy pool -> splits.json.
+"""Development / test split and K validation folds of a COCO 2014 evaluation protocol -> splits.json.
 
-Dev = Karpathy train + restval + val (118,287 images), test = Karpathy test (5,000). The dev pool is cut
-into --folds validation folds; fold k trains on dev minus val_folds[k]. Stratified folds use iterative
-stratification for multi-label data (Sechidis, Tsoumakas, Vlahavas 2011), so even the rarest classes
-(hair drier, toaster: ~200 images) are spread evenly; `random` is a plain shuffled KFold, for comparison.
+--protocol picks the dev / test images (protocols.py holds the rules): karpathy_cv (default, the thesis's)
+dev = Karpathy train + restval + val (118,287), test = Karpathy test (5,000); coco2014 (the classification
+literature) dev = labelled train2014 (82,081), test = labelled val2014 (40,137); hashnet (the hashing
+literature) dev = HashNet's 10,000 training images, test = its 5,000 queries, plus a retrieval `database` of
+every labelled 2014 image that is not a query. The dev pool is cut into --folds validation folds (for model
+selection only); fold k trains on dev minus val_folds[k]. Stratified folds use iterative stratification for
+multi-label data (Sechidis, Tsoumakas, Vlahavas 2011), so even the rarest classes (hair drier, toaster: ~200
+images) are spread evenly; `random` is a plain shuffled KFold, for comparison.
 
 Usage:
     python make_splits.py --data_root data/coco                       # -> data/coco/splits.json
     python make_splits.py --data_root data/coco --method random --out data/coco/splits_random.json
+    python make_splits.py --data_root data/coco --protocol coco2014 --out data/coco/splits_coco2014.json
+    python make_splits.py --data_root data/coco --protocol hashnet --lists data/hashnet \
+        --out data/coco/splits_hashnet.json                           # data/hashnet/{train,test}.txt
 """
 import os
 
@@ -15,6 +22,7 @@ import numpy as np
 
 import cli
 import data
+import protocols
 
 
 def get_args_parser():
@@ -23,6 +31,13 @@ def get_args_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data_root", default="data/coco",
                    help="COCO folder with dataset_coco.json and annotations/instances_{train,val}2014.json")
+    g.add_argument("--protocol", default="karpathy_cv", choices=protocols.PROTOCOLS,
+                   help="which images are dev / test (/ database): karpathy_cv = the thesis's CV protocol, "
+                        "coco2014 = train2014 / val2014 as in the classification literature, hashnet = "
+                        "HashNet's retrieval lists (needs --lists)")
+    g.add_argument("--lists", default=None,
+                   help="hashnet only: folder with HashNet's train.txt and test.txt (thuml/HashNet "
+                        "pytorch/data/coco); the database is derived from the annotations")
     g.add_argument("--folds", type=cli.number(int, 2), default=5, help="number of cross-validation folds (>= 2)")
     g.add_argument("--seed", type=int, default=42, help="seed of the fold assignment; same seed, same file")
     g.add_argument("--method", default="stratified", choices=["stratified", "random"],
@@ -115,19 +130,42 @@ def fold_deviation(labels, fold_of, n_folds):
         return np.where(pool > 0, np.abs(prev - pool) / pool, np.nan)
 
 
+def print_summary(args, categories, dev_y, fold_of, counts, out):
+    """Per-fold table: the rarest class (fewest dev positives) and the worst class deviation per fold."""
+    dev_pos = dev_y.sum(0)
+    present = np.flatnonzero(dev_pos > 0)
+    rare = present[np.argmin(dev_pos[present])] if len(present) else 0
+    dev_rel = fold_deviation(dev_y, fold_of, args.folds)                          # (K, C)
+    extra = f"; database {counts['database']}" if "database" in counts else ""
+    print(f"{args.protocol}: {args.method} {args.folds}-fold split of {counts['dev']} dev images (seed {args.seed}); "
+          f"test {counts['test']}{extra}; rarest class '{categories[rare]['name']}' "
+          f"({int(dev_pos[rare])} dev positives)")
+    print(f"{'fold':>4} {'train':>8} {'val':>7} {'rare_train':>10} {'rare_val':>8} {'max_rel_dev':>11} "
+          f"{'mean_rel_dev':>12}")
+    for k in range(args.folds):
+        val = fold_of == k
+        rv = int(dev_y[val, rare].sum())
+        row = dev_rel[k][present] if len(present) else np.zeros(1)
+        print(f"{k:>4} {len(dev_y) - int(val.sum()):>8} {int(val.sum()):>7} {int(dev_pos[rare]) - rv:>10} "
+              f"{rv:>8} {100 * np.max(row):>10.2f}% {100 * np.mean(row):>11.3f}%")
+    print(f"wrote {out}")
+
+
 def main(args):
     out = os.path.join(args.data_root, "splits.json") if args.out == "<data_root>/splits.json" else args.out
+    if args.lists is not None and args.protocol != "hashnet":
+        cli.fail(f"--lists is only read by --protocol hashnet (got --protocol {args.protocol}); drop --lists")
     try:
         coco = data.load_coco(args.data_root)
+        parts = protocols.select(coco, args.protocol, args.lists)                 # row indices, ascending
     except data.DataError as e:
         cli.fail(e)
-    splits = np.asarray(coco["splits"])
-    dev_mask, test_mask = splits != "test", splits == "test"
     ids, labels = coco["ids"], coco["labels"]
-    assert not set(ids[dev_mask].tolist()) & set(ids[test_mask].tolist()), "dev and test overlap"
-    if dev_mask.sum() < args.folds:
-        cli.fail(f"{args.data_root}: only {dev_mask.sum()} development images for {args.folds} folds")
-    dev_ids, dev_y = ids[dev_mask], labels[dev_mask]                               # ids ascending
+    dev, test = parts["dev"], parts["test"]
+    assert not np.intersect1d(dev, test).size, "dev and test overlap"
+    if len(dev) < args.folds:
+        cli.fail(f"{args.data_root}: only {len(dev)} development images ({args.protocol}) for {args.folds} folds")
+    dev_ids, dev_y = ids[dev], labels[dev]                                        # ids ascending
     if args.method == "stratified":
         fold_of = iterative_stratification(dev_y, args.folds, args.seed)
     else:
@@ -136,26 +174,15 @@ def main(args):
     val_folds = [dev_ids[fold_of == k].tolist() for k in range(args.folds)]
     stats = [{"size": len(v), "positives": dev_y[fold_of == k].sum(0).astype(int).tolist()}
              for k, v in enumerate(val_folds)]
-    result = {"method": args.method, "folds": args.folds, "seed": args.seed, "categories": coco["categories"],
-              "dev": dev_ids.tolist(), "test": ids[test_mask].tolist(), "val_folds": val_folds, "stats": stats}
+    # key order: the karpathy_cv file is today's file plus `protocol` in front and `counts` at the end
+    result = {"protocol": args.protocol, "method": args.method, "folds": args.folds, "seed": args.seed,
+              "categories": coco["categories"], "dev": dev_ids.tolist(), "test": ids[test].tolist()}
+    if "database" in parts:
+        result["database"] = ids[parts["database"]].tolist()
+    result.update(val_folds=val_folds, stats=stats)
+    result["counts"] = {k: len(result[k]) for k in ("dev", "test", "database") if k in result}
     data.save_json(out, result)
-
-    # per-fold table: the rarest class (fewest dev positives) and the worst class deviation per fold
-    dev_pos = dev_y.sum(0)
-    present = np.flatnonzero(dev_pos > 0)
-    rare = present[np.argmin(dev_pos[present])] if len(present) else 0
-    dev_rel = fold_deviation(dev_y, fold_of, args.folds)                          # (K, C)
-    print(f"{args.method} {args.folds}-fold split of {len(dev_ids)} dev images (seed {args.seed}); "
-          f"test {int(test_mask.sum())}; rarest class '{coco['categories'][rare]['name']}' "
-          f"({int(dev_pos[rare])} dev positives)")
-    print(f"{'fold':>4} {'train':>8} {'val':>7} {'rare_train':>10} {'rare_val':>8} {'max_rel_dev':>11} "
-          f"{'mean_rel_dev':>12}")
-    for k in range(args.folds):
-        rv = int(stats[k]["positives"][rare])
-        row = dev_rel[k][present] if len(present) else np.zeros(1)
-        print(f"{k:>4} {len(dev_ids) - stats[k]['size']:>8} {stats[k]['size']:>7} {int(dev_pos[rare]) - rv:>10} "
-              f"{rv:>8} {100 * np.max(row):>10.2f}% {100 * np.mean(row):>11.3f}%")
-    print(f"wrote {out}")
+    print_summary(args, coco["categories"], dev_y, fold_of, result["counts"], out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """make_splits.py: dev/test and fold invariants, determinism, stratification quality, bad input; data.load_splits."""
+import hashlib
 import json
 import os
 import time
@@ -27,7 +28,8 @@ def test_splits_file_invariants(coco_root, tmp_path, capsys):
     s = json.load(open(out))
     coco = data.load_coco(coco_root)
     ids, splits = coco["ids"].tolist(), coco["splits"]
-    assert s["method"] == "stratified" and s["folds"] == 5 and s["seed"] == 42
+    assert s["protocol"] == "karpathy_cv" and s["method"] == "stratified" and s["folds"] == 5 and s["seed"] == 42
+    assert s["counts"] == {"dev": len(s["dev"]), "test": len(s["test"])} and "database" not in s
     assert s["categories"] == data.COCO_CATEGORIES
     assert s["dev"] == sorted(i for i, k in zip(ids, splits) if k in ("train", "restval", "val"))
     assert s["test"] == sorted(i for i, k in zip(ids, splits) if k == "test")
@@ -57,6 +59,41 @@ def test_same_seed_same_bytes_other_seed_differs(coco_root, tmp_path):
     assert r["method"] == "random" and len(r["val_folds"]) == 3
     assert json.loads(c)["dev"] == json.loads(a)["dev"]
     assert sorted(os.listdir(tmp_path)) == ["a.json", "b.json", "c.json", "r.json"]   # no temporaries
+
+
+# make_splits.py of 6b0df37 (before --protocol) on coco_root: sha256 of its inputs and of the files it wrote
+_TODAY_INPUT = "59b6e3d669a8cff1200486e5396609ae958e5ac84bdac62fee8316bf559513c3"
+_TODAY_FILES = {(): "4283125fd70532e615b594014b24b439ee1f1b6b1403e7083d8e3db0c264102b",
+                ("--method", "random", "--folds", "3", "--seed", "7"):
+                    "5cd4ed046a84f348e849bb37110831ff65745df045af2e4d9cbbf8ad70c1a813"}
+
+
+@pytest.mark.parametrize("extra", list(_TODAY_FILES))
+def test_karpathy_cv_is_todays_file_plus_protocol_and_counts(coco_root, tmp_path, extra):
+    paths = {p: str(tmp_path / f"{p}.json") for p in ("default", "named")}
+    run(["--data_root", coco_root, "--out", paths["default"], *extra])
+    run(["--data_root", coco_root, "--out", paths["named"], "--protocol", "karpathy_cv", *extra])
+    assert open(paths["default"], "rb").read() == open(paths["named"], "rb").read()
+    s = json.load(open(paths["default"]))
+    assert (s.pop("protocol"), s.pop("counts")) == ("karpathy_cv", {"dev": len(s["dev"]), "test": len(s["test"])})
+    # today's file, rebuilt from today's rule (dev = not Karpathy test, folds over dev in id order)
+    coco = data.load_coco(coco_root)
+    dev = np.asarray(coco["splits"]) != "test"
+    method, folds, seed = (extra[1], int(extra[3]), int(extra[5])) if extra else ("stratified", 5, 42)
+    fold_of = (make_splits.iterative_stratification(coco["labels"][dev], folds, seed) if method == "stratified"
+               else make_splits.random_folds(int(dev.sum()), folds, seed))
+    dev_ids = coco["ids"][dev]
+    val = [dev_ids[fold_of == k].tolist() for k in range(folds)]
+    assert s == {"method": method, "folds": folds, "seed": seed, "categories": coco["categories"],
+                 "dev": dev_ids.tolist(), "test": coco["ids"][~dev].tolist(), "val_folds": val,
+                 "stats": [{"size": len(v), "positives": coco["labels"][dev][fold_of == k].sum(0).tolist()}
+                           for k, v in enumerate(val)]}
+    # and byte for byte, as long as synthetic.py still generates the same tree
+    h = hashlib.sha256()
+    for part in (coco["ids"].tobytes(), coco["labels"].tobytes(), "".join(coco["splits"]).encode()):
+        h.update(part)
+    if h.hexdigest() == _TODAY_INPUT:
+        assert hashlib.sha256((json.dumps(s, indent=2) + "\n").encode()).hexdigest() == _TODAY_FILES[extra]
 
 
 def test_default_out_is_under_data_root(tmp_path):
