@@ -12,6 +12,7 @@ those same counts (one sparse product per batch of draws).
     err = metrics.error_analysis(labels, probs, top=20)   # fp/fn per class + (missed, wrongly-predicted) pairs
     thr = metrics.best_f1_thresholds(val_labels, val_probs)  # [C], then compute_all(test_y, test_p, thr)
     ci = metrics.bootstrap_ci(labels, probs, n_boot=1000)    # {"mAP_macro": (point, low, high), ...}
+    cis = metrics.bootstrap_intervals(labels, [p1, p2])      # all 15, the same resamples for every array
     metrics.paired_bootstrap(labels, probs_a, probs_b)       # b - a on the same images
     metrics.paired_test(fold_maps_a, fold_maps_b)            # paired t-test across CV folds
     metrics.retrieval_map(q_codes, q_labels, db_codes, db_labels, topk=1000)
@@ -34,7 +35,7 @@ from scipy.special import stdtr  # Student t CDF, for paired_test
 METRIC_NAMES = ("mAP_macro", "mAP_micro", "auc_macro", "auc_micro", "f1_macro", "f1_micro",
                 "precision_macro", "precision_micro", "recall_macro", "recall_micro", "hamming_loss",
                 "coverage_error", "ranking_loss", "lrap", "mae")
-BOOT_METRICS = ("mAP_macro", "f1_macro", "auc_macro")
+BOOT_METRICS = ("mAP_macro", "f1_macro", "auc_macro")  # bootstrap_ci's default, paired_bootstrap's choices
 
 
 def _check(y_true, y_score):
@@ -255,47 +256,107 @@ def _weighted_ap_auc(layout, W):
     return ap, auc
 
 
+def _micro_layout(y, s):
+    """_interval_layout of the flattened [N * C] scores (sklearn's micro average), its columns summed per
+    image -> (csr [R, N], blocks): a resample weights every label of an image by that image's multiplicity."""
+    N, C = y.shape
+    mat, blocks = _interval_layout(y.reshape(-1, 1), s.reshape(-1, 1))
+    to_image = sparse.csr_array((np.ones(N * C, np.float32), (np.arange(N * C), np.repeat(np.arange(N), C))),
+                                shape=(N * C, N))
+    return (mat @ to_image).tocsr(), blocks  # counts <= C: exact in float32
+
+
+def _per_image(y, s):
+    """Per-image terms whose mean over the images is compute_all's lrap, ranking_loss, coverage_error and
+    mae (the same rules), so a resample's value is their weighted mean -> {name: float64 [N]}."""
+    N, C = y.shape
+    rows, n_ge, pos_ge = _row_ranks(s, y)
+    P = y.sum(1)
+    undefined = (P == 0) | (P == C)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lrap = np.bincount(rows, pos_ge / n_ge, minlength=N) / P
+        rloss = np.bincount(rows, n_ge - pos_ge, minlength=N) / (P * (C - P))
+    lrap[undefined], rloss[undefined] = 1.0, 0.0
+    min_pos = np.where(y, s, np.inf).min(1, keepdims=True)  # lowest-scored true label, [N, 1]
+    coverage = np.where(P > 0, (s >= min_pos).sum(1), 0).astype(np.float64)
+    return {"lrap": lrap, "ranking_loss": rloss, "coverage_error": coverage, "mae": np.abs(s - y).mean(1)}
+
+
+def _macro_of_defined(v):
+    """[B, C] with nan for classes undefined in a draw -> [B]: the mean over the defined ones (nan if none)."""
+    n_ok = (~np.isnan(v)).sum(1)
+    return np.where(n_ok > 0, np.nansum(v, 1) / np.maximum(n_ok, 1), np.nan)
+
+
+def _draw_metrics(y, s, pred, layouts, W, names):
+    """Every requested metric of one score array on the resamples W [N, B] -> {name: [B]}."""
+    N, C = y.shape
+    out = {}
+    if layouts:
+        for kind, lay in zip(("macro", "micro"), layouts):
+            ap, auc = _weighted_ap_auc(lay, W)  # [B, C] (macro) or [B, 1] (micro)
+            agg = _macro_of_defined if kind == "macro" else (lambda v: v[:, 0])
+            out[f"mAP_{kind}"], out[f"auc_{kind}"] = agg(ap), agg(auc)
+    yf = y.astype(np.float32)
+    tp, fp, fn = (np.float64(W.T @ m) for m in (yf * pred, (1 - yf) * pred, yf * (1 - pred)))  # [B, C] exact counts
+    for kind, (p, r, f) in (("macro", _prf(tp, fp, fn)), ("micro", _prf(tp.sum(1), fp.sum(1), fn.sum(1)))):
+        agg = (lambda v: v.mean(1)) if kind == "macro" else (lambda v: v)
+        out.update({f"precision_{kind}": agg(p), f"recall_{kind}": agg(r), f"f1_{kind}": agg(f)})
+    out["hamming_loss"] = (fp + fn).sum(1) / (N * C)  # a resample always holds N images
+    for k, v in _per_image(y, s).items():
+        out[k] = (v @ W) / N
+    return {k: out[k] for k in names}
+
+
 def _boot_draws(y, scores, thresholds, n_boot, seed, names, max_elems=2 ** 23):
-    """names' values on n_boot image resamples shared by every score array -> {name: [len(scores), n_boot]}."""
+    """names' values on n_boot image resamples shared by every score array -> {name: [len(scores), n_boot]}.
+    One generator makes the resamples, so every array (every row of a table) sees the same draws."""
+    bad = [k for k in names if k not in METRIC_NAMES]
+    if bad:
+        raise ValueError(f"unknown metrics {bad}; choose from {METRIC_NAMES}")
     rng = np.random.default_rng(seed)
     N = y.shape[0]
     out = {k: np.zeros((len(scores), n_boot)) for k in names}
-    yf = y.astype(np.float32)
     preds = [_predict(s, thresholds).astype(np.float32) for s in scores]
-    layouts = [_interval_layout(y, s) for s in scores] if {"mAP_macro", "auc_macro"} & set(names) else None
-    chunk = max(1, min(n_boot, max_elems // max([N] + [lay[0].shape[0] for lay in layouts or []])))
+    ranked = {"mAP_macro", "auc_macro", "mAP_micro", "auc_micro"} & set(names)
+    layouts = [(_interval_layout(y, s), _micro_layout(y, s)) if ranked else None for s in scores]
+    rows = max([N] + [lay[0].shape[0] for pair in layouts if pair for lay in pair])
+    chunk = max(1, min(n_boot, max_elems // rows))
     for b0 in range(0, n_boot, chunk):
         B = min(chunk, n_boot - b0)
         idx = rng.integers(0, N, size=(B, N)) + N * np.arange(B)[:, None]  # B resamples of N images
         W = np.ascontiguousarray(np.bincount(idx.ravel(), minlength=B * N).reshape(B, N).T, np.float32)  # [N, B]
-        sl = slice(b0, b0 + B)
-        for i in range(len(scores)):
-            if layouts:
-                ap, auc = _weighted_ap_auc(layouts[i], W)  # [B, C]
-                for name, v in (("mAP_macro", ap), ("auc_macro", auc)):
-                    if name in names:  # macro over the classes defined in each draw (nan if none is)
-                        n_ok = (~np.isnan(v)).sum(1)
-                        out[name][i, sl] = np.where(n_ok > 0, np.nansum(v, 1) / np.maximum(n_ok, 1), np.nan)
-            if "f1_macro" in names:
-                tp = W.T @ (yf * preds[i])  # [B, C] resampled counts
-                fp, fn = W.T @ ((1 - yf) * preds[i]), W.T @ (yf * (1 - preds[i]))
-                out["f1_macro"][i, sl] = _prf(tp, fp, fn)[2].mean(1)
+        for i, s in enumerate(scores):
+            for k, v in _draw_metrics(y, s, preds[i], layouts[i], W, names).items():
+                out[k][i, b0:b0 + B] = v
     return out
 
 
-def bootstrap_ci(y_true, y_score, n_boot=1000, seed=0, alpha=0.05, thresholds=0.5):
-    """Percentile bootstrap over images -> {name: (point, low, high)} for mAP_macro, f1_macro, auc_macro.
-    point = compute_all on all images; each draw's macro runs over the classes defined in that draw."""
-    y, s = _check(y_true, y_score)
-    point = compute_all(y, s, thresholds)
-    draws = _boot_draws(y, [s], thresholds, n_boot, seed, BOOT_METRICS)
+def bootstrap_intervals(y_true, scores, n_boot=1000, seed=0, alpha=0.05, thresholds=0.5, names=METRIC_NAMES):
+    """Percentile bootstrap over images for several score arrays on the SAME resamples (rows of one table
+    stay comparable) -> one {name: (point, low, high)} per array. point = compute_all on all images; a
+    draw's macro runs over the classes defined in that draw; draws where a metric is undefined are left out."""
+    y = _check(y_true, scores[0])[0]
+    ss = [_check(y_true, s)[1] for s in scores]
+    draws = _boot_draws(y, ss, thresholds, n_boot, seed, tuple(names))
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
-    return {k: (point[k], *map(float, np.nanpercentile(draws[k][0], q))) for k in BOOT_METRICS}
+    out = []
+    for i, s in enumerate(ss):
+        point = compute_all(y, s, thresholds)
+        ok = {k: draws[k][i][~np.isnan(draws[k][i])] for k in names}
+        out.append({k: (point[k], *(map(float, np.percentile(v, q)) if v.size else (float("nan"),) * 2))
+                    for k, v in ok.items()})
+    return out
+
+
+def bootstrap_ci(y_true, y_score, n_boot=1000, seed=0, alpha=0.05, thresholds=0.5, names=BOOT_METRICS):
+    """One score array: bootstrap_intervals(...)[0]; names default to BOOT_METRICS (metrics.METRIC_NAMES: all 15)."""
+    return bootstrap_intervals(y_true, [y_score], n_boot, seed, alpha, thresholds, names)[0]
 
 
 def paired_bootstrap(y_true, score_a, score_b, n_boot=1000, seed=0, metric="mAP_macro", alpha=0.05,
                      thresholds=0.5):
-    """Is b better than a on the same images? Both are scored on the same resamples.
+    """Is b better than a on the same images? Both are scored on the same resamples (metric: BOOT_METRICS).
     -> {diff: metric(b) - metric(a) on all images, mean_diff: mean over draws, low, high: percentile CI,
         p: two-sided, 2 x the fraction of draws whose difference has the other sign (or is 0), capped at 1}."""
     if metric not in BOOT_METRICS:

@@ -1,0 +1,90 @@
+"""report.py: one table writer for CSV / Markdown / LaTeX (bold best per column, mean ± std cells, readable
+names, escaping; every .tex compiles under pdflatex when installed), the shared-resample bootstrap of all 15
+metrics against a naive loop, per-class rows with TP / FP / FN / TN, and the missed-A-predicted-B matrix.
+
+    python -m pytest -q tests/test_report.py
+"""
+import csv
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import metrics
+import report
+
+TEX_DOC = "\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n\\begin{document}\n%s\n\\end{document}\n"
+
+
+def compile_tex(paths, tmp_path):
+    """Each .tex table inside a minimal article, through pdflatex; skipped where LaTeX is not installed."""
+    if not shutil.which("pdflatex"):
+        pytest.skip("pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
+    for i, p in enumerate(paths):
+        doc = tmp_path / f"doc{i}.tex"
+        doc.write_text(TEX_DOC % p.read_text())
+        r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"{p} does not compile:\n{r.stdout[-2000:]}"
+
+
+def table_rows():
+    header = ["run", "folds", "mAP_macro", "hamming_loss", "f1_micro"]
+    rows = [["hash_64 (50% & #1)", 5, report.MeanStd(0.6787, 0.0129), report.MeanStd(0.03, 0.001), 0.5],
+            ["bits_0 {x}~^\\", 5, report.MeanStd(0.70, 0.02), report.MeanStd(0.02, 0.002), float("nan")],
+            ["ensemble", 1, report.Interval(0.71, 0.69, 0.73), report.Interval(0.025, 0.02, 0.03), 0.4]]
+    return header, rows
+
+
+def test_write_table_three_formats(tmp_path):
+    header, rows = table_rows()
+    md = report.write_table(tmp_path / "t", header, rows, caption="CV of 5_folds", note="partial: fold2 missing")
+    assert md == (tmp_path / "t.md").read_text() and "CV of 5_folds" in md and "partial: fold2 missing" in md
+    assert "mAP (macro)" in md and "Hamming loss" in md and "F1 (micro)" in md
+    assert "0.6787 ± 0.0129" in md and "**0.7100 [0.6900, 0.7300]**" in md  # max for mAP
+    assert "**0.0200 ± 0.0020**" in md and "**0.5000**" in md  # min for hamming_loss, max for F1
+    tex = (tmp_path / "t.tex").read_text()
+    for s in ("\\toprule", "\\midrule", "\\bottomrule", "$0.6787 \\pm 0.0129$", "$\\mathbf{0.0200 \\pm 0.0020}$",
+              "50\\% \\& \\#1", "hash\\_64", "\\{x\\}\\textasciitilde{}\\textasciicircum{}\\textbackslash{}",
+              "mAP (macro)", "\\caption{CV of 5\\_folds partial: fold2 missing}", "$\\mathbf{0.7100}$"):
+        assert s in tex, s
+    assert "\\mathbf{5}" not in tex  # the folds column is a count, not a score
+    with open(tmp_path / "t.csv") as f:
+        got = list(csv.reader(f))
+    assert got[0] == ["run", "folds", "mAP_macro_mean", "mAP_macro_std", "hamming_loss_mean", "hamming_loss_std",
+                      "f1_micro"]
+    assert got[1][2:4] == ["0.6787", "0.0129"] and got[3][2:4] == ["0.71", "0.69"]  # an Interval: value, low
+    compile_tex([tmp_path / "t.tex"], tmp_path)
+
+
+def test_bold_rules_and_skipped_rows(tmp_path):
+    header = ["name", "mae", "lrap", "custom"]
+    rows = [["a", 0.2, 0.9, 1.0], ["b", 0.1, 0.8, 2.0], ["std", 0.0, 1.0, 0.0]]
+    best = report.best_cells(header, rows, bold={"custom": "min"}, skip={2})
+    assert best == {(1, 1), (0, 2), (0, 3)}
+    assert report.best_cells(header, rows[:1]) == set()  # one row: nothing to compare
+
+
+def test_bootstrap_intervals_equal_a_naive_loop():
+    rng = np.random.default_rng(0)
+    N, C, n_boot, seed = 50, 6, 25, 4
+    y = (rng.random((N, C)) < 0.3).astype(np.uint8)
+    y[:, 5], y[0, 5] = 0, 1  # a rare class: undefined in many draws
+    scores = [np.round(rng.random((N, C)) * 0.5 + 0.4 * y, 2), np.round(rng.random((N, C)), 1)]  # with ties
+    draws = metrics._boot_draws(y.astype(bool), scores, 0.5, n_boot, seed, metrics.METRIC_NAMES)
+    idx = np.random.default_rng(seed).integers(0, N, size=(n_boot, N))  # the same resamples, one chunk
+    for i, s in enumerate(scores):
+        for b in range(n_boot):
+            ref = metrics.compute_all(y[idx[b]], s[idx[b]])
+            for k in metrics.METRIC_NAMES:
+                np.testing.assert_allclose(draws[k][i, b], ref[k], atol=1e-12, err_msg=k)
+    cis = metrics.bootstrap_intervals(y, scores, n_boot=n_boot, seed=seed)
+    for i, ci in enumerate(cis):
+        assert set(ci) == set(metrics.METRIC_NAMES)
+        for k, (point, lo, hi) in ci.items():
+            assert point == metrics.compute_all(y, scores[i])[k]
+            assert (lo, hi) == pytest.approx(tuple(np.percentile(draws[k][i][~np.isnan(draws[k][i])], [2.5, 97.5])))
+    one = metrics.bootstrap_ci(y, scores[1], n_boot=n_boot, seed=seed, names=metrics.METRIC_NAMES)
+    assert one == cis[1]  # a row's interval does not depend on the other rows
+    assert set(metrics.bootstrap_ci(y, scores[0], n_boot=10)) == set(metrics.BOOT_METRICS)
