@@ -95,21 +95,24 @@ def best_cells(header, rows, bold=None, skip=()):
 
 
 def _csv_rows(header, rows):
-    """CSV: a MeanStd column becomes <name>_mean, <name>_std; an Interval column <name>, _low, _high."""
-    kinds = [next((type(r[j]) for r in rows if isinstance(r[j], (MeanStd, Interval))), None)
-             for j in range(len(header))]
-    width = {MeanStd: 2, Interval: 3, None: 1}
-    head = []
-    for name, k in zip(header, kinds):
-        head += {MeanStd: [f"{name}_mean", f"{name}_std"], Interval: [name, f"{name}_low", f"{name}_high"]}.get(k, [name])
-    body = []
-    for r in rows:
-        line = []
-        for cell, k in zip(r, kinds):
-            vals = list(cell) if isinstance(cell, (MeanStd, Interval)) else [cell]
-            line += (vals + [""] * width[k])[:width[k]]
-        body.append(line)
-    return [head] + body
+    """CSV: a column of MeanStd cells becomes <name>_mean, <name>_std; one with Interval cells <name>, <name>_low,
+    <name>_high (and <name>_std for its MeanStd cells, e.g. a mean-over-folds row beside fold rows)."""
+    def parts(j):
+        kinds = {type(r[j]) for r in rows} & {MeanStd, Interval}
+        if not kinds:
+            return [""]
+        return (["_mean", "_std"] if kinds == {MeanStd} else [""]) if Interval not in kinds else \
+            ["", *(["_std"] if MeanStd in kinds else []), "_low", "_high"]
+    cols = [parts(j) for j in range(len(header))]
+
+    def split(cell, p):
+        if isinstance(cell, MeanStd):
+            return [cell[0], cell[1]] + [""] * (len(p) - 2)
+        if isinstance(cell, Interval):
+            return [cell[0]] + [""] * (len(p) - 3) + [cell[1], cell[2]]
+        return [cell] + [""] * (len(p) - 1)
+    return [[f"{h}{s}" for h, p in zip(header, cols) for s in p]] + \
+        [[v for cell, p in zip(r, cols) for v in split(cell, p)] for r in rows]
 
 
 def write_table(stem, header, rows, caption="", bold=None, skip_bold=(), note=""):
@@ -214,3 +217,173 @@ def example_items(coco, ids, y, p, thr, names, n=12):
     found = [i for i in np.argsort(-err, kind="stable") if os.path.isfile(id2path.get(int(ids[i]), ""))][:n]
     return [(id2path[int(ids[i])], f"id {ids[i]}  error {err[i]:.2f}\ntrue: {label_names(y[i], names)[:70]}\n"
              f"pred: {label_names(p[i] > thr, names)[:70]}") for i in found]
+
+
+# ----------------------------------------------------------------------------- per-class counts, confusion
+
+def per_class_rows(y, p, thr, categories):
+    """per_class.csv rows (header first), best AP first: AP, AUC, F1, precision, recall, support and the
+    counts TP, FP, FN, TN at the thresholds thr (a float or [C]); TP + FN = support, TP + FP + FN + TN = N."""
+    pc = metrics.per_class(y, p, thr)
+    tn = len(y) - pc["tp"] - pc["fp"] - pc["fn"]
+    rows = [["class", "coco_id", "name", "ap", "auc", "f1", "precision", "recall", "support", "tp", "fp", "fn", "tn"]]
+    for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable"):
+        rows.append([int(c), categories[c].get("id", int(c)), categories[c]["name"],
+                     *(float(pc[k][c]) for k in ("ap", "auc", "f1", "precision", "recall")),
+                     *(int(v[c]) for v in (pc["support"], pc["tp"], pc["fp"], pc["fn"], tn))])
+    return rows
+
+
+def class_order(categories):
+    """Display order: grouped by supercategory (groups in order of first appearance) when every category
+    carries one, else index order -> (order [C], [(group name, first position, size)])."""
+    sup = [c.get("supercategory") for c in categories]
+    if any(s is None for s in sup):
+        return np.arange(len(categories)), []
+    groups = list(dict.fromkeys(sup))
+    order = np.array(sorted(range(len(sup)), key=lambda c: groups.index(sup[c])))  # stable: index order inside
+    spans, pos = [], 0
+    for g in groups:
+        n = sup.count(g)
+        spans.append((g, pos, n))
+        pos += n
+    return order, spans
+
+
+def confusion(y, p, thr, categories, csv_path=None):
+    """The "missed A, predicted B" matrix [C, C] (+ a last column: misses of A on images with no false
+    positive). Each image where true class A is missed splits one count over the absent classes B it
+    wrongly predicts (1 / #false positives each), so row A sums to A's false negatives exactly.
+    error_analysis's "pair_counts" is the unsplit count (its row A sums to the false positives on A's
+    missed images). csv_path: confusion.csv in index order with class names. -> float64 [C, C + 1]."""
+    yb = np.asarray(y).astype(bool)
+    pred = np.asarray(p) > np.asarray(thr, dtype=np.float64)
+    fn, fp = (yb & ~pred).astype(np.float64), (~yb & pred).astype(np.float64)  # [N, C]
+    n_fp = fp.sum(1, keepdims=True)
+    m = np.concatenate([fn.T @ (fp / np.maximum(n_fp, 1)), fn.T @ (n_fp == 0)], axis=1)
+    if csv_path:
+        names = [c["name"] for c in categories]
+        data.save_text(csv_path, [["missed \\ predicted", *names, "(no false positive)"]]
+                       + [[names[a], *(round(float(v), 6) for v in m[a])] for a in range(len(names))])
+    return m
+
+
+# ----------------------------------------------------------------------------- study figures (PNG + PDF)
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, stem):
+    """stem.png and stem.pdf, each written atomically -> [paths]."""
+    paths = []
+    for ext in ("png", "pdf"):
+        data.atomic_write(f"{stem}.{ext}", lambda tmp: fig.savefig(tmp, dpi=120, format=ext))
+        paths.append(f"{stem}.{ext}")
+    _plt().close(fig)
+    return paths
+
+
+def plot_learning(stem, logs, title):
+    """logs {fold: [log.jsonl records]}: training loss and validation mAP per epoch, folds overlaid."""
+    fig, axes = _plt().subplots(1, 2, figsize=(10, 3.6))
+    for k, recs in sorted(logs.items()):
+        ep = [r["epoch"] for r in recs]
+        axes[0].plot(ep, [r.get("loss", np.nan) for r in recs], label=f"fold {k}")
+        axes[1].plot(ep, [r.get("val_mAP_macro", np.nan) for r in recs], label=f"fold {k}")
+    axes[0].set(xlabel="epoch", ylabel="training loss", title=f"{title}: training loss")
+    axes[1].set(xlabel="epoch", ylabel="validation mAP (macro)", title=f"{title}: validation mAP")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def plot_bits(stem, points):
+    """points [(bits, head, mean, std)]: mAP (macro) against hash bits, one line per head, std bars over folds."""
+    fig, ax = _plt().subplots(figsize=(6, 4))
+    xs = sorted({b for b, *_ in points})
+    for head, marker in (("mlp", "o"), ("knn", "s")):
+        pts = sorted((xs.index(b), m, s) for b, h, m, s in points if h == head)
+        if pts:
+            x, m, s = zip(*pts)
+            ax.errorbar(x, m, yerr=np.nan_to_num(s), marker=marker, capsize=3, label=f"{head.upper()} head")
+    ax.set_xticks(range(len(xs)), [str(b) for b in xs])
+    ax.set(xlabel="hash bits (0 = plain MLP)", ylabel="CV mAP (macro), mean ± std over folds", title="mAP vs bits")
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def plot_class_ap(stem, ap, prevalence, names, title):
+    """Per-class AP bars (best first), coloured by the class's training prevalence."""
+    plt = _plt()
+    order = [c for c in np.argsort(-np.nan_to_num(ap, nan=-1), kind="stable") if np.isfinite(ap[c])]
+    fig, ax = plt.subplots(figsize=(max(8, 0.22 * len(order)), 5))
+    prev = np.maximum(np.asarray(prevalence, dtype=np.float64), 1e-6)  # log colour scale: no zeros
+    norm = plt.matplotlib.colors.LogNorm(prev.min(), max(prev.max(), prev.min() * 1.01))
+    ax.bar(range(len(order)), ap[order], color=plt.cm.viridis(norm(prev[order])))
+    ax.set_xticks(range(len(order)), [names[c] for c in order], rotation=90, fontsize=6)
+    ax.set(ylabel="AP", ylim=(0, 1), title=title)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="training prevalence")
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def plot_confusion(stem, m, categories, title):
+    """The C x C part of confusion() as a heatmap, classes grouped by supercategory when they carry one."""
+    plt = _plt()
+    order, spans = class_order(categories)
+    names = [categories[c]["name"] for c in order]
+    C = len(order)
+    fig, ax = plt.subplots(figsize=(max(6, 0.13 * C + 3), max(5, 0.13 * C + 2)))
+    im = ax.imshow(m[np.ix_(order, order)], cmap="magma_r", interpolation="nearest")
+    fs = 4 if C > 40 else 7
+    ax.set_xticks(range(C), names, rotation=90, fontsize=fs)
+    ax.set_yticks(range(C), names, fontsize=fs)
+    for g, start, n in spans[1:]:  # group boundaries
+        ax.axhline(start - 0.5, color="grey", lw=0.4)
+        ax.axvline(start - 0.5, color="grey", lw=0.4)
+    ax.set(xlabel="predicted B (absent)", ylabel="missed A (true)", title=title)
+    fig.colorbar(im, ax=ax, label="images (split over the image's false positives)")
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def fold_analysis(ap, pos, sizes, names, top=3):
+    """ap, pos [K, C]: per-fold per-class AP and positives; sizes [K]. -> rows: fold, size, mAP, and the top
+    classes whose AP deviates most from their mean over folds, each with its positive count vs the mean."""
+    dev = ap - np.nanmean(ap, 0)  # [K, C] AP minus the class's mean over folds
+    rows = []
+    for k in range(len(ap)):
+        cs = [c for c in np.argsort(-np.abs(np.nan_to_num(dev[k])), kind="stable")[:top]]
+        rows.append([f"fold {k}", int(sizes[k]), float(np.nanmean(ap[k])),
+                     "; ".join(f"{names[c]} {dev[k, c]:+.3f} ({int(pos[k, c])} vs {pos[:, c].mean():.1f} pos.)"
+                               for c in cs)])
+    return rows
+
+
+def plot_folds(stem, ap, pos, names):
+    """Left: AP deviation from the class mean per fold (heatmap); right: positive-count deviation against AP
+    deviation, one colour per fold: classes with more (fewer) positives in a fold and higher AP make it easier."""
+    plt = _plt()
+    K, C = ap.shape
+    dev = ap - np.nanmean(ap, 0)
+    rel = pos / np.maximum(pos.mean(0), 1e-9) - 1
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    lim = max(np.nanmax(np.abs(dev)), 1e-6)
+    im = axes[0].imshow(dev, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    axes[0].set_xticks(range(C), names, rotation=90, fontsize=4 if C > 40 else 7)
+    axes[0].set_yticks(range(K), [f"fold {k}" for k in range(K)])
+    axes[0].set_title("per-class AP minus its mean over folds")
+    fig.colorbar(im, ax=axes[0])
+    for k in range(K):
+        axes[1].scatter(rel[k], dev[k], s=8, label=f"fold {k} (mAP {np.nanmean(ap[k]):.3f})")
+    axes[1].axhline(0, color="grey", lw=0.5)
+    axes[1].axvline(0, color="grey", lw=0.5)
+    axes[1].set(xlabel="positives / mean over folds - 1", ylabel="AP - mean over folds", title="counts vs AP")
+    axes[1].legend(fontsize=6)
+    fig.tight_layout()
+    return save_figure(fig, stem)

@@ -20,23 +20,49 @@ def run(*argv):
     return aggregate.main(aggregate.get_args_parser().parse_args([str(a) for a in argv]))
 
 
-def make_run(root, values, sha="a" * 64, finished=True, splits=None, test_probs=None):
-    """A run folder as train.py leaves it: fold<k>/config.json + val_metrics.json (+ last.pt).
-    values[k] is fold k's mAP_macro; the other metrics are derived from it so every column differs."""
+def make_run(root, values, sha="a" * 64, finished=True, splits=None, test_probs=None, knn=None, bits=64,
+             evaluate=None):
+    """A run folder as train.py leaves it: fold<k>/config.json + val_metrics.json (+ last.pt, log.jsonl).
+    values[k] is fold k's mAP_macro; the other metrics are derived from it so every column differs.
+    knn[k]: fold k's KNN mAP_macro (the "knn" block of val_metrics.json). evaluate: (labels, member probs
+    [M, N, C], member knn probs or None) -> eval_test/metrics.json + test_predictions.npz as evaluate.py writes."""
     for k, v in enumerate(values):
         d = root / f"fold{k}"
         d.mkdir(parents=True)
         done = finished if isinstance(finished, bool) else k not in finished
-        data.save_json(d / "config.json", {"fold": k, "splits_sha256": sha, "finished": done,
-                                           "splits": str(splits) if splits else None})
+        data.save_json(d / "config.json", {"fold": k, "splits_sha256": sha, "finished": done, "baseline": "none",
+                                           "fusion": "hadamard", "code_classifier": "learned",
+                                           "model_args": {"bits": bits}, "splits": str(splits) if splits else None})
         torch.save({"finished": done, "config": {"fold": k}}, d / "last.pt")
         vm = {m: v + 0.01 * i for i, m in enumerate(metrics.METRIC_NAMES)}
+        if knn is not None:
+            vm["knn"] = {m: knn[k] + 0.01 * i for i, m in enumerate(metrics.METRIC_NAMES)}
         data.save_json(d / "val_metrics.json", dict(vm, epoch=k + 3, n_images=100, skipped_ap_classes=0))
+        data.save_text(d / "log.jsonl", "".join(json.dumps({"epoch": e, "loss": 1 / e, "val_mAP_macro": v * e / 4})
+                                                + "\n" for e in range(1, 5)))
     if test_probs is not None:
         labels, probs = test_probs
         (root / "eval_test").mkdir()
         np.savez(root / "eval_test" / "test_predictions.npz", ids=np.arange(len(labels)), labels=labels, probs=probs)
+    if evaluate is not None:
+        write_eval(root / "eval_test", *evaluate)
     return root
+
+
+def write_eval(out, labels, member_probs, member_knn=None):
+    """evaluate.py --ensemble --head both|mlp output: metrics.json (models, ensemble) + test_predictions.npz."""
+    members = [f"fold{k}" for k in range(len(member_probs))]
+    heads = {"mlp": member_probs} if member_knn is None else {"mlp": member_probs, "knn": member_knn}
+    summ = {"heads": list(heads), "models": {n: {h: metrics.compute_all(labels, p[i]) for h, p in heads.items()}
+                                             for i, n in enumerate(members)},
+            "ensemble": {h: metrics.compute_all(labels, p.mean(0)) for h, p in heads.items()}}
+    arrays = dict(ids=np.arange(len(labels)), labels=labels, probs=member_probs.mean(0), members=np.array(members),
+                  member_probs=member_probs, thresholds=np.full(labels.shape[1], 0.5))
+    if member_knn is not None:
+        arrays.update(knn_probs=member_knn.mean(0), member_knn_probs=member_knn)
+    out.mkdir(parents=True, exist_ok=True)
+    data.save_json(out / "metrics.json", summ)
+    np.savez(out / "test_predictions.npz", **arrays)
 
 
 def read_csv(path):
@@ -143,3 +169,59 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             aggregate.get_args_parser().parse_args(argv)
         assert e.value.code == 2
+
+
+def fake_probs(rng, labels, m, gain):
+    return np.clip(gain * labels + rng.random((m, *labels.shape)) * 0.6, 0, 1).astype(np.float32)
+
+
+def test_both_heads_cv_and_paired_test(tmp_path):
+    mlp, knn = [0.60, 0.62, 0.61, 0.63, 0.59], [0.58, 0.61, 0.57, 0.60, 0.58]
+    r = make_run(tmp_path / "r", mlp, knn=knn)
+    run(r)
+    rows = {x["fold"]: x for x in read_csv(r / "cv_results.csv")}
+    assert float(rows["knn_mean"]["mAP_macro"]) == pytest.approx(np.mean(knn))
+    assert float(rows["knn_std"]["lrap"]) == pytest.approx(np.std(knn, ddof=1))
+    assert float(rows["mean"]["mAP_macro"]) == pytest.approx(np.mean(mlp))
+    md = (r / "cv_results.md").read_text()
+    p = scipy.stats.ttest_rel(knn, mlp).pvalue
+    assert "## KNN head" in md and f"{np.mean(np.subtract(knn, mlp)):+.4f}" in md and f"{p:.3g}" in md
+
+
+def test_report_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = (rng.random((120, 6)) < 0.3).astype(np.uint8)
+    labels[0] = 1
+    runs = [make_run(tmp_path / "bits64", [0.60, 0.62, 0.61], knn=[0.58, 0.61, 0.57], bits=64,
+                     evaluate=(labels, fake_probs(rng, labels, 3, 0.4), fake_probs(rng, labels, 3, 0.3))),
+            make_run(tmp_path / "bits32", [0.58, 0.60, 0.59], knn=[0.55, 0.58, 0.56], bits=32,
+                     evaluate=(labels, fake_probs(rng, labels, 3, 0.3), None)),
+            make_run(tmp_path / "bits0", [0.57, 0.59, 0.60], bits=0, finished={2})]
+    rep = tmp_path / "report"
+    res = run(*runs, "--allow_partial", "--bootstrap", 50, "--report", rep)
+    for stem in ("cv_table", "cv_heads", "cv_bits64", "cv_bits0", "test_bits64", "test_bits32", "test_table",
+                 "test_heads"):
+        for ext in ("csv", "md", "tex"):
+            assert (rep / f"{stem}.{ext}").is_file(), f"{stem}.{ext}"
+    for stem in ("learning_bits64", "learning_bits0", "bits"):
+        assert (rep / f"{stem}.png").stat().st_size > 0 and (rep / f"{stem}.pdf").stat().st_size > 0
+    assert all((rep / f).is_file() for _, files, _ in res["sections"] for f in files)
+    cv = (rep / "cv_table.md").read_text()
+    assert "bits0 (partial 2/3)" in cv and cv.count("KNN") == 2  # bits 0 has no KNN head
+    assert "bits0 (partial 2/3)" in (rep / "cv_bits0.tex").read_text()
+    test = read_csv(rep / "test_bits64.csv")
+    assert [(x["model"], x["head"]) for x in test] == [(f"fold{k}", "MLP") for k in range(3)] + [
+        ("mean ± std (folds)", "MLP"), ("ensemble", "MLP")] + [(f"fold{k}", "KNN") for k in range(3)] + [
+        ("mean ± std (folds)", "KNN"), ("ensemble", "KNN")]
+    z = np.load(runs[0] / "eval_test" / "test_predictions.npz")
+    cis = metrics.bootstrap_intervals(labels, [*z["member_probs"], z["probs"], *z["member_knn_probs"], z["knn_probs"]],
+                                      n_boot=50, seed=0)
+    for row, ci in zip([x for x in test if x["model"] != "mean ± std (folds)"], cis):
+        for m in metrics.METRIC_NAMES:  # every metric has its interval, on the shared resamples
+            assert (float(row[m]), float(row[f"{m}_low"]), float(row[f"{m}_high"])) == pytest.approx(ci[m])
+    mean_row = test[3]
+    assert float(mean_row["mAP_macro"]) == pytest.approx(np.mean([float(x["mAP_macro"]) for x in test[:3]]))
+    side = read_csv(rep / "test_table.csv")
+    assert [(x["run"], x["head"]) for x in side][::2] == [("bits64", "MLP"), ("bits64", "KNN"), ("bits32", "MLP")]
+    import test_report  # every table of the report compiles
+    test_report.compile_tex(sorted(rep.glob("*.tex")), tmp_path)

@@ -52,9 +52,11 @@ def test_write_table_three_formats(tmp_path):
     assert "\\mathbf{5}" not in tex  # the folds column is a count, not a score
     with open(tmp_path / "t.csv") as f:
         got = list(csv.reader(f))
-    assert got[0] == ["run", "folds", "mAP_macro_mean", "mAP_macro_std", "hamming_loss_mean", "hamming_loss_std",
-                      "f1_micro"]
-    assert got[1][2:4] == ["0.6787", "0.0129"] and got[3][2:4] == ["0.71", "0.69"]  # an Interval: value, low
+    four = lambda m: [m, f"{m}_std", f"{m}_low", f"{m}_high"]  # noqa: E731  (MeanStd and Interval cells)
+    assert got[0] == ["run", "folds", *four("mAP_macro"), *four("hamming_loss"), "f1_micro"]
+    assert got[1][2:6] == ["0.6787", "0.0129", "", ""] and got[3][2:6] == ["0.71", "", "0.69", "0.73"]
+    report.write_table(tmp_path / "u", ["run", "mae"], [["a", report.MeanStd(0.1, 0.01)]])
+    assert (tmp_path / "u.csv").read_text().splitlines() == ["run,mae_mean,mae_std", "a,0.1,0.01"]
     compile_tex([tmp_path / "t.tex"], tmp_path)
 
 
