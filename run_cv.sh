@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole experiment in one command: splits -> features -> folds -> aggregate -> ensemble test.
-# Every step is skipped when its output exists; an interrupted fold resumes from its last.pt.
+# Every step is skipped when its output exists (features: with the same settings); a killed fold resumes.
 #
 #   bash run_cv.sh                                  # real data under data/coco, SigLIP2 base
 #   bash run_cv.sh --demo                           # synthetic COCO + tiny random SigLIP, ~2 minutes on a CPU
@@ -13,15 +13,26 @@ cd "$(dirname "$0")"
 
 usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 demo=0
+study=0
 train_args=()
+FOLD_LIST=${FOLD_LIST:-}   # a subset of folds, e.g. FOLD_LIST="0" (or --fold_list 0,2); default: all FOLDS
 while [ $# -gt 0 ]; do
   case "$1" in
     --demo) demo=1; shift ;;
+    --study) study=1; shift ;;   # the ablation set + report: study.py (it calls this script once per run)
+    --fold_list) [ $# -ge 2 ] || { echo "error: run_cv.sh: --fold_list needs a value like 0,2" >&2; exit 2; }
+      FOLD_LIST=$2; shift 2 ;;
     --) shift; train_args=("$@"); break ;;
     -h|--help) usage; exit 0 ;;
-    *) echo "error: run_cv.sh: unknown argument '$1' (use --demo, or put train.py flags after --)" >&2; exit 2 ;;
+    *) echo "error: run_cv.sh: unknown argument '$1' (use --demo, --study, --fold_list, or put train.py flags after --)" >&2; exit 2 ;;
   esac
 done
+if [ "$study" = 1 ]; then
+  study_args=()
+  [ "$demo" = 1 ] && study_args+=(--demo)
+  [ -n "$FOLD_LIST" ] && study_args+=(--fold_list "$FOLD_LIST")
+  exec "${PYTHON:-python}" study.py "${study_args[@]}" -- ${train_args[@]+"${train_args[@]}"}
+fi
 
 PYTHON=${PYTHON:-python}
 if [ "$demo" = 1 ]; then
@@ -91,7 +102,15 @@ else step splits "$PYTHON" make_splits.py --data_root "$DATA_ROOT" --folds "$FOL
 fi
 
 # ---------------------------------------------------------------------------- features (frozen towers, once)
-if [ -f "$FEATURES" ]; then skip features "$FEATURES"
+# Never skipped because the file exists: extract_features.py answers "up to date" in seconds when FEATURES was
+# made with these settings (MODEL, EXTRACT_ARGS' --views / --max_captions / --seed / --limit, the data files)
+# and refuses with a one-line error naming the setting that differs otherwise; a killed extraction resumes.
+if [ ${#missing[@]} -gt 0 ]; then  # no data to check FEATURES against (it exists, or we stopped above)
+  if [ -n "$EXTRACT_ARGS" ]; then
+    echo "error: run_cv.sh: EXTRACT_ARGS is set but COCO is not under DATA_ROOT=$DATA_ROOT, so $FEATURES cannot be checked against it; set DATA_ROOT, or unset EXTRACT_ARGS to use $FEATURES as it is" >&2
+    exit 2
+  fi
+  echo; echo "== features: $FEATURES used as it is (no COCO under DATA_ROOT to check its settings against)"
 else
   # shellcheck disable=SC2086
   step features "$PYTHON" extract_features.py --data_root "$DATA_ROOT" --model "$MODEL" --out "$FEATURES" $EXTRACT_ARGS
@@ -99,7 +118,16 @@ fi
 
 # ---------------------------------------------------------------------------- folds
 trained=0
-for ((k = 0; k < FOLDS; k++)); do
+folds=$(seq 0 $((FOLDS - 1)))
+agg_args=()
+if [ -n "$FOLD_LIST" ]; then
+  folds=$(echo "$FOLD_LIST" | tr ',' ' ')
+  for k in $folds; do
+    [[ "$k" =~ ^[0-9]+$ ]] && [ "$k" -lt "$FOLDS" ] || { echo "error: run_cv.sh: FOLD_LIST entry '$k' is not a fold 0..$((FOLDS - 1))" >&2; exit 2; }
+  done
+  agg_args=(--allow_partial)   # the other folds are missing on purpose: aggregate labels the run partial
+fi
+for k in $folds; do
   d="$RUN/fold$k"
   if [ -f "$d/.done" ]; then skip "fold $k" "$d/.done"; continue; fi
   resume=()
@@ -112,7 +140,7 @@ done
 
 # ---------------------------------------------------------------------------- aggregate + ensemble test
 if [ "$trained" = 0 ] && [ -f "$RUN/cv_results.csv" ]; then skip aggregate "$RUN/cv_results.csv"
-else step aggregate "$PYTHON" aggregate.py "$RUN"
+else step aggregate "$PYTHON" aggregate.py "$RUN" ${agg_args[@]+"${agg_args[@]}"}
 fi
 if [ "$trained" = 0 ] && [ -f "$RUN/eval_test/metrics.csv" ]; then skip "ensemble test" "$RUN/eval_test/metrics.csv"
 else

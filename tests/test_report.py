@@ -90,3 +90,40 @@ def test_bootstrap_intervals_equal_a_naive_loop():
     one = metrics.bootstrap_ci(y, scores[1], n_boot=n_boot, seed=seed, names=metrics.METRIC_NAMES)
     assert one == cis[1]  # a row's interval does not depend on the other rows
     assert set(metrics.bootstrap_ci(y, scores[0], n_boot=10)) == set(metrics.BOOT_METRICS)
+
+
+def test_per_class_rows_and_confusion(tmp_path):
+    rng = np.random.default_rng(1)
+    y = (rng.random((200, 5)) < 0.4).astype(np.uint8)
+    p = np.clip(0.3 * y + rng.random(y.shape) * 0.7, 0, 1)
+    thr = np.array([0.5, 0.4, 0.6, 0.5, 0.7])
+    cats = [{"id": 10 + c, "name": f"c{c}", "supercategory": "ab"[c % 2]} for c in range(5)]
+    rows = report.per_class_rows(y, p, thr, cats)
+    head, body = rows[0], rows[1:]
+    assert head[-4:] == ["tp", "fp", "fn", "tn"] and [r[0] for r in body] != list(range(5))  # best AP first
+    pred = p > thr
+    fn = {}
+    for r in body:
+        c = r[0]
+        assert r[-4:] == [int((y[:, c] & pred[:, c]).sum()), int((~y[:, c].astype(bool) & pred[:, c]).sum()),
+                          int((y[:, c] & ~pred[:, c]).sum()), int((~y[:, c].astype(bool) & ~pred[:, c]).sum())]
+        assert r[1] == 10 + c and sum(r[-4:]) == len(y) and r[-4] + r[-2] == r[8]
+        fn[c] = r[-2]
+    m = report.confusion(y, p, thr, cats, tmp_path / "confusion.csv")
+    np.testing.assert_allclose(m.sum(1), [fn[c] for c in range(5)])  # row sums = false negatives
+    pairs = metrics.error_analysis(y, p, thr)["pair_counts"]
+    assert ((m[:, :5] > 0) == (pairs > 0)).all() and (m[:, :5] <= pairs + 1e-12).all()
+    with open(tmp_path / "confusion.csv") as f:
+        got = list(csv.reader(f))
+    assert got[0][1:] == [c["name"] for c in cats] + ["(no false positive)"] and got[2][0] == "c1"
+    assert sum(map(float, got[3][1:])) == pytest.approx(fn[2])
+    order, spans = report.class_order(cats)
+    assert list(order) == [0, 2, 4, 1, 3] and spans == [("a", 0, 3), ("b", 3, 2)]
+    assert list(report.class_order([{"name": "x"}, {"name": "y"}])[0]) == [0, 1]  # no supercategory: index order
+    for stem, paths in (("conf", report.plot_confusion(tmp_path / "conf", m, cats, "t")),
+                        ("ap", report.plot_class_ap(tmp_path / "ap", np.array([0.5, np.nan, 0.7, 0.2, 0.9]),
+                                                    np.array([0.1, 0.0, 0.3, 0.01, 0.5]), [c["name"] for c in cats], "t")),
+                        ("folds", report.plot_folds(tmp_path / "folds", rng.random((3, 5)), rng.integers(1, 9, (3, 5)),
+                                                    [c["name"] for c in cats]))):
+        assert [str(x) for x in paths] == [f"{tmp_path / stem}.png", f"{tmp_path / stem}.pdf"]
+        assert all((tmp_path / f"{stem}.{e}").stat().st_size > 1000 for e in ("png", "pdf"))

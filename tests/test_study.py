@@ -1,0 +1,113 @@
+"""study.py: runs made through run_cv.sh (here a fake one that writes train.py's / evaluate.py's files), skipped
+when complete, resumed after an interruption, the report folder and report.md (every link exists, the fold
+table's counts equal splits.json's stats), and a rerun that skips everything.
+
+    python -m pytest -q tests/test_study.py
+"""
+import csv
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+import study
+
+FAKE = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    import numpy as np
+    sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
+    import test_aggregate as ta
+    run = Path(os.environ["RUN"])
+    with open({log!r}, "a") as f:
+        f.write(run.name + " " + os.environ.get("EVAL_ARGS", "") + "\\n")
+    if os.environ.get("FAIL_AT") == run.name:
+        sys.exit(1)  # killed mid-study
+    rng = np.random.default_rng(len(run.name))
+    z = np.load({labels!r})
+    labels = z["labels"]
+    knn = None if run.name in ("bits0", "probe") else [0.5, 0.55, 0.52]
+    ev = (labels, ta.fake_probs(rng, labels, 3, 0.4), None if knn is None else ta.fake_probs(rng, labels, 3, 0.3))
+    bits = {{"bits0": 0, "bits16": 16}}.get(run.name, 64)
+    ta.make_run(run, [0.6, 0.62, 0.58], knn=knn, bits=bits, splits={splits!r}, evaluate=ev)
+    for k in range(3):
+        d = run / f"fold{{k}}"
+        yk = labels[k::3]
+        np.savez(d / "val_predictions.npz", ids=np.arange(len(yk)), labels=yk, probs=ta.fake_probs(rng, yk, 1, 0.4)[0])
+        (d / ".done").touch()
+    (run / "eval_test" / "metrics.csv").write_text("model\\n")
+""")
+
+
+@pytest.fixture
+def fake_study(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = (rng.random((90, 5)) < 0.3).astype(np.uint8)
+    labels[:3] = 1
+    np.savez(tmp_path / "labels.npz", labels=labels)
+    cats = [{"id": c + 1, "name": f"class {c}", "supercategory": "ab"[c // 3]} for c in range(5)]
+    stats = [{"size": len(labels[k::3]), "positives": labels[k::3].sum(0).tolist()} for k in range(3)]
+    data.save_json(tmp_path / "splits.json", {"folds": 3, "categories": cats, "stats": stats})
+    script = tmp_path / "fake_run_cv.py"
+    script.write_text(FAKE.format(tests=str(Path(__file__).parent), root=str(Path(__file__).parents[1]),
+                                  log=str(tmp_path / "calls.log"), labels=str(tmp_path / "labels.npz"),
+                                  splits=str(tmp_path / "splits.json")))
+    return tmp_path, script, stats
+
+
+def run_study(tmp_path, script, *extra):
+    argv = ["--study_dir", str(tmp_path / "st"), "--only", "hash64,bits0,bits16,probe", "--bootstrap", "20",
+            "--run_cv", f"{sys.executable} {script}", *extra]
+    return study.main(study.get_args_parser().parse_args(argv))
+
+
+def calls(tmp_path):
+    path = tmp_path / "calls.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_study_resume_report_and_rerun(fake_study, monkeypatch, capsys):
+    tmp_path, script, stats = fake_study
+    monkeypatch.setenv("FOLDS", "3")
+    monkeypatch.setenv("FAIL_AT", "bits16")
+    with pytest.raises(SystemExit) as e:
+        run_study(tmp_path, script)
+    assert e.value.code == 2 and "run bits16 failed" in capsys.readouterr().err
+    assert [c.split()[0] for c in calls(tmp_path)] == ["hash64", "bits0", "bits16"]
+    assert calls(tmp_path)[0].endswith("--head both") and "--head" not in calls(tmp_path)[1]
+    monkeypatch.delenv("FAIL_AT")
+    out = Path(run_study(tmp_path, script))
+    assert [c.split()[0] for c in calls(tmp_path)][3:] == ["bits16", "probe"]  # finished runs were not redone
+    md = (out / "report.md").read_text()
+    links = [s.split("](")[1].split(")")[0] for s in md.split("[")[1:] if "](" in s]
+    assert links and all((out / f).is_file() for f in links), [f for f in links if not (out / f).is_file()]
+    for stem in ("cv_table", "cv_heads", "test_table", "test_heads", "per_class", "fold_analysis", "fold_classes"):
+        assert f"{stem}.md" in links and f"{stem}.tex" in links and f"{stem}.csv" in links
+    for fig in ("bits", "class_ap", "confusion", "folds", "learning_hash64"):
+        assert f"{fig}.png" in links and f"{fig}.pdf" in links
+    assert md.index("cv_table.md") < md.index("test_table.md") < md.index("confusion.png") < md.index("folds.png")
+    with open(out / "fold_classes.csv") as f:
+        rows = list(csv.DictReader(f))
+    for c, row in enumerate(rows):  # the fold table's counts are splits.json's stats
+        assert [int(row[f"positives fold {k}"]) for k in range(3)] == [s["positives"][c] for s in stats]
+    with open(out / "per_class.csv") as f:
+        fn = {r["name"]: int(r["fn"]) for r in csv.DictReader(f)}
+    with open(out / "confusion.csv") as f:
+        conf = list(csv.reader(f))[1:]
+    assert {r[0]: pytest.approx(sum(map(float, r[1:]))) for r in conf} == fn  # row sums = false negatives
+    n_calls = len(calls(tmp_path))
+    capsys.readouterr()
+    run_study(tmp_path, script)  # everything done: no run_cv.sh call, no report rewrite
+    assert len(calls(tmp_path)) == n_calls and "report: skipped" in capsys.readouterr().out
+
+
+def test_unknown_run_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        study.main(study.get_args_parser().parse_args(["--study_dir", str(tmp_path), "--only", "nope"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
