@@ -6,6 +6,7 @@ embeddings (not normalised) in one safetensors file that train.py and evaluate.p
     python extract_features.py --data_root data/coco --views 3             # + 2 augmented views per image
     python extract_features.py --data_root data/coco --limit 200 --device cpu --out /tmp/f.safetensors  # quick try
     python extract_features.py --data_root data/coco --skip_bad_images     # leave unreadable images out
+    torchrun --nproc_per_node 8 extract_features.py --data_root data/coco  # 8 GPUs, the same file as one
 
 Cache (see data.load_features): ids int64 [N], image float16 [N,V,D] (view 0 = the plain image), text float16
 [N,C,D] (zero rows past n_captions), n_captions int64 [N], labels uint8 [N,80], prompts float16 [80,D]
@@ -14,16 +15,20 @@ Cache (see data.load_features): ids int64 [N], image float16 [N,V,D] (view 0 = t
 Robustness: every image is decoded once before any encoding; unreadable ones stop the run (exit 2, all listed)
 unless --skip_bad_images. Work is done in shards written atomically to <out>.parts/, so a killed run resumes
 where it stopped and ends with the same file as an uninterrupted one. An existing --out made with another
-model / max_captions / views / data is refused; with the same settings it is reported up to date.
+model / max_captions / views / augmentation / data is refused; with the same settings it is reported up to date.
+
+Under torchrun (NCCL on cuda, gloo on cpu) shard s belongs to rank s % world_size, each rank writes its own,
+rank 0 merges after a barrier; <out>.parts/ must be on a filesystem every node sees. A dead rank loses only its
+unfinished shard: a rerun with any number of ranks, or one plain process, encodes only the missing ones.
 """
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import time
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -33,11 +38,12 @@ from tqdm import tqdm
 import cli
 import data
 import model
+import views
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEV_SPLITS = ("train", "restval", "val")
 # settings that decide the cache's content: a different value makes a different file
-IDENTITY = ("model", "max_captions", "views", "fingerprint", "limit", "seed")
+IDENTITY = ("model", "max_captions", "views", "fingerprint", "limit", "seed", "augment")
 
 
 def get_args_parser():
@@ -47,14 +53,15 @@ def get_args_parser():
     g.add_argument("--data_root", default="data/coco", help="COCO root: dataset_coco.json, annotations/, images")
     g.add_argument("--max_captions", type=cli.positive_int, default=5, help="captions kept per image (COCO has 5-7)")
     g.add_argument("--views", type=cli.positive_int, default=1,
-                   help="image views per image: view 0 is the plain image, the others a random resized crop "
-                        "(50-100%% of the area) + horizontal flip, seeded per image so reruns agree")
+                   help="image views per image: view 0 is the plain image, the others views.py's light "
+                        "augmentation (crop, flip, +-10 deg rotation / shift / scale, brightness / contrast), "
+                        "seeded per (seed, image, view) so reruns agree")
     g.add_argument("--limit", type=cli.positive_int, default=None,
                    help="only the first N dev and the first N test images (by id), for a quick try")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="leave unreadable images out of the cache (listed in metadata bad_images) "
                         "instead of stopping with exit code 2")
-    g.add_argument("--seed", type=int, default=0, help="seed of the augmented views")
+    g.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the augmented views")
     # model
     g = p.add_argument_group("model")
     g.add_argument("--model", default="google/siglip2-base-patch16-256",
@@ -66,7 +73,9 @@ def get_args_parser():
     # optim (throughput)
     g = p.add_argument_group("optim (throughput)")
     g.add_argument("--batch_size", type=cli.positive_int, default=64, help="images per forward pass")
-    g.add_argument("--num_workers", type=cli.nonneg_int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes; the default is 4, or the number of cores if fewer")
+    g.add_argument("--num_workers", type=cli.nonneg_int, default=None,
+                   help="DataLoader processes that decode + preprocess (the GPU waits on them); default: the "
+                        "cores this process may use, shared among this node's ranks, less one, at most 16")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="tower precision; default fp16 on cuda, fp32 on cpu")
@@ -76,6 +85,9 @@ def get_args_parser():
                    help="output .safetensors; default <data_root>/features_<model basename>.safetensors")
     g.add_argument("--shard_size", type=cli.positive_int, default=2048,
                    help="images per resumable shard in <out>.parts/ (a killed run loses at most one shard)")
+    g.add_argument("--dist_timeout", type=cli.positive_int, default=3600,
+                   help="torchrun: seconds a rank waits for its peers before an error; long enough for a "
+                        "resumed run whose missing shards all belong to one rank")
     return p
 
 
@@ -93,47 +105,77 @@ def check_image(path):
         return f"{type(e).__name__}: {e}"
 
 
-class _CheckSet(torch.utils.data.Dataset):
-    def __init__(self, paths):
-        self.paths = paths
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return check_image(self.paths[i])
+def _check_batch(paths):
+    return [check_image(p) for p in paths]  # in the worker processes (a module function: picklable)
 
 
-def find_bad_images(paths, num_workers):
-    """Decode every image once (in worker processes) -> list of (position, error) for the unreadable ones."""
-    loader = torch.utils.data.DataLoader(_CheckSet(paths), batch_size=32, num_workers=num_workers,
-                                         collate_fn=list)
-    errors = [e for batch in tqdm(loader, desc="check images", unit="batch", leave=False) for e in batch]
-    return [(i, e) for i, e in enumerate(errors) if e is not None]
+def find_bad_images(paths, num_workers, rank=0, world=1):
+    """Decode every image once (in worker processes) -> sorted list of (position, error) of the unreadable ones.
+    Under torchrun rank r decodes paths[r::world] and the ranks swap their lists: the same answer on each."""
+    loader = torch.utils.data.DataLoader(paths[rank::world], batch_size=32, num_workers=num_workers,
+                                         collate_fn=_check_batch)
+    errors = [e for batch in tqdm(loader, desc="check images", unit="batch", leave=False, disable=rank > 0)
+              for e in batch]
+    bad = [(i * world + rank, e) for i, e in enumerate(errors) if e is not None]  # positions in `paths`
+    if world > 1:
+        every = [None] * world
+        torch.distributed.all_gather_object(every, bad)
+        bad = sorted(b for lst in every for b in lst)
+    return bad
 
 
-def augment(img, rng):
-    """Light augmentation: random resized crop (50-100% of the area, aspect 3/4..4/3) + horizontal flip."""
-    w0, h0 = img.size
-    box = (0, 0, w0, h0)
-    for _ in range(10):
-        area = w0 * h0 * rng.uniform(0.5, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < w <= w0 and 0 < h <= h0:
-            x, y = int(rng.integers(0, w0 - w + 1)), int(rng.integers(0, h0 - h + 1))
-            box = (x, y, x + w, y + h)
-            break
-    img = img.crop(box)
-    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+# ----------------------------------------------------------------------------- distributed + data loading
+
+def init_distributed(device, timeout_s):
+    """torchrun's environment -> (rank, world_size, device): NCCL and this rank's LOCAL_RANK GPU on cuda, gloo on
+    cpu. A plain run (no WORLD_SIZE, or 1) -> (0, 1, device) without touching torch.distributed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    cuda = str(device).startswith("cuda")
+    if cuda:  # one GPU per rank: cuda:LOCAL_RANK, whatever index --device named
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    # the timeout bounds every wait on a peer (a dead rank would otherwise hold the others for gloo's 30 min)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    return int(os.environ["RANK"]), world, device
+
+
+def wait_for_peers(rank, timeout_s, parts):
+    """Barrier: every rank has written its shards. A peer that died or stalls ends it with a one-line error."""
+    dist = torch.distributed
+    try:
+        dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
+    except RuntimeError as e:  # DistBackendError and gloo's timeouts are RuntimeErrors
+        cli.fail(f"rank {rank}: a peer did not reach the barrier within --dist_timeout {timeout_s} s (it died or "
+                 f"stalls: {type(e).__name__}); finished shards stay in {parts}: rerun (any number of ranks) "
+                 f"to encode only the missing ones")
+
+
+def default_workers():
+    """-> (cores this process may use: sched_getaffinity sees taskset / cgroup cpusets / a scheduler's share,
+    DataLoader workers per rank: those cores split among this node's ranks, less one for the process driving
+    the GPU, at most 16 for shared memory, see make_loader)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores, max(0, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+
+
+def make_loader(dataset, batches, collate, num_workers, device):
+    """Decoding + preprocessing in `num_workers` processes. Pinned batches copy to the GPU faster; 2 batches in
+    flight per worker (16 x 2 x 64 images x V x 3x256x256 float32 = 1.6 GB x V of shared memory) keep it fed
+    once the workers keep up at all. Not persistent: the loader is iterated once."""
+    extra = {"prefetch_factor": 2} if num_workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
+                                       pin_memory=str(device).startswith("cuda"), **extra)
 
 
 class Collate:
     """Worker-side preprocessing: (row, PIL, captions) items -> pixel_values (B*V, 3, H, W), input_ids (T, 64)."""
 
-    def __init__(self, image_processor, tokenizer, ids, views, max_captions, seed):
+    def __init__(self, image_processor, tokenizer, ids, n_views, max_captions, seed):
         self.image_processor, self.tokenizer = image_processor, tokenizer
-        self.ids, self.views, self.max_captions, self.seed = ids, views, max_captions, seed
+        self.ids, self.views, self.max_captions, self.seed = ids, n_views, max_captions, seed
 
     def __call__(self, items):
         unreadable = [row for row, img, _ in items if img is None]
@@ -143,8 +185,8 @@ class Collate:
         for row, img, captions in items:
             rows.append(row)
             imgs.append(img)
-            for v in range(1, self.views):  # seeded by (seed, COCO id, view): the same crops on every rerun
-                imgs.append(augment(img, np.random.default_rng([self.seed, int(self.ids[row]), v])))
+            for v in range(1, self.views):  # seeded by (seed, COCO id, view): the same pixels on every rerun
+                imgs.append(views.view(img, self.seed, self.ids[row], v))
             caps.append(list(captions)[:self.max_captions])
         texts = [c for cs in caps for c in cs]
         tok = model.tokenize(self.tokenizer, texts) if texts else torch.zeros(0, model.TEXT_MAX_LENGTH).long()
@@ -165,8 +207,9 @@ def write_shard(path, tensors, meta):
     data.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def finished_shards(parts, run, n_shards):
-    """Indices of the shards already in `parts` for this exact run; a shard of another run is refused."""
+def finished_shards(parts, run, n_shards, owns=lambda s: True):
+    """Indices of the shards already in `parts` for this exact run; a shard of another run is refused. An
+    unreadable one is deleted only by its owner rank (owns(s)): two ranks never race on one file."""
     from safetensors import safe_open
     done = set()
     if not os.path.isdir(parts):
@@ -180,13 +223,14 @@ def finished_shards(parts, run, n_shards):
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
         except Exception:
-            print(f"note: {path} is unreadable; encoding that shard again")
-            os.remove(path)
+            if owns(int(m.group(1))):
+                print(f"note: {path} is unreadable; encoding that shard again")
+                os.remove(path)
             continue
         for k, v in run.items():
             if meta.get(k) != v:
                 cli.fail(f"{path}: left by a different run ({k} {meta.get(k)!r} there, {v!r} now); "
-                     f"delete {parts} to start over, or pass another --out")
+                         f"delete {parts} to start over, or pass another --out")
         if int(m.group(1)) < n_shards:
             done.add(int(m.group(1)))
     return done
@@ -202,32 +246,33 @@ def existing_output(out, want):
             meta = f.metadata() or {}
     except Exception:
         cli.fail(f"{out}: exists but is not a readable feature cache; delete it or pass another --out")
-    for k in IDENTITY:
-        if meta.get(k) != want[k]:
+    for k in IDENTITY:  # a cache from before "augment" was recorded: with 1 view it had no augmentation
+        if meta.get(k, "none" if k == "augment" and meta.get("views") == "1" else None) != want[k]:
             cli.fail(f"{out}: exists with {k} {meta.get(k)!r}, this run has {want[k]!r}; "
-                 f"pass another --out or delete it")
+                     f"pass another --out or delete it")
     return True
 
 
 # ----------------------------------------------------------------------------- encode + merge
 
-def encode_shards(encoder, coco, rows, todo, parts, run, args):
+def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, world=1):
     """Encode the images rows[s*shard_size : (s+1)*shard_size] of every shard s in `todo`, one shard file each."""
     ids_all, n, size = np.asarray(coco["ids"]), len(rows), args.shard_size
     V, C, D, dtype_name = args.views, args.max_captions, encoder.dim, run["dtype"]
+    if not todo:
+        return
     # batches never straddle two shards, so a shard's content does not depend on which shards were done
     batches = [list(range(b, min(b + args.batch_size, (s + 1) * size, n)))
                for s in todo for b in range(s * size, min((s + 1) * size, n), args.batch_size)]
     dataset = data.ImageCaptionDataset(coco, rows)  # item j -> (row of image j, PIL RGB or None, captions)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=args.num_workers,
-        collate_fn=Collate(encoder.image_processor, encoder.tokenizer, ids_all, V, C, args.seed))
-    bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc="encode", dynamic_ncols=True)
-    buf, t0, n_caps = [], time.time(), 0
+    loader = make_loader(dataset, batches, Collate(encoder.image_processor, encoder.tokenizer, ids_all, V, C,
+                                                   args.seed), workers, encoder.device)
+    bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc="encode", dynamic_ncols=True, disable=rank > 0)
+    buf, t0, n_imgs, n_caps = [], time.time(), 0, 0
     for batch in loader:
         if "unreadable" in batch:
             cli.fail(f"{coco['paths'][batch['unreadable'][0]]}: became unreadable during the run; fix it and "
-                 f"rerun (finished shards are kept)")
+                     f"rerun (finished shards are kept)")
         img = encoder.encode_pixels(batch["pixel_values"]).view(-1, V, D).half()  # (B, V, D)
         tok, ncap = batch["input_ids"], batch["n_captions"]  # (T, 64) every caption of the batch; (B,)
         txt_flat = encoder.encode_tokens(tok) if len(tok) else torch.zeros(0, D)  # (T, D)
@@ -235,9 +280,9 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args):
         txt[torch.arange(C)[None, :] < ncap[:, None]] = txt_flat.half()  # row-major: image i, captions 0..n_i-1
         if not (torch.isfinite(img).all() and torch.isfinite(txt).all()):  # also catches float16 overflow
             cli.fail(f"--dtype {dtype_name}: non-finite embeddings near COCO id {int(ids_all[batch['rows'][0]])}; "
-                 f"rerun with --dtype bf16 or fp32")
+                     f"rerun with --dtype bf16 or fp32")
         buf.append((batch["rows"], img, txt, ncap))
-        n_caps += int(ncap.sum())
+        n_imgs, n_caps = n_imgs + len(ncap), n_caps + int(ncap.sum())
         bar.update(len(ncap))
         s = todo[0]
         if sum(len(b[0]) for b in buf) == min((s + 1) * size, n) - s * size:  # shard s complete
@@ -247,10 +292,10 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args):
             write_shard(shard_path(parts, s), tensors, dict(run, shard=str(s)))
             buf, todo = [], todo[1:]
     bar.close()
-    if bar.n:
+    if n_imgs:
         secs = time.time() - t0
-        print(f"encoded {bar.n} images ({bar.n * V} views) and {n_caps} captions in {secs:.1f} s: "
-              f"{bar.n / max(secs, 1e-9):.1f} images/s")
+        print(f"{f'rank {rank}: ' if world > 1 else ''}encoded {n_imgs} images ({n_imgs * V} views) and {n_caps} "
+              f"captions in {secs:.1f} s: {n_imgs / max(secs, 1e-9):.1f} images/s")
 
 
 def merge_shards(parts, ids, n_shards, size, V, C, D):
@@ -260,6 +305,8 @@ def merge_shards(parts, ids, n_shards, size, V, C, D):
     out = {"ids": torch.from_numpy(ids).long(), "image": torch.empty(n, V, D, dtype=torch.float16),
            "text": torch.empty(n, C, D, dtype=torch.float16), "n_captions": torch.empty(n, dtype=torch.long)}
     for s in range(n_shards):
+        if not os.path.exists(shard_path(parts, s)):  # its rank died unseen (the barrier normally catches that)
+            cli.fail(f"{shard_path(parts, s)}: missing after every rank finished; rerun to encode it")
         part, sl = load_file(shard_path(parts, s)), slice(s * size, min((s + 1) * size, n))
         if not torch.equal(part["ids"], out["ids"][sl]):
             cli.fail(f"{shard_path(parts, s)}: holds other images than expected; delete {parts} and rerun")
@@ -270,77 +317,103 @@ def merge_shards(parts, ids, n_shards, size, V, C, D):
 
 # ----------------------------------------------------------------------------- main
 
-def main(args):
-    t0 = time.time()
+def readable_rows(coco, rows, args, workers, rank, world):
+    """Decode every image once -> (rows without the unreadable ones, their ids); all bad ones named at once."""
+    bad = find_bad_images([coco["paths"][r] for r in rows], workers, rank, world)
+    if bad and not args.skip_bad_images:
+        listing = "; ".join(f"{coco['paths'][rows[i]]} ({e})" for i, e in bad)
+        cli.fail(f"{args.data_root}: {len(bad)} unreadable image(s): {listing}; replace them, or pass "
+                 f"--skip_bad_images to leave them out")
+    for i, e in bad if rank == 0 else ():
+        print(f"skipping unreadable image {coco['paths'][rows[i]]} ({e})")
+    if len(bad) == len(rows):
+        cli.fail(f"{args.data_root}: no readable dev/test images to encode")
+    return np.delete(rows, [i for i, _ in bad]), [int(coco["ids"][rows[i]]) for i, _ in bad]
+
+
+def write_cache(out, parts, encoder, coco, rows, n_shards, meta, args):
+    """Rank 0, every shard present: shards + labels + class prompts + metadata -> one cache file."""
+    tensors = merge_shards(parts, np.asarray(coco["ids"])[rows], n_shards, args.shard_size, args.views,
+                           args.max_captions, encoder.dim)
+    tensors["labels"] = torch.from_numpy(np.asarray(coco["labels"])[rows].astype(np.uint8))  # (N, 80)
+    if args.prompts:
+        prompts = [f"a photo of a {c['name']}." for c in coco["categories"]]
+        tensors["prompts"] = encoder.encode_texts(prompts).half()  # (80, D)
+    import transformers
+    data.save_features(out, tensors, dict(
+        {k: meta["run"][k] for k in IDENTITY}, dim=encoder.dim, image_size=encoder.image_size, transformers_version=transformers.__version__,
+        logit_scale=encoder.logit_scale, logit_bias=encoder.logit_bias, categories=json.dumps(coco["categories"]),
+        bad_images=json.dumps(meta["bad_ids"]), dtype=meta["run"]["dtype"], n_images=len(rows)))
+    shutil.rmtree(parts, ignore_errors=True)
+    return tensors
+
+
+def extract(args, rank, world, device):
+    t0, say = time.time(), (print if rank == 0 else lambda *a, **k: None)
     name = os.path.basename(args.model.rstrip("/"))
     out = args.out or os.path.join(args.data_root, f"features_{name}.safetensors")
-    dtype_name = args.dtype or ("fp16" if str(args.device).startswith("cuda") else "fp32")
+    dtype_name = args.dtype or ("fp16" if str(device).startswith("cuda") else "fp32")
     try:
         coco = data.load_coco(args.data_root)
     except data.DataError as e:
         cli.fail(str(e))
-    ids_all = np.asarray(coco["ids"])
     dev_rows = np.flatnonzero([s in DEV_SPLITS for s in coco["splits"]])
     test_rows = np.flatnonzero([s == "test" for s in coco["splits"]])
     if args.limit:
         dev_rows, test_rows = dev_rows[:args.limit], test_rows[:args.limit]
     rows = np.sort(np.concatenate([dev_rows, test_rows]))  # load_coco sorts by id: rows ascend by id too
     ident = {"model": args.model, "max_captions": str(args.max_captions), "views": str(args.views),
-             "fingerprint": str(coco["fingerprint"]), "limit": str(args.limit or 0), "seed": str(args.seed)}
+             "fingerprint": str(coco["fingerprint"]), "limit": str(args.limit or 0), "seed": str(args.seed),
+             "augment": views.RECIPE if args.views > 1 else "none"}
     if existing_output(out, ident):
-        shutil.rmtree(out + ".parts", ignore_errors=True)  # leftovers of a run killed after its final write
-        print(f"up to date: {out} ({args.model}, max_captions {args.max_captions}, views {args.views})")
+        if rank == 0:
+            shutil.rmtree(out + ".parts", ignore_errors=True)  # leftovers of a run killed after its final write
+        say(f"up to date: {out} ({args.model}, max_captions {args.max_captions}, views {args.views})")
         return out
+    cores, workers = default_workers()
+    workers = workers if args.num_workers is None else args.num_workers
+    say(f"data loading: {workers} worker process(es) per rank ({cores} cores available to this process"
+        f"{'' if args.num_workers is None else ', --num_workers'}), {world} rank(s)")
+    rows, bad_ids = readable_rows(coco, rows, args, workers, rank, world)
+    n, ids_all = len(rows), np.asarray(coco["ids"])
 
-    # ---- every image decodes, or the user hears about all the bad ones at once
-    bad = find_bad_images([coco["paths"][r] for r in rows], args.num_workers)
-    if bad and not args.skip_bad_images:
-        listing = "; ".join(f"{coco['paths'][rows[i]]} ({e})" for i, e in bad)
-        cli.fail(f"{args.data_root}: {len(bad)} unreadable image(s): {listing}; replace them, or pass "
-             f"--skip_bad_images to leave them out")
-    bad_ids = [int(ids_all[rows[i]]) for i, _ in bad]
-    for i, e in bad:
-        print(f"skipping unreadable image {coco['paths'][rows[i]]} ({e})")
-    rows = np.delete(rows, [i for i, _ in bad])
-    n = len(rows)
-    if n == 0:
-        cli.fail(f"{args.data_root}: no readable dev/test images to encode")
-
-    # ---- shards: fixed slices of `rows`, each stamped with the run's settings and a hash of its image ids
+    # ---- shards: fixed slices of `rows`, stamped with the run's settings and a hash of its image ids; shard s
+    # belongs to rank s % world whatever is done already, so ranks need not agree on what they saw in `parts`
     run = dict(ident, dtype=dtype_name, shard_size=str(args.shard_size),
                rows=hashlib.sha256(ids_all[rows].astype(np.int64).tobytes()).hexdigest()[:16])
     parts = out + ".parts"
     n_shards = (n + args.shard_size - 1) // args.shard_size
-    done = finished_shards(parts, run, n_shards)
+    done = finished_shards(parts, run, n_shards, owns=lambda s: s % world == rank)
     if done:
-        print(f"resuming: {len(done)} of {n_shards} shards already in {parts}")
+        say(f"resuming: {len(done)} of {n_shards} shards already in {parts}")
+    todo = [s for s in range(n_shards) if s % world == rank and s not in done]
     try:
-        encoder = model.Siglip2Encoder(args.model, device=args.device, dtype=DTYPES[dtype_name])
+        encoder = model.Siglip2Encoder(args.model, device=device, dtype=DTYPES[dtype_name])
     except (OSError, ValueError) as e:
         where = "" if os.path.exists(args.model) else "not a folder here; "
         cli.fail(f"--model {args.model}: cannot load it ({where}{str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-             f"give a Hugging Face name or a local folder of a SigLIP model")
-    V, C, D = args.views, args.max_captions, encoder.dim
-    print(f"{n} images ({len(bad)} skipped) x {V} view(s), <= {C} captions each, {args.model} (dim {D}, "
-          f"{encoder.image_size}px) on {args.device} {dtype_name}, {n_shards} shard(s) of {args.shard_size}")
-    encode_shards(encoder, coco, rows, [s for s in range(n_shards) if s not in done], parts, run, args)
-
-    # ---- one cache file: shards + labels + class prompts + metadata
-    tensors = merge_shards(parts, ids_all[rows], n_shards, args.shard_size, V, C, D)
-    tensors["labels"] = torch.from_numpy(np.asarray(coco["labels"])[rows].astype(np.uint8))  # (N, 80)
-    if args.prompts:
-        prompts = [f"a photo of a {c['name']}." for c in coco["categories"]]
-        tensors["prompts"] = encoder.encode_texts(prompts).half()  # (80, D)
-    import transformers
-    meta = dict(ident, dim=D, image_size=encoder.image_size, transformers_version=transformers.__version__,
-                logit_scale=encoder.logit_scale, logit_bias=encoder.logit_bias,
-                categories=json.dumps(coco["categories"]), bad_images=json.dumps(bad_ids), dtype=dtype_name,
-                n_images=n)
-    data.save_features(out, tensors, meta)
-    shutil.rmtree(parts, ignore_errors=True)
+                 f"give a Hugging Face name or a local folder of a SigLIP model")
+    say(f"{n} images ({len(bad_ids)} skipped) x {args.views} view(s), <= {args.max_captions} captions each, "
+        f"{args.model} (dim {encoder.dim}, {encoder.image_size}px) on {device} {dtype_name}, {n_shards} shard(s) "
+        f"of {args.shard_size}" + (f", {len(todo)} to encode on rank 0 of {world}" if world > 1 else ""))
+    encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank, world)
+    if world > 1:
+        wait_for_peers(rank, args.dist_timeout, parts)
+        if rank > 0:
+            return None  # rank 0 merges
+    tensors = write_cache(out, parts, encoder, coco, rows, n_shards, {"run": run, "bad_ids": bad_ids}, args)
     print(f"wrote {out}: {n} images, image {tuple(tensors['image'].shape)}, text {tuple(tensors['text'].shape)} "
           f"float16, {len(bad_ids)} bad image(s) left out, {time.time() - t0:.1f} s")
     return out
+
+
+def main(args):
+    rank, world, device = init_distributed(args.device, args.dist_timeout)
+    try:
+        return extract(args, rank, world, device)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -17,6 +19,7 @@ from PIL import Image
 import data
 import extract_features
 import model
+import views
 
 
 def run(*argv):
@@ -234,3 +237,102 @@ def test_bad_flags_rejected_by_argparse(flag):
     with pytest.raises(SystemExit) as e:
         extract_features.get_args_parser().parse_args(flag)
     assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- augmented views (views.py)
+
+def test_views_deterministic_per_image_and_view(coco):
+    img = Image.open(coco["paths"][0]).convert("RGB")
+    a = np.asarray(views.view(img, seed=0, image_id=9, v=1))
+    assert np.array_equal(a, np.asarray(views.view(img.copy(), seed=0, image_id=9, v=1)))  # same pixels on a rerun
+    for other in (dict(seed=0, image_id=9, v=2), dict(seed=1, image_id=9, v=1), dict(seed=0, image_id=10, v=1)):
+        b = np.asarray(views.view(img, **other))
+        assert a.shape != b.shape or not np.array_equal(a, b), other
+
+
+def test_view_steps_do_what_they_say():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    plain = np.asarray(img).astype(float)
+    # brightness / contrast factors in [0.8, 1.2]: the mean moves by at most ~20%
+    jit = np.asarray(views.colour_jitter(img, np.random.default_rng(1))).astype(float)
+    assert 0.75 < jit.mean() / plain.mean() < 1.25 and not np.array_equal(jit, plain)
+    # no rotation, unit scale, no shift: the identity (PIL's affine maps output pixels to input points)
+    same = views.shift_scale_rotate(img, np.random.default_rng(2), degrees=0, shift=0, scale=(1, 1))
+    assert np.array_equal(np.asarray(same), np.asarray(img))
+    out = views.augment(img, np.random.default_rng(3))
+    assert out.mode == "RGB" and min(out.size) >= 1
+
+
+def test_old_cache_without_augment_key(tmp_path):
+    """Caches written before 'augment' was recorded: 1 view is accepted, more views are refused by name."""
+    want = {k: "x" for k in extract_features.IDENTITY}
+    for views_n, ok in (("1", True), ("3", False)):
+        out = tmp_path / f"old{views_n}.safetensors"
+        meta = {k: "x" for k in extract_features.IDENTITY if k != "augment"}
+        meta["views"] = views_n
+        extract_features.write_shard(str(out), {"ids": torch.zeros(1).long()}, meta)
+        w = dict(want, views=views_n, augment="none" if views_n == "1" else views.RECIPE)
+        if ok:
+            assert extract_features.existing_output(str(out), w)
+        else:
+            with pytest.raises(SystemExit):
+                extract_features.existing_output(str(out), w)
+
+
+# ----------------------------------------------------------------------------- data loading
+
+def test_default_workers_from_affinity(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert extract_features.default_workers() == (12, 11)  # one core left for the process driving the GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks on this node share the 12 cores
+    assert extract_features.default_workers() == (12, 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert extract_features.default_workers()[1] == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert extract_features.default_workers()[1] == 16
+
+
+def test_loader_options():
+    ds, batches = list(range(4)), [[0, 1], [2, 3]]
+    cpu0 = extract_features.make_loader(ds, batches, list, 0, "cpu")
+    cuda2 = extract_features.make_loader(ds, batches, list, 2, "cuda:0")
+    assert not cpu0.pin_memory and cuda2.pin_memory and cuda2.prefetch_factor == 2
+    assert not cuda2.persistent_workers and list(cpu0) == [[0, 1], [2, 3]]
+
+
+def test_default_worker_count_printed(clean, synthetic_coco, tiny_siglip, tmp_path, capsys):
+    run(*[a for a in base_args(synthetic_coco, tiny_siglip, tmp_path / "w.safetensors", "--limit", 2, "--no_prompts")
+          if a not in ("--num_workers", 0)])
+    cores, workers = extract_features.default_workers()
+    assert f"data loading: {workers} worker process(es) per rank ({cores} cores" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- run_cv.sh never reuses a stale cache
+
+def test_run_cv_features_step_checks_settings(clean, synthetic_coco, tiny_siglip, tmp_path):
+    """run_cv.sh always asks extract_features.py: the same settings -> "up to date" (kept as is); other
+    EXTRACT_ARGS (--views 2 on a --views 1 cache) -> a one-line error naming the setting, and the run stops."""
+    feats = tmp_path / "features.safetensors"
+    shutil.copy(clean[0], feats)
+    (tmp_path / "splits.json").write_text("{}")  # exists: the splits step is skipped
+    stub = tmp_path / "python"  # runs extract_features.py for real; any later step stops the script (exit 3)
+    stub.write_text(f'#!/usr/bin/env bash\ncase "$1" in extract_features.py) exec {sys.executable} "$@";; '
+                    f'*) echo "stub: $*"; exit 3;; esac\n')
+    stub.chmod(0o755)
+    same = "--device cpu --num_workers 0 --batch_size 8 --shard_size 16"  # clean's flags (base_args)
+    env = dict(os.environ, PYTHON=str(stub), DATA_ROOT=synthetic_coco, MODEL=tiny_siglip, FEATURES=str(feats),
+               SPLITS=str(tmp_path / "splits.json"), RUN=str(tmp_path / "run"), FOLDS="1",
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    before = os.stat(feats).st_mtime_ns
+    script = str(extract_features.__file__).replace("extract_features.py", "run_cv.sh")
+    r = subprocess.run(["bash", script], env=dict(env, EXTRACT_ARGS=same), capture_output=True, text=True)
+    assert r.returncode == 3 and "up to date" in r.stdout and "stub: train.py" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run(["bash", script], env=dict(env, EXTRACT_ARGS=same + " --views 2"), capture_output=True,
+                       text=True)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 2 and "stub: train.py" not in r.stdout  # stopped before any fold trained on it
+    assert len(errors) == 1 and "views '1'" in errors[0] and "'2'" in errors[0] and "--out" in errors[0]
+    assert os.stat(feats).st_mtime_ns == before
