@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-NUM_CLASSES = 80
+NUM_CLASSES = 80  # COCO's; nothing after the feature cache assumes it
 FEATURES_FORMAT = "coco-siglip-features-v1"
 
 # the official 80 COCO categories (instances_*.json "categories"), sorted by id -> label index 0..79
@@ -253,6 +253,50 @@ def load_coco(data_root):
             "categories": [dict(c) for c in COCO_CATEGORIES], "fingerprint": fp}
 
 
+def load_jsonl(path):
+    """A generic dataset from a JSON-lines manifest -> the same dict as load_coco (rows sorted by id).
+
+    One JSON object per line: {"image": path (relative to the manifest's folder), "labels": [class names],
+    "texts": [captions] (optional; none is fine), "split": "train" | "test" (optional, default "train"),
+    "id": int (optional, default the line number)}. The classes are every label name that occurs, sorted,
+    with ids 1..C. This is the second loader: another dataset plugs in by writing one such function.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: manifest not found; pass --data_root pointing at a .jsonl manifest")
+    recs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                recs.append((int(r.get("id", n)), str(r.get("split", "train")), str(r["image"]),
+                             [" ".join(str(t).split()) for t in r.get("texts", [])], [str(x) for x in r["labels"]]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{path}: line {n} is not a manifest record ({type(e).__name__}: {e}); each line "
+                                f"needs \"image\" and \"labels\"") from None
+    recs.sort()
+    ids = np.array([r[0] for r in recs], np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise DataError(f"{path}: duplicate image ids; give every line a unique \"id\"")
+    names = sorted({x for r in recs for x in r[4]})
+    col = {name: j for j, name in enumerate(names)}
+    labels = np.zeros((len(recs), len(names)), np.uint8)
+    for i, r in enumerate(recs):
+        labels[i, [col[x] for x in r[4]]] = 1
+    root = os.path.dirname(os.path.abspath(path))
+    return {"ids": ids, "paths": [os.path.join(root, r[2]) for r in recs], "splits": [r[1] for r in recs],
+            "labels": labels, "captions": [[t for t in r[3] if t] for r in recs],
+            "categories": [{"id": j + 1, "name": name} for j, name in enumerate(names)],
+            "fingerprint": file_fingerprint([path])}
+
+
+def load_dataset(data_root):
+    """The loader for data_root: a .jsonl manifest (load_jsonl), else a COCO 2014 folder (load_coco)."""
+    return load_jsonl(data_root) if os.fspath(data_root).endswith(".jsonl") else load_coco(data_root)
+
+
 class ImageCaptionDataset:
     """Raw images + captions of load_coco's rows: item i -> (row index, PIL RGB image or None, captions).
 
@@ -314,7 +358,8 @@ def load_features(path):
     """Load and validate a feature cache -> (tensors: dict[str, torch.Tensor], meta: dict[str, str]).
 
     Checks: file exists and is safetensors with format FEATURES_FORMAT; ids/image/text/n_captions/labels
-    present with the right dtypes, ranks and consistent N (and D); no NaN/Inf embedding rows.
+    present with the right dtypes, ranks and consistent N (and D); labels [N, C] with C the number of categories
+    in the metadata (any C: the cache speaks for its dataset); no NaN/Inf embedding rows.
     """
     import torch
     from safetensors import safe_open
@@ -344,13 +389,15 @@ def load_features(path):
         if t.dtype != dtype or t.dim() != rank:
             raise DataError(f"{path}: tensor '{k}' is {t.dtype} with shape {tuple(t.shape)}, expected {dtype} "
                             f"of rank {rank}; re-run extract_features.py")
-    n, d = tensors["ids"].shape[0], tensors["image"].shape[2]
-    shapes_ok = (all(tensors[k].shape[0] == n for k in ("image", "text", "n_captions", "labels"))
-                 and tensors["text"].shape[2] == d and tensors["labels"].shape[1] == NUM_CLASSES
-                 and ("prompts" not in tensors or tuple(tensors["prompts"].shape) == (NUM_CLASSES, d)))
+    (n, c), d = tensors["labels"].shape, tensors["image"].shape[2]
+    cats = json.loads(meta.get("categories") or "null")
+    shapes_ok = (all(tensors[k].shape[0] == n for k in ("ids", "image", "text", "n_captions"))
+                 and tensors["text"].shape[2] == d and (cats is None or len(cats) == c)
+                 and ("prompts" not in tensors or tuple(tensors["prompts"].shape) == (c, d)))
     if not shapes_ok:
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
-        raise DataError(f"{path}: inconsistent tensor shapes ({shapes}); re-run extract_features.py")
+        raise DataError(f"{path}: inconsistent tensor shapes ({shapes}; {len(cats or [])} categories in the "
+                        f"metadata); re-run extract_features.py")
     if torch.unique(tensors["ids"]).numel() != n:
         raise DataError(f"{path}: duplicate image ids; re-run extract_features.py")
     nc = tensors["n_captions"]
@@ -372,13 +419,15 @@ def load_features(path):
 # ----------------------------------------------------------------------------- splits file
 
 _SPLIT_KEYS = ("method", "folds", "seed", "categories", "dev", "test", "val_folds", "stats")
+PROTOCOLS = ("karpathy_cv", "coco2014", "hashnet")
 
 
 def load_splits(path):
     """Load and validate splits.json (make_splits.py) -> dict as written (lists of int ids).
 
-    Checks: every key present; the 80 COCO categories; dev and test disjoint and duplicate-free;
-    len(val_folds) == folds >= 2; the val folds partition dev exactly.
+    Checks: every key present; categories a list of {id, name}; protocol one of PROTOCOLS (absent: the
+    original karpathy_cv); dev, test and the optional retrieval database duplicate-free, test disjoint from
+    dev and database; len(val_folds) == folds >= 2; the val folds partition dev exactly.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -391,14 +440,17 @@ def load_splits(path):
     missing = [k for k in _SPLIT_KEYS if not isinstance(s, dict) or k not in s]
     if missing:
         raise DataError(f"{path}: missing keys {missing}; re-run make_splits.py")
-    if s["categories"] != COCO_CATEGORIES:
-        raise DataError(f"{path}: categories are not the 80 COCO categories in id order; re-run make_splits.py")
-    dev, test, folds = s["dev"], s["test"], s["val_folds"]
-    if len(set(dev)) != len(dev) or len(set(test)) != len(test):
-        raise DataError(f"{path}: duplicate image ids in dev or test; re-run make_splits.py")
-    overlap = set(dev) & set(test)
+    s.setdefault("protocol", "karpathy_cv")
+    if s["protocol"] not in PROTOCOLS:
+        raise DataError(f"{path}: protocol {s['protocol']!r} is not one of {PROTOCOLS}; re-run make_splits.py")
+    if not (isinstance(s["categories"], list) and all(isinstance(c, dict) and "name" in c for c in s["categories"])):
+        raise DataError(f"{path}: categories must be a list of {{id, name}}; re-run make_splits.py")
+    dev, test, folds, db = s["dev"], s["test"], s["val_folds"], s.get("database", [])
+    if any(len(set(x)) != len(x) for x in (dev, test, db)):
+        raise DataError(f"{path}: duplicate image ids in dev, test or database; re-run make_splits.py")
+    overlap = set(test) & (set(dev) | set(db))
     if overlap:
-        raise DataError(f"{path}: {len(overlap)} image ids are in both dev and test "
+        raise DataError(f"{path}: {len(overlap)} test image ids are also in dev or the database "
                         f"(e.g. {sorted(overlap)[:5]}); re-run make_splits.py")
     if not isinstance(s["folds"], int) or s["folds"] < 2 or len(folds) != s["folds"]:
         raise DataError(f"{path}: folds={s['folds']!r} but {len(folds)} val_folds; re-run make_splits.py")
@@ -407,10 +459,15 @@ def load_splits(path):
     return s
 
 
-def check_split_ids(splits, ids, where="feature cache"):
-    """Raise DataError if any dev/test id of `splits` is absent from `ids` (e.g. the feature cache's ids)."""
+def check_splits(splits, ids, meta, where="feature cache"):
+    """Raise DataError unless the splits file fits the feature cache: every dev / test / database id is among
+    the cache's `ids` and both name the same categories in the same order (when the cache names them)."""
+    cats = json.loads(meta.get("categories") or "null")
+    if cats is not None and [c["name"] for c in cats] != [c["name"] for c in splits["categories"]]:
+        raise DataError(f"{where}: its {len(cats)} categories are not the {len(splits['categories'])} of the splits "
+                        f"file (names or order differ); make both from the same data_root")
     have = set(np.asarray(ids).tolist())
-    want = set(splits["dev"]) | set(splits["test"])
+    want = set(splits["dev"]) | set(splits["test"]) | set(splits.get("database", []))
     missing = sorted(want - have)
     if missing:
         raise DataError(f"{where}: {len(missing)} of {len(want)} split image ids are missing (e.g. "

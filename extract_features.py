@@ -354,7 +354,7 @@ def extract(args, rank, world, device):
     out = args.out or os.path.join(args.data_root, f"features_{name}.safetensors")
     dtype_name = args.dtype or ("fp16" if str(device).startswith("cuda") else "fp32")
     try:
-        coco = data.load_coco(args.data_root)
+        coco = data.load_dataset(args.data_root)
     except data.DataError as e:
         cli.fail(str(e))
     dev_rows = np.flatnonzero([s in DEV_SPLITS for s in coco["splits"]])

@@ -156,7 +156,7 @@ def main(args):
     if args.lists is not None and args.protocol != "hashnet":
         cli.fail(f"--lists is only read by --protocol hashnet (got --protocol {args.protocol}); drop --lists")
     try:
-        coco = data.load_coco(args.data_root)
+        coco = data.load_dataset(args.data_root)
         parts = protocols.select(coco, args.protocol, args.lists)                 # row indices, ascending
     except data.DataError as e:
         cli.fail(e)

@@ -1,15 +1,22 @@
 """
-Frozen SigLIP2 towers and the trainable hash head for multi-label COCO classification.
+Frozen SigLIP2 towers and the trainable hash head for multi-label classification from an image and its text.
 Imports nothing local: copy this file into your project as it is.
+
+    enc = Siglip2Encoder("google/siglip2-base-patch16-256")   # raw pooled embeddings, (B, 768)
+    head = HashHead(num_classes=80)                           # the recipe train.py trains (its defaults)
+    out = head(img, txt)                                      # HeadOutput(logits (B, C), codes (B, 64))
+    s = score_embeddings(head, image, text, n_captions)       # probs averaged over captions, codes
+    knn = knn_scores(query_codes, db_codes, db_labels)        # exact Hamming-KNN vote (k 100, real queries)
 """
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------
-# SECTION: encoder (owner: encoder engineer) -- Siglip2Encoder, make_tiny_siglip
+# SECTION: encoder -- Siglip2Encoder
 
 TEXT_MAX_LENGTH = 64  # SigLIP text towers were trained on 64 tokens, padded, and pool the LAST position
 
@@ -63,7 +70,11 @@ class Siglip2Encoder:
             raise ValueError(f"{name_or_path}: model_type {model.config.model_type!r} is not a fixed-resolution "
                              "SigLIP/SigLIP2 model (model_type 'siglip'); use e.g. google/siglip2-base-patch16-256")
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-        processor = AutoProcessor.from_pretrained(name_or_path)
+        import transformers
+        # the PIL image processor by name, so the cache does not depend on whether torchvision is installed:
+        # 5.x spells it backend="pil" (its use_fast is deprecated and warns), 4.x use_fast=False (unset, it warns)
+        pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
+        processor = AutoProcessor.from_pretrained(name_or_path, **pil)
         self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
         vcfg, tcfg = model.config.vision_config, model.config.text_config
         self.dim = int(vcfg.hidden_size)
@@ -108,13 +119,27 @@ class Siglip2Encoder:
 
 
 # ----------------------------------------------------------------------------
-# SECTION: head (owner: head/train engineer) -- HashHead, head_loss
+# SECTION: head -- HashHead (fusion -> MLP -> tanh codes -> classifier), head_loss, score_embeddings
 
-HASH_BITS = (0, 16, 32, 64, 128, 256)  # 0 = no hash layer: the plain-MLP baseline
+INPUTS = ("both", "image", "text")
 FUSIONS = ("hadamard", "concat")
 INPUT_NORMS = ("batchnorm", "none")
 HASH_NORMS = ("batchnorm", "none")
 CODE_CLASSIFIERS = ("learned", "centres")
+TEXT_INPUTS = ("each", "mean")
+
+
+def bits_defaults(bits, code_classifier="learned"):
+    """The recipe's values that depend on the code length, in one place (chosen on planted data,
+    docs/EXPERIMENTS.md): peak lr 2e-3 with a hash layer, 3e-4 without; input dropout 0.35 / 0.5; gain of the
+    classifier on the codes 5 (2 for the fixed centres, whose scale it sets)."""
+    return {"lr": 3e-4 if bits == 0 else 2e-3, "input_dropout": 0.5 if bits == 0 else 0.35,
+            "code_gain": 2.0 if code_classifier == "centres" else 5.0}
+
+
+class HeadOutput(NamedTuple):
+    logits: torch.Tensor  # (B, C)
+    codes: Optional[torch.Tensor]  # (B, bits) tanh codes in (-1, 1); None without a hash layer
 
 
 class Dropout(nn.Dropout):
@@ -135,47 +160,56 @@ def _per_group(norm, x, groups):
 
 
 class HashHead(nn.Module):
-    """Trainable head on frozen image/text embeddings: fusion -> MLP -> tanh hash codes -> 80 logits.
+    """Trainable head on frozen image/text embeddings: fusion -> MLP -> tanh hash codes -> C logits.
+    The defaults of this signature are the recipe train.py trains and the README reports.
 
-    decompose=True splits each embedding v into its direction d = v/|v| and log-magnitude m = log|v|;
-    fusion "hadamard" feeds [d_i, d_t, d_i*d_t, m_i, m_t], "concat" feeds [d_i, d_t, m_i, m_t]
-    (decompose=False: the raw v in place of d and no m). input_norm "batchnorm" standardises the fusion
-    vector with a non-affine BatchNorm (as MAE's linear probe): frozen SigLIP coordinates are ~0.04, which
-    an MLP at a small lr barely moves from. hash_norm "batchnorm" puts an (affine) BatchNorm between the hash
-    Linear and tanh: the pre-activations stay centred (balanced bits) and their scale is learnt slowly by
-    BatchNorm's weight instead of exploding under Adam, which saturated tanh and stopped all gradient below
-    it. code_classifier "centres" fixes the classifier on the codes to random +-1 class centres / sqrt(bits)
-    (not trained; only its bias learns): class c's logit is then the agreement of the code with centre c, so
-    every class, rare or common, owns its share of the code and images sharing labels get nearby codes
-    (what the KNN vote over Hamming codes needs); "learned" trains it as an ordinary Linear.
-    bits=0 drops the hash layer (MLP -> classifier directly).
+    inputs: what the head sees, "both" (image + text), "image" or "text". decompose=True splits each embedding
+    v into its direction d = v/|v| and log-magnitude m = log|v|; fusion "hadamard" feeds [d_i, d_t, d_i*d_t,
+    m_i, m_t], "concat" [d_i, d_t, m_i, m_t]; one input alone feeds [d, m] (decompose=False: the raw v, no m).
+    A text vector of zeros means "no text" (an image without captions): its text columns are set to 0 after
+    the input BatchNorm, i.e. to their training mean, so such an image is scored from its image alone.
+    input_norm "batchnorm" standardises the fusion vector with a non-affine BatchNorm (as MAE's linear probe):
+    frozen SigLIP coordinates are ~0.04, which an MLP at a small lr barely moves from. hash_norm "batchnorm"
+    puts an affine BatchNorm between the hash Linear and tanh: centred pre-activations (balanced bits) whose
+    scale BatchNorm's weight learns slowly, instead of exploding under Adam and saturating tanh.
+    code_classifier "centres" fixes the classifier on the codes to random +-1 class centres / sqrt(bits), only
+    its bias learns: each class owns a share of the code and images sharing labels get nearby codes (what the
+    KNN vote needs); "learned" trains it. code_gain multiplies its initial weights: bounded codes need larger
+    weights than PyTorch's init gives, and Adam grows them only slowly. input_dropout / code_gain None: the
+    bits-dependent values of bits_defaults. bits=0 drops the hash layer (the plain-MLP baseline).
     Rebuild from a checkpoint with HashHead(**ckpt["model_args"]); the state dict carries everything else.
     """
 
-    def __init__(self, dim=768, num_classes=80, fusion="hadamard", decompose=True, mlp_dims=(1024, 512),
-                 dropout=0.1, bits=64, input_norm="batchnorm", hash_norm="batchnorm", input_dropout=0.0,
-                 code_classifier="learned"):
+    def __init__(self, dim=768, num_classes=80, inputs="both", fusion="hadamard", decompose=True,
+                 mlp_dims=(1024, 512), dropout=0.1, bits=64, input_norm="batchnorm", hash_norm="batchnorm",
+                 input_dropout=None, code_classifier="learned", code_gain=None):
         super().__init__()
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-        if bits not in HASH_BITS:
-            raise ValueError(f"bits must be one of {HASH_BITS}, got {bits!r}")
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
-        if hash_norm not in HASH_NORMS:
-            raise ValueError(f"hash_norm must be one of {HASH_NORMS}, got {hash_norm!r}")
-        if code_classifier not in CODE_CLASSIFIERS:
-            raise ValueError(f"code_classifier must be one of {CODE_CLASSIFIERS}, got {code_classifier!r}")
-        self.model_args = dict(dim=int(dim), num_classes=int(num_classes), fusion=fusion,
-                               decompose=bool(decompose), mlp_dims=[int(h) for h in mlp_dims],
-                               dropout=float(dropout), bits=int(bits), input_norm=input_norm, hash_norm=hash_norm,
-                               input_dropout=float(input_dropout), code_classifier=code_classifier)
-        self.fusion, self.decompose, self.bits = fusion, bool(decompose), int(bits)
-        in_dim = dim * (3 if fusion == "hadamard" else 2) + (2 if self.decompose else 0)
+        for name, value, options in (("inputs", inputs, INPUTS), ("fusion", fusion, FUSIONS),
+                                     ("input_norm", input_norm, INPUT_NORMS), ("hash_norm", hash_norm, HASH_NORMS),
+                                     ("code_classifier", code_classifier, CODE_CLASSIFIERS)):
+            if value not in options:
+                raise ValueError(f"{name} must be one of {options}, got {value!r}")
+        if not (isinstance(bits, int) and bits >= 0):
+            raise ValueError(f"bits must be an integer >= 0, got {bits!r}")
+        auto = bits_defaults(bits, code_classifier)
+        input_dropout = auto["input_dropout"] if input_dropout is None else float(input_dropout)
+        code_gain = auto["code_gain"] if code_gain is None else float(code_gain)
+        self.model_args = dict(dim=int(dim), num_classes=int(num_classes), inputs=inputs, fusion=fusion,
+                               decompose=bool(decompose), mlp_dims=[int(h) for h in mlp_dims], dropout=float(dropout),
+                               bits=bits, input_norm=input_norm, hash_norm=hash_norm, input_dropout=input_dropout,
+                               code_classifier=code_classifier, code_gain=code_gain)
+        self.inputs, self.fusion, self.decompose, self.bits = inputs, fusion, bool(decompose), bits
+        # which fusion columns come from the text (zeroed for an image without text), in fuse's order
+        d, m = [dim], [1] if self.decompose else []
+        blocks = {"image": [(d, 0)] + [(m, 0)] * len(m), "text": [(d, 1)] + [(m, 1)] * len(m),
+                  "both": [(d, 0), (d, 1)] + ([(d, 1)] if fusion == "hadamard" else []) + [(m, 0), (m, 1)] * len(m)}
+        self.register_buffer("text_cols", torch.cat([torch.full(w, bool(t)) for w, t in blocks[inputs]]),
+                             persistent=False)  # (in_dim,), not in the state dict
+        in_dim = self.text_cols.numel()
         # non-affine: pure standardisation (running stats in the state dict), nothing to learn
         self.input_norm = nn.BatchNorm1d(in_dim, affine=False) if input_norm == "batchnorm" else nn.Identity()
         # dropout on the standardised fusion vector: without it the MLP memorises the training images
-        self.input_dropout = Dropout(input_dropout)  # no parameters: state-dict keys do not change
+        self.input_dropout = Dropout(input_dropout)
         layers, width = [], in_dim
         for h in mlp_dims:
             layers += [nn.Linear(width, int(h)), nn.ReLU(inplace=True), Dropout(dropout)]
@@ -189,45 +223,45 @@ class HashHead(nn.Module):
                 signs = torch.randint(0, 2, (num_classes, bits)) * 2.0 - 1.0  # (C, bits) from the global RNG
                 self.classifier.weight.copy_(signs / math.sqrt(bits))
             self.classifier.weight.requires_grad_(False)
+        if bits > 0:
+            with torch.no_grad():
+                self.classifier.weight.mul_(code_gain)
 
     def fuse(self, img, txt):
-        """(B, D), (B, D) -> fusion vector (B, in_dim), computed in float32 (log/normalise are fp16-unsafe)."""
-        img, txt = img.float(), txt.float()
-        if self.decompose:
-            n_i = img.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, 1)
-            n_t = txt.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            a, b, mags = img / n_i, txt / n_t, [n_i.log(), n_t.log()]
-        else:
-            a, b, mags = img, txt, []
-        parts = [a, b, a * b] if self.fusion == "hadamard" else [a, b]
-        return torch.cat(parts + mags, dim=-1)
+        """(B, D), (B, D) or None -> fusion vector (B, in_dim), in float32 (log/normalise are fp16-unsafe)."""
+        def split(v):  # -> direction, [log-magnitude]; a zero vector (no text) gives 0 and [0]
+            if not self.decompose:
+                return v.float(), []
+            n = v.float().norm(dim=-1, keepdim=True)  # (B, 1)
+            return v.float() / n.clamp_min(1e-12), [torch.where(n > 0, n.clamp_min(1e-12).log(), 0.0)]
+        if self.inputs == "image":
+            a, m = split(img)
+            return torch.cat([a] + m, dim=-1)
+        b, mt = split(txt if txt is not None else torch.zeros_like(img))
+        if self.inputs == "text":
+            return torch.cat([b] + mt, dim=-1)
+        a, m = split(img)
+        return torch.cat([a, b] + ([a * b] if self.fusion == "hadamard" else []) + m + mt, dim=-1)
 
-    def forward(self, img, txt, groups=1):
-        """img, txt (B, D) -> logits (B, num_classes), codes h (B, bits) in (-1, 1) or None if bits == 0.
+    def forward(self, img, txt=None, groups=1):
+        """img (B, D), txt (B, D) or None -> HeadOutput(logits (B, C), codes (B, bits) or None).
 
+        A zero txt row (or txt None) means no text: its text columns are 0 after the input norm (mean imputation).
         groups > 1: the batch is `groups` equal micro-batches stacked (gradient accumulation run as one pass);
         in training, BatchNorm takes its statistics and running-stat updates per micro-batch, in order, so the
         result is that of `groups` separate calls, while the matmuls run once on the whole batch."""
-        z = self.mlp(self.input_dropout(_per_group(self.input_norm, self.fuse(img, txt), groups)))  # (B, mlp_dims[-1])
+        x = _per_group(self.input_norm, self.fuse(img, txt), groups)  # (B, in_dim)
+        if self.inputs != "image":
+            no_text = (txt == 0).all(-1, keepdim=True) if txt is not None else torch.ones_like(x[:, :1], dtype=torch.bool)
+            x = x.masked_fill(no_text & self.text_cols, 0.0)
+        z = self.mlp(self.input_dropout(x))  # (B, mlp_dims[-1])
         h = torch.tanh(_per_group(self.hash_norm, self.hash(z), groups)) if self.hash is not None else None
-        return self.classifier(h if h is not None else z), h
+        return HeadOutput(self.classifier(h if h is not None else z), h)
 
     def sign_logits(self, h):
         """Logits of the binarised codes sign(h) (0 -> +1), with a straight-through gradient to h: what the
         classifier makes of the codes the KNN head and retrieval see."""
         return self.classifier(h + (torch.where(h >= 0, 1.0, -1.0) - h).detach())
-
-    @torch.no_grad()
-    def init_code_classifier(self, gain):
-        """Multiply the initial weights of the classifier on the codes by `gain` (no-op for bits == 0); with
-        code_classifier "centres" this sets their fixed scale: logit_c = gain * <h, centre_c> / sqrt(bits) + b_c.
-
-        Codes are bounded (|h| < 1): with PyTorch's default init (weights ~U(+-1/sqrt(bits))) the logits can
-        move only ~+-0.4 away from their bias, and Adam needs epochs of steps of ~lr to grow the weights, while
-        the layers below learn from gradients filtered through that small, random matrix. A ReLU MLP (bits 0)
-        can grow its features instead. Called once by train.py before training; a checkpoint does not need it."""
-        if self.hash is not None:
-            self.classifier.weight.mul_(gain)
 
     @torch.no_grad()
     def init_prior(self, prior, eps=1e-4):
@@ -241,9 +275,11 @@ class HashHead(nn.Module):
         self.classifier.bias.copy_((p / (1 - p)).log().to(self.classifier.bias))
 
 
-def head_loss(logits, targets, h, hash_weight=0.1, lambda_balance=0.1, lambda_decorr=0.01, as_float=True,
+def head_loss(logits, targets, h, hash_weight=0.0, lambda_balance=0.1, lambda_decorr=0.01, as_float=True,
               sign_logits=None, sign_weight=0.0):
-    """BCE + hash_weight * (quantisation + lambda_balance * balance + lambda_decorr * decorrelation).
+    """BCE + sign_weight * BCE of the binarised codes + hash_weight * (quantisation + lambda_balance * balance
+    + lambda_decorr * decorrelation). The hash regulariser is off by default (hash_weight 0): on planted data
+    it cost the MLP head ~2 points of mAP and did not help the KNN head (docs/EXPERIMENTS.md).
 
     logits (B, C), targets (B, C) in {0, 1}, h (B, bits) tanh codes or None (no hash terms).
     quantisation = mean((|h| - 1)^2); balance = mean(bit_mean^2); decorrelation = sum of squared
@@ -272,218 +308,78 @@ def head_loss(logits, targets, h, hash_weight=0.1, lambda_balance=0.1, lambda_de
     terms = {k: (v.item() if as_float else v.detach()) for k, v in terms.items()}
     return loss, terms
 
-# ----------------------------------------------------------------------------
-# SECTION: knn + full model (owner: encoder engineer) -- knn_scores, HashModel
 
-KNN_VOTES = ("softmax", "uniform", "rank")
-KNN_QUERIES = ("real", "sign")
-
-
-def exact_queries(x):
-    """Real-valued query codes (Q, bits) -> float32 codes on which every product with +-1 codes is exact in float32:
-    each row scaled by a power of two to max |q_j| < 1 (exact; rankings and knn_scores' similarities do not
-    change), then rounded to a multiple of 2^-s with s = 23 - bit_length(2 * bits), so every partial sum of
-    q.d + |q|_1 (magnitude < 2 * bits) fits float32's 24-bit mantissa. The rounding moves a code by < 2^-15 at
-    64 bits; in exchange the search is exact and the same for any chunk, BLAS or device."""
-    x = torch.as_tensor(x).float()
-    s = 23 - (2 * x.shape[-1]).bit_length()
-    _, e = torch.frexp(x.abs().amax(-1, keepdim=True))  # max |q| = m * 2^e, 0.5 <= m < 1 (e = 0 for a zero row)
-    return torch.round(torch.ldexp(x, s - e)) / 2.0 ** s
+class Scores(NamedTuple):
+    probs: torch.Tensor  # (N, C) float32: sigmoid(logits) averaged over each image's captions
+    codes: Optional[torch.Tensor]  # (N, bits) float32: tanh codes averaged the same way; None without hash layer
+    caption_codes: Optional[torch.Tensor]  # (N, T, bits): per caption (zero past n_captions); only if asked for
 
 
-def sign_codes(x):
-    """Real or {-1, +1} codes (N, bits) -> float32 {-1, +1}; 0 counts as +1 (the h > 0 rule, ties up)."""
-    x = torch.as_tensor(x)
-    return torch.where(x >= 0, 1.0, -1.0).to(torch.float32)
+@torch.no_grad()
+def score_embeddings(head, image, text, n_captions, text_input="each", batch_size=4096, amp_dtype=None,
+                     keep_captions=False):
+    """The scoring rule, everywhere (validation, test, KNN queries, HashModel): cached embeddings -> Scores.
 
-
-def _dot_dtype(device):
-    """dtype of the code products in knn_scores. They are even integers in [0, 2 * bits] <= 512, exact in all
-    three (bfloat16 holds every even integer up to 512). float16 on CUDA; bfloat16 on CPUs with bf16 matrix
-    units (AMX or AVX512-BF16: this product runs several times faster than in float32 there), else float32."""
-    if device.type == "cuda":
-        return torch.float16
-    fast = [getattr(torch.cpu, f, None) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return torch.bfloat16 if device.type == "cpu" and any(f is not None and f() for f in fast) else torch.float32
-
-
-def _pack_fields(bits):
-    """Database codes per float32 in knn_scores' packed sign search: one byte per code, so that every partial
-    sum of the product stays an integer below 2^24 (exact): 3 codes up to 127 bits, 2 up to 255, else 1."""
-    return 3 if bits * (1 + 2 ** 8 + 2 ** 16) < 2 ** 23 else 2 if bits < 256 else 1
-
-
-def _full_float32_matmul():
-    """Whether float32 matmuls run in full float32, which the packed sign search needs to be exact: not after
-    torch.set_float32_matmul_precision("high" or "medium") or a reduced oneDNN fp32 precision (bf16, tf32)."""
-    onednn = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none")
-    return torch.get_float32_matmul_precision() == "highest" and onednn in ("none", "ieee")
-
-
-def knn_scores(query_codes, db_codes, db_labels, k=20, tau=0.07, vote="softmax", chunk=None, block=64,
-               query="sign"):
-    """Hamming-KNN multi-label scores: query_codes (Q, bits), db_codes (N, bits), db_labels (N, C) -> (Q, C).
-    (The function's defaults, k 20 and query "sign", are the plain search; evaluate.py defaults to 100 and "real".)
-
-    Database codes are binarised with sign (0 -> +1). query "sign" binarises the queries too, and the
-    similarity is 1 - hamming / bits. query "real" keeps each query's real-valued code q (an asymmetric
-    distance: only the database is binary) and ranks by q.d, a Hamming distance whose bits weigh |q_j|;
-    similarity = (1 + q.d / |q|_1) / 2, which is 1 - hamming / bits again for a +-1 query. Real queries go
-    through exact_queries first (scaled by a power of two, rounded to a grid finer than 2^-15 at 64 bits), so
-    their products are exact too. Each query takes its k nearest database codes (k > N clamps to N) and the
-    neighbours vote: "softmax" softmax(sim / tau), "uniform" 1/k, "rank" 1/rank normalised to sum 1.
-    score[q, c] = sum of weights of the neighbours with label c: float32 in [0, 1]. Ties are broken
-    deterministically: equal similarity -> lower database index first (so CPU, GPU and any chunk or block
-    size pick the same neighbours). Nothing is excluded (the database must not hold the queries).
-
-    Exact, but it never sorts a whole row: the database is cut into blocks of `block` consecutive codes,
-    each block is ranked by its best code (largest similarity, then lowest index), and the k nearest codes all
-    lie in the k best blocks (a code outside them is beaten by each of those blocks' best codes, which are k
-    distinct codes). So a row needs a max over its blocks, a top-k over ~N / block block maxima and a top-k
-    over k * block candidates. Queries run in chunks of `chunk` (None: ~12 MiB of scratch on CPU, 32 MiB
-    on CUDA), so memory stays bounded. Runs on the device of query_codes; returns float32 there.
-
-    The products, all exact: "real" in float32, [q, |q|_1] . [d, 1] = q.d + |q|_1 >= 0. "sign" on CUDA in
-    float16, on CPUs with bf16 matrix units in bfloat16 (see _dot_dtype), the same product (even integers up to
-    2 * bits). "sign" on other CPUs (float32) packs 3 database codes into each float32 (2 above 127 bits,
-    _pack_fields): code f * P + r is byte f of row r, [q, #(q_j < 0), 1] . [sum_f 256^f [b_f, 1], 2^23] with
-    the 0/1 bits b_f, so byte f of the result's integer view counts the bits where query and code agree
-    (2^23 pins the exponent). One float32 product then ranks 3 codes: 3x fewer FLOPs, and one uint8 max gives
-    the block maxima of all three (on a 2-core AVX2 CPU 2.8x faster end to end than the unpacked product).
-    It needs full float32 matmuls (_full_float32_matmul); with reduced precision set, the search runs unpacked.
+    image (N, D) view 0; text (N, T, D) with zero rows past n_captions (N,). text_input "each": the head runs once
+    per caption and probabilities and codes are averaged over the image's captions (the head was trained on one
+    caption at a time); "mean": once, on the mean of the captions' embeddings. An image without a caption is
+    scored once with no text (HashHead.forward). A head that reads only the image runs once. Tensors may live
+    on any device: batches go to the head's device, results come back to the CPU in float32. amp_dtype: autocast.
     """
-    if vote not in KNN_VOTES:
-        raise ValueError(f"vote must be one of {KNN_VOTES}, got {vote!r}")
-    if query not in KNN_QUERIES:
-        raise ValueError(f"query must be one of {KNN_QUERIES}, got {query!r}")
-    if k < 1 or tau <= 0 or block < 1:
-        raise ValueError(f"need k >= 1, tau > 0 and block >= 1, got k={k}, tau={tau}, block={block}")
-    q = sign_codes(query_codes) if query == "sign" else exact_queries(query_codes)
-    device = q.device
-    d = sign_codes(db_codes).to(device)  # (N, bits)
-    labels = torch.as_tensor(db_labels).to(device=device, dtype=torch.float32)  # (N, C)
-    (Q, bits), N = q.shape, d.shape[0]
-    if d.shape[1] != bits or labels.shape[0] != N or N == 0:
-        raise ValueError(f"shape mismatch: query {tuple(q.shape)}, db {tuple(d.shape)}, "
-                         f"labels {tuple(labels.shape)}")
-    k = min(int(k), N)
-    dtype = _dot_dtype(device) if query == "sign" else torch.float32
-    packed = query == "sign" and dtype == torch.float32 and device.type == "cpu" and _full_float32_matmul()
-    fields = _pack_fields(bits) if packed else 1
-    if fields > 1:  # packed: P rows of `fields` codes each, every field a whole number of blocks
-        per_field = -(-N // fields)
-        P = -(-per_field // block) * block
-        slots = torch.zeros(fields * P, bits + 1, device=device)  # [0/1 bits, 1]; all zero past N: agreement 0
-        slots[:N, :bits] = d > 0
-        slots[:N, bits] = 1
-        scale = 256.0 ** torch.arange(fields, device=device)
-        d = torch.cat([(slots.view(fields, P, bits + 1) * scale[:, None, None]).sum(0),
-                       torch.full((P, 1), 2.0 ** 23, device=device)], 1)  # (P, bits + 2)
-        q = torch.cat([q, (q < 0).sum(1, keepdim=True).float(), torch.ones(Q, 1, device=device)], 1)
-        as_int = torch.int32  # byte f of a product: the agreements of query and code f, (q.d + bits) / 2
-    else:
-        # one extra column makes every product non-negative: [q, |q|_1] . [d, 1] = q.d + |q|_1, so block
-        # maxima and the tie-breaking keys can run on the integer view of the floats (same order for
-        # non-negative floats; a vectorised integer max, ~8x faster than a bfloat16 amax on CPU); zero rows pad
-        # the database to whole blocks (product 0: never above a real code of their block)
-        P = -(-N // block) * block
-        l1 = q.abs().sum(1, keepdim=True)  # (Q, 1): bits for +-1 queries
-        q = torch.cat([q, l1], 1).to(dtype)  # (Q, bits + 1)
-        d = torch.cat([torch.cat([d, torch.ones(N, 1, device=device)], 1),
-                       torch.zeros(P - N, bits + 1, device=device)]).to(dtype)  # (P, bits + 1), row-major
-        as_int = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
-    M = fields * P  # code slots; slot m >= N is padding
-    n_blocks = M // block
-    kb = min(k, n_blocks)
-    # unique block keys: larger = better block (best similarity, then lower block index); exact in int64
-    block_rev = torch.arange(n_blocks - 1, -1, -1, device=device)  # (n_blocks,) int64
-    offsets = torch.arange(block, device=device)  # (block,)
-    if chunk is None:
-        # ~12 MiB of products per chunk on CPU (the fastest of 6-32 MiB on a 2-core AVX2 CPU, 1 or 2 threads),
-        # a multiple of 32 queries (there 10-30% faster than 33 or 99: whole BLAS panels)
-        chunk = max(1, ((12 if device.type == "cpu" else 32) << 20) // (P * d.element_size() + 1))
-        chunk -= chunk % 32 if chunk > 32 else 0
-    if vote == "uniform":
-        w_fixed = torch.full((k,), 1.0 / k, device=device)
-    else:
-        w_fixed = 1.0 / torch.arange(1, k + 1, device=device, dtype=torch.float32)
-        w_fixed = w_fixed / w_fixed.sum()
-    scores = torch.empty(Q, labels.shape[1], device=device, dtype=torch.float32)
-
-    def value(xt, slot):  # (c, P) products, (c, m) slots -> similarity keys: agreements, or the integer view
-        if fields == 1:
-            return xt.gather(1, slot)
-        f = torch.div(slot, P, rounding_mode="floor")
-        return (xt.gather(1, slot - f * P) >> 8 * f) & 255
-
-    for s in range(0, Q, chunk):
-        # database-major products (P, c): the small query chunk is the matrix the BLAS packs, not the whole
-        # database (1.6-2.5x faster than (c, P) = q @ d.T on a 2-core AVX2 CPU), and block maxima reduce a
-        # middle dimension, which vectorises over the queries
-        dot = d @ q[s:s + chunk].T  # (P, c)
-        c = dot.shape[1]
-        if query == "real":
-            dot.clamp_min_(0.0)  # a float rounding below 0 would break the integer-view order
-        x = dot.view(as_int)
-        if fields > 1:
-            best = x.view(torch.uint8).view(P // block, block, c, 4).amax(1)[:, :, :fields]  # (P // block, c, fields)
-            best = best.permute(1, 2, 0).reshape(c, n_blocks)  # block f * P // block + i: codes of field f
+    device = next(head.parameters()).device
+    was_training = head.training
+    head.eval()
+    probs, codes, caps = [], [], []
+    for s in range(0, len(image), batch_size):
+        img = image[s:s + batch_size].to(device)  # (b, D)
+        txt, n = text[s:s + batch_size].to(device), n_captions[s:s + batch_size].to(device)  # (b, T, D), (b,)
+        if head.inputs == "image":
+            txt, slots = txt[:, :1] * 0, 1
+        elif text_input == "mean":
+            txt, slots = (txt.float().sum(1) / n.clamp_min(1)[:, None])[:, None], 1  # (b, 1, D)
         else:
-            best = x.view(P // block, block, c).amax(1).T  # (c, n_blocks), integer view
-        xt = x.T  # (c, P) view: the gathers below read only k * block entries per query
-        top_blocks = (best.long() * n_blocks + block_rev).topk(kb, dim=1).indices  # (c, kb)
-        cand = (top_blocks[:, :, None] * block + offsets).view(c, kb * block)  # (c, kb * block) code slots
-        # unique code keys: larger = nearer (similarity, then lower index), exact in int64 for M < 2^32. Padding
-        # slots (>= N) score 0, the minimum, and come after every code, so they rank below all N codes
-        key = value(xt, cand).long() * M + (M - 1 - cand)
-        idx = cand.gather(1, key.topk(k, dim=1, sorted=True).indices)  # (c, k) database rows, nearest first
-        near = value(xt, idx)  # (c, k) agreements (packed) or the products' integer view
-        sim = near.float() / bits if fields > 1 else near.view(dtype).float() / (2 * l1[s:s + chunk]).clamp_min(1e-12)
-        del dot, x, xt
-        if vote == "softmax":
-            w = torch.softmax(sim / tau, dim=1)  # (c, k)
-        else:
-            w = w_fixed.expand(c, k)
-        scores[s:s + chunk] = torch.einsum("qk,qkc->qc", w, labels[idx])
-    return scores.clamp_(0.0, 1.0)
+            slots = max(1, txt.shape[1])
+        n_used = n.clamp(1, slots)  # (b,): slots averaged per image; slot 0 of an image without text is all zeros
+        p_sum, h_cap = 0.0, []
+        for c in range(slots):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = head(img.float(), txt[:, c].float())
+            has = (n_used > c)[:, None]  # (b, 1)
+            p_sum = p_sum + torch.where(has, torch.sigmoid(out.logits.float()), 0.0)
+            h_cap += [torch.where(has, out.codes.float(), 0.0)] if out.codes is not None else []
+        probs.append((p_sum / n_used[:, None]).cpu())
+        if h_cap:
+            stacked = torch.stack(h_cap, 1)  # (b, slots, bits)
+            codes.append((stacked.sum(1) / n_used[:, None]).cpu())
+            caps += [stacked.cpu()] if keep_captions else []
+    head.train(was_training)
+    cat = (lambda x: torch.cat(x) if x else None)
+    return Scores(torch.cat(probs), cat(codes), cat(caps))
 
+# ----------------------------------------------------------------------------
+# SECTION: HashModel -- towers + head on raw images and captions
 
 class HashModel(nn.Module):
     """Frozen SigLIP2 towers + a trained head, for inference on raw image + caption pairs.
 
     The encoder is kept as a plain attribute (not a submodule), so state_dict() holds only head.* weights.
     Embeddings are rounded through float16 before the head, exactly as in the feature cache the head was
-    trained on, so predict() on raw inputs equals the head applied to cached embeddings.
+    trained on, so predict() on raw inputs equals the head applied to cached embeddings (score_embeddings).
     """
 
-    def __init__(self, encoder, head, cache_dtype=torch.float16):
+    def __init__(self, encoder, head, cache_dtype=torch.float16, text_input="each"):
         super().__init__()
-        self.encoder = encoder
-        self.head = head
-        self.cache_dtype = cache_dtype
+        self.encoder, self.head, self.cache_dtype, self.text_input = encoder, head, cache_dtype, text_input
 
     @torch.no_grad()
     def predict(self, images, captions):
-        """images: list of B PIL images; captions: list of B lists of str (>= 1 each) -> probs float32 (B, C).
-
-        Each caption is paired with its image's embedding; sigmoid(head(img, cap)) is averaged over the
-        image's captions.
-        """
+        """images: list of B PIL images; captions: list of B lists of str (an empty list: the image alone)
+        -> probs float32 (B, C)."""
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
-        if any(len(c) == 0 for c in captions):
-            raise ValueError("every image needs at least one caption")
-        device = next(self.head.parameters()).device
         img = self.encoder.encode_images(images).to(self.cache_dtype).float()  # (B, D)
-        txt = self.encoder.encode_texts([c for caps in captions for c in caps]).to(self.cache_dtype).float()  # (T, D)
-        counts = torch.tensor([len(c) for c in captions])  # (B,)
-        owner = torch.repeat_interleave(torch.arange(len(images)), counts)  # (T,) image of each caption
-        was_training = self.head.training
-        self.head.eval()
-        try:
-            logits, _ = self.head(img[owner].to(device), txt.to(device))  # (T, C)
-        finally:
-            self.head.train(was_training)
-        probs = torch.sigmoid(logits.float()).cpu()  # (T, C)
-        out = torch.zeros(len(images), probs.shape[1]).index_add_(0, owner, probs)  # (B, C) sums
-        return out / counts[:, None].float()
+        n = torch.tensor([len(c) for c in captions])  # (B,)
+        flat = self.encoder.encode_texts([c for caps in captions for c in caps]).to(self.cache_dtype).float()
+        txt = torch.zeros(len(images), max([1, *n.tolist()]), img.shape[1])  # (B, T, D), zero past n
+        txt[torch.arange(txt.shape[1])[None, :] < n[:, None]] = flat
+        return score_embeddings(self.head, img, txt, n, self.text_input).probs

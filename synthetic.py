@@ -271,8 +271,11 @@ def make_tiny_siglip(out_dir, image_size=32, seed=0):
     """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import (PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel,
-                              SiglipProcessor)
+    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel, SiglipProcessor
+    try:  # transformers 5.x: the PIL processor by its own name (the old name wants torchvision, else it warns)
+        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+    except ImportError:  # 4.x: SiglipImageProcessor is the PIL one
+        from transformers import SiglipImageProcessor
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for w in _TINY_WORDS.split():

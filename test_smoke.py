@@ -62,7 +62,8 @@ def smoke(work):
         val = json.loads((fold / "val_metrics.json").read_text())
         assert all(0.0 <= val[m] <= 1.0 for m in metrics.METRIC_NAMES if m != "coverage_error")
     rows = list(csv.DictReader(open(out / "cv_results.csv")))
-    assert [r[next(iter(r))] for r in rows] == ["fold_0", "fold_1", "mean", "std"]
+    names = [r[next(iter(r))] for r in rows]  # the MLP head's rows, then the KNN head's
+    assert names[:4] == ["fold_0", "fold_1", "mean", "std"] and "knn_mean" in names
     rows = list(csv.DictReader(open(out / "eval_test" / "metrics.csv")))
     assert "ensemble" in {r["model"] for r in rows} and len(rows) >= 3
     for name in ("metrics.json", "per_class.csv", "errors.md"):

@@ -206,7 +206,7 @@ def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote, query):
         if vote == "softmax":  # retrieval: test codes ranked against the whole dev pool's codes
             dev, _, devy = codes_and_probs(head, fake_run["feats"], splits["dev"])
             r = rep["retrieval"][f"fold{fold}"]
-            assert r["mAP@1000"] == pytest.approx(metrics.retrieval_map(q, qy, dev, devy, topk=1000), abs=1e-9)
+            assert r["mAP@1000"] == pytest.approx(metrics.retrieval_map(q, qy, dev, devy, k=1000), abs=1e-9)
             assert r["mAP@all"] == pytest.approx(metrics.retrieval_map(q, qy, dev, devy), abs=1e-9)
     np.testing.assert_allclose(z["probs"], z["member_probs"].mean(0), atol=1e-7)  # KNN ensemble: mean votes
     assert list(rep["ensemble"]) == ["knn"] and rep["knn"]["k"] == k and rep["knn"]["query"] == query
@@ -299,7 +299,12 @@ def test_single_image_prediction(tiny_siglip, tmp_path, capsys):
         assert list(got) == [data.COCO_CATEGORIES[c]["name"] for c in top]
         assert list(got.values()) == pytest.approx([float(ref[c]) for c in top], abs=1e-5)
         assert list(got)[0] in capsys.readouterr().out
-    for extra in (["--image", tmp_path / "photo.png"], ["--image", tmp_path / "missing.png", "--caption", "x"],
+    alone = run("--checkpoint", tmp_path / "run" / "fold0" / "best.pt", "--image", tmp_path / "photo.png",
+                "--top", 80, "--device", "cpu")  # no caption: the image alone (its text columns at their mean)
+    ref = model.HashModel(enc, heads[0]).predict([img.convert("RGB")], [[]])[0]
+    assert sorted(alone.values()) == pytest.approx(sorted(ref.tolist()), abs=1e-5)
+    capsys.readouterr()
+    for extra in (["--image", tmp_path / "missing.png", "--caption", "x"],
                   ["--image", tmp_path / "photo.png", "--caption", "x", "--model", tmp_path / "nope"]):
         with pytest.raises(SystemExit) as e:
             run("--checkpoint", tmp_path / "run" / "fold0" / "best.pt", *extra, "--device", "cpu")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import knn
 import model
 import synthetic
 
@@ -69,7 +70,8 @@ def test_rebuild_from_model_args(tmp_path):
 
 
 def test_bad_constructor_args():
-    for kw in (dict(bits=7), dict(fusion="foo"), dict(input_norm="layer"), dict(hash_norm="x")):
+    for kw in (dict(bits=-1), dict(bits=1.5), dict(fusion="foo"), dict(input_norm="layer"), dict(hash_norm="x"),
+               dict(inputs="audio")):
         with pytest.raises(ValueError):
             model.HashHead(dim=8, **kw)
 
@@ -126,26 +128,27 @@ def test_dropout_same_distribution_as_torch():
     assert torch.equal(model.Dropout(1.0)(x), torch.zeros_like(x))  # p = 1: nn.Dropout's own path
 
 
-def test_init_code_classifier_scales_only_the_code_classifier():
+def test_code_gain_scales_only_the_code_classifier():
     torch.manual_seed(0)
-    head = model.HashHead(dim=8, mlp_dims=(4,), bits=16)
-    w, mlp = head.classifier.weight.clone(), head.mlp[0].weight.clone()
-    head.init_code_classifier(5.0)
-    torch.testing.assert_close(head.classifier.weight, 5 * w)
-    assert torch.equal(head.mlp[0].weight, mlp)
-    plain = model.HashHead(dim=8, mlp_dims=(4,), bits=0)  # no codes: the classifier reads ReLU features
-    w = plain.classifier.weight.clone()
-    plain.init_code_classifier(5.0)
-    assert torch.equal(plain.classifier.weight, w)
+    head = model.HashHead(dim=8, mlp_dims=(4,), bits=16, code_gain=1.0)
+    torch.manual_seed(0)
+    scaled = model.HashHead(dim=8, mlp_dims=(4,), bits=16)  # the default gain: bits_defaults' 5
+    assert scaled.model_args["code_gain"] == 5.0
+    torch.testing.assert_close(scaled.classifier.weight, 5 * head.classifier.weight)
+    assert torch.equal(scaled.mlp[0].weight, head.mlp[0].weight)
+    torch.manual_seed(0)
+    plain = model.HashHead(dim=8, mlp_dims=(4,), bits=0, code_gain=1.0)  # no codes: the classifier reads ReLU features
+    torch.manual_seed(0)
+    assert torch.equal(model.HashHead(dim=8, mlp_dims=(4,), bits=0).classifier.weight, plain.classifier.weight)
 
 
 def test_centres_code_classifier_is_fixed_and_saved():
     torch.manual_seed(0)
-    head = model.HashHead(dim=16, mlp_dims=(4,), bits=16, code_classifier="centres")
-    w = head.classifier.weight
+    w = model.HashHead(dim=16, mlp_dims=(4,), bits=16, code_classifier="centres", code_gain=1.0).classifier.weight
     assert not w.requires_grad and torch.equal(w.abs(), torch.full_like(w, 0.25))  # +-1 / sqrt(16)
     assert 0.3 < (w > 0).float().mean() < 0.7  # random signs
-    head.init_code_classifier(2.0)  # the gain sets the centres' scale
+    head = model.HashHead(dim=16, mlp_dims=(4,), bits=16, code_classifier="centres")  # the gain sets their scale: 2
+    w = head.classifier.weight
     assert torch.equal(w.abs(), torch.full_like(w, 0.5))
     centres, bias = w.clone(), head.classifier.bias.clone()
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-2)  # as train.py builds it
@@ -185,7 +188,7 @@ def test_sign_logits_binarise_with_straight_through_gradient():
     head = model.HashHead(dim=8, num_classes=5, mlp_dims=(16,), bits=16)
     h = torch.tensor([[0.3, -0.2, 0.0, -0.9] * 4], requires_grad=True)  # 0 -> +1, as sign_codes
     out = head.sign_logits(h)
-    torch.testing.assert_close(out, head.classifier(model.sign_codes(h.detach())))
+    torch.testing.assert_close(out, head.classifier(knn.sign_codes(h.detach())))
     out.sum().backward()  # straight through: d out / d h = d classifier / d input, as if sign were the identity
     torch.testing.assert_close(h.grad, head.classifier.weight.sum(0, keepdim=True))
 
@@ -195,8 +198,8 @@ def test_grouped_forward_equals_accumulated_micro_batches(bits):
     """train.py runs accum_steps micro-batches as one pass with BatchNorm per micro-batch (groups): the loss,
     every gradient and the BatchNorm running statistics equal those of separate, accumulated passes."""
     torch.manual_seed(0)
-    fused = model.HashHead(dim=16, num_classes=6, mlp_dims=(24, 12), dropout=0.0, bits=bits)
-    seq = model.HashHead(dim=16, num_classes=6, mlp_dims=(24, 12), dropout=0.0, bits=bits)
+    fused = model.HashHead(dim=16, num_classes=6, mlp_dims=(24, 12), dropout=0.0, input_dropout=0.0, bits=bits)
+    seq = model.HashHead(dim=16, num_classes=6, mlp_dims=(24, 12), dropout=0.0, input_dropout=0.0, bits=bits)
     seq.load_state_dict(fused.state_dict())
     img, txt = torch.randn(3 * 8, 16) * 3, torch.randn(3 * 8, 16)
     y = (torch.rand(3 * 8, 6) < 0.3).float()

@@ -1,4 +1,4 @@
-"""model.knn_scores against a brute-force numpy Hamming search; memory bound; optional full-size benchmark.
+"""knn.knn_scores (the reference: chunked matmul + topk) against a brute-force numpy Hamming search; memory bound; optional full-size benchmark.
 
     python -m pytest -q tests/test_knn.py
     KNN_BENCH=1 python -m pytest -q -s tests/test_knn.py -k bench   # 23,657 x 94,630 x 64 bits + naive
@@ -7,13 +7,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 import torch
 
-import model
+import knn
 
 VOTES = ("softmax", "uniform", "rank")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,8 +66,8 @@ def test_equals_brute_force(vote, bits):
     for k in (1, 7, 20):
         for tau in (0.07, 1.0):
             ref = brute_knn(q, d, labels, k, tau, vote)
-            got = model.knn_scores(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(labels),
-                                   k=k, tau=tau, vote=vote)
+            got = knn.knn_scores(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(labels),
+                                   k=k, tau=tau, vote=vote, query="sign")
             assert got.dtype == torch.float32 and got.shape == (25, 80)
             np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)
             assert float(got.min()) >= 0.0 and float(got.max()) <= 1.0
@@ -77,7 +76,7 @@ def test_equals_brute_force(vote, bits):
 @pytest.mark.parametrize("vote", VOTES)
 def test_k_larger_than_database_clamps(vote):
     q, d, labels = _case(6, 9, 16, seed=3)
-    got = model.knn_scores(q, d, labels, k=50, vote=vote)  # numpy inputs are accepted too
+    got = knn.knn_scores(q, d, labels, k=50, vote=vote, query="sign")  # numpy inputs are accepted too
     np.testing.assert_allclose(got.numpy(), brute_knn(q, d, labels, 9, 0.07, vote), atol=1e-5)
     if vote == "uniform":  # every database row votes 1/9
         np.testing.assert_allclose(got.numpy(), np.tile(labels.mean(0), (6, 1)), atol=1e-6)
@@ -89,66 +88,15 @@ def test_ties_lower_index_first_and_chunk_invariant():
     labels = np.eye(10, 80, dtype=np.uint8)  # row i has label i only
     q = np.ones((4, 16), np.float32)
     for chunk in (None, 1, 3):
-        got = model.knn_scores(q, d, labels, k=3, vote="rank", chunk=chunk).numpy()
+        got = knn.knn_scores(q, d, labels, k=3, vote="rank", chunk=chunk, query="sign").numpy()
         w = (1.0 / np.arange(1, 4)) / (1.0 / np.arange(1, 4)).sum()
         np.testing.assert_allclose(got[:, :3], np.tile(w, (4, 1)), atol=1e-6)
         assert np.all(got[:, 3:] == 0)
     q, d, labels = _case(40, 500, 32, seed=5)
-    full = model.knn_scores(q, d, labels, k=20, chunk=None)
-    assert torch.equal(full, model.knn_scores(q, d, labels, k=20, chunk=7))
-    q, d, labels = _case(300, 40_000, 8, seed=6)  # the default chunk (~12 MiB, a multiple of 32) < 300 queries
-    assert torch.equal(model.knn_scores(q, d, labels, k=20), model.knn_scores(q, d, labels, k=20, chunk=7))
-
-
-def test_block_pruning_exact_under_heavy_ties():
-    # 4-bit codes: 16 distinct codes among 500, so nearly every distance is tied; every block size
-    # (1, a ragged 7, 64, more than the database) must pick exactly the brute-force neighbours
-    q, d, labels = _case(30, 500, 4, seed=11)
-    for vote in VOTES:
-        ref = brute_knn(q, d, labels, 20, 0.07, vote)
-        for block in (1, 7, 64, 1000):
-            got = model.knn_scores(q, d, labels, k=20, vote=vote, block=block, chunk=8)
-            np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, err_msg=f"{vote} block {block}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_every_product_dtype_is_exact(dtype, monkeypatch):
-    # the products run in bfloat16 on CPUs with bf16 units, float16 on CUDA, float32 elsewhere; q.d + bits
-    # reaches 2 * bits = 512 at 256 bits, still exact, and block maxima use the integer view of the floats
-    monkeypatch.setattr(model, "_dot_dtype", lambda device: dtype)
-    for bits, block in ((256, 64), (64, 7), (4, 16)):
-        q, d, labels = _case(12, 700, bits, seed=bits)
-        d[:50] = d[50:100]  # repeated database codes: exact ties across blocks
-        ref = brute_knn(q, d, labels, 20, 0.07, "softmax")
-        got = model.knn_scores(q, d, labels, k=20, block=block, chunk=5)
-        np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, err_msg=f"{dtype} bits {bits}")
-
-
-@pytest.mark.parametrize("bits,fields", [(1, 3), (64, 3), (127, 3), (128, 2), (255, 2), (256, 1)])
-def test_packed_sign_search_exact_at_its_limits(bits, fields, monkeypatch):
-    # on a float32 CPU, sign queries pack `fields` database codes into each float32 of the product; all-+1 and
-    # all--1 codes at both ends of the database (so in the first and the last field) reach the largest partial
-    # sums and agreement counts (bits), and N is not a multiple of the fields or blocks, so padding is in play
-    monkeypatch.setattr(model, "_dot_dtype", lambda device: torch.float32)  # packed even on CPUs with bf16 units
-    assert model._pack_fields(bits) == fields
-    q, d, labels = _case(10, 401, bits, seed=bits)
-    q[0], q[1], d[:40], d[40:80], d[-40:], d[-80:-40] = 1, -1, 1, -1, 1, -1
-    for block in (1, 64):
-        got = model.knn_scores(q, d, labels, k=20, vote="rank", block=block, chunk=3)
-        np.testing.assert_allclose(got.numpy(), brute_knn(q, d, labels, 20, 0.07, "rank"), atol=1e-6,
-                                   err_msg=f"bits {bits} block {block}")
-
-
-def test_packing_only_with_full_float32_matmuls():
-    assert model._full_float32_matmul()
-    try:
-        torch.set_float32_matmul_precision("medium")  # may run float32 matmuls in bfloat16: no packing
-        assert not model._full_float32_matmul()
-        q, d, labels = _case(7, 300, 64, seed=2)
-        np.testing.assert_allclose(model.knn_scores(q, d, labels).numpy(), brute_knn(q, d, labels, 20, 0.07, "softmax"),
-                                   atol=1e-5)
-    finally:
-        torch.set_float32_matmul_precision("highest")
+    full = knn.knn_scores(q, d, labels, k=20, chunk=None, query="sign")
+    assert torch.equal(full, knn.knn_scores(q, d, labels, k=20, chunk=7, query="sign"))
+    q, d, labels = _case(300, 40_000, 8, seed=6)  # the default chunk (2^24 / N = 419 queries) > 300; chunk 7 splits them
+    assert torch.equal(knn.knn_scores(q, d, labels, k=20, query="sign"), knn.knn_scores(q, d, labels, k=20, chunk=7, query="sign"))
 
 
 @pytest.mark.parametrize("vote", VOTES)
@@ -157,7 +105,7 @@ def test_real_queries_equal_brute_force(vote):
     # multiples of 1/4 in [-1, 1] (every float32 sum exact, so ties are real ties), the database repeats codes
     # across blocks, and one query is all zero (every code equally near: the lowest indices win)
     rng = np.random.default_rng(5)
-    for bits, block in ((64, 64), (64, 7), (8, 16)):
+    for bits in (64, 8):
         q = (rng.integers(-4, 5, (15, bits)) / 4).astype(np.float32)
         q[0] = 0
         d = rng.standard_normal((400, bits)).astype(np.float32)
@@ -165,13 +113,13 @@ def test_real_queries_equal_brute_force(vote):
         labels = (rng.random((400, 80)) < 0.2).astype(np.uint8)
         for k, tau in ((1, 0.07), (20, 0.07), (20, 1.0)):
             ref = brute_knn(q, d, labels, k, tau, vote, query="real")
-            got = model.knn_scores(q, d, labels, k=k, tau=tau, vote=vote, block=block, chunk=4, query="real")
-            np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, err_msg=f"bits {bits} block {block} k {k}")
+            got = knn.knn_scores(q, d, labels, k=k, tau=tau, vote=vote, chunk=4, query="real")
+            np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, err_msg=f"bits {bits} k {k}")
     # a +-1 query is the same search either way
     q, d, labels = _case(10, 300, 64, seed=2)
     pm = np.where(q >= 0, 1.0, -1.0).astype(np.float32)
-    np.testing.assert_allclose(model.knn_scores(pm, d, labels, query="real").numpy(),
-                               model.knn_scores(pm, d, labels, query="sign").numpy(), atol=1e-6)
+    np.testing.assert_allclose(knn.knn_scores(pm, d, labels, query="real").numpy(),
+                               knn.knn_scores(pm, d, labels, query="sign").numpy(), atol=1e-6)
 
 
 def test_real_queries_tanh_codes_exact_for_any_chunk():
@@ -182,32 +130,67 @@ def test_real_queries_tanh_codes_exact_for_any_chunk():
     d = rng.standard_normal((3000, 64)).astype(np.float32)
     labels = (rng.random((3000, 80)) < 0.1).astype(np.uint8)
     ref = brute_knn(q, d, labels, 100, 0.07, "rank", query="real")
-    runs = [model.knn_scores(q, d, labels, k=100, vote="rank", chunk=c, query="real") for c in (None, 1, 7)]
+    runs = [knn.knn_scores(q, d, labels, k=100, vote="rank", chunk=c, query="real") for c in (None, 1, 7)]
     for got in runs[1:]:
         assert torch.equal(got, runs[0])
     np.testing.assert_allclose(runs[0].numpy(), ref, atol=1e-5)
-    np.testing.assert_array_equal(model.exact_queries(q).numpy(), exact_grid(q))  # the same rounding
+    np.testing.assert_array_equal(knn.exact_queries(q).numpy(), exact_grid(q))  # the same rounding
 
 
 def test_large_database_256_bits():
     q, d, labels = _case(3, 66000, 256, seed=7)
-    got = model.knn_scores(q, d, labels, k=20, vote="softmax", tau=0.07)
+    got = knn.knn_scores(q, d, labels, k=20, vote="softmax", tau=0.07, query="sign")
     np.testing.assert_allclose(got.numpy(), brute_knn(q, d, labels, 20, 0.07, "softmax"), atol=1e-5)
+
+
+def test_heavy_ties_any_bits_and_chunk():
+    # 4-bit codes: 16 distinct codes among 500, so nearly every distance is tied; and code lengths that no
+    # packing would like (1, 3, 100, 255, 256): every one picks exactly the brute-force neighbours
+    q, d, labels = _case(30, 500, 4, seed=11)
+    for vote in VOTES:
+        ref = brute_knn(q, d, labels, 20, 0.07, vote)
+        for chunk in (1, 7, None):
+            got = knn.knn_scores(q, d, labels, k=20, vote=vote, chunk=chunk, query="sign")
+            np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, err_msg=f"{vote} chunk {chunk}")
+    for bits in (1, 3, 100, 255, 256):
+        q, d, labels = _case(12, 700, bits, seed=bits)
+        d[:50] = d[50:100]  # repeated database codes: exact ties
+        ref = brute_knn(q, d, labels, 20, 0.07, "softmax")
+        np.testing.assert_allclose(knn.knn_scores(q, d, labels, k=20, chunk=5, query="sign").numpy(), ref,
+                                   atol=1e-5, err_msg=f"bits {bits}")
+        ref = brute_knn(q, d, labels, 20, 0.07, "rank", query="real")
+        np.testing.assert_allclose(knn.knn_scores(q, d, labels, k=20, vote="rank", chunk=5).numpy(), ref,
+                                   atol=1e-5, err_msg=f"real bits {bits}")
+
+
+def test_knn_head_averages_the_captions_votes():
+    # each (image, caption) code votes on its own and the image's scores are the mean over its captions;
+    # an image without a caption has one code (its image alone) and counts once
+    rng = np.random.default_rng(3)
+    caps = torch.from_numpy(rng.standard_normal((5, 3, 16)).astype(np.float32))
+    n = torch.tensor([3, 1, 0, 2, 3])
+    caps[n[:, None] <= torch.arange(3)] = 0
+    caps[2, 0] = torch.randn(16)
+    d = torch.randn(200, 16)
+    labels = torch.from_numpy((rng.random((200, 10)) < 0.3).astype(np.float32))
+    got = knn.knn_head(caps, n, d, labels, k=7)
+    for i in range(5):
+        m = max(int(n[i]), 1)
+        want = knn.knn_scores(caps[i, :m], d, labels, k=7).mean(0)
+        torch.testing.assert_close(got[i], want)
 
 
 def test_bad_arguments():
     q, d, labels = _case(2, 5, 8)
     with pytest.raises(ValueError, match="vote"):
-        model.knn_scores(q, d, labels, vote="majority")
+        knn.knn_scores(q, d, labels, vote="majority")
     with pytest.raises(ValueError, match="query"):
-        model.knn_scores(q, d, labels, query="hamming")
+        knn.knn_scores(q, d, labels, query="hamming")
     with pytest.raises(ValueError):
-        model.knn_scores(q, d, labels, k=0)
-    with pytest.raises(ValueError):
-        model.knn_scores(q, d, labels, block=0)
+        knn.knn_scores(q, d, labels, k=0)
     with pytest.raises(ValueError, match="shape"):
-        model.knn_scores(q[:, :4], d, labels)
-    assert model.knn_scores(q[:0], d, labels).shape == (0, 80)
+        knn.knn_scores(q[:, :4], d, labels)
+    assert knn.knn_scores(q[:0], d, labels).shape == (0, 80)
 
 
 # peak-memory probe run inside the child process: reset the RSS high-water mark, then read it back (MiB)
@@ -225,16 +208,16 @@ def peak():
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peak RSS")
 def test_memory_bounded_at_full_database_size():
-    """600 queries (two chunks) x 94,630 codes x 64 bits in a fresh process: the extra peak RSS stays small."""
+    """600 queries (three chunks of 177) x 94,630 codes x 64 bits in a fresh process: the extra peak RSS stays small."""
     code = PEAK + textwrap.dedent(f"""
         import sys, time, torch
         sys.path.insert(0, {ROOT!r}); torch.set_num_threads(1)
-        import model
+        import knn
         g = torch.Generator().manual_seed(0)
         q, d = torch.randn(600, 64, generator=g), torch.randn(94630, 64, generator=g)
         lab = (torch.rand(94630, 80, generator=g) < 0.05).to(torch.uint8)
         r0 = reset_peak()
-        t = time.time(); s = model.knn_scores(q, d, lab, k=20); dt = time.time() - t
+        t = time.time(); s = knn.knn_scores(q, d, lab, k=20, query="sign"); dt = time.time() - t
         print(peak() - r0, dt)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -249,13 +232,13 @@ def test_bench_full_size_and_naive():
     code = PEAK + textwrap.dedent(f"""
         import sys, time, numpy as np, torch
         sys.path.insert(0, {ROOT!r})
-        import model
+        import knn
         Q, N, B = 23657, 94630, 64
         g = torch.Generator().manual_seed(0)
         q, d = torch.randn(Q, B, generator=g), torch.randn(N, B, generator=g)
         lab = (torch.rand(N, 80, generator=g) < 0.05).to(torch.uint8)
         r0 = reset_peak()
-        t = time.time(); s = model.knn_scores(q, d, lab, k=20); dt = time.time() - t
+        t = time.time(); s = knn.knn_scores(q, d, lab, k=20, query="sign"); dt = time.time() - t
         extra = peak() - r0
         # naive: full distance matrix for a subset of queries (XOR-count), full stable sort per row
         qs, db, labn = np.sign(q[:64].numpy()) >= 0, d.numpy() >= 0, lab.numpy().astype(np.float32)

@@ -42,7 +42,7 @@ def test_splits_file_invariants(coco_root, tmp_path, capsys):
         assert st["size"] == len(f) == len(set(f)) and f == sorted(f)
         assert st["positives"] == coco["labels"][[row[i] for i in f]].sum(0).tolist()
     assert data.load_splits(out) == s
-    data.check_split_ids(s, np.array(ids))
+    data.check_splits(s, np.array(ids), {"categories": json.dumps(coco["categories"])})
     text = capsys.readouterr().out
     assert "fold" in text and "max_rel_dev" in text and out in text and len(text.splitlines()) == 8
 
@@ -228,8 +228,8 @@ def test_load_splits_validation(tmp_path, case):
         s["folds"] = 3
     elif case == "missing_key":
         del s["val_folds"]
-    elif case == "categories":
-        s["categories"] = s["categories"][::-1]
+    elif case == "categories":  # any class list is fine (checked against the cache), but it must name them
+        s["categories"] = [c["id"] for c in s["categories"]]
     if case == "bad_json":
         open(p, "w").write("{")
     elif case != "no_file":
@@ -242,8 +242,16 @@ def test_load_splits_validation(tmp_path, case):
     assert p in str(e.value) and "\n" not in str(e.value)
 
 
-def test_check_split_ids():
+def test_check_splits_ids_and_categories():
     s = _good_splits()
-    data.check_split_ids(s, np.arange(1, 7))
+    data.check_splits(s, np.arange(1, 7), {})
     with pytest.raises(data.DataError, match="2 of 6 split image ids are missing"):
-        data.check_split_ids(s, np.array([1, 2, 3, 4]))
+        data.check_splits(s, np.array([1, 2, 3, 4]), {})
+    s["database"] = [7]  # a retrieval database's images must be in the cache too
+    with pytest.raises(data.DataError, match="1 of 7 split image ids are missing"):
+        data.check_splits(s, np.arange(1, 7), {})
+    names = [dict(c) for c in s["categories"]]
+    data.check_splits(s, np.arange(1, 8), {"categories": json.dumps(names)})
+    names[3]["name"] = "not the same"
+    with pytest.raises(data.DataError, match="categories are not the"):
+        data.check_splits(s, np.arange(1, 8), {"categories": json.dumps(names)})

@@ -101,7 +101,7 @@ def test_centres_stay_fixed(cache, tmp_path):
     out = tmp_path / "centres"
     run(*cache, out, "--code_classifier", "centres", "--epochs", 2, "--patience", 0)
     ckpt = _load(out / "best.pt")
-    assert ckpt["model_args"]["code_classifier"] == "centres" and ckpt["config"]["code_classifier_gain"] == 2.0
+    assert ckpt["model_args"]["code_classifier"] == "centres" and ckpt["config"]["code_gain"] == 2.0
     w = ckpt["model"]["classifier.weight"]  # (80, 16): +-2 / sqrt(16) after training, as initialised
     assert torch.equal(w.abs(), torch.full_like(w, 0.5)) and 0.3 < (w > 0).float().mean() < 0.7
     assert len(ckpt["optimizer"]["state"]) == len([k for k in ckpt["model"] if "running" not in k and "num_batches" not in k]) - 1
@@ -110,17 +110,17 @@ def test_centres_stay_fixed(cache, tmp_path):
 def test_resume_is_exact(cache, full_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "resumed"
     calls = {"n": 0}
-    real_evaluate = train.evaluate
+    real_evaluate = train.validate
 
     def interrupted(*a, **k):  # Ctrl-C during the 3rd epoch's evaluation: last.pt holds epoch 2
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
         return real_evaluate(*a, **k)
-    monkeypatch.setattr(train, "evaluate", interrupted)
+    monkeypatch.setattr(train, "validate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(*cache, out, "--epochs", 4, "--patience", 0)
-    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    monkeypatch.setattr(train, "validate", real_evaluate)
     assert _load(out / "last.pt")["epoch"] == 2 and not _load(out / "last.pt")["finished"]
     run(*cache, out, "--epochs", 4, "--patience", 0, "--resume")
     assert (out / "val_metrics.json").read_text() == (full_run / "val_metrics.json").read_text()
@@ -150,15 +150,27 @@ def test_compile_saves_plain_keys(cache, tmp_path):
         model.HashHead(**_load(tmp_path / name)["model_args"]).load_state_dict(_load(tmp_path / name)["model"])
 
 
+def _lr_curve(a, steps_per_epoch, n):
+    """The lr of train.make_scheduler's first n steps (lr[i]: before step i), on a throwaway parameter."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=a.lr)
+    sched, total, warm = train.make_scheduler(opt, a, a.lr, steps_per_epoch)
+    lr = []
+    for _ in range(n):
+        lr.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lr, total, warm
+
+
 def test_lr_schedule_warmup_then_cosine():
     a = train.get_args_parser().parse_args(["--features", "f", "--splits", "s", "--out_dir", "o", "--lr", "1e-3"])
-    spe, total, warm = 10, 200, 20
-    lr = [1e-3 * train.lr_multiplier(s, warm, total, spe, a) for s in range(total + 1)]  # lr[total]: after the last step
+    lr, total, warm = _lr_curve(a, 10, 201)  # 20 epochs of 10 steps; lr[total]: after the last step
+    assert (total, warm) == (200, 20)
     assert lr[0] == pytest.approx(1e-3 / warm) and lr[warm - 1] == pytest.approx(1e-3)
     assert all(x < y for x, y in zip(lr[:warm - 1], lr[1:warm]))  # warmup really rises
     assert all(x >= y for x, y in zip(lr[warm:-1], lr[warm + 1:])) and lr[-1] == pytest.approx(1e-6)
     a.scheduler = "cosine_restarts"  # periods T_0 = 5 epochs, then 10: restarts at warm + 50 and warm + 150
-    lr = [1e-3 * train.lr_multiplier(s, warm, total, spe, a) for s in range(total)]
+    lr = _lr_curve(a, 10, 200)[0]
     assert lr[warm + 49] < 2e-6 and lr[warm + 50] == pytest.approx(1e-3) and lr[warm + 150] == pytest.approx(1e-3)
 
 
@@ -214,7 +226,7 @@ def test_sign_weight_adds_the_binarised_codes_bce(cache, full_run, tmp_path):
 
 def test_argparse_rejects_bad_flags(capsys):
     base = ["--features", "f", "--splits", "s", "--out_dir", "o"]
-    for bad in (["--bits", "7"], ["--lr", "-1"], ["--fusion", "foo"], ["--batch_size", "1"], ["--dropout", "1.5"],
+    for bad in (["--bits", "-1"], ["--lr", "-1"], ["--fusion", "foo"], ["--batch_size", "1"], ["--dropout", "1.5"],
                 ["--mlp_dims", "10,x"], ["--input_norm", "x"], ["--warmup_ratio", "1"]):
         with pytest.raises(SystemExit) as e:
             train.get_args_parser().parse_args(base + bad)

@@ -1,0 +1,77 @@
+"""Run folders: what train.py leaves in <run>/fold<k>/ and how the other scripts find and read it.
+
+    dirs = runs.fold_dirs("outputs/siglip2_hash64")          # {0: ".../fold0", 1: ...}
+    runs.fold_finished(dirs[0])                                # config.json says finished, val_metrics.json exists
+    head, ckpt = runs.load_checkpoint(dirs[0] + "/best.pt")    # weights_only, one-line errors
+"""
+import glob
+import json
+import os
+import re
+import zipfile
+
+import torch
+
+import cli
+import model
+
+
+def fold_dirs(run):
+    """-> {k: path} of the fold<k>/ folders of a run folder (fold numbers, not file order)."""
+    out = {}
+    for d in glob.glob(os.path.join(run, "fold*")):
+        m = re.fullmatch(r"fold(\d+)", os.path.basename(d))
+        if m and os.path.isdir(d):
+            out[int(m.group(1))] = d
+    return dict(sorted(out.items()))
+
+
+def fold_finished(d):
+    """train.py's rule: config.json says finished (written last, after the KNN head's val metrics) and
+    val_metrics.json exists."""
+    try:
+        with open(os.path.join(d, "config.json")) as f:
+            return bool(json.load(f).get("finished")) and os.path.isfile(os.path.join(d, "val_metrics.json"))
+    except (OSError, ValueError):
+        return False
+
+
+def load_checkpoint(path):
+    """-> (head in eval mode, checkpoint dict). Only weights_only loading: a pickle can run code."""
+    if not os.path.isfile(path):
+        cli.fail(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        cli.fail(f"{path}: not a checkpoint (not a file written by torch.save); pass a best.pt from train.py")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or a pickled object (refused by weights_only)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+        first = next((ln for ln in lines if "Unsupported global" in ln), lines[0])[:200]
+        cli.fail(f"{path}: not a loadable train.py checkpoint ({type(e).__name__}: {first}); pass a best.pt from train.py")
+    if not isinstance(ck, dict) or not {"model", "model_args", "config"} <= set(ck):
+        cli.fail(f"{path}: not a train.py checkpoint (needs keys model, model_args, config); pass a best.pt")
+    try:
+        head = model.HashHead(**ck["model_args"])
+        head.load_state_dict(ck["model"])
+    except Exception as e:
+        cli.fail(f"{path}: weights do not fit HashHead(**model_args) ({type(e).__name__}); re-train with this model.py")
+    return head.eval(), ck
+
+
+def identity(ck):
+    """What must agree between ensemble members: architecture, embeddings (model + data) and splits file."""
+    meta = ck["config"].get("features_meta") or {}
+    return {"model_args": ck["model_args"], "features": (meta.get("model"), meta.get("fingerprint")),
+            "splits": ck["config"].get("splits_sha256")}
+
+
+def config_path(path, cfg, flag):
+    """A file path from a checkpoint's config, relative to the folder train.py ran in (config "cwd") when it is
+    there, else as saved (absolute, or relative to this folder: checkpoints from before "cwd" was recorded)."""
+    there = os.path.join(cfg.get("cwd") or "", path)
+    if cfg.get("cwd") and not os.path.isabs(path) and os.path.exists(there):
+        return there
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    cli.fail(f"{path}: not found from {os.getcwd()} (the checkpoint's config names it relative to the folder train.py "
+         f"ran in{', ' + cfg['cwd'] if cfg.get('cwd') else ''}); run from that folder or pass {flag}")
