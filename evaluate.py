@@ -40,6 +40,7 @@ import knn
 import metrics
 import model
 import report
+import retrieval
 import runs
 
 SHOWN = ("mAP_macro", "mAP_micro", "auc_macro", "f1_macro", "f1_micro", "hamming_loss")  # terminal table
@@ -178,7 +179,7 @@ def retrieval_maps(q_codes, q_labels, db_codes, db_labels, k):
         for empty in ("zero", "skip"):
             for ties in ("stable", "average"):
                 name = f"mAP@{top or 'all'}" + ("" if empty == "zero" else "_skip") + ("" if ties == "stable" else "_avgties")
-                out[name] = metrics.retrieval_map(q_codes, q_labels, db_codes, db_labels, k=top, ties=ties, empty=empty)
+                out[name] = retrieval.retrieval_map(q_codes, q_labels, db_codes, db_labels, k=top, ties=ties, empty=empty)
     return out
 
 
@@ -234,21 +235,21 @@ def score_split(args, paths, heads, cks, ctx):
     if len(rows) < len(want):
         print(f"note: skipped {len(want) - len(rows)} unreadable {args.split} images")
     members = [f"fold{f}" for f in ctx["folds"]]
-    preds, retrieval = {}, {}
+    preds, maps = {}, {}
     for name, head, ck in zip(members, heads, cks):
         out, ret = score_member(head, ck, ctx, rows, args)
         for hd, pr in out.items():
             preds.setdefault(hd, {})[name] = pr
         if ret:
-            retrieval[name] = ret
+            maps[name] = ret
     for hd in preds:
         preds[hd]["ensemble"] = np.mean([preds[hd][n] for n in members], axis=0)
-    if retrieval:
-        retrieval["mean"] = {k: float(np.mean([r[k] for r in retrieval.values()])) for k in next(iter(retrieval.values()))}
+    if maps:
+        maps["mean"] = {k: float(np.mean([r[k] for r in maps.values()])) for k in next(iter(maps.values()))}
     y = feats["labels"][rows].numpy()
     main_head = "knn" if args.head == "knn" else "mlp"
     res = dict(rows=rows, ids=feats["ids"][rows].numpy(), y=y, members=members, preds=preds, main=main_head,
-               retrieval=retrieval, thr=0.5, files={}, n_skipped=len(want) - len(rows),
+               retrieval=maps, thr=0.5, files={}, n_skipped=len(want) - len(rows),
                results={hd: {n: metrics.compute_all(y, p) for n, p in d.items()} for hd, d in preds.items()})
     if args.thresholds == "oof":  # chosen on the folds' val images only; the test labels play no part
         res["thr"], res["files"]["thresholds.json"] = oof_thresholds(paths, res["ids"])

@@ -21,6 +21,7 @@ from sklearn.metrics import average_precision_score
 import data
 import evaluate
 import metrics
+import retrieval
 import model
 import synthetic
 
@@ -206,8 +207,8 @@ def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote, query):
         if vote == "softmax":  # retrieval: test codes ranked against the whole dev pool's codes
             dev, _, devy = codes_and_probs(head, fake_run["feats"], splits["dev"])
             r = rep["retrieval"][f"fold{fold}"]
-            assert r["mAP@1000"] == pytest.approx(metrics.retrieval_map(q, qy, dev, devy, k=1000), abs=1e-9)
-            assert r["mAP@all"] == pytest.approx(metrics.retrieval_map(q, qy, dev, devy), abs=1e-9)
+            assert r["mAP@1000"] == pytest.approx(retrieval.retrieval_map(q, qy, dev, devy, k=1000), abs=1e-9)
+            assert r["mAP@all"] == pytest.approx(retrieval.retrieval_map(q, qy, dev, devy), abs=1e-9)
     np.testing.assert_allclose(z["probs"], z["member_probs"].mean(0), atol=1e-7)  # KNN ensemble: mean votes
     assert list(rep["ensemble"]) == ["knn"] and rep["knn"]["k"] == k and rep["knn"]["query"] == query
 

@@ -1,4 +1,4 @@
-"""metrics.retrieval_map against the two reference mAP codes of the hashing literature, transcribed here
+"""retrieval.retrieval_map against the two reference mAP codes of the hashing literature, transcribed here
 (DeepHash-pytorch utils/tools.py CalcTopMap and HashNet pytorch/src/test.py mean_average_precision), and
 ties="average" against exact enumeration and against sampled random tie orders.
 
@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-import metrics
+import retrieval
 
 
 def calc_top_map(rB, qB, retrievalL, queryL, topk, kind="quicksort"):
@@ -88,8 +88,8 @@ def test_equals_references_without_ties(blocks, pad):
         deephash = calc_top_map(sign(dc), sign(qc), dy, qy, N if k is None else k)
         hashnet = hashnet_map(sign(dc), sign(qc), dy, qy, min(k or N, N))
         for ties in ("stable", "average"):  # groups of one item: both rules are the same ranking
-            assert metrics.retrieval_map(qc, qy, dc, dy, k=k, ties=ties) == pytest.approx(deephash, abs=1e-12)
-            assert metrics.retrieval_map(qc, qy, dc, dy, k=k, ties=ties, empty="skip") == \
+            assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties=ties) == pytest.approx(deephash, abs=1e-12)
+            assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties=ties, empty="skip") == \
                 pytest.approx(hashnet, abs=1e-12)
         if k is not None and k < N:  # the two conventions really differ here
             assert abs(deephash - hashnet) > 1e-3
@@ -105,9 +105,9 @@ def test_stable_equals_stably_sorted_references_with_ties(k):
     N = len(dc)
     deephash = calc_top_map(sign(dc), sign(qc), dy, qy, N if k is None else k, kind="stable")
     hashnet = hashnet_map(sign(dc), sign(qc), dy, qy, min(k or N, N), kind="stable")
-    assert metrics.retrieval_map(qc, qy, dc, dy, k=k) == pytest.approx(deephash, abs=1e-12)
-    assert metrics.retrieval_map(qc, qy, dc, dy, k=k, empty="skip") == pytest.approx(hashnet, abs=1e-12)
-    assert metrics.retrieval_map(qc, qy, dc, dy, k=k, empty="skip", max_elems=70) == pytest.approx(hashnet, abs=1e-12)
+    assert retrieval.retrieval_map(qc, qy, dc, dy, k=k) == pytest.approx(deephash, abs=1e-12)
+    assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, empty="skip") == pytest.approx(hashnet, abs=1e-12)
+    assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, empty="skip", max_elems=70) == pytest.approx(hashnet, abs=1e-12)
 
 
 def dist_rel(qc, qy, dc, dy):
@@ -142,7 +142,7 @@ def test_average_equals_exact_enumeration():
     for k in (None, 1, 2, 4, 5, 7):
         ap, kept = ap_of_orders(dist, rel, np.broadcast_to(perms[:, None, :], (len(perms),) + dist.shape), k or 7)
         e_ap = ap.mean(0)  # [Q] exact E[AP_q]
-        assert metrics.retrieval_map(qc, qy, dc, dy, k=k, ties="average") == pytest.approx(e_ap.mean(), abs=1e-12)
+        assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties="average") == pytest.approx(e_ap.mean(), abs=1e-12)
         # skip: queries break ties independently; condition on each query's kept flag
         p = kept.mean(0)
         cond = np.where(p > 0, (ap * kept).sum(0) / np.maximum(kept.sum(0), 1), 0.0)  # E[AP_q | kept]
@@ -153,7 +153,7 @@ def test_average_equals_exact_enumeration():
                 w = np.prod(np.where(s, p, 1 - p))
                 num, den = num + w * cond[s].mean(), den + w
         want = num / den if den > 0 else np.nan
-        got = metrics.retrieval_map(qc, qy, dc, dy, k=k, ties="average", empty="skip")
+        got = retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties="average", empty="skip")
         assert got == pytest.approx(want, abs=1e-12, nan_ok=True)
         if k == 2:  # k = 2 cuts group(s) with an uncertain query: exercised the Poisson-binomial part
             assert ((p > 0) & (p < 1)).any()
@@ -177,11 +177,11 @@ def test_average_equals_mean_over_random_tie_orders(k, empty):
     if empty == "skip" and k is not None:  # some query is kept in some draws only: P(R_k = 0) matters
         assert (kept.any(0) & ~kept.all(0)).any()
     se = draws.std(ddof=1) / np.sqrt(len(draws))
-    got = metrics.retrieval_map(qc, qy, dc, dy, k=k, ties="average", empty=empty)
+    got = retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties="average", empty=empty)
     assert abs(got - draws.mean()) <= 5 * se + 1e-12, (got, draws.mean(), se)
-    stable = metrics.retrieval_map(qc, qy, dc, dy, k=k, empty=empty)
+    stable = retrieval.retrieval_map(qc, qy, dc, dy, k=k, empty=empty)
     assert abs(stable - draws.mean()) > 5 * se
-    assert metrics.retrieval_map(qc, qy, dc, dy, k=k, ties="average", empty=empty, max_elems=50) == \
+    assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties="average", empty=empty, max_elems=50) == \
         pytest.approx(got, abs=1e-12)
 
 
@@ -193,7 +193,7 @@ def test_average_skip_is_the_expectation_of_the_ratio():
     dc = np.array([[1, 1]] * 4 + [[1, -1]] * 2 + [[-1, -1]] * 2)
     dy = np.array([[1, 0, 1, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 1, 0]] + [[1, 1, 0, 0]] * 4)
     qc, qy = np.ones((4, 2)), np.eye(4, dtype=int)  # queries A, C, B and one with no relevant item
-    got = metrics.retrieval_map(qc, qy, dc, dy, k=3, ties="average", empty="skip")
+    got = retrieval.retrieval_map(qc, qy, dc, dy, k=3, ties="average", empty="skip")
     assert got == pytest.approx(7 / 16 + 11 / 32, abs=1e-12)
     dist, rel = dist_rel(qc, qy, dc, dy)
     ap, kept = ap_of_orders(dist, rel, np.random.default_rng(50).random((50000,) + dist.shape), 3)
@@ -202,14 +202,14 @@ def test_average_skip_is_the_expectation_of_the_ratio():
     assert abs(got - draws.mean()) <= 5 * se
     naive = (1 + 2 * 0.75 * 11 / 18) / 2.5
     assert abs(naive - draws.mean()) > 5 * se  # the naive variant is measurably wrong
-    assert metrics.retrieval_map(qc, qy, dc, dy, k=3, ties="average") == pytest.approx((1 + 2 * 0.75 * 11 / 18) / 4)
+    assert retrieval.retrieval_map(qc, qy, dc, dy, k=3, ties="average") == pytest.approx((1 + 2 * 0.75 * 11 / 18) / 4)
 
 
 def test_hand_computed():
     """One query, 4 items at distances 0, 1, 1, 2, relevant: no, yes, no, yes."""
     q, d = np.array([[1, 1]]), np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]])
     qy, dy = np.array([[1, 0]]), np.array([[0, 1], [1, 0], [0, 1], [1, 1]])
-    f = lambda **kw: metrics.retrieval_map(q, qy, d, dy, **kw)
+    f = lambda **kw: retrieval.retrieval_map(q, qy, d, dy, **kw)
     assert f() == f(empty="skip") == pytest.approx((1 / 2 + 2 / 4) / 2)  # ranks 2 and 4
     # average: the relevant tied item is at rank 2 or 3
     assert f(ties="average") == pytest.approx(((1 / 2 + 2 / 4) / 2 + (1 / 3 + 2 / 4) / 2) / 2)
@@ -226,15 +226,15 @@ def test_edge_cases_and_bad_input():
     qy, dy = labels(rng, 5), labels(rng, 30)
     qy[:] = 0  # no query has a relevant item at all
     for ties in ("stable", "average"):
-        assert metrics.retrieval_map(qc, qy, dc, dy, ties=ties) == 0.0
-        assert np.isnan(metrics.retrieval_map(qc, qy, dc, dy, ties=ties, empty="skip"))
+        assert retrieval.retrieval_map(qc, qy, dc, dy, ties=ties) == 0.0
+        assert np.isnan(retrieval.retrieval_map(qc, qy, dc, dy, ties=ties, empty="skip"))
     with pytest.raises(ValueError):
-        metrics.retrieval_map(qc, qy, dc, dy, k=0)
+        retrieval.retrieval_map(qc, qy, dc, dy, k=0)
     with pytest.raises(ValueError):
-        metrics.retrieval_map(qc, qy, dc, dy, ties="random")
+        retrieval.retrieval_map(qc, qy, dc, dy, ties="random")
     with pytest.raises(ValueError):
-        metrics.retrieval_map(qc, qy, dc, dy, empty="nan")
+        retrieval.retrieval_map(qc, qy, dc, dy, empty="nan")
     with pytest.raises(ValueError):
-        metrics.retrieval_map(qc > 0, qy, dc, dy)
+        retrieval.retrieval_map(qc > 0, qy, dc, dy)
     with pytest.raises(ValueError):
-        metrics.retrieval_map(qc, qy, dc[:, :7], dy)
+        retrieval.retrieval_map(qc, qy, dc[:, :7], dy)
