@@ -278,7 +278,7 @@ def model_args_of(args, dim, num_classes):
     if args.baseline != "none":
         return baselines.linear_head_args(dim, num_classes, args.baseline, args.inputs)
     return dict(dim=dim, num_classes=num_classes, **{k: getattr(args, k) for k in MODEL_FLAGS}, **{
-        k: v for k, v in resolved(args).items() if k in MODEL_FLAGS})
+        k: v for k, v in resolved(args).items() if k != "lr"})
 
 
 def read_resume(args, last_path):
