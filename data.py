@@ -20,35 +20,15 @@ NUM_CLASSES = 80  # COCO's; nothing after the feature cache assumes it
 FEATURES_FORMAT = "coco-siglip-features-v1"
 
 # the official 80 COCO categories (instances_*.json "categories"), sorted by id -> label index 0..79
-COCO_CATEGORIES = [
-    {"id": 1, "name": "person"}, {"id": 2, "name": "bicycle"}, {"id": 3, "name": "car"},
-    {"id": 4, "name": "motorcycle"}, {"id": 5, "name": "airplane"}, {"id": 6, "name": "bus"},
-    {"id": 7, "name": "train"}, {"id": 8, "name": "truck"}, {"id": 9, "name": "boat"},
-    {"id": 10, "name": "traffic light"}, {"id": 11, "name": "fire hydrant"}, {"id": 13, "name": "stop sign"},
-    {"id": 14, "name": "parking meter"}, {"id": 15, "name": "bench"}, {"id": 16, "name": "bird"},
-    {"id": 17, "name": "cat"}, {"id": 18, "name": "dog"}, {"id": 19, "name": "horse"}, {"id": 20, "name": "sheep"},
-    {"id": 21, "name": "cow"}, {"id": 22, "name": "elephant"}, {"id": 23, "name": "bear"},
-    {"id": 24, "name": "zebra"}, {"id": 25, "name": "giraffe"}, {"id": 27, "name": "backpack"},
-    {"id": 28, "name": "umbrella"}, {"id": 31, "name": "handbag"}, {"id": 32, "name": "tie"},
-    {"id": 33, "name": "suitcase"}, {"id": 34, "name": "frisbee"}, {"id": 35, "name": "skis"},
-    {"id": 36, "name": "snowboard"}, {"id": 37, "name": "sports ball"}, {"id": 38, "name": "kite"},
-    {"id": 39, "name": "baseball bat"}, {"id": 40, "name": "baseball glove"}, {"id": 41, "name": "skateboard"},
-    {"id": 42, "name": "surfboard"}, {"id": 43, "name": "tennis racket"}, {"id": 44, "name": "bottle"},
-    {"id": 46, "name": "wine glass"}, {"id": 47, "name": "cup"}, {"id": 48, "name": "fork"},
-    {"id": 49, "name": "knife"}, {"id": 50, "name": "spoon"}, {"id": 51, "name": "bowl"},
-    {"id": 52, "name": "banana"}, {"id": 53, "name": "apple"}, {"id": 54, "name": "sandwich"},
-    {"id": 55, "name": "orange"}, {"id": 56, "name": "broccoli"}, {"id": 57, "name": "carrot"},
-    {"id": 58, "name": "hot dog"}, {"id": 59, "name": "pizza"}, {"id": 60, "name": "donut"},
-    {"id": 61, "name": "cake"}, {"id": 62, "name": "chair"}, {"id": 63, "name": "couch"},
-    {"id": 64, "name": "potted plant"}, {"id": 65, "name": "bed"}, {"id": 67, "name": "dining table"},
-    {"id": 70, "name": "toilet"}, {"id": 72, "name": "tv"}, {"id": 73, "name": "laptop"},
-    {"id": 74, "name": "mouse"}, {"id": 75, "name": "remote"}, {"id": 76, "name": "keyboard"},
-    {"id": 77, "name": "cell phone"}, {"id": 78, "name": "microwave"}, {"id": 79, "name": "oven"},
-    {"id": 80, "name": "toaster"}, {"id": 81, "name": "sink"}, {"id": 82, "name": "refrigerator"},
-    {"id": 84, "name": "book"}, {"id": 85, "name": "clock"}, {"id": 86, "name": "vase"},
-    {"id": 87, "name": "scissors"}, {"id": 88, "name": "teddy bear"}, {"id": 89, "name": "hair drier"},
-    {"id": 90, "name": "toothbrush"},
-]
+COCO_CATEGORIES = [{"id": i, "name": n} for i, n in zip(
+    [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)],
+    ('person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,'
+     'parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,'
+     'handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,'
+     'surfboard,tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,'
+     'broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,'
+     'mouse,remote,keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,'
+     'teddy bear,hair drier,toothbrush').split(","))]
 
 class DataError(Exception):
     """Bad input data: the message is one line naming the file and what to do."""
@@ -414,62 +394,3 @@ def load_features(path):
         raise DataError(f"{path}: {len(bad_ids)} image(s) have NaN/Inf embeddings (COCO ids "
                         f"{bad_ids[:10]}{' ...' if len(bad_ids) > 10 else ''}); re-run extract_features.py")
     return tensors, meta
-
-
-# ----------------------------------------------------------------------------- splits file
-
-_SPLIT_KEYS = ("method", "folds", "seed", "categories", "dev", "test", "val_folds", "stats")
-PROTOCOLS = ("karpathy_cv", "coco2014", "hashnet")
-
-
-def load_splits(path):
-    """Load and validate splits.json (make_splits.py) -> dict as written (lists of int ids).
-
-    Checks: every key present; categories a list of {id, name}; protocol one of PROTOCOLS (absent: the
-    original karpathy_cv); dev, test and the optional retrieval database duplicate-free, test disjoint from
-    dev and database; len(val_folds) == folds >= 2; the val folds partition dev exactly.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: splits file not found; run make_splits.py first")
-    try:
-        with open(path) as f:
-            s = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); re-run make_splits.py") from None
-    missing = [k for k in _SPLIT_KEYS if not isinstance(s, dict) or k not in s]
-    if missing:
-        raise DataError(f"{path}: missing keys {missing}; re-run make_splits.py")
-    s.setdefault("protocol", "karpathy_cv")
-    if s["protocol"] not in PROTOCOLS:
-        raise DataError(f"{path}: protocol {s['protocol']!r} is not one of {PROTOCOLS}; re-run make_splits.py")
-    if not (isinstance(s["categories"], list) and all(isinstance(c, dict) and "name" in c for c in s["categories"])):
-        raise DataError(f"{path}: categories must be a list of {{id, name}}; re-run make_splits.py")
-    dev, test, folds, db = s["dev"], s["test"], s["val_folds"], s.get("database", [])
-    if any(len(set(x)) != len(x) for x in (dev, test, db)):
-        raise DataError(f"{path}: duplicate image ids in dev, test or database; re-run make_splits.py")
-    overlap = set(test) & (set(dev) | set(db))
-    if overlap:
-        raise DataError(f"{path}: {len(overlap)} test image ids are also in dev or the database "
-                        f"(e.g. {sorted(overlap)[:5]}); re-run make_splits.py")
-    if not isinstance(s["folds"], int) or s["folds"] < 2 or len(folds) != s["folds"]:
-        raise DataError(f"{path}: folds={s['folds']!r} but {len(folds)} val_folds; re-run make_splits.py")
-    if sum(len(f) for f in folds) != len(dev) or set().union(*map(set, folds)) != set(dev):
-        raise DataError(f"{path}: val_folds do not partition dev exactly; re-run make_splits.py")
-    return s
-
-
-def check_splits(splits, ids, meta, where="feature cache"):
-    """Raise DataError unless the splits file fits the feature cache: every dev / test / database id is among
-    the cache's `ids` and both name the same categories in the same order (when the cache names them)."""
-    cats = json.loads(meta.get("categories") or "null")
-    if cats is not None and [c["name"] for c in cats] != [c["name"] for c in splits["categories"]]:
-        raise DataError(f"{where}: its {len(cats)} categories are not the {len(splits['categories'])} of the splits "
-                        f"file (names or order differ); make both from the same data_root")
-    have = set(np.asarray(ids).tolist())
-    want = set(splits["dev"]) | set(splits["test"]) | set(splits.get("database", []))
-    missing = sorted(want - have)
-    if missing:
-        raise DataError(f"{where}: {len(missing)} of {len(want)} split image ids are missing (e.g. "
-                        f"{missing[:5]}); the splits and the {where} come from different data - re-run "
-                        f"extract_features.py on the same data_root as make_splits.py")

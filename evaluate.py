@@ -13,8 +13,8 @@ Writes to --out_dir: metrics.json, metrics.csv (model, head, 15 metrics), per_cl
 confusion.csv, errors.md, <split>_predictions.npz (ids, labels, probs of the ensemble, member_probs, knn_probs,
 member_knn_probs), ap_per_class.png, pr_curves.png; thresholds.csv + thresholds.json with --thresholds oof;
 examples.png with --data_root; retrieval.csv with --retrieval (on by default for the hashnet protocol).
-per_class.csv, confusion.csv, errors.md and the bootstrap CIs describe the ensemble's main head (mlp, or knn
-with --head knn) at the thresholds in use (0.5, or the oof ones); metrics.csv rows are all at 0.5.
+per_class.csv, confusion.csv, errors.md and the bootstrap CIs (all 15 metrics) describe the ensemble's main head
+(mlp, or knn with --head knn) at the thresholds in use (0.5, or the oof ones); metrics.csv rows are all at 0.5.
 
 Conventions. Every image is scored by model.score_embeddings, as in train.py: probabilities averaged over the
 image's captions, and its hash code sign(mean code), 0 -> +1, one per image for database and queries alike.
@@ -39,6 +39,7 @@ import data
 import knn
 import metrics
 import model
+import protocols
 import report
 import retrieval
 import runs
@@ -138,8 +139,8 @@ def load_inputs(args, paths, cks):
     split_path = args.splits or runs.config_path(cfg["splits"], cfg, "--splits")
     try:
         feats, meta = data.load_features(features)
-        splits = data.load_splits(split_path)
-        data.check_splits(splits, feats["ids"].numpy(), meta, where=features)
+        splits = protocols.load_splits(split_path)
+        protocols.check_splits(splits, feats["ids"].numpy(), meta, where=features)
         dataset = data.load_dataset(args.data_root) if args.data_root else None
     except data.DataError as e:
         cli.fail(str(e))
@@ -172,17 +173,6 @@ def score_rows(head, ck, feats, rows, args, keep_captions=False):
     return model.Scores(*(cat([o[i] for o in out]) for i in range(3)))
 
 
-def retrieval_maps(q_codes, q_labels, db_codes, db_labels, k):
-    """Hashing retrieval of sign codes: mAP@k and mAP@all under both empty-query and both tie rules."""
-    out = {}
-    for top in (k, None):
-        for empty in ("zero", "skip"):
-            for ties in ("stable", "average"):
-                name = f"mAP@{top or 'all'}" + ("" if empty == "zero" else "_skip") + ("" if ties == "stable" else "_avgties")
-                out[name] = retrieval.retrieval_map(q_codes, q_labels, db_codes, db_labels, k=top, ties=ties, empty=empty)
-    return out
-
-
 def score_member(head, ck, ctx, rows, args):
     """One fold model on the evaluated rows -> ({head name: probs (N, C)}, {retrieval mAPs} or None)."""
     feats, splits = ctx["feats"], ctx["splits"]
@@ -202,7 +192,7 @@ def score_member(head, ck, ctx, rows, args):
     db_rows = db_rows[~np.isin(db_rows, rows)]
     db = knn.sign_codes(score_rows(head, ck, feats, db_rows, args).codes).numpy()
     k = RETRIEVAL_K.get(splits["protocol"], 1000)
-    return out, retrieval_maps(knn.sign_codes(s.codes).numpy(), feats["labels"][rows].numpy(), db,
+    return out, retrieval.retrieval_maps(knn.sign_codes(s.codes).numpy(), feats["labels"][rows].numpy(), db,
                                feats["labels"][db_rows].numpy(), k)
 
 

@@ -1,4 +1,5 @@
-"""Evaluation protocols: which images of load_coco's pool are dev, test and (for retrieval) database.
+"""Evaluation protocols: which images of load_coco's pool are dev, test and (for retrieval) database, and the
+splits file that records them (load_splits, check_splits).
 
     import data, protocols
     coco = data.load_coco("data/coco")
@@ -15,6 +16,7 @@
 Every function takes the load_coco dict and returns ascending row indices into it (ids are sorted, so the
 ids of those rows are ascending too). Bad input raises data.DataError(one line naming the file and the fix).
 """
+import json
 import os
 import re
 
@@ -163,3 +165,61 @@ def select(coco, protocol, lists=None):
             raise data.DataError("--protocol hashnet needs --lists DIR with HashNet's train.txt and test.txt")
         return hashnet(coco, lists)
     raise data.DataError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+
+
+# ----------------------------------------------------------------------------- the splits file (make_splits.py's output)
+
+_SPLIT_KEYS = ("method", "folds", "seed", "categories", "dev", "test", "val_folds", "stats")
+
+
+def load_splits(path):
+    """Load and validate splits.json (make_splits.py) -> dict as written (lists of int ids).
+
+    Checks: every key present; categories a list of {id, name}; protocol one of PROTOCOLS (absent: the
+    original karpathy_cv); dev, test and the optional retrieval database duplicate-free, test disjoint from
+    dev and database; len(val_folds) == folds >= 2; the val folds partition dev exactly.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise data.DataError(f"{path}: splits file not found; run make_splits.py first")
+    try:
+        with open(path) as f:
+            s = json.load(f)
+    except (OSError, ValueError) as e:
+        raise data.DataError(f"{path}: not valid JSON ({e}); re-run make_splits.py") from None
+    missing = [k for k in _SPLIT_KEYS if not isinstance(s, dict) or k not in s]
+    if missing:
+        raise data.DataError(f"{path}: missing keys {missing}; re-run make_splits.py")
+    s.setdefault("protocol", "karpathy_cv")
+    if s["protocol"] not in PROTOCOLS:
+        raise data.DataError(f"{path}: protocol {s['protocol']!r} is not one of {PROTOCOLS}; re-run make_splits.py")
+    if not (isinstance(s["categories"], list) and all(isinstance(c, dict) and "name" in c for c in s["categories"])):
+        raise data.DataError(f"{path}: categories must be a list of {{id, name}}; re-run make_splits.py")
+    dev, test, folds, db = s["dev"], s["test"], s["val_folds"], s.get("database", [])
+    if any(len(set(x)) != len(x) for x in (dev, test, db)):
+        raise data.DataError(f"{path}: duplicate image ids in dev, test or database; re-run make_splits.py")
+    overlap = set(test) & (set(dev) | set(db))
+    if overlap:
+        raise data.DataError(f"{path}: {len(overlap)} test image ids are also in dev or the database "
+                        f"(e.g. {sorted(overlap)[:5]}); re-run make_splits.py")
+    if not isinstance(s["folds"], int) or s["folds"] < 2 or len(folds) != s["folds"]:
+        raise data.DataError(f"{path}: folds={s['folds']!r} but {len(folds)} val_folds; re-run make_splits.py")
+    if sum(len(f) for f in folds) != len(dev) or set().union(*map(set, folds)) != set(dev):
+        raise data.DataError(f"{path}: val_folds do not partition dev exactly; re-run make_splits.py")
+    return s
+
+
+def check_splits(splits, ids, meta, where="feature cache"):
+    """Raise data.DataError unless the splits file fits the feature cache: every dev / test / database id is among
+    the cache's `ids` and both name the same categories in the same order (when the cache names them)."""
+    cats = json.loads(meta.get("categories") or "null")
+    if cats is not None and [c["name"] for c in cats] != [c["name"] for c in splits["categories"]]:
+        raise data.DataError(f"{where}: its {len(cats)} categories are not the {len(splits['categories'])} of the splits "
+                        f"file (names or order differ); make both from the same data_root")
+    have = set(np.asarray(ids).tolist())
+    want = set(splits["dev"]) | set(splits["test"]) | set(splits.get("database", []))
+    missing = sorted(want - have)
+    if missing:
+        raise data.DataError(f"{where}: {len(missing)} of {len(want)} split image ids are missing (e.g. "
+                        f"{missing[:5]}); the splits and the {where} come from different data - re-run "
+                        f"extract_features.py on the same data_root as make_splits.py")

@@ -148,3 +148,15 @@ def retrieval_map(query_codes, query_labels, db_codes, db_labels, k=None, ties="
     if ties == "average":
         ap, kept = _tie_average_ap(counts.sum(2), counts[:, :, 1], k, max_elems)
     return float(ap.mean()) if empty == "zero" else _skip_mean(ap, kept)
+
+
+def retrieval_maps(q_codes, q_labels, db_codes, db_labels, k):
+    """mAP@k and mAP@all under both empty-query rules and both tie rules -> {"mAP@k": zero/stable,
+    "mAP@k_skip", "mAP@k_avgties", "mAP@k_skip_avgties", "mAP@all", ...}: every way the literature counts."""
+    out = {}
+    for top in (k, None):
+        for empty in ("zero", "skip"):
+            for ties in ("stable", "average"):
+                name = f"mAP@{top or 'all'}" + ("" if empty == "zero" else "_skip") + ("" if ties == "stable" else "_avgties")
+                out[name] = retrieval_map(q_codes, q_labels, db_codes, db_labels, k=top, ties=ties, empty=empty)
+    return out

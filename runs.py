@@ -13,6 +13,7 @@ import zipfile
 import torch
 
 import cli
+import data
 import model
 
 
@@ -24,6 +25,57 @@ def fold_dirs(run):
         if m and os.path.isdir(d):
             out[int(m.group(1))] = d
     return dict(sorted(out.items()))
+
+
+def save_checkpoint(path, head, opt, scaler, sched, state, config):
+    ckpt = {"model": head.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "scheduler": sched.state_dict(), **{k: state[k] for k in ("epoch", "best", "best_epoch", "bad_epochs")},
+            "model_args": head.model_args, "config": config, "finished": state["finished"],
+            "rng": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    data.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def read_resume(last_path, resume, fold, model_args_for):
+    """-> the last.pt to continue from (None: a fresh start). Refuses to overwrite a run without --resume, and a
+    checkpoint of another fold or other model flags (model_args_for(dim, num_classes): what the flags ask for)."""
+    if not os.path.exists(last_path):
+        if resume:
+            print(f"note: no {last_path} to resume from; starting fresh")
+        return None
+    if not resume:
+        cli.fail(f"--out_dir: {os.path.dirname(last_path)} already holds a run (last.pt); pass --resume to continue it "
+                 f"or choose another --out_dir")
+    try:
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        cli.fail(f"{last_path}: unreadable checkpoint ({type(e).__name__}); delete it to start over")
+    stored = model.HashHead(**ckpt["model_args"]).model_args  # a key the checkpoint predates: HashHead's default
+    want = model.HashHead(**model_args_for(stored["dim"], stored["num_classes"])).model_args
+    diff = [f"{k}: {stored[k]} in the checkpoint, {want[k]} now" for k in want if stored[k] != want[k]]
+    if diff or ckpt["config"]["fold"] != fold:
+        cli.fail(f"--resume: {last_path} was trained with other model flags or fold ({', '.join(diff) or 'fold'}); "
+                 f"use the original flags or another --out_dir")
+    return ckpt
+
+
+def restore(ckpt, head, opt, scaler, sched, state):
+    """Load a checkpoint into the run's objects, its progress into `state` and the RNG (so resume is exact)."""
+    head.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    sched.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng_cuda"])
+    state.update({k: ckpt[k] for k in ("epoch", "best", "best_epoch", "bad_epochs", "finished")})
+
+
+def read_log(path, upto_epoch=None):
+    """log.jsonl's lines (one JSON object per epoch), those after upto_epoch dropped (a resumed run's)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [ln for ln in f if ln.strip() and (upto_epoch is None or json.loads(ln)["epoch"] <= upto_epoch)]
 
 
 def fold_finished(d):

@@ -33,9 +33,11 @@ from tqdm import tqdm
 import baselines
 import cli
 import data
+import folds
 import knn
 import metrics
 import model
+import runs
 
 TERMS = ("loss", "bce", "bce_sign", "quant", "balance", "decorr", "hash_reg", "h_abs")  # per-step statistics
 HEAD = {k: p.default for k, p in inspect.signature(model.HashHead).parameters.items()}  # the recipe's defaults
@@ -111,54 +113,6 @@ def resolved(args):
     return {k: auto[k] if getattr(args, k) is None else getattr(args, k) for k in ("lr", "input_dropout", "code_gain")}
 
 
-# ---------------------------------------------------------------------------- data
-
-def load_fold(args, device):
-    """Feature cache + splits -> the fold's train / val images on `device` (embeddings float16, as cached)."""
-    try:
-        tensors, meta = data.load_features(args.features)
-        splits = data.load_splits(args.splits)
-        data.check_splits(splits, tensors["ids"].numpy(), meta, where=args.features)
-    except data.DataError as e:
-        cli.fail(str(e))
-    n_folds = len(splits["val_folds"])
-    if args.fold >= n_folds:
-        cli.fail(f"--fold: {args.fold} is out of range; {args.splits} has folds 0..{n_folds - 1}")
-    ids = tensors["ids"].numpy()
-    val_ids = np.asarray(sorted(splits["val_folds"][args.fold]), dtype=np.int64)
-    train_ids = np.setdiff1d(np.asarray(splits["dev"], dtype=np.int64), val_ids)  # sorted
-    bad = set(json.loads(meta.get("bad_images", "[]")))  # images the extractor could not read
-    order = np.argsort(ids)
-    fold = {"meta": meta, "categories": splits["categories"], "skipped": {}, "prompts": tensors.get("prompts")}
-    for name, want in (("train", train_ids), ("val", val_ids)):
-        keep = np.asarray([i not in bad for i in want.tolist()], dtype=bool)
-        fold["skipped"][name] = int((~keep).sum())
-        rows = torch.from_numpy(order[np.searchsorted(ids, want[keep], sorter=order)])  # (n,)
-        fold[name] = {"ids": torch.from_numpy(want[keep]), **{k: tensors[k][rows].to(device) for k in
-                      ("image", "text", "n_captions", "labels")}}  # (n, V, D) (n, T, D) (n,) (n, C)
-    if len(fold["train"]["ids"]) < args.batch_size:
-        cli.fail(f"--batch_size: {args.batch_size} exceeds the {len(fold['train']['ids'])} training images of fold {args.fold}")
-    if len(fold["val"]["ids"]) == 0:
-        cli.fail(f"{args.splits}: fold {args.fold} has no usable validation images")
-    if args.inputs != "image" and not bool((fold["train"]["n_captions"] > 0).any()):
-        cli.fail(f"--inputs {args.inputs}: no training image of {args.features} has a text; use --inputs image")
-    return fold
-
-
-def sample_text(tr, rows, text_input):
-    """The text each training image gets this step: rows (b,) -> (b, D) float32, a zero row for no text.
-    each: one caption drawn uniformly; mean: the mean of a random non-empty subset of the image's captions."""
-    text, n = tr["text"][rows], tr["n_captions"][rows]  # (b, T, D), (b,)
-    has = torch.arange(text.shape[1], device=n.device) < n[:, None]  # (b, T) real caption slots
-    if text_input == "each":
-        pick = (torch.rand(len(rows)) * n.cpu()).long().to(n.device)  # < n_captions (0 when there is none)
-        return text[torch.arange(len(rows), device=n.device), pick].float()
-    keep = has & (torch.rand(has.shape).to(n.device) < 0.5)
-    first = (torch.rand(len(rows)) * n.cpu()).long().to(n.device)  # an image left with none keeps one caption
-    keep[torch.arange(len(rows), device=n.device), first] |= ~keep.any(1) & (n > 0)
-    return (text.float() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
-
-
 # ---------------------------------------------------------------------------- optimisation
 
 def make_optimizer(head, lr, weight_decay):
@@ -203,7 +157,7 @@ def train_one_epoch(net, fold, opt, sched, scaler, args, epoch, run):
         e = min(s + A, n_micro)
         rows = perm[s * B:e * B]
         img = tr["image"][rows, view[s * B:e * B]].float()  # (rows, D)
-        txt = sample_text(tr, rows, args.text_input) if args.inputs != "image" else None  # (rows, D)
+        txt = folds.sample_text(tr, rows, args.text_input) if args.inputs != "image" else None  # (rows, D)
         y = tr["labels"][rows].float()  # (rows, C)
         hw = args.hash_weight * (min(1.0, sched.last_epoch / ramp) if ramp > 0 else 1.0)
         with amp_ctx:  # BatchNorm per micro-batch (groups), so this equals accumulating e - s separate passes
@@ -257,14 +211,6 @@ def knn_val(net, fold, text_input, amp_dtype):
 
 # ---------------------------------------------------------------------------- checkpoints and outputs
 
-def save_checkpoint(path, head, opt, scaler, sched, state, config):
-    ckpt = {"model": head.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-            "scheduler": sched.state_dict(), **{k: state[k] for k in ("epoch", "best", "best_epoch", "bad_epochs")},
-            "model_args": head.model_args, "config": config, "finished": state["finished"],
-            "rng": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    data.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
-
-
 def save_predictions(out_dir, split, arrays, val_metrics):
     """val_predictions.npz (ids, labels, probs, codes, knn_probs) and val_metrics.json, each written atomically."""
     arrays = dict(ids=split["ids"].numpy(), labels=split["labels"].cpu().numpy().astype(np.uint8),
@@ -279,48 +225,6 @@ def model_args_of(args, dim, num_classes):
         return baselines.linear_head_args(dim, num_classes, args.baseline, args.inputs)
     return dict(dim=dim, num_classes=num_classes, **{k: getattr(args, k) for k in MODEL_FLAGS}, **{
         k: v for k, v in resolved(args).items() if k != "lr"})
-
-
-def read_resume(args, last_path):
-    """-> the checkpoint to continue from (None: a fresh start); refuses one made with other model flags."""
-    if not os.path.exists(last_path):
-        if args.resume:
-            print(f"note: no {last_path} to resume from; starting fresh")
-        return None
-    if not args.resume:
-        cli.fail(f"--out_dir: {args.out_dir} already holds a run (last.pt); pass --resume to continue it or choose another --out_dir")
-    try:
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        cli.fail(f"{last_path}: unreadable checkpoint ({type(e).__name__}); delete it to start over")
-    stored = model.HashHead(**ckpt["model_args"]).model_args  # a key the checkpoint predates: HashHead's default
-    want = model.HashHead(**model_args_of(args, stored["dim"], stored["num_classes"])).model_args
-    diff = [f"{k}: {stored[k]} in the checkpoint, {want[k]} now" for k in want if stored[k] != want[k]]
-    if diff or ckpt["config"]["fold"] != args.fold:
-        cli.fail(f"--resume: {last_path} was trained with other model flags or fold ({', '.join(diff) or 'fold'}); "
-                 f"use the original flags or another --out_dir")
-    return ckpt
-
-
-def restore(ckpt, head, opt, scaler, sched, state, args, log_path):
-    """Load a checkpoint into the run's objects and RNG -> the log lines of the epochs it holds."""
-    head.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    sched.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng"])
-    if ckpt.get("rng_cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["rng_cuda"])
-    state.update({k: ckpt[k] for k in ("epoch", "best", "best_epoch", "bad_epochs", "finished")})
-    for k in ("lr", "epochs", "batch_size", "accum_steps", "hash_weight", "scheduler", "seed"):
-        if ckpt["config"].get(k) != getattr(args, k):
-            print(f"note: --{k} {getattr(args, k)} differs from the checkpoint's {ckpt['config'].get(k)}")
-    lines = []
-    if os.path.exists(log_path):  # drop lines of epochs the checkpoint does not hold
-        with open(log_path) as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= state["epoch"]]
-    print(f"resumed from {args.out_dir}/last.pt at epoch {state['epoch']} (best {state['best']:.4f})")
-    return lines
 
 
 # ---------------------------------------------------------------------------- main
@@ -405,12 +309,12 @@ def fit(args, net, head, fold, opt, sched, scaler, run, state, config, log_lines
                              or (args.patience > 0 and state["bad_epochs"] >= args.patience))
         if improved:
             save_predictions(args.out_dir, fold["val"], arrays, val)
-            save_checkpoint(os.path.join(args.out_dir, "best.pt"), head, opt, scaler, sched, state, config)
+            runs.save_checkpoint(os.path.join(args.out_dir, "best.pt"), head, opt, scaler, sched, state, config)
         rec = dict(epoch=epoch, lr=opt.param_groups[0]["lr"], hash_weight=hw, **train_stats,
                    val_mAP_macro=val["mAP_macro"], best=state["best"], seconds=round(time.time() - t0, 2))
         log_lines.append(json.dumps(rec) + "\n")
         data.save_text(log_path, "".join(log_lines))
-        save_checkpoint(last_path, head, opt, scaler, sched, state, config)
+        runs.save_checkpoint(last_path, head, opt, scaler, sched, state, config)
         print(f"epoch {epoch:3d} | loss {train_stats['loss']:.4f} bce {train_stats['bce']:.4f} "
               f"|h| {train_stats['h_abs']:.3f} | lr {rec['lr']:.2e} | val mAP {val['mAP_macro']:.4f} "
               f"(best {state['best']:.4f} @ {state['best_epoch']}){' *' if improved else ''} | {rec['seconds']:.1f}s")
@@ -436,23 +340,14 @@ def finish(args, head, fold, run, config):
     data.save_json(os.path.join(args.out_dir, "config.json"), config)
 
 
-def fold_done(out_dir):
-    """A fold is done when config.json says so: written last, after the KNN head's validation metrics."""
-    try:
-        with open(os.path.join(out_dir, "config.json")) as f:
-            return bool(json.load(f).get("finished"))
-    except (OSError, ValueError):
-        return False
-
-
 def main(args):
     run = setup(args)
     last_path, log_path = os.path.join(args.out_dir, "last.pt"), os.path.join(args.out_dir, "log.jsonl")
-    ckpt = read_resume(args, last_path)
-    if ckpt is not None and ckpt["finished"] and fold_done(args.out_dir):
+    ckpt = runs.read_resume(last_path, args.resume, args.fold, lambda dim, c: model_args_of(args, dim, c))
+    if ckpt is not None and ckpt["finished"] and runs.fold_finished(args.out_dir):
         print(f"{args.out_dir}: already finished (best val mAP_macro {ckpt['best']:.4f} at epoch {ckpt['best_epoch']})")
         return
-    fold = load_fold(args, run["device"])
+    fold = folds.load_fold(args, run["device"])
     head = build_head(args, fold, run)
     if ckpt is not None and ckpt["model_args"]["dim"] != head.model_args["dim"]:
         cli.fail(f"--resume: {last_path} has embedding dim {ckpt['model_args']['dim']}, {args.features} has "
@@ -466,7 +361,12 @@ def main(args):
     state = dict(epoch=0, best=-1.0, best_epoch=0, bad_epochs=0, finished=False)
     log_lines = []
     if ckpt is not None:
-        log_lines = restore(ckpt, head, opt, scaler, sched, state, args, log_path)
+        runs.restore(ckpt, head, opt, scaler, sched, state)
+        for k in ("lr", "epochs", "batch_size", "accum_steps", "hash_weight", "scheduler", "seed"):
+            if ckpt["config"].get(k) != getattr(args, k):
+                print(f"note: --{k} {getattr(args, k)} differs from the checkpoint's {ckpt['config'].get(k)}")
+        print(f"resumed from {last_path} at epoch {state['epoch']} (best {state['best']:.4f})")
+        log_lines = runs.read_log(log_path, state["epoch"])
         config["resumed_from_epoch"] = ckpt["epoch"]
     os.makedirs(args.out_dir, exist_ok=True)
     data.save_json(os.path.join(args.out_dir, "config.json"), config)

@@ -84,7 +84,7 @@ def test_hashnet_dev_test_database(coco_root, tmp_path, capsys):
     row = {i: r for r, i in enumerate(ids.tolist())}
     for f, st in zip(s["val_folds"], s["stats"]):
         assert st["positives"] == coco["labels"][[row[i] for i in f]].sum(0).tolist()
-    assert data.load_splits(out)["dev"] == s["dev"]
+    assert protocols.load_splits(out)["dev"] == s["dev"]
     text = capsys.readouterr().out
     assert text.startswith("hashnet: stratified 5-fold split of 80 dev images") and f"database {len(want_db)}" in text
     assert len(text.splitlines()) == 8 and out in text
@@ -105,7 +105,7 @@ def test_coco2014_is_train2014_val2014_labelled(coco_root, tmp_path):
     assert s["dev"] == want["train2014"] and s["test"] == want["val2014"]
     assert s["counts"] == {"dev": len(s["dev"]), "test": len(s["test"])}
     assert sorted(sum(s["val_folds"], [])) == s["dev"]
-    assert data.load_splits(out)["test"] == s["test"]
+    assert protocols.load_splits(out)["test"] == s["test"]
 
 
 def fixture_labels(path):

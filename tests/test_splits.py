@@ -1,4 +1,4 @@
-"""make_splits.py: dev/test and fold invariants, determinism, stratification quality, bad input; data.load_splits."""
+"""make_splits.py: dev/test and fold invariants, determinism, stratification quality, bad input; protocols.load_splits."""
 import hashlib
 import json
 import os
@@ -9,6 +9,7 @@ import pytest
 
 import data
 import make_splits
+import protocols
 import synthetic
 
 
@@ -41,8 +42,8 @@ def test_splits_file_invariants(coco_root, tmp_path, capsys):
     for f, st in zip(folds, s["stats"]):
         assert st["size"] == len(f) == len(set(f)) and f == sorted(f)
         assert st["positives"] == coco["labels"][[row[i] for i in f]].sum(0).tolist()
-    assert data.load_splits(out) == s
-    data.check_splits(s, np.array(ids), {"categories": json.dumps(coco["categories"])})
+    assert protocols.load_splits(out) == s
+    protocols.check_splits(s, np.array(ids), {"categories": json.dumps(coco["categories"])})
     text = capsys.readouterr().out
     assert "fold" in text and "max_rel_dev" in text and out in text and len(text.splitlines()) == 8
 
@@ -55,7 +56,7 @@ def test_same_seed_same_bytes_other_seed_differs(coco_root, tmp_path):
     run(["--data_root", coco_root, "--out", paths[3], "--method", "random", "--folds", "3"])
     a, b, c = (open(p, "rb").read() for p in paths[:3])
     assert a == b and a != c
-    r = data.load_splits(paths[3])
+    r = protocols.load_splits(paths[3])
     assert r["method"] == "random" and len(r["val_folds"]) == 3
     assert json.loads(c)["dev"] == json.loads(a)["dev"]
     assert sorted(os.listdir(tmp_path)) == ["a.json", "b.json", "c.json", "r.json"]   # no temporaries
@@ -99,7 +100,7 @@ def test_karpathy_cv_is_todays_file_plus_protocol_and_counts(coco_root, tmp_path
 def test_default_out_is_under_data_root(tmp_path):
     root = synthetic.make_synthetic_coco(str(tmp_path / "coco"), n_images=30, seed=2)
     run(["--data_root", root])
-    assert data.load_splits(os.path.join(root, "splits.json"))["folds"] == 5
+    assert protocols.load_splits(os.path.join(root, "splits.json"))["folds"] == 5
 
 
 def _greedy_reference(level, prio, m):
@@ -235,23 +236,23 @@ def test_load_splits_validation(tmp_path, case):
     elif case != "no_file":
         data.save_json(p, s)
     if case == "ok":
-        assert data.load_splits(p)["val_folds"] == [[1, 3], [2, 4]]
+        assert protocols.load_splits(p)["val_folds"] == [[1, 3], [2, 4]]
         return
     with pytest.raises(data.DataError) as e:
-        data.load_splits(p)
+        protocols.load_splits(p)
     assert p in str(e.value) and "\n" not in str(e.value)
 
 
 def test_check_splits_ids_and_categories():
     s = _good_splits()
-    data.check_splits(s, np.arange(1, 7), {})
+    protocols.check_splits(s, np.arange(1, 7), {})
     with pytest.raises(data.DataError, match="2 of 6 split image ids are missing"):
-        data.check_splits(s, np.array([1, 2, 3, 4]), {})
+        protocols.check_splits(s, np.array([1, 2, 3, 4]), {})
     s["database"] = [7]  # a retrieval database's images must be in the cache too
     with pytest.raises(data.DataError, match="1 of 7 split image ids are missing"):
-        data.check_splits(s, np.arange(1, 7), {})
+        protocols.check_splits(s, np.arange(1, 7), {})
     names = [dict(c) for c in s["categories"]]
-    data.check_splits(s, np.arange(1, 8), {"categories": json.dumps(names)})
+    protocols.check_splits(s, np.arange(1, 8), {"categories": json.dumps(names)})
     names[3]["name"] = "not the same"
     with pytest.raises(data.DataError, match="categories are not the"):
-        data.check_splits(s, np.arange(1, 8), {"categories": json.dumps(names)})
+        protocols.check_splits(s, np.arange(1, 8), {"categories": json.dumps(names)})

@@ -1,0 +1,60 @@
+"""One cross-validation fold in memory: the cached embeddings of its training and validation images on a device
+(float16, as cached), and what a training step draws from them.
+
+    fold = folds.load_fold(args, device)       # args: features, splits, fold, batch_size, inputs (train.py's flags)
+    txt = folds.sample_text(fold["train"], rows, "each")   # (b, D): one caption per image, zero rows for none
+"""
+import json
+
+import numpy as np
+import torch
+
+import cli
+import data
+import protocols
+
+
+def load_fold(args, device):
+    """Feature cache + splits -> the fold's train / val images on `device` (embeddings float16, as cached)."""
+    try:
+        tensors, meta = data.load_features(args.features)
+        splits = protocols.load_splits(args.splits)
+        protocols.check_splits(splits, tensors["ids"].numpy(), meta, where=args.features)
+    except data.DataError as e:
+        cli.fail(str(e))
+    n_folds = len(splits["val_folds"])
+    if args.fold >= n_folds:
+        cli.fail(f"--fold: {args.fold} is out of range; {args.splits} has folds 0..{n_folds - 1}")
+    ids = tensors["ids"].numpy()
+    val_ids = np.asarray(sorted(splits["val_folds"][args.fold]), dtype=np.int64)
+    train_ids = np.setdiff1d(np.asarray(splits["dev"], dtype=np.int64), val_ids)  # sorted
+    bad = set(json.loads(meta.get("bad_images", "[]")))  # images the extractor could not read
+    order = np.argsort(ids)
+    fold = {"meta": meta, "categories": splits["categories"], "skipped": {}, "prompts": tensors.get("prompts")}
+    for name, want in (("train", train_ids), ("val", val_ids)):
+        keep = np.asarray([i not in bad for i in want.tolist()], dtype=bool)
+        fold["skipped"][name] = int((~keep).sum())
+        rows = torch.from_numpy(order[np.searchsorted(ids, want[keep], sorter=order)])  # (n,)
+        fold[name] = {"ids": torch.from_numpy(want[keep]), **{k: tensors[k][rows].to(device) for k in
+                      ("image", "text", "n_captions", "labels")}}  # (n, V, D) (n, T, D) (n,) (n, C)
+    if len(fold["train"]["ids"]) < args.batch_size:
+        cli.fail(f"--batch_size: {args.batch_size} exceeds the {len(fold['train']['ids'])} training images of fold {args.fold}")
+    if len(fold["val"]["ids"]) == 0:
+        cli.fail(f"{args.splits}: fold {args.fold} has no usable validation images")
+    if args.inputs != "image" and not bool((fold["train"]["n_captions"] > 0).any()):
+        cli.fail(f"--inputs {args.inputs}: no training image of {args.features} has a text; use --inputs image")
+    return fold
+
+
+def sample_text(tr, rows, text_input):
+    """The text each training image gets this step: rows (b,) -> (b, D) float32, a zero row for no text.
+    each: one caption drawn uniformly; mean: the mean of a random non-empty subset of the image's captions."""
+    text, n = tr["text"][rows], tr["n_captions"][rows]  # (b, T, D), (b,)
+    has = torch.arange(text.shape[1], device=n.device) < n[:, None]  # (b, T) real caption slots
+    if text_input == "each":
+        pick = (torch.rand(len(rows)) * n.cpu()).long().to(n.device)  # < n_captions (0 when there is none)
+        return text[torch.arange(len(rows), device=n.device), pick].float()
+    keep = has & (torch.rand(has.shape).to(n.device) < 0.5)
+    first = (torch.rand(len(rows)) * n.cpu()).long().to(n.device)  # an image left with none keeps one caption
+    keep[torch.arange(len(rows), device=n.device), first] |= ~keep.any(1) & (n > 0)
+    return (text.float() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
