@@ -10,6 +10,11 @@
 # EXTRACT_ARGS (extra flags for extract_features.py), EVAL_ARGS (extra flags for evaluate.py).
 set -euo pipefail
 cd "$(dirname "$0")"
+# a fresh machine: install requirements.txt when one of its packages is not installed (as tests/run.sh does)
+need=$("${PYTHON:-python}" -c 'import importlib.metadata as m, re
+print(*[n for n in (re.split(r"[\s<>=!~;\[]", l.split("#")[0].strip())[0] for l in open("requirements.txt"))
+        if n and not list(m.distributions(name=n))])')
+[ -z "$need" ] || { echo "run_cv.sh: installing requirements.txt (missing: $need)" >&2; "${PYTHON:-python}" -m pip install -r requirements.txt; }
 
 usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 demo=0
