@@ -64,6 +64,7 @@ def get_args_parser():
     src.add_argument("--checkpoint", default=None, help="one model: a train.py best.pt")
     src.add_argument("--ensemble", default=None, help="a run dir: every fold*/best.pt, probabilities averaged")
     g.add_argument("--batch_size", type=cli.positive_int, default=4096, help="images per head call")
+    g.add_argument("--average_views", action="store_true", help="score every cached image view (extract_features.py --views) and average them (test-time augmentation); default: the plain image, view 0, as in training's validation")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     # heads and analyses (KNN defaults: knn.knn_scores' signature)
     g = p.add_argument_group("heads and analyses")
@@ -164,13 +165,15 @@ def load_inputs(args, paths, cks):
 # ----------------------------------------------------------------------------- scoring
 
 def score_rows(head, ck, feats, rows, args, keep_captions=False):
-    """model.score_embeddings on cache rows (gathered per batch of --batch_size) -> Scores."""
-    text_input = ck["config"].get("text_input", "each")
-    out = [model.score_embeddings(head, feats["image"][r, 0], feats["text"][r], feats["n_captions"][r], text_input,
-                                  batch_size=args.batch_size, keep_captions=keep_captions)
+    """model.score_embeddings on cache rows (gathered per batch of --batch_size) -> Scores; with --average_views
+    the mean over the cached image views of probabilities and codes (view 0 alone by default)."""
+    text_input, views = ck["config"].get("text_input", "each"), feats["image"].shape[1] if args.average_views else 1
+    out = [[model.score_embeddings(head, feats["image"][r, v], feats["text"][r], feats["n_captions"][r], text_input,
+                                   batch_size=args.batch_size, keep_captions=keep_captions) for v in range(views)]
            for r in (torch.as_tensor(rows[s:s + args.batch_size]) for s in range(0, len(rows), args.batch_size))]
-    cat = (lambda xs: torch.cat(xs) if xs[0] is not None else None)
-    return model.Scores(*(cat([o[i] for o in out]) for i in range(3)))
+    mean = (lambda xs: torch.stack(xs).mean(0) if xs[0] is not None else None)  # over the views
+    cat = (lambda xs: torch.cat(xs) if xs[0] is not None else None)  # over the batches
+    return model.Scores(*(cat([mean([sv[i] for sv in o]) for o in out]) for i in range(3)))
 
 
 def score_member(head, ck, ctx, rows, args):

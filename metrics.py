@@ -119,33 +119,21 @@ def _nanmean(x):
 def compute_all(y_true, y_score, thresholds=0.5):
     """The 15 METRIC_NAMES (floats, in order), then skipped_ap_classes / skipped_auc_classes (ints)."""
     y, s = _check(y_true, y_score)
-    N, C = y.shape
     pred = _predict(s, thresholds)
     ap, auc = _ap_auc_columns(s, y)
     ap_mi, auc_mi = _ap_auc(s.ravel(), y.ravel())  # flattened, as sklearn's micro average
     tp, fp, fn = _counts(y, pred)
     p, r, f = _prf(tp, fp, fn)
     p_mi, r_mi, f_mi = _prf(tp.sum(), fp.sum(), fn.sum())
-    rows, n_ge, pos_ge = _row_ranks(s, y)
-    P = y.sum(1)
-    undefined = (P == 0) | (P == C)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # LRAP: mean over a row's true labels of pos_ge / n_ge; 1.0 where undefined (sklearn)
-        lrap = np.bincount(rows, pos_ge / n_ge, minlength=N) / P
-        # ranking loss: (true, false) pairs with s_false >= s_true, ties count as errors (sklearn)
-        rloss = np.bincount(rows, n_ge - pos_ge, minlength=N) / (P * (C - P))
-    lrap[undefined], rloss[undefined] = 1.0, 0.0
-    min_pos = np.where(y, s, np.inf).min(1, keepdims=True)  # lowest-scored true label, [N, 1]
-    coverage = np.where(P > 0, (s >= min_pos).sum(1), 0)
+    img = _per_image(y, s)  # lrap, ranking_loss, coverage_error, mae per image
     out = {
         "mAP_macro": _nanmean(ap), "mAP_micro": ap_mi,
         "auc_macro": _nanmean(auc), "auc_micro": auc_mi,
         "f1_macro": float(f.mean()), "f1_micro": float(f_mi),
         "precision_macro": float(p.mean()), "precision_micro": float(p_mi),
         "recall_macro": float(r.mean()), "recall_micro": float(r_mi),
-        "hamming_loss": float((y != pred).mean()), "coverage_error": float(coverage.mean()),
-        "ranking_loss": float(rloss.mean()), "lrap": float(lrap.mean()),
-        "mae": float(np.abs(s - y).mean()),
+        "hamming_loss": float((y != pred).mean()),
+        **{k: float(img[k].mean()) for k in ("coverage_error", "ranking_loss", "lrap", "mae")},
     }
     out["skipped_ap_classes"] = int(np.isnan(ap).sum())
     out["skipped_auc_classes"] = int(np.isnan(auc).sum())
@@ -267,13 +255,15 @@ def _micro_layout(y, s):
 
 def _per_image(y, s):
     """Per-image terms whose mean over the images is compute_all's lrap, ranking_loss, coverage_error and
-    mae (the same rules), so a resample's value is their weighted mean -> {name: float64 [N]}."""
+    mae, so a bootstrap resample's value is their weighted mean -> {name: float64 [N]}."""
     N, C = y.shape
     rows, n_ge, pos_ge = _row_ranks(s, y)
     P = y.sum(1)
     undefined = (P == 0) | (P == C)
     with np.errstate(divide="ignore", invalid="ignore"):
+        # LRAP: mean over a row's true labels of pos_ge / n_ge; 1.0 where undefined (sklearn)
         lrap = np.bincount(rows, pos_ge / n_ge, minlength=N) / P
+        # ranking loss: (true, false) pairs with s_false >= s_true, ties count as errors (sklearn)
         rloss = np.bincount(rows, n_ge - pos_ge, minlength=N) / (P * (C - P))
     lrap[undefined], rloss[undefined] = 1.0, 0.0
     min_pos = np.where(y, s, np.inf).min(1, keepdims=True)  # lowest-scored true label, [N, 1]

@@ -12,15 +12,36 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "coco"
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+
+def _shared(name):
+    """A folder of verbatim real-format excerpts in ../shared; a user's clone has none, so skip cleanly."""
+    if not (FIXTURES / name).is_dir():
+        pytest.skip(f"real-format fixtures not found at {FIXTURES / name}")
+    return FIXTURES / name
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir():
-    """Verbatim COCO / Karpathy excerpts from ../shared; a user's clone has none, so skip cleanly."""
-    if not FIXTURES.is_dir():
-        pytest.skip(f"real-format fixtures not found at {FIXTURES}")
-    return FIXTURES
+    """COCO annotation and Karpathy excerpts (../shared/fixtures/coco)."""
+    return _shared("coco")
+
+
+@pytest.fixture(scope="session")
+def hashnet_dir():
+    """HashNet's verbatim train.txt / test.txt (../shared/fixtures/hashnet)."""
+    return _shared("hashnet")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are latency-bound: one intra-op thread is ~20x faster than two on a busy 2-core box."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

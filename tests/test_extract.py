@@ -31,13 +31,7 @@ def base_args(coco, tiny, out, *extra):
             "--batch_size", 8, "--shard_size", 16, *extra]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is latency-bound: one intra-op thread is ~20x faster than two on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -318,8 +312,8 @@ def test_run_cv_features_step_checks_settings(clean, synthetic_coco, tiny_siglip
     feats = tmp_path / "features.safetensors"
     shutil.copy(clean[0], feats)
     (tmp_path / "splits.json").write_text("{}")  # exists: the splits step is skipped
-    stub = tmp_path / "python"  # runs extract_features.py for real; any later step stops the script (exit 3)
-    stub.write_text(f'#!/usr/bin/env bash\ncase "$1" in extract_features.py) exec {sys.executable} "$@";; '
+    stub = tmp_path / "python"  # runs extract_features.py (and run_cv.sh's install check) for real; any later step stops the script (exit 3)
+    stub.write_text(f'#!/usr/bin/env bash\ncase "$1" in extract_features.py|-c) exec {sys.executable} "$@";; '
                     f'*) echo "stub: $*"; exit 3;; esac\n')
     stub.chmod(0o755)
     same = "--device cpu --num_workers 0 --batch_size 8 --shard_size 16"  # clean's flags (base_args)

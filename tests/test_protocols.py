@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,16 +14,7 @@ import make_splits
 import protocols
 import synthetic
 
-HASHNET = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hashnet"
 AUTHOR = "/home/caozhangjie/run-czj/dataset/coco"                      # HashNet's lists carry the authors' paths
-
-
-@pytest.fixture(scope="session")
-def hashnet_dir():
-    """HashNet's verbatim train.txt / test.txt from ../shared; a user's clone has none, so skip cleanly."""
-    if not HASHNET.is_dir():
-        pytest.skip(f"HashNet list fixtures not found at {HASHNET}")
-    return HASHNET
 
 
 @pytest.fixture(scope="module")

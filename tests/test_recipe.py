@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import aggregate
 import data
 import evaluate
 import extract_features
@@ -155,3 +156,92 @@ def test_second_loader_20_classes_without_captions(tmp_path, tiny_siglip, capsys
         run(train, *common, "--inputs", "image", "--fold", k, "--out_dir", tmp_path / "run" / f"fold{k}")
     rep = run(evaluate, "--ensemble", tmp_path / "run", "--head", "both", "--bootstrap", 0, "--device", "cpu")
     assert rep["n_images"] == 8 and len(rep["ensemble"]["knn"]) >= len(metrics.METRIC_NAMES)
+    run(aggregate, tmp_path / "run")  # the image-only run's CV table, both heads
+    assert "knn_mean" in (tmp_path / "run" / "cv_results.csv").read_text()
+
+
+def _views_cache(root, views=3):
+    """Planted features with `views` image views: view v = view 0 + a small, view-specific offset."""
+    feats = synthetic.make_planted_features(240, dim=32, seed=5)
+    img = feats["image"].astype(np.float32)  # (N, 1, D)
+    offsets = np.random.default_rng(0).standard_normal((1, views, 32)).astype(np.float32) * 0.5
+    offsets[:, 0] = 0
+    feats["image"] = (img + offsets).astype(np.float16)  # (N, V, D)
+    feats["meta"]["views"] = views
+    data.save_features(root / "f.safetensors", feats, feats["meta"])
+    ids = feats["ids"].tolist()
+    test, dev = sorted(ids[:40]), sorted(ids[40:])
+    data.save_json(root / "s.json", {"protocol": "karpathy_cv", "method": "random", "folds": 2, "seed": 0,
+                                     "categories": data.COCO_CATEGORIES, "dev": dev, "test": test,
+                                     "val_folds": [dev[0::2], dev[1::2]], "stats": [{}, {}]})
+    return feats
+
+
+def test_views_sampled_per_epoch_and_averaged_at_evaluation(tmp_path, monkeypatch):
+    feats = _views_cache(tmp_path)
+    seen = []
+    real = model.HashHead.forward
+
+    def spy(self, img, txt=None, groups=1):
+        if self.training:
+            seen.append(img.detach().clone())
+        return real(self, img, txt, groups)
+    monkeypatch.setattr(model.HashHead, "forward", spy)
+    run(train, "--features", tmp_path / "f.safetensors", "--splits", tmp_path / "s.json", "--out_dir", tmp_path / "run" / "fold0",
+        "--epochs", 2, "--patience", 0, "--bits", 16, "--mlp_dims", 16, "--batch_size", 10, "--device", "cpu")
+    monkeypatch.setattr(model.HashHead, "forward", real)
+    per_epoch = len(seen) // 2
+    table = torch.from_numpy(feats["image"]).float()  # (N, V, D)
+    for epoch in (seen[:per_epoch], seen[per_epoch:]):
+        rows = torch.cat(epoch)  # (n_train, D): which view of which image each training row is
+        match = (rows[:, None, None] == table[None]).all(-1)  # (n_train, N, V)
+        assert bool((match.flatten(1).sum(1) == 1).all())  # every row is exactly one cached view
+        used = match.any(1).float().mean(0)  # (V,) share of the rows taken from each view
+        assert bool((used > 0.2).all()), used  # all three views are drawn, about a third each
+    first, second = (torch.cat(e) for e in (seen[:per_epoch], seen[per_epoch:]))
+    assert not torch.equal(first, second)  # a fresh draw each epoch
+    plain = run(evaluate, "--checkpoint", tmp_path / "run" / "fold0" / "best.pt", "--bootstrap", 0, "--device", "cpu",
+                "--out_dir", tmp_path / "plain")
+    tta = run(evaluate, "--checkpoint", tmp_path / "run" / "fold0" / "best.pt", "--bootstrap", 0, "--device", "cpu",
+              "--average_views", "--out_dir", tmp_path / "tta")
+    p0 = np.load(tmp_path / "plain" / "test_predictions.npz")["probs"]
+    pa = np.load(tmp_path / "tta" / "test_predictions.npz")["probs"]
+    head = model.HashHead(**torch.load(tmp_path / "run" / "fold0" / "best.pt", weights_only=True)["model_args"])
+    head.load_state_dict(torch.load(tmp_path / "run" / "fold0" / "best.pt", weights_only=True)["model"])
+    rows = np.searchsorted(feats["ids"], np.load(tmp_path / "plain" / "test_predictions.npz")["ids"])
+    t = torch.from_numpy(feats["text"][rows])
+    n = torch.from_numpy(feats["n_captions"][rows])
+    want = torch.stack([model.score_embeddings(head, table[rows, v], t, n).probs for v in range(3)]).mean(0)
+    np.testing.assert_allclose(pa, want.numpy(), atol=1e-6)
+    assert not np.allclose(p0, pa) and plain["n_images"] == tta["n_images"] == 40
+
+
+def test_hashnet_protocol_retrieval_end_to_end(tmp_path):
+    """A splits file with a retrieval database: evaluate.py ranks the test codes against the database's codes
+    (minus the queries) and reports mAP@5000 / @all under every counting rule, each equal to retrieval_map."""
+    import retrieval
+    feats = synthetic.make_planted_features(400, dim=32, seed=6)
+    data.save_features(tmp_path / "f.safetensors", feats, feats["meta"])
+    ids = feats["ids"].tolist()
+    test, dev, rest = sorted(ids[:50]), sorted(ids[50:250]), ids[250:]
+    database = sorted(dev + rest)  # every labelled image that is not a query, the training images included
+    data.save_json(tmp_path / "s.json", {"protocol": "hashnet", "method": "random", "folds": 2, "seed": 0,
+                                         "categories": data.COCO_CATEGORIES, "dev": dev, "test": test,
+                                         "database": database, "val_folds": [dev[0::2], dev[1::2]], "stats": [{}, {}]})
+    ck_path = tmp_path / "run" / "fold0" / "best.pt"
+    run(train, "--features", tmp_path / "f.safetensors", "--splits", tmp_path / "s.json", "--out_dir", ck_path.parent,
+        "--epochs", 2, "--bits", 16, "--mlp_dims", 16, "--batch_size", 16, "--device", "cpu")
+    rep = run(evaluate, "--checkpoint", ck_path, "--bootstrap", 0, "--device", "cpu")  # retrieval on by protocol
+    got = rep["retrieval"]["fold0"]
+    assert set(got) == {f"mAP@{k}{e}{t}" for k in (5000, "all") for e in ("", "_skip") for t in ("", "_avgties")}
+    ck = torch.load(ck_path, weights_only=True)
+    head = model.HashHead(**ck["model_args"])
+    head.load_state_dict(ck["model"])
+
+    def codes(which):
+        r = np.searchsorted(feats["ids"], which)
+        s = model.score_embeddings(head, torch.from_numpy(feats["image"][r, 0]), torch.from_numpy(feats["text"][r]),
+                                   torch.from_numpy(feats["n_captions"][r]))
+        return knn.sign_codes(s.codes).numpy(), feats["labels"][r]
+    want = retrieval.retrieval_maps(*codes(test), *codes(database), 5000)
+    assert got == pytest.approx(want, abs=1e-12)

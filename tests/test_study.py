@@ -5,7 +5,6 @@ table's counts equal splits.json's stats), and a rerun that skips everything.
     python -m pytest -q tests/test_study.py
 """
 import csv
-import json
 import os
 import sys
 import textwrap
@@ -14,8 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import aggregate
 import data
+import metrics
 import study
+import test_aggregate as ta
+import test_report
 
 FAKE = textwrap.dedent("""
     import os, sys
@@ -111,3 +114,43 @@ def test_unknown_run_one_line(tmp_path, capsys):
         study.main(study.get_args_parser().parse_args(["--study_dir", str(tmp_path), "--only", "nope"]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_report_folder(tmp_path):
+    """write_report on fake runs: every table in .csv/.md/.tex, figures in .png/.pdf, CIs on shared resamples."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random((120, 6)) < 0.3).astype(np.uint8)
+    labels[0] = 1
+    runs = [ta.make_run(tmp_path / "bits64", [0.60, 0.62, 0.61], knn=[0.58, 0.61, 0.57], bits=64,
+                     evaluate=(labels, ta.fake_probs(rng, labels, 3, 0.4), ta.fake_probs(rng, labels, 3, 0.3))),
+            ta.make_run(tmp_path / "bits32", [0.58, 0.60, 0.59], knn=[0.55, 0.58, 0.56], bits=32,
+                     evaluate=(labels, ta.fake_probs(rng, labels, 3, 0.3), None)),
+            ta.make_run(tmp_path / "bits0", [0.57, 0.59, 0.60], bits=0, finished={2})]
+    rep = tmp_path / "report"
+    agg = aggregate.get_args_parser().parse_args([*map(str, runs), "--allow_partial", "--bootstrap", "50"])
+    sections = study.write_report(aggregate.main(agg)["runs"], agg, str(rep))
+    for stem in ("cv_table", "cv_heads", "cv_bits64", "cv_bits0", "test_bits64", "test_bits32", "test_table",
+                 "test_heads"):
+        for ext in ("csv", "md", "tex"):
+            assert (rep / f"{stem}.{ext}").is_file(), f"{stem}.{ext}"
+    for stem in ("learning_bits64", "learning_bits0", "bits"):
+        assert (rep / f"{stem}.png").stat().st_size > 0 and (rep / f"{stem}.pdf").stat().st_size > 0
+    assert all((rep / f).is_file() for _, files, _ in sections for f in files)
+    cv = (rep / "cv_table.md").read_text()
+    assert "bits0 (partial 2/3)" in cv and cv.count("KNN") == 2  # bits 0 has no KNN head
+    assert "bits0 (partial 2/3)" in (rep / "cv_bits0.tex").read_text()
+    test = ta.read_csv(rep / "test_bits64.csv")
+    assert [(x["model"], x["head"]) for x in test] == [(f"fold{k}", "MLP") for k in range(3)] + [
+        ("mean ± std (folds)", "MLP"), ("ensemble", "MLP")] + [(f"fold{k}", "KNN") for k in range(3)] + [
+        ("mean ± std (folds)", "KNN"), ("ensemble", "KNN")]
+    z = np.load(runs[0] / "eval_test" / "test_predictions.npz")
+    cis = metrics.bootstrap_intervals(labels, [*z["member_probs"], z["probs"], *z["member_knn_probs"], z["knn_probs"]],
+                                      n_boot=50, seed=0)
+    for row, ci in zip([x for x in test if x["model"] != "mean ± std (folds)"], cis):
+        for m in metrics.METRIC_NAMES:  # every metric has its interval, on the shared resamples
+            assert (float(row[m]), float(row[f"{m}_low"]), float(row[f"{m}_high"])) == pytest.approx(ci[m])
+    mean_row = test[3]
+    assert float(mean_row["mAP_macro"]) == pytest.approx(np.mean([float(x["mAP_macro"]) for x in test[:3]]))
+    side = ta.read_csv(rep / "test_table.csv")
+    assert [(x["run"], x["head"]) for x in side][::2] == [("bits64", "MLP"), ("bits64", "KNN"), ("bits32", "MLP")]
+    test_report.compile_tex(sorted(rep.glob("*.tex")), tmp_path)
