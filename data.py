@@ -277,36 +277,6 @@ def load_dataset(data_root):
     return load_jsonl(data_root) if os.fspath(data_root).endswith(".jsonl") else load_coco(data_root)
 
 
-class ImageCaptionDataset:
-    """Raw images + captions of load_coco's rows: item i -> (row index, PIL RGB image or None, captions).
-
-    An unreadable / corrupt image gives None instead of raising, so extraction can record it as bad.
-    A plain map-style dataset (torch's DataLoader takes it as is; data.py imports torch lazily so that
-    make_splits.py starts fast). collate_fn=ImageCaptionDataset.collate -> (indices, images, captions) lists.
-    """
-
-    def __init__(self, coco, indices=None):
-        self.paths, self.captions = coco["paths"], coco["captions"]
-        self.indices = list(range(len(self.paths))) if indices is None else [int(i) for i in indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        j = self.indices[i]
-        try:
-            with Image.open(self.paths[j]) as im:
-                img = im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError):
-            img = None
-        return j, img, list(self.captions[j])
-
-    @staticmethod
-    def collate(batch):
-        return [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
-
-
 # ----------------------------------------------------------------------------- feature cache
 
 # name -> (dtype, rank); N must agree across all, D across image/text/prompts

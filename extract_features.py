@@ -32,13 +32,12 @@ from datetime import timedelta
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import cli
 import data
+import images
 import model
-import views
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEV_SPLITS = ("train", "restval", "val")
@@ -53,7 +52,7 @@ def get_args_parser():
     g.add_argument("--data_root", default="data/coco", help="COCO root: dataset_coco.json, annotations/, images")
     g.add_argument("--max_captions", type=cli.positive_int, default=5, help="captions kept per image (COCO has 5-7)")
     g.add_argument("--views", type=cli.positive_int, default=1,
-                   help="image views per image: view 0 is the plain image, the others views.py's light "
+                   help="image views per image: view 0 is the plain image, the others images.py's light "
                         "augmentation (crop, flip, +-10 deg rotation / shift / scale, brightness / contrast), "
                         "seeded per (seed, image, view) so reruns agree")
     g.add_argument("--limit", type=cli.positive_int, default=None,
@@ -93,27 +92,11 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- images
 
-def check_image(path):
-    """None if the file decodes completely, else 'ExcType: message'. verify() misses truncation, so decode;
-    draft mode (JPEG DCT scaling) still reads every byte of the stream at a fraction of the cost."""
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (1, 1))
-            im.load()
-        return None
-    except Exception as e:  # any failure to decode: missing, not an image, truncated, decompression bomb
-        return f"{type(e).__name__}: {e}"
-
-
-def _check_batch(paths):
-    return [check_image(p) for p in paths]  # in the worker processes (a module function: picklable)
-
-
 def find_bad_images(paths, num_workers, rank=0, world=1):
     """Decode every image once (in worker processes) -> sorted list of (position, error) of the unreadable ones.
     Under torchrun rank r decodes paths[r::world] and the ranks swap their lists: the same answer on each."""
     loader = torch.utils.data.DataLoader(paths[rank::world], batch_size=32, num_workers=num_workers,
-                                         collate_fn=_check_batch)
+                                         collate_fn=images.check_batch)
     errors = [e for batch in tqdm(loader, desc="check images", unit="batch", leave=False, disable=rank > 0)
               for e in batch]
     bad = [(i * world + rank, e) for i, e in enumerate(errors) if e is not None]  # positions in `paths`
@@ -168,32 +151,6 @@ def make_loader(dataset, batches, collate, num_workers, device):
     extra = {"prefetch_factor": 2} if num_workers > 0 else {}
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
                                        pin_memory=str(device).startswith("cuda"), **extra)
-
-
-class Collate:
-    """Worker-side preprocessing: (row, PIL, captions) items -> pixel_values (B*V, 3, H, W), input_ids (T, 64)."""
-
-    def __init__(self, image_processor, tokenizer, ids, n_views, max_captions, seed):
-        self.image_processor, self.tokenizer = image_processor, tokenizer
-        self.ids, self.views, self.max_captions, self.seed = ids, n_views, max_captions, seed
-
-    def __call__(self, items):
-        unreadable = [row for row, img, _ in items if img is None]
-        if unreadable:  # changed on disk since the check: the main process stops with a message
-            return {"unreadable": unreadable}
-        rows, imgs, caps = [], [], []
-        for row, img, captions in items:
-            rows.append(row)
-            imgs.append(img)
-            for v in range(1, self.views):  # seeded by (seed, COCO id, view): the same pixels on every rerun
-                imgs.append(views.view(img, self.seed, self.ids[row], v))
-            caps.append(list(captions)[:self.max_captions])
-        texts = [c for cs in caps for c in cs]
-        tok = model.tokenize(self.tokenizer, texts) if texts else torch.zeros(0, model.TEXT_MAX_LENGTH).long()
-        return {"rows": torch.tensor(rows),
-                "pixel_values": model.preprocess_images(self.image_processor, imgs),  # (B*V, 3, H, W)
-                "input_ids": tok,  # (T, 64), T = captions of the whole batch
-                "n_captions": torch.tensor([len(c) for c in caps])}
 
 
 # ----------------------------------------------------------------------------- shards
@@ -264,8 +221,8 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
     # batches never straddle two shards, so a shard's content does not depend on which shards were done
     batches = [list(range(b, min(b + args.batch_size, (s + 1) * size, n)))
                for s in todo for b in range(s * size, min((s + 1) * size, n), args.batch_size)]
-    dataset = data.ImageCaptionDataset(coco, rows)  # item j -> (row of image j, PIL RGB or None, captions)
-    loader = make_loader(dataset, batches, Collate(encoder.image_processor, encoder.tokenizer, ids_all, V, C,
+    dataset = images.ImageCaptionDataset(coco, rows)  # item j -> (row of image j, PIL RGB or None, captions)
+    loader = make_loader(dataset, batches, images.Collate(encoder.image_processor, encoder.tokenizer, ids_all, V, C,
                                                    args.seed), workers, encoder.device)
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc="encode", dynamic_ncols=True, disable=rank > 0)
     buf, t0, n_imgs, n_caps = [], time.time(), 0, 0
@@ -364,7 +321,7 @@ def extract(args, rank, world, device):
     rows = np.sort(np.concatenate([dev_rows, test_rows]))  # load_coco sorts by id: rows ascend by id too
     ident = {"model": args.model, "max_captions": str(args.max_captions), "views": str(args.views),
              "fingerprint": str(coco["fingerprint"]), "limit": str(args.limit or 0), "seed": str(args.seed),
-             "augment": views.RECIPE if args.views > 1 else "none"}
+             "augment": images.RECIPE if args.views > 1 else "none"}
     if existing_output(out, ident):
         if rank == 0:
             shutil.rmtree(out + ".parts", ignore_errors=True)  # leftovers of a run killed after its final write

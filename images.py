@@ -1,7 +1,9 @@
-"""Augmented views of an image for the feature cache, PIL only, seeded per (seed, image id, view).
+"""Images for the frozen towers, as extract_features.py reads them: the raw image + caption dataset, the decode
+check, the augmented views (PIL only, seeded per (seed, image id, view)) and the worker-side collate.
 
-    import views
-    img_v = views.view(img, seed=0, image_id=9, v=1)   # the same pixels on every rerun, in any worker process
+    import images
+    img_v = images.view(img, seed=0, image_id=9, v=1)   # the same pixels on every rerun, in any worker process
+    ds = images.ImageCaptionDataset(dataset, rows)      # item -> (row, PIL RGB or None, captions)
 
 A view is: random resized crop (50-100% of the area, aspect 3/4..4/3) -> horizontal flip (p 0.5) -> small
 rotation / shift / scale (+-10 degrees, +-5% of the size, 0.9-1.1) -> brightness and contrast (x 0.8-1.2).
@@ -10,7 +12,10 @@ Light on purpose: the towers are frozen, and a view must still show every labell
 import math
 
 import numpy as np
+import torch
 from PIL import Image, ImageEnhance
+
+import model
 
 # recorded in the cache's metadata: a change here is a different cache (extract_features refuses to mix them)
 RECIPE = "crop0.5-1,flip,rot10,shift0.05,scale0.9-1.1,bright0.8-1.2,contrast0.8-1.2"
@@ -66,3 +71,76 @@ def view(img, seed, image_id, v):
     """View v >= 1 of the image with this (e.g. COCO) id: seeded by (seed, image_id, v), so reruns, other
     worker counts and other ranks all give the same pixels. View 0 is the plain image and never comes here."""
     return augment(img.convert("RGB"), np.random.default_rng([int(seed), int(image_id), int(v)]))
+
+
+# ----------------------------------------------------------------------------- reading and collating
+
+class ImageCaptionDataset:
+    """Raw images + captions of load_coco's rows: item i -> (row index, PIL RGB image or None, captions).
+
+    An unreadable / corrupt image gives None instead of raising, so extraction can record it as bad.
+    A plain map-style dataset (torch's DataLoader takes it as is). collate_fn=ImageCaptionDataset.collate -> (indices, images, captions) lists.
+    """
+
+    def __init__(self, coco, indices=None):
+        self.paths, self.captions = coco["paths"], coco["captions"]
+        self.indices = list(range(len(self.paths))) if indices is None else [int(i) for i in indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        j = self.indices[i]
+        try:
+            with Image.open(self.paths[j]) as im:
+                img = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError):
+            img = None
+        return j, img, list(self.captions[j])
+
+    @staticmethod
+    def collate(batch):
+        return [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
+
+
+def check_image(path):
+    """None if the file decodes completely, else 'ExcType: message'. verify() misses truncation, so decode;
+    draft mode (JPEG DCT scaling) still reads every byte of the stream at a fraction of the cost."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (1, 1))
+            im.load()
+        return None
+    except Exception as e:  # any failure to decode: missing, not an image, truncated, decompression bomb
+        return f"{type(e).__name__}: {e}"
+
+
+def check_batch(paths):
+    return [check_image(p) for p in paths]  # in the worker processes (a module function: picklable)
+
+
+class Collate:
+    """Worker-side preprocessing: (row, PIL, captions) items -> pixel_values (B*V, 3, H, W), input_ids (T, 64)."""
+
+    def __init__(self, image_processor, tokenizer, ids, n_views, max_captions, seed):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        self.ids, self.views, self.max_captions, self.seed = ids, n_views, max_captions, seed
+
+    def __call__(self, items):
+        unreadable = [row for row, img, _ in items if img is None]
+        if unreadable:  # changed on disk since the check: the main process stops with a message
+            return {"unreadable": unreadable}
+        rows, imgs, caps = [], [], []
+        for row, img, captions in items:
+            rows.append(row)
+            imgs.append(img)
+            for v in range(1, self.views):  # seeded by (seed, COCO id, view): the same pixels on every rerun
+                imgs.append(view(img, self.seed, self.ids[row], v))
+            caps.append(list(captions)[:self.max_captions])
+        texts = [c for cs in caps for c in cs]
+        tok = model.tokenize(self.tokenizer, texts) if texts else torch.zeros(0, model.TEXT_MAX_LENGTH).long()
+        return {"rows": torch.tensor(rows),
+                "pixel_values": model.preprocess_images(self.image_processor, imgs),  # (B*V, 3, H, W)
+                "input_ids": tok,  # (T, 64), T = captions of the whole batch
+                "n_captions": torch.tensor([len(c) for c in caps])}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import images
 import synthetic
 
 KARPATHY_TEST_IDS = [42, 359, 636, 711, 810, 974, 1146, 1180, 1290]   # from SOURCES.md
@@ -203,13 +204,13 @@ def test_synthetic_coco_real_formats(tmp_path):
 
 def test_image_caption_dataset(synthetic_coco, tmp_path):
     coco = data.load_coco(synthetic_coco)
-    ds = data.ImageCaptionDataset(coco, indices=[3, 1])
+    ds = images.ImageCaptionDataset(coco, indices=[3, 1])
     i, img, caps = ds[0]
     assert len(ds) == 2 and i == 3 and img.mode == "RGB" and img.size == (64, 64) and caps == coco["captions"][3]
     bad = dict(coco, paths=[str(tmp_path / "broken.jpg")] * len(coco["paths"]))
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    assert data.ImageCaptionDataset(bad)[0][1] is None
-    idx, imgs, capss = data.ImageCaptionDataset.collate([ds[0], ds[1]])
+    assert images.ImageCaptionDataset(bad)[0][1] is None
+    idx, imgs, capss = images.ImageCaptionDataset.collate([ds[0], ds[1]])
     assert idx == [3, 1] and len(imgs) == 2 and capss[1] == coco["captions"][1]
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 import data
 import extract_features
 import model
-import views
+import images
 
 
 def run(*argv):
@@ -233,14 +233,14 @@ def test_bad_flags_rejected_by_argparse(flag):
     assert e.value.code == 2
 
 
-# ----------------------------------------------------------------------------- augmented views (views.py)
+# ----------------------------------------------------------------------------- augmented views (images.py)
 
 def test_views_deterministic_per_image_and_view(coco):
     img = Image.open(coco["paths"][0]).convert("RGB")
-    a = np.asarray(views.view(img, seed=0, image_id=9, v=1))
-    assert np.array_equal(a, np.asarray(views.view(img.copy(), seed=0, image_id=9, v=1)))  # same pixels on a rerun
+    a = np.asarray(images.view(img, seed=0, image_id=9, v=1))
+    assert np.array_equal(a, np.asarray(images.view(img.copy(), seed=0, image_id=9, v=1)))  # same pixels on a rerun
     for other in (dict(seed=0, image_id=9, v=2), dict(seed=1, image_id=9, v=1), dict(seed=0, image_id=10, v=1)):
-        b = np.asarray(views.view(img, **other))
+        b = np.asarray(images.view(img, **other))
         assert a.shape != b.shape or not np.array_equal(a, b), other
 
 
@@ -249,12 +249,12 @@ def test_view_steps_do_what_they_say():
     img = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
     plain = np.asarray(img).astype(float)
     # brightness / contrast factors in [0.8, 1.2]: the mean moves by at most ~20%
-    jit = np.asarray(views.colour_jitter(img, np.random.default_rng(1))).astype(float)
+    jit = np.asarray(images.colour_jitter(img, np.random.default_rng(1))).astype(float)
     assert 0.75 < jit.mean() / plain.mean() < 1.25 and not np.array_equal(jit, plain)
     # no rotation, unit scale, no shift: the identity (PIL's affine maps output pixels to input points)
-    same = views.shift_scale_rotate(img, np.random.default_rng(2), degrees=0, shift=0, scale=(1, 1))
+    same = images.shift_scale_rotate(img, np.random.default_rng(2), degrees=0, shift=0, scale=(1, 1))
     assert np.array_equal(np.asarray(same), np.asarray(img))
-    out = views.augment(img, np.random.default_rng(3))
+    out = images.augment(img, np.random.default_rng(3))
     assert out.mode == "RGB" and min(out.size) >= 1
 
 
@@ -266,7 +266,7 @@ def test_old_cache_without_augment_key(tmp_path):
         meta = {k: "x" for k in extract_features.IDENTITY if k != "augment"}
         meta["views"] = views_n
         extract_features.write_shard(str(out), {"ids": torch.zeros(1).long()}, meta)
-        w = dict(want, views=views_n, augment="none" if views_n == "1" else views.RECIPE)
+        w = dict(want, views=views_n, augment="none" if views_n == "1" else images.RECIPE)
         if ok:
             assert extract_features.existing_output(str(out), w)
         else:
