@@ -52,9 +52,9 @@ def sample_text(tr, rows, text_input):
     text, n = tr["text"][rows], tr["n_captions"][rows]  # (b, T, D), (b,)
     has = torch.arange(text.shape[1], device=n.device) < n[:, None]  # (b, T) real caption slots
     if text_input == "each":
-        pick = (torch.rand(len(rows)) * n.cpu()).long().to(n.device)  # < n_captions (0 when there is none)
+        pick = (torch.rand(len(rows)).to(n.device) * n).long()  # < n_captions (0 when there is none); CPU RNG, no sync
         return text[torch.arange(len(rows), device=n.device), pick].float()
     keep = has & (torch.rand(has.shape).to(n.device) < 0.5)
-    first = (torch.rand(len(rows)) * n.cpu()).long().to(n.device)  # an image left with none keeps one caption
+    first = (torch.rand(len(rows)).to(n.device) * n).long()  # an image left with none keeps one caption
     keep[torch.arange(len(rows), device=n.device), first] |= ~keep.any(1) & (n > 0)
     return (text.float() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
