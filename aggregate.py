@@ -1,11 +1,10 @@
 """
 Cross-validation tables of both heads from train.py's fold folders, comparisons between runs (ablations), and
-(--report) the study's report folder: every table as .csv/.md/.tex, figures as .png/.pdf.
+the runs beside the published numbers of their protocol (literature.py).
 
     python aggregate.py outputs/siglip2_hash64                       # -> cv_results.csv, cv_results.md in the run
     python aggregate.py outputs/hash64 outputs/hash32 outputs/hash128  # + comparison.{md,csv}, comparison_tests.csv
     python aggregate.py outputs/run --allow_partial                    # the finished folds only (labelled partial)
-    python aggregate.py outputs/study/* --report outputs/study/report  # all tables and figures (study.py calls it)
 
 A run is a folder of fold<k>/ folders from train.py. Fold k counts when its val_metrics.json exists and its
 config.json (or last.pt) says training ended. Missing or unfinished folds are named and stop the script with
@@ -24,6 +23,10 @@ run against the first, the mean over folds of (run - reference) with a paired t-
 both runs have <run>/eval_test/test_predictions.npz (evaluate.py --ensemble), a paired bootstrap on the test
 images (metrics.paired_bootstrap, threshold 0.5) for metrics.BOOT_METRICS. Runs must share their splits file
 (config.json splits_sha256), so fold k of every run was validated on the same images.
+Literature: literature.{csv,md,tex} in the run folder (one run) or --out (several): our test numbers (from
+<run>/eval_test/metrics.json) beside the anchors of the splits file's protocol (coco2014: macro mAP on val2014;
+hashnet: mAP@5000 per bits and empty / tie rule; karpathy_cv: the table says no published number uses it).
+The study's report folder (every table and figure) is study.py's.
 """
 import glob
 import json
@@ -36,6 +39,7 @@ import torch
 
 import cli
 import data
+import literature
 import metrics
 import report
 
@@ -60,8 +64,6 @@ def get_args_parser():
     # io
     g = p.add_argument_group("io")
     g.add_argument("--out", default=None, help="folder for comparison.* (several runs); default: first run's parent")
-    g.add_argument("--report", default=None, help="also write every table (.csv/.md/.tex) and figure (.png/.pdf) "
-                   "of these runs into this folder (study.py's report/)")
     return p
 
 
@@ -225,145 +227,6 @@ def compare(ref, r, args):
     return rows
 
 
-# ----------------------------------------------------------------------------- report folder (--report)
-
-def table(out, name, header, rows, caption, sections, title, **kw):
-    """One table in out/name.{csv,md,tex}, recorded under its section title for report.md."""
-    report.write_table(os.path.join(out, name), header, rows, caption=caption, **kw)
-    sections.append((title, [f"{name}.{e}" for e in ("md", "csv", "tex")], caption))
-
-
-def cv_report(runs, out, sections):
-    """cv_table: every run side by side (both heads); cv_heads: KNN vs MLP per run; cv_<run>: its folds."""
-    M = metrics.METRIC_NAMES
-    rows = [[r["label"], h.upper(), len(r["heads"][h]), *(report.MeanStd(*(s[m] for s in summary(r, h))) for m in M)]
-            for r in runs for h in heads_of(r)]
-    table(out, "cv_table", ["run", "head", "folds", *M], rows, "Cross-validation (validation folds): mean ± std "
-          "over folds (ddof 1), threshold 0.5; best per column in bold", sections, "Cross-validation: all runs")
-    rows = []
-    for r in runs:
-        for m, t in head_tests(r).items():
-            (a, sa), (b, sb) = ((summary(r, h)[0][m], summary(r, h)[1][m]) for h in ("mlp", "knn"))
-            rows.append([r["label"], report.label(m), report.MeanStd(a, sa), report.MeanStd(b, sb),
-                         f"{t['mean_diff']:+.4f}", f"{t['t']:.3g}", f"{t['p']:.3g}"])
-    if rows:
-        table(out, "cv_heads", ["run", "metric", "MLP head", "KNN head", "KNN - MLP", "t", "p"], rows,
-              "KNN head against MLP head over folds: paired t-test across folds (two-sided)", sections,
-              "Cross-validation: KNN head vs MLP head")
-    for r in runs:
-        rows = [[f"fold {k}", h.upper(), *(r["heads"][h][k][c] for c in COLUMNS)]
-                for h in heads_of(r) for k in sorted(r["heads"][h])]
-        rows += [["mean ± std", h.upper(), *(report.MeanStd(*(s[c] for s in summary(r, h))) for c in COLUMNS)]
-                 for h in heads_of(r)]
-        table(out, f"cv_{safe(r)}", ["fold", "head", *COLUMNS], rows, f"Cross-validation folds of {r['label']}",
-              sections, f"Cross-validation per run: {r['label']}", skip_bold=range(len(rows) - len(heads_of(r)), len(rows)))
-
-
-def safe(r):
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(r["name"]))
-
-
-def load_eval(r, test_dir):
-    """<run>/<test_dir>/: metrics.json + test_predictions.npz -> {y, thr, heads: {head: [(row, probs | metrics)]}}."""
-    npz, js = (os.path.join(r["dir"], test_dir, f) for f in ("test_predictions.npz", "metrics.json"))
-    if not (os.path.isfile(npz) and os.path.isfile(js)):
-        return None
-    summ = read_json(js)
-    try:
-        with np.load(npz) as z:
-            arr = {k: z[k] for k in z.files}
-    except Exception as e:
-        cli.fail(f"{npz}: unreadable ({type(e).__name__}); re-run evaluate.py --ensemble {r['dir']}")
-    main_head = "knn" if summ.get("heads") == ["knn"] else "mlp"
-    members = [str(m) for m in arr.get("members", [])]
-    heads = {}
-    for h in summ.get("heads", [main_head]):
-        ens = arr["probs"] if h == main_head else arr.get(f"{h}_probs")
-        mem = arr.get("member_probs") if h == main_head else arr.get(f"member_{h}_probs")
-        rows = [(m, mem[i] if mem is not None else summ["models"][m][h]) for i, m in enumerate(members)]
-        if ens is not None:
-            heads[h] = rows + [("ensemble", ens)]
-    return {"y": arr["labels"], "thr": arr.get("thresholds", 0.5), "heads": heads, "members": members}
-
-
-def test_report(runs, args, out, sections):
-    """test_<run>: every fold model, mean ± std over them and the ensemble, both heads, 95% bootstrap CIs of all
-    15 metrics (one set of resamples for every row of every run); test_table: the runs side by side."""
-    M, side, heads_rows = metrics.METRIC_NAMES, [], []
-    for r in runs:
-        ev = load_eval(r, args.test_dir)
-        if ev is None:
-            print(f"note: {r['dir']}: no {args.test_dir}/test_predictions.npz + metrics.json; no test table")
-            continue
-        arrays = [(h, n, p) for h, rs in ev["heads"].items() for n, p in rs if isinstance(p, np.ndarray)]
-        cis = metrics.bootstrap_intervals(ev["y"], [p for *_, p in arrays], n_boot=max(args.bootstrap, 1),
-                                          seed=args.seed) if args.bootstrap else [None] * len(arrays)
-        ci = {(h, n): c for (h, n, _), c in zip(arrays, cis)}
-        rows = []
-        for h, rs in ev["heads"].items():
-            cells = {n: [report.Interval(*ci[h, n][m]) if ci.get((h, n)) else
-                         (metrics.compute_all(ev["y"], p)[m] if isinstance(p, np.ndarray) else p[m]) for m in M]
-                     for n, p in rs}
-            folds = [n for n, _ in rs if n != "ensemble"]
-            vals = np.array([[report._value(c) for c in cells[n]] for n in folds])
-            mean = [report.MeanStd(v.mean(), v.std(ddof=1) if len(v) > 1 else np.nan) for v in vals.T]
-            rows += [[n, h.upper(), *cells[n]] for n in folds] + [["mean ± std (folds)", h.upper(), *mean],
-                                                                  ["ensemble", h.upper(), *cells["ensemble"]]]
-            side += [[r["label"], h.upper(), "ensemble", *cells["ensemble"]],
-                     [r["label"], h.upper(), f"{len(folds)} fold models", *mean]]
-        table(out, f"test_{safe(r)}", ["model", "head", *M], rows, f"Hold-out test of {r['label']}: value [95% "
-              f"bootstrap CI, {args.bootstrap} paired resamples of the images], threshold 0.5", sections,
-              f"Test per run: {r['label']}")
-        if {"mlp", "knn"} <= set(ev["heads"]) and args.bootstrap:
-            a, b = ev["heads"]["mlp"][-1][1], ev["heads"]["knn"][-1][1]
-            for m in metrics.BOOT_METRICS:
-                t = metrics.paired_bootstrap(ev["y"], a, b, n_boot=args.bootstrap, seed=args.seed, metric=m)
-                heads_rows.append([r["label"], report.label(m), f"{t['diff']:+.4f}", f"[{t['low']:+.4f}, {t['high']:+.4f}]",
-                                   f"{t['p']:.3g}"])
-    if side:
-        table(out, "test_table", ["run", "head", "model", *M], side, "Hold-out test, every run: the ensemble "
-              "[95% bootstrap CI] and mean ± std over the fold models", sections, "Test: all runs")
-    if heads_rows:
-        table(out, "test_heads", ["run", "metric", "KNN - MLP", "95% CI", "p"], heads_rows, "KNN ensemble against "
-              "MLP ensemble on the test images: paired bootstrap", sections, "Test: KNN head vs MLP head")
-
-
-def figure_report(runs, out, sections):
-    """learning_<run> (loss and val mAP per epoch, folds overlaid); bits: CV mAP against hash bits, both heads,
-    over the runs that differ from the most common recipe (fusion, code classifier) only in bits."""
-    for r in runs:
-        logs = {}
-        for k in r["folds"]:
-            path = os.path.join(r["dirs"][k], "log.jsonl")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    logs[k] = [json.loads(line) for line in f if line.strip()]
-        if any(logs.values()):
-            paths = report.plot_learning(os.path.join(out, f"learning_{safe(r)}"), logs, r["label"])
-            sections.append((f"Learning curves: {r['label']}", [os.path.basename(p) for p in paths], ""))
-    recipe = lambda c: (c.get("fusion"), c.get("code_classifier"))  # noqa: E731
-    sweep = [r for r in runs if r["config"].get("baseline", "none") == "none" and "model_args" in r["config"]]
-    if sweep:
-        common = max({recipe(r["config"]) for r in sweep}, key=[recipe(r["config"]) for r in sweep].count)
-        sweep = [r for r in sweep if recipe(r["config"]) == common]
-    points = [(r["config"]["model_args"]["bits"], h, *(s["mAP_macro"] for s in summary(r, h)))
-              for r in sweep for h in heads_of(r)]
-    if len({p[0] for p in points}) > 1:
-        paths = report.plot_bits(os.path.join(out, "bits"), points)
-        sections.append(("mAP against hash bits", [os.path.basename(p) for p in paths],
-                         f"runs {', '.join(r['label'] for r in sweep)}"))
-
-
-def write_report(runs, args):
-    """Every table and figure of these runs in args.report -> [(section title, [file names], caption)]."""
-    os.makedirs(args.report, exist_ok=True)
-    sections = []
-    cv_report(runs, args.report, sections)
-    test_report(runs, args, args.report, sections)
-    figure_report(runs, args.report, sections)
-    return sections
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(args):
@@ -387,15 +250,15 @@ def main(args):
         data.save_text(os.path.join(r["dir"], "cv_results.csv"), rows)
         data.save_text(os.path.join(r["dir"], "cv_results.md"), md)
         print(md)
-    sections = write_report(runs, args) if args.report else []
-    if sections:
-        print(f"wrote {len(sections)} tables and figures to {args.report}")
+    out = runs[0]["dir"] if len(runs) == 1 else \
+        args.out or os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
+    os.makedirs(out, exist_ok=True)
+    lit = literature.write(out, runs, args.test_dir)  # beside the published numbers of the runs' protocol
     if len(runs) == 1:
         print(f"wrote {os.path.join(runs[0]['dir'], 'cv_results.csv')} and cv_results.md")
-        return {"runs": runs, "sections": sections}
+        return {"runs": runs, "literature": lit}
 
     # ---- several runs: one comparison table + paired tests against the first run
-    out = args.out or os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
     stats = [summary(r) for r in runs]
     table = [["run", "folds", *(f"{c}_{s}" for c in COLUMNS for s in ("mean", "std"))]]
     table += [[r["name"], len(r["folds"]), *(st[i][c] for c in COLUMNS for i in (0, 1))] for r, st in zip(runs, stats)]
@@ -417,7 +280,7 @@ def main(args):
     data.save_text(os.path.join(out, "comparison.md"), "\n".join(md))
     print("\n".join(md))
     print(f"wrote {os.path.join(out, 'comparison.md')}, comparison.csv, comparison_tests.csv")
-    return {"runs": runs, "tests": tests, "sections": sections}
+    return {"runs": runs, "tests": tests, "literature": lit}
 
 
 if __name__ == "__main__":

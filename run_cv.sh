@@ -1,13 +1,30 @@
 #!/usr/bin/env bash
 # The whole experiment in one command: splits -> features -> folds -> aggregate -> ensemble test.
-# Every step is skipped when its output exists (features: with the same settings); a killed fold resumes.
+# Every step is skipped when its output exists; a killed fold resumes from its last.pt.
 #
 #   bash run_cv.sh                                  # real data under data/coco, SigLIP2 base
 #   bash run_cv.sh --demo                           # synthetic COCO + tiny random SigLIP, ~2 minutes on a CPU
 #   RUN=outputs/bits32 bash run_cv.sh -- --bits 32  # an ablation: everything after -- goes to train.py
+#   GPUS="0 1 2 3" bash run_cv.sh                   # folds in parallel, one per listed device at a time
+#   FOLD_LIST=0 bash run_cv.sh -- --epochs 50       # a subset of folds (or --fold_list 0,2); aggregate: partial
+#   bash run_cv.sh --study                          # the ablation set + report folder (study.py; --demo too)
 #
 # Settings (environment variables): DATA_ROOT, MODEL, RUN, FOLDS, SEED, FEATURES, SPLITS, PYTHON,
-# EXTRACT_ARGS (extra flags for extract_features.py), EVAL_ARGS (extra flags for evaluate.py).
+# EXTRACT_ARGS (extra flags for extract_features.py), EVAL_ARGS (extra flags for evaluate.py),
+# FOLD_LIST (folds to train, e.g. "0,2"; default all FOLDS), GPUS (see below).
+# GPUS: space- or comma-separated devices, one fold per entry at a time; a bare integer n means cuda:n, any
+# other entry is a torch device string passed to train.py --device (cpu, cuda:1, ...); repeat an entry to run
+# two folds on one device ("0 0"), GPUS="cpu cpu" runs two folds at once on the CPU (give each a share of the
+# cores: -- --num_threads N). Each fold then writes $RUN/fold<k>/train.log; all are waited for, and the script
+# fails naming every failed fold and its log. Unset: the folds run one after another with output on the
+# terminal. Either way a fold with .done is skipped and one with last.pt resumes (train.py --resume).
+# Feature cache: extract_features.py is always called; it answers "up to date" in seconds when FEATURES was
+# made with these settings (MODEL, EXTRACT_ARGS' --views / --max_captions / --seed / --limit, the data files),
+# resumes a killed extraction, and refuses with a one-line error naming the setting that differs otherwise (an
+# existing cache made with other settings is never reused or overwritten: pass FEATURES=<new name>). With no
+# COCO under DATA_ROOT an existing FEATURES is used as it is (EXTRACT_ARGS then stops the script).
+# --study: study.py's ablation runs (bits 0-256, concat, KNN recipe, probe, zero-shot), each an ordinary run
+# of this script, then outputs/study/report/; FOLD_LIST / --fold_list, GPUS and flags after -- apply to each.
 set -euo pipefail
 cd "$(dirname "$0")"
 # a fresh machine: install requirements.txt when one of its packages is not installed (as tests/run.sh does)
@@ -16,7 +33,7 @@ print(*[n for n in (re.split(r"[\s<>=!~;\[]", l.split("#")[0].strip())[0] for l 
         if n and not list(m.distributions(name=n))])')
 [ -z "$need" ] || { echo "run_cv.sh: installing requirements.txt (missing: $need)" >&2; "${PYTHON:-python}" -m pip install -r requirements.txt; }
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 demo=0
 study=0
 train_args=()
@@ -132,16 +149,82 @@ if [ -n "$FOLD_LIST" ]; then
   done
   agg_args=(--allow_partial)   # the other folds are missing on purpose: aggregate labels the run partial
 fi
+todo=()
 for k in $folds; do
-  d="$RUN/fold$k"
-  if [ -f "$d/.done" ]; then skip "fold $k" "$d/.done"; continue; fi
-  resume=()
-  [ -f "$d/last.pt" ] && resume=(--resume)   # interrupted earlier: continue where it stopped
-  step "fold $k" "$PYTHON" train.py --features "$FEATURES" --splits "$SPLITS" --fold "$k" --seed "$SEED" \
-    --out_dir "$d" "${resume[@]}" "${train_args[@]}"
-  touch "$d/.done"
-  trained=1
+  if [ -f "$RUN/fold$k/.done" ]; then skip "fold $k" "$RUN/fold$k/.done"; else todo+=("$k"); fi
 done
+
+fold_cmd() {  # fold_cmd K [DEVICE]: train.py's command line for fold K (--resume when it was interrupted)
+  local d="$RUN/fold$1" resume=() device=()
+  [ -f "$d/last.pt" ] && resume=(--resume)
+  [ $# -ge 2 ] && device=(--device "$2")
+  cmd=("$PYTHON" train.py --features "$FEATURES" --splits "$SPLITS" --fold "$1" --seed "$SEED" --out_dir "$d"
+       ${resume[@]+"${resume[@]}"} ${train_args[@]+"${train_args[@]}"} ${device[@]+"${device[@]}"})
+}
+
+GPUS=${GPUS:-}
+devices=()
+for g in ${GPUS//,/ }; do  # a bare integer n -> cuda:n; anything else is a torch device string
+  if [[ "$g" =~ ^[0-9]+$ ]]; then devices+=("cuda:$g")
+  elif [[ "$g" =~ ^[a-z]+(:[0-9]+)?$ ]]; then devices+=("$g")
+  else echo "error: run_cv.sh: GPUS entry '$g' is not a device; use integers (cuda:n) or device strings like cpu, cuda:1" >&2; exit 2
+  fi
+done
+if [ ${#devices[@]} -gt 0 ] && [[ " ${train_args[*]-} " =~ \ --device[=\ ] ]]; then
+  echo "error: run_cv.sh: GPUS chooses each fold's device; drop --device from the train.py flags after --" >&2; exit 2
+fi
+
+if [ ${#devices[@]} -eq 0 ]; then  # one fold after another, output on the terminal
+  for k in ${todo[@]+"${todo[@]}"}; do
+    fold_cmd "$k"
+    step "fold $k" "${cmd[@]}"
+    touch "$RUN/fold$k/.done"
+    trained=1
+  done
+elif [ ${#todo[@]} -gt 0 ]; then  # one fold per device slot at a time, each with its own log
+  echo; echo "== folds ${todo[*]}: in parallel on ${devices[*]} (logs: $RUN/fold<k>/train.log)"
+  pid_of=() fold_of=() started=() failed=()  # indexed by slot
+  stop_folds() { for p in ${pid_of[@]+"${pid_of[@]}"}; do [ -n "$p" ] && kill "$p" 2>/dev/null; done; }
+  trap 'stop_folds; exit 130' INT TERM
+  reap() {  # reap SLOT: the slot's fold has exited: .done on success, else remember it
+    local s=$1 k=${fold_of[$1]} rc=0
+    wait "${pid_of[$s]}" || rc=$?
+    if [ "$rc" = 0 ]; then
+      touch "$RUN/fold$k/.done"
+      echo "== fold $k done in $((SECONDS - started[s])) s on ${devices[$s]}"
+    else
+      failed+=("fold $k (exit $rc, log $RUN/fold$k/train.log)")
+      echo "== fold $k FAILED (exit $rc) on ${devices[$s]}; the end of $RUN/fold$k/train.log:" >&2
+      tail -n 5 "$RUN/fold$k/train.log" | sed 's/^/   | /' >&2
+    fi
+    pid_of[$s]=""
+  }
+  next=0
+  while :; do
+    for s in "${!devices[@]}"; do  # fill free slots, reap finished folds
+      if [ -n "${pid_of[$s]-}" ] && ! kill -0 "${pid_of[$s]}" 2>/dev/null; then reap "$s"; fi
+      if [ -z "${pid_of[$s]-}" ] && [ "$next" -lt ${#todo[@]} ]; then
+        k=${todo[$next]}; next=$((next + 1))
+        mkdir -p "$RUN/fold$k"
+        fold_cmd "$k" "${devices[$s]}"
+        echo "== fold $k: started on ${devices[$s]}: ${cmd[*]}"
+        "${cmd[@]}" > "$RUN/fold$k/train.log" 2>&1 &
+        pid_of[$s]=$! fold_of[$s]=$k started[$s]=$SECONDS
+      fi
+    done
+    busy=0
+    for p in ${pid_of[@]+"${pid_of[@]}"}; do [ -n "$p" ] && busy=1; done
+    [ "$busy" = 0 ] && [ "$next" -ge ${#todo[@]} ] && break
+    sleep 1
+  done
+  trap - INT TERM
+  trained=1
+  if [ ${#failed[@]} -gt 0 ]; then
+    msg=$(printf '%s; ' "${failed[@]}")
+    echo "error: run_cv.sh: ${#failed[@]} of ${#todo[@]} folds failed: ${msg%; }; fix the cause and rerun (finished folds are skipped, interrupted ones resume)" >&2
+    exit 1
+  fi
+fi
 
 # ---------------------------------------------------------------------------- aggregate + ensemble test
 if [ "$trained" = 0 ] && [ -f "$RUN/cv_results.csv" ]; then skip aggregate "$RUN/cv_results.csv"
@@ -149,9 +232,12 @@ else step aggregate "$PYTHON" aggregate.py "$RUN" ${agg_args[@]+"${agg_args[@]}"
 fi
 if [ "$trained" = 0 ] && [ -f "$RUN/eval_test/metrics.csv" ]; then skip "ensemble test" "$RUN/eval_test/metrics.csv"
 else
+  eval_args=()
+  [ ${#missing[@]} -eq 0 ] && eval_args+=(--data_root "$DATA_ROOT")   # the images, for examples.png
+  [ ${#devices[@]} -gt 0 ] && eval_args+=(--device "${devices[0]}")   # GPUS: the first device
   # shellcheck disable=SC2086
   step "ensemble test" "$PYTHON" evaluate.py --ensemble "$RUN" --features "$FEATURES" --splits "$SPLITS" \
-    --split test --thresholds oof --data_root "$DATA_ROOT" --out_dir "$RUN/eval_test" $EVAL_ARGS
+    --split test --thresholds oof --out_dir "$RUN/eval_test" ${eval_args[@]+"${eval_args[@]}"} $EVAL_ARGS
 fi
 
 echo

@@ -12,12 +12,16 @@ bits256, concat (--fusion concat), knn_recipe (--code_classifier centres --sign_
 on one splits file and one feature cache, with EVAL_ARGS=--head both where the run has hash bits; a run whose
 folds all hold .done and whose eval_test/metrics.csv exists is skipped without starting run_cv.sh, and an
 interrupted one resumes (run_cv.sh skips finished folds and resumes the interrupted one from last.pt).
-Then aggregate.py --report writes every table and figure into <study>/report/, this script adds the reference
-run's per-class, confusion and fold analysis, and report.md links them in the order of a results chapter. The
-report is skipped when no run's results changed since it was written (report/.inputs).
+Then the report folder <study>/report/: aggregate.py's CV tables and comparisons of the runs, every table of them
+as .csv/.md/.tex (CV, both heads and their paired test, test tables with 95% bootstrap CIs of all 15 metrics,
+the runs side by side) and figures as .png/.pdf (learning curves, mAP against bits), the literature table of the
+splits file's protocol (literature.py), the reference run's per-class, confusion and fold analysis, and report.md
+linking them in the order of a results chapter. The report is skipped when no run's results changed since it
+was written (report/.inputs).
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,8 +30,10 @@ import numpy as np
 import aggregate
 import cli
 import data
+import literature
 import metrics
 import report
+from aggregate import COLUMNS, head_tests, heads_of, summary  # what the CV tables show
 
 RUNS = [("hash64", []), ("bits0", ["--bits", "0"]), ("bits16", ["--bits", "16"]), ("bits32", ["--bits", "32"]),
         ("bits128", ["--bits", "128"]), ("bits256", ["--bits", "256"]), ("concat", ["--fusion", "concat"]),
@@ -73,6 +79,146 @@ def make_run(name, flags, args, env):
     return run
 
 
+# ----------------------------------------------------------------------------- report folder: tables and figures
+
+def table(out, name, header, rows, caption, sections, title, **kw):
+    """One table in out/name.{csv,md,tex}, recorded under its section title for report.md."""
+    report.write_table(os.path.join(out, name), header, rows, caption=caption, **kw)
+    sections.append((title, [f"{name}.{e}" for e in ("md", "csv", "tex")], caption))
+
+
+def cv_report(runs, out, sections):
+    """cv_table: every run side by side (both heads); cv_heads: KNN vs MLP per run; cv_<run>: its folds."""
+    M = metrics.METRIC_NAMES
+    rows = [[r["label"], h.upper(), len(r["heads"][h]), *(report.MeanStd(*(s[m] for s in summary(r, h))) for m in M)]
+            for r in runs for h in heads_of(r)]
+    table(out, "cv_table", ["run", "head", "folds", *M], rows, "Cross-validation (validation folds): mean ± std "
+          "over folds (ddof 1), threshold 0.5; best per column in bold", sections, "Cross-validation: all runs")
+    rows = []
+    for r in runs:
+        for m, t in head_tests(r).items():
+            (a, sa), (b, sb) = ((summary(r, h)[0][m], summary(r, h)[1][m]) for h in ("mlp", "knn"))
+            rows.append([r["label"], report.label(m), report.MeanStd(a, sa), report.MeanStd(b, sb),
+                         f"{t['mean_diff']:+.4f}", f"{t['t']:.3g}", f"{t['p']:.3g}"])
+    if rows:
+        table(out, "cv_heads", ["run", "metric", "MLP head", "KNN head", "KNN - MLP", "t", "p"], rows,
+              "KNN head against MLP head over folds: paired t-test across folds (two-sided)", sections,
+              "Cross-validation: KNN head vs MLP head")
+    for r in runs:
+        rows = [[f"fold {k}", h.upper(), *(r["heads"][h][k][c] for c in COLUMNS)]
+                for h in heads_of(r) for k in sorted(r["heads"][h])]
+        rows += [["mean ± std", h.upper(), *(report.MeanStd(*(s[c] for s in summary(r, h))) for c in COLUMNS)]
+                 for h in heads_of(r)]
+        table(out, f"cv_{safe(r)}", ["fold", "head", *COLUMNS], rows, f"Cross-validation folds of {r['label']}",
+              sections, f"Cross-validation per run: {r['label']}", skip_bold=range(len(rows) - len(heads_of(r)), len(rows)))
+
+
+def safe(r):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(r["name"]))
+
+
+def load_eval(r, test_dir):
+    """<run>/<test_dir>/: metrics.json + test_predictions.npz -> {y, thr, heads: {head: [(row, probs | metrics)]}}."""
+    npz, js = (os.path.join(r["dir"], test_dir, f) for f in ("test_predictions.npz", "metrics.json"))
+    if not (os.path.isfile(npz) and os.path.isfile(js)):
+        return None
+    summ = aggregate.read_json(js)
+    try:
+        with np.load(npz) as z:
+            arr = {k: z[k] for k in z.files}
+    except Exception as e:
+        cli.fail(f"{npz}: unreadable ({type(e).__name__}); re-run evaluate.py --ensemble {r['dir']}")
+    main_head = "knn" if summ.get("heads") == ["knn"] else "mlp"
+    members = [str(m) for m in arr.get("members", [])]
+    heads = {}
+    for h in summ.get("heads", [main_head]):
+        ens = arr["probs"] if h == main_head else arr.get(f"{h}_probs")
+        mem = arr.get("member_probs") if h == main_head else arr.get(f"member_{h}_probs")
+        rows = [(m, mem[i] if mem is not None else summ["models"][m][h]) for i, m in enumerate(members)]
+        if ens is not None:
+            heads[h] = rows + [("ensemble", ens)]
+    return {"y": arr["labels"], "thr": arr.get("thresholds", 0.5), "heads": heads, "members": members}
+
+
+def test_report(runs, args, out, sections):
+    """test_<run>: every fold model, mean ± std over them and the ensemble, both heads, 95% bootstrap CIs of all
+    15 metrics (one set of resamples for every row of every run); test_table: the runs side by side."""
+    M, side, heads_rows = metrics.METRIC_NAMES, [], []
+    for r in runs:
+        ev = load_eval(r, args.test_dir)
+        if ev is None:
+            print(f"note: {r['dir']}: no {args.test_dir}/test_predictions.npz + metrics.json; no test table")
+            continue
+        arrays = [(h, n, p) for h, rs in ev["heads"].items() for n, p in rs if isinstance(p, np.ndarray)]
+        cis = metrics.bootstrap_intervals(ev["y"], [p for *_, p in arrays], n_boot=max(args.bootstrap, 1),
+                                          seed=args.seed) if args.bootstrap else [None] * len(arrays)
+        ci = {(h, n): c for (h, n, _), c in zip(arrays, cis)}
+        rows = []
+        for h, rs in ev["heads"].items():
+            cells = {n: [report.Interval(*ci[h, n][m]) if ci.get((h, n)) else
+                         (metrics.compute_all(ev["y"], p)[m] if isinstance(p, np.ndarray) else p[m]) for m in M]
+                     for n, p in rs}
+            folds = [n for n, _ in rs if n != "ensemble"]
+            vals = np.array([[report._value(c) for c in cells[n]] for n in folds])
+            mean = [report.MeanStd(v.mean(), v.std(ddof=1) if len(v) > 1 else np.nan) for v in vals.T]
+            rows += [[n, h.upper(), *cells[n]] for n in folds] + [["mean ± std (folds)", h.upper(), *mean],
+                                                                  ["ensemble", h.upper(), *cells["ensemble"]]]
+            side += [[r["label"], h.upper(), "ensemble", *cells["ensemble"]],
+                     [r["label"], h.upper(), f"{len(folds)} fold models", *mean]]
+        table(out, f"test_{safe(r)}", ["model", "head", *M], rows, f"Hold-out test of {r['label']}: value [95% "
+              f"bootstrap CI, {args.bootstrap} paired resamples of the images], threshold 0.5", sections,
+              f"Test per run: {r['label']}")
+        if {"mlp", "knn"} <= set(ev["heads"]) and args.bootstrap:
+            a, b = ev["heads"]["mlp"][-1][1], ev["heads"]["knn"][-1][1]
+            for m in metrics.BOOT_METRICS:
+                t = metrics.paired_bootstrap(ev["y"], a, b, n_boot=args.bootstrap, seed=args.seed, metric=m)
+                heads_rows.append([r["label"], report.label(m), f"{t['diff']:+.4f}", f"[{t['low']:+.4f}, {t['high']:+.4f}]",
+                                   f"{t['p']:.3g}"])
+    if side:
+        table(out, "test_table", ["run", "head", "model", *M], side, "Hold-out test, every run: the ensemble "
+              "[95% bootstrap CI] and mean ± std over the fold models", sections, "Test: all runs")
+    if heads_rows:
+        table(out, "test_heads", ["run", "metric", "KNN - MLP", "95% CI", "p"], heads_rows, "KNN ensemble against "
+              "MLP ensemble on the test images: paired bootstrap", sections, "Test: KNN head vs MLP head")
+
+
+def figure_report(runs, out, sections):
+    """learning_<run> (loss and val mAP per epoch, folds overlaid); bits: CV mAP against hash bits, both heads,
+    over the runs that differ from the most common recipe (fusion, code classifier) only in bits."""
+    for r in runs:
+        logs = {}
+        for k in r["folds"]:
+            path = os.path.join(r["dirs"][k], "log.jsonl")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    logs[k] = [json.loads(line) for line in f if line.strip()]
+        if any(logs.values()):
+            paths = report.plot_learning(os.path.join(out, f"learning_{safe(r)}"), logs, r["label"])
+            sections.append((f"Learning curves: {r['label']}", [os.path.basename(p) for p in paths], ""))
+    recipe = lambda c: (c.get("fusion"), c.get("code_classifier"))  # noqa: E731
+    sweep = [r for r in runs if r["config"].get("baseline", "none") == "none" and "model_args" in r["config"]]
+    if sweep:
+        common = max({recipe(r["config"]) for r in sweep}, key=[recipe(r["config"]) for r in sweep].count)
+        sweep = [r for r in sweep if recipe(r["config"]) == common]
+    points = [(r["config"]["model_args"]["bits"], h, *(s["mAP_macro"] for s in summary(r, h)))
+              for r in sweep for h in heads_of(r)]
+    if len({p[0] for p in points}) > 1:
+        paths = report.plot_bits(os.path.join(out, "bits"), points)
+        sections.append(("mAP against hash bits", [os.path.basename(p) for p in paths],
+                         f"runs {', '.join(r['label'] for r in sweep)}"))
+
+
+def write_report(runs, args, out):
+    """Every table and figure of these runs (aggregate.read_run dicts; args: aggregate's test_dir, bootstrap,
+    seed) in out -> [(section title, [file names], caption)]."""
+    os.makedirs(out, exist_ok=True)
+    sections = []
+    cv_report(runs, out, sections)
+    test_report(runs, args, out, sections)
+    figure_report(runs, out, sections)
+    return sections
+
+
 def reference_analysis(run, out, sections):
     """The reference run: per-class AP coloured by dev prevalence, per_class table, confusion (test ensemble at
     its evaluate.py thresholds), and the fold analysis (splits.json stats against per-fold per-class val AP)."""
@@ -91,7 +237,7 @@ def reference_analysis(run, out, sections):
                                      f"{os.path.basename(run)}: test AP per class (ensemble), colour = dev prevalence")
         sections.append(("Per-class AP (reference run, test)", [os.path.basename(x) for x in paths], ""))
         rows = report.per_class_rows(y, p, thr, cats)
-        aggregate.table(out, "per_class", rows[0], rows[1:], f"Per class, {os.path.basename(run)} ensemble on test "
+        table(out, "per_class", rows[0], rows[1:], f"Per class, {os.path.basename(run)} ensemble on test "
                         "at its evaluate.py thresholds", sections, "Per-class table (reference run, test)")
         m = report.confusion(y, p, thr, cats, os.path.join(out, "confusion.csv"))
         paths = report.plot_confusion(os.path.join(out, "confusion"), m[:, :-1], cats,
@@ -105,20 +251,21 @@ def reference_analysis(run, out, sections):
         if os.path.isfile(f):
             with np.load(f) as z:
                 fold_ap[k] = metrics.per_class(z["labels"], z["probs"])["ap"]
-    aggregate.table(out, "fold_analysis", ["fold", "images", "mAP_macro", "classes furthest from their mean AP"],
+    table(out, "fold_analysis", ["fold", "images", "mAP_macro", "classes furthest from their mean AP"],
                     report.fold_analysis(fold_ap, pos, sizes, names), "Why folds differ: validation mAP (MLP head) "
                     "and the classes whose AP deviates most, with their positives in the fold vs the mean",
                     sections, "Fold analysis")
     rows = [[n, *pos[:, c].astype(int), *fold_ap[:, c]] for c, n in enumerate(names)]
-    aggregate.table(out, "fold_classes", ["class", *(f"positives fold {k}" for k in range(len(stats))),
+    table(out, "fold_classes", ["class", *(f"positives fold {k}" for k in range(len(stats))),
                                           *(f"AP fold {k}" for k in range(len(stats)))], rows,
                     "Per-fold positives (splits.json stats) and validation AP per class", sections, "Fold analysis")
     paths = report.plot_folds(os.path.join(out, "folds"), fold_ap, pos, names)
     sections.append(("Fold analysis", [os.path.basename(x) for x in paths], ""))
 
 
-ORDER = ("Cross-validation: all", "Cross-validation: KNN", "mAP against", "Test: all", "Test: KNN", "Per-class AP",
-         "Per-class table", "Confusion", "Fold analysis", "Learning curves", "Cross-validation per run", "Test per run")
+ORDER = ("Cross-validation: all", "Cross-validation: KNN", "mAP against", "Test: all", "Test: KNN", "Beside the literature",
+         "Per-class AP", "Per-class table", "Confusion", "Fold analysis", "Learning curves", "Cross-validation per run",
+         "Test per run")
 
 
 def write_report_md(out, sections, runs, args):
@@ -162,9 +309,15 @@ def main(args):
             os.path.isfile(os.path.join(out, "report.md")):
         print(f"== report: skipped ({out} is up to date)")
         return out
-    agg = aggregate.get_args_parser().parse_args([*dirs, "--allow_partial", "--report", out, "--out", out,
+    os.makedirs(out, exist_ok=True)
+    agg = aggregate.get_args_parser().parse_args([*dirs, "--allow_partial", "--out", out,
                                                   "--bootstrap", str(args.bootstrap)])
-    sections = aggregate.main(agg)["sections"]
+    res = aggregate.main(agg)  # CV tables in each run, comparison + literature tables in out (several runs)
+    sections = write_report(res["runs"], agg, out)
+    lit = res["literature"] if len(dirs) > 1 else literature.write(out, res["runs"], agg.test_dir)
+    if lit:
+        sections.append(("Beside the literature", [f"literature.{e}" for e in ("md", "csv", "tex")],
+                         "our test numbers beside the published ones of the splits file's protocol"))
     reference_analysis(dirs[0], out, sections)
     write_report_md(out, sections, runs, args)
     data.save_json(stamp, inputs_stamp(dirs))

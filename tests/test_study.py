@@ -5,7 +5,6 @@ table's counts equal splits.json's stats), and a rerun that skips everything.
     python -m pytest -q tests/test_study.py
 """
 import csv
-import os
 import sys
 import textwrap
 from pathlib import Path
