@@ -43,17 +43,17 @@ CLASSIFICATION = [  # macro mAP (%) on val2014, models trained on train2014
 ]
 RETRIEVAL = [  # mAP@5000 of sign codes on HashNet's COCO lists; rule = what the authors' evaluation code does
     dict(method="CSQ", backbone="ResNet-50 (ImageNet)", resolution="224", values={16: 0.796, 32: 0.838, 64: 0.861},
-         rule="zero; ties: unstable argsort", source="Yuan et al., CVPR 2020 (README and test.py of "
-         "yuanli2333/Hadamard-Matrix-for-hashing)"),
+         rule="zero; ties: unstable argsort", source="Yuan et al., CVPR 2020 (README, and test.py of "
+         "yuanli2333/Hadamard-Matrix-for-hashing: rule, 224 px crop of a 255 px resize)"),
     dict(method="CSQ (DeepHash-pytorch re-run)", backbone="ResNet-50 (ImageNet)", resolution="224",
          values={64: 0.883}, rule="zero (CalcTopMap); ties: unstable argsort",
          source="swuxyj/DeepHash-pytorch README"),
     dict(method="OrthoHash", backbone="AlexNet (ImageNet)", resolution="224", values={16: 0.718, 32: 0.765, 64: 0.778},
          rule="zero; ties: torch.topk order", source="Hoe et al., NeurIPS 2021 (numbers as cited in issue 18; "
-         "rule from kamwoh/orthohash calculate_mAP)"),
+         "rule from kamwoh/orthohash calculate_mAP; 224 px = the usual AlexNet crop, not checked here)"),
     dict(method="HashNet", backbone="AlexNet (ImageNet)", resolution="224", values={48: 0.730},
          rule="skip; ties: unstable argsort", source="Cao et al., ICCV 2017 (0.7301 in swuxyj/DeepHash-pytorch's "
-         "paper column; rule: HashNet's mean_average_precision)"),
+         "paper column; rule: HashNet's mean_average_precision; 224 px = the usual AlexNet crop, not checked here)"),
 ]
 ANCHOR_BITS = (16, 32, 48, 64)
 OUR_RULES = [("mAP@5000", "zero; ties: database order"), ("mAP@5000_avgties", "zero; ties: expectation over orders"),
