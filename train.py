@@ -194,17 +194,18 @@ def train_one_epoch(net, fold, opt, sched, scaler, args, epoch, run):
 
 # ---------------------------------------------------------------------------- scoring
 
-def score(net, split, text_input, amp_dtype):
-    """model.score_embeddings on a split's view-0 images (the rule evaluate.py uses): -> Scores."""
+def score(net, split, text_input):
+    """model.score_embeddings on a split's view-0 images, in float32 even under --amp (the rule evaluate.py
+    uses, so a fold's val metrics are the ones evaluate.py reports for it): -> Scores."""
     return model.score_embeddings(net, split["image"][:, 0], split["text"], split["n_captions"], text_input,
-                                  amp_dtype=amp_dtype, keep_captions=True)
+                                  keep_captions=True)
 
 
-def knn_val(net, fold, text_input, amp_dtype):
+def knn_val(net, fold, text_input):
     """The KNN head on the validation images: each validation (image, caption) code votes among the codes of the
     fold's training images (knn.knn_scores' defaults, as evaluate.py --head knn). -> probs (n_val, C) numpy."""
-    db = knn.sign_codes(score(net, fold["train"], text_input, amp_dtype).codes)  # (n_train, bits)
-    q = score(net, fold["val"], text_input, amp_dtype)
+    db = knn.sign_codes(score(net, fold["train"], text_input).codes)  # (n_train, bits)
+    q = score(net, fold["val"], text_input)
     return knn.knn_head(q.caption_codes, fold["val"]["n_captions"].cpu(), db, fold["train"]["labels"].cpu(),
                         device=fold["val"]["image"].device).numpy()
 
@@ -284,7 +285,7 @@ def describe(args, fold, head, run, steps_per_epoch, total, warmup):
 
 def validate(net, fold, args, run, epoch):
     """Score the validation images; -> (metrics of the MLP head, arrays for val_predictions.npz)."""
-    s = score(net, fold["val"], args.text_input, run["amp_dtype"] if run["amp"] else None)
+    s = score(net, fold["val"], args.text_input)
     val = metrics.compute_all(fold["val"]["labels"].cpu().numpy().astype(np.uint8), s.probs.numpy())
     codes = knn.sign_codes(s.codes).to(torch.int8).numpy() if s.codes is not None else None  # sign of the mean code
     return dict(val, epoch=epoch, n_images=len(fold["val"]["ids"]), skipped_images=fold["skipped"]["val"]), \
@@ -328,7 +329,7 @@ def finish(args, head, fold, run, config):
     if head.bits > 0:
         head.load_state_dict(torch.load(os.path.join(args.out_dir, "best.pt"), map_location="cpu",
                                         weights_only=True)["model"])
-        probs = knn_val(head, fold, args.text_input, run["amp_dtype"] if run["amp"] else None)
+        probs = knn_val(head, fold, args.text_input)
         with open(os.path.join(args.out_dir, "val_metrics.json")) as f:
             val = json.load(f)
         val["knn"] = metrics.compute_all(fold["val"]["labels"].cpu().numpy().astype(np.uint8), probs)

@@ -1,7 +1,7 @@
 """Issue 19's acceptance check: the per-fold KNN metrics train.py writes into val_metrics.json "knn" (best
 checkpoint, database = the fold's training images) equal `evaluate.py --checkpoint <fold>/best.pt --split val
 --fold k --head knn` on the same fold, metric for metric, and so do the probabilities behind them. With --amp
-(train.py's default on cuda) they differ today: train.py scores under autocast, evaluate.py in float32 (xfail).
+(train.py's default on cuda) too: both score in float32, whatever the training precision.
 
     python -m pytest -q tests/test_fold_knn.py
 """
@@ -35,12 +35,9 @@ def planted_cache(root, n=240, dim=32, folds=3, seed=0, n_bad=0):
     return root / "features.safetensors", root / "splits.json"
 
 
-AMP = pytest.mark.xfail(strict=True, reason="train.py scores val (both heads) under autocast when --amp (the "
-                        "default on cuda), evaluate.py in float32; remove this mark once train.py scores in float32")
-
 
 @pytest.mark.parametrize("fold,extra,n_bad", [(1, [], 0), (0, ["--text_input", "mean"], 0), (2, [], 6),
-                                              pytest.param(1, ["--amp"], 0, marks=AMP)])
+                                              (1, ["--amp"], 0)])
 def test_fold_knn_equals_evaluate(tmp_path, fold, extra, n_bad):
     feats, splits = planted_cache(tmp_path, n_bad=n_bad)
     out = tmp_path / f"fold{fold}"
