@@ -27,10 +27,11 @@
 # of this script, then outputs/study/report/; FOLD_LIST / --fold_list, GPUS and flags after -- apply to each.
 set -euo pipefail
 cd "$(dirname "$0")"
-# a fresh machine: install requirements.txt when one of its packages is not installed (as tests/run.sh does)
+# a fresh machine: install requirements.txt when one of its packages is not installed (as tests/run.sh does);
+# a PYTHON that cannot run the check (a test's stub) skips it
 need=$("${PYTHON:-python}" -c 'import importlib.metadata as m, re
 print(*[n for n in (re.split(r"[\s<>=!~;\[]", l.split("#")[0].strip())[0] for l in open("requirements.txt"))
-        if n and not list(m.distributions(name=n))])')
+        if n and not list(m.distributions(name=n))])' 2>/dev/null) || need=""
 [ -z "$need" ] || { echo "run_cv.sh: installing requirements.txt (missing: $need)" >&2; "${PYTHON:-python}" -m pip install -r requirements.txt; }
 
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
