@@ -28,20 +28,18 @@ Literature: literature.{csv,md,tex} in the run folder (one run) or --out (severa
 hashnet: mAP@5000 per bits and empty / tie rule; karpathy_cv: the table says no published number uses it).
 The study's report folder (every table and figure) is study.py's.
 """
-import glob
 import json
 import os
-import re
 import sys
 
 import numpy as np
-import torch
 
 import cli
 import data
 import literature
 import metrics
 import report
+from runs import fold_dirs, fold_finished
 
 COLUMNS = (*metrics.METRIC_NAMES, "best_epoch")
 
@@ -77,27 +75,11 @@ def read_json(path):
         cli.fail(f"{path}: unreadable JSON ({type(e).__name__}); re-run that fold with train.py --resume")
 
 
-def fold_finished(d):
-    """train.py's rule: val_metrics.json exists and config.json (or last.pt) says training ended."""
-    if not os.path.isfile(os.path.join(d, "val_metrics.json")):
-        return False
-    if os.path.isfile(os.path.join(d, "config.json")) and read_json(os.path.join(d, "config.json")).get("finished"):
-        return True
-    try:
-        return bool(torch.load(os.path.join(d, "last.pt"), map_location="cpu", weights_only=True).get("finished"))
-    except Exception:
-        return False
-
-
 def read_run(run, args):
     """-> {"name", "dir", "folds": {k: val_metrics dict}, "expected": K, "problems": [str], "sha": str|None}."""
     if not os.path.isdir(run):
         cli.fail(f"{run}: not a directory; pass run folders written by train.py --out_dir <run>/fold<k>")
-    dirs = {}
-    for d in glob.glob(os.path.join(run, "fold*")):
-        m = re.fullmatch(r"fold(\d+)", os.path.basename(d))
-        if m and os.path.isdir(d):
-            dirs[int(m.group(1))] = d
+    dirs = fold_dirs(run)
     if not dirs:
         cli.fail(f"{run}: no fold<k>/ folders; train folds with train.py --out_dir {run}/fold<k>")
     configs = {k: read_json(os.path.join(d, "config.json")) for k, d in dirs.items()

@@ -33,6 +33,7 @@ import data
 import literature
 import metrics
 import report
+from runs import fold_dirs
 from aggregate import COLUMNS, head_tests, heads_of, summary  # what the CV tables show
 
 RUNS = [("hash64", []), ("bits0", ["--bits", "0"]), ("bits16", ["--bits", "16"]), ("bits32", ["--bits", "32"]),
@@ -40,6 +41,7 @@ RUNS = [("hash64", []), ("bits0", ["--bits", "0"]), ("bits16", ["--bits", "16"])
         ("knn_recipe", ["--code_classifier", "centres", "--sign_weight", "1"]),
         ("probe", ["--baseline", "probe"]), ("zeroshot", ["--baseline", "zeroshot"])]
 NO_BITS = {"bits0", "probe", "zeroshot"}  # no hash codes: the MLP head only
+VIEWS_RUN = ("plain_view", ["--train_views", "plain"])  # only when the cache has augmented views (--views > 1)
 DEMO = {"FOLDS": "3", "SPLITS": "demo/coco/splits_study3.json"}  # 3 complete folds, apart from the 5-fold demo's
 DEMO_FLAGS = ["--epochs", "6", "--patience", "3"]
 
@@ -60,6 +62,16 @@ def get_args_parser():
 def run_done(run, folds):
     return all(os.path.isfile(os.path.join(run, f"fold{k}", ".done")) for k in folds) and \
         os.path.isfile(os.path.join(run, "eval_test", "metrics.csv"))
+
+
+def cache_views(run):
+    """Image views of the feature cache a finished run trained on (its folds' config.json), else 1."""
+    for d in fold_dirs(run).values():
+        try:
+            return int(aggregate.read_json(os.path.join(d, "config.json"))["features_meta"].get("views", 1))
+        except (KeyError, ValueError, SystemExit):
+            continue
+    return 1
 
 
 def make_run(name, flags, args, env):
@@ -298,11 +310,14 @@ def main(args):
     if args.demo:
         args.train_args = DEMO_FLAGS + args.train_args  # later flags win on train.py's command line
     only = [s for s in args.only.split(",") if s]
-    unknown = sorted(set(only) - {n for n, _ in RUNS})
+    unknown = sorted(set(only) - {n for n, _ in RUNS} - {VIEWS_RUN[0]})
     if unknown:
         cli.fail(f"--only: unknown runs {unknown}; choose from {', '.join(n for n, _ in RUNS)}")
     runs = [(n, f) for n, f in RUNS if not only or n in only]
     dirs = [make_run(n, f, args, env) for n, f in runs]
+    if cache_views(dirs[0]) > 1 and (not only or VIEWS_RUN[0] in only):  # augmentation against none
+        runs.append(VIEWS_RUN)
+        dirs.append(make_run(*VIEWS_RUN, args, env))
     out = os.path.join(args.study_dir, "report")
     stamp = os.path.join(out, ".inputs")
     if os.path.isfile(stamp) and aggregate.read_json(stamp) == inputs_stamp(dirs) and \

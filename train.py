@@ -67,6 +67,7 @@ def get_args_parser():
     g.add_argument("--hash_norm", choices=model.HASH_NORMS, default=HEAD["hash_norm"], help="BatchNorm between the hash Linear and tanh: balanced bits, no early tanh saturation")
     g.add_argument("--code_classifier", choices=model.CODE_CLASSIFIERS, default=HEAD["code_classifier"], help="classifier on the codes: learned, or fixed random +-1 class centres (only the bias trains: images sharing labels get nearby codes, the KNN head gains, the MLP head loses)")
     g.add_argument("--code_classifier_gain", dest="code_gain", type=cli.positive_float, default=None, help="multiplies the initial weights of the classifier on the tanh codes (bounded codes need larger weights than the default init); default: model.bits_defaults (5, or 2 for the centres, whose scale it sets)")
+    g.add_argument("--train_views", choices=("all", "plain"), default="all", help="all: each epoch draws one of the cache's image views per image (extract_features.py --views: augmentation); plain: view 0 only (the study's no-augmentation ablation)")
     g.add_argument("--prior_init", choices=("on", "off"), default="on", help="classifier bias = log(p/(1-p)) of the fold's class priors; keeps tanh out of saturation")
     g.add_argument("--baseline", choices=("none", "probe", "zeroshot"), default="none", help="instead of training the head, fit a linear baseline and write the same outputs: probe = one-vs-rest logistic regression on [d_i, d_t, m_i, m_t]; zeroshot = SigLIP's own classifier, scale * cos(image, 'a photo of a {name}.') + bias")
     g.add_argument("--probe_C", type=cli.positive_float, default=1.0, help="inverse L2 strength of the --baseline probe (standardised inputs)")
@@ -147,7 +148,8 @@ def train_one_epoch(net, fold, opt, sched, scaler, args, epoch, run):
     tr, B, A = fold["train"], args.batch_size, args.accum_steps
     n, dev = len(tr["ids"]), tr["image"].device
     perm = torch.randperm(n).to(dev)  # global CPU RNG (saved in checkpoints), so resume is exact
-    view = torch.randint(tr["image"].shape[1], (n,)).to(dev)  # one view per image (all 0 when V == 1)
+    n_views = tr["image"].shape[1] if args.train_views == "all" else 1
+    view = torch.randint(n_views, (n,)).to(dev)  # one view per image (all 0 when V == 1 or --train_views plain)
     n_micro = n // B  # drop the ragged tail: BatchNorm needs >= 2 rows, codes stats want full batches
     stats = torch.zeros(n_micro, len(TERMS), device=dev)  # (n_micro, terms), read once per check
     amp_ctx = torch.autocast(dev.type, dtype=run["amp_dtype"], enabled=run["amp"])

@@ -200,6 +200,13 @@ def test_views_sampled_per_epoch_and_averaged_at_evaluation(tmp_path, monkeypatc
         assert bool((used > 0.2).all()), used  # all three views are drawn, about a third each
     first, second = (torch.cat(e) for e in (seen[:per_epoch], seen[per_epoch:]))
     assert not torch.equal(first, second)  # a fresh draw each epoch
+    seen.clear()
+    monkeypatch.setattr(model.HashHead, "forward", spy)
+    run(train, "--features", tmp_path / "f.safetensors", "--splits", tmp_path / "s.json", "--out_dir", tmp_path / "plain_view",
+        "--epochs", 1, "--bits", 16, "--mlp_dims", 16, "--batch_size", 10, "--device", "cpu", "--train_views", "plain")
+    monkeypatch.setattr(model.HashHead, "forward", real)
+    match = (torch.cat(seen)[:, None, None] == table[None]).all(-1)
+    assert bool(match[:, :, 0].any(1).all()) and not bool(match[:, :, 1:].any())  # view 0 only
     plain = run(evaluate, "--checkpoint", tmp_path / "run" / "fold0" / "best.pt", "--bootstrap", 0, "--device", "cpu",
                 "--out_dir", tmp_path / "plain")
     tta = run(evaluate, "--checkpoint", tmp_path / "run" / "fold0" / "best.pt", "--bootstrap", 0, "--device", "cpu",
