@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole experiment in one command: splits -> features -> folds -> aggregate -> ensemble test.
+# The whole experiment in one command: splits -> features -> folds -> ensemble test -> aggregate.
 # Every step is skipped when its output exists; a killed fold resumes from its last.pt.
 #
 #   bash run_cv.sh                                  # real data under data/coco, SigLIP2 base
@@ -227,18 +227,22 @@ elif [ ${#todo[@]} -gt 0 ]; then  # one fold per device slot at a time, each wit
   fi
 fi
 
-# ---------------------------------------------------------------------------- aggregate + ensemble test
-if [ "$trained" = 0 ] && [ -f "$RUN/cv_results.csv" ]; then skip aggregate "$RUN/cv_results.csv"
-else step aggregate "$PYTHON" aggregate.py "$RUN" ${agg_args[@]+"${agg_args[@]}"}
-fi
+# ---------------------------------------------------------------------------- ensemble test + aggregate
+# the test first: aggregate.py's literature table reads eval_test/metrics.json
+tested=0
 if [ "$trained" = 0 ] && [ -f "$RUN/eval_test/metrics.csv" ]; then skip "ensemble test" "$RUN/eval_test/metrics.csv"
 else
   eval_args=()
   [ ${#missing[@]} -eq 0 ] && eval_args+=(--data_root "$DATA_ROOT")   # the images, for examples.png
   [ ${#devices[@]} -gt 0 ] && eval_args+=(--device "${devices[0]}")   # GPUS: the first device
+  [ ${#agg_args[@]} -gt 0 ] && eval_args+=(--allow_partial)           # FOLD_LIST: ensemble the folds trained
   # shellcheck disable=SC2086
   step "ensemble test" "$PYTHON" evaluate.py --ensemble "$RUN" --features "$FEATURES" --splits "$SPLITS" \
     --split test --thresholds oof --out_dir "$RUN/eval_test" ${eval_args[@]+"${eval_args[@]}"} $EVAL_ARGS
+  tested=1
+fi
+if [ "$trained" = 0 ] && [ "$tested" = 0 ] && [ -f "$RUN/cv_results.csv" ]; then skip aggregate "$RUN/cv_results.csv"
+else step aggregate "$PYTHON" aggregate.py "$RUN" ${agg_args[@]+"${agg_args[@]}"}
 fi
 
 echo
