@@ -304,30 +304,10 @@ def save_features(path, tensors, meta):
     atomic_write(path, lambda tmp: save_file(out, tmp, metadata=md))
 
 
-def load_features(path):
-    """Load and validate a feature cache -> (tensors: dict[str, torch.Tensor], meta: dict[str, str]).
-
-    Checks: file exists and is safetensors with format FEATURES_FORMAT; ids/image/text/n_captions/labels
-    present with the right dtypes, ranks and consistent N (and D); labels [N, C] with C the number of categories
-    in the metadata (any C: the cache speaks for its dataset); no NaN/Inf embedding rows.
-    """
+def _check_features(path, tensors, meta):
+    """load_features' checks of the tensors: dtypes and ranks, consistent N / D / C, n_captions in range, unique
+    ids, finite embeddings. Raises DataError (one line) on the first failure."""
     import torch
-    from safetensors import safe_open
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: feature cache not found; run extract_features.py first")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format") != FEATURES_FORMAT:
-                raise DataError(f"{path}: not a feature cache (format {meta.get('format')!r}, expected "
-                                f"{FEATURES_FORMAT!r}); re-run extract_features.py")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except DataError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for a truncated / foreign file
-        raise DataError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); delete it and re-run extract_features.py")
     specs = dict(_FEATURE_SPECS)
     if "prompts" in tensors:
         specs["prompts"] = ("float16", 2)
@@ -363,4 +343,30 @@ def load_features(path):
         bad_ids = tensors["ids"][bad].tolist()
         raise DataError(f"{path}: {len(bad_ids)} image(s) have NaN/Inf embeddings (COCO ids "
                         f"{bad_ids[:10]}{' ...' if len(bad_ids) > 10 else ''}); re-run extract_features.py")
+
+
+def load_features(path):
+    """Load and validate a feature cache -> (tensors: dict[str, torch.Tensor], meta: dict[str, str]).
+
+    Checks: file exists and is safetensors with format FEATURES_FORMAT; ids/image/text/n_captions/labels
+    present with the right dtypes, ranks and consistent N (and D); labels [N, C] with C the number of categories
+    in the metadata (any C: the cache speaks for its dataset); no NaN/Inf embedding rows.
+    """
+    from safetensors import safe_open
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: feature cache not found; run extract_features.py first")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != FEATURES_FORMAT:
+                raise DataError(f"{path}: not a feature cache (format {meta.get('format')!r}, expected "
+                                f"{FEATURES_FORMAT!r}); re-run extract_features.py")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except DataError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for a truncated / foreign file
+        raise DataError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); delete it and re-run extract_features.py")
+    _check_features(path, tensors, meta)
     return tensors, meta
