@@ -30,7 +30,8 @@ def load_fold(args, device):
     train_ids = np.setdiff1d(np.asarray(splits["dev"], dtype=np.int64), val_ids)  # sorted
     bad = set(json.loads(meta.get("bad_images", "[]")))  # images the extractor could not read
     order = np.argsort(ids)
-    fold = {"meta": meta, "categories": splits["categories"], "skipped": {}, "prompts": tensors.get("prompts")}
+    prompts = tensors["prompts"].clone() if "prompts" in tensors else None  # a copy: a view would keep the whole
+    fold = {"meta": meta, "categories": splits["categories"], "skipped": {}, "prompts": prompts}  # mapped cache alive
     for name, want in (("train", train_ids), ("val", val_ids)):
         keep = np.asarray([i not in bad for i in want.tolist()], dtype=bool)
         fold["skipped"][name] = int((~keep).sum())
