@@ -37,7 +37,8 @@ def save_checkpoint(path, head, opt, scaler, sched, state, config):
 
 def read_resume(last_path, resume, fold, model_args_for):
     """-> the last.pt to continue from (None: a fresh start). Refuses to overwrite a run without --resume, and a
-    checkpoint of another fold or other model flags (model_args_for(dim, num_classes): what the flags ask for)."""
+    checkpoint of another fold or other model flags (model_args_for(dim, num_classes, n_train): what the flags
+    ask for on the checkpoint's data)."""
     if not os.path.exists(last_path):
         if resume:
             print(f"note: no {last_path} to resume from; starting fresh")
@@ -50,7 +51,7 @@ def read_resume(last_path, resume, fold, model_args_for):
     except Exception as e:
         cli.fail(f"{last_path}: unreadable checkpoint ({type(e).__name__}); delete it to start over")
     stored = model.HashHead(**ckpt["model_args"]).model_args  # a key the checkpoint predates: HashHead's default
-    want = model.HashHead(**model_args_for(stored["dim"], stored["num_classes"])).model_args
+    want = model.HashHead(**model_args_for(stored["dim"], stored["num_classes"], ckpt["config"]["n_train"])).model_args
     diff = [f"{k}: {stored[k]} in the checkpoint, {want[k]} now" for k in want if stored[k] != want[k]]
     if diff or ckpt["config"]["fold"] != fold:
         cli.fail(f"--resume: {last_path} was trained with other model flags or fold ({', '.join(diff) or 'fold'}); "

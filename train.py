@@ -42,8 +42,8 @@ import runs
 TERMS = ("loss", "bce", "bce_sign", "quant", "balance", "decorr", "hash_reg", "h_abs")  # per-step statistics
 HEAD = {k: p.default for k, p in inspect.signature(model.HashHead).parameters.items()}  # the recipe's defaults
 LOSS = {k: p.default for k, p in inspect.signature(model.head_loss).parameters.items()}
-MODEL_FLAGS = ("inputs", "fusion", "decompose", "mlp_dims", "dropout", "bits", "input_norm", "hash_norm",
-               "code_classifier")  # + input_dropout, code_gain: resolved()
+MODEL_FLAGS = ("inputs", "fusion", "decompose", "dropout", "bits", "code_classifier")  # + resolved()'s
+AUTO_FLAGS = ("lr", "input_dropout", "code_gain", "mlp_dims", "input_norm", "hash_norm")  # default None: resolved()
 
 
 def get_args_parser():
@@ -59,14 +59,14 @@ def get_args_parser():
     g.add_argument("--text_input", choices=model.TEXT_INPUTS, default="each", help="each: one caption per image per step, probabilities averaged over the captions at scoring; mean: the mean of a random caption subset per step, of all captions at scoring")
     g.add_argument("--fusion", choices=model.FUSIONS, default=HEAD["fusion"], help="hadamard: [d_i, d_t, d_i*d_t, m_i, m_t]; concat: [d_i, d_t, m_i, m_t]")
     g.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude")
-    g.add_argument("--mlp_dims", type=cli.int_list, default=list(HEAD["mlp_dims"]), help="hidden widths of the MLP, comma-separated ('' = a linear head)")
+    g.add_argument("--mlp_dims", type=cli.int_list, default=None, help="hidden widths of the MLP, comma-separated ('' = a linear head); default: HashHead's 1024,512, none below model.SMALL_DATA training images (model.recipe_defaults)")
     g.add_argument("--dropout", type=cli.fraction, default=HEAD["dropout"], help="dropout after each hidden layer")
-    g.add_argument("--input_dropout", type=cli.fraction, default=None, help="dropout on the standardised fusion vector, against memorising the training images; default: model.bits_defaults (0.35 with a hash layer, 0.5 without)")
+    g.add_argument("--input_dropout", type=cli.fraction, default=None, help="dropout on the standardised fusion vector, against memorising the training images; default: model.recipe_defaults (0.35 with a hash layer, 0.5 without)")
     g.add_argument("--bits", type=cli.nonneg_int, default=HEAD["bits"], help="hash code length; 0 = no hash layer (plain-MLP baseline)")
-    g.add_argument("--input_norm", choices=model.INPUT_NORMS, default=HEAD["input_norm"], help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns")
-    g.add_argument("--hash_norm", choices=model.HASH_NORMS, default=HEAD["hash_norm"], help="BatchNorm between the hash Linear and tanh: balanced bits, no early tanh saturation")
+    g.add_argument("--input_norm", choices=model.INPUT_NORMS, default=None, help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns; default: batchnorm, none for the small-data linear head (model.recipe_defaults)")
+    g.add_argument("--hash_norm", choices=model.HASH_NORMS, default=None, help="BatchNorm between the hash Linear and tanh: balanced bits, no early tanh saturation; default: batchnorm, none for the small-data linear head (model.recipe_defaults)")
     g.add_argument("--code_classifier", choices=model.CODE_CLASSIFIERS, default=HEAD["code_classifier"], help="classifier on the codes: learned, or fixed random +-1 class centres (only the bias trains: images sharing labels get nearby codes, the KNN head gains, the MLP head loses)")
-    g.add_argument("--code_classifier_gain", dest="code_gain", type=cli.positive_float, default=None, help="multiplies the initial weights of the classifier on the tanh codes (bounded codes need larger weights than the default init); default: model.bits_defaults (5, or 2 for the centres, whose scale it sets)")
+    g.add_argument("--code_classifier_gain", dest="code_gain", type=cli.positive_float, default=None, help="multiplies the initial weights of the classifier on the tanh codes (bounded codes need larger weights than the default init); default: model.recipe_defaults (5, or 2 for the centres, whose scale it sets)")
     g.add_argument("--train_views", choices=("all", "plain"), default="all", help="all: each epoch draws one of the cache's image views per image (extract_features.py --views: augmentation); plain: view 0 only (the study's no-augmentation ablation)")
     g.add_argument("--prior_init", choices=("on", "off"), default="on", help="classifier bias = log(p/(1-p)) of the fold's class priors; keeps tanh out of saturation")
     g.add_argument("--baseline", choices=("none", "probe", "zeroshot"), default="none", help="instead of training the head, fit a linear baseline and write the same outputs: probe = one-vs-rest logistic regression on [d_i, d_t, m_i, m_t]; zeroshot = SigLIP's own classifier, scale * cos(image, 'a photo of a {name}.') + bias")
@@ -84,7 +84,7 @@ def get_args_parser():
     g.add_argument("--patience", type=cli.nonneg_int, default=3, help="stop after this many epochs without a better val mAP_macro (0 = never)")
     g.add_argument("--batch_size", type=cli.number(int, 2), default=32, help="micro-batch size (>= 2 for BatchNorm)")
     g.add_argument("--accum_steps", type=cli.positive_int, default=2, help="micro-batches per optimizer step, run as one pass with BatchNorm statistics per micro-batch; effective batch = batch_size * accum_steps")
-    g.add_argument("--lr", type=cli.positive_float, default=None, help="peak AdamW learning rate; default: model.bits_defaults (2e-3 with a hash layer, 3e-4 without)")
+    g.add_argument("--lr", type=cli.positive_float, default=None, help="peak AdamW learning rate; default: model.recipe_defaults (2e-3 with a hash layer, 3e-4 without; 1e-2 below model.SMALL_DATA training images)")
     g.add_argument("--weight_decay", type=cli.nonneg_float, default=0.01, help="AdamW weight decay")
     g.add_argument("--warmup_ratio", type=cli.fraction, default=0.1, help="fraction of all optimizer steps spent in linear lr warmup")
     g.add_argument("--min_lr", type=cli.nonneg_float, default=1e-6, help="lr at the end of the cosine decay")
@@ -108,10 +108,11 @@ def get_args_parser():
     return p
 
 
-def resolved(args):
-    """The values train.py really uses where a flag's default depends on --bits (model.bits_defaults)."""
-    auto = model.bits_defaults(args.bits, args.code_classifier)
-    return {k: auto[k] if getattr(args, k) is None else getattr(args, k) for k in ("lr", "input_dropout", "code_gain")}
+def resolved(args, n_train):
+    """The values train.py really uses where a flag's default depends on --bits and the number of training
+    images (model.recipe_defaults; HashHead's signature for what that leaves open)."""
+    auto = {**HEAD, "mlp_dims": list(HEAD["mlp_dims"]), **model.recipe_defaults(args.bits, n_train, args.code_classifier)}
+    return {k: auto[k] if getattr(args, k) is None else getattr(args, k) for k in AUTO_FLAGS}
 
 
 # ---------------------------------------------------------------------------- optimisation
@@ -196,18 +197,18 @@ def train_one_epoch(net, fold, opt, sched, scaler, args, epoch, run):
 
 # ---------------------------------------------------------------------------- scoring
 
-def score(net, split, text_input):
+def score(net, split, text_input, keep_captions=False):
     """model.score_embeddings on a split's view-0 images, in float32 even under --amp (the rule evaluate.py
     uses, so a fold's val metrics are the ones evaluate.py reports for it): -> Scores."""
     return model.score_embeddings(net, split["image"][:, 0], split["text"], split["n_captions"], text_input,
-                                  keep_captions=True)
+                                  keep_captions=keep_captions)
 
 
 def knn_val(net, fold, text_input):
     """The KNN head on the validation images: each validation (image, caption) code votes among the codes of the
     fold's training images (knn.knn_scores' defaults, as evaluate.py --head knn). -> probs (n_val, C) numpy."""
-    db = knn.sign_codes(score(net, fold["train"], text_input).codes)  # (n_train, bits)
-    q = score(net, fold["val"], text_input)
+    db = knn.sign_codes(score(net, fold["train"], text_input).codes)  # (n_train, bits); no per-caption codes
+    q = score(net, fold["val"], text_input, keep_captions=True)
     return knn.knn_head(q.caption_codes, fold["val"]["n_captions"].cpu(), db, fold["train"]["labels"].cpu(),
                         device=fold["val"]["image"].device).numpy()
 
@@ -222,12 +223,12 @@ def save_predictions(out_dir, split, arrays, val_metrics):
     data.save_json(os.path.join(out_dir, "val_metrics.json"), val_metrics)
 
 
-def model_args_of(args, dim, num_classes):
+def model_args_of(args, dim, num_classes, n_train):
     """HashHead arguments from the flags (a baseline: the linear head of baselines.linear_head_args)."""
     if args.baseline != "none":
         return baselines.linear_head_args(dim, num_classes, args.baseline, args.inputs)
     return dict(dim=dim, num_classes=num_classes, **{k: getattr(args, k) for k in MODEL_FLAGS}, **{
-        k: v for k, v in resolved(args).items() if k != "lr"})
+        k: v for k, v in resolved(args, n_train).items() if k != "lr"})
 
 
 # ---------------------------------------------------------------------------- main
@@ -247,13 +248,14 @@ def setup(args):
     torch.manual_seed(args.seed + args.fold)
     # CPU autocast: only bf16 is useful
     return dict(device=device, amp=amp, amp_dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                seed=args.seed + args.fold, lr=resolved(args)["lr"])
+                seed=args.seed + args.fold)
 
 
 def build_head(args, fold, run):
     """The head of this run, initialised (priors) or fitted in closed form (baselines)."""
     tr = fold["train"]
-    head = model.HashHead(**model_args_of(args, int(tr["image"].shape[2]), int(tr["labels"].shape[1]))).to(run["device"])
+    head = model.HashHead(**model_args_of(args, int(tr["image"].shape[2]), int(tr["labels"].shape[1]),
+                                          len(tr["ids"]))).to(run["device"])
     if args.baseline == "zeroshot":
         if fold["prompts"] is None or "logit_scale" not in fold["meta"]:
             cli.fail(f"{args.features}: no class prompts / logit scale in the cache; re-run extract_features.py "
@@ -271,7 +273,7 @@ def describe(args, fold, head, run, steps_per_epoch, total, warmup):
     n_train, n_val = len(fold["train"]["ids"]), len(fold["val"]["ids"])
     with open(args.splits, "rb") as f:
         splits_sha = hashlib.sha256(f.read()).hexdigest()
-    config = dict(vars(args), **resolved(args), seed_fold=run["seed"], amp=run["amp"], model_args=head.model_args,
+    config = dict(vars(args), **resolved(args, n_train), seed_fold=run["seed"], amp=run["amp"], model_args=head.model_args,
                   n_train=n_train, n_val=n_val, skipped_train=fold["skipped"]["train"], skipped_val=fold["skipped"]["val"],
                   effective_batch=args.batch_size * args.accum_steps, steps_per_epoch=steps_per_epoch,
                   total_steps=total, warmup_steps=warmup, splits_sha256=splits_sha, features_meta=fold["meta"],
@@ -346,7 +348,7 @@ def finish(args, head, fold, run, config):
 def main(args):
     run = setup(args)
     last_path, log_path = os.path.join(args.out_dir, "last.pt"), os.path.join(args.out_dir, "log.jsonl")
-    ckpt = runs.read_resume(last_path, args.resume, args.fold, lambda dim, c: model_args_of(args, dim, c))
+    ckpt = runs.read_resume(last_path, args.resume, args.fold, lambda *shape: model_args_of(args, *shape))
     if ckpt is not None and ckpt["finished"] and runs.fold_finished(args.out_dir):
         print(f"{args.out_dir}: already finished (best val mAP_macro {ckpt['best']:.4f} at epoch {ckpt['best_epoch']})")
         return
@@ -356,6 +358,7 @@ def main(args):
         cli.fail(f"--resume: {last_path} has embedding dim {ckpt['model_args']['dim']}, {args.features} has "
                  f"{head.model_args['dim']}; use the original feature cache or another --out_dir")
     net = torch.compile(head, backend=args.compile_backend) if args.compile else head  # save head: no _orig_mod.
+    run["lr"] = resolved(args, len(fold["train"]["ids"]))["lr"]
     opt = make_optimizer(head, run["lr"], args.weight_decay)
     scaler = torch.amp.GradScaler(run["device"].type, enabled=run["amp"] and run["amp_dtype"] == torch.float16)
     run["steps_per_epoch"] = math.ceil((len(fold["train"]["ids"]) // args.batch_size) / args.accum_steps)

@@ -132,7 +132,7 @@ def test_code_gain_scales_only_the_code_classifier():
     torch.manual_seed(0)
     head = model.HashHead(dim=8, mlp_dims=(4,), bits=16, code_gain=1.0)
     torch.manual_seed(0)
-    scaled = model.HashHead(dim=8, mlp_dims=(4,), bits=16)  # the default gain: bits_defaults' 5
+    scaled = model.HashHead(dim=8, mlp_dims=(4,), bits=16)  # the default gain: recipe_defaults' 5
     assert scaled.model_args["code_gain"] == 5.0
     torch.testing.assert_close(scaled.classifier.weight, 5 * head.classifier.weight)
     assert torch.equal(scaled.mlp[0].weight, head.mlp[0].weight)
@@ -225,8 +225,11 @@ def test_grouped_forward_equals_accumulated_micro_batches(bits):
 
 
 def test_head_learns_planted_labels(tmp_path):
-    """The default recipe learns on planted features; the original one (unscaled input, zero bias, tanh straight
-    on the Linear, full hash weight from step 0, lr 2e-4) stays near chance on the same data."""
+    """The small-data case, 1,500 planted training images, against a logistic-regression probe on the same input
+    (the mean caption): at default flags (model.recipe_defaults' linear head) --bits 0 comes within a few points
+    of it and 64 bits beats it on micro mAP; on macro mAP the 64-bit code of 80 classes stays well below it (a
+    measured limit of this size, docs/EXPERIMENTS.md). The original recipe (unscaled input, zero bias, tanh
+    straight on the Linear, full hash weight from step 0, lr 2e-4) stays near chance on the same data."""
     import train
     feats = synthetic.make_planted_features(2000, seed=1)
     data.save_features(tmp_path / "f.safetensors", feats, feats["meta"])
@@ -247,19 +250,20 @@ def test_head_learns_planted_labels(tmp_path):
         out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
         train.main(train.get_args_parser().parse_args(
             ["--features", str(tmp_path / "f.safetensors"), "--splits", str(tmp_path / "s.json"), "--out_dir", str(out),
-             "--mlp_dims", "256", "--epochs", "8", "--patience", "0", "--device", "cpu", "--num_threads", "1"] + list(flags)))
+             "--patience", "0", "--device", "cpu"] + list(flags)))
         pred = np.load(out / "val_predictions.npz")
         assert np.array_equal(pred["ids"], ids[va_rows])
         from sklearn.metrics import average_precision_score
         return {a: average_precision_score(pred["labels"][:, keep], pred["probs"][:, keep], average=a)
                 for a in ("macro", "micro")}
 
-    ours = head_map()
-    original = head_map("--input_norm", "none", "--hash_norm", "none", "--prior_init", "off", "--hash_weight", "0.1",
+    ours = head_map("--text_input", "mean")
+    plain = head_map("--text_input", "mean", "--bits", "0")
+    original = head_map("--epochs", "8", "--mlp_dims", "256", "--input_norm", "none", "--hash_norm", "none", "--prior_init", "off", "--hash_weight", "0.1",
                         "--hash_warmup", "0",
                         "--lr", "2e-4", "--input_dropout", "0", "--code_classifier_gain", "1")
-    print(f"chance {chance:.3f} probe {probe} head {ours} original recipe {original}")
-    assert ours["macro"] > 4 * chance and original["macro"] < 2 * chance
-    # frequent classes: as good as the probe; macro: measured ~0.3 below it here. Most of that gap is the protocol,
-    # not learning: the head sees one caption at a time and averages probabilities, the probe sees the mean caption
-    assert ours["micro"] > probe["micro"] - 0.06 and ours["macro"] > probe["macro"] - 0.35
+    print(f"chance {chance:.3f} probe {probe} head {ours} bits 0 {plain} original recipe {original}")
+    # measured (one CPU run): probe 0.518 / 0.411, bits 0 0.471 / 0.435, 64 bits 0.377 / 0.564 (macro / micro)
+    assert plain["macro"] > probe["macro"] - 0.08 and plain["micro"] > probe["micro"] - 0.02
+    assert ours["macro"] > probe["macro"] - 0.18 and ours["micro"] > probe["micro"]
+    assert original["macro"] < 2 * chance

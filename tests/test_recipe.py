@@ -28,13 +28,22 @@ def run(script, *argv):
 
 def test_defaults_are_one_recipe():
     args = train.get_args_parser().parse_args(BASE)
-    assert train.model_args_of(args, 768, 80) == model.HashHead().model_args  # HashHead() is train.py's model
+    big = model.SMALL_DATA  # from here on the recipe is HashHead's signature
+    assert train.model_args_of(args, 768, 80, big) == model.HashHead().model_args  # HashHead() is train.py's model
     loss = {k: getattr(args, k) for k in ("hash_weight", "lambda_balance", "lambda_decorr", "sign_weight")}
     assert loss == {k: train.inspect.signature(model.head_loss).parameters[k].default for k in loss}
-    assert train.resolved(args)["lr"] == model.bits_defaults(64)["lr"] == 2e-3
+    assert train.resolved(args, big)["lr"] == model.recipe_defaults(64)["lr"] == 2e-3
     zero = train.get_args_parser().parse_args(BASE + ["--bits", "0"])
-    assert train.model_args_of(zero, 768, 80) == model.HashHead(bits=0).model_args
-    assert (train.resolved(zero)["lr"], model.HashHead(bits=0).model_args["input_dropout"]) == (3e-4, 0.5)
+    assert train.model_args_of(zero, 768, 80, big) == model.HashHead(bits=0).model_args
+    assert (train.resolved(zero, big)["lr"], model.HashHead(bits=0).model_args["input_dropout"]) == (3e-4, 0.5)
+    # below SMALL_DATA training images: the linear head of recipe_defaults, for both code lengths
+    for flags, bits in ((args, 64), (zero, 0)):
+        small = model.recipe_defaults(bits, big - 1)
+        assert train.model_args_of(flags, 768, 80, big - 1) == model.HashHead(bits=bits, **{
+            k: small[k] for k in ("mlp_dims", "input_norm", "hash_norm")}).model_args
+        assert small["mlp_dims"] == [] and train.resolved(flags, big - 1)["lr"] == small["lr"] == 1e-2
+    mlp = train.get_args_parser().parse_args(BASE + ["--mlp_dims", "256", "--lr", "1e-3"])  # a flag beats the rule
+    assert train.model_args_of(mlp, 768, 80, 100)["mlp_dims"] == [256] and train.resolved(mlp, 100)["lr"] == 1e-3
     ev = evaluate.get_args_parser().parse_args(["--ensemble", "r"])
     sig = train.inspect.signature(knn.knn_scores).parameters
     assert (ev.knn_k, ev.knn_tau, ev.knn_vote, ev.knn_query) == tuple(sig[k].default for k in ("k", "tau", "vote", "query"))
