@@ -30,6 +30,7 @@ import cli
 import data
 import folds
 import metrics
+import report
 import synthetic
 import train
 
@@ -57,7 +58,22 @@ def get_args_parser():
                    help="train.py runs at a time, one thread each; also the probes' jobs")
     g = p.add_argument_group("io")
     g.add_argument("--out", default="bench_learning.json", help="the figures as JSON (written atomically)")
+    g.add_argument("--figure", default="", help="also draw mAP against training-set size to FIGURE.png / .pdf")
     return p
+
+
+def plot(rows, stem):
+    """val mAP (macro) against the number of training images (log axis): probes dashed, runs and KNN heads."""
+    fig, ax = report._plt().subplots(figsize=(6.4, 4.2))
+    x = [r["size"] for r in rows]
+    for key in [k for k in rows[0] if isinstance(rows[0][k], float)]:
+        style = "--" if key.startswith("probe") else ":" if key.endswith("_knn") else "-"
+        ax.plot(x, [r.get(key, np.nan) for r in rows], style, marker="o", label=key.replace("_", " "))
+    ax.set_xscale("log")
+    ax.set(xlabel="training images (planted)", ylabel="val mAP (macro), 5,000 images", title="data efficiency")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return report.save_figure(fig, stem)
 
 
 def write_data(work, n, seed, sizes):
@@ -178,6 +194,8 @@ def main(args):
             f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
     res = {"n_images": n, "n_val": min(N_VAL, n // 6), "work": work, "command": " ".join(["python bench_learning.py", *sys.argv[1:]]), "rows": rows}
     data.save_json(args.out, res)
+    if args.figure:
+        print("figure:", ", ".join(plot(rows, args.figure)))
     print(f"wrote {args.out} (work files in {work})")
     return res
 
