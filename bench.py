@@ -132,6 +132,7 @@ def train_setup(fold, device, flags=()):
     run = train.setup(args)
     head = train.build_head(args, fold, run)
     net = torch.compile(head, backend=args.compile_backend) if args.compile else head
+    run["lr"] = train.resolved(args, len(fold["train"]["ids"]))["lr"]
     opt = train.make_optimizer(head, run["lr"], args.weight_decay)
     scaler = torch.amp.GradScaler(run["device"].type, enabled=run["amp"] and run["amp_dtype"] == torch.float16)
     run["steps_per_epoch"] = math.ceil((len(fold["train"]["ids"]) // args.batch_size) / args.accum_steps)
