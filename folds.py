@@ -15,9 +15,10 @@ import protocols
 
 
 def load_fold(args, device):
-    """Feature cache + splits -> the fold's train / val images on `device` (embeddings float16, as cached)."""
+    """Feature cache + splits -> the fold's train / val images on `device` (embeddings float16, as cached). Only
+    the fold's rows are kept, read chunk by chunk (data.load_embeddings): the peak is the fold, not the cache too."""
     try:
-        tensors, meta = data.load_features(args.features)
+        tensors, meta = data.load_features(args.features, embeddings=False)  # ids, n_captions, labels, prompts
         splits = protocols.load_splits(args.splits)
         protocols.check_splits(splits, tensors["ids"].numpy(), meta, where=args.features)
     except data.DataError as e:
@@ -30,20 +31,27 @@ def load_fold(args, device):
     train_ids = np.setdiff1d(np.asarray(splits["dev"], dtype=np.int64), val_ids)  # sorted
     bad = set(json.loads(meta.get("bad_images", "[]")))  # images the extractor could not read
     order = np.argsort(ids)
-    prompts = tensors["prompts"].clone() if "prompts" in tensors else None  # a copy: a view would keep the whole
-    fold = {"meta": meta, "categories": splits["categories"], "skipped": {}, "prompts": prompts}  # mapped cache alive
+    fold = {"meta": meta, "categories": splits["categories"], "skipped": {}, "prompts": tensors.get("prompts")}
+    rows = {}
     for name, want in (("train", train_ids), ("val", val_ids)):
         keep = np.asarray([i not in bad for i in want.tolist()], dtype=bool)
         fold["skipped"][name] = int((~keep).sum())
-        rows = torch.from_numpy(order[np.searchsorted(ids, want[keep], sorter=order)])  # (n,)
-        fold[name] = {"ids": torch.from_numpy(want[keep]), **{k: tensors[k][rows].to(device) for k in
-                      ("image", "text", "n_captions", "labels")}}  # (n, V, D) (n, T, D) (n,) (n, C)
-    if len(fold["train"]["ids"]) < args.batch_size:
-        cli.fail(f"--batch_size: {args.batch_size} exceeds the {len(fold['train']['ids'])} training images of fold {args.fold}")
-    if len(fold["val"]["ids"]) == 0:
+        fold[name] = {"ids": torch.from_numpy(want[keep])}
+        rows[name] = torch.from_numpy(order[np.searchsorted(ids, want[keep], sorter=order)])  # (n,) cache rows
+    n_train = len(rows["train"])
+    if n_train < args.batch_size:  # checked before the embeddings are read
+        cli.fail(f"--batch_size: {args.batch_size} exceeds the {n_train} training images of fold {args.fold}")
+    if len(rows["val"]) == 0:
         cli.fail(f"{args.splits}: fold {args.fold} has no usable validation images")
-    if args.inputs != "image" and not bool((fold["train"]["n_captions"] > 0).any()):
+    if args.inputs != "image" and not bool((tensors["n_captions"][rows["train"]] > 0).any()):
         cli.fail(f"--inputs {args.inputs}: no training image of {args.features} has a text; use --inputs image")
+    try:
+        embeddings = data.load_embeddings(args.features, list(rows.values()), tensors["ids"])
+    except data.DataError as e:
+        cli.fail(str(e))
+    for (name, r), emb in zip(rows.items(), embeddings):  # (n, V, D) (n, T, D) (n,) (n, C)
+        fold[name].update({k: v.to(device) for k, v in (("image", emb["image"]), ("text", emb["text"]),
+                           ("n_captions", tensors["n_captions"][r]), ("labels", tensors["labels"][r]))})
     return fold
 
 

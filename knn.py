@@ -41,8 +41,8 @@ def knn_scores(query_codes, db_codes, db_labels, k=100, tau=0.07, vote="softmax"
     Exact and deterministic: products of +-1 codes with exact_queries' grid are exact in float32 (unless a
     reduced-precision matmul mode such as TF32 is switched on), and equal similarities go to the lower database
     index first, so CPU, GPU and any chunk pick the same neighbours. Nothing is excluded: a database that holds
-    the queries finds them. Queries run in chunks (None: ~16M products per chunk on CPU, ~64M on CUDA), so
-    memory stays bounded; runs on the device of query_codes and returns float32 there.
+    the queries finds them. Queries run in chunks (None: ~2M products per chunk on CPU, faster there than larger
+    ones, ~64M on CUDA), so memory stays bounded; runs on the device of query_codes and returns float32 there.
     """
     if vote not in KNN_VOTES or query not in KNN_QUERIES:
         raise ValueError(f"vote must be one of {KNN_VOTES} and query one of {KNN_QUERIES}, got {vote!r}, {query!r}")
@@ -60,7 +60,7 @@ def knn_scores(query_codes, db_codes, db_labels, k=100, tau=0.07, vote="softmax"
     l1 = q.abs().sum(1, keepdim=True).clamp_min(1e-12)  # (Q, 1): bits for +-1 queries
     lower_first = torch.arange(N - 1, -1, -1, device=device)  # (N,): among equal products, lower index wins
     if chunk is None:
-        chunk = max(1, (2 ** 26 if device.type == "cuda" else 2 ** 24) // N)
+        chunk = max(1, (2 ** 26 if device.type == "cuda" else 2 ** 21) // N)
     rank_w = 1.0 / torch.arange(1, k + 1, device=device, dtype=torch.float32)  # (k,)
     scores = torch.empty(Q, labels.shape[1], device=device)
     for s in range(0, Q, chunk):

@@ -332,6 +332,82 @@ def test_load_features_refuses_bad_files(tmp_path, case):
     assert p in str(e.value) and "\n" not in str(e.value)
 
 
+def _fold_cache(root, n=300):
+    """A planted cache stored out of id order, with 2 image views, prompts and 2 unreadable images, and a 3-fold
+    splits file -> (features path, splits path, bad ids)."""
+    feats = synthetic.make_planted_features(n, seed=1)
+    perm = np.random.default_rng(0).permutation(n)
+    t = {k: feats[k][perm] for k in ("ids", "image", "text", "n_captions", "labels")}
+    t["image"] = np.concatenate([t["image"], 2 * t["image"]], 1)  # (N, 2, D)
+    ids = feats["ids"].tolist()  # sorted
+    dev, bad = ids[20:], [ids[25], ids[26]]
+    val_folds = [dev[k::3] for k in range(3)]
+    data.save_features(root / "f.safetensors", dict(t, prompts=feats["prompts"]), dict(feats["meta"], bad_images=bad))
+    data.save_json(root / "splits.json", {"method": "random", "folds": 3, "seed": 0, "categories": data.COCO_CATEGORIES,
+                                          "dev": dev, "test": ids[:20], "val_folds": val_folds,
+                                          "stats": [{"size": len(f)} for f in val_folds]})
+    return root / "f.safetensors", root / "splits.json", bad
+
+
+def _fold_args(feats, splits):
+    import argparse
+    return argparse.Namespace(features=str(feats), splits=str(splits), fold=0, batch_size=16, inputs="both")
+
+
+def test_load_fold_equals_the_whole_cache_gathered(tmp_path, monkeypatch):
+    """folds.load_fold reads only the fold's rows, chunk by chunk; it equals the old way (every tensor loaded
+    whole, then the fold's rows gathered) tensor for tensor, and load_features equals safetensors' load_file."""
+    import folds
+    from safetensors.torch import load_file
+    feats, splits, bad = _fold_cache(tmp_path)
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 7 * 5 * 768 * 2)  # 7 caption rows per chunk: many, a ragged last one
+    fold = folds.load_fold(_fold_args(feats, splits), torch.device("cpu"))
+    whole, s = load_file(feats), json.loads(splits.read_text())
+    row = {i: r for r, i in enumerate(whole["ids"].tolist())}
+    val = sorted(set(s["val_folds"][0]) - set(bad))
+    for name, want in (("train", sorted(set(s["dev"]) - set(s["val_folds"][0]) - set(bad))), ("val", val)):
+        r = torch.tensor([row[i] for i in want])
+        assert list(fold[name]) == ["ids", "image", "text", "n_captions", "labels"]
+        assert fold[name]["ids"].tolist() == want
+        for k in ("image", "text", "n_captions", "labels"):
+            assert fold[name][k].dtype == whole[k].dtype and torch.equal(fold[name][k], whole[k][r]), (name, k)
+    assert fold["skipped"] == {"train": 1, "val": 1}  # dev[5] is in fold 2, dev[6] in fold 0
+    assert torch.equal(fold["prompts"], whole["prompts"]) and fold["meta"]["model"] == "planted"
+    tensors, _ = data.load_features(feats)
+    assert sorted(tensors) == sorted(whole) and all(torch.equal(tensors[k], whole[k]) for k in whole)
+    picked = data.load_embeddings(feats, [torch.tensor([5, 0, 5, 299]), []])  # any order, repeats, empty
+    assert torch.equal(picked[0]["text"], whole["text"][[5, 0, 5, 299]]) and picked[1]["image"].shape == (0, 2, 768)
+
+
+def test_load_fold_refuses_bad_caches_in_one_line(tmp_path, capsys):
+    """A truncated or corrupt cache, a NaN row outside the fold (load_features refuses it, so load_fold does), a
+    cache replaced between the index and the embeddings: one-line DataError / exit 2."""
+    import folds
+    feats, splits, _ = _fold_cache(tmp_path)
+    raw = feats.read_bytes()
+    for case, content in (("truncated", raw[:-1000]), ("corrupt", raw[:8] + b"#" + raw[9:])):
+        p = tmp_path / f"{case}.safetensors"
+        p.write_bytes(content)
+        for load in (data.load_features, lambda q: data.load_embeddings(q, [None])):
+            with pytest.raises(data.DataError) as e:
+                load(p)
+            assert str(p) in str(e.value) and "\n" not in str(e.value), case
+        with pytest.raises(SystemExit) as e:
+            folds.load_fold(_fold_args(p, splits), torch.device("cpu"))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and str(p) in err and "\n" not in err, case
+    t, meta = data.load_features(feats)
+    t = {k: v.numpy() for k, v in t.items()}
+    test_id = json.loads(splits.read_text())["test"][0]
+    t["text"][np.flatnonzero(t["ids"] == test_id)[0], 0, 0] = np.inf
+    data.save_features(tmp_path / "nan.safetensors", t, meta)
+    with pytest.raises(SystemExit):
+        folds.load_fold(_fold_args(tmp_path / "nan.safetensors", splits), torch.device("cpu"))
+    assert f"1 image(s) have NaN/Inf embeddings (COCO ids [{test_id}])" in capsys.readouterr().err
+    with pytest.raises(data.DataError, match="changed while it was read"):
+        data.load_embeddings(feats, [None], torch.arange(300))
+
+
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     p = str(tmp_path / "out.npz")
     data.atomic_write(p, lambda tmp: np.savez(tmp, a=np.arange(3)))        # np.savez keeps the name

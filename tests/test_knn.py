@@ -208,7 +208,7 @@ def peak():
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peak RSS")
 def test_memory_bounded_at_full_database_size():
-    """600 queries (three chunks of 177) x 94,630 codes x 64 bits in a fresh process: the extra peak RSS stays small."""
+    """600 queries (chunks of 22) x 94,630 codes x 64 bits in a fresh process: the extra peak RSS stays small."""
     code = PEAK + textwrap.dedent(f"""
         import sys, time, torch
         sys.path.insert(0, {ROOT!r}); torch.set_num_threads(1)
