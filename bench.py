@@ -1,11 +1,12 @@
 """
 Benchmark of the product's own functions, each against a reference measured in the same run (ratios: absolute
-times on a shared machine are noisy), on generated inputs: planted embeddings, random codes, JPEGs, and SigLIP2
-towers built from their config with random weights. Sections: 1 encoder (towers vs a head step per cached row),
-2 epoch (train_one_epoch, float16 vs float32 fold, vs a naive loop), 3 metrics (vs scikit-learn), 4 splits (vs
-KFold), 5 knn (vs a full matrix + argsort), 6 retrieval (vs CalcTopMap), 7 memory (train.py's peak RSS vs the
-cache file), 8 decode (extract_features' loader, workers vs in-process). Tables and what each figure is:
-docs/BENCHMARKS.md; the learning check on planted data: bench_learning.py.
+times on a shared machine are noisy; the references: references.py), on generated inputs (synthetic.py): planted
+embeddings, random codes, JPEGs, and SigLIP2 towers built from their config with random weights. Sections:
+1 encoder (towers vs a head step per cached row), 2 epoch (train_one_epoch, float16 vs float32 fold, vs a naive
+loop), 3 metrics (vs scikit-learn), 4 splits (vs KFold), 5 knn (vs a full matrix + argsort), 6 retrieval (vs
+CalcTopMap), 7 memory (train.py's peak RSS vs the cache file), 8 decode (extract_features' loader, workers vs
+in-process). Tables and what each figure is: docs/BENCHMARKS.md; the learning check on planted data:
+bench_learning.py.
 
     python bench.py                                # every section at COCO scale -> bench.json (~10 min on 2 cores)
     python bench.py --quick --out /tmp/bench.json  # small sizes, a tiny encoder: what tests/test_bench.py runs
@@ -35,6 +36,7 @@ import knn
 import make_splits
 import metrics
 import model
+import references
 import retrieval
 import synthetic
 import train
@@ -109,16 +111,6 @@ def peak_during(call):
     return out, sec, rss("VmHWM") - base
 
 
-def planted_fold(n_train, n_val, seed, device="cpu"):
-    """A fold as train.load_fold returns it, from planted embeddings: float16 (n, 1, D) images, (n, 5, D) captions."""
-    f = synthetic.make_planted_features(n_train + n_val, seed=seed)
-    fold = {"skipped": {"train": 0, "val": 0}}
-    for name, rows in (("train", slice(0, n_train)), ("val", slice(n_train, n_train + n_val))):
-        fold[name] = {k: torch.from_numpy(f[k][rows]).to("cpu" if k == "ids" else device)
-                      for k in ("ids", "image", "text", "n_captions", "labels")}
-    return fold
-
-
 def rows_of(fold, rows, dtype=None):
     """The training rows `rows` of a fold as a fold of their own; dtype: its embeddings converted once."""
     return {"train": {k: v[rows].to(dtype) if dtype is not None and v.dtype == torch.float16 else v[rows]
@@ -150,22 +142,19 @@ def timed_epoch(s, fold, device):
 # ----------------------------------------------------------------------------- 1. encoder
 
 def bench_encoder(quick, device, seed=0, dtypes=("fp32",)):
-    from transformers import SiglipConfig, SiglipModel
     cuda = device.startswith("cuda")
     size = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2) if quick else \
         dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
     # SigLIP2-base-patch16-256; on the CPU a 32,000-word vocabulary, not 256,000: the embedding is a gather of
     # 64 rows per caption, negligible in time, and it saves 0.7 GB
     vocab = 1000 if quick else 256_000 if cuda else 32_000
-    cfg = SiglipConfig(text_config=dict(size, vocab_size=vocab, max_position_embeddings=model.TEXT_MAX_LENGTH,
-                                           pad_token_id=1, bos_token_id=2, eos_token_id=3),
-                       vision_config=dict(size, image_size=64 if quick else 256, patch_size=16))
-    torch.manual_seed(seed)
-    net = SiglipModel(cfg).eval()
+    side = 64 if quick else 256  # image size
+    net = synthetic.random_siglip(size, vocab, side, 16, seed, pad_token_id=1, bos_token_id=2, eos_token_id=3)
     enc = model.Siglip2Encoder.__new__(model.Siglip2Encoder)  # the product's encode_* on the random-weight towers
     batch, repeats = (128, 5) if cuda else (4, 1 if quick else 2)
-    px = torch.randn(batch, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)  # (B, 3, H, W)
-    ids = torch.randint(3, vocab, (batch * CAPTIONS, model.TEXT_MAX_LENGTH))  # (B*5, 64) as tokenize pads them
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randn(batch, 3, side, side, generator=g)  # (B, 3, H, W)
+    ids = torch.randint(3, vocab, (batch * CAPTIONS, model.TEXT_MAX_LENGTH), generator=g)  # (B*5, 64) as tokenized
     out = {"config": "tiny" if quick else "siglip2-base-patch16-256", "batch": batch}
     for name in dtypes:  # as extract_features: the towers cast to --dtype, embeddings back on the CPU in float32
         dtype = extract_features.DTYPES[name]
@@ -175,7 +164,7 @@ def bench_encoder(quick, device, seed=0, dtypes=("fp32",)):
         out.update({f"{name}_images_per_s": 1 / t_img, f"{name}_texts_per_s": 1 / t_txt,
                     f"{name}_s_per_sample": t_img + CAPTIONS * t_txt})
     enc.model = net = None  # free the towers before the head runs
-    fold = planted_fold(512 if quick else 4096, 0, seed, device)  # the head's cost per cached training row
+    fold = synthetic.planted_fold(512 if quick else 4096, 0, seed, device)  # the head's cost per cached training row
     s = train_setup(fold, device)
     timed_epoch(s, fold, device)  # warm-up
     out["head_s_per_row"] = timed_epoch(s, fold, device) / len(fold["train"]["ids"])
@@ -218,7 +207,7 @@ def naive_epoch(fold, n_rows, device, seed=0):
 
 def bench_epoch(quick, device, seed=0):
     n, parts = (1024, 2) if quick else (N_TRAIN, 8)
-    fold = planted_fold(n, 0, seed, device)
+    fold = synthetic.planted_fold(n, 0, seed, device)
     warm = rows_of(fold, slice(0, 2080))  # an odd number of micro-batches: both step shapes run
     timed_epoch(train_setup(warm, device), warm, device)
     # float16 fold (train.py now) vs the fold converted to float32 once (train.py before): the same function,
@@ -240,30 +229,14 @@ def bench_epoch(quick, device, seed=0):
 
 # ----------------------------------------------------------------------------- 3. metrics, 4. splits
 
-def sklearn_metrics(y, s, threshold=0.5):
-    """The scikit-learn calls that compute_all replaces, under metrics.METRIC_NAMES."""
-    from sklearn import metrics as skm
-    p, avgs = (s > threshold).astype(np.uint8), ("macro", "micro")
-    out = {f"{name}_{a}": f(y, p, average=a, zero_division=0) for a in avgs
-           for name, f in (("f1", skm.f1_score), ("precision", skm.precision_score), ("recall", skm.recall_score))}
-    out.update({f"{name}_{a}": f(y, s, average=a) for a in avgs
-                for name, f in (("mAP", skm.average_precision_score), ("auc", skm.roc_auc_score))})
-    return dict(out, hamming_loss=skm.hamming_loss(y, p), coverage_error=skm.coverage_error(y, s),
-                ranking_loss=skm.label_ranking_loss(y, s), lrap=skm.label_ranking_average_precision_score(y, s),
-                mae=skm.mean_absolute_error(y, s))
-
-
 def bench_metrics(quick, device="cpu", seed=0):
     n = 1000 if quick else N_VAL
-    y = synthetic.synthetic_labels(n, seed)  # (N, 80)
-    y[np.arange(80), np.arange(80)] = 1  # every class has a positive (sklearn's macro AP / AUC need one)
-    logit = 3.0 * y - 3.0 + 2.0 * np.random.default_rng(seed).standard_normal(y.shape)
-    s = (1 / (1 + np.exp(-logit))).astype(np.float32)  # (N, 80) probabilities, float32 as saved; some tie
+    y, s = synthetic.planted_scores(n, seed)  # (N, 80) labels, float32 probabilities that follow them
     ours = metrics.compute_all(y, s)
     t_ours = best_time(lambda: metrics.compute_all(y, s), repeats=3, warmup=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref, t_ref = timed(lambda: sklearn_metrics(y, s))  # ~15 s at full size: timed once
+        ref, t_ref = timed(lambda: references.sklearn_metrics(y, s))  # ~15 s at full size: timed once
     diff = {k: abs(float(ours[k]) - float(ref[k])) for k in metrics.METRIC_NAMES}
     return {"n": n, "classes": 80, "ours_s": t_ours, "sklearn_s": t_ref, "speedup": t_ref / t_ours,
             "max_abs_diff": max(diff.values()), "worst_metric": max(diff, key=diff.get),
@@ -287,17 +260,9 @@ def bench_splits(quick, device="cpu", seed=0):
 
 # ----------------------------------------------------------------------------- 5. knn, 6. retrieval
 
-def naive_knn(q, db, labels, k, tau=0.07):
-    """The textbook vote: the full (Q, N) similarity matrix, whole rows sorted (stable: lower index first on a
-    tie, knn_scores' rule), softmax weights. Similarity (1 + q.d / |q|_1) / 2, as knn_scores defines it."""
-    sim = (1 + q @ db.T / np.abs(q).sum(1, keepdims=True)) / 2  # (Q, N) float32
-    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]  # (Q, k)
-    w = np.exp((np.take_along_axis(sim, top, 1) - 1) / tau)
-    return (w[:, :, None] * labels[top]).sum(1) / w.sum(1, keepdims=True)  # (Q, C)
-
-
 def bench_knn(quick, device, seed=0):
-    """knn.knn_scores on random codes, real and sign queries (k 100, evaluate.py's), then naive_knn on a subset."""
+    """knn.knn_scores on random codes, real and sign queries (k 100, evaluate.py's), then references.naive_knn on
+    a subset."""
     nq, ndb, n_naive, bits, k = (500, 2000, 100, 64, 100) if quick else (N_VAL, N_TRAIN, 500, 64, 100)
     g = torch.Generator().manual_seed(seed)
     db = knn.sign_codes(torch.randn(ndb, bits, generator=g)).to(device)  # (N, bits) +-1
@@ -312,37 +277,22 @@ def bench_knn(quick, device, seed=0):
             lambda: (knn.knn_scores(q, db, labels, k=k, query=name), sync(device))[0])
         # the naive side on the queries' own exact grid (knn.exact_queries), so both rank the same products
         qn = (knn.exact_queries(q[:n_naive]) if name == "real" else q[:n_naive]).cpu().numpy()
-        out[f"naive_{name}_s"] = best_time(lambda: naive_knn(qn, dbn, ln, k), 3, 0) * nq / n_naive  # linear in Q
-        out[f"{name}_diff"] = float(np.abs(naive_knn(qn, dbn, ln, k) - ours[:n_naive].cpu().numpy()).max())
+        t_naive = best_time(lambda: references.naive_knn(qn, dbn, ln, k), 3, 0)
+        out[f"naive_{name}_s"] = t_naive * nq / n_naive  # linear in Q
+        out[f"{name}_diff"] = float(np.abs(references.naive_knn(qn, dbn, ln, k) - ours[:n_naive].cpu().numpy()).max())
         out[f"{name}_speedup"] = out[f"naive_{name}_s"] / out[f"{name}_s"]
     return dict(out, peak_mb=max(out["real_peak_mb"], out["sign_peak_mb"]))
 
 
-def calc_top_map(q_codes, q_labels, db_codes, db_labels, topk):
-    """DeepHash-pytorch's CalcTopMap, one query at a time, with a stable sort (ties in database order, as
-    retrieval_map's ties='stable'); a query without a relevant item in its top k scores 0 (empty='zero')."""
-    bits, total = q_codes.shape[1], 0.0
-    for i in range(len(q_codes)):
-        gnd = (q_labels[i] @ db_labels.T > 0).astype(np.float32)  # (N,) shares a label
-        tgnd = gnd[np.argsort(0.5 * (bits - q_codes[i] @ db_codes.T), kind="stable")][:topk]  # by Hamming distance
-        tsum = int(tgnd.sum())
-        if tsum:
-            total += np.mean(np.arange(1, tsum + 1) / (np.flatnonzero(tgnd) + 1.0))
-    return total / len(q_codes)
-
-
 def bench_retrieval(quick, device="cpu", seed=0):
     nq, ndb, n_naive, bits = (200, 3000, 50, 64) if quick else (N_TEST, 117_218, 200, 64)
-    rng = np.random.default_rng(seed)
-    labels = synthetic.synthetic_labels(nq + ndb, seed).astype(np.float32)  # (Q + N, 80)
-    proj = rng.standard_normal((labels.shape[1], bits)).astype(np.float32)  # codes that follow the labels
-    codes = np.where(labels @ proj + 2 * rng.standard_normal((nq + ndb, bits), dtype=np.float32) >= 0, 1.0, -1.0)
-    q, ql, db, dl = codes[:nq].astype(np.float32), labels[:nq], codes[nq:].astype(np.float32), labels[nq:]
+    labels, codes = synthetic.planted_codes(nq + ndb, bits, seed)  # (Q + N, 80), (Q + N, bits) that follow them
+    q, ql, db, dl = codes[:nq], labels[:nq], codes[nq:], labels[nq:]
     out = {"queries": nq, "db": ndb, "bits": bits, "naive_queries": n_naive}
     for name, k in (("k5000", 5000), ("all", None)):
         out[f"{name}_map"] = retrieval.retrieval_map(q, ql, db, dl, k=k)
         out[f"{name}_s"] = best_time(lambda: retrieval.retrieval_map(q, ql, db, dl, k=k), 2, 0)
-        ref, sec = timed(lambda: calc_top_map(q[:n_naive], ql[:n_naive], db, dl, k or ndb))
+        ref, sec = timed(lambda: references.calc_top_map(q[:n_naive], ql[:n_naive], db, dl, k or ndb))
         out[f"naive_{name}_s"] = sec * nq / n_naive  # timed once, scaled to all queries
         out[f"{name}_diff"] = abs(ref - retrieval.retrieval_map(q[:n_naive], ql[:n_naive], db, dl, k=k))
         out[f"{name}_speedup"] = out[f"naive_{name}_s"] / out[f"{name}_s"]
@@ -350,23 +300,6 @@ def bench_retrieval(quick, device="cpu", seed=0):
 
 
 # ----------------------------------------------------------------------------- 7. memory of a training run
-
-def write_memory_cache(n, folder, seed, n_val=1000):
-    """A planted cache of n images and a 2-fold splits file whose fold 0 validates on n_val dev images: the KNN
-    validation at the end of train.py stays short, and the fold still holds every dev image (train + val)."""
-    feats = synthetic.make_planted_features(n, seed=seed)
-    path, splits = os.path.join(folder, "features.safetensors"), os.path.join(folder, "splits.json")
-    data.save_features(path, feats, feats["meta"])
-    ids = feats["ids"].tolist()
-    test, dev = ids[:min(N_TEST, n // 20)], ids[min(N_TEST, n // 20):]
-    n_val = min(n_val, len(dev) // 5)
-    val = dev[::len(dev) // n_val][:n_val]
-    rest = sorted(set(dev) - set(val))
-    data.save_json(splits, {"method": "random", "folds": 2, "seed": seed, "categories": data.COCO_CATEGORIES,
-                            "dev": dev, "test": test, "val_folds": [val, rest],
-                            "stats": [{"size": len(f)} for f in (val, rest)]})
-    return path, splits
-
 
 def child_peak(code, *argv):
     """`python -c code argv` in a fresh process -> (its peak RSS in MiB, s). The child reads its own VmHWM at the
@@ -390,7 +323,7 @@ def bench_memory(quick, device="cpu", seed=0):
     out = {"flags": " ".join(flags[:4]), "imports_mb": child_peak("import sys, train")[0]}
     for i, n in enumerate(sizes):
         with tempfile.TemporaryDirectory(prefix="bench_mem_") as tmp:
-            feats, splits = write_memory_cache(n, tmp, seed)  # in this process: only the child's memory counts
+            feats, splits = synthetic.write_planted_cache(tmp, n, seed)  # here: only the child's memory counts
             peak, sec = child_peak("import sys, train\ntrain.main(train.get_args_parser().parse_args(sys.argv[1:]))",
                                    "--features", feats, "--splits", splits, "--fold", "0", "--out_dir",
                                    os.path.join(tmp, "run"), *flags)  # what python train.py ... runs
@@ -403,29 +336,13 @@ def bench_memory(quick, device="cpu", seed=0):
 
 # ----------------------------------------------------------------------------- 8. decode + preprocess
 
-def write_jpegs(folder, n, seed, size=(640, 480)):
-    """n COCO-like JPEGs (640 x 480, quality 90, ~150 kB: a smooth colour layout plus grain) -> their paths."""
-    from PIL import Image
-    rng, paths = np.random.default_rng(seed), []
-    for i in range(n):
-        layout = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
-        px = np.asarray(layout, np.float32) + rng.normal(0, 20, (size[1], size[0], 3)).astype(np.float32)
-        paths.append(os.path.join(folder, f"{i:06d}.jpg"))
-        Image.fromarray(np.clip(px, 0, 255).astype(np.uint8)).save(paths[-1], quality=90)
-    return paths
-
-
 def bench_decode(quick, device="cpu", seed=0, workers=(1, 2)):
     """extract_features' own loader (images.ImageCaptionDataset + Collate + make_loader) over generated JPEGs with
     SigLIP2-base-patch16-256's image processor (PIL, 256 px, bilinear); images only (captions: see the docs)."""
-    try:
-        from transformers import SiglipImageProcessorPil as Processor
-    except ImportError:  # transformers 4.x: SiglipImageProcessor is the PIL one
-        from transformers import SiglipImageProcessor as Processor
-    proc = Processor(size={"height": 256, "width": 256}, resample=2)
+    proc = synthetic.siglip_image_processor(size={"height": 256, "width": 256}, resample=2)
     n, most = 128 if quick else 256 * max(workers), max(workers)  # 8 batches of 32 per worker
     with tempfile.TemporaryDirectory(prefix="bench_jpeg_") as tmp:
-        paths = write_jpegs(tmp, n, seed)
+        paths = synthetic.write_jpegs(tmp, n, seed)
         ds = images.ImageCaptionDataset({"paths": paths, "captions": [[] for _ in paths]})
         imgs = [ds[i][1] for i in range(32)]
         out = {"images": n, "file_kb": float(np.mean([os.path.getsize(p) for p in paths])) / 1024,
@@ -449,7 +366,7 @@ def gpu_check(seed=0, dev="cuda"):
     """On a GPU: towers fp16 / bf16, the fp16 + GradScaler epoch eager and compiled (inductor), validation and the
     KNN head as train.py runs them, decode workers, and the wall time of a 5-fold CV at default flags from them."""
     res = {"encoder": bench_encoder(False, dev, seed, ("fp16", "bf16"))}
-    fold = planted_fold(N_TRAIN, N_VAL, seed, dev)
+    fold = synthetic.planted_fold(N_TRAIN, N_VAL, seed, dev)
     warm, ep = rows_of(fold, slice(0, 4128)), {"rows": N_TRAIN}  # odd micro-batch count: both step shapes compile
     for name, flags in (("eager", ()), ("compile", ("--compile",))):
         s = train_setup(fold, dev, flags)

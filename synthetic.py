@@ -1,11 +1,13 @@
-"""Generators for the demo and the tests: a COCO-2014-like tree in the real file formats, planted feature
-caches whose labels a linear probe can recover, and a tiny randomly initialised SigLIP.
+"""Generators for the demo, the tests and bench.py: a COCO-2014-like tree in the real file formats, planted feature
+caches whose labels a linear probe can recover (and folds and splits around them), COCO-like JPEGs, and a tiny
+randomly initialised SigLIP.
 
     import synthetic
     synthetic.make_synthetic_coco("demo/coco", n_images=200, seed=0)   # images + annotations + Karpathy json
     feats = synthetic.make_planted_features(1200)                    # arrays shaped like the feature cache
     data.save_features("f.safetensors", feats, feats["meta"])
     synthetic.make_tiny_siglip("demo/tiny_siglip")                   # loadable by model.Siglip2Encoder
+    fold = synthetic.planted_fold(4096, 1024)                        # bench.py: a fold as folds.load_fold gives
 
 None of it is needed to train or evaluate on real data; data.py and model.py do not import it.
 """
@@ -17,7 +19,7 @@ from statistics import NormalDist
 import numpy as np
 
 import model
-from data import COCO_CATEGORIES, FEATURES_FORMAT, atomic_write, save_json
+from data import COCO_CATEGORIES, FEATURES_FORMAT, atomic_write, save_features, save_json
 
 # approximate number of images containing each category in the 118,287-image pool (index order);
 # sums to ~2.9 labels per image, person ~54%, hair drier / toaster ~0.2%
@@ -165,6 +167,24 @@ def synthetic_labels(n, seed=0, num_classes=80):
     return labels
 
 
+def planted_scores(n, seed=0):
+    """Labels (n, 80), every class positive at least once (scikit-learn's macro AP / AUC need one), and float32
+    probabilities that follow them (sigmoid of 3 y - 3 + 2 noise; some tie, as saved ones do) -> (labels, probs)."""
+    y = synthetic_labels(n, seed)
+    y[np.arange(80), np.arange(80)] = 1
+    logit = 3.0 * y - 3.0 + 2.0 * np.random.default_rng(seed).standard_normal(y.shape)
+    return y, (1 / (1 + np.exp(-logit))).astype(np.float32)
+
+
+def planted_codes(n, bits=64, seed=0):
+    """Labels (n, 80) and +-1 codes (n, bits) that follow them, sign(labels @ P + 2 noise), both float32."""
+    rng = np.random.default_rng(seed)
+    labels = synthetic_labels(n, seed).astype(np.float32)
+    proj = rng.standard_normal((labels.shape[1], bits)).astype(np.float32)
+    codes = np.where(labels @ proj + 2 * rng.standard_normal((n, bits), dtype=np.float32) >= 0, 1.0, -1.0)
+    return labels, codes.astype(np.float32)
+
+
 def _planted_blocks(rng, labels, ncap, table, image, text, pool, p_mention, step=512):
     """Fill image [N,1,D] / text [N,C,D] float16 block by block (blocks of `step` images stay in cache)."""
     import torch
@@ -252,6 +272,49 @@ def make_planted_features(n_images, dim=768, n_captions=5, seed=0, num_classes=8
             "prompts": prompts, "meta": meta}
 
 
+# ----------------------------------------------------------------------------- bench.py's inputs
+
+def planted_fold(n_train, n_val, seed=0, device="cpu"):
+    """A fold as folds.load_fold returns it (its train / val parts), from planted embeddings: float16 (n, 1, D)
+    images and (n, 5, D) captions on `device`, ids on the CPU."""
+    import torch
+    f = make_planted_features(n_train + n_val, seed=seed)
+    fold = {"skipped": {"train": 0, "val": 0}}
+    for name, rows in (("train", slice(0, n_train)), ("val", slice(n_train, n_train + n_val))):
+        fold[name] = {k: torch.from_numpy(f[k][rows]).to("cpu" if k == "ids" else device)
+                      for k in ("ids", "image", "text", "n_captions", "labels")}
+    return fold
+
+
+def write_planted_cache(folder, n, seed=0, n_val=1000, n_test=5000):
+    """A planted cache of n images and a 2-fold splits file (test: the first min(n_test, n / 20) ids) whose fold 0
+    validates on n_val dev images, so the fold holds every dev image and its KNN validation stays short
+    -> (features path, splits path)."""
+    feats = make_planted_features(n, seed=seed)
+    path, splits = os.path.join(folder, "features.safetensors"), os.path.join(folder, "splits.json")
+    save_features(path, feats, feats["meta"])
+    ids = feats["ids"].tolist()
+    test, dev = ids[:min(n_test, n // 20)], ids[min(n_test, n // 20):]
+    n_val = min(n_val, len(dev) // 5)
+    val = dev[::len(dev) // n_val][:n_val]
+    rest = sorted(set(dev) - set(val))
+    save_json(splits, {"method": "random", "folds": 2, "seed": seed, "categories": COCO_CATEGORIES, "dev": dev,
+                       "test": test, "val_folds": [val, rest], "stats": [{"size": len(f)} for f in (val, rest)]})
+    return path, splits
+
+
+def write_jpegs(folder, n, seed=0, size=(640, 480)):
+    """n COCO-like JPEGs (640 x 480, quality 90, ~150 kB: a smooth colour layout plus grain) -> their paths."""
+    from PIL import Image
+    rng, paths = np.random.default_rng(seed), []
+    for i in range(n):
+        layout = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+        px = np.asarray(layout, np.float32) + rng.normal(0, 20, (size[1], size[0], 3)).astype(np.float32)
+        paths.append(os.path.join(folder, f"{i:06d}.jpg"))
+        Image.fromarray(np.clip(px, 0, 255).astype(np.uint8)).save(paths[-1], quality=90)
+    return paths
+
+
 # words of the tiny test tokenizer: the 80 COCO category names plus common caption words
 _TINY_WORDS = """
 person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign parking
@@ -275,6 +338,29 @@ circle square triangle shape shapes color colored drawn scene object objects thi
 """
 
 
+def siglip_image_processor(**kwargs):
+    """transformers' PIL SigLIP image processor (SiglipImageProcessorPil in 5.x; in 4.x SiglipImageProcessor is
+    the PIL one, and in 5.x the old name wants torchvision, else it warns)."""
+    try:
+        from transformers import SiglipImageProcessorPil as Processor
+    except ImportError:
+        from transformers import SiglipImageProcessor as Processor
+    return Processor(**kwargs)
+
+
+def random_siglip(size, vocab_size, image_size, patch_size, seed=0, **text):
+    """A SiglipModel built from its config with random weights, in eval mode; the global torch RNG is left untouched.
+    size: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads of both towers; text: more of the
+    text config (token ids, projection_size)."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+    text = dict(size, vocab_size=vocab_size, max_position_embeddings=model.TEXT_MAX_LENGTH, **text)
+    config = SiglipConfig(text_config=text, vision_config=dict(size, image_size=image_size, patch_size=patch_size))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SiglipModel(config).eval()
+
+
 def make_tiny_siglip(out_dir, image_size=32, seed=0):
     """Save a tiny randomly initialised SiglipModel + tokenizer + processor to out_dir -> out_dir (str).
 
@@ -285,11 +371,7 @@ def make_tiny_siglip(out_dir, image_size=32, seed=0):
     """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel, SiglipProcessor
-    try:  # transformers 5.x: the PIL processor by its own name (the old name wants torchvision, else it warns)
-        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
-    except ImportError:  # 4.x: SiglipImageProcessor is the PIL one
-        from transformers import SiglipImageProcessor
+    from transformers import PreTrainedTokenizerFast, SiglipProcessor
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for w in _TINY_WORDS.split():
@@ -299,15 +381,10 @@ def make_tiny_siglip(out_dir, image_size=32, seed=0):
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                         eos_token="</s>", model_max_length=model.TEXT_MAX_LENGTH)
-    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    image_processor = siglip_image_processor(size={"height": image_size, "width": image_size})
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = SiglipConfig(
-        text_config=dict(vocab_size=len(vocab), max_position_embeddings=model.TEXT_MAX_LENGTH, projection_size=32,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=None, **small),
-        vision_config=dict(image_size=image_size, patch_size=8, **small))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = SiglipModel(config).eval()
+    net = random_siglip(small, len(vocab), image_size, 8, seed, projection_size=32, pad_token_id=0, eos_token_id=1,
+                        bos_token_id=None)
     with torch.no_grad():  # SigLIP's initial temperature and bias (log 10, -10), not transformers' zeros
         net.logit_scale.fill_(math.log(10.0))
         net.logit_bias.fill_(-10.0)
