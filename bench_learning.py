@@ -79,7 +79,7 @@ def plot(rows, stem):
 def write_data(work, n, seed, sizes):
     """The planted cache of n images and one splits file per training size: test = N_TEST images, val_folds[0] =
     the fixed N_VAL validation images, the other folds split the first `size` images of a fixed permutation of
-    the rest (nested training sets). A size larger than the pool is an error."""
+    the rest (nested training sets). A size larger than the pool is an error. -> (cache path, validation size)"""
     feats = os.path.join(work, "features.safetensors")
     if not os.path.exists(feats):
         f = synthetic.make_planted_features(n, seed=seed)
@@ -99,7 +99,7 @@ def write_data(work, n, seed, sizes):
             "method": "nested random subsets", "folds": FOLDS, "seed": seed, "categories": data.COCO_CATEGORIES,
             "dev": np.sort(np.concatenate([pool[:size], val])).tolist(), "test": test.tolist(),
             "val_folds": val_folds, "stats": [{"size": len(v)} for v in val_folds]})
-    return feats
+    return feats, n_val
 
 
 def probe(feats, splits, text_input, jobs, seed=0):
@@ -181,7 +181,7 @@ def main(args):
     work = os.path.join(args.work, f"{'quick' if args.quick else 'full'}_seed{args.seed}")
     for size in sizes:
         os.makedirs(os.path.join(work, str(size)), exist_ok=True)
-    feats = write_data(work, n, args.seed, sizes)
+    feats, n_val = write_data(work, n, args.seed, sizes)
     train_runs([(os.path.join(work, str(size), name), ["--features", feats, "--splits",
                  os.path.join(work, f"splits_{size}.json"), "--fold", "0", *RUNS[name], *extra])
                 for size in sizes for name in runs], args.threads)
@@ -192,7 +192,7 @@ def main(args):
                           for run, probe_kind, limit in TARGETS if run in row}
         print(f"{row['size']:>6} train images | " + " | ".join(
             f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
-    res = {"n_images": n, "n_val": min(N_VAL, n // 6), "work": work, "command": " ".join(["python bench_learning.py", *sys.argv[1:]]), "rows": rows}
+    res = {"n_images": n, "n_val": n_val, "work": work, "command": " ".join(["python bench_learning.py", *sys.argv[1:]]), "rows": rows}
     data.save_json(args.out, res)
     if args.figure:
         print("figure:", ", ".join(plot(rows, args.figure)))
