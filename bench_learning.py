@@ -28,6 +28,7 @@ import torch
 
 import cli
 import data
+import features
 import folds
 import metrics
 import report
@@ -83,7 +84,7 @@ def write_data(work, n, seed, sizes):
     feats = os.path.join(work, "features.safetensors")
     if not os.path.exists(feats):
         f = synthetic.make_planted_features(n, seed=seed)
-        data.save_features(feats, f, f["meta"])
+        features.save_features(feats, f, f["meta"])
     from safetensors import safe_open
     with safe_open(feats, framework="pt") as f:
         ids = f.get_tensor("ids").numpy()

@@ -8,7 +8,7 @@ embeddings (not normalised) in one safetensors file that train.py and evaluate.p
     python extract_features.py --data_root data/coco --skip_bad_images     # leave unreadable images out
     torchrun --nproc_per_node 8 extract_features.py --data_root data/coco  # 8 GPUs, the same file as one
 
-Cache (see data.load_features): ids int64 [N], image float16 [N,V,D] (view 0 = the plain image), text float16
+Cache (see features.load_features): ids int64 [N], image float16 [N,V,D] (view 0 = the plain image), text float16
 [N,C,D] (zero rows past n_captions), n_captions int64 [N], labels uint8 [N,80], prompts float16 [80,D]
 ("a photo of a {name}."), metadata: model, dim, views, max_captions, image_size, logit scale/bias, ...
 
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import features
 import images
 import model
 
@@ -297,7 +298,7 @@ def write_cache(out, parts, encoder, coco, rows, n_shards, meta, args):
         prompts = [f"a photo of a {c['name']}." for c in coco["categories"]]
         tensors["prompts"] = encoder.encode_texts(prompts).half()  # (80, D)
     import transformers
-    data.save_features(out, tensors, dict(
+    features.save_features(out, tensors, dict(
         {k: meta["run"][k] for k in IDENTITY}, dim=encoder.dim, image_size=encoder.image_size, transformers_version=transformers.__version__,
         logit_scale=encoder.logit_scale, logit_bias=encoder.logit_bias, categories=json.dumps(coco["categories"]),
         bad_images=json.dumps(meta["bad_ids"]), dtype=meta["run"]["dtype"], n_images=len(rows)))

@@ -11,14 +11,16 @@ import torch
 
 import cli
 import data
+import features
 import protocols
 
 
 def load_fold(args, device):
     """Feature cache + splits -> the fold's train / val images on `device` (embeddings float16, as cached). Only
-    the fold's rows are kept, read chunk by chunk (data.load_embeddings): the peak is the fold, not the cache too."""
+    the fold's rows are kept, read chunk by chunk (features.load_embeddings): the peak is the fold, not the cache
+    too."""
     try:
-        tensors, meta = data.load_features(args.features, embeddings=False)  # ids, n_captions, labels, prompts
+        tensors, meta = features.load_features(args.features, embeddings=False)  # ids, n_captions, labels, prompts
         splits = protocols.load_splits(args.splits)
         protocols.check_splits(splits, tensors["ids"].numpy(), meta, where=args.features)
     except data.DataError as e:
@@ -46,7 +48,7 @@ def load_fold(args, device):
     if args.inputs != "image" and not bool((tensors["n_captions"][rows["train"]] > 0).any()):
         cli.fail(f"--inputs {args.inputs}: no training image of {args.features} has a text; use --inputs image")
     try:
-        embeddings = data.load_embeddings(args.features, list(rows.values()), tensors["ids"])
+        embeddings = features.load_embeddings(args.features, list(rows.values()), tensors["ids"])
     except data.DataError as e:
         cli.fail(str(e))
     for (name, r), emb in zip(rows.items(), embeddings):  # (n, V, D) (n, T, D) (n,) (n, C)

@@ -5,11 +5,11 @@ randomly initialised SigLIP.
     import synthetic
     synthetic.make_synthetic_coco("demo/coco", n_images=200, seed=0)   # images + annotations + Karpathy json
     feats = synthetic.make_planted_features(1200)                    # arrays shaped like the feature cache
-    data.save_features("f.safetensors", feats, feats["meta"])
+    features.save_features("f.safetensors", feats, feats["meta"])
     synthetic.make_tiny_siglip("demo/tiny_siglip")                   # loadable by model.Siglip2Encoder
     fold = synthetic.planted_fold(4096, 1024)                        # bench.py: a fold as folds.load_fold gives
 
-None of it is needed to train or evaluate on real data; data.py and model.py do not import it.
+None of it is needed to train or evaluate on real data; data.py, features.py and model.py do not import it.
 """
 import json
 import math
@@ -19,7 +19,8 @@ from statistics import NormalDist
 import numpy as np
 
 import model
-from data import COCO_CATEGORIES, FEATURES_FORMAT, atomic_write, save_features, save_json
+from data import COCO_CATEGORIES, atomic_write, save_json
+from features import FEATURES_FORMAT, save_features
 
 # approximate number of images containing each category in the 118,287-image pool (index order);
 # sums to ~2.9 labels per image, person ~54%, hair drier / toaster ~0.2%

@@ -20,9 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import aggregate  # noqa: E402
 import cli  # noqa: E402
-import data  # noqa: E402
 import evaluate  # noqa: E402
 import extract_features  # noqa: E402
+import features  # noqa: E402
 import make_splits  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
@@ -53,7 +53,7 @@ def smoke(work):
 
     # what the pipeline promised to leave behind, with real numbers in it
     split = json.loads(splits.read_text())
-    tensors, meta = data.load_features(feats)
+    tensors, meta = features.load_features(feats)
     assert len(tensors["ids"]) == len(split["dev"]) + len(split["test"])
     for k in range(2):
         fold = out / f"fold{k}"

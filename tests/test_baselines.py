@@ -13,6 +13,7 @@ from sklearn.linear_model import LogisticRegression
 import aggregate
 import data
 import evaluate
+import features
 import metrics
 import train
 import synthetic
@@ -31,7 +32,8 @@ def cache(tmp_path_factory):
     folds = [sorted(dev[k::N_FOLDS]) for k in range(N_FOLDS)]
     splits = {"method": "random", "folds": N_FOLDS, "seed": 3, "categories": data.COCO_CATEGORIES, "dev": dev,
               "test": test, "val_folds": folds, "stats": [{"size": len(f), "positives": [0] * 80} for f in folds]}
-    data.save_features(root / "features.safetensors", {k: v for k, v in feats.items() if k != "meta"}, feats["meta"])
+    features.save_features(root / "features.safetensors", {k: v for k, v in feats.items() if k != "meta"},
+                           feats["meta"])
     data.save_json(root / "splits.json", splits)
     return root / "features.safetensors", root / "splits.json", feats, splits
 
@@ -96,8 +98,8 @@ def test_probe_matches_an_independent_probe(cache, tmp_path):
 
 def test_zeroshot_needs_prompts(cache, tmp_path):
     feats_path, splits_path, feats, _ = cache
-    t, meta = data.load_features(feats_path)
-    data.save_features(tmp_path / "f.safetensors", {k: v for k, v in t.items() if k != "prompts"}, meta)
+    t, meta = features.load_features(feats_path)
+    features.save_features(tmp_path / "f.safetensors", {k: v for k, v in t.items() if k != "prompts"}, meta)
     argv = ["--features", tmp_path / "f.safetensors", "--splits", splits_path, "--out_dir", tmp_path / "z",
             "--baseline", "zeroshot", "--device", "cpu"]
     with pytest.raises(SystemExit) as e:

@@ -1,4 +1,5 @@
-"""data.py: COCO loading against pycocotools on real annotation excerpts, caching, synthetic data, feature cache."""
+"""data.py and features.py: COCO loading against pycocotools on real annotation excerpts, caching, synthetic data,
+the feature cache."""
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import data
+import features
 import images
 import synthetic
 
@@ -278,11 +280,11 @@ def test_planted_is_fast_and_deterministic():
 
 def test_features_round_trip(tmp_path, planted):
     p = str(tmp_path / "f.safetensors")
-    data.save_features(p, planted, planted["meta"])
-    tensors, meta = data.load_features(p)
+    features.save_features(p, planted, planted["meta"])
+    tensors, meta = features.load_features(p)
     for k in ("ids", "image", "text", "n_captions", "labels", "prompts"):
         np.testing.assert_array_equal(tensors[k].numpy(), planted[k])
-    assert meta["format"] == data.FEATURES_FORMAT and meta["dim"] == "768" and meta["model"] == "planted"
+    assert meta["format"] == features.FEATURES_FORMAT and meta["dim"] == "768" and meta["model"] == "planted"
     assert all(isinstance(v, str) for v in meta.values())
     assert json.loads(meta["categories"]) == data.COCO_CATEGORIES
     assert sorted(os.listdir(tmp_path)) == ["f.safetensors"]                 # no temporary left behind
@@ -302,9 +304,9 @@ def test_load_features_names_nan_rows(tmp_path):
     for r in range(10, 22):
         t["text"][r, 1, 0] = np.inf
     p = str(tmp_path / "nan.safetensors")
-    data.save_features(p, t, {"model": "x"})
+    features.save_features(p, t, {"model": "x"})
     with pytest.raises(data.DataError) as e:
-        data.load_features(p)
+        features.load_features(p)
     msg = str(e.value)
     assert p in msg and "14 image(s)" in msg and "[102, 105, 110, 111, 112, 113, 114, 115, 116, 117] ..." in msg
 
@@ -326,9 +328,9 @@ def test_load_features_refuses_bad_files(tmp_path, case):
             t["image"] = t["image"].astype(np.float32)
         else:
             t["labels"] = t["labels"][:-1]
-        data.save_features(p, t, meta)
+        features.save_features(p, t, meta)
     with pytest.raises(data.DataError) as e:
-        data.load_features(p)
+        features.load_features(p)
     assert p in str(e.value) and "\n" not in str(e.value)
 
 
@@ -342,7 +344,8 @@ def _fold_cache(root, n=300):
     ids = feats["ids"].tolist()  # sorted
     dev, bad = ids[20:], [ids[25], ids[26]]
     val_folds = [dev[k::3] for k in range(3)]
-    data.save_features(root / "f.safetensors", dict(t, prompts=feats["prompts"]), dict(feats["meta"], bad_images=bad))
+    features.save_features(root / "f.safetensors", dict(t, prompts=feats["prompts"]),
+                           dict(feats["meta"], bad_images=bad))
     data.save_json(root / "splits.json", {"method": "random", "folds": 3, "seed": 0, "categories": data.COCO_CATEGORIES,
                                           "dev": dev, "test": ids[:20], "val_folds": val_folds,
                                           "stats": [{"size": len(f)} for f in val_folds]})
@@ -360,7 +363,7 @@ def test_load_fold_equals_the_whole_cache_gathered(tmp_path, monkeypatch):
     import folds
     from safetensors.torch import load_file
     feats, splits, bad = _fold_cache(tmp_path)
-    monkeypatch.setattr(data, "_CHUNK_BYTES", 7 * 5 * 768 * 2)  # 7 caption rows per chunk: many, a ragged last one
+    monkeypatch.setattr(features, "_CHUNK_BYTES", 7 * 5 * 768 * 2)  # 7 caption rows per chunk: many, a ragged last one
     fold = folds.load_fold(_fold_args(feats, splits), torch.device("cpu"))
     whole, s = load_file(feats), json.loads(splits.read_text())
     row = {i: r for r, i in enumerate(whole["ids"].tolist())}
@@ -373,9 +376,9 @@ def test_load_fold_equals_the_whole_cache_gathered(tmp_path, monkeypatch):
             assert fold[name][k].dtype == whole[k].dtype and torch.equal(fold[name][k], whole[k][r]), (name, k)
     assert fold["skipped"] == {"train": 1, "val": 1}  # dev[5] is in fold 2, dev[6] in fold 0
     assert torch.equal(fold["prompts"], whole["prompts"]) and fold["meta"]["model"] == "planted"
-    tensors, _ = data.load_features(feats)
+    tensors, _ = features.load_features(feats)
     assert sorted(tensors) == sorted(whole) and all(torch.equal(tensors[k], whole[k]) for k in whole)
-    picked = data.load_embeddings(feats, [torch.tensor([5, 0, 5, 299]), []])  # any order, repeats, empty
+    picked = features.load_embeddings(feats, [torch.tensor([5, 0, 5, 299]), []])  # any order, repeats, empty
     assert torch.equal(picked[0]["text"], whole["text"][[5, 0, 5, 299]]) and picked[1]["image"].shape == (0, 2, 768)
 
 
@@ -388,7 +391,7 @@ def test_load_fold_refuses_bad_caches_in_one_line(tmp_path, capsys):
     for case, content in (("truncated", raw[:-1000]), ("corrupt", raw[:8] + b"#" + raw[9:])):
         p = tmp_path / f"{case}.safetensors"
         p.write_bytes(content)
-        for load in (data.load_features, lambda q: data.load_embeddings(q, [None])):
+        for load in (features.load_features, lambda q: features.load_embeddings(q, [None])):
             with pytest.raises(data.DataError) as e:
                 load(p)
             assert str(p) in str(e.value) and "\n" not in str(e.value), case
@@ -396,16 +399,16 @@ def test_load_fold_refuses_bad_caches_in_one_line(tmp_path, capsys):
             folds.load_fold(_fold_args(p, splits), torch.device("cpu"))
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and str(p) in err and "\n" not in err, case
-    t, meta = data.load_features(feats)
+    t, meta = features.load_features(feats)
     t = {k: v.numpy() for k, v in t.items()}
     test_id = json.loads(splits.read_text())["test"][0]
     t["text"][np.flatnonzero(t["ids"] == test_id)[0], 0, 0] = np.inf
-    data.save_features(tmp_path / "nan.safetensors", t, meta)
+    features.save_features(tmp_path / "nan.safetensors", t, meta)
     with pytest.raises(SystemExit):
         folds.load_fold(_fold_args(tmp_path / "nan.safetensors", splits), torch.device("cpu"))
     assert f"1 image(s) have NaN/Inf embeddings (COCO ids [{test_id}])" in capsys.readouterr().err
     with pytest.raises(data.DataError, match="changed while it was read"):
-        data.load_embeddings(feats, [None], torch.arange(300))
+        features.load_embeddings(feats, [None], torch.arange(300))
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
 import extract_features
+import features
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SHARDS = 8  # 60 synthetic images / --shard_size 8: ranks 0 and 1 own shards 0,2,4,6 and 1,3,5,7
@@ -73,12 +73,12 @@ def plain(synthetic_coco, tiny_siglip, tmp_path_factory):
     subprocess.run([sys.executable, "extract_features.py", *base_args(synthetic_coco, tiny_siglip, out)], cwd=ROOT,
                    env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"), check=True, capture_output=True)
     secs = time.time() - t0
-    tensors, meta = data.load_features(out)
+    tensors, meta = features.load_features(out)
     return tensors, meta, secs
 
 
 def assert_same_cache(path, plain):
-    t, meta = data.load_features(path)
+    t, meta = features.load_features(path)
     ref, ref_meta, _ = plain
     assert t.keys() == ref.keys() and all(torch.equal(t[k], ref[k]) for k in ref)  # tensor for tensor
     assert meta == ref_meta

@@ -20,6 +20,8 @@ from sklearn.metrics import average_precision_score
 
 import data
 import evaluate
+import evaluate_outputs
+import features
 import metrics
 import retrieval
 import model
@@ -41,7 +43,7 @@ def make_data(root, n=160, dim=32, folds=5, n_test=40, seed=0, ids=None, labels=
         f["ids"] = np.asarray(ids, dtype=np.int64)
     if labels is not None:
         f["labels"] = np.asarray(labels, dtype=np.uint8)
-    data.save_features(root / "feat.safetensors", f, f["meta"])
+    features.save_features(root / "feat.safetensors", f, f["meta"])
     perm = np.random.default_rng(seed).permutation(f["ids"])
     test, dev = sorted(perm[:n_test].tolist()), sorted(perm[n_test:].tolist())
     val = [sorted(dev[k::folds]) for k in range(folds)]
@@ -55,7 +57,7 @@ def make_fold(fold_dir, k, feats_path, splits_path, model_args=MODEL_ARGS, finis
     """What train.py leaves in a fold dir, with a randomly initialised head (seeded by k)."""
     torch.manual_seed(100 + k)
     head = model.HashHead(**model_args).eval()
-    tensors, fmeta = data.load_features(feats_path) if meta is None else ({}, meta)
+    tensors, fmeta = features.load_features(feats_path) if meta is None else ({}, meta)
     sha = hashlib.sha256(open(splits_path, "rb").read()).hexdigest() if os.path.isfile(splits_path) else "x"
     config = {"features": str(feats_path), "splits": str(splits_path), "fold": k, "seed": 42, "splits_sha256": sha,
               "features_meta": fmeta, "finished": finished}
@@ -88,7 +90,7 @@ def read_csv(path):
 
 def codes_and_probs(head, feats_path, ids):
     """Independent reference: head on each caption slot, masked mean of sigmoid / tanh codes, then sign."""
-    t, _ = data.load_features(feats_path)
+    t, _ = features.load_features(feats_path)
     r = np.searchsorted(t["ids"].numpy(), np.asarray(ids))
     img, txt, n = t["image"][r, 0].float(), t["text"][r].float(), t["n_captions"][r]
     with torch.no_grad():
@@ -102,7 +104,7 @@ def codes_and_probs(head, feats_path, ids):
 def caption_codes(head, feats_path, ids, query="sign"):
     """Independent reference: the sign (query "real": tanh) code of each (image, caption) pair -> list of
     (Q_c, bits), row index."""
-    t, _ = data.load_features(feats_path)
+    t, _ = features.load_features(feats_path)
     r = np.searchsorted(t["ids"].numpy(), np.asarray(ids))
     img, txt, n = t["image"][r, 0].float(), t["text"][r].float(), t["n_captions"][r].numpy()
     with torch.no_grad():
@@ -161,7 +163,7 @@ def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_p
         np.testing.assert_allclose(z["member_probs"][k], p, atol=1e-5)
         np.testing.assert_array_equal(z["labels"], y)
     # each checkpoint alone gives exactly its row of the ensemble's table (both heads); plots are not needed here
-    monkeypatch.setattr(evaluate.report, "save_plots", lambda *a, **kw: [])
+    monkeypatch.setattr(evaluate_outputs.report, "save_plots", lambda *a, **kw: [])
     for k in range(5):
         single = tmp_path / f"single{k}"
         run("--checkpoint", fake_run["run"] / f"fold{k}" / "best.pt", "--head", "both", "--bootstrap", 0,
@@ -233,12 +235,12 @@ def test_thresholds_oof_never_look_at_test(fake_run, tmp_path):
     assert all(float(r["at_oof"]) == pytest.approx(tuned[r["metric"]], abs=1e-12) for r in table)
     assert a["thresholds"]["0.5"]["f1_macro"] == a["ensemble"]["mlp"]["f1_macro"]
     # different test labels: the same thresholds (the test split chooses nothing), different test metrics
-    t, meta = data.load_features(fake_run["feats"])
+    t, meta = features.load_features(fake_run["feats"])
     test_rows = np.isin(t["ids"].numpy(), splits["test"])
     labels = t["labels"].numpy().copy()
     labels[test_rows] = 1 - labels[test_rows]
     other = dict({k: v.numpy() for k, v in t.items()}, labels=labels)
-    data.save_features(tmp_path / "flipped.safetensors", other, meta)
+    features.save_features(tmp_path / "flipped.safetensors", other, meta)
     b = run("--ensemble", fake_run["run"], "--features", tmp_path / "flipped.safetensors", "--thresholds", "oof",
             "--bootstrap", 0, "--out_dir", tmp_path / "b", "--device", "cpu")
     assert json.loads((tmp_path / "b" / "thresholds.json").read_text())["thresholds"] == info["thresholds"]

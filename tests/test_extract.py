@@ -18,6 +18,7 @@ from PIL import Image
 
 import data
 import extract_features
+import features
 import model
 import images
 
@@ -39,7 +40,7 @@ def clean(synthetic_coco, tiny_siglip, tmp_path_factory):
     """One uninterrupted run over the whole synthetic COCO -> (path, tensors, meta)."""
     out = tmp_path_factory.mktemp("clean") / "features.safetensors"
     run(*base_args(synthetic_coco, tiny_siglip, out))
-    tensors, meta = data.load_features(out)
+    tensors, meta = features.load_features(out)
     return out, tensors, meta
 
 
@@ -115,8 +116,8 @@ def test_views_seeded_and_view0_plain(clean, coco, synthetic_coco, tiny_siglip, 
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     run(*base_args(synthetic_coco, tiny_siglip, a, "--views", 3, "--limit", 4, "--no_prompts"))
     run(*base_args(synthetic_coco, tiny_siglip, b, "--views", 3, "--limit", 4, "--no_prompts", "--num_workers", 2))
-    ta, ma = data.load_features(a)
-    tb, _ = data.load_features(b)
+    ta, ma = features.load_features(a)
+    tb, _ = features.load_features(b)
     assert ta["image"].shape[1] == 3 and ma["views"] == "3" and ma["limit"] == "4" and "prompts" not in ta
     ids, splits = np.asarray(coco["ids"]), np.asarray(coco["splits"])
     first = np.concatenate([ids[splits != "test"][:4], ids[splits == "test"][:4]])  # --limit: N dev + N test
@@ -161,7 +162,7 @@ def test_sigkill_resume_equals_clean(clean, synthetic_coco, tiny_siglip, tmp_pat
     with open(os.path.join(parts, "shard_00001.tmp999.safetensors"), "wb") as f:  # as a kill mid-write leaves
         f.write(b"half a shard")
     run(*argv)  # resumes: shard 0 is kept, the rest encoded, then merged
-    t, meta = data.load_features(out)
+    t, meta = features.load_features(out)
     _, ref, ref_meta = clean
     assert t.keys() == ref.keys() and all(torch.equal(t[k], ref[k]) for k in t)
     assert meta == ref_meta
@@ -195,7 +196,7 @@ def test_bad_images_listed_then_skipped(synthetic_coco, tiny_siglip, coco, tmp_p
     assert len([ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("error: ")]) == 1  # one line
     assert not out.exists() and not os.path.exists(str(out) + ".parts")
     run(*base_args(root, tiny_siglip, out, "--skip_bad_images"))
-    t, meta = data.load_features(out)
+    t, meta = features.load_features(out)
     bad = sorted([int(c["ids"][3]), int(c["ids"][10])])
     assert sorted(json.loads(meta["bad_images"])) == bad
     assert not set(bad) & set(t["ids"].tolist())

@@ -12,6 +12,7 @@ import pytest
 
 import data
 import evaluate
+import features
 import metrics
 import synthetic
 import train
@@ -29,8 +30,8 @@ def planted_cache(root, n=240, dim=32, folds=3, seed=0, n_bad=0):
     splits = {"method": "random", "folds": folds, "seed": seed, "categories": data.COCO_CATEGORIES, "dev": dev,
               "test": test, "val_folds": val_folds,
               "stats": [{"size": len(f), "positives": [0] * 80} for f in val_folds]}
-    data.save_features(root / "features.safetensors", {k: v for k, v in feats.items() if k not in ("meta",)},
-                       feats["meta"])
+    features.save_features(root / "features.safetensors", {k: v for k, v in feats.items() if k not in ("meta",)},
+                           feats["meta"])
     data.save_json(root / "splits.json", splits)
     return root / "features.safetensors", root / "splits.json"
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import features
 import metrics
 import model
 import train
@@ -29,7 +30,7 @@ def _write_cache(root, n=300, seed=0, drop_ids=()):
               "stats": [{"size": len(f), "positives": [0] * 80} for f in folds]}
     keep = ~np.isin(feats["ids"], list(drop_ids))
     tensors = {k: v[keep] for k, v in feats.items() if k not in ("meta", "prompts")}
-    data.save_features(root / "features.safetensors", tensors, feats["meta"])
+    features.save_features(root / "features.safetensors", tensors, feats["meta"])
     data.save_json(root / "splits.json", splits)
     return root / "features.safetensors", root / "splits.json"
 
@@ -81,7 +82,7 @@ def test_outputs_and_formats(cache, full_run):
     assert pred["codes"].shape == (cfg["n_val"], 16) and set(np.unique(pred["codes"])) <= {-1, 1}
     head = model.HashHead(**ckpt["model_args"]).eval()
     head.load_state_dict(ckpt["model"])
-    tensors, _ = data.load_features(cache[0])
+    tensors, _ = features.load_features(cache[0])
     row = {int(i): r for r, i in enumerate(tensors["ids"].tolist())}
     with torch.no_grad():
         for j in (0, 7, len(pred["ids"]) - 1):
