@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import features
 import knn
 import model
 import synthetic
@@ -232,7 +233,7 @@ def test_head_learns_planted_labels(tmp_path):
     straight on the Linear, full hash weight from step 0, lr 2e-4) stays near chance on the same data."""
     import train
     feats = synthetic.make_planted_features(2000, seed=1)
-    data.save_features(tmp_path / "f.safetensors", feats, feats["meta"])
+    features.save_features(tmp_path / "f.safetensors", feats, feats["meta"])
     ids = feats["ids"]
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(ids))

@@ -10,6 +10,7 @@ from PIL import Image
 
 import aggregate
 import data
+import features
 import evaluate
 import extract_features
 import knn
@@ -78,7 +79,7 @@ def test_image_without_text_is_scored_from_its_image():
 
 def _planted_run(root, num_classes, categories, *flags, n=360, folds=2, dim=32, train_folds=None):
     feats = synthetic.make_planted_features(n, dim=dim, seed=3, num_classes=num_classes, categories=categories)
-    data.save_features(root / "f.safetensors", feats, feats["meta"])
+    features.save_features(root / "f.safetensors", feats, feats["meta"])
     ids = feats["ids"].tolist()
     test, dev = sorted(ids[:60]), sorted(ids[60:])
     splits = {"protocol": "karpathy_cv", "method": "random", "folds": folds, "seed": 0,
@@ -154,7 +155,7 @@ def test_second_loader_20_classes_without_captions(tmp_path, tiny_siglip, capsys
     run(make_splits, "--data_root", manifest, "--folds", 2, "--out", tmp_path / "s.json")
     run(extract_features, "--data_root", manifest, "--model", tiny_siglip, "--out", tmp_path / "f.safetensors",
         "--device", "cpu", "--num_workers", 0, "--batch_size", 16)
-    tensors, meta = data.load_features(tmp_path / "f.safetensors")
+    tensors, meta = features.load_features(tmp_path / "f.safetensors")
     assert tensors["labels"].shape == (48, 20) and int(tensors["n_captions"].max()) == 0
     common = ["--features", tmp_path / "f.safetensors", "--splits", tmp_path / "s.json", "--epochs", 2, "--bits", 16,
               "--mlp_dims", 16, "--batch_size", 8, "--device", "cpu", "--num_threads", 1]
@@ -177,7 +178,7 @@ def _views_cache(root, views=3):
     offsets[:, 0] = 0
     feats["image"] = (img + offsets).astype(np.float16)  # (N, V, D)
     feats["meta"]["views"] = views
-    data.save_features(root / "f.safetensors", feats, feats["meta"])
+    features.save_features(root / "f.safetensors", feats, feats["meta"])
     ids = feats["ids"].tolist()
     test, dev = sorted(ids[:40]), sorted(ids[40:])
     data.save_json(root / "s.json", {"protocol": "karpathy_cv", "method": "random", "folds": 2, "seed": 0,
@@ -237,7 +238,7 @@ def test_hashnet_protocol_retrieval_end_to_end(tmp_path):
     (minus the queries) and reports mAP@5000 / @all under every counting rule, each equal to retrieval_map."""
     import retrieval
     feats = synthetic.make_planted_features(400, dim=32, seed=6)
-    data.save_features(tmp_path / "f.safetensors", feats, feats["meta"])
+    features.save_features(tmp_path / "f.safetensors", feats, feats["meta"])
     ids = feats["ids"].tolist()
     test, dev, rest = sorted(ids[:50]), sorted(ids[50:250]), ids[250:]
     database = sorted(dev + rest)  # every labelled image that is not a query, the training images included
