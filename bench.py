@@ -6,7 +6,7 @@ embeddings, random codes, JPEGs, and SigLIP2 towers built from their config with
 loop), 3 metrics (vs scikit-learn), 4 splits (vs KFold), 5 knn (vs a full matrix + argsort), 6 retrieval (vs
 CalcTopMap), 7 memory (train.py's peak RSS vs the cache file), 8 decode (extract_features' loader, workers vs
 in-process). Tables and what each figure is: docs/BENCHMARKS.md; the learning check on planted data:
-bench_learning.py.
+bench_learning.py; how it measures (best-of-n wall time, peak RSS of a call or a child process): timing.py.
 
     python bench.py                                # every section at COCO scale -> bench.json (~10 min on 2 cores)
     python bench.py --quick --out /tmp/bench.json  # small sizes, a tiny encoder: what tests/test_bench.py runs
@@ -19,7 +19,6 @@ import datetime
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,10 +39,10 @@ import references
 import retrieval
 import synthetic
 import train
+from timing import best_time, child_peak, peak_during, sync, timed
 
 SECTIONS = ("encoder", "epoch", "metrics", "splits", "knn", "retrieval", "memory", "decode")
 GPU_SECTIONS = ("encoder", "epoch", "knn")
-HERE = os.path.dirname(os.path.abspath(__file__))
 N_DEV, N_TEST, N_TRAIN, N_VAL = 118_287, 5_000, 94_630, 23_657  # COCO dev pool, test, one fold's train / val
 FOLDS, EPOCHS, CAPTIONS = 5, 20, 5
 
@@ -77,39 +76,7 @@ def get_args_parser():
     return p
 
 
-# ----------------------------------------------------------------------------- helpers
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def best_time(fn, repeats=3, warmup=1, device="cpu"):
-    """Best wall time of fn() over `repeats` runs after `warmup` untimed ones (noise only ever adds time)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    return min(timed(lambda: (fn(), sync(device)))[1] for _ in range(repeats))
-
-
-def timed(call):
-    """-> (call(), its wall time in seconds): for calls too long to repeat."""
-    t = time.perf_counter()
-    return call(), time.perf_counter() - t
-
-
-def peak_during(call):
-    """-> (call(), seconds, MiB of resident memory it added at its peak). VmHWM is reset to the current RSS first
-    (Linux >= 4.0; ru_maxrss cannot be reset), so the figure is page-exact for this call alone."""
-    def rss(field):
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":")) / 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = rss("VmRSS")
-    out, sec = timed(call)
-    return out, sec, rss("VmHWM") - base
-
+# ----------------------------------------------------------------------------- training setup
 
 def rows_of(fold, rows, dtype=None):
     """The training rows `rows` of a fold as a fold of their own; dtype: its embeddings converted once."""
@@ -300,21 +267,6 @@ def bench_retrieval(quick, device="cpu", seed=0):
 
 
 # ----------------------------------------------------------------------------- 7. memory of a training run
-
-def child_peak(code, *argv):
-    """`python -c code argv` in a fresh process -> (its peak RSS in MiB, s). The child reads its own VmHWM at the
-    end: ru_maxrss of a child would include the parent's RSS at the fork (Linux carries it over the exec)."""
-    code += "\nprint(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')), file=sys.stderr)"
-    with tempfile.TemporaryFile() as err:
-        t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL, stderr=err, cwd=HERE,
-                           env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-        err.seek(0)
-        log = err.read().decode(errors="replace")
-    if r.returncode or "VmHWM" not in log:
-        raise RuntimeError(f"python -c {code.splitlines()[0]!r} failed (exit {r.returncode}):\n{log[-3000:]}")
-    return int(log.rsplit("VmHWM:", 1)[1].split()[0]) / 1024, time.perf_counter() - t
-
 
 def bench_memory(quick, device="cpu", seed=0):
     sizes = (600, 1200) if quick else ((N_DEV + N_TEST) // 2, N_DEV + N_TEST)  # the larger: COCO's 123,287
