@@ -12,7 +12,9 @@ images and a larger set contains the smaller ones.
 Per size: two scikit-learn probes (one-vs-rest logistic regression, C = 1, on L2-normalised [image, caption]:
 "each" trains on one random caption per image and averages its probabilities over the captions, as the head
 does; "mean" sees the mean of the captions), and train.py at default flags with --bits 64 / 0 and --text_input
-each / mean (plus RUNS' other rows). The KNN head is the one train.py scores at the end of a run (val_metrics.json
+each / mean (plus RUNS' other rows). Each probe is also scored with its weight matrix cut to its top 64 singular
+directions (probe_<kind>_rank64): a linear model through a 64-dimensional code, the reference for the linear
+small-data head into 64 bits. The KNN head is the one train.py scores at the end of a run (val_metrics.json
 "knn"). Work files go to --work/{full,quick}_seed<seed>/ and are reused (train.py --resume), so an interrupted
 study picks up where it stopped. Not timed: it measures learning. Results: docs/EXPERIMENTS.md.
 """
@@ -41,6 +43,7 @@ SIZES = (2500, 9000, 25000, 94630)  # 94,630: the training set of a Karpathy 5-f
 RUNS = {"bits64": [], "bits0": ["--bits", "0"], "bits64_mean": ["--text_input", "mean"],
         "bits0_mean": ["--bits", "0", "--text_input", "mean"]}  # train.py flags on top of the defaults
 PROBES = ("each", "mean")
+RANK = 64  # the probe is also scored cut to this rank (the code length of the 64-bit head)
 TARGETS = [("bits64", "each", 0.02), ("bits0", "each", 0.01), ("bits64_mean", "mean", 0.02),
            ("bits0_mean", "mean", 0.01)]  # (run, probe, at most this far below it), issue 21's acceptance
 
@@ -123,14 +126,29 @@ def probe(feats, splits, text_input, jobs, seed=0):
         xt = x(tr, tr["text"][torch.arange(len(pick)), pick])
     t = time.perf_counter()
     clf = OneVsRestClassifier(LogisticRegression(C=1.0, max_iter=1000), n_jobs=jobs).fit(xt, tr["labels"].numpy())
+    # the same probe with its (C, 2D) weight matrix cut to its top RANK singular directions (truncated SVD): a
+    # linear model through a RANK-dimensional code, as the small-data head into 64 bits is
+    # (a class without a training positive has a constant predictor, kept as it is)
+    lin = [i for i, e in enumerate(clf.estimators_) if hasattr(e, "coef_")]
+    w = np.stack([clf.estimators_[i].coef_[0] for i in lin])  # (C', 2D)
+    b = np.array([clf.estimators_[i].intercept_[0] for i in lin])
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    w_low = (u[:, :RANK] * s[:RANK]) @ vt[:RANK]
+
+    def low_rank(xv):
+        p = clf.predict_proba(xv)
+        p[:, lin] = 1 / (1 + np.exp(-(xv @ w_low.T + b)))
+        return p
+    score = {"full": clf.predict_proba, "low": low_rank}
     if text_input == "mean":
-        p = clf.predict_proba(x(va, va["text"].float().sum(1)))
+        p = {k: f(x(va, va["text"].float().sum(1))) for k, f in score.items()}
     else:
         n = va["n_captions"].clamp_min(1).numpy()[:, None]
-        p = sum(clf.predict_proba(x(va, va["text"][:, c])) * (va["n_captions"] > c).numpy()[:, None]
-                for c in range(va["text"].shape[1])) / n
-    return dict(metrics.compute_all(va["labels"].numpy(), p), n_train=len(xt), n_val=len(va["ids"]),
-                seconds=round(time.perf_counter() - t, 1))
+        p = {k: sum(f(x(va, va["text"][:, c])) * (va["n_captions"] > c).numpy()[:, None]
+                    for c in range(va["text"].shape[1])) / n for k, f in score.items()}
+    y = va["labels"].numpy()
+    return dict(metrics.compute_all(y, p["full"]), n_train=len(xt), n_val=len(va["ids"]),
+                seconds=round(time.perf_counter() - t, 1), rank=RANK, low_rank=metrics.compute_all(y, p["low"]))
 
 
 def train_runs(jobs, threads):
@@ -156,10 +174,11 @@ def size_row(work, size, runs, jobs):
     row = {"size": size}
     for kind in PROBES:
         path = os.path.join(work, str(size), f"probe_{kind}.json")
-        if not os.path.exists(path):
-            data.save_json(path, probe(feats, splits, kind, jobs))
-        with open(path) as f:
-            row[f"probe_{kind}"] = json.load(f)["mAP_macro"]
+        res = json.load(open(path)) if os.path.exists(path) else {}
+        if "low_rank" not in res:  # new, or written before the rank-64 column
+            res = probe(feats, splits, kind, jobs)
+            data.save_json(path, res)
+        row.update({f"probe_{kind}": res["mAP_macro"], f"probe_{kind}_rank{RANK}": res["low_rank"]["mAP_macro"]})
     for name in runs:
         out = os.path.join(work, str(size), name)
         with open(os.path.join(out, "val_metrics.json")) as f:

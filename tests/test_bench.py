@@ -81,18 +81,20 @@ def test_bad_flags_are_one_line_errors(capsys):
 
 
 @pytest.mark.skipif(not os.environ.get("BENCH_LEARNING"), reason="set BENCH_LEARNING=1 to run bench_learning.py "
-                    "--quick (~30 s: a planted cache, a probe, three train.py runs and two evaluate.py runs)")
+                    "--quick (~30 s: a planted cache, four probes, four train.py runs)")
 def test_bench_learning_quick(tmp_path):
     import bench_learning
-    args = bench_learning.get_args_parser().parse_args(["--quick", "--threads", "1", "--work", str(tmp_path / "work"),
-                                                        "--out", str(tmp_path / "l.json")])
+    args = bench_learning.get_args_parser().parse_args(["--quick", "--threads", "1", "--runs", "bits64,bits0", "--work",
+                                                        str(tmp_path / "work"), "--out", str(tmp_path / "l.json")])
     res = bench_learning.main(args)
-    for key in ("probe_mAP_macro", "bits64_mAP_macro", "bits0_mAP_macro", "bits64_knn_mAP_macro", "knn64_mAP_macro",
-                "knn64_knn_mAP_macro"):
-        assert 0 < res[key] <= 1, key
-    assert res["bits64_best_epoch"] in (1, 2) and res["n_train"] + res["n_val"] == 1425  # 1,500 - 75 test images
-    for name in ("bits64", "knn64"):  # evaluate.py scores what train.py validated
-        assert abs(res[f"{name}_eval_mAP_macro"] - res[f"{name}_mAP_macro"]) < 1e-6, name
+    assert [r["size"] for r in res["rows"]] == [500, 1000] and res["n_val"] == 500  # 3,000 // 6
+    for row in res["rows"]:
+        for key in ("probe_each", "probe_each_rank64", "probe_mean", "probe_mean_rank64", "bits64", "bits64_knn", "bits0"):
+            assert 0 < row[key] <= 1, (row["size"], key)
+        assert row["bits64_n_train"] == row["size"] and row["bits64_epoch"] in (1, 2)
+        assert set(row["targets"]) == {"bits64", "bits0"}
+        gap = row["targets"]["bits64"]["gap"]
+        assert gap == pytest.approx(row["probe_each"] - row["bits64"])
     work = tmp_path / "work" / "quick_seed0"  # one folder per setting: a full run never reuses quick work
-    assert json.load(open(work / "knn64" / "config.json"))["code_classifier"] == "centres"
-    assert bench_learning.main(args)["bits64_mAP_macro"] == res["bits64_mAP_macro"]  # a rerun reuses the work
+    assert json.load(open(work / "1000" / "probe_each.json"))["rank"] == 64
+    assert bench_learning.main(args)["rows"] == res["rows"]  # a rerun reuses the work
