@@ -43,7 +43,7 @@ SIZES = (2500, 9000, 25000, 94630)  # 94,630: the training set of a Karpathy 5-f
 RUNS = {"bits64": [], "bits0": ["--bits", "0"], "bits64_mean": ["--text_input", "mean"],
         "bits0_mean": ["--bits", "0", "--text_input", "mean"]}  # train.py flags on top of the defaults
 PROBES = ("each", "mean")
-RANK = 64  # the probe is also scored cut to this rank (the code length of the 64-bit head)
+RANK = train.HEAD["bits"]  # the probe is also scored cut to this rank: the default code length
 TARGETS = [("bits64", "each", 0.02), ("bits0", "each", 0.01), ("bits64_mean", "mean", 0.02),
            ("bits0_mean", "mean", 0.01)]  # (run, probe, at most this far below it), issue 21's acceptance
 
@@ -132,23 +132,28 @@ def probe(feats, splits, text_input, jobs, seed=0):
     lin = [i for i, e in enumerate(clf.estimators_) if hasattr(e, "coef_")]
     w = np.stack([clf.estimators_[i].coef_[0] for i in lin])  # (C', 2D)
     b = np.array([clf.estimators_[i].intercept_[0] for i in lin])
-    u, s, vt = np.linalg.svd(w, full_matrices=False)
-    w_low = (u[:, :RANK] * s[:RANK]) @ vt[:RANK]
+    u, sv, vt = np.linalg.svd(w, full_matrices=False)
+    w_low = (u[:, :RANK] * sv[:RANK]) @ vt[:RANK]
 
-    def low_rank(xv):
-        p = clf.predict_proba(xv)
-        p[:, lin] = 1 / (1 + np.exp(-(xv @ w_low.T + b)))
-        return p
-    score = {"full": clf.predict_proba, "low": low_rank}
+    def both(xv):  # (n, 2D) -> the probe's and the rank-RANK probe's probabilities, (n, C) each
+        full = clf.predict_proba(xv)
+        low = full.copy()
+        low[:, lin] = 1 / (1 + np.exp(-(xv @ w_low.T + b)))
+        return full, low
     if text_input == "mean":
-        p = {k: f(x(va, va["text"].float().sum(1))) for k, f in score.items()}
+        full, low = both(x(va, va["text"].float().sum(1)))
     else:
+        full = low = 0.0
+        for c in range(va["text"].shape[1]):
+            has = (va["n_captions"] > c).numpy()[:, None]  # (n, 1)
+            p_full, p_low = both(x(va, va["text"][:, c]))
+            full, low = full + p_full * has, low + p_low * has
         n = va["n_captions"].clamp_min(1).numpy()[:, None]
-        p = {k: sum(f(x(va, va["text"][:, c])) * (va["n_captions"] > c).numpy()[:, None]
-                    for c in range(va["text"].shape[1])) / n for k, f in score.items()}
+        full, low = full / n, low / n
     y = va["labels"].numpy()
-    return dict(metrics.compute_all(y, p["full"]), n_train=len(xt), n_val=len(va["ids"]),
-                seconds=round(time.perf_counter() - t, 1), rank=RANK, low_rank=metrics.compute_all(y, p["low"]))
+    return dict(metrics.compute_all(y, full), n_train=len(xt), n_val=len(va["ids"]),
+                seconds=round(time.perf_counter() - t, 1), rank=RANK, low_rank=metrics.compute_all(y, low),
+                singular_values=[round(float(v), 4) for v in sv])
 
 
 def train_runs(jobs, threads):
@@ -174,8 +179,11 @@ def size_row(work, size, runs, jobs):
     row = {"size": size}
     for kind in PROBES:
         path = os.path.join(work, str(size), f"probe_{kind}.json")
-        res = json.load(open(path)) if os.path.exists(path) else {}
-        if "low_rank" not in res:  # new, or written before the rank-64 column
+        res = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                res = json.load(f)
+        if "singular_values" not in res:  # new, or written before the rank-64 column
             res = probe(feats, splits, kind, jobs)
             data.save_json(path, res)
         row.update({f"probe_{kind}": res["mAP_macro"], f"probe_{kind}_rank{RANK}": res["low_rank"]["mAP_macro"]})

@@ -80,6 +80,21 @@ def test_bad_flags_are_one_line_errors(capsys):
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
+def test_rank_cut_probe_is_the_probe_at_full_rank(tmp_path, monkeypatch):
+    """bench_learning's rank-64 reference rebuilds the probe from its weights: uncut, it is the probe itself."""
+    import bench_learning
+    feats, _ = bench_learning.write_data(str(tmp_path), 3000, 0, [500])
+    splits = str(tmp_path / "splits_500.json")
+    cut = bench_learning.probe(feats, splits, "each", 1)
+    monkeypatch.setattr(bench_learning, "RANK", 80)
+    full = bench_learning.probe(feats, splits, "mean", 1)
+    assert full["low_rank"]["mAP_macro"] == pytest.approx(full["mAP_macro"], abs=1e-9)
+    assert full["low_rank"]["f1_micro"] == pytest.approx(full["f1_micro"], abs=1e-9)
+    sv = cut["singular_values"]
+    assert sv == sorted(sv, reverse=True) and len(sv) <= 80 and cut["rank"] == 64
+    assert cut["low_rank"]["mAP_macro"] != cut["mAP_macro"]
+
+
 @pytest.mark.skipif(not os.environ.get("BENCH_LEARNING"), reason="set BENCH_LEARNING=1 to run bench_learning.py "
                     "--quick (~30 s: a planted cache, four probes, four train.py runs)")
 def test_bench_learning_quick(tmp_path):
