@@ -161,7 +161,7 @@ def naive_epoch(fold, n_rows, device, seed=0):
         img, txt, y = (torch.stack(col).to(device).float() for col in zip(*items))  # (B, D), (B, D), (B, C)
         with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
             out = head(img, txt)
-        loss, _ = model.head_loss(out.logits, y, out.codes)  # floats: a host sync per step
+        loss, _ = model.head_loss(out.logits, y, out.codes, evidence=out.evidence)  # floats: a host sync per step
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)

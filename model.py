@@ -126,30 +126,33 @@ FUSIONS = ("hadamard", "concat")
 INPUT_NORMS = ("batchnorm", "none")
 HASH_NORMS = ("batchnorm", "none")
 CODE_CLASSIFIERS = ("learned", "centres")
+CODE_FROM = ("evidence", "hidden")
 TEXT_INPUTS = ("each", "mean")
 
 
-SMALL_DATA = 20_000  # below this many training images the recipe is a linear head (recipe_defaults)
+SMALL_DATA = 20_000  # from this many training images the bits-0 baseline is an MLP (recipe_defaults)
+BASELINE_MLP = [1024, 512]  # the plain-MLP baseline's hidden widths (--bits 0 from SMALL_DATA images on)
 
 
 def recipe_defaults(bits, n_train=None, code_classifier="learned"):
     """The recipe's values that depend on the code length and the training-set size, in one place (chosen on
-    planted data, docs/EXPERIMENTS.md). With a hash layer: peak lr 2e-3, input dropout 0.35; without (bits 0):
-    3e-4 and 0.5; gain of the classifier on the codes 5 (2 for the fixed centres, whose scale it sets).
-    Below SMALL_DATA training images (n_train; None = a large set, HashHead's signature) the head is linear on
-    the raw fusion vector: no hidden layer, no input or hash BatchNorm, peak lr 1e-2. There the MLP memorises
-    its few images and the standardised input makes the random initial function a noise the few optimizer
-    steps never remove: the linear head is 4-10 points better at 2,500 and 9,000 planted images."""
-    out = {"lr": 3e-4 if bits == 0 else 2e-3, "input_dropout": 0.5 if bits == 0 else 0.35,
+    planted data, docs/EXPERIMENTS.md). With a hash layer, at every size: HashHead's signature (a linear
+    evidence layer on the raw fusion vector, codes made from the evidence), peak lr 1e-2, input dropout 0.35,
+    gain of the classifier on the codes 5 (2 for the fixed centres, whose scale it sets). Without (bits 0, the
+    plain baseline), input dropout 0.5 and, from SMALL_DATA training images (n_train; None = a large set), an
+    MLP of BASELINE_MLP on the standardised fusion vector at peak lr 3e-4; below, the linear head at 1e-2 (the
+    MLP memorises a few thousand images: the linear head was 4-10 points better at 2,500 and 9,000)."""
+    out = {"lr": 1e-2, "input_dropout": 0.35 if bits > 0 else 0.5,
            "code_gain": 2.0 if code_classifier == "centres" else 5.0}
-    if n_train is not None and n_train < SMALL_DATA:
-        out.update(lr=1e-2, mlp_dims=[], input_norm="none", hash_norm="none")
+    if bits == 0 and (n_train is None or n_train >= SMALL_DATA):
+        out.update(lr=3e-4, mlp_dims=list(BASELINE_MLP), input_norm="batchnorm")
     return out
 
 
 class HeadOutput(NamedTuple):
-    logits: torch.Tensor  # (B, C)
+    logits: torch.Tensor  # (B, C): the classifier on the codes (on the MLP without a hash layer)
     codes: Optional[torch.Tensor]  # (B, bits) tanh codes in (-1, 1); None without a hash layer
+    evidence: Optional[torch.Tensor] = None  # (B, C) the evidence logits the codes are made from (code_from "evidence")
 
 
 class Dropout(nn.Dropout):
@@ -170,9 +173,9 @@ def _per_group(norm, x, groups):
 
 
 class HashHead(nn.Module):
-    """Trainable head on frozen image/text embeddings: fusion -> MLP -> tanh hash codes -> C logits.
-    The defaults of this signature are the recipe train.py trains on SMALL_DATA or more training images (below,
-    recipe_defaults makes it linear) and the README reports.
+    """Trainable head on frozen image/text embeddings: fusion -> MLP -> class evidence -> tanh hash codes -> C logits.
+    The defaults of this signature are the recipe train.py trains with a hash layer, at every training-set size,
+    and the README reports: fusion -> Linear (the evidence, C logits) -> 64-bit codes -> classifier.
 
     inputs: what the head sees, "both" (image + text), "image" or "text". decompose=True splits each embedding
     v into its direction d = v/|v| and log-magnitude m = log|v|; fusion "hadamard" feeds [d_i, d_t, d_i*d_t,
@@ -180,24 +183,32 @@ class HashHead(nn.Module):
     A text vector of zeros means "no text" (an image without captions): its text columns are set to 0 after
     the input BatchNorm, i.e. to their training mean (to 0 without it), so such an image is scored from its
     image alone.
+    mlp_dims: hidden widths before the evidence (or the codes); none by default: the raw fusion vector, whose
+    coordinates are ~0.04, makes the initial function nearly constant, which a few thousand images need.
     input_norm "batchnorm" standardises the fusion vector with a non-affine BatchNorm (as MAE's linear probe):
-    frozen SigLIP coordinates are ~0.04, which an MLP at a small lr barely moves from. hash_norm "batchnorm"
+    frozen SigLIP coordinates are ~0.04, which an MLP at a small lr barely moves from (the bits-0 MLP's). hash_norm "batchnorm"
     puts an affine BatchNorm between the hash Linear and tanh: centred pre-activations (balanced bits) whose
     scale BatchNorm's weight learns slowly, instead of exploding under Adam and saturating tanh.
+    code_from "evidence": the MLP (or the fusion vector, without hidden layers) goes to C class logits, the
+    evidence, trained by its own BCE (head_loss); the hash layer reads relu(evidence - prior log-odds), how far
+    each class stands above its prior: a sparse vector shaped like the image's label set, with the gradient
+    stopped, so the codes' loss does not bend the evidence. C independent classes do not fit a linear code of
+    fewer bits, but a sparse set of them does, and the classifier on the codes decodes it. "hidden": the hash
+    layer reads the last hidden layer (the original design). Measured in docs/EXPERIMENTS.md.
     code_classifier "centres" fixes the classifier on the codes to random +-1 class centres / sqrt(bits), only
     its bias learns: each class owns a share of the code and images sharing labels get nearby codes (what the
     KNN vote needs); "learned" trains it. code_gain multiplies its initial weights: bounded codes need larger
     weights than PyTorch's init gives, and Adam grows them only slowly. input_dropout / code_gain None: the
-    bits-dependent values of recipe_defaults (train.py also applies its
-    small-data values, which need the training-set size). bits=0 drops the hash layer (the plain-MLP baseline).
+    bits-dependent values of recipe_defaults. bits=0 drops the hash layer and the evidence: the plain
+    baseline, whose classifier reads the MLP (train.py gives it recipe_defaults' MLP from SMALL_DATA images on).
     Rebuild from a checkpoint with HashHead(**ckpt["model_args"]); the state dict carries everything else.
     """
 
     def __init__(self, dim=768, num_classes=80, inputs="both", fusion="hadamard", decompose=True,
-                 mlp_dims=(1024, 512), dropout=0.1, bits=64, input_norm="batchnorm", hash_norm="batchnorm",
-                 input_dropout=None, code_classifier="learned", code_gain=None):
+                 mlp_dims=(), dropout=0.1, bits=64, input_norm="none", hash_norm="none",
+                 input_dropout=None, code_classifier="learned", code_gain=None, code_from="evidence"):
         super().__init__()
-        for name, value, options in (("inputs", inputs, INPUTS), ("fusion", fusion, FUSIONS),
+        for name, value, options in (("inputs", inputs, INPUTS), ("fusion", fusion, FUSIONS), ("code_from", code_from, CODE_FROM),
                                      ("input_norm", input_norm, INPUT_NORMS), ("hash_norm", hash_norm, HASH_NORMS),
                                      ("code_classifier", code_classifier, CODE_CLASSIFIERS)):
             if value not in options:
@@ -210,7 +221,7 @@ class HashHead(nn.Module):
         self.model_args = dict(dim=int(dim), num_classes=int(num_classes), inputs=inputs, fusion=fusion,
                                decompose=bool(decompose), mlp_dims=[int(h) for h in mlp_dims], dropout=float(dropout),
                                bits=bits, input_norm=input_norm, hash_norm=hash_norm, input_dropout=input_dropout,
-                               code_classifier=code_classifier, code_gain=code_gain)
+                               code_classifier=code_classifier, code_gain=code_gain, code_from=code_from)
         self.inputs, self.fusion, self.decompose, self.bits = inputs, fusion, bool(decompose), bits
         # which fusion columns come from the text (zeroed for an image without text), in fuse's order
         d, m = [dim], [1] if self.decompose else []
@@ -228,6 +239,11 @@ class HashHead(nn.Module):
             layers += [nn.Linear(width, int(h)), nn.ReLU(inplace=True), Dropout(dropout)]
             width = int(h)
         self.mlp = nn.Sequential(*layers)
+        # code_from "evidence": class logits first (the plain classifier), the code is made from them
+        self.evidence = nn.Linear(width, num_classes) if bits > 0 and code_from == "evidence" else None
+        # the class log-odds the evidence is measured from (init_prior; 0 until then), in the state dict
+        self.register_buffer("prior_logit", torch.zeros(num_classes) if self.evidence is not None else None)
+        width = num_classes if self.evidence is not None else width
         self.hash = nn.Linear(width, bits) if bits > 0 else None
         self.hash_norm = nn.BatchNorm1d(bits) if bits > 0 and hash_norm == "batchnorm" else nn.Identity()
         self.classifier = nn.Linear(bits if bits > 0 else width, num_classes)
@@ -268,8 +284,13 @@ class HashHead(nn.Module):
             no_text = (txt == 0).all(-1, keepdim=True) if txt is not None else torch.ones_like(x[:, :1], dtype=torch.bool)
             x = x.masked_fill(no_text & self.text_cols, 0.0)
         z = self.mlp(self.input_dropout(x))  # (B, mlp_dims[-1])
-        h = torch.tanh(_per_group(self.hash_norm, self.hash(z), groups)) if self.hash is not None else None
-        return HeadOutput(self.classifier(h if h is not None else z), h)
+        if self.hash is None:
+            return HeadOutput(self.classifier(z), None)
+        e = self.evidence(z) if self.evidence is not None else None  # (B, C)
+        if e is not None:  # each class's evidence above its prior: sparse, shaped like the label set
+            z = torch.relu(e.detach() - self.prior_logit)  # detached: the codes' loss does not bend the evidence
+        h = torch.tanh(_per_group(self.hash_norm, self.hash(z), groups))
+        return HeadOutput(self.classifier(h), h, e)
 
     def sign_logits(self, h):
         """Logits of the binarised codes sign(h) (0 -> +1), with a straight-through gradient to h: what the
@@ -278,23 +299,27 @@ class HashHead(nn.Module):
 
     @torch.no_grad()
     def init_prior(self, prior, eps=1e-4):
-        """Set the classifier bias to log(p / (1 - p)) of the class prevalences p (num_classes,).
+        """Set the classifier bias (and the evidence layer's, and prior_logit) to log(p / (1 - p)) of the class
+        prevalences p (num_classes,).
 
         With rare positives, a zero bias makes the first epoch spend its updates pushing every logit down,
         which drives the tanh hash layer into saturation (|h| -> 1, no gradient below it). Starting at the
         priors removes that push. Called once by train.py from the fold's training labels; a checkpoint
         does not need it (the bias lives in the state dict)."""
         p = torch.as_tensor(prior, dtype=torch.float64).clamp(eps, 1 - eps)
-        self.classifier.bias.copy_((p / (1 - p)).log().to(self.classifier.bias))
+        log_odds = (p / (1 - p)).log().float()
+        for b in (self.classifier.bias,) + ((self.evidence.bias, self.prior_logit) if self.evidence is not None else ()):
+            b.copy_(log_odds.to(b))
 
 
 def head_loss(logits, targets, h, hash_weight=0.0, lambda_balance=0.1, lambda_decorr=0.01, as_float=True,
-              sign_logits=None, sign_weight=0.0):
-    """BCE + sign_weight * BCE of the binarised codes + hash_weight * (quantisation + lambda_balance * balance
-    + lambda_decorr * decorrelation). The hash regulariser is off by default (hash_weight 0): on planted data
+              sign_logits=None, sign_weight=0.0, evidence=None):
+    """BCE + the evidence layer's BCE (code_from "evidence") + sign_weight * BCE of the binarised codes
+    + hash_weight * (quantisation + lambda_balance * balance + lambda_decorr * decorrelation). The hash regulariser is off by default (hash_weight 0): on planted data
     it cost the MLP head ~2 points of mAP and did not help the KNN head (docs/EXPERIMENTS.md).
 
-    logits (B, C), targets (B, C) in {0, 1}, h (B, bits) tanh codes or None (no hash terms).
+    logits (B, C), targets (B, C) in {0, 1}, h (B, bits) tanh codes or None (no hash terms), evidence (B, C)
+    HeadOutput.evidence or None.
     quantisation = mean((|h| - 1)^2); balance = mean(bit_mean^2); decorrelation = sum of squared
     off-diagonal entries of the codes' covariance (unbiased, as torch.cov) / bits^2.
     Returns (loss, terms): terms maps bce/quant/balance/decorr/hash_reg to floats, or to detached 0-d
@@ -303,6 +328,9 @@ def head_loss(logits, targets, h, hash_weight=0.0, lambda_balance=0.1, lambda_de
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float())
     terms = {"bce": bce}
     loss = bce
+    if evidence is not None:
+        terms["bce_evidence"] = F.binary_cross_entropy_with_logits(evidence.float(), targets.float())
+        loss = loss + terms["bce_evidence"]
     if sign_logits is not None:
         terms["bce_sign"] = F.binary_cross_entropy_with_logits(sign_logits.float(), targets.float())
         loss = loss + sign_weight * terms["bce_sign"]

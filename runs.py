@@ -35,6 +35,14 @@ def save_checkpoint(path, head, opt, scaler, sched, state, config):
     data.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
+PREDATES = {"code_from": "hidden"}  # model_args keys added later, with the value a checkpoint without them had
+
+
+def stored_model_args(ckpt):
+    """A checkpoint's HashHead arguments, keys it predates filled as they were then (PREDATES)."""
+    return {**PREDATES, **ckpt["model_args"]}
+
+
 def read_resume(last_path, resume, fold, model_args_for):
     """-> the last.pt to continue from (None: a fresh start). Refuses to overwrite a run without --resume, and a
     checkpoint of another fold or other model flags (model_args_for(dim, num_classes, n_train): what the flags
@@ -50,7 +58,7 @@ def read_resume(last_path, resume, fold, model_args_for):
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
     except Exception as e:
         cli.fail(f"{last_path}: unreadable checkpoint ({type(e).__name__}); delete it to start over")
-    stored = model.HashHead(**ckpt["model_args"]).model_args  # a key the checkpoint predates: HashHead's default
+    stored = model.HashHead(**stored_model_args(ckpt)).model_args
     want = model.HashHead(**model_args_for(stored["dim"], stored["num_classes"], ckpt["config"]["n_train"])).model_args
     diff = [f"{k}: {stored[k]} in the checkpoint, {want[k]} now" for k in want if stored[k] != want[k]]
     if diff or ckpt["config"]["fold"] != fold:
@@ -104,7 +112,7 @@ def load_checkpoint(path):
     if not isinstance(ck, dict) or not {"model", "model_args", "config"} <= set(ck):
         cli.fail(f"{path}: not a train.py checkpoint (needs keys model, model_args, config); pass a best.pt")
     try:
-        head = model.HashHead(**ck["model_args"])
+        head = model.HashHead(**stored_model_args(ck))
         head.load_state_dict(ck["model"])
     except Exception as e:
         cli.fail(f"{path}: weights do not fit HashHead(**model_args) ({type(e).__name__}); re-train with this model.py")

@@ -7,8 +7,8 @@ Train the hash head on cached frozen SigLIP2 embeddings: one cross-validation fo
     python train.py ... --inputs image            # image only, as every published COCO number
     python train.py ... --baseline probe          # logistic-regression probe, written as a linear head
     python train.py ... --resume                  # continue an interrupted run from out_dir/last.pt
-    python train.py ... --input_norm none --hash_norm none --prior_init off --hash_weight 0.1 --hash_warmup 0 \
-        --lr 2e-4 --input_dropout 0 --code_classifier_gain 1  # the original recipe
+    python train.py ... --code_from hidden --mlp_dims 1024,512 --prior_init off --hash_weight 0.1 \
+        --hash_warmup 0 --lr 2e-4 --input_dropout 0 --code_classifier_gain 1  # the original recipe
 
 The towers are frozen, so training on their cached outputs is the same computation as running them in the
 loop. The fold stays in memory as float16 (as cached) and each batch is converted to float32; an epoch samples
@@ -39,11 +39,11 @@ import metrics
 import model
 import runs
 
-TERMS = ("loss", "bce", "bce_sign", "quant", "balance", "decorr", "hash_reg", "h_abs")  # per-step statistics
+TERMS = ("loss", "bce", "bce_evidence", "bce_sign", "quant", "balance", "decorr", "hash_reg", "h_abs")  # per-step statistics
 HEAD = {k: p.default for k, p in inspect.signature(model.HashHead).parameters.items()}  # the recipe's defaults
 LOSS = {k: p.default for k, p in inspect.signature(model.head_loss).parameters.items()}
-MODEL_FLAGS = ("inputs", "fusion", "decompose", "dropout", "bits", "code_classifier")  # + resolved()'s
-AUTO_FLAGS = ("lr", "input_dropout", "code_gain", "mlp_dims", "input_norm", "hash_norm")  # default None: resolved()
+MODEL_FLAGS = ("inputs", "fusion", "decompose", "dropout", "bits", "hash_norm", "code_classifier", "code_from")  # + resolved()'s
+AUTO_FLAGS = ("lr", "input_dropout", "code_gain", "mlp_dims", "input_norm")  # default None: resolved()
 
 
 def get_args_parser():
@@ -59,13 +59,14 @@ def get_args_parser():
     g.add_argument("--text_input", choices=model.TEXT_INPUTS, default="each", help="each: one caption per image per step, probabilities averaged over the captions at scoring; mean: the mean of a random caption subset per step, of all captions at scoring")
     g.add_argument("--fusion", choices=model.FUSIONS, default=HEAD["fusion"], help="hadamard: [d_i, d_t, d_i*d_t, m_i, m_t]; concat: [d_i, d_t, m_i, m_t]")
     g.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude")
-    g.add_argument("--mlp_dims", type=cli.int_list, default=None, help="hidden widths of the MLP, comma-separated ('' = a linear head); default: HashHead's 1024,512, none below model.SMALL_DATA training images (model.recipe_defaults)")
+    g.add_argument("--mlp_dims", type=cli.int_list, default=None, help="hidden widths of the MLP, comma-separated ('' = a linear head); default: none (HashHead's: the linear evidence layer on the raw fusion vector); 1024,512 for the --bits 0 baseline from model.SMALL_DATA training images on (model.recipe_defaults)")
     g.add_argument("--dropout", type=cli.fraction, default=HEAD["dropout"], help="dropout after each hidden layer")
     g.add_argument("--input_dropout", type=cli.fraction, default=None, help="dropout on the standardised fusion vector, against memorising the training images; default: model.recipe_defaults (0.35 with a hash layer, 0.5 without)")
     g.add_argument("--bits", type=cli.nonneg_int, default=HEAD["bits"], help="hash code length; 0 = no hash layer (plain-MLP baseline)")
-    g.add_argument("--input_norm", choices=model.INPUT_NORMS, default=None, help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns; default: batchnorm, none for the small-data linear head (model.recipe_defaults)")
-    g.add_argument("--hash_norm", choices=model.HASH_NORMS, default=None, help="BatchNorm between the hash Linear and tanh: balanced bits, no early tanh saturation; default: batchnorm, none for the small-data linear head (model.recipe_defaults)")
+    g.add_argument("--input_norm", choices=model.INPUT_NORMS, default=None, help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns; default: none (a linear head starts from a near-constant function), batchnorm for the --bits 0 MLP (model.recipe_defaults)")
+    g.add_argument("--hash_norm", choices=model.HASH_NORMS, default=HEAD["hash_norm"], help="BatchNorm between the hash Linear and tanh (balanced bits); off by default: the codes of the evidence do not need it")
     g.add_argument("--code_classifier", choices=model.CODE_CLASSIFIERS, default=HEAD["code_classifier"], help="classifier on the codes: learned, or fixed random +-1 class centres (only the bias trains: images sharing labels get nearby codes, the KNN head gains, the MLP head loses)")
+    g.add_argument("--code_from", choices=model.CODE_FROM, default=HEAD["code_from"], help="what the hash layer reads: evidence = the head's class logits above their priors (a sparse, label-shaped vector that 64 bits hold; the evidence layer learns from its own BCE), hidden = the last hidden layer")
     g.add_argument("--code_classifier_gain", dest="code_gain", type=cli.positive_float, default=None, help="multiplies the initial weights of the classifier on the tanh codes (bounded codes need larger weights than the default init); default: model.recipe_defaults (5, or 2 for the centres, whose scale it sets)")
     g.add_argument("--train_views", choices=("all", "plain"), default="all", help="all: each epoch draws one of the cache's image views per image (extract_features.py --views: augmentation); plain: view 0 only (the study's no-augmentation ablation)")
     g.add_argument("--prior_init", choices=("on", "off"), default="on", help="classifier bias = log(p/(1-p)) of the fold's class priors; keeps tanh out of saturation")
@@ -84,7 +85,7 @@ def get_args_parser():
     g.add_argument("--patience", type=cli.nonneg_int, default=3, help="stop after this many epochs without a better val mAP_macro (0 = never)")
     g.add_argument("--batch_size", type=cli.number(int, 2), default=32, help="micro-batch size (>= 2 for BatchNorm)")
     g.add_argument("--accum_steps", type=cli.positive_int, default=2, help="micro-batches per optimizer step, run as one pass with BatchNorm statistics per micro-batch; effective batch = batch_size * accum_steps")
-    g.add_argument("--lr", type=cli.positive_float, default=None, help="peak AdamW learning rate; default: model.recipe_defaults (2e-3 with a hash layer, 3e-4 without; 1e-2 below model.SMALL_DATA training images)")
+    g.add_argument("--lr", type=cli.positive_float, default=None, help="peak AdamW learning rate; default: model.recipe_defaults (1e-2; 3e-4 for the --bits 0 MLP)")
     g.add_argument("--weight_decay", type=cli.nonneg_float, default=0.01, help="AdamW weight decay")
     g.add_argument("--warmup_ratio", type=cli.fraction, default=0.1, help="fraction of all optimizer steps spent in linear lr warmup")
     g.add_argument("--min_lr", type=cli.nonneg_float, default=1e-6, help="lr at the end of the cosine decay")
@@ -172,7 +173,8 @@ def train_one_epoch(net, fold, opt, sched, scaler, args, epoch, run):
             h = out.codes[r] if out.codes is not None else None
             loss, terms = model.head_loss(out.logits[r], y[r], h, hash_weight=hw, lambda_balance=args.lambda_balance,
                                           lambda_decorr=args.lambda_decorr, as_float=False, sign_weight=args.sign_weight,
-                                          sign_logits=sign_logits[r] if sign_logits is not None else None)
+                                          sign_logits=sign_logits[r] if sign_logits is not None else None,
+                                          evidence=out.evidence[r] if out.evidence is not None else None)
             total = total + loss / A
             zero = loss.detach() * 0
             stats[s + i] = torch.stack([loss.detach()] + [terms.get(k, zero) for k in TERMS[1:-1]]

@@ -29,20 +29,20 @@ def run(script, *argv):
 
 def test_defaults_are_one_recipe():
     args = train.get_args_parser().parse_args(BASE)
-    big = model.SMALL_DATA  # from here on the recipe is HashHead's signature
-    assert train.model_args_of(args, 768, 80, big) == model.HashHead().model_args  # HashHead() is train.py's model
+    for n in (100, model.SMALL_DATA - 1, model.SMALL_DATA, 10 ** 6):  # with a hash layer: one recipe at every size
+        assert train.model_args_of(args, 768, 80, n) == model.HashHead().model_args  # HashHead() is train.py's model
+        assert train.resolved(args, n)["lr"] == model.recipe_defaults(64)["lr"] == 1e-2
+    assert model.HashHead().model_args["mlp_dims"] == [] and model.HashHead().model_args["code_from"] == "evidence"
     loss = {k: getattr(args, k) for k in ("hash_weight", "lambda_balance", "lambda_decorr", "sign_weight")}
     assert loss == {k: train.inspect.signature(model.head_loss).parameters[k].default for k in loss}
-    assert train.resolved(args, big)["lr"] == model.recipe_defaults(64)["lr"] == 2e-3
+    # the bits-0 baseline: an MLP from SMALL_DATA training images on, the linear head below
     zero = train.get_args_parser().parse_args(BASE + ["--bits", "0"])
-    assert train.model_args_of(zero, 768, 80, big) == model.HashHead(bits=0).model_args
-    assert (train.resolved(zero, big)["lr"], model.HashHead(bits=0).model_args["input_dropout"]) == (3e-4, 0.5)
-    # below SMALL_DATA training images: the linear head of recipe_defaults, for both code lengths
-    for flags, bits in ((args, 64), (zero, 0)):
-        small = model.recipe_defaults(bits, big - 1)
-        assert train.model_args_of(flags, 768, 80, big - 1) == model.HashHead(bits=bits, **{
-            k: small[k] for k in ("mlp_dims", "input_norm", "hash_norm")}).model_args
-        assert small["mlp_dims"] == [] and train.resolved(flags, big - 1)["lr"] == small["lr"] == 1e-2
+    big = model.recipe_defaults(0, model.SMALL_DATA)
+    assert train.model_args_of(zero, 768, 80, model.SMALL_DATA) == model.HashHead(bits=0, **{
+        k: big[k] for k in ("mlp_dims", "input_norm")}).model_args
+    assert big["mlp_dims"] == model.BASELINE_MLP and train.resolved(zero, model.SMALL_DATA)["lr"] == 3e-4
+    assert train.model_args_of(zero, 768, 80, model.SMALL_DATA - 1) == model.HashHead(bits=0).model_args
+    assert train.resolved(zero, 100)["lr"] == 1e-2 and model.HashHead(bits=0).model_args["input_dropout"] == 0.5
     mlp = train.get_args_parser().parse_args(BASE + ["--mlp_dims", "256", "--lr", "1e-3"])  # a flag beats the rule
     assert train.model_args_of(mlp, 768, 80, 100)["mlp_dims"] == [256] and train.resolved(mlp, 100)["lr"] == 1e-3
     ev = evaluate.get_args_parser().parse_args(["--ensemble", "r"])
@@ -53,7 +53,7 @@ def test_defaults_are_one_recipe():
 
 def test_image_without_text_is_scored_from_its_image():
     torch.manual_seed(0)
-    head = model.HashHead(dim=16, num_classes=5, mlp_dims=(8,), bits=16)
+    head = model.HashHead(dim=16, num_classes=5, mlp_dims=(8,), bits=16, input_norm="batchnorm")
     head.train()
     head(torch.randn(64, 16) * 5, torch.randn(64, 16) * 3)  # running stats away from their init
     head.eval()
@@ -62,7 +62,7 @@ def test_image_without_text_is_scored_from_its_image():
     # by hand: the text columns of the standardised fusion vector at 0, i.e. at their training mean
     x = head.input_norm(head.fuse(img, torch.ones(4, 16)))  # any text: its columns are replaced
     x[:, head.text_cols] = 0
-    h = torch.tanh(head.hash_norm(head.hash(head.mlp(x))))
+    h = torch.tanh(head.hash(torch.relu(head.evidence(head.mlp(x)) - head.prior_logit)))
     torch.testing.assert_close(none.logits, head.classifier(h))
     torch.testing.assert_close(head(img).logits, none.logits)  # txt None: the same
     # score_embeddings: an image with no caption is one pass with no text; others average their captions
