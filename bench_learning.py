@@ -5,7 +5,7 @@ embeddings: labels a probe can recover, but not trivially; COCO's 123,287 images
 of 5,000 images; the training sets are nested random subsets of the rest, so every size is scored on the same
 images and a larger set contains the smaller ones.
 
-    python bench_learning.py                           # sizes 2,500 / 9,000 / 25,000 / 94,630 (~3 h on 2 cores)
+    python bench_learning.py                           # sizes 2,500 / 9,000 / 25,000 / 94,630 (~1 h on 2 cores)
     python bench_learning.py --sizes 2500,9000         # some of them (~15 min)
     python bench_learning.py --quick                   # 3,000 images, sizes 500 / 1,000, 2 epochs: plumbing only
 
@@ -13,8 +13,8 @@ Per size: two scikit-learn probes (one-vs-rest logistic regression, C = 1, on L2
 "each" trains on one random caption per image and averages its probabilities over the captions, as the head
 does; "mean" sees the mean of the captions), and train.py at default flags with --bits 64 / 0 and --text_input
 each / mean (plus RUNS' other rows). Each probe is also scored with its weight matrix cut to its top 64 singular
-directions (probe_<kind>_rank64): a linear model through a 64-dimensional code, the reference for the linear
-small-data head into 64 bits. The KNN head is the one train.py scores at the end of a run (val_metrics.json
+directions (probe_<kind>_rank64): a linear model through a 64-dimensional code, what a code linear in the
+input could reach (the head's code, made from the class evidence, is not). The KNN head is the one train.py scores at the end of a run (val_metrics.json
 "knn"). Work files go to --work/{full,quick}_seed<seed>/ and are reused (train.py --resume), so an interrupted
 study picks up where it stopped. Not timed: it measures learning. Results: docs/EXPERIMENTS.md.
 """

@@ -96,8 +96,8 @@ def codes_and_probs(head, feats_path, ids):
     with torch.no_grad():
         outs = [head(img, txt[:, c]) for c in range(txt.shape[1])]
     mask = torch.stack([n > c for c in range(txt.shape[1])], 1).float()  # (N, C)
-    p = sum(torch.sigmoid(lg) * mask[:, c:c + 1] for c, (lg, _) in enumerate(outs)) / n[:, None]
-    h = sum(hc * mask[:, c:c + 1] for c, (_, hc) in enumerate(outs)) / n[:, None]
+    p = sum(torch.sigmoid(lg) * mask[:, c:c + 1] for c, (lg, _, _) in enumerate(outs)) / n[:, None]
+    h = sum(hc * mask[:, c:c + 1] for c, (_, hc, _) in enumerate(outs)) / n[:, None]
     return np.where(h.numpy() >= 0, 1.0, -1.0), p.numpy(), t["labels"].numpy()[r]
 
 

@@ -89,8 +89,8 @@ def test_outputs_and_formats(cache, full_run):
             r = row[int(pred["ids"][j])]
             caps = range(int(tensors["n_captions"][r]))
             outs = [head(tensors["image"][r:r + 1, 0].float(), tensors["text"][r:r + 1, c].float()) for c in caps]
-            p = np.mean([torch.sigmoid(lo)[0].numpy() for lo, _ in outs], 0)
-            code = np.where(np.mean([h[0].numpy() for _, h in outs], 0) >= 0, 1, -1)  # 0 -> +1 as model.sign_codes
+            p = np.mean([torch.sigmoid(lo)[0].numpy() for lo, _, _ in outs], 0)
+            code = np.where(np.mean([h[0].numpy() for _, h, _ in outs], 0) >= 0, 1, -1)  # 0 -> +1 as model.sign_codes
             np.testing.assert_allclose(pred["probs"][j], p, rtol=1e-4, atol=1e-6)
             np.testing.assert_array_equal(pred["codes"][j], code)
             np.testing.assert_array_equal(pred["labels"][j], tensors["labels"][r].numpy())
@@ -105,7 +105,7 @@ def test_centres_stay_fixed(cache, tmp_path):
     assert ckpt["model_args"]["code_classifier"] == "centres" and ckpt["config"]["code_gain"] == 2.0
     w = ckpt["model"]["classifier.weight"]  # (80, 16): +-2 / sqrt(16) after training, as initialised
     assert torch.equal(w.abs(), torch.full_like(w, 0.5)) and 0.3 < (w > 0).float().mean() < 0.7
-    assert len(ckpt["optimizer"]["state"]) == len([k for k in ckpt["model"] if "running" not in k and "num_batches" not in k]) - 1
+    assert len(ckpt["optimizer"]["state"]) == len([k for k in ckpt["model"] if "running" not in k and "num_batches" not in k and k != "prior_logit"]) - 1
 
 
 def test_resume_is_exact(cache, full_run, tmp_path, monkeypatch, capsys):
@@ -220,9 +220,9 @@ def test_bad_input_exits_2(cache, tmp_path, capsys):
 def test_sign_weight_adds_the_binarised_codes_bce(cache, full_run, tmp_path):
     run(*cache, tmp_path, "--epochs", 1, "--sign_weight", 0.5)
     rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
-    assert rec["bce_sign"] > 0.05 and rec["loss"] == pytest.approx(rec["bce"] + 0.5 * rec["bce_sign"], rel=1e-5)
+    assert rec["bce_sign"] > 0.05 and rec["loss"] == pytest.approx(rec["bce"] + rec["bce_evidence"] + 0.5 * rec["bce_sign"], rel=1e-5)
     off = json.loads((full_run / "log.jsonl").read_text().splitlines()[0])  # default --sign_weight 0: not computed
-    assert off["bce_sign"] == 0 and off["loss"] == pytest.approx(off["bce"], rel=1e-6)
+    assert off["bce_sign"] == 0 and off["loss"] == pytest.approx(off["bce"] + off["bce_evidence"], rel=1e-6)
 
 
 def test_argparse_rejects_bad_flags(capsys):
