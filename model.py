@@ -136,12 +136,10 @@ BASELINE_MLP = [1024, 512]  # the plain-MLP baseline's hidden widths (--bits 0 f
 
 def recipe_defaults(bits, n_train=None, code_classifier="learned"):
     """The recipe's values that depend on the code length and the training-set size, in one place (chosen on
-    planted data, docs/EXPERIMENTS.md). With a hash layer, at every size: HashHead's signature (a linear
-    evidence layer on the raw fusion vector, codes made from the evidence), peak lr 1e-2, input dropout 0.35,
-    gain of the classifier on the codes 5 (2 for the fixed centres, whose scale it sets). Without (bits 0, the
-    plain baseline), input dropout 0.5 and, from SMALL_DATA training images (n_train; None = a large set), an
-    MLP of BASELINE_MLP on the standardised fusion vector at peak lr 3e-4; below, the linear head at 1e-2 (the
-    MLP memorises a few thousand images: the linear head was 4-10 points better at 2,500 and 9,000)."""
+    planted data, docs/EXPERIMENTS.md). With a hash layer, at every size: HashHead's signature, peak lr 1e-2,
+    input dropout 0.35, classifier gain 5 (2 for the fixed centres). Without (bits 0): input dropout 0.5 and,
+    from SMALL_DATA training images (n_train; None = a large set), an MLP of BASELINE_MLP on the standardised
+    fusion vector at lr 3e-4; below, the linear head at 1e-2 (the MLP memorises a few thousand images)."""
     out = {"lr": 1e-2, "input_dropout": 0.35 if bits > 0 else 0.5,
            "code_gain": 2.0 if code_classifier == "centres" else 5.0}
     if bits == 0 and (n_train is None or n_train >= SMALL_DATA):
@@ -180,27 +178,22 @@ class HashHead(nn.Module):
     inputs: what the head sees, "both" (image + text), "image" or "text". decompose=True splits each embedding
     v into its direction d = v/|v| and log-magnitude m = log|v|; fusion "hadamard" feeds [d_i, d_t, d_i*d_t,
     m_i, m_t], "concat" [d_i, d_t, m_i, m_t]; one input alone feeds [d, m] (decompose=False: the raw v, no m).
-    A text vector of zeros means "no text" (an image without captions): its text columns are set to 0 after
-    the input BatchNorm, i.e. to their training mean (to 0 without it), so such an image is scored from its
-    image alone.
-    mlp_dims: hidden widths before the evidence (or the codes); none by default: the raw fusion vector, whose
-    coordinates are ~0.04, makes the initial function nearly constant, which a few thousand images need.
-    input_norm "batchnorm" standardises the fusion vector with a non-affine BatchNorm (as MAE's linear probe):
-    frozen SigLIP coordinates are ~0.04, which an MLP at a small lr barely moves from (the bits-0 MLP's). hash_norm "batchnorm"
-    puts an affine BatchNorm between the hash Linear and tanh: centred pre-activations (balanced bits) whose
-    scale BatchNorm's weight learns slowly, instead of exploding under Adam and saturating tanh.
-    code_from "evidence": the MLP (or the fusion vector, without hidden layers) goes to C class logits, the
-    evidence, trained by its own BCE (head_loss); the hash layer reads relu(evidence - prior log-odds), how far
-    each class stands above its prior: a sparse vector shaped like the image's label set, with the gradient
-    stopped, so the codes' loss does not bend the evidence. C independent classes do not fit a linear code of
-    fewer bits, but a sparse set of them does, and the classifier on the codes decodes it. "hidden": the hash
-    layer reads the last hidden layer (the original design). Measured in docs/EXPERIMENTS.md.
-    code_classifier "centres" fixes the classifier on the codes to random +-1 class centres / sqrt(bits), only
-    its bias learns: each class owns a share of the code and images sharing labels get nearby codes (what the
-    KNN vote needs); "learned" trains it. code_gain multiplies its initial weights: bounded codes need larger
-    weights than PyTorch's init gives, and Adam grows them only slowly. input_dropout / code_gain None: the
-    bits-dependent values of recipe_defaults. bits=0 drops the hash layer and the evidence: the plain
-    baseline, whose classifier reads the MLP (train.py gives it recipe_defaults' MLP from SMALL_DATA images on).
+    A zero text vector means "no text" (an image without captions): its text columns are set to 0 after the
+    input norm (to their training mean under BatchNorm), so such an image is scored from its image alone.
+    mlp_dims: hidden widths before the evidence (none by default: the raw fusion vector, coordinates ~0.04, makes
+    the initial function nearly constant). input_norm "batchnorm": a non-affine BatchNorm on the fusion vector,
+    which an MLP at a small lr needs (the bits-0 MLP's). hash_norm "batchnorm": an affine BatchNorm between the
+    hash Linear and tanh (balanced bits, no early saturation; the MLP-read codes needed it).
+    code_from "evidence": the MLP (or the fusion vector) goes to C class logits, the evidence, trained by its own
+    BCE (head_loss); the hash layer reads relu(evidence - prior log-odds), gradient stopped (the codes' loss does
+    not bend the evidence): a sparse, label-shaped vector. C independent classes do not fit a linear code of
+    fewer bits, a sparse set of them does, and the classifier on the codes decodes it. "hidden": the hash layer
+    reads the last hidden layer (the original design). Measured in docs/EXPERIMENTS.md.
+    code_classifier "centres" fixes the classifier on the codes to random +-1 class centres / sqrt(bits) (only
+    its bias learns: images sharing labels get nearby codes); "learned" trains it. code_gain multiplies its
+    initial weights (bounded codes need larger weights than PyTorch's init). input_dropout / code_gain None:
+    recipe_defaults' values. bits=0 drops the hash layer and the evidence: the plain baseline, whose classifier
+    reads the MLP (train.py gives it recipe_defaults' MLP from SMALL_DATA images on).
     Rebuild from a checkpoint with HashHead(**ckpt["model_args"]); the state dict carries everything else.
     """
 
@@ -299,13 +292,9 @@ class HashHead(nn.Module):
 
     @torch.no_grad()
     def init_prior(self, prior, eps=1e-4):
-        """Set the classifier bias (and the evidence layer's, and prior_logit) to log(p / (1 - p)) of the class
-        prevalences p (num_classes,).
-
-        With rare positives, a zero bias makes the first epoch spend its updates pushing every logit down,
-        which drives the tanh hash layer into saturation (|h| -> 1, no gradient below it). Starting at the
-        priors removes that push. Called once by train.py from the fold's training labels; a checkpoint
-        does not need it (the bias lives in the state dict)."""
+        """Set the classifier's and the evidence layer's biases and prior_logit to log(p / (1 - p)) of the class
+        prevalences p (num_classes,): with rare positives a zero bias spends the first epoch pushing every logit
+        down, which saturates tanh. Called once by train.py; a checkpoint carries the result."""
         p = torch.as_tensor(prior, dtype=torch.float64).clamp(eps, 1 - eps)
         log_odds = (p / (1 - p)).log().float()
         for b in (self.classifier.bias,) + ((self.evidence.bias, self.prior_logit) if self.evidence is not None else ()):

@@ -48,7 +48,6 @@ AUTO_FLAGS = ("lr", "input_dropout", "code_gain", "mlp_dims", "input_norm")  # d
 
 def get_args_parser():
     p = cli.Parser("train", description="train the hash head on one fold of cached embeddings")
-    # data
     g = p.add_argument_group("data")
     g.add_argument("--features", required=True, help="feature cache from extract_features.py (.safetensors)")
     g.add_argument("--splits", required=True, help="splits.json from make_splits.py")
