@@ -279,8 +279,9 @@ class HashHead(nn.Module):
         z = self.mlp(self.input_dropout(x))  # (B, mlp_dims[-1])
         if self.hash is None:
             return HeadOutput(self.classifier(z), None)
-        e = self.evidence(z) if self.evidence is not None else None  # (B, C)
-        if e is not None:  # each class's evidence above its prior: sparse, shaped like the label set
+        e = None
+        if self.evidence is not None:  # each class's evidence above its prior: sparse, shaped like the label set
+            e = self.evidence(z)  # (B, C)
             z = torch.relu(e.detach() - self.prior_logit)  # detached: the codes' loss does not bend the evidence
         h = torch.tanh(_per_group(self.hash_norm, self.hash(z), groups))
         return HeadOutput(self.classifier(h), h, e)
@@ -304,15 +305,16 @@ class HashHead(nn.Module):
 def head_loss(logits, targets, h, hash_weight=0.0, lambda_balance=0.1, lambda_decorr=0.01, as_float=True,
               sign_logits=None, sign_weight=0.0, evidence=None):
     """BCE + the evidence layer's BCE (code_from "evidence") + sign_weight * BCE of the binarised codes
-    + hash_weight * (quantisation + lambda_balance * balance + lambda_decorr * decorrelation). The hash regulariser is off by default (hash_weight 0): on planted data
-    it cost the MLP head ~2 points of mAP and did not help the KNN head (docs/EXPERIMENTS.md).
+    + hash_weight * (quantisation + lambda_balance * balance + lambda_decorr * decorrelation). The hash
+    regulariser is off by default (hash_weight 0): on planted data it cost the MLP head ~2 points of mAP and
+    did not help the KNN head (docs/EXPERIMENTS.md).
 
     logits (B, C), targets (B, C) in {0, 1}, h (B, bits) tanh codes or None (no hash terms), evidence (B, C)
     HeadOutput.evidence or None.
     quantisation = mean((|h| - 1)^2); balance = mean(bit_mean^2); decorrelation = sum of squared
     off-diagonal entries of the codes' covariance (unbiased, as torch.cov) / bits^2.
-    Returns (loss, terms): terms maps bce/quant/balance/decorr/hash_reg to floats, or to detached 0-d
-    tensors with as_float=False (no device sync per step in the training loop).
+    Returns (loss, terms): terms maps bce, bce_evidence, bce_sign, quant, balance, decorr, hash_reg to floats,
+    or to detached 0-d tensors with as_float=False (no device sync per step in the training loop).
     """
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float())
     terms = {"bce": bce}
