@@ -292,7 +292,7 @@ def bench_decode(quick, device="cpu", seed=0, workers=(1, 2)):
     """extract_features' own loader (images.ImageCaptionDataset + Collate + make_loader) over generated JPEGs with
     SigLIP2-base-patch16-256's image processor (PIL, 256 px, bilinear); images only (captions: see the docs)."""
     proc = synthetic.siglip_image_processor(size={"height": 256, "width": 256}, resample=2)
-    n, most = 128 if quick else 256 * max(workers), max(workers)  # 8 batches of 32 per worker
+    n, most = 96 if quick else 256 * max(workers), max(workers)  # 8 batches of 32 per worker (quick: 3, one timed at w2)
     with tempfile.TemporaryDirectory(prefix="bench_jpeg_") as tmp:
         paths = synthetic.write_jpegs(tmp, n, seed)
         ds = images.ImageCaptionDataset({"paths": paths, "captions": [[] for _ in paths]})

@@ -2,13 +2,15 @@
 tests across folds and a paired bootstrap on the test predictions, refusal of runs with other splits.
 
     python -m pytest -q tests/test_aggregate.py
+
+make_run / write_eval / fake_probs also serve test_study's fake run_cv.sh, a subprocess per run: scipy.stats (a
+second at import) is imported only in the tests that use it.
 """
 import csv
 import json
 
 import numpy as np
 import pytest
-import scipy.stats
 import torch
 
 import aggregate
@@ -112,6 +114,7 @@ def test_missing_and_unfinished_folds_are_named(tmp_path, capsys):
 
 
 def test_compare_runs_paired_tests(tmp_path, capsys):
+    from scipy.stats import ttest_rel
     rng = np.random.default_rng(0)
     labels = (rng.random((300, 80)) < 0.1).astype(np.uint8)
     labels[0] = 1  # every class has a positive
@@ -131,7 +134,7 @@ def test_compare_runs_paired_tests(tmp_path, capsys):
     tb = next(t for t in tests if t["run"] == str(b) and t["metric"] == "mAP_macro")
     va, vb = [0.60, 0.62, 0.61, 0.63, 0.59], [0.64, 0.63, 0.66, 0.65, 0.62]
     assert float(tb["mean_diff"]) == pytest.approx(np.mean(np.subtract(vb, va)))
-    assert float(tb["p_folds"]) == pytest.approx(scipy.stats.ttest_rel(vb, va).pvalue, rel=1e-9)
+    assert float(tb["p_folds"]) == pytest.approx(ttest_rel(vb, va).pvalue, rel=1e-9)
     pb_ref = metrics.paired_bootstrap(labels, pa, pb, n_boot=300, seed=1, metric="mAP_macro")
     assert float(tb["test_diff"]) == pytest.approx(pb_ref["diff"]) and float(tb["p_test"]) == pytest.approx(pb_ref["p"])
     assert (float(tb["test_low"]), float(tb["test_high"])) == pytest.approx((pb_ref["low"], pb_ref["high"]))
@@ -176,6 +179,7 @@ def fake_probs(rng, labels, m, gain):
 
 
 def test_both_heads_cv_and_paired_test(tmp_path):
+    from scipy.stats import ttest_rel
     mlp, knn = [0.60, 0.62, 0.61, 0.63, 0.59], [0.58, 0.61, 0.57, 0.60, 0.58]
     r = make_run(tmp_path / "r", mlp, knn=knn)
     run(r)
@@ -184,5 +188,5 @@ def test_both_heads_cv_and_paired_test(tmp_path):
     assert float(rows["knn_std"]["lrap"]) == pytest.approx(np.std(knn, ddof=1))
     assert float(rows["mean"]["mAP_macro"]) == pytest.approx(np.mean(mlp))
     md = (r / "cv_results.md").read_text()
-    p = scipy.stats.ttest_rel(knn, mlp).pvalue
+    p = ttest_rel(knn, mlp).pvalue
     assert "## KNN head" in md and f"{np.mean(np.subtract(knn, mlp)):+.4f}" in md and f"{p:.3g}" in md

@@ -60,18 +60,16 @@ def test_parallel_folds_equal_sequential(cache):
     assert again.returncode == 0 and "fold 0: skipped" in again.stdout and "fold 1: skipped" in again.stdout
     assert "started on" not in again.stdout and "ensemble test: skipped" in again.stdout
 
-    # resumable: a fold without .done but with last.pt is rerun with --resume (it is finished: nothing changes)
+    # resumable: a fold without .done but with last.pt is rerun with --resume (it is finished: nothing changes);
+    # GPUS "0 cpu": a bare integer is cuda:0, and the one fold left to train goes to the first slot
     before = (cache / "par" / "fold1" / "val_metrics.json").read_text()
     (cache / "par" / "fold1" / ".done").unlink()
-    res = run_cv(cache, "par", gpus="0")  # "0" would be cuda:0: only fold 1 runs, and it stops at once
-    assert "fold 0: skipped" in res.stdout and "fold 1: started on cuda:0" in res.stdout
-    assert "--resume" in res.stdout.split("fold 1: started on")[1].splitlines()[0]
-    (cache / "par" / "fold1" / ".done").unlink(missing_ok=True)
-    res = run_cv(cache, "par", gpus="cpu")
+    res = run_cv(cache, "par", gpus="cpu 0")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "fold 0: skipped" in res.stdout and "in parallel on cpu cuda:0" in res.stdout
+    assert "--resume" in res.stdout.split("fold 1: started on cpu")[1].splitlines()[0]
     assert "already finished" in (cache / "par" / "fold1" / "train.log").read_text()
     assert (cache / "par" / "fold1" / "val_metrics.json").read_text() == before
-
 
 def test_failed_fold_is_named(cache):
     run = cache / "bad"
