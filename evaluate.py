@@ -72,7 +72,7 @@ def get_args_parser():
     g.add_argument("--knn_k", type=cli.positive_int, default=KNN["k"], help="neighbours per query (the original plan: 20; on planted data 100 scored 0.6-1.9 points more)")
     g.add_argument("--knn_tau", type=cli.positive_float, default=KNN["tau"], help="softmax temperature of the votes")
     g.add_argument("--knn_vote", default=KNN["vote"], choices=knn.KNN_VOTES, help="neighbour vote weights")
-    g.add_argument("--knn_query", default=KNN["query"], choices=knn.KNN_QUERIES, help="real: each query keeps its real-valued tanh code against the binary database (bits weighted by |h|; +0.9 to +2.4 points of mAP on planted data); sign: a plain Hamming search")
+    g.add_argument("--knn_query", default=KNN["query"], choices=knn.KNN_QUERIES, help="real: each query keeps its real-valued tanh code against the binary database (bits weighted by |h|; +0.7 to +2.4 points of mAP on planted data); sign: a plain Hamming search")
     g.add_argument("--thresholds", default="0.5", choices=("0.5", "oof"), help="oof: per-class F1-optimal thresholds from the folds' val predictions (never the test split), reported beside 0.5")
     g.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=None, help="Hamming retrieval mAP of the test codes (default: on for the hashnet protocol)")
     # predict one image

@@ -33,7 +33,7 @@ def knn_scores(query_codes, db_codes, db_labels, k=100, tau=0.07, vote="softmax"
     """Hamming-KNN multi-label scores: query_codes (Q, bits), db_codes (N, bits), db_labels (N, C) -> (Q, C).
 
     Database codes are binarised with sign (0 -> +1). query "sign" binarises the queries too: similarity
-    = 1 - hamming / bits. query "real" (the default: +0.9 to +2.4 points of mAP on planted data) keeps each
+    = 1 - hamming / bits. query "real" (the default: +0.7 to +2.4 points of mAP on planted data) keeps each
     query's real-valued code q against the binary database, a Hamming distance whose bits weigh |q_j|:
     similarity = (1 + q.d / |q|_1) / 2 (= 1 - hamming / bits again for a +-1 query). Each query takes its k
     nearest database codes (k > N clamps to N) and they vote: "softmax" softmax(sim / tau), "uniform" 1/k,

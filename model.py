@@ -306,8 +306,8 @@ def head_loss(logits, targets, h, hash_weight=0.0, lambda_balance=0.1, lambda_de
               sign_logits=None, sign_weight=0.0, evidence=None):
     """BCE + the evidence layer's BCE (code_from "evidence") + sign_weight * BCE of the binarised codes
     + hash_weight * (quantisation + lambda_balance * balance + lambda_decorr * decorrelation). The hash
-    regulariser is off by default (hash_weight 0): on planted data it cost the MLP head ~2 points of mAP and
-    did not help the KNN head (docs/EXPERIMENTS.md).
+    regulariser is off by default (hash_weight 0): on planted data it cost the MLP head 1.6 points of mAP and
+    the KNN head 1.7 (docs/EXPERIMENTS.md).
 
     logits (B, C), targets (B, C) in {0, 1}, h (B, bits) tanh codes or None (no hash terms), evidence (B, C)
     HeadOutput.evidence or None.
