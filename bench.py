@@ -8,7 +8,7 @@ CalcTopMap), 7 memory (train.py's peak RSS vs the cache file), 8 decode (extract
 in-process). Tables and what each figure is: docs/BENCHMARKS.md; the learning check on planted data:
 bench_learning.py; how it measures (best-of-n wall time, peak RSS of a call or a child process): timing.py.
 
-    python bench.py                                # every section at COCO scale -> bench.json (~10 min on 2 cores)
+    python bench.py                                # every section at COCO scale -> bench.json (~5 min on 2 cores)
     python bench.py --quick --out /tmp/bench.json  # small sizes, a tiny encoder: what tests/test_bench.py runs
     python bench.py --sections knn,6               # a subset, by name or number
     python bench.py --device cuda --gpu_check      # on a GPU (< 10 min): towers fp16 / bf16, the fp16 + GradScaler
