@@ -71,6 +71,7 @@ def test_parallel_folds_equal_sequential(cache):
     assert "already finished" in (cache / "par" / "fold1" / "train.log").read_text()
     assert (cache / "par" / "fold1" / "val_metrics.json").read_text() == before
 
+
 def test_failed_fold_is_named(cache):
     run = cache / "bad"
     (run / "fold0").mkdir(parents=True)
