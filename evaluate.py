@@ -9,7 +9,7 @@ hold-out test split (default) or a fold's own validation images; MLP head, Hammi
     python evaluate.py --checkpoint outputs/siglip2_hash64/fold0/best.pt --image photo.jpg --caption "a dog on a sofa"
 
 --features / --splits default to the files the checkpoints were trained with (their config).
-Writes to --out_dir: metrics.json, metrics.csv (model, head, 15 metrics), per_class.csv (with TP/FP/FN/TN),
+Writes to --out_dir: metrics.json, metrics.csv (model, head, 15 metrics) and metrics.md (the same to read: a table per head), per_class.csv (with TP/FP/FN/TN),
 confusion.csv, errors.md, <split>_predictions.npz (ids, labels, probs of the ensemble, member_probs, knn_probs,
 member_knn_probs), ap_per_class.png, pr_curves.png; thresholds.csv + thresholds.json with --thresholds oof;
 examples.png with --data_root; retrieval.csv with --retrieval (on by default for the hashnet protocol).

@@ -38,12 +38,22 @@ def summary_of(args, res, ctx, paths):
     return out
 
 
+def metrics_md(results, title):
+    """metrics.csv for reading: per head, a metric a row and a model (fold models, the ensemble) a column."""
+    parts = [f"# {title}\n"]
+    for head, by_model in results.items():
+        rows = [[report.LABELS[m], *(f"{r[m]:.4f}" for r in by_model.values())] for m in metrics.METRIC_NAMES]
+        parts += [f"## {head.upper()} head\n", report.md_table(["metric", *by_model], rows)]
+    return "\n".join(parts)
+
+
 def tables(args, res, ctx):
     """The CSV / Markdown files of an evaluation: {file name: rows or text}."""
     y, p, thr, cats = res["y"], res["preds"][res["main"]]["ensemble"], res["thr"], ctx["categories"]
     files = dict(res["files"])
     files["metrics.csv"] = [["model", "head", *metrics.METRIC_NAMES]] + [
         [n, hd, *(r[m] for m in metrics.METRIC_NAMES)] for hd, d in res["results"].items() for n, r in d.items()]
+    files["metrics.md"] = metrics_md(res["results"], f"{args.split} split, {len(res['y'])} images, thresholds 0.5")
     if "at_oof" in res:
         at = res["results"][res["main"]]["ensemble"]
         files["thresholds.csv"] = [["metric", "at_0.5", "at_oof"]] + [[m, at[m], res["at_oof"][m]] for m in metrics.METRIC_NAMES]

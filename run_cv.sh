@@ -230,7 +230,7 @@ fi
 # ---------------------------------------------------------------------------- ensemble test + aggregate
 # the test first: aggregate.py's literature table reads eval_test/metrics.json
 tested=0
-if [ "$trained" = 0 ] && [ -f "$RUN/eval_test/metrics.csv" ]; then skip "ensemble test" "$RUN/eval_test/metrics.csv"
+if [ "$trained" = 0 ] && [ -f "$RUN/eval_test/metrics.md" ]; then skip "ensemble test" "$RUN/eval_test/metrics.md"
 else
   eval_args=()
   [ ${#missing[@]} -eq 0 ] && eval_args+=(--data_root "$DATA_ROOT")   # the images, for examples.png
@@ -249,5 +249,5 @@ echo
 echo "== cross-validation ($RUN/cv_results.md)"
 cat "$RUN/cv_results.md"
 echo
-echo "== hold-out test, 5-fold ensemble ($RUN/eval_test/metrics.csv)"
-cat "$RUN/eval_test/metrics.csv"
+echo "== hold-out test, fold models and their ensemble ($RUN/eval_test/metrics.md)"
+cat "$RUN/eval_test/metrics.md"

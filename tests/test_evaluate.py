@@ -28,7 +28,7 @@ import model
 import synthetic
 
 MODEL_ARGS = dict(dim=32, num_classes=80, fusion="hadamard", decompose=True, mlp_dims=[24], dropout=0.1, bits=16)
-FILES = ("metrics.json", "metrics.csv", "per_class.csv", "errors.md", "test_predictions.npz", "ap_per_class.png",
+FILES = ("metrics.json", "metrics.csv", "metrics.md", "per_class.csv", "errors.md", "test_predictions.npz", "ap_per_class.png",
          "pr_curves.png")
 
 
@@ -157,6 +157,11 @@ def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_p
     np.testing.assert_allclose(z["probs"], z["member_probs"].mean(0), atol=1e-7)
     ens = metrics.compute_all(z["labels"], z["probs"])
     assert all(abs(float(rows[5][m]) - ens[m]) < 1e-6 for m in metrics.METRIC_NAMES)
+    # metrics.md: the same numbers, a table per head, a metric a row, a model a column
+    md = (out / "metrics.md").read_text().split("## KNN head")
+    assert len(md) == 2 and "| metric | fold0 | fold1 | fold2 | fold3 | fold4 | ensemble |" in md[0]
+    lrap = next(ln for ln in md[0].splitlines() if ln.startswith("| LRAP |")).strip("| ").split(" | ")[1:]
+    assert lrap == [f"{float(r['lrap']):.4f}" for r in rows[:6]]
     # member probabilities = caption-averaged sigmoid, computed independently
     for k in (0, 3):
         _, p, y = codes_and_probs(fake_run["heads"][k], fake_run["feats"], z["ids"])
