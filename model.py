@@ -6,7 +6,7 @@ Imports nothing local: copy this file into your project as it is.
     head = HashHead(num_classes=80)                           # the recipe train.py trains (its defaults)
     out = head(img, txt)                                      # HeadOutput(logits (B, C), codes (B, 64))
     s = score_embeddings(head, image, text, n_captions)       # probs averaged over captions, codes
-    knn = knn_scores(query_codes, db_codes, db_labels)        # exact Hamming-KNN vote (k 100, real queries)
+    # the KNN head over these codes: knn.knn_scores (its own file: an exact Hamming-KNN vote)
 """
 import math
 from typing import NamedTuple, Optional
@@ -119,7 +119,7 @@ class Siglip2Encoder:
 
 
 # ----------------------------------------------------------------------------
-# SECTION: head -- HashHead (fusion -> MLP -> tanh codes -> classifier), head_loss, score_embeddings
+# SECTION: head -- HashHead (fusion -> class evidence -> tanh codes -> classifier), head_loss, score_embeddings
 
 INPUTS = ("both", "image", "text")
 FUSIONS = ("hadamard", "concat")
@@ -225,7 +225,7 @@ class HashHead(nn.Module):
         in_dim = self.text_cols.numel()
         # non-affine: pure standardisation (running stats in the state dict), nothing to learn
         self.input_norm = nn.BatchNorm1d(in_dim, affine=False) if input_norm == "batchnorm" else nn.Identity()
-        # dropout on the standardised fusion vector: without it the MLP memorises the training images
+        # dropout on the fusion vector (standardised only with input_norm): against memorising the training images
         self.input_dropout = Dropout(input_dropout)
         layers, width = [], in_dim
         for h in mlp_dims:

@@ -3,7 +3,7 @@ Train the hash head on cached frozen SigLIP2 embeddings: one cross-validation fo
 
     python train.py --features data/coco/features_siglip2-base-patch16-256.safetensors \
         --splits data/coco/splits.json --fold 0 --out_dir outputs/siglip2_hash64/fold0
-    python train.py ... --bits 0                  # plain-MLP baseline (no hash layer)
+    python train.py ... --bits 0                  # no-code baseline (linear below 20,000 images, then an MLP)
     python train.py ... --inputs image            # image only, as every published COCO number
     python train.py ... --baseline probe          # logistic-regression probe, written as a linear head
     python train.py ... --resume                  # continue an interrupted run from out_dir/last.pt
@@ -57,10 +57,10 @@ def get_args_parser():
     g.add_argument("--inputs", choices=model.INPUTS, default=HEAD["inputs"], help="what the head sees: image + text, or one of them (image: the setting of every published COCO number)")
     g.add_argument("--text_input", choices=model.TEXT_INPUTS, default="each", help="each: one caption per image per step, probabilities averaged over the captions at scoring; mean: the mean of a random caption subset per step, of all captions at scoring")
     g.add_argument("--fusion", choices=model.FUSIONS, default=HEAD["fusion"], help="hadamard: [d_i, d_t, d_i*d_t, m_i, m_t]; concat: [d_i, d_t, m_i, m_t]")
-    g.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude")
+    g.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude (decompose = %(default)s unless given)")
     g.add_argument("--mlp_dims", type=cli.int_list, default=None, help="hidden widths of the MLP, comma-separated ('' = a linear head); default: none (HashHead's: the linear evidence layer on the raw fusion vector); 1024,512 for the --bits 0 baseline from model.SMALL_DATA training images on (model.recipe_defaults)")
     g.add_argument("--dropout", type=cli.fraction, default=HEAD["dropout"], help="dropout after each hidden layer")
-    g.add_argument("--input_dropout", type=cli.fraction, default=None, help="dropout on the standardised fusion vector, against memorising the training images; default: model.recipe_defaults (0.35 with a hash layer, 0.5 without)")
+    g.add_argument("--input_dropout", type=cli.fraction, default=None, help="dropout on the fusion vector (standardised only for the --bits 0 MLP), against memorising the training images; default: model.recipe_defaults (0.35 with a hash layer, 0.5 without)")
     g.add_argument("--bits", type=cli.nonneg_int, default=HEAD["bits"], help="hash code length; 0 = no hash layer and no evidence layer (the plain baseline: linear, an MLP from model.SMALL_DATA training images)")
     g.add_argument("--input_norm", choices=model.INPUT_NORMS, default=None, help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns; default: none (a linear head starts from a near-constant function), batchnorm for the --bits 0 MLP (model.recipe_defaults)")
     g.add_argument("--hash_norm", choices=model.HASH_NORMS, default=HEAD["hash_norm"], help="BatchNorm between the hash Linear and tanh (balanced bits); off by default: the codes of the evidence do not need it")
