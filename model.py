@@ -134,16 +134,19 @@ SMALL_DATA = 20_000  # from this many training images the bits-0 baseline is an 
 BASELINE_MLP = [1024, 512]  # the plain-MLP baseline's hidden widths (--bits 0 from SMALL_DATA images on)
 
 
-def recipe_defaults(bits, n_train=None, code_classifier="learned"):
-    """The recipe's values that depend on the code length and the training-set size, in one place (chosen on
-    planted data, docs/EXPERIMENTS.md). With a hash layer, at every size: HashHead's signature, peak lr 1e-2,
-    input dropout 0.35, classifier gain 5 (2 for the fixed centres). Without (bits 0): input dropout 0.5 and,
-    from SMALL_DATA training images (n_train; None = a large set), an MLP of BASELINE_MLP on the standardised
-    fusion vector at lr 3e-4; below, the linear head at 1e-2 (the MLP memorises a few thousand images)."""
-    out = {"lr": 1e-2, "input_dropout": 0.35 if bits > 0 else 0.5,
-           "code_gain": 2.0 if code_classifier == "centres" else 5.0}
+def recipe_defaults(bits, n_train=None, code_classifier="learned", mlp_dims=None):
+    """The recipe's values that depend on the code length, the training-set size and the architecture, in one
+    place (chosen on planted data, docs/EXPERIMENTS.md). With a hash layer, at every size: HashHead's signature,
+    peak lr 1e-2, input dropout 0.35, classifier gain 5 (2 for the fixed centres). Without (bits 0): from
+    SMALL_DATA training images (n_train; None = a large set) an MLP of BASELINE_MLP on the standardised fusion
+    vector at lr 3e-4, below the linear head at 1e-2. Input dropout without a hash layer follows the hidden
+    widths (mlp_dims; None = the size rule's): 0.5 before an MLP, which memorises the training images, none
+    before the linear head, which it only cost."""
+    out = {"lr": 1e-2, "code_gain": 2.0 if code_classifier == "centres" else 5.0}
     if bits == 0 and (n_train is None or n_train >= SMALL_DATA):
         out.update(lr=3e-4, mlp_dims=list(BASELINE_MLP), input_norm="batchnorm")
+    hidden = out.get("mlp_dims", []) if mlp_dims is None else list(mlp_dims)
+    out["input_dropout"] = 0.35 if bits > 0 else 0.5 if hidden else 0.0
     return out
 
 
@@ -208,7 +211,7 @@ class HashHead(nn.Module):
                 raise ValueError(f"{name} must be one of {options}, got {value!r}")
         if not (isinstance(bits, int) and bits >= 0):
             raise ValueError(f"bits must be an integer >= 0, got {bits!r}")
-        auto = recipe_defaults(bits, code_classifier=code_classifier)
+        auto = recipe_defaults(bits, code_classifier=code_classifier, mlp_dims=mlp_dims)
         input_dropout = auto["input_dropout"] if input_dropout is None else float(input_dropout)
         code_gain = auto["code_gain"] if code_gain is None else float(code_gain)
         self.model_args = dict(dim=int(dim), num_classes=int(num_classes), inputs=inputs, fusion=fusion,

@@ -60,7 +60,7 @@ def get_args_parser():
     g.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude (decompose = %(default)s unless given)")
     g.add_argument("--mlp_dims", type=cli.int_list, default=None, help="hidden widths of the MLP, comma-separated ('' = a linear head); default: none (HashHead's: the linear evidence layer on the raw fusion vector); 1024,512 for the --bits 0 baseline from model.SMALL_DATA training images on (model.recipe_defaults)")
     g.add_argument("--dropout", type=cli.fraction, default=HEAD["dropout"], help="dropout after each hidden layer")
-    g.add_argument("--input_dropout", type=cli.fraction, default=None, help="dropout on the fusion vector (standardised only for the --bits 0 MLP), against memorising the training images; default: model.recipe_defaults (0.35 with a hash layer, 0.5 without)")
+    g.add_argument("--input_dropout", type=cli.fraction, default=None, help="dropout on the fusion vector (standardised only for the --bits 0 MLP), against memorising the training images; default: model.recipe_defaults (0.35 with a hash layer; without, 0.5 before an MLP, none before the linear head)")
     g.add_argument("--bits", type=cli.nonneg_int, default=HEAD["bits"], help="hash code length; 0 = no hash layer and no evidence layer (the plain baseline: linear, an MLP from model.SMALL_DATA training images)")
     g.add_argument("--input_norm", choices=model.INPUT_NORMS, default=None, help="non-affine BatchNorm on the fusion input: SigLIP coordinates are ~0.04 and an unscaled MLP barely learns; default: none (a linear head starts from a near-constant function), batchnorm for the --bits 0 MLP (model.recipe_defaults)")
     g.add_argument("--hash_norm", choices=model.HASH_NORMS, default=HEAD["hash_norm"], help="BatchNorm between the hash Linear and tanh (balanced bits); off by default: the codes of the evidence do not need it")
@@ -111,7 +111,7 @@ def get_args_parser():
 def resolved(args, n_train):
     """The values train.py really uses where a flag's default depends on --bits and the number of training
     images (model.recipe_defaults; HashHead's signature for what that leaves open)."""
-    auto = {**HEAD, "mlp_dims": list(HEAD["mlp_dims"]), **model.recipe_defaults(args.bits, n_train, args.code_classifier)}
+    auto = {**HEAD, "mlp_dims": list(HEAD["mlp_dims"]), **model.recipe_defaults(args.bits, n_train, args.code_classifier, args.mlp_dims)}
     return {k: auto[k] if getattr(args, k) is None else getattr(args, k) for k in AUTO_FLAGS}
 
 

@@ -42,7 +42,11 @@ def test_defaults_are_one_recipe():
         k: big[k] for k in ("mlp_dims", "input_norm")}).model_args
     assert big["mlp_dims"] == model.BASELINE_MLP and train.resolved(zero, model.SMALL_DATA)["lr"] == 3e-4
     assert train.model_args_of(zero, 768, 80, model.SMALL_DATA - 1) == model.HashHead(bits=0).model_args
-    assert train.resolved(zero, 100)["lr"] == 1e-2 and model.HashHead(bits=0).model_args["input_dropout"] == 0.5
+    assert train.resolved(zero, 100)["lr"] == 1e-2 and model.HashHead(bits=0).model_args["input_dropout"] == 0.0
+    assert big["input_dropout"] == 0.5 and model.HashHead().model_args["input_dropout"] == 0.35
+    # input dropout follows the architecture: an explicit MLP without codes gets the MLP's at any size
+    wide = train.get_args_parser().parse_args(BASE + ["--bits", "0", "--mlp_dims", "256"])
+    assert train.resolved(wide, 100)["input_dropout"] == 0.5 and train.resolved(zero, 100)["input_dropout"] == 0.0
     mlp = train.get_args_parser().parse_args(BASE + ["--mlp_dims", "256", "--lr", "1e-3"])  # a flag beats the rule
     assert train.model_args_of(mlp, 768, 80, 100)["mlp_dims"] == [256] and train.resolved(mlp, 100)["lr"] == 1e-3
     ev = evaluate.get_args_parser().parse_args(["--ensemble", "r"])
