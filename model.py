@@ -135,13 +135,12 @@ BASELINE_MLP = [1024, 512]  # the plain-MLP baseline's hidden widths (--bits 0 f
 
 
 def recipe_defaults(bits, n_train=None, code_classifier="learned", mlp_dims=None):
-    """The recipe's values that depend on the code length, the training-set size and the architecture, in one
-    place (chosen on planted data, docs/EXPERIMENTS.md). With a hash layer, at every size: HashHead's signature,
-    peak lr 1e-2, input dropout 0.35, classifier gain 5 (2 for the fixed centres). Without (bits 0): from
-    SMALL_DATA training images (n_train; None = a large set) an MLP of BASELINE_MLP on the standardised fusion
-    vector at lr 3e-4, below the linear head at 1e-2. Input dropout without a hash layer follows the hidden
-    widths (mlp_dims; None = the size rule's): 0.5 before an MLP, which memorises the training images, none
-    before the linear head, which it only cost."""
+    """The recipe's values that depend on the bits, the training-set size and the architecture (chosen on planted
+    data, docs/EXPERIMENTS.md). With a hash layer, at every size: HashHead's signature, lr 1e-2, input dropout
+    0.35, classifier gain 5 (2 for the fixed centres). Without (bits 0): from SMALL_DATA training images (n_train;
+    None = a large set) an MLP of BASELINE_MLP on the standardised fusion vector at lr 3e-4, below the linear
+    head at 1e-2; input dropout 0.5 before an MLP (it memorises), none before the linear head (mlp_dims: the
+    hidden widths in use; None = the size rule's)."""
     out = {"lr": 1e-2, "code_gain": 2.0 if code_classifier == "centres" else 5.0}
     if bits == 0 and (n_train is None or n_train >= SMALL_DATA):
         out.update(lr=3e-4, mlp_dims=list(BASELINE_MLP), input_norm="batchnorm")
