@@ -15,8 +15,8 @@ does; "mean" sees the mean of the captions), and train.py at default flags with 
 each / mean (plus RUNS' other rows). Each probe is also scored with its weight matrix cut to its top 64 singular
 directions (probe_<kind>_rank64): a linear model through a 64-dimensional code, what a code linear in the
 input could reach (the head's code, made from the class evidence, is not). The KNN head is the one train.py
-scores at the end of a run (val_metrics.json "knn"). Work files go to --work/{full,quick}_seed<seed>/ and are reused (train.py --resume), so an interrupted
-study picks up where it stopped. Not timed: it measures learning. Results: docs/EXPERIMENTS.md.
+scores at the end of a run (val_metrics.json "knn"). Work files go to --work/{full,quick}_seed<seed>/ and are
+reused (train.py --resume), so an interrupted study picks up where it stopped. Not timed: it measures learning. Results: docs/EXPERIMENTS.md.
 """
 import json
 import os

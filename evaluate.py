@@ -9,10 +9,11 @@ hold-out test split (default) or a fold's own validation images; MLP head, Hammi
     python evaluate.py --checkpoint outputs/siglip2_hash64/fold0/best.pt --image photo.jpg --caption "a dog on a sofa"
 
 --features / --splits default to the files the checkpoints were trained with (their config).
-Writes to --out_dir: metrics.json, metrics.csv (model, head, 15 metrics) and metrics.md (the same to read: a table per head), per_class.csv (with TP/FP/FN/TN),
-confusion.csv, errors.md, <split>_predictions.npz (ids, labels, probs of the ensemble, member_probs, knn_probs,
-member_knn_probs), ap_per_class.png, pr_curves.png; thresholds.csv + thresholds.json with --thresholds oof;
-examples.png with --data_root; retrieval.csv with --retrieval (on by default for the hashnet protocol).
+Writes to --out_dir: metrics.json, metrics.csv (model, head, 15 metrics) and metrics.md (the same to read: a table
+per head), per_class.csv (with TP/FP/FN/TN), confusion.csv, errors.md, <split>_predictions.npz (ids, labels, probs
+of the ensemble, member_probs, knn_probs, member_knn_probs), ap_per_class.png, pr_curves.png; thresholds.csv +
+thresholds.json with --thresholds oof; examples.png with --data_root; retrieval.csv with --retrieval (on by default
+for the hashnet protocol).
 per_class.csv, confusion.csv, errors.md and the bootstrap CIs (all 15 metrics) describe the ensemble's main head
 (mlp, or knn with --head knn) at the thresholds in use (0.5, or the oof ones); metrics.csv rows are all at 0.5.
 

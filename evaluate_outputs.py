@@ -53,7 +53,7 @@ def tables(args, res, ctx):
     files = dict(res["files"])
     files["metrics.csv"] = [["model", "head", *metrics.METRIC_NAMES]] + [
         [n, hd, *(r[m] for m in metrics.METRIC_NAMES)] for hd, d in res["results"].items() for n, r in d.items()]
-    files["metrics.md"] = metrics_md(res["results"], f"{args.split} split, {len(res['y'])} images, thresholds 0.5")
+    files["metrics.md"] = metrics_md(res["results"], f"{args.split} split, {len(y)} images, thresholds 0.5")
     if "at_oof" in res:
         at = res["results"][res["main"]]["ensemble"]
         files["thresholds.csv"] = [["metric", "at_0.5", "at_oof"]] + [[m, at[m], res["at_oof"][m]] for m in metrics.METRIC_NAMES]
