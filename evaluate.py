@@ -174,7 +174,8 @@ def score_rows(head, ck, feats, rows, args, keep_captions=False):
            for r in (torch.as_tensor(rows[s:s + args.batch_size]) for s in range(0, len(rows), args.batch_size))]
     mean = (lambda xs: torch.stack(xs).mean(0) if xs[0] is not None else None)  # over the views
     cat = (lambda xs: torch.cat(xs) if xs[0] is not None else None)  # over the batches
-    return model.Scores(*(cat([mean([sv[i] for sv in o]) for o in out]) for i in range(3)))
+    return model.Scores(*(cat([mean([sv[i] for sv in o]) for o in out]) for i in range(3)),
+                        cat([o[0].caption_mask for o in out]))  # the same passes in every view
 
 
 def score_member(head, ck, ctx, rows, args):
@@ -186,7 +187,7 @@ def score_member(head, ck, ctx, rows, args):
     if args.head != "mlp":  # database: this fold's training images, one code each
         train_rows = ctx["rows"](np.setdiff1d(splits["dev"], splits["val_folds"][ck["config"]["fold"]]))
         db = knn.sign_codes(score_rows(head, ck, feats, train_rows, args).codes)
-        out["knn"] = knn.knn_head(s.caption_codes, feats["n_captions"][rows], db, feats["labels"][train_rows],
+        out["knn"] = knn.knn_head(s.caption_codes, s.caption_mask, db, feats["labels"][train_rows],
                                   device=args.device, k=args.knn_k, tau=args.knn_tau, vote=args.knn_vote,
                                   query=args.knn_query).numpy()
     if not args.retrieval:

@@ -59,7 +59,9 @@ def load_fold(args, device):
 
 def sample_text(tr, rows, text_input):
     """The text each training image gets this step: rows (b,) -> (b, D) float32, a zero row for no text.
-    each: one caption drawn uniformly; mean: the mean of a random non-empty subset of the image's captions."""
+    each: one caption drawn uniformly; mean: the mean of a random non-empty subset of the image's captions (each
+    kept with probability 1/2: every non-empty subset about equally likely, as model.score_embeddings averages
+    over them at scoring)."""
     text, n = tr["text"][rows], tr["n_captions"][rows]  # (b, T, D), (b,)
     has = torch.arange(text.shape[1], device=n.device) < n[:, None]  # (b, T) real caption slots
     if text_input == "each":

@@ -76,17 +76,16 @@ def knn_scores(query_codes, db_codes, db_labels, k=100, tau=0.07, vote="softmax"
     return scores.clamp_(0.0, 1.0)
 
 
-def knn_head(caption_codes, n_captions, db_codes, db_labels, device="cpu", **kwargs):
-    """The KNN head under the MLP head's protocol: each (image, caption) code votes with its nearest database
-    codes (knn_scores, its defaults unless given) and an image's scores are the mean over its captions.
-    caption_codes (N, T, bits) with zero rows past n_captions (N,) (T = 1: one code per image; an image without
-    a caption has one code, from its image alone) -> (N, C) float32 on the CPU. Runs on `device`."""
-    n, slots = caption_codes.shape[:2]
-    n_used = n_captions.clamp(1, slots)  # (N,)
+def knn_head(caption_codes, caption_mask, db_codes, db_labels, device="cpu", **kwargs):
+    """The KNN head under the MLP head's protocol: each code of an image's scoring passes (one per caption, or per
+    caption subset under --text_input mean: model.score_embeddings) votes with its nearest database codes
+    (knn_scores, its defaults unless given) and an image's scores are the mean over its passes.
+    caption_codes (N, P, bits), caption_mask (N, P) bool, the passes each image uses (Scores.caption_codes and
+    .caption_mask) -> (N, C) float32 on the CPU. Runs on `device`."""
     db, labels = db_codes.to(device), torch.as_tensor(db_labels).to(device)
-    scores = torch.zeros(n, labels.shape[1])
-    for c in range(slots):
-        has = n_used > c
+    scores = torch.zeros(len(caption_codes), labels.shape[1])
+    for c in range(caption_codes.shape[1]):
+        has = caption_mask[:, c]
         if has.any():
             scores[has] += knn_scores(caption_codes[has, c].to(device), db, labels, **kwargs).cpu()
-    return scores / n_used[:, None]
+    return scores / caption_mask.sum(1, keepdim=True)

@@ -5,9 +5,10 @@ Imports nothing local: copy this file into your project as it is.
     enc = Siglip2Encoder("google/siglip2-base-patch16-256")   # raw pooled embeddings, (B, 768)
     head = HashHead(num_classes=80)                           # the recipe train.py trains (its defaults)
     out = head(img, txt)                                      # HeadOutput(logits (B, C), codes (B, 64))
-    s = score_embeddings(head, image, text, n_captions)       # probs averaged over captions, codes
+    s = score_embeddings(head, image, text, n_captions)       # probs and codes averaged over the captions
     # the KNN head over these codes: knn.knn_scores (its own file: an exact Hamming-KNN vote)
 """
+import itertools
 import math
 from typing import NamedTuple, Optional
 
@@ -344,9 +345,19 @@ def head_loss(logits, targets, h, hash_weight=0.0, lambda_balance=0.1, lambda_de
 
 
 class Scores(NamedTuple):
-    probs: torch.Tensor  # (N, C) float32: sigmoid(logits) averaged over each image's captions
+    probs: torch.Tensor  # (N, C) float32: sigmoid(logits) averaged over each image's scoring passes
     codes: Optional[torch.Tensor]  # (N, bits) float32: tanh codes averaged the same way; None without hash layer
-    caption_codes: Optional[torch.Tensor]  # (N, T, bits): per caption (zero past n_captions); only if asked for
+    caption_codes: Optional[torch.Tensor]  # (N, P, bits): per pass (zero where unused); only if asked for
+    caption_mask: Optional[torch.Tensor] = None  # (N, P) bool: the passes each image uses; with caption_codes
+
+
+def scoring_passes(slots, text_input):
+    """The caption slots each scoring pass averages, as lists of slot indices: "each" one pass per caption,
+    "mean" one per non-empty subset of the captions (2^T - 1: 31 for 5), singles first. An image uses the passes
+    whose slots it has; one without a caption uses pass 0 alone, with no text."""
+    if text_input == "each":
+        return [[c] for c in range(slots)]
+    return [list(s) for k in range(1, slots + 1) for s in itertools.combinations(range(slots), k)]
 
 
 @torch.no_grad()
@@ -354,41 +365,42 @@ def score_embeddings(head, image, text, n_captions, text_input="each", batch_siz
                      keep_captions=False):
     """The scoring rule, everywhere (validation, test, KNN queries, HashModel): cached embeddings -> Scores.
 
-    image (N, D) view 0; text (N, T, D) with zero rows past n_captions (N,). text_input "each": the head runs once
-    per caption and probabilities and codes are averaged over the image's captions (the head was trained on one
-    caption at a time); "mean": once, on the mean of the captions' embeddings. An image without a caption is
+    image (N, D) view 0; text (N, T, D) with zero rows past n_captions (N,). The head is scored as it was
+    trained, and its probabilities and codes are averaged over the image's texts (scoring_passes): text_input
+    "each" (trained on one caption at a time) runs once per caption, "mean" (trained on the mean of a random
+    caption subset) once per non-empty subset of the captions, on its mean. An image without a caption is
     scored once with no text (HashHead.forward). A head that reads only the image runs once. Tensors may live
     on any device: batches go to the head's device, results come back to the CPU in float32. amp_dtype: autocast.
     """
     device = next(head.parameters()).device
     was_training = head.training
     head.eval()
-    probs, codes, caps = [], [], []
+    passes = scoring_passes(1 if head.inputs == "image" else max(1, text.shape[1]), text_input)
+    last = torch.tensor([p[-1] for p in passes], device=device)  # (P,) an image has pass p if n_captions > last[p]
+    probs, codes, caps, masks = [], [], [], []
     for s in range(0, len(image), batch_size):
         img = image[s:s + batch_size].to(device)  # (b, D)
         txt, n = text[s:s + batch_size].to(device), n_captions[s:s + batch_size].to(device)  # (b, T, D), (b,)
         if head.inputs == "image":
-            txt, slots = txt[:, :1] * 0, 1
-        elif text_input == "mean":
-            txt, slots = (txt.float().sum(1) / n.clamp_min(1)[:, None])[:, None], 1  # (b, 1, D)
-        else:
-            slots = max(1, txt.shape[1])
-        n_used = n.clamp(1, slots)  # (b,): slots averaged per image; slot 0 of an image without text is all zeros
-        p_sum, h_cap = 0.0, []
-        for c in range(slots):
+            txt, n = txt[:, :1] * 0, torch.ones_like(n)
+        used = (n[:, None] > last) | ((n[:, None] == 0) & (last == 0))  # (b, P); pass 0 of an image without text
+        p_sum, h_pass = 0.0, []
+        for c, slots in enumerate(passes):
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = head(img.float(), txt[:, c].float())
-            has = (n_used > c)[:, None]  # (b, 1)
+                out = head(img.float(), txt[:, slots].float().mean(1))  # zero text rows: "no text"
+            has = used[:, c:c + 1]  # (b, 1)
             p_sum = p_sum + torch.where(has, torch.sigmoid(out.logits.float()), 0.0)
-            h_cap += [torch.where(has, out.codes.float(), 0.0)] if out.codes is not None else []
-        probs.append((p_sum / n_used[:, None]).cpu())
-        if h_cap:
-            stacked = torch.stack(h_cap, 1)  # (b, slots, bits)
-            codes.append((stacked.sum(1) / n_used[:, None]).cpu())
+            h_pass += [torch.where(has, out.codes.float(), 0.0)] if out.codes is not None else []
+        n_used = used.sum(1, keepdim=True)  # (b, 1) >= 1
+        probs.append((p_sum / n_used).cpu())
+        if h_pass:
+            stacked = torch.stack(h_pass, 1)  # (b, P, bits)
+            codes.append((stacked.sum(1) / n_used).cpu())
             caps += [stacked.cpu()] if keep_captions else []
+            masks += [used.cpu()] if keep_captions else []
     head.train(was_training)
     cat = (lambda x: torch.cat(x) if x else None)
-    return Scores(torch.cat(probs), cat(codes), cat(caps))
+    return Scores(torch.cat(probs), cat(codes), cat(caps), cat(masks))
 
 # ----------------------------------------------------------------------------
 # SECTION: HashModel -- towers + head on raw images and captions

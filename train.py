@@ -13,7 +13,8 @@ Train the hash head on cached frozen SigLIP2 embeddings: one cross-validation fo
 The towers are frozen, so training on their cached outputs is the same computation as running them in the
 loop. The fold stays in memory as float16 (as cached) and each batch is converted to float32; an epoch samples
 one caption (or a caption subset, --text_input mean) and one view per image. Validation scores every image with
-model.score_embeddings, the rule evaluate.py uses. At the end the best checkpoint's KNN head is scored on the
+model.score_embeddings, the rule evaluate.py uses (the head is scored as it was trained, on every caption or
+caption subset, and its probabilities averaged). At the end the best checkpoint's KNN head is scored on the
 validation images too (database: the fold's training images). Writes to --out_dir: config.json, log.jsonl,
 last.pt, best.pt, val_metrics.json (MLP head; "knn": the KNN head), val_predictions.npz (probs, codes, knn_probs).
 """
@@ -55,7 +56,7 @@ def get_args_parser():
     # model (defaults: model.HashHead's signature)
     g = p.add_argument_group("model")
     g.add_argument("--inputs", choices=model.INPUTS, default=HEAD["inputs"], help="what the head sees: image + text, or one of them (image: the setting of every published COCO number)")
-    g.add_argument("--text_input", choices=model.TEXT_INPUTS, default="each", help="each: one caption per image per step, probabilities averaged over the captions at scoring; mean: the mean of a random caption subset per step, of all captions at scoring")
+    g.add_argument("--text_input", choices=model.TEXT_INPUTS, default="each", help="each: one caption per image per step; scored on every caption, probabilities and codes averaged. mean: the mean of a random non-empty caption subset per step; scored on the mean of every non-empty subset (31 passes for 5 captions), averaged")
     g.add_argument("--fusion", choices=model.FUSIONS, default=HEAD["fusion"], help="hadamard: [d_i, d_t, d_i*d_t, m_i, m_t]; concat: [d_i, d_t, m_i, m_t]")
     g.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude (decompose = %(default)s unless given)")
     g.add_argument("--mlp_dims", type=cli.int_list, default=None, help="hidden widths of the MLP, comma-separated ('' = a linear head); default: none (HashHead's: the linear evidence layer on the raw fusion vector); 1024,512 for the --bits 0 baseline from model.SMALL_DATA training images on (model.recipe_defaults)")
@@ -210,7 +211,7 @@ def knn_val(net, fold, text_input):
     fold's training images (knn.knn_scores' defaults, as evaluate.py --head knn). -> probs (n_val, C) numpy."""
     db = knn.sign_codes(score(net, fold["train"], text_input).codes)  # (n_train, bits); no per-caption codes
     q = score(net, fold["val"], text_input, keep_captions=True)
-    return knn.knn_head(q.caption_codes, fold["val"]["n_captions"].cpu(), db, fold["train"]["labels"].cpu(),
+    return knn.knn_head(q.caption_codes, q.caption_mask, db, fold["train"]["labels"].cpu(),
                         device=fold["val"]["image"].device).numpy()
 
 

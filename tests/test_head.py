@@ -265,9 +265,9 @@ def test_grouped_forward_equals_accumulated_micro_batches(bits):
 
 def test_head_learns_planted_labels(tmp_path):
     """The small-data case, 1,500 planted training images, against a logistic-regression probe on the same input
-    (the mean caption): at default flags --bits 0 comes within a few points of it, and 64 bits (codes made from
-    the evidence) within 10 points on macro mAP and above it on micro; codes made from the last hidden layer fell
-    14 points below it (docs/EXPERIMENTS.md). The original recipe (an MLP, zero bias, tanh on its last layer,
+    (the mean caption), both heads under --text_input mean: --bits 0 comes within 6 points of it on macro mAP,
+    64 bits (codes made from the evidence) within 7 and above it on micro; codes made from the last hidden layer
+    fell 14 points below it (docs/EXPERIMENTS.md). The original recipe (an MLP, zero bias, tanh on its last layer,
     full hash weight from step 0, lr 2e-4) stays near chance on the same data."""
     import train
     feats = synthetic.make_planted_features(2000, seed=1)
@@ -302,10 +302,11 @@ def test_head_learns_planted_labels(tmp_path):
                         "--hash_warmup", "0",
                         "--lr", "2e-4", "--input_dropout", "0", "--code_classifier_gain", "1")
     print(f"chance {chance:.3f} probe {probe} head {ours} bits 0 {plain} original recipe {original}")
-    # measured (one CPU run): probe 0.518 / 0.411, bits 0 0.471 / 0.435, 64 bits 0.446 / 0.611 (macro / micro);
+    # measured (one CPU run): probe 0.518 / 0.411, bits 0 0.485 / 0.479, 64 bits 0.471 / 0.632 (macro / micro;
+    # 0.446 / 0.611 when --text_input mean scored the mean of all captions alone, not every caption subset);
     # 64 bits with the codes made from the last hidden layer (--code_from hidden, the earlier default): 0.377
-    assert plain["macro"] > probe["macro"] - 0.08 and plain["micro"] > probe["micro"] - 0.02
-    assert ours["macro"] > probe["macro"] - 0.10 and ours["micro"] > probe["micro"]
+    assert plain["macro"] > probe["macro"] - 0.06 and plain["micro"] > probe["micro"]
+    assert ours["macro"] > probe["macro"] - 0.07 and ours["micro"] > probe["micro"]
     assert original["macro"] < 2 * chance
 
 

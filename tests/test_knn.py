@@ -164,19 +164,17 @@ def test_heavy_ties_any_bits_and_chunk():
 
 
 def test_knn_head_averages_the_captions_votes():
-    # each (image, caption) code votes on its own and the image's scores are the mean over its captions;
-    # an image without a caption has one code (its image alone) and counts once
+    # each code of an image's passes votes on its own and the image's scores are the mean over the passes it
+    # uses (caption_mask; an image without a caption has one, from its image alone)
     rng = np.random.default_rng(3)
     caps = torch.from_numpy(rng.standard_normal((5, 3, 16)).astype(np.float32))
-    n = torch.tensor([3, 1, 0, 2, 3])
-    caps[n[:, None] <= torch.arange(3)] = 0
-    caps[2, 0] = torch.randn(16)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 0, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    caps[~mask] = 0
     d = torch.randn(200, 16)
     labels = torch.from_numpy((rng.random((200, 10)) < 0.3).astype(np.float32))
-    got = knn.knn_head(caps, n, d, labels, k=7)
+    got = knn.knn_head(caps, mask, d, labels, k=7)
     for i in range(5):
-        m = max(int(n[i]), 1)
-        want = knn.knn_scores(caps[i, :m], d, labels, k=7).mean(0)
+        want = knn.knn_scores(caps[i, mask[i]], d, labels, k=7).mean(0)
         torch.testing.assert_close(got[i], want)
 
 

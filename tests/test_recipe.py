@@ -1,6 +1,7 @@
 """One recipe and nothing COCO-only after the cache: the defaults of HashHead / head_loss / knn_scores are the ones
 train.py and evaluate.py use; any class count trains and evaluates end to end; a dataset without captions goes
 through the second loader (data.load_jsonl) with --inputs image; an image without text is scored from its image."""
+import itertools
 import json
 
 import numpy as np
@@ -77,8 +78,18 @@ def test_image_without_text_is_scored_from_its_image():
     torch.testing.assert_close(s.probs[0], torch.sigmoid(none.logits[0]))
     want = torch.stack([torch.sigmoid(head(img[1:2], txt[1:2, c]).logits[0]) for c in range(3)]).mean(0)
     torch.testing.assert_close(s.probs[1], want)
-    mean = model.score_embeddings(head, img, txt, n, text_input="mean")  # one pass on the mean caption
-    torch.testing.assert_close(mean.probs[3], torch.sigmoid(head(img[3:4], txt[3, :2].mean(0, keepdim=True)).logits[0]))
+    # "mean": one pass per non-empty subset of the image's captions, on its mean; per-pass codes and mask
+    mean = model.score_embeddings(head, img, txt, n, text_input="mean", keep_captions=True)
+    assert mean.caption_mask.sum(1).tolist() == [1, 7, 1, 3]  # 2^n - 1 passes; one with no text
+    subsets = [txt[1, list(c)].mean(0) for k in (1, 2, 3) for c in itertools.combinations(range(3), k)]
+    out = head(img[1:2].expand(7, -1), torch.stack(subsets))
+    torch.testing.assert_close(mean.probs[1], torch.sigmoid(out.logits).mean(0))
+    torch.testing.assert_close(mean.codes[1], out.codes.mean(0))
+    torch.testing.assert_close(mean.caption_codes[1], out.codes)
+    two = head(img[3:4].expand(3, -1), torch.stack([txt[3, 0], txt[3, 1], txt[3, :2].mean(0)]))
+    torch.testing.assert_close(mean.probs[3], torch.sigmoid(two.logits).mean(0))
+    torch.testing.assert_close(mean.probs[0], s.probs[0])
+    assert not mean.caption_codes[3, ~mean.caption_mask[3]].any()
 
 
 def _planted_run(root, num_classes, categories, *flags, n=360, folds=2, dim=32, train_folds=None):
