@@ -2,7 +2,7 @@
 and aggregated exactly like a trained run (train.py --baseline probe | zeroshot).
 
     head = model.HashHead(**linear_head_args(dim, num_classes, "probe"))
-    fit_probe(head, image, text, n_captions, labels, C=1.0, seed=0)     # one-vs-rest logistic regression
+    fit_probe(head, image, text, labels, C=1.0)                         # one-vs-rest logistic regression
     fit_zeroshot(head, prompts, logit_scale, logit_bias)                 # SigLIP's own classifier
 """
 import math
@@ -31,19 +31,17 @@ def fit_zeroshot(head, prompts, logit_scale, logit_bias):
 
 
 @torch.no_grad()
-def fit_probe(head, image, text, n_captions, labels, C=1.0, seed=0):
+def fit_probe(head, image, text, labels, C=1.0):
     """One-vs-rest logistic regression (scikit-learn L-BFGS, as CLIP's linear probes) on the standardised fusion
-    vector of one sampled caption per training image (an image without one: its image alone).
+    vector of each training image with one text (train.py gives it what one epoch would: folds.sample_text).
 
-    image (n, D), text (n, T, D), n_captions (n,), labels (n, C). The standardisation is the head's eval-mode
-    input BatchNorm, set to the training mean and variance; a class absent (or everywhere) gets its prior."""
+    image (n, D), text (n, D) (a zero row: no text, the image alone), labels (n, C). The standardisation is the
+    head's eval-mode input BatchNorm, set to the training mean and variance; a class absent (or everywhere) gets
+    its prior."""
     from sklearn.linear_model import LogisticRegression
     W, b = head.classifier.weight, head.classifier.bias
     W.zero_()
-    n = len(image)
-    g = torch.Generator().manual_seed(seed)
-    cap = (torch.rand(n, generator=g) * n_captions.cpu()).long()  # one caption per image, seeded
-    txt = text.cpu()[torch.arange(n), cap].float()  # (n, D), zero rows: no text
+    txt = text.cpu().float()  # (n, D)
     x = head.fuse(image.cpu().float(), txt).double()  # (n, in_dim)
     bn = head.input_norm
     mean, var = x.mean(0), x.var(0, unbiased=False)

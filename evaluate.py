@@ -67,6 +67,7 @@ def get_args_parser():
     g.add_argument("--batch_size", type=cli.positive_int, default=4096, help="images per head call")
     g.add_argument("--average_views", action="store_true", help="score every cached image view (extract_features.py --views) and average them (test-time augmentation); default: the plain image, view 0, as in training's validation")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--text_input", default=None, choices=model.TEXT_INPUTS, help="score with this protocol (model.score_embeddings: every caption / every caption subset); default: the one the checkpoint trained with")
     # heads and analyses (KNN defaults: knn.knn_scores' signature)
     g = p.add_argument_group("heads and analyses")
     g.add_argument("--head", default="mlp", choices=("mlp", "knn", "both"), help="classifier head(s) to score")
@@ -165,10 +166,15 @@ def load_inputs(args, paths, cks):
 
 # ----------------------------------------------------------------------------- scoring
 
+def text_input_of(ck, args):
+    """--text_input, else the checkpoint's (one written before the flag existed trained on one caption at a time)."""
+    return args.text_input or ck["config"].get("text_input", "each")
+
+
 def score_rows(head, ck, feats, rows, args, keep_captions=False):
     """model.score_embeddings on cache rows (gathered per batch of --batch_size) -> Scores; with --average_views
     the mean over the cached image views of probabilities and codes (view 0 alone by default)."""
-    text_input, views = ck["config"].get("text_input", "each"), feats["image"].shape[1] if args.average_views else 1
+    text_input, views = text_input_of(ck, args), feats["image"].shape[1] if args.average_views else 1
     out = [[model.score_embeddings(head, feats["image"][r, v], feats["text"][r], feats["n_captions"][r], text_input,
                                    batch_size=args.batch_size, keep_captions=keep_captions) for v in range(views)]
            for r in (torch.as_tensor(rows[s:s + args.batch_size]) for s in range(0, len(rows), args.batch_size))]
@@ -282,7 +288,7 @@ def predict_image(args, heads, ck):
     if enc.dim != heads[0].model_args["dim"]:
         cli.fail(f"--model {name}: embeddings are {enc.dim}-d but the head expects {heads[0].model_args['dim']}")
     names = [c["name"] for c in json.loads(meta.get("categories") or "null") or data.COCO_CATEGORIES]
-    text_input = ck["config"].get("text_input", "each")
+    text_input = text_input_of(ck, args)
     probs = torch.stack([model.HashModel(enc, h.to(args.device), text_input=text_input).predict([img], [args.caption or []])[0]
                          for h in heads]).mean(0)  # (C,) averaged over the ensemble
     top = torch.argsort(probs, descending=True)[:args.top].tolist()

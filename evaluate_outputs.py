@@ -24,6 +24,8 @@ def summary_of(args, res, ctx, paths):
            "heads": list(res["preds"]), "models": {n: {hd: res["results"][hd][n] for hd in res["results"]}
                                                    for n in res["members"]},
            "ensemble": {hd: res["results"][hd]["ensemble"] for hd in res["results"]}}
+    if args.text_input:  # scored with another protocol than the checkpoints' own
+        out["text_input"] = args.text_input
     if args.head != "mlp":
         out["knn"] = {"k": args.knn_k, "tau": args.knn_tau, "vote": args.knn_vote, "query": args.knn_query,
                       "database": "each fold model's training images (dev - val_folds[fold])"}

@@ -5,7 +5,7 @@ Imports nothing local: copy this file into your project as it is.
     enc = Siglip2Encoder("google/siglip2-base-patch16-256")   # raw pooled embeddings, (B, 768)
     head = HashHead(num_classes=80)                           # the recipe train.py trains (its defaults)
     out = head(img, txt)                                      # HeadOutput(logits (B, C), codes (B, 64))
-    s = score_embeddings(head, image, text, n_captions)       # probs and codes averaged over the captions
+    s = score_embeddings(head, image, text, n_captions)       # probs and codes averaged over caption subsets
     # the KNN head over these codes: knn.knn_scores (its own file: an exact Hamming-KNN vote)
 """
 import itertools
@@ -129,6 +129,7 @@ HASH_NORMS = ("batchnorm", "none")
 CODE_CLASSIFIERS = ("learned", "centres")
 CODE_FROM = ("evidence", "hidden")
 TEXT_INPUTS = ("each", "mean")
+TEXT_INPUT = "mean"  # the default protocol: train on caption-subset means, score on every subset (docs/EXPERIMENTS.md)
 
 
 SMALL_DATA = 20_000  # from this many training images the bits-0 baseline is an MLP (recipe_defaults)
@@ -361,7 +362,7 @@ def scoring_passes(slots, text_input):
 
 
 @torch.no_grad()
-def score_embeddings(head, image, text, n_captions, text_input="each", batch_size=4096, amp_dtype=None,
+def score_embeddings(head, image, text, n_captions, text_input=TEXT_INPUT, batch_size=4096, amp_dtype=None,
                      keep_captions=False):
     """The scoring rule, everywhere (validation, test, KNN queries, HashModel): cached embeddings -> Scores.
 
@@ -413,7 +414,7 @@ class HashModel(nn.Module):
     trained on, so predict() on raw inputs equals the head applied to cached embeddings (score_embeddings).
     """
 
-    def __init__(self, encoder, head, cache_dtype=torch.float16, text_input="each"):
+    def __init__(self, encoder, head, cache_dtype=torch.float16, text_input=TEXT_INPUT):
         super().__init__()
         self.encoder, self.head, self.cache_dtype, self.text_input = encoder, head, cache_dtype, text_input
 

@@ -56,7 +56,7 @@ def get_args_parser():
     # model (defaults: model.HashHead's signature)
     g = p.add_argument_group("model")
     g.add_argument("--inputs", choices=model.INPUTS, default=HEAD["inputs"], help="what the head sees: image + text, or one of them (image: the setting of every published COCO number)")
-    g.add_argument("--text_input", choices=model.TEXT_INPUTS, default="each", help="each: one caption per image per step; scored on every caption, probabilities and codes averaged. mean: the mean of a random non-empty caption subset per step; scored on the mean of every non-empty subset (31 passes for 5 captions), averaged")
+    g.add_argument("--text_input", choices=model.TEXT_INPUTS, default=model.TEXT_INPUT, help="mean (default): the mean of a random non-empty caption subset per step; scored on the mean of every non-empty subset (31 passes for 5 captions), probabilities and codes averaged. each: one caption per step; scored on every caption, averaged")
     g.add_argument("--fusion", choices=model.FUSIONS, default=HEAD["fusion"], help="hadamard: [d_i, d_t, d_i*d_t, m_i, m_t]; concat: [d_i, d_t, m_i, m_t]")
     g.add_argument("--no_decompose", dest="decompose", action="store_false", help="feed raw embeddings instead of direction + log-magnitude (decompose = %(default)s unless given)")
     g.add_argument("--mlp_dims", type=cli.int_list, default=None, help="hidden widths of the MLP, comma-separated ('' = a linear head); default: none (HashHead's: the linear evidence layer on the raw fusion vector); 1024,512 for the --bits 0 baseline from model.SMALL_DATA training images on (model.recipe_defaults)")
@@ -264,7 +264,8 @@ def build_head(args, fold, run):
                      f"with --prompts to use --baseline zeroshot")
         baselines.fit_zeroshot(head, fold["prompts"].to(run["device"]), fold["meta"]["logit_scale"], fold["meta"]["logit_bias"])
     elif args.baseline == "probe":
-        baselines.fit_probe(head, tr["image"][:, 0], tr["text"], tr["n_captions"], tr["labels"], args.probe_C, run["seed"])
+        txt = folds.sample_text(tr, torch.arange(len(tr["ids"]), device=tr["image"].device), args.text_input)  # as an epoch
+        baselines.fit_probe(head, tr["image"][:, 0], txt, tr["labels"], args.probe_C)
     elif args.prior_init == "on":
         head.init_prior(tr["labels"].float().mean(0).cpu())
     return head

@@ -109,7 +109,7 @@ def test_bench_learning_quick(tmp_path):
         assert row["bits64_n_train"] == row["size"] and row["bits64_epoch"] in (1, 2)
         assert set(row["targets"]) == {"bits64", "bits0"}
         gap = row["targets"]["bits64"]["gap"]
-        assert gap == pytest.approx(row["probe_each"] - row["bits64"])
+        assert gap == pytest.approx(row["probe_mean"] - row["bits64"])
     work = tmp_path / "work" / "quick_seed0"  # one folder per setting: a full run never reuses quick work
     assert json.load(open(work / "1000" / "probe_each.json"))["rank"] == 64
     assert bench_learning.main(args)["rows"] == res["rows"]  # a rerun reuses the work

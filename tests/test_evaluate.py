@@ -8,6 +8,7 @@ training; one test also runs the real train.py for 2 epochs on 600 planted rows.
 """
 import csv
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -53,14 +54,15 @@ def make_data(root, n=160, dim=32, folds=5, n_test=40, seed=0, ids=None, labels=
     return root / "feat.safetensors", root / "splits.json"
 
 
-def make_fold(fold_dir, k, feats_path, splits_path, model_args=MODEL_ARGS, finished=True, meta=None):
+def make_fold(fold_dir, k, feats_path, splits_path, model_args=MODEL_ARGS, finished=True, meta=None,
+              text_input=model.TEXT_INPUT):
     """What train.py leaves in a fold dir, with a randomly initialised head (seeded by k)."""
     torch.manual_seed(100 + k)
     head = model.HashHead(**model_args).eval()
     tensors, fmeta = features.load_features(feats_path) if meta is None else ({}, meta)
     sha = hashlib.sha256(open(splits_path, "rb").read()).hexdigest() if os.path.isfile(splits_path) else "x"
     config = {"features": str(feats_path), "splits": str(splits_path), "fold": k, "seed": 42, "splits_sha256": sha,
-              "features_meta": fmeta, "finished": finished}
+              "features_meta": fmeta, "finished": finished, "text_input": text_input}
     ck = {"model": head.state_dict(), "model_args": head.model_args, "config": config, "epoch": 2, "finished": finished}
     os.makedirs(fold_dir, exist_ok=True)
     torch.save(ck, fold_dir / "best.pt")
@@ -88,38 +90,45 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def codes_and_probs(head, feats_path, ids):
-    """Independent reference: head on each caption slot, masked mean of sigmoid / tanh codes, then sign."""
+def text_passes(txt, n, text_input=model.TEXT_INPUT):
+    """Independent reference of the scoring rule -> [(text (N, D), used (N,) bool)] per pass: "each" every
+    caption slot, "mean" the mean of every non-empty subset of the slots; a pass is used by an image that has
+    all of its captions, the first also by an image without any (its text is zero: none)."""
+    slots = range(txt.shape[1])
+    sets = [(c,) for c in slots] if text_input == "each" else \
+        [s for k in range(1, len(slots) + 1) for s in itertools.combinations(slots, k)]
+    return [(txt[:, list(s)].mean(1), (n > max(s)) | ((n == 0) & (max(s) == 0))) for s in sets]
+
+
+def head_passes(head, feats_path, ids, text_input=model.TEXT_INPUT):
+    """The head on every pass of the evaluated images -> [(HeadOutput, used (N,))], labels (N, C)."""
     t, _ = features.load_features(feats_path)
     r = np.searchsorted(t["ids"].numpy(), np.asarray(ids))
     img, txt, n = t["image"][r, 0].float(), t["text"][r].float(), t["n_captions"][r]
     with torch.no_grad():
-        outs = [head(img, txt[:, c]) for c in range(txt.shape[1])]
-    mask = torch.stack([n > c for c in range(txt.shape[1])], 1).float()  # (N, C)
-    p = sum(torch.sigmoid(lg) * mask[:, c:c + 1] for c, (lg, _, _) in enumerate(outs)) / n[:, None]
-    h = sum(hc * mask[:, c:c + 1] for c, (_, hc, _) in enumerate(outs)) / n[:, None]
-    return np.where(h.numpy() >= 0, 1.0, -1.0), p.numpy(), t["labels"].numpy()[r]
+        return [(head(img, tx), used) for tx, used in text_passes(txt, n, text_input)], t["labels"].numpy()[r]
 
 
-def caption_codes(head, feats_path, ids, query="sign"):
-    """Independent reference: the sign (query "real": tanh) code of each (image, caption) pair -> list of
-    (Q_c, bits), row index."""
-    t, _ = features.load_features(feats_path)
-    r = np.searchsorted(t["ids"].numpy(), np.asarray(ids))
-    img, txt, n = t["image"][r, 0].float(), t["text"][r].float(), t["n_captions"][r].numpy()
-    with torch.no_grad():
-        codes = [head(img, txt[:, c])[1].double().numpy() for c in range(txt.shape[1])]
-    return [(h if query == "real" else np.where(h >= 0, 1.0, -1.0), np.flatnonzero(n > c))
-            for c, h in enumerate(codes)], n
+def codes_and_probs(head, feats_path, ids, text_input=model.TEXT_INPUT):
+    """Independent reference: masked mean over the passes of sigmoid / tanh codes, then sign."""
+    outs, y = head_passes(head, feats_path, ids, text_input)
+    count = sum(used.double() for _, used in outs)[:, None]
+    p = sum(torch.sigmoid(o.logits.double()) * used[:, None] for o, used in outs) / count
+    h = sum(o.codes.double() * used[:, None] for o, used in outs) / count
+    return np.where(h.numpy() >= 0, 1.0, -1.0), p.numpy(), y
 
 
 def brute_knn_head(head, feats_path, ids, db, dby, k, tau, vote, query="sign"):
-    """KNN head reference: votes of every (image, caption) code, averaged over the image's captions."""
-    per_cap, n = caption_codes(head, feats_path, ids, query)
-    acc = np.zeros((len(ids), dby.shape[1]))
-    for codes, rows in per_cap:
+    """KNN head reference: votes of every pass's code, averaged over the image's passes."""
+    outs, _ = head_passes(head, feats_path, ids)
+    acc, count = np.zeros((len(ids), dby.shape[1])), np.zeros((len(ids), 1))
+    for o, used in outs:
+        h = o.codes.double().numpy()
+        rows = np.flatnonzero(used.numpy())
+        codes = h if query == "real" else np.where(h >= 0, 1.0, -1.0)
         acc[rows] += brute_knn(codes[rows], db, dby, k, tau, vote)
-    return acc / n[:, None]
+        count[rows] += 1
+    return acc / count
 
 
 def brute_knn(q, db, labels, k, tau, vote):
@@ -140,6 +149,21 @@ def brute_knn(q, db, labels, k, tau, vote):
 
 
 # ----------------------------------------------------------------------------- acceptance
+
+def test_text_input_scores_with_another_protocol(fake_run, tmp_path):
+    # the checkpoints trained with the default protocol (mean: caption subsets); --text_input each scores the
+    # same heads on every caption alone, and metrics.json says so
+    splits = json.loads(open(fake_run["splits"]).read())
+    for text_input in ("each", None):
+        out = tmp_path / str(text_input)
+        run("--checkpoint", fake_run["run"] / "fold1" / "best.pt", "--bootstrap", 0, "--out_dir", out,
+            "--device", "cpu", *(["--text_input", text_input] if text_input else []))
+        z = np.load(out / "test_predictions.npz")
+        _, p, _ = codes_and_probs(fake_run["heads"][1], fake_run["feats"], splits["test"], text_input or "mean")
+        np.testing.assert_allclose(z["probs"], p, atol=1e-5)
+        assert json.loads((out / "metrics.json").read_text()).get("text_input") == text_input
+    assert not np.allclose(np.load(tmp_path / "each" / "test_predictions.npz")["probs"], p, atol=1e-3)
+
 
 def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_path, monkeypatch):
     out = tmp_path / "ens"

@@ -37,7 +37,7 @@ def planted_cache(root, n=240, dim=32, folds=3, seed=0, n_bad=0):
 
 
 
-@pytest.mark.parametrize("fold,extra,n_bad", [(1, [], 0), (0, ["--text_input", "mean"], 0), (2, [], 6),
+@pytest.mark.parametrize("fold,extra,n_bad", [(1, [], 0), (0, ["--text_input", "each"], 0), (2, [], 6),
                                               (1, ["--amp"], 0)])
 def test_fold_knn_equals_evaluate(tmp_path, fold, extra, n_bad):
     feats, splits = planted_cache(tmp_path, n_bad=n_bad)

@@ -74,7 +74,7 @@ def test_image_without_text_is_scored_from_its_image():
     txt = torch.randn(4, 3, 16)
     n = torch.tensor([0, 3, 1, 2])
     txt[n[:, None] <= torch.arange(3)] = 0
-    s = model.score_embeddings(head, img, txt, n)
+    s = model.score_embeddings(head, img, txt, n, text_input="each")
     torch.testing.assert_close(s.probs[0], torch.sigmoid(none.logits[0]))
     want = torch.stack([torch.sigmoid(head(img[1:2], txt[1:2, c]).logits[0]) for c in range(3)]).mean(0)
     torch.testing.assert_close(s.probs[1], want)

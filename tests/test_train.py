@@ -1,5 +1,6 @@
 """train.py on a small planted feature cache: outputs and formats, exact resume, determinism, torch.compile,
 the lr schedule, and one-line errors with exit code 2 for bad input."""
+import itertools
 import json
 import math
 
@@ -87,8 +88,9 @@ def test_outputs_and_formats(cache, full_run):
     with torch.no_grad():
         for j in (0, 7, len(pred["ids"]) - 1):
             r = row[int(pred["ids"][j])]
-            caps = range(int(tensors["n_captions"][r]))
-            outs = [head(tensors["image"][r:r + 1, 0].float(), tensors["text"][r:r + 1, c].float()) for c in caps]
+            caps = range(int(tensors["n_captions"][r]))  # the default protocol: every non-empty caption subset
+            sets = [list(c) for k in range(1, len(caps) + 1) for c in itertools.combinations(caps, k)]
+            outs = [head(tensors["image"][r:r + 1, 0].float(), tensors["text"][r:r + 1, c].float().mean(1)) for c in sets]
             p = np.mean([torch.sigmoid(lo)[0].numpy() for lo, _, _ in outs], 0)
             code = np.where(np.mean([h[0].numpy() for _, h, _ in outs], 0) >= 0, 1, -1)  # 0 -> +1 as model.sign_codes
             np.testing.assert_allclose(pred["probs"][j], p, rtol=1e-4, atol=1e-6)
