@@ -131,7 +131,7 @@ class StandInHead(nn.Module):
 def test_hash_model_predict_matches_manual_average(enc):
     torch.manual_seed(0)
     head = StandInHead().train()
-    hm = model.HashModel(enc, head)
+    hm = model.HashModel(enc, head, text_input="each")  # the manual average below: every caption alone
     assert set(hm.state_dict()) == {"head.fc.weight", "head.fc.bias"}  # no frozen backbone in checkpoints
     imgs = _images(3, seed=2)
     caps = [["a dog"], ["a cat on a bed", "two cats", "A CAT"], ["a red bus", "a bus"]]
