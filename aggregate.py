@@ -28,6 +28,7 @@ Literature: literature.{csv,md,tex} in the run folder (one run) or --out (severa
 hashnet: mAP@5000 per bits and empty / tie rule; karpathy_cv: the table says no published number uses it).
 The study's report folder (every table and figure) is study.py's.
 """
+
 import json
 import os
 import sys
@@ -48,42 +49,75 @@ def get_args_parser():
     p = cli.Parser("aggregate", description="cross-validation tables and run comparisons")
     # data
     g = p.add_argument_group("data")
-    g.add_argument("runs", nargs="+", help="run folders (outputs/<run>) holding fold<k>/; the first is the reference")
-    g.add_argument("--folds", type=cli.number(int, 2), default=None,
-                   help="expected folds per run; default: the splits file's 'folds' (from the folds' config.json)")
-    g.add_argument("--allow_partial", action="store_true",
-                   help="tabulate the finished folds when some are missing or unfinished (they are still named)")
-    g.add_argument("--test_dir", default="eval_test", help="evaluate.py's out_dir inside each run (test predictions)")
+    g.add_argument(
+        "runs",
+        nargs="+",
+        help="run folders (outputs/<run>) holding fold<k>/; the first is the reference",
+    )
+    g.add_argument(
+        "--folds",
+        type=cli.number(int, 2),
+        default=None,
+        help="expected folds per run; default: the splits file's 'folds' (from the folds' config.json)",
+    )
+    g.add_argument(
+        "--allow_partial",
+        action="store_true",
+        help="tabulate the finished folds when some are missing or unfinished (they are still named)",
+    )
+    g.add_argument(
+        "--test_dir",
+        default="eval_test",
+        help="evaluate.py's out_dir inside each run (test predictions)",
+    )
     # statistics
     g = p.add_argument_group("statistics")
-    g.add_argument("--bootstrap", type=cli.nonneg_int, default=1000,
-                   help="paired-bootstrap draws on the test images (0 = skip the test comparison)")
-    g.add_argument("--seed", type=int, default=0, help="bootstrap seed (fixed, so p-values are repeatable)")
+    g.add_argument(
+        "--bootstrap",
+        type=cli.nonneg_int,
+        default=1000,
+        help="paired-bootstrap draws on the test images (0 = skip the test comparison)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="bootstrap seed (fixed, so p-values are repeatable)"
+    )
     # io
     g = p.add_argument_group("io")
-    g.add_argument("--out", default=None, help="folder for comparison.* (several runs); default: first run's parent")
+    g.add_argument(
+        "--out",
+        default=None,
+        help="folder for comparison.* (several runs); default: first run's parent",
+    )
     return p
 
 
 # ----------------------------------------------------------------------------- reading
+
 
 def read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        cli.fail(f"{path}: unreadable JSON ({type(e).__name__}); re-run that fold with train.py --resume")
+        cli.fail(
+            f"{path}: unreadable JSON ({type(e).__name__}); re-run that fold with train.py --resume"
+        )
 
 
 def read_run(run, args):
     """-> {"name", "dir", "folds": {k: val_metrics dict}, "expected": K, "problems": [str], "sha": str|None}."""
     if not os.path.isdir(run):
-        cli.fail(f"{run}: not a directory; pass run folders written by train.py --out_dir <run>/fold<k>")
+        cli.fail(
+            f"{run}: not a directory; pass run folders written by train.py --out_dir <run>/fold<k>"
+        )
     dirs = fold_dirs(run)
     if not dirs:
         cli.fail(f"{run}: no fold<k>/ folders; train folds with train.py --out_dir {run}/fold<k>")
-    configs = {k: read_json(os.path.join(d, "config.json")) for k, d in dirs.items()
-               if os.path.isfile(os.path.join(d, "config.json"))}
+    configs = {
+        k: read_json(os.path.join(d, "config.json"))
+        for k, d in dirs.items()
+        if os.path.isfile(os.path.join(d, "config.json"))
+    }
     expected = args.folds
     for cfg in configs.values():  # the splits file says how many folds there are
         if expected is None and cfg.get("splits") and os.path.isfile(cfg["splits"]):
@@ -91,7 +125,9 @@ def read_run(run, args):
     expected = expected or max(dirs) + 1
     shas = {cfg.get("splits_sha256") for cfg in configs.values()} - {None}
     if len(shas) > 1:
-        cli.fail(f"{run}: its folds were trained with different splits files (splits_sha256 differ); re-train them")
+        cli.fail(
+            f"{run}: its folds were trained with different splits files (splits_sha256 differ); re-train them"
+        )
     folds, knn_folds, problems = {}, {}, []
     for k in range(expected):
         if k not in dirs:
@@ -101,24 +137,40 @@ def read_run(run, args):
         else:
             vm = read_json(os.path.join(dirs[k], "val_metrics.json"))
             knn = vm.get("knn")
-            absent = [m for m in metrics.METRIC_NAMES if m not in vm or (knn is not None and m not in knn)]
+            absent = [
+                m for m in metrics.METRIC_NAMES if m not in vm or (knn is not None and m not in knn)
+            ]
             if absent:
-                cli.fail(f"{dirs[k]}/val_metrics.json: metrics {absent} missing; re-run the fold with this train.py")
+                cli.fail(
+                    f"{dirs[k]}/val_metrics.json: metrics {absent} missing; re-run the fold with this train.py"
+                )
             folds[k] = dict(vm, best_epoch=vm.get("epoch", float("nan")))
-            if knn is not None:  # the KNN head was chosen at the MLP head's best epoch: the same one
+            if (
+                knn is not None
+            ):  # the KNN head was chosen at the MLP head's best epoch: the same one
                 knn_folds[k] = dict(knn, best_epoch=folds[k]["best_epoch"])
     extra = sorted(set(dirs) - set(range(expected)))
     if extra:
         problems.append(f"fold{extra[0]} and up are beyond the {expected} folds expected (ignored)")
     name = os.path.normpath(run)
     partial = f"partial {len(folds)}/{expected}" if problems and len(folds) < expected else ""
-    return {"name": name, "dir": run, "folds": folds, "heads": {"mlp": folds, "knn": knn_folds}, "expected": expected,
-            "problems": problems, "sha": shas.pop() if shas else None, "dirs": dirs, "partial": partial,
-            "config": configs[min(configs)] if configs else {},
-            "label": os.path.basename(name) + (f" ({partial})" if partial else "")}
+    return {
+        "name": name,
+        "dir": run,
+        "folds": folds,
+        "heads": {"mlp": folds, "knn": knn_folds},
+        "expected": expected,
+        "problems": problems,
+        "sha": shas.pop() if shas else None,
+        "dirs": dirs,
+        "partial": partial,
+        "config": configs[min(configs)] if configs else {},
+        "label": os.path.basename(name) + (f" ({partial})" if partial else ""),
+    }
 
 
 # ----------------------------------------------------------------------------- tables
+
 
 def summary(r, head="mlp"):
     """-> (mean dict, std dict) of one head over the run's finished folds, std ddof=1 (nan for one fold)."""
@@ -141,8 +193,12 @@ def head_tests(r):
     common = sorted(set(r["heads"]["mlp"]) & set(r["heads"]["knn"]))
     if len(common) < 2:
         return {}
-    return {m: metrics.paired_test([r["heads"]["mlp"][k][m] for k in common], [r["heads"]["knn"][k][m] for k in common])
-            for m in metrics.METRIC_NAMES}
+    return {
+        m: metrics.paired_test(
+            [r["heads"]["mlp"][k][m] for k in common], [r["heads"]["knn"][k][m] for k in common]
+        )
+        for m in metrics.METRIC_NAMES
+    }
 
 
 def cv_tables(r):
@@ -153,17 +209,45 @@ def cv_tables(r):
     if r["problems"]:
         md.append(f"Partial ({r['partial'] or 'some folds'}): {'; '.join(r['problems'])}.\n")
     for head in heads_of(r):
-        folds, (mean, std), pre = r["heads"][head], summary(r, head), "" if head == "mlp" else f"{head}_"
+        folds, (mean, std), pre = (
+            r["heads"][head],
+            summary(r, head),
+            "" if head == "mlp" else f"{head}_",
+        )
         rows += [[f"{pre}fold_{k}", *(folds[k][c] for c in COLUMNS)] for k in sorted(folds)]
-        rows += [[f"{pre}mean", *(mean[c] for c in COLUMNS)], [f"{pre}std", *(std[c] for c in COLUMNS)]]
-        md += [f"## {head.upper()} head\n", report.md_table(["metric", "mean ± std", *(f"fold {k}" for k in sorted(folds))], [
-            [report.label(c), fmt(mean[c], std[c]), *(f"{folds[k][c]:.4f}" if c != "best_epoch" else str(folds[k][c])
-                                                       for k in sorted(folds))] for c in COLUMNS])]
+        rows += [
+            [f"{pre}mean", *(mean[c] for c in COLUMNS)],
+            [f"{pre}std", *(std[c] for c in COLUMNS)],
+        ]
+        md += [
+            f"## {head.upper()} head\n",
+            report.md_table(
+                ["metric", "mean ± std", *(f"fold {k}" for k in sorted(folds))],
+                [
+                    [
+                        report.label(c),
+                        fmt(mean[c], std[c]),
+                        *(
+                            f"{folds[k][c]:.4f}" if c != "best_epoch" else str(folds[k][c])
+                            for k in sorted(folds)
+                        ),
+                    ]
+                    for c in COLUMNS
+                ],
+            ),
+        ]
     tests = head_tests(r)
     if tests:
-        md += ["## KNN head - MLP head: mean over folds, paired t-test across folds\n", report.md_table(
-            ["metric", "KNN - MLP", "t", "p"],
-            [[report.label(m), f"{t['mean_diff']:+.4f}", f"{t['t']:.3g}", f"{t['p']:.3g}"] for m, t in tests.items()])]
+        md += [
+            "## KNN head - MLP head: mean over folds, paired t-test across folds\n",
+            report.md_table(
+                ["metric", "KNN - MLP", "t", "p"],
+                [
+                    [report.label(m), f"{t['mean_diff']:+.4f}", f"{t['t']:.3g}", f"{t['p']:.3g}"]
+                    for m, t in tests.items()
+                ],
+            ),
+        ]
     return rows, "\n".join(md)
 
 
@@ -175,7 +259,9 @@ def load_test(r, test_dir):
         with np.load(path) as z:
             return {"path": path, "ids": z["ids"], "labels": z["labels"], "probs": z["probs"]}
     except Exception as e:
-        cli.fail(f"{path}: unreadable ({type(e).__name__}); re-run evaluate.py --ensemble {r['dir']}")
+        cli.fail(
+            f"{path}: unreadable ({type(e).__name__}); re-run evaluate.py --ensemble {r['dir']}"
+        )
 
 
 def compare(ref, r, args):
@@ -184,38 +270,74 @@ def compare(ref, r, args):
     rows = []
     for m in metrics.METRIC_NAMES:
         a, b = ([run["folds"][k][m] for k in common] for run in (ref, r))
-        t = metrics.paired_test(a, b) if len(common) >= 2 else {"mean_diff": float(np.mean(b) - np.mean(a)) if common
-                                                                else float("nan"), "t": float("nan"), "p": float("nan")}
-        rows.append({"run": r["name"], "vs": ref["name"], "metric": m, "folds": len(common),
-                     "mean_diff": t["mean_diff"], "t": t["t"], "p_folds": t["p"]})
+        t = (
+            metrics.paired_test(a, b)
+            if len(common) >= 2
+            else {
+                "mean_diff": float(np.mean(b) - np.mean(a)) if common else float("nan"),
+                "t": float("nan"),
+                "p": float("nan"),
+            }
+        )
+        rows.append(
+            {
+                "run": r["name"],
+                "vs": ref["name"],
+                "metric": m,
+                "folds": len(common),
+                "mean_diff": t["mean_diff"],
+                "t": t["t"],
+                "p_folds": t["p"],
+            }
+        )
     ta, tb = load_test(ref, args.test_dir), load_test(r, args.test_dir)
     if args.bootstrap and ta and tb:
         ids, ia, ib = np.intersect1d(ta["ids"], tb["ids"], return_indices=True)
         if len(ids) == 0 or not np.array_equal(ta["labels"][ia], tb["labels"][ib]):
-            cli.fail(f"{ta['path']} and {tb['path']}: no common test images or their labels differ; "
-                 f"evaluate both runs on the same features and splits")
+            cli.fail(
+                f"{ta['path']} and {tb['path']}: no common test images or their labels differ; "
+                f"evaluate both runs on the same features and splits"
+            )
         if len(ids) < max(len(ta["ids"]), len(tb["ids"])):
-            print(f"note: {r['name']} vs {ref['name']}: paired bootstrap on the {len(ids)} test images both scored")
+            print(
+                f"note: {r['name']} vs {ref['name']}: paired bootstrap on the {len(ids)} test images both scored"
+            )
         for row in rows:
             if row["metric"] in metrics.BOOT_METRICS:
-                pb = metrics.paired_bootstrap(ta["labels"][ia], ta["probs"][ia], tb["probs"][ib], n_boot=args.bootstrap,
-                                              seed=args.seed, metric=row["metric"])
-                row.update(test_images=len(ids), test_diff=pb["diff"], test_low=pb["low"], test_high=pb["high"],
-                           p_test=pb["p"])
+                pb = metrics.paired_bootstrap(
+                    ta["labels"][ia],
+                    ta["probs"][ia],
+                    tb["probs"][ib],
+                    n_boot=args.bootstrap,
+                    seed=args.seed,
+                    metric=row["metric"],
+                )
+                row.update(
+                    test_images=len(ids),
+                    test_diff=pb["diff"],
+                    test_low=pb["low"],
+                    test_high=pb["high"],
+                    p_test=pb["p"],
+                )
     elif args.bootstrap:
         missing = [x["dir"] for x, t in ((ref, ta), (r, tb)) if t is None]
-        print(f"note: no paired test bootstrap for {r['name']}: no {args.test_dir}/test_predictions.npz in "
-              f"{', '.join(missing)} (run evaluate.py --ensemble)")
+        print(
+            f"note: no paired test bootstrap for {r['name']}: no {args.test_dir}/test_predictions.npz in "
+            f"{', '.join(missing)} (run evaluate.py --ensemble)"
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------- main
 
+
 def main(args):
     runs = [read_run(run, args) for run in args.runs]
     bad = [f"{r['dir']}: {', '.join(r['problems'])}" for r in runs if r["problems"]]
     if bad and not args.allow_partial:
-        cli.fail(f"{'; '.join(bad)}; finish them (run_cv.sh resumes interrupted folds) or pass --allow_partial")
+        cli.fail(
+            f"{'; '.join(bad)}; finish them (run_cv.sh resumes interrupted folds) or pass --allow_partial"
+        )
     for line in bad:
         print(f"warning: {line}; tabulating the finished folds only", file=sys.stderr)
     empty = [r["dir"] for r in runs if not r["folds"]]
@@ -224,18 +346,25 @@ def main(args):
     if len(runs) > 1:
         for r in runs[1:]:
             if r["sha"] != runs[0]["sha"]:
-                cli.fail(f"{r['dir']}: made with a different splits file than {runs[0]['dir']} (splits_sha256 "
-                     f"{str(r['sha'])[:12]} vs {str(runs[0]['sha'])[:12]}); compare only runs trained on the same "
-                     f"splits.json")
+                cli.fail(
+                    f"{r['dir']}: made with a different splits file than {runs[0]['dir']} (splits_sha256 "
+                    f"{str(r['sha'])[:12]} vs {str(runs[0]['sha'])[:12]}); compare only runs trained on the same "
+                    f"splits.json"
+                )
     for r in runs:
         rows, md = cv_tables(r)
         data.save_text(os.path.join(r["dir"], "cv_results.csv"), rows)
         data.save_text(os.path.join(r["dir"], "cv_results.md"), md)
         print(md)
-    out = runs[0]["dir"] if len(runs) == 1 else \
-        args.out or os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
+    out = (
+        runs[0]["dir"]
+        if len(runs) == 1
+        else args.out or os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
+    )
     os.makedirs(out, exist_ok=True)
-    lit = literature.write(out, runs, args.test_dir)  # beside the published numbers of the runs' protocol
+    lit = literature.write(
+        out, runs, args.test_dir
+    )  # beside the published numbers of the runs' protocol
     if len(runs) == 1:
         print(f"wrote {os.path.join(runs[0]['dir'], 'cv_results.csv')} and cv_results.md")
         return {"runs": runs, "literature": lit}
@@ -243,22 +372,58 @@ def main(args):
     # ---- several runs: one comparison table + paired tests against the first run
     stats = [summary(r) for r in runs]
     table = [["run", "folds", *(f"{c}_{s}" for c in COLUMNS for s in ("mean", "std"))]]
-    table += [[r["name"], len(r["folds"]), *(st[i][c] for c in COLUMNS for i in (0, 1))] for r, st in zip(runs, stats)]
+    table += [
+        [r["name"], len(r["folds"]), *(st[i][c] for c in COLUMNS for i in (0, 1))]
+        for r, st in zip(runs, stats)
+    ]
     tests = [row for r in runs[1:] for row in compare(runs[0], r, args)]
-    keys = ["run", "vs", "metric", "folds", "mean_diff", "t", "p_folds", "test_images", "test_diff", "test_low",
-            "test_high", "p_test"]
-    md = [f"# Comparison of {len(runs)} runs (mean ± std over folds)\n",
-          report.md_table(["run", "folds", *metrics.METRIC_NAMES],
-                   [[r["name"], len(r["folds"]), *(fmt(m[c], s[c]) for c in metrics.METRIC_NAMES)]
-                    for r, (m, s) in zip(runs, stats)]),
-          f"## Against {runs[0]['name']}: mean over folds of (run - {runs[0]['name']}), paired t-test across folds; "
-          f"test: paired bootstrap on the test images (95% CI)\n",
-          report.md_table(["run", "metric", "mean diff", "p (folds)", "test diff [95% CI]", "p (test)"], [
-              [t["run"], t["metric"], f"{t['mean_diff']:+.4f}", f"{t['p_folds']:.3g}",
-               f"{t['test_diff']:+.4f} [{t['test_low']:+.4f}, {t['test_high']:+.4f}]" if "test_diff" in t else "-",
-               f"{t['p_test']:.3g}" if "p_test" in t else "-"] for t in tests])]
+    keys = [
+        "run",
+        "vs",
+        "metric",
+        "folds",
+        "mean_diff",
+        "t",
+        "p_folds",
+        "test_images",
+        "test_diff",
+        "test_low",
+        "test_high",
+        "p_test",
+    ]
+    md = [
+        f"# Comparison of {len(runs)} runs (mean ± std over folds)\n",
+        report.md_table(
+            ["run", "folds", *metrics.METRIC_NAMES],
+            [
+                [r["name"], len(r["folds"]), *(fmt(m[c], s[c]) for c in metrics.METRIC_NAMES)]
+                for r, (m, s) in zip(runs, stats)
+            ],
+        ),
+        f"## Against {runs[0]['name']}: mean over folds of (run - {runs[0]['name']}), paired t-test across folds; "
+        f"test: paired bootstrap on the test images (95% CI)\n",
+        report.md_table(
+            ["run", "metric", "mean diff", "p (folds)", "test diff [95% CI]", "p (test)"],
+            [
+                [
+                    t["run"],
+                    t["metric"],
+                    f"{t['mean_diff']:+.4f}",
+                    f"{t['p_folds']:.3g}",
+                    f"{t['test_diff']:+.4f} [{t['test_low']:+.4f}, {t['test_high']:+.4f}]"
+                    if "test_diff" in t
+                    else "-",
+                    f"{t['p_test']:.3g}" if "p_test" in t else "-",
+                ]
+                for t in tests
+            ],
+        ),
+    ]
     data.save_text(os.path.join(out, "comparison.csv"), table)
-    data.save_text(os.path.join(out, "comparison_tests.csv"), [keys] + [[t.get(k, "") for k in keys] for t in tests])
+    data.save_text(
+        os.path.join(out, "comparison_tests.csv"),
+        [keys] + [[t.get(k, "") for k in keys] for t in tests],
+    )
     data.save_text(os.path.join(out, "comparison.md"), "\n".join(md))
     print("\n".join(md))
     print(f"wrote {os.path.join(out, 'comparison.md')}, comparison.csv, comparison_tests.csv")

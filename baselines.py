@@ -5,6 +5,7 @@ and aggregated exactly like a trained run (train.py --baseline probe | zeroshot)
     fit_probe(head, image, text, labels, C=1.0)                         # one-vs-rest logistic regression
     fit_zeroshot(head, prompts, logit_scale, logit_bias)                 # SigLIP's own classifier
 """
+
 import math
 import sys
 
@@ -15,8 +16,18 @@ from tqdm import tqdm
 def linear_head_args(dim, num_classes, kind, inputs="both"):
     """HashHead arguments of a baseline: no MLP, no hash layer, concat fusion of [d_i, d_t, m_i, m_t] (or one
     input), standardised inputs for the probe (its eval-mode BatchNorm holds the training mean and variance)."""
-    return dict(dim=dim, num_classes=num_classes, inputs=inputs, fusion="concat", decompose=True, mlp_dims=[],
-                dropout=0.0, bits=0, input_norm="batchnorm" if kind == "probe" else "none", input_dropout=0.0)
+    return dict(
+        dim=dim,
+        num_classes=num_classes,
+        inputs=inputs,
+        fusion="concat",
+        decompose=True,
+        mlp_dims=[],
+        dropout=0.0,
+        bits=0,
+        input_norm="batchnorm" if kind == "probe" else "none",
+        input_dropout=0.0,
+    )
 
 
 @torch.no_grad()
@@ -26,7 +37,9 @@ def fit_zeroshot(head, prompts, logit_scale, logit_bias):
     W, b = head.classifier.weight, head.classifier.bias  # (C, in_dim), (C,)
     W.zero_()
     p = prompts.float()
-    W[:, :p.shape[1]] = float(logit_scale) * p / p.norm(dim=1, keepdim=True)  # acts on d_i = v_i / |v_i|
+    W[:, : p.shape[1]] = (
+        float(logit_scale) * p / p.norm(dim=1, keepdim=True)
+    )  # acts on d_i = v_i / |v_i|
     b.fill_(float(logit_bias))
 
 
@@ -39,6 +52,7 @@ def fit_probe(head, image, text, labels, C=1.0):
     head's eval-mode input BatchNorm, set to the training mean and variance; a class absent (or everywhere) gets
     its prior."""
     from sklearn.linear_model import LogisticRegression
+
     W, b = head.classifier.weight, head.classifier.bias
     W.zero_()
     txt = text.cpu().float()  # (n, D)
@@ -48,7 +62,9 @@ def fit_probe(head, image, text, labels, C=1.0):
     bn.running_mean.copy_(mean)
     bn.running_var.copy_(var)
     z = (x - mean) / (var + bn.eps).sqrt()  # exactly what the eval-mode BatchNorm computes
-    z = z.masked_fill((txt == 0).all(-1, keepdim=True) & head.text_cols, 0.0).numpy()  # as HashHead.forward
+    z = z.masked_fill(
+        (txt == 0).all(-1, keepdim=True) & head.text_cols, 0.0
+    ).numpy()  # as HashHead.forward
     y = labels.cpu().numpy()
     for c in tqdm(range(y.shape[1]), desc="probe classes", disable=not sys.stderr.isatty()):
         p = float(y[:, c].mean())

@@ -18,6 +18,7 @@ input could reach (the head's code, made from the class evidence, is not). The K
 scores at the end of a run (val_metrics.json "knn"). Work files go to --work/{full,quick}_seed<seed>/ and are
 reused (train.py --resume), so an interrupted study picks up where it stopped. Not timed: it measures learning. Results: docs/EXPERIMENTS.md.
 """
+
 import json
 import os
 import subprocess
@@ -40,29 +41,62 @@ import train
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_IMAGES, N_TEST, N_VAL, FOLDS = 123_287, 5_000, 5_000, 5
 SIZES = (2500, 9000, 25000, 94630)  # 94,630: the training set of a Karpathy 5-fold CV fold
-RUNS = {"bits64": [], "bits0": ["--bits", "0"], "bits64_each": ["--text_input", "each"],
-        "bits0_each": ["--bits", "0", "--text_input", "each"]}  # train.py flags on top of the defaults (mean)
+RUNS = {
+    "bits64": [],
+    "bits0": ["--bits", "0"],
+    "bits64_each": ["--text_input", "each"],
+    "bits0_each": ["--bits", "0", "--text_input", "each"],
+}  # train.py flags on top of the defaults (mean)
 PROBES = ("each", "mean")
 RANK = train.HEAD["bits"]  # the probe is also scored cut to this rank: the default code length
-TARGETS = [("bits64", "mean", 0.02), ("bits0", "mean", 0.01), ("bits64_each", "each", 0.02),
-           ("bits0_each", "each", 0.01)]  # (run, probe, at most this far below it), issue 21's acceptance
+TARGETS = [
+    ("bits64", "mean", 0.02),
+    ("bits0", "mean", 0.01),
+    ("bits64_each", "each", 0.02),
+    ("bits0_each", "each", 0.01),
+]  # (run, probe, at most this far below it), issue 21's acceptance
 
 
 def get_args_parser():
-    p = cli.Parser("bench_learning", description="planted-data data-efficiency study (see the module docstring)")
+    p = cli.Parser(
+        "bench_learning",
+        description="planted-data data-efficiency study (see the module docstring)",
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--quick", action="store_true", help="3,000 images, sizes 500 and 1,000, 2 epochs: checks the plumbing, not learning")
-    g.add_argument("--sizes", type=cli.int_list, default=None, help="training-set sizes (comma-separated); default: 2500,9000,25000,94630 (quick: 500,1000)")
-    g.add_argument("--runs", default=",".join(RUNS), help=f"train.py runs per size, from {','.join(RUNS)}")
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="3,000 images, sizes 500 and 1,000, 2 epochs: checks the plumbing, not learning",
+    )
+    g.add_argument(
+        "--sizes",
+        type=cli.int_list,
+        default=None,
+        help="training-set sizes (comma-separated); default: 2500,9000,25000,94630 (quick: 500,1000)",
+    )
+    g.add_argument(
+        "--runs", default=",".join(RUNS), help=f"train.py runs per size, from {','.join(RUNS)}"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the planted cache and the subsets")
-    g.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_learning"),
-                   help="work files go to WORK/{full,quick}_seed<seed>, reused by a rerun (never across settings)")
+    g.add_argument(
+        "--work",
+        default=os.path.join(tempfile.gettempdir(), "bench_learning"),
+        help="work files go to WORK/{full,quick}_seed<seed>, reused by a rerun (never across settings)",
+    )
     g = p.add_argument_group("run")
-    g.add_argument("--threads", type=cli.positive_int, default=os.cpu_count() or 1,
-                   help="train.py runs at a time, one thread each; also the probes' jobs")
+    g.add_argument(
+        "--threads",
+        type=cli.positive_int,
+        default=os.cpu_count() or 1,
+        help="train.py runs at a time, one thread each; also the probes' jobs",
+    )
     g = p.add_argument_group("io")
-    g.add_argument("--out", default="bench_learning.json", help="the figures as JSON (written atomically)")
-    g.add_argument("--figure", default="", help="also draw mAP against training-set size to FIGURE.png / .pdf")
+    g.add_argument(
+        "--out", default="bench_learning.json", help="the figures as JSON (written atomically)"
+    )
+    g.add_argument(
+        "--figure", default="", help="also draw mAP against training-set size to FIGURE.png / .pdf"
+    )
     return p
 
 
@@ -72,9 +106,15 @@ def plot(rows, stem):
     x = [r["size"] for r in rows]
     for key in [k for k in rows[0] if isinstance(rows[0][k], float)]:
         style = "--" if key.startswith("probe") else ":" if key.endswith("_knn") else "-"
-        ax.plot(x, [r.get(key, np.nan) for r in rows], style, marker="o", label=key.replace("_", " "))
+        ax.plot(
+            x, [r.get(key, np.nan) for r in rows], style, marker="o", label=key.replace("_", " ")
+        )
     ax.set_xscale("log")
-    ax.set(xlabel="training images (planted)", ylabel="val mAP (macro), 5,000 images", title="data efficiency")
+    ax.set(
+        xlabel="training images (planted)",
+        ylabel="val mAP (macro), 5,000 images",
+        title="data efficiency",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     return report.save_figure(fig, stem)
@@ -89,20 +129,34 @@ def write_data(work, n, seed, sizes):
         f = synthetic.make_planted_features(n, seed=seed)
         features.save_features(feats, f, f["meta"])
     from safetensors import safe_open
+
     with safe_open(feats, framework="pt") as f:
         ids = f.get_tensor("ids").numpy()
     ids = np.random.default_rng(seed).permutation(ids)
     n_test, n_val = min(N_TEST, n // 6), min(N_VAL, n // 6)
-    test, val, pool = np.sort(ids[:n_test]), np.sort(ids[n_test:n_test + n_val]), ids[n_test + n_val:]
+    test, val, pool = (
+        np.sort(ids[:n_test]),
+        np.sort(ids[n_test : n_test + n_val]),
+        ids[n_test + n_val :],
+    )
     for size in sizes:
         if size > len(pool):
             cli.fail(f"--sizes: {size} training images, but the planted pool has {len(pool)}")
         parts = np.array_split(np.sort(pool[:size]), FOLDS - 1)
         val_folds = [val.tolist()] + [p.tolist() for p in parts]
-        data.save_json(os.path.join(work, f"splits_{size}.json"), {
-            "method": "nested random subsets", "folds": FOLDS, "seed": seed, "categories": data.COCO_CATEGORIES,
-            "dev": np.sort(np.concatenate([pool[:size], val])).tolist(), "test": test.tolist(),
-            "val_folds": val_folds, "stats": [{"size": len(v)} for v in val_folds]})
+        data.save_json(
+            os.path.join(work, f"splits_{size}.json"),
+            {
+                "method": "nested random subsets",
+                "folds": FOLDS,
+                "seed": seed,
+                "categories": data.COCO_CATEGORIES,
+                "dev": np.sort(np.concatenate([pool[:size], val])).tolist(),
+                "test": test.tolist(),
+                "val_folds": val_folds,
+                "stats": [{"size": len(v)} for v in val_folds],
+            },
+        )
     return feats, n_val
 
 
@@ -112,20 +166,31 @@ def probe(feats, splits, text_input, jobs, seed=0):
     over the captions; "mean": the mean caption. -> metrics.compute_all on the validation images, with time."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
-    args = train.get_args_parser().parse_args(["--features", feats, "--splits", splits, "--out_dir", "-"])
+
+    args = train.get_args_parser().parse_args(
+        ["--features", feats, "--splits", splits, "--out_dir", "-"]
+    )
     f = folds.load_fold(args, torch.device("cpu"))
     tr, va = f["train"], f["val"]
 
     def x(split, cap):  # (n, D) image view 0, (n, D) caption -> (n, 2D) numpy
         unit = torch.nn.functional.normalize
-        return torch.cat([unit(split["image"][:, 0].float(), dim=1), unit(cap.float(), dim=1)], 1).numpy()
+        return torch.cat(
+            [unit(split["image"][:, 0].float(), dim=1), unit(cap.float(), dim=1)], 1
+        ).numpy()
+
     if text_input == "mean":  # the sum has the mean's direction (padding rows are 0)
         xt = x(tr, tr["text"].float().sum(1))
     else:
-        pick = (torch.rand(len(tr["ids"]), generator=torch.Generator().manual_seed(seed)) * tr["n_captions"]).long()
+        pick = (
+            torch.rand(len(tr["ids"]), generator=torch.Generator().manual_seed(seed))
+            * tr["n_captions"]
+        ).long()
         xt = x(tr, tr["text"][torch.arange(len(pick)), pick])
     t = time.perf_counter()
-    clf = OneVsRestClassifier(LogisticRegression(C=1.0, max_iter=1000), n_jobs=jobs).fit(xt, tr["labels"].numpy())
+    clf = OneVsRestClassifier(LogisticRegression(C=1.0, max_iter=1000), n_jobs=jobs).fit(
+        xt, tr["labels"].numpy()
+    )
     # the same probe with its (C, 2D) weight matrix cut to its top RANK singular directions (truncated SVD): a
     # linear model through a RANK-dimensional code, as the small-data head into 64 bits is
     # (a class without a training positive has a constant predictor, kept as it is)
@@ -140,6 +205,7 @@ def probe(feats, splits, text_input, jobs, seed=0):
         low = full.copy()
         low[:, lin] = 1 / (1 + np.exp(-(xv @ w_low.T + b)))
         return full, low
+
     if text_input == "mean":
         full, low = both(x(va, va["text"].float().sum(1)))
     else:
@@ -151,9 +217,15 @@ def probe(feats, splits, text_input, jobs, seed=0):
         n = va["n_captions"].clamp_min(1).numpy()[:, None]
         full, low = full / n, low / n
     y = va["labels"].numpy()
-    return dict(metrics.compute_all(y, full), n_train=len(xt), n_val=len(va["ids"]),
-                seconds=round(time.perf_counter() - t, 1), rank=RANK, low_rank=metrics.compute_all(y, low),
-                singular_values=[round(float(v), 4) for v in sv])
+    return dict(
+        metrics.compute_all(y, full),
+        n_train=len(xt),
+        n_val=len(va["ids"]),
+        seconds=round(time.perf_counter() - t, 1),
+        rank=RANK,
+        low_rank=metrics.compute_all(y, low),
+        singular_values=[round(float(v), 4) for v in sv],
+    )
 
 
 def train_runs(jobs, threads):
@@ -162,10 +234,21 @@ def train_runs(jobs, threads):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for s in range(0, len(jobs), threads):
         procs = []
-        for out, argv in jobs[s:s + threads]:
+        for out, argv in jobs[s : s + threads]:
             log = open(out + ".log", "a")
-            cmd = [sys.executable, os.path.join(HERE, "train.py"), *argv, "--out_dir", out, "--num_threads", "1", "--resume"]
-            procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out, log))
+            cmd = [
+                sys.executable,
+                os.path.join(HERE, "train.py"),
+                *argv,
+                "--out_dir",
+                out,
+                "--num_threads",
+                "1",
+                "--resume",
+            ]
+            procs.append(
+                (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out, log)
+            )
         for p, out, log in procs:
             rc = p.wait()
             log.close()
@@ -175,7 +258,10 @@ def train_runs(jobs, threads):
 
 def size_row(work, size, runs, jobs):
     """The probes' and the runs' figures at one size (the probes are cached as JSON in the work folder)."""
-    feats, splits = os.path.join(work, "features.safetensors"), os.path.join(work, f"splits_{size}.json")
+    feats, splits = (
+        os.path.join(work, "features.safetensors"),
+        os.path.join(work, f"splits_{size}.json"),
+    )
     row = {"size": size}
     for kind in PROBES:
         path = os.path.join(work, str(size), f"probe_{kind}.json")
@@ -186,21 +272,34 @@ def size_row(work, size, runs, jobs):
         if "singular_values" not in res:  # new, or written before the rank-64 column
             res = probe(feats, splits, kind, jobs)
             data.save_json(path, res)
-        row.update({f"probe_{kind}": res["mAP_macro"], f"probe_{kind}_rank{RANK}": res["low_rank"]["mAP_macro"]})
+        row.update(
+            {
+                f"probe_{kind}": res["mAP_macro"],
+                f"probe_{kind}_rank{RANK}": res["low_rank"]["mAP_macro"],
+            }
+        )
     for name in runs:
         out = os.path.join(work, str(size), name)
         with open(os.path.join(out, "val_metrics.json")) as f:
             val = json.load(f)
         with open(os.path.join(out, "config.json")) as f:
             cfg = json.load(f)
-        row.update({name: val["mAP_macro"], f"{name}_epoch": val["epoch"], f"{name}_n_train": cfg["n_train"]})
+        row.update(
+            {
+                name: val["mAP_macro"],
+                f"{name}_epoch": val["epoch"],
+                f"{name}_n_train": cfg["n_train"],
+            }
+        )
         if "knn" in val:
             row[f"{name}_knn"] = val["knn"]["mAP_macro"]
     return row
 
 
 def main(args):
-    n, sizes, extra = (3000, [500, 1000], ["--epochs", "2"]) if args.quick else (N_IMAGES, list(SIZES), [])
+    n, sizes, extra = (
+        (3000, [500, 1000], ["--epochs", "2"]) if args.quick else (N_IMAGES, list(SIZES), [])
+    )
     sizes = args.sizes or sizes
     runs = [r for r in args.runs.split(",") if r]
     bad = [r for r in runs if r not in RUNS]
@@ -210,17 +309,49 @@ def main(args):
     for size in sizes:
         os.makedirs(os.path.join(work, str(size)), exist_ok=True)
     feats, n_val = write_data(work, n, args.seed, sizes)
-    train_runs([(os.path.join(work, str(size), name), ["--features", feats, "--splits",
-                 os.path.join(work, f"splits_{size}.json"), "--fold", "0", *RUNS[name], *extra])
-                for size in sizes for name in runs], args.threads)
+    train_runs(
+        [
+            (
+                os.path.join(work, str(size), name),
+                [
+                    "--features",
+                    feats,
+                    "--splits",
+                    os.path.join(work, f"splits_{size}.json"),
+                    "--fold",
+                    "0",
+                    *RUNS[name],
+                    *extra,
+                ],
+            )
+            for size in sizes
+            for name in runs
+        ],
+        args.threads,
+    )
     rows = [size_row(work, size, runs, args.threads) for size in sizes]
     for row in rows:
-        row["targets"] = {run: {"probe": probe_kind, "gap": row[f"probe_{probe_kind}"] - row[run], "at_most": limit,
-                                "pass": bool(row[f"probe_{probe_kind}"] - row[run] <= limit)}
-                          for run, probe_kind, limit in TARGETS if run in row}
-        print(f"{row['size']:>6} train images | " + " | ".join(
-            f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
-    res = {"n_images": n, "n_val": n_val, "work": work, "command": " ".join(["python bench_learning.py", *sys.argv[1:]]), "rows": rows}
+        row["targets"] = {
+            run: {
+                "probe": probe_kind,
+                "gap": row[f"probe_{probe_kind}"] - row[run],
+                "at_most": limit,
+                "pass": bool(row[f"probe_{probe_kind}"] - row[run] <= limit),
+            }
+            for run, probe_kind, limit in TARGETS
+            if run in row
+        }
+        print(
+            f"{row['size']:>6} train images | "
+            + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
+        )
+    res = {
+        "n_images": n,
+        "n_val": n_val,
+        "work": work,
+        "command": " ".join(["python bench_learning.py", *sys.argv[1:]]),
+        "rows": rows,
+    }
     data.save_json(args.out, res)
     if args.figure:
         print("figure:", ", ".join(plot(rows, args.figure)))

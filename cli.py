@@ -1,10 +1,11 @@
 """Command-line helpers shared by the scripts: one-line errors (exit code 2) and checked flag types.
 
-    import cli
-    p = cli.Parser("train", description="...")
-    p.add_argument("--epochs", type=cli.positive_int, default=20)
-    cli.fail("--features: x.safetensors not found; run extract_features.py first")
+import cli
+p = cli.Parser("train", description="...")
+p.add_argument("--epochs", type=cli.positive_int, default=20)
+cli.fail("--features: x.safetensors not found; run extract_features.py first")
 """
+
 import argparse
 import math
 import sys
@@ -29,15 +30,19 @@ class Parser(argparse.ArgumentParser):
 
 def number(kind, lo, strict=False, hi=None):
     """argparse type=: a finite int / float >= lo (> lo with strict; < hi when hi is given)."""
+
     def parse(s):
         try:
             x = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
+            raise argparse.ArgumentTypeError(
+                f"{s!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
         if not math.isfinite(x) or (x <= lo if strict else x < lo) or (hi is not None and x >= hi):
             where = f"{'>' if strict else '>='} {lo}" + (f" and < {hi}" if hi is not None else "")
             raise argparse.ArgumentTypeError(f"{s} must be {where}")
         return x
+
     return parse
 
 
@@ -53,7 +58,9 @@ def int_list(s):
     try:
         out = [int(t) for t in s.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers like 1024,512") from None
+        raise argparse.ArgumentTypeError(
+            f"{s!r}: expected comma-separated integers like 1024,512"
+        ) from None
     if any(v <= 0 for v in out):
         raise argparse.ArgumentTypeError(f"{s!r}: every entry must be positive")
     return out

@@ -10,6 +10,7 @@ Importable module, no CLI (the feature cache is features.py). Typical use:
 Every error caused by bad input is raised as DataError(one line naming the file and the fix);
 scripts catch it and exit with code 2.
 """
+
 import hashlib
 import json
 import os
@@ -19,21 +20,29 @@ import numpy as np
 NUM_CLASSES = 80  # COCO's; nothing after the feature cache assumes it
 
 # the official 80 COCO categories (instances_*.json "categories"), sorted by id -> label index 0..79
-COCO_CATEGORIES = [{"id": i, "name": n} for i, n in zip(
-    [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)],
-    ('person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,'
-     'parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,'
-     'handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,'
-     'surfboard,tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,'
-     'broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,'
-     'mouse,remote,keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,'
-     'teddy bear,hair drier,toothbrush').split(","))]
+COCO_CATEGORIES = [
+    {"id": i, "name": n}
+    for i, n in zip(
+        [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)],
+        (
+            "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
+            "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,"
+            "handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,"
+            "surfboard,tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,"
+            "broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,"
+            "mouse,remote,keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,"
+            "teddy bear,hair drier,toothbrush"
+        ).split(","),
+    )
+]
+
 
 class DataError(Exception):
     """Bad input data: the message is one line naming the file and what to do."""
 
 
 # ----------------------------------------------------------------------------- atomic writes
+
 
 def atomic_write(path, write_fn):
     """Call write_fn(tmp_path), then rename tmp_path onto path, so readers never see a half-written file.
@@ -63,15 +72,18 @@ def save_text(path, content):
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             f.write(content) if isinstance(content, str) else csv.writer(f).writerows(content)
+
     atomic_write(path, write)
 
 
 def save_json(path, obj):
     """Atomically write obj as JSON (indent=2, trailing newline)."""
+
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
+
     atomic_write(path, write)
 
 
@@ -95,9 +107,11 @@ _INDEX_VERSION = 1
 
 def coco_files(data_root):
     """The three source files under data_root: Karpathy json, train and val instances."""
-    return [os.path.join(data_root, "dataset_coco.json"),
-            os.path.join(data_root, "annotations", "instances_train2014.json"),
-            os.path.join(data_root, "annotations", "instances_val2014.json")]
+    return [
+        os.path.join(data_root, "dataset_coco.json"),
+        os.path.join(data_root, "annotations", "instances_train2014.json"),
+        os.path.join(data_root, "annotations", "instances_val2014.json"),
+    ]
 
 
 def _read_json(path, what):
@@ -105,8 +119,9 @@ def _read_json(path, what):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read {what} ({type(e).__name__}: {str(e)[:80]}); "
-                        f"re-download it") from None
+        raise DataError(
+            f"{path}: cannot read {what} ({type(e).__name__}: {str(e)[:80]}); re-download it"
+        ) from None
 
 
 def _karpathy_records(path):
@@ -116,19 +131,36 @@ def _karpathy_records(path):
         raise DataError(f"{path}: no 'images' list; expected Karpathy's dataset_coco.json")
     out = []
     for i, r in enumerate(d["images"]):
-        miss = [k for k in ("filepath", "filename", "split", "sentences", "cocoid")
-                if not isinstance(r, dict) or k not in r]
+        miss = [
+            k
+            for k in ("filepath", "filename", "split", "sentences", "cocoid")
+            if not isinstance(r, dict) or k not in r
+        ]
         if miss:
-            raise DataError(f"{path}: images[{i}] lacks {miss}; expected Karpathy's dataset_coco.json "
-                            f"(images[].filepath/filename/split/sentences[].raw/cocoid)")
+            raise DataError(
+                f"{path}: images[{i}] lacks {miss}; expected Karpathy's dataset_coco.json "
+                f"(images[].filepath/filename/split/sentences[].raw/cocoid)"
+            )
         if r["split"] not in KARPATHY_SPLITS:
-            raise DataError(f"{path}: images[{i}] has split {r['split']!r}, expected one of {KARPATHY_SPLITS}")
+            raise DataError(
+                f"{path}: images[{i}] has split {r['split']!r}, expected one of {KARPATHY_SPLITS}"
+            )
         try:
-            caps = [" ".join(str(s["raw"]).split()) for s in r["sentences"]]  # collapse spaces, newlines
+            caps = [
+                " ".join(str(s["raw"]).split()) for s in r["sentences"]
+            ]  # collapse spaces, newlines
         except (KeyError, TypeError):
-            raise DataError(f"{path}: images[{i}].sentences lack 'raw'; expected Karpathy's dataset_coco.json")
-        out.append((int(r["cocoid"]), r["split"], os.path.join(r["filepath"], r["filename"]),
-                    [c for c in caps if c]))
+            raise DataError(
+                f"{path}: images[{i}].sentences lack 'raw'; expected Karpathy's dataset_coco.json"
+            )
+        out.append(
+            (
+                int(r["cocoid"]),
+                r["split"],
+                os.path.join(r["filepath"], r["filename"]),
+                [c for c in caps if c],
+            )
+        )
     ids = [o[0] for o in out]
     if len(set(ids)) != len(ids):
         raise DataError(f"{path}: duplicate cocoid entries; expected Karpathy's dataset_coco.json")
@@ -140,20 +172,26 @@ def _instances(path):
     import contextlib
     import io
     from pycocotools.coco import COCO
+
     d = _read_json(path, "the instances annotation file")
-    if not isinstance(d, dict) or not all(isinstance(d.get(k), list) for k in ("images", "annotations",
-                                                                               "categories")):
-        raise DataError(f"{path}: needs 'images', 'annotations' and 'categories' lists; use the official "
-                        f"COCO 2014 instances file")
+    if not isinstance(d, dict) or not all(
+        isinstance(d.get(k), list) for k in ("images", "annotations", "categories")
+    ):
+        raise DataError(
+            f"{path}: needs 'images', 'annotations' and 'categories' lists; use the official "
+            f"COCO 2014 instances file"
+        )
     cats = sorted((c.get("id"), c.get("name")) for c in d["categories"] if isinstance(c, dict))
     if cats != [(c["id"], c["name"]) for c in COCO_CATEGORIES]:
-        raise DataError(f"{path}: categories are not the 80 COCO categories ({len(cats)} given); use the "
-                        f"official COCO 2014 instances file")
+        raise DataError(
+            f"{path}: categories are not the 80 COCO categories ({len(cats)} given); use the "
+            f"official COCO 2014 instances file"
+        )
     coco = COCO()
     coco.dataset = d
-    with contextlib.redirect_stdout(io.StringIO()):                              # pycocotools prints
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints
         coco.createIndex()
-    anns = coco.loadAnns(coco.getAnnIds())                                       # iscrowd=None: all
+    anns = coco.loadAnns(coco.getAnnIds())  # iscrowd=None: all
     img = np.fromiter((a["image_id"] for a in anns), np.int64, len(anns))
     cat = np.fromiter((a["category_id"] for a in anns), np.int64, len(anns))
     return set(coco.getImgIds()), img, cat
@@ -161,7 +199,7 @@ def _instances(path):
 
 def _build_coco_index(data_root):
     kp, tr, va = coco_files(data_root)
-    recs = sorted(_karpathy_records(kp))                                         # ids ascending
+    recs = sorted(_karpathy_records(kp))  # ids ascending
     ids = np.array([r[0] for r in recs], np.int64)
     labels = np.zeros((len(ids), NUM_CLASSES), np.uint8)
     cat_index = np.full(max(c["id"] for c in COCO_CATEGORIES) + 1, -1, np.int64)
@@ -170,19 +208,32 @@ def _build_coco_index(data_root):
     for path in (tr, va):
         img_ids, img, cat = _instances(path)
         known |= img_ids
-        if len(cat) and (cat.min() < 0 or cat.max() >= len(cat_index) or (cat_index[cat] < 0).any()):
-            raise DataError(f"{path}: annotations with category ids outside the 80 COCO categories; use the "
-                            f"official COCO 2014 instances file")
+        if len(cat) and (
+            cat.min() < 0 or cat.max() >= len(cat_index) or (cat_index[cat] < 0).any()
+        ):
+            raise DataError(
+                f"{path}: annotations with category ids outside the 80 COCO categories; use the "
+                f"official COCO 2014 instances file"
+            )
         row = np.searchsorted(ids, img)
-        keep = (row < len(ids)) & (ids[np.minimum(row, len(ids) - 1)] == img)      # images in the Karpathy json
+        keep = (row < len(ids)) & (
+            ids[np.minimum(row, len(ids) - 1)] == img
+        )  # images in the Karpathy json
         labels[row[keep], cat_index[cat[keep]]] = 1
     absent = [i for i in ids.tolist() if i not in known]
     if absent:
-        raise DataError(f"{kp}: {len(absent)} image(s) have no entry in {os.path.basename(tr)} or "
-                        f"{os.path.basename(va)} (e.g. cocoid {absent[0]}); use the COCO 2014 annotations "
-                        f"that match this Karpathy split")
-    return {"ids": ids, "rel_paths": [r[2] for r in recs], "splits": [r[1] for r in recs],
-            "labels": labels, "captions": [r[3] for r in recs]}
+        raise DataError(
+            f"{kp}: {len(absent)} image(s) have no entry in {os.path.basename(tr)} or "
+            f"{os.path.basename(va)} (e.g. cocoid {absent[0]}); use the COCO 2014 annotations "
+            f"that match this Karpathy split"
+        )
+    return {
+        "ids": ids,
+        "rel_paths": [r[2] for r in recs],
+        "splits": [r[1] for r in recs],
+        "labels": labels,
+        "captions": [r[3] for r in recs],
+    }
 
 
 def load_coco(data_root):
@@ -195,41 +246,69 @@ def load_coco(data_root):
     """
     data_root = os.fspath(data_root)
     if not os.path.isdir(data_root):
-        raise DataError(f"{data_root}: data_root not found; pass --data_root pointing at the folder with "
-                        f"dataset_coco.json, annotations/, train2014/ and val2014/")
+        raise DataError(
+            f"{data_root}: data_root not found; pass --data_root pointing at the folder with "
+            f"dataset_coco.json, annotations/, train2014/ and val2014/"
+        )
     for p in coco_files(data_root):
         if not os.path.isfile(p):
-            raise DataError(f"{p}: not found; put the COCO 2014 annotations and Karpathy's dataset_coco.json "
-                            f"under {data_root}")
+            raise DataError(
+                f"{p}: not found; put the COCO 2014 annotations and Karpathy's dataset_coco.json "
+                f"under {data_root}"
+            )
     fp = file_fingerprint(coco_files(data_root))
-    npz, js = os.path.join(data_root, ".coco_index.npz"), os.path.join(data_root, ".coco_index.json")
+    npz, js = (
+        os.path.join(data_root, ".coco_index.npz"),
+        os.path.join(data_root, ".coco_index.json"),
+    )
     idx = None
     try:
         with open(js) as f:
             meta = json.load(f)
         if meta.get("fingerprint") == fp and meta.get("version") == _INDEX_VERSION:
             with np.load(npz) as z:
-                idx = {"ids": z["ids"], "labels": z["labels"], **{k: meta[k] for k in
-                                                                   ("rel_paths", "splits", "captions")}}
-            if not (len(idx["ids"]) == len(idx["labels"]) == len(idx["rel_paths"]) == len(idx["captions"])):
+                idx = {
+                    "ids": z["ids"],
+                    "labels": z["labels"],
+                    **{k: meta[k] for k in ("rel_paths", "splits", "captions")},
+                }
+            if not (
+                len(idx["ids"])
+                == len(idx["labels"])
+                == len(idx["rel_paths"])
+                == len(idx["captions"])
+            ):
                 idx = None
     except (OSError, ValueError, KeyError):
-        idx = None                                                               # no / stale / broken cache
+        idx = None  # no / stale / broken cache
     if idx is None:
         idx = _build_coco_index(data_root)
         try:  # labels first, then the json carrying the fingerprint, so a half-updated cache reads as stale
             atomic_write(npz, lambda tmp: np.savez(tmp, ids=idx["ids"], labels=idx["labels"]))
-            meta = {"version": _INDEX_VERSION, "fingerprint": fp, "rel_paths": idx["rel_paths"],
-                    "splits": idx["splits"], "captions": idx["captions"]}
+            meta = {
+                "version": _INDEX_VERSION,
+                "fingerprint": fp,
+                "rel_paths": idx["rel_paths"],
+                "splits": idx["splits"],
+                "captions": idx["captions"],
+            }
+
             def write(tmp):
                 with open(tmp, "w") as f:
-                    json.dump(meta, f)                                       # compact: ~40 MB on real COCO
+                    json.dump(meta, f)  # compact: ~40 MB on real COCO
+
             atomic_write(js, write)
         except OSError:
-            pass                                                                 # read-only data: no cache
-    return {"ids": idx["ids"], "paths": [os.path.join(data_root, p) for p in idx["rel_paths"]],
-            "splits": list(idx["splits"]), "labels": idx["labels"], "captions": idx["captions"],
-            "categories": [dict(c) for c in COCO_CATEGORIES], "fingerprint": fp}
+            pass  # read-only data: no cache
+    return {
+        "ids": idx["ids"],
+        "paths": [os.path.join(data_root, p) for p in idx["rel_paths"]],
+        "splits": list(idx["splits"]),
+        "labels": idx["labels"],
+        "captions": idx["captions"],
+        "categories": [dict(c) for c in COCO_CATEGORIES],
+        "fingerprint": fp,
+    }
 
 
 def load_jsonl(path):
@@ -242,7 +321,9 @@ def load_jsonl(path):
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise DataError(f"{path}: manifest not found; pass --data_root pointing at a .jsonl manifest")
+        raise DataError(
+            f"{path}: manifest not found; pass --data_root pointing at a .jsonl manifest"
+        )
     recs = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -250,27 +331,43 @@ def load_jsonl(path):
                 continue
             try:
                 r = json.loads(line)
-                recs.append((int(r.get("id", n)), str(r.get("split", "train")), str(r["image"]),
-                             [" ".join(str(t).split()) for t in r.get("texts", [])], [str(x) for x in r["labels"]]))
+                recs.append(
+                    (
+                        int(r.get("id", n)),
+                        str(r.get("split", "train")),
+                        str(r["image"]),
+                        [" ".join(str(t).split()) for t in r.get("texts", [])],
+                        [str(x) for x in r["labels"]],
+                    )
+                )
             except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path}: line {n} is not a manifest record ({type(e).__name__}: {e}); each line "
-                                f"needs \"image\" and \"labels\"") from None
+                raise DataError(
+                    f"{path}: line {n} is not a manifest record ({type(e).__name__}: {e}); each line "
+                    f'needs "image" and "labels"'
+                ) from None
     recs.sort()
     ids = np.array([r[0] for r in recs], np.int64)
     if len(np.unique(ids)) != len(ids):
-        raise DataError(f"{path}: duplicate image ids; give every line a unique \"id\"")
+        raise DataError(f'{path}: duplicate image ids; give every line a unique "id"')
     names = sorted({x for r in recs for x in r[4]})
     col = {name: j for j, name in enumerate(names)}
     labels = np.zeros((len(recs), len(names)), np.uint8)
     for i, r in enumerate(recs):
         labels[i, [col[x] for x in r[4]]] = 1
     root = os.path.dirname(os.path.abspath(path))
-    return {"ids": ids, "paths": [os.path.join(root, r[2]) for r in recs], "splits": [r[1] for r in recs],
-            "labels": labels, "captions": [[t for t in r[3] if t] for r in recs],
-            "categories": [{"id": j + 1, "name": name} for j, name in enumerate(names)],
-            "fingerprint": file_fingerprint([path])}
+    return {
+        "ids": ids,
+        "paths": [os.path.join(root, r[2]) for r in recs],
+        "splits": [r[1] for r in recs],
+        "labels": labels,
+        "captions": [[t for t in r[3] if t] for r in recs],
+        "categories": [{"id": j + 1, "name": name} for j, name in enumerate(names)],
+        "fingerprint": file_fingerprint([path]),
+    }
 
 
 def load_dataset(data_root):
     """The loader for data_root: a .jsonl manifest (load_jsonl), else a COCO 2014 folder (load_coco)."""
-    return load_jsonl(data_root) if os.fspath(data_root).endswith(".jsonl") else load_coco(data_root)
+    return (
+        load_jsonl(data_root) if os.fspath(data_root).endswith(".jsonl") else load_coco(data_root)
+    )

@@ -25,6 +25,7 @@ test images' codes are queries against the splits' retrieval database (hashnet: 
 not a query), else against the dev pool; mAP@k (k 5000 for hashnet, 1000 otherwise) and mAP@all, with both
 empty-query rules (zero: DeepHash-pytorch, skip: HashNet) and both tie rules (stable, average).
 """
+
 import argparse
 import hashlib
 import inspect
@@ -46,53 +47,133 @@ import protocols
 import retrieval
 import runs
 
-KNN = {k: p.default for k, p in inspect.signature(knn.knn_scores).parameters.items()}  # the KNN head's defaults
+KNN = {
+    k: p.default for k, p in inspect.signature(knn.knn_scores).parameters.items()
+}  # the KNN head's defaults
 RETRIEVAL_K = {"hashnet": 5000}  # mAP@k as the protocol's literature reports it; others: 1000
 
 
 def get_args_parser():
-    p = cli.Parser("evaluate", description="test / val metrics of one fold model or the fold ensemble")
+    p = cli.Parser(
+        "evaluate", description="test / val metrics of one fold model or the fold ensemble"
+    )
     # data
     g = p.add_argument_group("data")
-    g.add_argument("--features", default=None, help="feature cache; default: the one in the checkpoint's config")
-    g.add_argument("--splits", default=None, help="splits.json the models trained with (defines KNN databases)")
-    g.add_argument("--split", default="test", choices=("test", "val"), help="test = hold-out; val = val_folds[--fold]")
-    g.add_argument("--fold", type=cli.nonneg_int, default=None, help="with --split val: the checkpoint's own fold")
-    g.add_argument("--data_root", default=None, help="data root: adds examples.png (worst-predicted images)")
+    g.add_argument(
+        "--features",
+        default=None,
+        help="feature cache; default: the one in the checkpoint's config",
+    )
+    g.add_argument(
+        "--splits", default=None, help="splits.json the models trained with (defines KNN databases)"
+    )
+    g.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "val"),
+        help="test = hold-out; val = val_folds[--fold]",
+    )
+    g.add_argument(
+        "--fold",
+        type=cli.nonneg_int,
+        default=None,
+        help="with --split val: the checkpoint's own fold",
+    )
+    g.add_argument(
+        "--data_root", default=None, help="data root: adds examples.png (worst-predicted images)"
+    )
     # model
     g = p.add_argument_group("model")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", default=None, help="one model: a train.py best.pt")
-    src.add_argument("--ensemble", default=None, help="a run dir: every fold*/best.pt, probabilities averaged")
+    src.add_argument(
+        "--ensemble", default=None, help="a run dir: every fold*/best.pt, probabilities averaged"
+    )
     g.add_argument("--batch_size", type=cli.positive_int, default=4096, help="images per head call")
-    g.add_argument("--average_views", action="store_true", help="score every cached image view (extract_features.py --views) and average them (test-time augmentation); default: the plain image, view 0, as in training's validation")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    g.add_argument("--text_input", default=None, choices=model.TEXT_INPUTS, help="score with this protocol (model.score_embeddings: every caption / every caption subset); default: the one the checkpoint trained with")
+    g.add_argument(
+        "--average_views",
+        action="store_true",
+        help="score every cached image view (extract_features.py --views) and average them (test-time augmentation); default: the plain image, view 0, as in training's validation",
+    )
+    g.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
+    )
+    g.add_argument(
+        "--text_input",
+        default=None,
+        choices=model.TEXT_INPUTS,
+        help="score with this protocol (model.score_embeddings: every caption / every caption subset); default: the one the checkpoint trained with",
+    )
     # heads and analyses (KNN defaults: knn.knn_scores' signature)
     g = p.add_argument_group("heads and analyses")
-    g.add_argument("--head", default="mlp", choices=("mlp", "knn", "both"), help="classifier head(s) to score")
-    g.add_argument("--knn_k", type=cli.positive_int, default=KNN["k"], help="neighbours per query (the original plan: 20; on planted data 100 scored 0.6-1.9 points more)")
-    g.add_argument("--knn_tau", type=cli.positive_float, default=KNN["tau"], help="softmax temperature of the votes")
-    g.add_argument("--knn_vote", default=KNN["vote"], choices=knn.KNN_VOTES, help="neighbour vote weights")
-    g.add_argument("--knn_query", default=KNN["query"], choices=knn.KNN_QUERIES, help="real: each query keeps its real-valued tanh code against the binary database (bits weighted by |h|; +0.7 to +2.4 points of mAP on planted data); sign: a plain Hamming search")
-    g.add_argument("--thresholds", default="0.5", choices=("0.5", "oof"), help="oof: per-class F1-optimal thresholds from the folds' val predictions (never the test split), reported beside 0.5")
-    g.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=None, help="Hamming retrieval mAP of the test codes (default: on for the hashnet protocol)")
+    g.add_argument(
+        "--head", default="mlp", choices=("mlp", "knn", "both"), help="classifier head(s) to score"
+    )
+    g.add_argument(
+        "--knn_k",
+        type=cli.positive_int,
+        default=KNN["k"],
+        help="neighbours per query (the original plan: 20; on planted data 100 scored 0.6-1.9 points more)",
+    )
+    g.add_argument(
+        "--knn_tau",
+        type=cli.positive_float,
+        default=KNN["tau"],
+        help="softmax temperature of the votes",
+    )
+    g.add_argument(
+        "--knn_vote", default=KNN["vote"], choices=knn.KNN_VOTES, help="neighbour vote weights"
+    )
+    g.add_argument(
+        "--knn_query",
+        default=KNN["query"],
+        choices=knn.KNN_QUERIES,
+        help="real: each query keeps its real-valued tanh code against the binary database (bits weighted by |h|; +0.7 to +2.4 points of mAP on planted data); sign: a plain Hamming search",
+    )
+    g.add_argument(
+        "--thresholds",
+        default="0.5",
+        choices=("0.5", "oof"),
+        help="oof: per-class F1-optimal thresholds from the folds' val predictions (never the test split), reported beside 0.5",
+    )
+    g.add_argument(
+        "--retrieval",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Hamming retrieval mAP of the test codes (default: on for the hashnet protocol)",
+    )
     # predict one image
     g = p.add_argument_group("predict one image")
-    g.add_argument("--image", default=None, help="predict one image file instead (--caption optional)")
-    g.add_argument("--caption", action="append", default=None, help="caption of --image; repeat to average")
-    g.add_argument("--model", default=None, help="SigLIP2 name/folder for --image; default: from the features")
+    g.add_argument(
+        "--image", default=None, help="predict one image file instead (--caption optional)"
+    )
+    g.add_argument(
+        "--caption", action="append", default=None, help="caption of --image; repeat to average"
+    )
+    g.add_argument(
+        "--model", default=None, help="SigLIP2 name/folder for --image; default: from the features"
+    )
     g.add_argument("--top", type=cli.positive_int, default=5, help="labels printed for --image")
     # io
     g = p.add_argument_group("io")
-    g.add_argument("--out_dir", default=None, help="default: <run>/eval_<split> or <fold dir>/eval_<split>")
-    g.add_argument("--bootstrap", type=cli.nonneg_int, default=1000, help="bootstrap draws for 95%% CIs; 0 = off")
+    g.add_argument(
+        "--out_dir", default=None, help="default: <run>/eval_<split> or <fold dir>/eval_<split>"
+    )
+    g.add_argument(
+        "--bootstrap",
+        type=cli.nonneg_int,
+        default=1000,
+        help="bootstrap draws for 95%% CIs; 0 = off",
+    )
     g.add_argument("--seed", type=int, default=0, help="bootstrap seed (fixed: CIs are repeatable)")
-    g.add_argument("--allow_partial", action="store_true", help="ensemble the finished folds, name the others")
+    g.add_argument(
+        "--allow_partial", action="store_true", help="ensemble the finished folds, name the others"
+    )
     return p
 
 
 # ----------------------------------------------------------------------------- inputs
+
 
 def checkpoint_paths(args):
     if args.checkpoint:
@@ -100,9 +181,15 @@ def checkpoint_paths(args):
     if not os.path.isdir(args.ensemble):
         cli.fail(f"--ensemble {args.ensemble}: not a directory")
     dirs = runs.fold_dirs(args.ensemble)
-    paths = [os.path.join(d, "best.pt") for d in dirs.values() if os.path.isfile(os.path.join(d, "best.pt"))]
+    paths = [
+        os.path.join(d, "best.pt")
+        for d in dirs.values()
+        if os.path.isfile(os.path.join(d, "best.pt"))
+    ]
     if not paths:
-        cli.fail(f"--ensemble {args.ensemble}: no fold*/best.pt in it; train folds with train.py first")
+        cli.fail(
+            f"--ensemble {args.ensemble}: no fold*/best.pt in it; train folds with train.py first"
+        )
     bad = [os.path.basename(d) for d in dirs.values() if not runs.fold_finished(d)]
     if bad:
         msg = f"--ensemble {args.ensemble}: unfinished or missing folds: {', '.join(bad)}"
@@ -118,18 +205,28 @@ def checkpoint_paths(args):
 def check_folds(args, paths, cks, splits, split_path):
     """The checkpoints' fold numbers: distinct, inside the splits file, and (--split val) the asked fold's."""
     folds = [ck["config"].get("fold") for ck in cks]
-    if len(set(folds)) != len(folds) or not all(isinstance(f, int) and 0 <= f < splits["folds"] for f in folds):
-        cli.fail(f"{', '.join(paths)}: fold numbers {folds} in the checkpoints' config are missing, repeated or "
-                 f"outside the {splits['folds']} folds of {split_path}")
+    if len(set(folds)) != len(folds) or not all(
+        isinstance(f, int) and 0 <= f < splits["folds"] for f in folds
+    ):
+        cli.fail(
+            f"{', '.join(paths)}: fold numbers {folds} in the checkpoints' config are missing, repeated or "
+            f"outside the {splits['folds']} folds of {split_path}"
+        )
     if args.fold is not None and args.fold >= splits["folds"]:
-        cli.fail(f"--fold: {args.fold} is out of range; {split_path} has folds 0..{splits['folds'] - 1}")
+        cli.fail(
+            f"--fold: {args.fold} is out of range; {split_path} has folds 0..{splits['folds'] - 1}"
+        )
     missing = sorted(set(range(splits["folds"])) - set(folds)) if args.ensemble else []
     if missing:  # fold dirs absent altogether
         msg = f"--ensemble {args.ensemble}: folds {missing} of {split_path} have no best.pt"
-        cli.fail(msg + "; train them or pass --allow_partial") if not args.allow_partial else print(f"warning: {msg}")
+        cli.fail(msg + "; train them or pass --allow_partial") if not args.allow_partial else print(
+            f"warning: {msg}"
+        )
     if args.split == "val" and folds[0] != args.fold:
-        cli.fail(f"--fold {args.fold}: the checkpoint trained on those images (it is fold {folds[0]}'s); "
-                 f"use --fold {folds[0]}")
+        cli.fail(
+            f"--fold {args.fold}: the checkpoint trained on those images (it is fold {folds[0]}'s); "
+            f"use --fold {folds[0]}"
+        )
     return folds
 
 
@@ -147,24 +244,47 @@ def load_inputs(args, paths, cks):
         dataset = data.load_dataset(args.data_root) if args.data_root else None
     except data.DataError as e:
         cli.fail(str(e))
-    if cfg.get("features_meta") and runs.identity(cks[0])["features"] != (meta.get("model"), meta.get("fingerprint")):
-        cli.fail(f"--features {cache}: embeddings of {meta.get('model')} / data {meta.get('fingerprint')}, but the "
-                 f"models were trained on {runs.identity(cks[0])['features']}; pass the cache they were trained on")
+    if cfg.get("features_meta") and runs.identity(cks[0])["features"] != (
+        meta.get("model"),
+        meta.get("fingerprint"),
+    ):
+        cli.fail(
+            f"--features {cache}: embeddings of {meta.get('model')} / data {meta.get('fingerprint')}, but the "
+            f"models were trained on {runs.identity(cks[0])['features']}; pass the cache they were trained on"
+        )
     with open(split_path, "rb") as f:
-        if cfg.get("splits_sha256") and hashlib.sha256(f.read()).hexdigest() != cfg["splits_sha256"]:
-            cli.fail(f"--splits {split_path}: not the splits file the models were trained with (sha256 differs)")
+        if (
+            cfg.get("splits_sha256")
+            and hashlib.sha256(f.read()).hexdigest() != cfg["splits_sha256"]
+        ):
+            cli.fail(
+                f"--splits {split_path}: not the splits file the models were trained with (sha256 differs)"
+            )
     folds = check_folds(args, paths, cks, splits, split_path)
-    bad = np.isin(feats["ids"].numpy(), json.loads(meta.get("bad_images", "[]")))  # unreadable images: skipped
+    bad = np.isin(
+        feats["ids"].numpy(), json.loads(meta.get("bad_images", "[]"))
+    )  # unreadable images: skipped
     id2row = {int(i): r for r, i in enumerate(feats["ids"].tolist())}
 
     def rows(ids):  # split ids -> cache rows, the unreadable images left out (as train.py does)
         r = np.array([id2row[int(i)] for i in ids], dtype=np.int64)
         return r[~bad[r]]
-    return dict(features=cache, splits_path=split_path, feats=feats, meta=meta, splits=splits, dataset=dataset,
-                folds=folds, rows=rows, categories=splits["categories"])
+
+    return dict(
+        features=cache,
+        splits_path=split_path,
+        feats=feats,
+        meta=meta,
+        splits=splits,
+        dataset=dataset,
+        folds=folds,
+        rows=rows,
+        categories=splits["categories"],
+    )
 
 
 # ----------------------------------------------------------------------------- scoring
+
 
 def text_input_of(ck, args):
     """--text_input, else the checkpoint's (one written before the flag existed trained on one caption at a time)."""
@@ -174,14 +294,34 @@ def text_input_of(ck, args):
 def score_rows(head, ck, feats, rows, args, keep_captions=False):
     """model.score_embeddings on cache rows (gathered per batch of --batch_size) -> Scores; with --average_views
     the mean over the cached image views of probabilities and codes (view 0 alone by default)."""
-    text_input, views = text_input_of(ck, args), feats["image"].shape[1] if args.average_views else 1
-    out = [[model.score_embeddings(head, feats["image"][r, v], feats["text"][r], feats["n_captions"][r], text_input,
-                                   batch_size=args.batch_size, keep_captions=keep_captions) for v in range(views)]
-           for r in (torch.as_tensor(rows[s:s + args.batch_size]) for s in range(0, len(rows), args.batch_size))]
-    mean = (lambda xs: torch.stack(xs).mean(0) if xs[0] is not None else None)  # over the views
-    cat = (lambda xs: torch.cat(xs) if xs[0] is not None else None)  # over the batches
-    return model.Scores(*(cat([mean([sv[i] for sv in o]) for o in out]) for i in range(3)),
-                        cat([o[0].caption_mask for o in out]))  # the same passes in every view
+    text_input, views = (
+        text_input_of(ck, args),
+        feats["image"].shape[1] if args.average_views else 1,
+    )
+    out = [
+        [
+            model.score_embeddings(
+                head,
+                feats["image"][r, v],
+                feats["text"][r],
+                feats["n_captions"][r],
+                text_input,
+                batch_size=args.batch_size,
+                keep_captions=keep_captions,
+            )
+            for v in range(views)
+        ]
+        for r in (
+            torch.as_tensor(rows[s : s + args.batch_size])
+            for s in range(0, len(rows), args.batch_size)
+        )
+    ]
+    mean = lambda xs: torch.stack(xs).mean(0) if xs[0] is not None else None  # over the views
+    cat = lambda xs: torch.cat(xs) if xs[0] is not None else None  # over the batches
+    return model.Scores(
+        *(cat([mean([sv[i] for sv in o]) for o in out]) for i in range(3)),
+        cat([o[0].caption_mask for o in out]),
+    )  # the same passes in every view
 
 
 def score_member(head, ck, ctx, rows, args):
@@ -191,20 +331,37 @@ def score_member(head, ck, ctx, rows, args):
     s = score_rows(head, ck, feats, rows, args, keep_captions=args.head != "mlp")
     out = {} if args.head == "knn" else {"mlp": s.probs.numpy()}
     if args.head != "mlp":  # database: this fold's training images, one code each
-        train_rows = ctx["rows"](np.setdiff1d(splits["dev"], splits["val_folds"][ck["config"]["fold"]]))
+        train_rows = ctx["rows"](
+            np.setdiff1d(splits["dev"], splits["val_folds"][ck["config"]["fold"]])
+        )
         db = knn.sign_codes(score_rows(head, ck, feats, train_rows, args).codes)
-        out["knn"] = knn.knn_head(s.caption_codes, s.caption_mask, db, feats["labels"][train_rows],
-                                  device=args.device, k=args.knn_k, tau=args.knn_tau, vote=args.knn_vote,
-                                  query=args.knn_query).numpy()
+        out["knn"] = knn.knn_head(
+            s.caption_codes,
+            s.caption_mask,
+            db,
+            feats["labels"][train_rows],
+            device=args.device,
+            k=args.knn_k,
+            tau=args.knn_tau,
+            vote=args.knn_vote,
+            query=args.knn_query,
+        ).numpy()
     if not args.retrieval:
         return out, None
     # the protocol's database, else the dev pool; never the queries themselves
-    db_rows = ctx["rows"](splits["database"]) if "database" in splits else ctx["rows"](splits["dev"])
+    db_rows = (
+        ctx["rows"](splits["database"]) if "database" in splits else ctx["rows"](splits["dev"])
+    )
     db_rows = db_rows[~np.isin(db_rows, rows)]
     db = knn.sign_codes(score_rows(head, ck, feats, db_rows, args).codes).numpy()
     k = RETRIEVAL_K.get(splits["protocol"], 1000)
-    return out, retrieval.retrieval_maps(knn.sign_codes(s.codes).numpy(), feats["labels"][rows].numpy(), db,
-                               feats["labels"][db_rows].numpy(), k)
+    return out, retrieval.retrieval_maps(
+        knn.sign_codes(s.codes).numpy(),
+        feats["labels"][rows].numpy(),
+        db,
+        feats["labels"][db_rows].numpy(),
+        k,
+    )
 
 
 def oof_thresholds(paths, eval_ids):
@@ -216,14 +373,22 @@ def oof_thresholds(paths, eval_ids):
             with np.load(f) as z:
                 ids, y, prob = z["ids"], z["labels"], z["probs"]
         except Exception as e:
-            cli.fail(f"{f}: cannot read val predictions ({type(e).__name__}); --thresholds oof needs each fold's file")
+            cli.fail(
+                f"{f}: cannot read val predictions ({type(e).__name__}); --thresholds oof needs each fold's file"
+            )
         if np.isin(ids, eval_ids).any():  # thresholds must never be chosen on the evaluated images
-            cli.fail(f"{f}: {int(np.isin(ids, eval_ids).sum())} val ids are in the evaluated split; use --split test")
+            cli.fail(
+                f"{f}: {int(np.isin(ids, eval_ids).sum())} val ids are in the evaluated split; use --split test"
+            )
         per_fold.append(metrics.best_f1_thresholds(y, prob))
         n_val += len(ids)
     thr = np.mean(per_fold, axis=0)
-    return thr, {"thresholds": thr.tolist(), "per_fold": [t.tolist() for t in per_fold],
-                 "sources": [os.path.join(os.path.dirname(p), "val_predictions.npz") for p in paths], "n_val": n_val}
+    return thr, {
+        "thresholds": thr.tolist(),
+        "per_fold": [t.tolist() for t in per_fold],
+        "sources": [os.path.join(os.path.dirname(p), "val_predictions.npz") for p in paths],
+        "n_val": n_val,
+    }
 
 
 def score_split(args, paths, heads, cks, ctx):
@@ -232,7 +397,9 @@ def score_split(args, paths, heads, cks, ctx):
     want = splits["test"] if args.split == "test" else splits["val_folds"][args.fold]
     rows = ctx["rows"](want)
     if len(rows) == 0:
-        cli.fail(f"{ctx['splits_path']}: the {args.split} split has no usable images in {ctx['features']}")
+        cli.fail(
+            f"{ctx['splits_path']}: the {args.split} split has no usable images in {ctx['features']}"
+        )
     if len(rows) < len(want):
         print(f"note: skipped {len(want) - len(rows)} unreadable {args.split} images")
     members = [f"fold{f}" for f in ctx["folds"]]
@@ -246,52 +413,97 @@ def score_split(args, paths, heads, cks, ctx):
     for hd in preds:
         preds[hd]["ensemble"] = np.mean([preds[hd][n] for n in members], axis=0)
     if maps:
-        maps["mean"] = {k: float(np.mean([r[k] for r in maps.values()])) for k in next(iter(maps.values()))}
+        maps["mean"] = {
+            k: float(np.mean([r[k] for r in maps.values()])) for k in next(iter(maps.values()))
+        }
     y = feats["labels"][rows].numpy()
     main_head = "knn" if args.head == "knn" else "mlp"
-    res = dict(rows=rows, ids=feats["ids"][rows].numpy(), y=y, members=members, preds=preds, main=main_head,
-               retrieval=maps, thr=0.5, files={}, n_skipped=len(want) - len(rows),
-               results={hd: {n: metrics.compute_all(y, p) for n, p in d.items()} for hd, d in preds.items()})
-    if args.thresholds == "oof":  # chosen on the folds' val images only; the test labels play no part
+    res = dict(
+        rows=rows,
+        ids=feats["ids"][rows].numpy(),
+        y=y,
+        members=members,
+        preds=preds,
+        main=main_head,
+        retrieval=maps,
+        thr=0.5,
+        files={},
+        n_skipped=len(want) - len(rows),
+        results={
+            hd: {n: metrics.compute_all(y, p) for n, p in d.items()} for hd, d in preds.items()
+        },
+    )
+    if (
+        args.thresholds == "oof"
+    ):  # chosen on the folds' val images only; the test labels play no part
         res["thr"], res["files"]["thresholds.json"] = oof_thresholds(paths, res["ids"])
         res["at_oof"] = metrics.compute_all(y, preds[main_head]["ensemble"], res["thr"])
     if args.bootstrap:
-        res["ci"] = metrics.bootstrap_ci(y, preds[main_head]["ensemble"], n_boot=args.bootstrap, seed=args.seed,
-                                         thresholds=res["thr"], names=metrics.METRIC_NAMES)
+        res["ci"] = metrics.bootstrap_ci(
+            y,
+            preds[main_head]["ensemble"],
+            n_boot=args.bootstrap,
+            seed=args.seed,
+            thresholds=res["thr"],
+            names=metrics.METRIC_NAMES,
+        )
     return res
 
 
 # ----------------------------------------------------------------------------- one image
 
+
 def predict_image(args, heads, ck):
     """Run the frozen towers + every head on one image and its caption(s); print the top labels."""
     from PIL import Image
+
     try:
         with Image.open(args.image) as im:
             img = im.convert("RGB")
     except Exception as e:
-        cli.fail(f"--image {args.image}: cannot read the image ({type(e).__name__}); pass a JPEG/PNG file")
+        cli.fail(
+            f"--image {args.image}: cannot read the image ({type(e).__name__}); pass a JPEG/PNG file"
+        )
     meta = ck["config"].get("features_meta") or {}
     name = args.model or meta.get("model")
     if not name:
-        cli.fail("--model: the checkpoint does not name its SigLIP2 model; pass --model NAME_OR_FOLDER")
+        cli.fail(
+            "--model: the checkpoint does not name its SigLIP2 model; pass --model NAME_OR_FOLDER"
+        )
     # a local model folder saved relative to the folder extract_features.py ran in (run_cv.sh runs every step
     # from the repository folder, so that is train.py's folder too)
     cwd = ck["config"].get("cwd")
-    if not args.model and cwd and not os.path.exists(name) and os.path.isdir(os.path.join(cwd, name)):
+    if (
+        not args.model
+        and cwd
+        and not os.path.exists(name)
+        and os.path.isdir(os.path.join(cwd, name))
+    ):
         name = os.path.join(cwd, name)
     try:
         enc = model.Siglip2Encoder(name, device=args.device)
     except Exception as e:
         where = "" if os.path.exists(name) else ", not a folder here"
-        cli.fail(f"--model {name}: cannot load the SigLIP2 towers ({type(e).__name__}{where}); pass --model NAME_OR_FOLDER")
+        cli.fail(
+            f"--model {name}: cannot load the SigLIP2 towers ({type(e).__name__}{where}); pass --model NAME_OR_FOLDER"
+        )
     if enc.dim != heads[0].model_args["dim"]:
-        cli.fail(f"--model {name}: embeddings are {enc.dim}-d but the head expects {heads[0].model_args['dim']}")
-    names = [c["name"] for c in json.loads(meta.get("categories") or "null") or data.COCO_CATEGORIES]
+        cli.fail(
+            f"--model {name}: embeddings are {enc.dim}-d but the head expects {heads[0].model_args['dim']}"
+        )
+    names = [
+        c["name"] for c in json.loads(meta.get("categories") or "null") or data.COCO_CATEGORIES
+    ]
     text_input = text_input_of(ck, args)
-    probs = torch.stack([model.HashModel(enc, h.to(args.device), text_input=text_input).predict([img], [args.caption or []])[0]
-                         for h in heads]).mean(0)  # (C,) averaged over the ensemble
-    top = torch.argsort(probs, descending=True)[:args.top].tolist()
+    probs = torch.stack(
+        [
+            model.HashModel(enc, h.to(args.device), text_input=text_input).predict(
+                [img], [args.caption or []]
+            )[0]
+            for h in heads
+        ]
+    ).mean(0)  # (C,) averaged over the ensemble
+    top = torch.argsort(probs, descending=True)[: args.top].tolist()
     print(f"{args.image}: {len(heads)} model(s), {len(args.caption or [])} caption(s)")
     for c in top:
         print(f"  {probs[c]:.4f}  {names[c]}")
@@ -300,15 +512,22 @@ def predict_image(args, heads, ck):
 
 # ----------------------------------------------------------------------------- main
 
+
 def main(args):
     if args.split == "val" and args.fold is None:
-        cli.fail("--split val: give --fold K, the fold whose val images the checkpoint did not train on")
+        cli.fail(
+            "--split val: give --fold K, the fold whose val images the checkpoint did not train on"
+        )
     if args.fold is not None and args.split != "val":
         cli.fail("--fold: only used with --split val")
     if args.split == "val" and args.ensemble:
-        cli.fail("--split val: pass one fold's --checkpoint (the other ensemble members trained on those images)")
+        cli.fail(
+            "--split val: pass one fold's --checkpoint (the other ensemble members trained on those images)"
+        )
     if args.thresholds == "oof" and (args.split != "test" or args.head == "knn"):
-        cli.fail("--thresholds oof: only with --split test and the mlp head (tuned on the folds' MLP val predictions)")
+        cli.fail(
+            "--thresholds oof: only with --split test and the mlp head (tuned on the folds' MLP val predictions)"
+        )
     if args.caption and not args.image:
         cli.fail("--caption: only used with --image")
     paths = checkpoint_paths(args)
@@ -316,18 +535,23 @@ def main(args):
     for ck, p in zip(cks[1:], paths[1:]):
         for key, val in runs.identity(ck).items():
             if val != runs.identity(cks[0])[key]:
-                cli.fail(f"--ensemble: {p} differs from {paths[0]} in {key} ({val} vs {runs.identity(cks[0])[key]}); "
-                         f"ensemble only the folds of one run")
+                cli.fail(
+                    f"--ensemble: {p} differs from {paths[0]} in {key} ({val} vs {runs.identity(cks[0])[key]}); "
+                    f"ensemble only the folds of one run"
+                )
     if args.image:
         return predict_image(args, heads, cks[0])
     ctx = load_inputs(args, paths, cks)
     if args.retrieval is None:
         args.retrieval = ctx["splits"]["protocol"] == "hashnet"  # that protocol's own metric
     if (args.head != "mlp" or args.retrieval) and not cks[0]["model_args"].get("bits"):
-        cli.fail("--head knn/both and --retrieval need hash codes, but these models have bits 0; use --head mlp")
+        cli.fail(
+            "--head knn/both and --retrieval need hash codes, but these models have bits 0; use --head mlp"
+        )
     res = score_split(args, paths, heads, cks, ctx)
-    out_dir = args.out_dir or os.path.join(args.ensemble or os.path.dirname(os.path.abspath(args.checkpoint)),
-                                           f"eval_{args.split}")
+    out_dir = args.out_dir or os.path.join(
+        args.ensemble or os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}"
+    )
     evaluate_outputs.write_split(args, res, ctx, paths, out_dir)
     evaluate_outputs.print_summary(args, res)
     return evaluate_outputs.summary_of(args, res, ctx, paths)

@@ -21,6 +21,7 @@ Under torchrun (NCCL on cuda, gloo on cpu) shard s belongs to rank s % world_siz
 rank 0 merges after a barrier; <out>.parts/ must be on a filesystem every node sees. A dead rank loses only its
 unfinished shard: a rerun with any number of ranks, or one plain process, encodes only the missing ones.
 """
+
 import argparse
 import hashlib
 import json
@@ -47,60 +48,125 @@ IDENTITY = ("model", "max_captions", "views", "fingerprint", "limit", "seed", "a
 
 
 def get_args_parser():
-    p = cli.Parser("extract_features", description="Cache frozen SigLIP2 embeddings of COCO images and captions")
+    p = cli.Parser(
+        "extract_features",
+        description="Cache frozen SigLIP2 embeddings of COCO images and captions",
+    )
     # data
     g = p.add_argument_group("data")
-    g.add_argument("--data_root", default="data/coco", help="COCO root: dataset_coco.json, annotations/, images")
-    g.add_argument("--max_captions", type=cli.positive_int, default=5, help="captions kept per image (COCO has 5-7)")
-    g.add_argument("--views", type=cli.positive_int, default=1,
-                   help="image views per image: view 0 is the plain image, the others images.py's light "
-                        "augmentation (crop, flip, +-10 deg rotation / shift / scale, brightness / contrast), "
-                        "seeded per (seed, image, view) so reruns agree")
-    g.add_argument("--limit", type=cli.positive_int, default=None,
-                   help="only the first N dev and the first N test images (by id), for a quick try")
-    g.add_argument("--skip_bad_images", action="store_true",
-                   help="leave unreadable images out of the cache (listed in metadata bad_images) "
-                        "instead of stopping with exit code 2")
+    g.add_argument(
+        "--data_root",
+        default="data/coco",
+        help="COCO root: dataset_coco.json, annotations/, images",
+    )
+    g.add_argument(
+        "--max_captions",
+        type=cli.positive_int,
+        default=5,
+        help="captions kept per image (COCO has 5-7)",
+    )
+    g.add_argument(
+        "--views",
+        type=cli.positive_int,
+        default=1,
+        help="image views per image: view 0 is the plain image, the others images.py's light "
+        "augmentation (crop, flip, +-10 deg rotation / shift / scale, brightness / contrast), "
+        "seeded per (seed, image, view) so reruns agree",
+    )
+    g.add_argument(
+        "--limit",
+        type=cli.positive_int,
+        default=None,
+        help="only the first N dev and the first N test images (by id), for a quick try",
+    )
+    g.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="leave unreadable images out of the cache (listed in metadata bad_images) "
+        "instead of stopping with exit code 2",
+    )
     g.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the augmented views")
     # model
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="google/siglip2-base-patch16-256",
-                   help="Hugging Face name or local folder of a fixed-resolution SigLIP/SigLIP2 model")
-    g.add_argument("--prompts", action="store_true", default=True,
-                   help="also cache the embedding of 'a photo of a {name}.' per class (zero-shot baseline)")
-    g.add_argument("--no_prompts", dest="prompts", action="store_false", default=argparse.SUPPRESS,
-                   help="do not cache the class prompts")
+    g.add_argument(
+        "--model",
+        default="google/siglip2-base-patch16-256",
+        help="Hugging Face name or local folder of a fixed-resolution SigLIP/SigLIP2 model",
+    )
+    g.add_argument(
+        "--prompts",
+        action="store_true",
+        default=True,
+        help="also cache the embedding of 'a photo of a {name}.' per class (zero-shot baseline)",
+    )
+    g.add_argument(
+        "--no_prompts",
+        dest="prompts",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="do not cache the class prompts",
+    )
     # optim (throughput)
     g = p.add_argument_group("optim (throughput)")
-    g.add_argument("--batch_size", type=cli.positive_int, default=64, help="images per forward pass")
-    g.add_argument("--num_workers", type=cli.nonneg_int, default=None,
-                   help="DataLoader processes that decode + preprocess (the GPU waits on them); default: the "
-                        "cores this process may use, shared among this node's ranks, less one, at most 16")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                   help="tower precision; default fp16 on cuda, fp32 on cpu")
+    g.add_argument(
+        "--batch_size", type=cli.positive_int, default=64, help="images per forward pass"
+    )
+    g.add_argument(
+        "--num_workers",
+        type=cli.nonneg_int,
+        default=None,
+        help="DataLoader processes that decode + preprocess (the GPU waits on them); default: the "
+        "cores this process may use, shared among this node's ranks, less one, at most 16",
+    )
+    g.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
+    )
+    g.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="tower precision; default fp16 on cuda, fp32 on cpu",
+    )
     # io
     g = p.add_argument_group("io")
-    g.add_argument("--out", default=None,
-                   help="output .safetensors; default <data_root>/features_<model basename>.safetensors")
-    g.add_argument("--shard_size", type=cli.positive_int, default=2048,
-                   help="images per resumable shard in <out>.parts/ (a killed run loses at most one shard)")
-    g.add_argument("--dist_timeout", type=cli.positive_int, default=3600,
-                   help="torchrun: seconds a rank waits for its peers before an error; long enough for a "
-                        "resumed run whose missing shards all belong to one rank")
+    g.add_argument(
+        "--out",
+        default=None,
+        help="output .safetensors; default <data_root>/features_<model basename>.safetensors",
+    )
+    g.add_argument(
+        "--shard_size",
+        type=cli.positive_int,
+        default=2048,
+        help="images per resumable shard in <out>.parts/ (a killed run loses at most one shard)",
+    )
+    g.add_argument(
+        "--dist_timeout",
+        type=cli.positive_int,
+        default=3600,
+        help="torchrun: seconds a rank waits for its peers before an error; long enough for a "
+        "resumed run whose missing shards all belong to one rank",
+    )
     return p
 
 
 # ----------------------------------------------------------------------------- images
 
+
 def find_bad_images(paths, num_workers, rank=0, world=1):
     """Decode every image once (in worker processes) -> sorted list of (position, error) of the unreadable ones.
     Under torchrun rank r decodes paths[r::world] and the ranks swap their lists: the same answer on each."""
-    loader = torch.utils.data.DataLoader(paths[rank::world], batch_size=32, num_workers=num_workers,
-                                         collate_fn=images.check_batch)
-    errors = [e for batch in tqdm(loader, desc="check images", unit="batch", leave=False, disable=rank > 0)
-              for e in batch]
-    bad = [(i * world + rank, e) for i, e in enumerate(errors) if e is not None]  # positions in `paths`
+    loader = torch.utils.data.DataLoader(
+        paths[rank::world], batch_size=32, num_workers=num_workers, collate_fn=images.check_batch
+    )
+    errors = [
+        e
+        for batch in tqdm(loader, desc="check images", unit="batch", leave=False, disable=rank > 0)
+        for e in batch
+    ]
+    bad = [
+        (i * world + rank, e) for i, e in enumerate(errors) if e is not None
+    ]  # positions in `paths`
     if world > 1:
         every = [None] * world
         torch.distributed.all_gather_object(every, bad)
@@ -109,6 +175,7 @@ def find_bad_images(paths, num_workers, rank=0, world=1):
 
 
 # ----------------------------------------------------------------------------- distributed + data loading
+
 
 def init_distributed(device, timeout_s):
     """torchrun's environment -> (rank, world_size, device): NCCL and this rank's LOCAL_RANK GPU on cuda, gloo on
@@ -122,7 +189,9 @@ def init_distributed(device, timeout_s):
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     # the timeout bounds every wait on a peer (a dead rank would otherwise hold the others for gloo's 30 min)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    torch.distributed.init_process_group(
+        "nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s)
+    )
     return int(os.environ["RANK"]), world, device
 
 
@@ -130,18 +199,24 @@ def wait_for_peers(rank, timeout_s, parts):
     """Barrier: every rank has written its shards. A peer that died or stalls ends it with a one-line error."""
     dist = torch.distributed
     try:
-        dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
+        dist.barrier(
+            device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None
+        )
     except RuntimeError as e:  # DistBackendError and gloo's timeouts are RuntimeErrors
-        cli.fail(f"rank {rank}: a peer did not reach the barrier within --dist_timeout {timeout_s} s (it died or "
-                 f"stalls: {type(e).__name__}); finished shards stay in {parts}: rerun (any number of ranks) "
-                 f"to encode only the missing ones")
+        cli.fail(
+            f"rank {rank}: a peer did not reach the barrier within --dist_timeout {timeout_s} s (it died or "
+            f"stalls: {type(e).__name__}); finished shards stay in {parts}: rerun (any number of ranks) "
+            f"to encode only the missing ones"
+        )
 
 
 def default_workers():
     """-> (cores this process may use: sched_getaffinity sees taskset / cgroup cpusets / a scheduler's share,
     DataLoader workers per rank: those cores split among this node's ranks, less one for the process driving
     the GPU, at most 16 for shared memory, see make_loader)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return cores, max(0, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
@@ -150,11 +225,18 @@ def make_loader(dataset, batches, collate, num_workers, device):
     flight per worker (16 x 2 x 64 images x V x 3x256x256 float32 = 1.6 GB x V of shared memory) keep it fed
     once the workers keep up at all. Not persistent: the loader is iterated once."""
     extra = {"prefetch_factor": 2} if num_workers > 0 else {}
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
-                                       pin_memory=str(device).startswith("cuda"), **extra)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=str(device).startswith("cuda"),
+        **extra,
+    )
 
 
 # ----------------------------------------------------------------------------- shards
+
 
 def shard_path(parts, s):
     return os.path.join(parts, f"shard_{s:05d}.safetensors")
@@ -162,6 +244,7 @@ def shard_path(parts, s):
 
 def write_shard(path, tensors, meta):
     from safetensors.torch import save_file
+
     data.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -169,11 +252,14 @@ def finished_shards(parts, run, n_shards, owns=lambda s: True):
     """Indices of the shards already in `parts` for this exact run; a shard of another run is refused. An
     unreadable one is deleted only by its owner rank (owns(s)): two ranks never race on one file."""
     from safetensors import safe_open
+
     done = set()
     if not os.path.isdir(parts):
         return done
     for name in sorted(os.listdir(parts)):
-        m = re.fullmatch(r"shard_(\d{5})\.safetensors", name)  # temporaries of a killed write do not match
+        m = re.fullmatch(
+            r"shard_(\d{5})\.safetensors", name
+        )  # temporaries of a killed write do not match
         if not m:
             continue
         path = os.path.join(parts, name)
@@ -187,8 +273,10 @@ def finished_shards(parts, run, n_shards, owns=lambda s: True):
             continue
         for k, v in run.items():
             if meta.get(k) != v:
-                cli.fail(f"{path}: left by a different run ({k} {meta.get(k)!r} there, {v!r} now); "
-                         f"delete {parts} to start over, or pass another --out")
+                cli.fail(
+                    f"{path}: left by a different run ({k} {meta.get(k)!r} there, {v!r} now); "
+                    f"delete {parts} to start over, or pass another --out"
+                )
         if int(m.group(1)) < n_shards:
             done.add(int(m.group(1)))
     return done
@@ -197,21 +285,29 @@ def finished_shards(parts, run, n_shards, owns=lambda s: True):
 def existing_output(out, want):
     """True if `out` exists with the same identity settings; refuse (exit 2) if it differs; False if absent."""
     from safetensors import safe_open
+
     if not os.path.exists(out):
         return False
     try:
         with safe_open(out, framework="pt") as f:
             meta = f.metadata() or {}
     except Exception:
-        cli.fail(f"{out}: exists but is not a readable feature cache; delete it or pass another --out")
-    for k in IDENTITY:  # a cache from before "augment" was recorded: with 1 view it had no augmentation
+        cli.fail(
+            f"{out}: exists but is not a readable feature cache; delete it or pass another --out"
+        )
+    for (
+        k
+    ) in IDENTITY:  # a cache from before "augment" was recorded: with 1 view it had no augmentation
         if meta.get(k, "none" if k == "augment" and meta.get("views") == "1" else None) != want[k]:
-            cli.fail(f"{out}: exists with {k} {meta.get(k)!r}, this run has {want[k]!r}; "
-                     f"pass another --out or delete it")
+            cli.fail(
+                f"{out}: exists with {k} {meta.get(k)!r}, this run has {want[k]!r}; "
+                f"pass another --out or delete it"
+            )
     return True
 
 
 # ----------------------------------------------------------------------------- encode + merge
+
 
 def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, world=1):
     """Encode the images rows[s*shard_size : (s+1)*shard_size] of every shard s in `todo`, one shard file each."""
@@ -220,54 +316,100 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
     if not todo:
         return
     # batches never straddle two shards, so a shard's content does not depend on which shards were done
-    batches = [list(range(b, min(b + args.batch_size, (s + 1) * size, n)))
-               for s in todo for b in range(s * size, min((s + 1) * size, n), args.batch_size)]
-    dataset = images.ImageCaptionDataset(coco, rows)  # item j -> (row of image j, PIL RGB or None, captions)
-    loader = make_loader(dataset, batches, images.Collate(encoder.image_processor, encoder.tokenizer, ids_all, V, C,
-                                                   args.seed), workers, encoder.device)
-    bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc="encode", dynamic_ncols=True, disable=rank > 0)
+    batches = [
+        list(range(b, min(b + args.batch_size, (s + 1) * size, n)))
+        for s in todo
+        for b in range(s * size, min((s + 1) * size, n), args.batch_size)
+    ]
+    dataset = images.ImageCaptionDataset(
+        coco, rows
+    )  # item j -> (row of image j, PIL RGB or None, captions)
+    loader = make_loader(
+        dataset,
+        batches,
+        images.Collate(encoder.image_processor, encoder.tokenizer, ids_all, V, C, args.seed),
+        workers,
+        encoder.device,
+    )
+    bar = tqdm(
+        total=sum(len(b) for b in batches),
+        unit="img",
+        desc="encode",
+        dynamic_ncols=True,
+        disable=rank > 0,
+    )
     buf, t0, n_imgs, n_caps = [], time.time(), 0, 0
     for batch in loader:
         if "unreadable" in batch:
-            cli.fail(f"{coco['paths'][batch['unreadable'][0]]}: became unreadable during the run; fix it and "
-                     f"rerun (finished shards are kept)")
+            cli.fail(
+                f"{coco['paths'][batch['unreadable'][0]]}: became unreadable during the run; fix it and "
+                f"rerun (finished shards are kept)"
+            )
         img = encoder.encode_pixels(batch["pixel_values"]).view(-1, V, D).half()  # (B, V, D)
-        tok, ncap = batch["input_ids"], batch["n_captions"]  # (T, 64) every caption of the batch; (B,)
+        tok, ncap = (
+            batch["input_ids"],
+            batch["n_captions"],
+        )  # (T, 64) every caption of the batch; (B,)
         txt_flat = encoder.encode_tokens(tok) if len(tok) else torch.zeros(0, D)  # (T, D)
-        txt = torch.zeros(len(ncap), C, D, dtype=torch.float16)  # (B, C, D), zero rows past n_captions
-        txt[torch.arange(C)[None, :] < ncap[:, None]] = txt_flat.half()  # row-major: image i, captions 0..n_i-1
-        if not (torch.isfinite(img).all() and torch.isfinite(txt).all()):  # also catches float16 overflow
-            cli.fail(f"--dtype {dtype_name}: non-finite embeddings near COCO id {int(ids_all[batch['rows'][0]])}; "
-                     f"rerun with --dtype bf16 or fp32")
+        txt = torch.zeros(
+            len(ncap), C, D, dtype=torch.float16
+        )  # (B, C, D), zero rows past n_captions
+        txt[torch.arange(C)[None, :] < ncap[:, None]] = (
+            txt_flat.half()
+        )  # row-major: image i, captions 0..n_i-1
+        if not (
+            torch.isfinite(img).all() and torch.isfinite(txt).all()
+        ):  # also catches float16 overflow
+            cli.fail(
+                f"--dtype {dtype_name}: non-finite embeddings near COCO id {int(ids_all[batch['rows'][0]])}; "
+                f"rerun with --dtype bf16 or fp32"
+            )
         buf.append((batch["rows"], img, txt, ncap))
         n_imgs, n_caps = n_imgs + len(ncap), n_caps + int(ncap.sum())
         bar.update(len(ncap))
         s = todo[0]
         if sum(len(b[0]) for b in buf) == min((s + 1) * size, n) - s * size:  # shard s complete
             r = torch.cat([b[0] for b in buf]).numpy()
-            tensors = {"ids": torch.from_numpy(ids_all[r]).long(), "image": torch.cat([b[1] for b in buf]),
-                       "text": torch.cat([b[2] for b in buf]), "n_captions": torch.cat([b[3] for b in buf]).long()}
+            tensors = {
+                "ids": torch.from_numpy(ids_all[r]).long(),
+                "image": torch.cat([b[1] for b in buf]),
+                "text": torch.cat([b[2] for b in buf]),
+                "n_captions": torch.cat([b[3] for b in buf]).long(),
+            }
             write_shard(shard_path(parts, s), tensors, dict(run, shard=str(s)))
             buf, todo = [], todo[1:]
     bar.close()
     if n_imgs:
         secs = time.time() - t0
-        print(f"{f'rank {rank}: ' if world > 1 else ''}encoded {n_imgs} images ({n_imgs * V} views) and {n_caps} "
-              f"captions in {secs:.1f} s: {n_imgs / max(secs, 1e-9):.1f} images/s")
+        print(
+            f"{f'rank {rank}: ' if world > 1 else ''}encoded {n_imgs} images ({n_imgs * V} views) and {n_caps} "
+            f"captions in {secs:.1f} s: {n_imgs / max(secs, 1e-9):.1f} images/s"
+        )
 
 
 def merge_shards(parts, ids, n_shards, size, V, C, D):
     """Shard files -> ids / image / text / n_captions tensors of the whole cache, in row order."""
     from safetensors.torch import load_file
+
     n = len(ids)
-    out = {"ids": torch.from_numpy(ids).long(), "image": torch.empty(n, V, D, dtype=torch.float16),
-           "text": torch.empty(n, C, D, dtype=torch.float16), "n_captions": torch.empty(n, dtype=torch.long)}
+    out = {
+        "ids": torch.from_numpy(ids).long(),
+        "image": torch.empty(n, V, D, dtype=torch.float16),
+        "text": torch.empty(n, C, D, dtype=torch.float16),
+        "n_captions": torch.empty(n, dtype=torch.long),
+    }
     for s in range(n_shards):
-        if not os.path.exists(shard_path(parts, s)):  # its rank died unseen (the barrier normally catches that)
-            cli.fail(f"{shard_path(parts, s)}: missing after every rank finished; rerun to encode it")
+        if not os.path.exists(
+            shard_path(parts, s)
+        ):  # its rank died unseen (the barrier normally catches that)
+            cli.fail(
+                f"{shard_path(parts, s)}: missing after every rank finished; rerun to encode it"
+            )
         part, sl = load_file(shard_path(parts, s)), slice(s * size, min((s + 1) * size, n))
         if not torch.equal(part["ids"], out["ids"][sl]):
-            cli.fail(f"{shard_path(parts, s)}: holds other images than expected; delete {parts} and rerun")
+            cli.fail(
+                f"{shard_path(parts, s)}: holds other images than expected; delete {parts} and rerun"
+            )
         for k in ("image", "text", "n_captions"):
             out[k][sl] = part[k]
     return out
@@ -275,13 +417,16 @@ def merge_shards(parts, ids, n_shards, size, V, C, D):
 
 # ----------------------------------------------------------------------------- main
 
+
 def readable_rows(coco, rows, args, workers, rank, world):
     """Decode every image once -> (rows without the unreadable ones, their ids); all bad ones named at once."""
     bad = find_bad_images([coco["paths"][r] for r in rows], workers, rank, world)
     if bad and not args.skip_bad_images:
         listing = "; ".join(f"{coco['paths'][rows[i]]} ({e})" for i, e in bad)
-        cli.fail(f"{args.data_root}: {len(bad)} unreadable image(s): {listing}; replace them, or pass "
-                 f"--skip_bad_images to leave them out")
+        cli.fail(
+            f"{args.data_root}: {len(bad)} unreadable image(s): {listing}; replace them, or pass "
+            f"--skip_bad_images to leave them out"
+        )
     for i, e in bad if rank == 0 else ():
         print(f"skipping unreadable image {coco['paths'][rows[i]]} ({e})")
     if len(bad) == len(rows):
@@ -291,17 +436,39 @@ def readable_rows(coco, rows, args, workers, rank, world):
 
 def write_cache(out, parts, encoder, coco, rows, n_shards, meta, args):
     """Rank 0, every shard present: shards + labels + class prompts + metadata -> one cache file."""
-    tensors = merge_shards(parts, np.asarray(coco["ids"])[rows], n_shards, args.shard_size, args.views,
-                           args.max_captions, encoder.dim)
-    tensors["labels"] = torch.from_numpy(np.asarray(coco["labels"])[rows].astype(np.uint8))  # (N, 80)
+    tensors = merge_shards(
+        parts,
+        np.asarray(coco["ids"])[rows],
+        n_shards,
+        args.shard_size,
+        args.views,
+        args.max_captions,
+        encoder.dim,
+    )
+    tensors["labels"] = torch.from_numpy(
+        np.asarray(coco["labels"])[rows].astype(np.uint8)
+    )  # (N, 80)
     if args.prompts:
         prompts = [f"a photo of a {c['name']}." for c in coco["categories"]]
         tensors["prompts"] = encoder.encode_texts(prompts).half()  # (80, D)
     import transformers
-    features.save_features(out, tensors, dict(
-        {k: meta["run"][k] for k in IDENTITY}, dim=encoder.dim, image_size=encoder.image_size, transformers_version=transformers.__version__,
-        logit_scale=encoder.logit_scale, logit_bias=encoder.logit_bias, categories=json.dumps(coco["categories"]),
-        bad_images=json.dumps(meta["bad_ids"]), dtype=meta["run"]["dtype"], n_images=len(rows)))
+
+    features.save_features(
+        out,
+        tensors,
+        dict(
+            {k: meta["run"][k] for k in IDENTITY},
+            dim=encoder.dim,
+            image_size=encoder.image_size,
+            transformers_version=transformers.__version__,
+            logit_scale=encoder.logit_scale,
+            logit_bias=encoder.logit_bias,
+            categories=json.dumps(coco["categories"]),
+            bad_images=json.dumps(meta["bad_ids"]),
+            dtype=meta["run"]["dtype"],
+            n_images=len(rows),
+        ),
+    )
     shutil.rmtree(parts, ignore_errors=True)
     return tensors
 
@@ -318,27 +485,45 @@ def extract(args, rank, world, device):
     dev_rows = np.flatnonzero([s in DEV_SPLITS for s in coco["splits"]])
     test_rows = np.flatnonzero([s == "test" for s in coco["splits"]])
     if args.limit:
-        dev_rows, test_rows = dev_rows[:args.limit], test_rows[:args.limit]
-    rows = np.sort(np.concatenate([dev_rows, test_rows]))  # load_coco sorts by id: rows ascend by id too
-    ident = {"model": args.model, "max_captions": str(args.max_captions), "views": str(args.views),
-             "fingerprint": str(coco["fingerprint"]), "limit": str(args.limit or 0), "seed": str(args.seed),
-             "augment": images.RECIPE if args.views > 1 else "none"}
+        dev_rows, test_rows = dev_rows[: args.limit], test_rows[: args.limit]
+    rows = np.sort(
+        np.concatenate([dev_rows, test_rows])
+    )  # load_coco sorts by id: rows ascend by id too
+    ident = {
+        "model": args.model,
+        "max_captions": str(args.max_captions),
+        "views": str(args.views),
+        "fingerprint": str(coco["fingerprint"]),
+        "limit": str(args.limit or 0),
+        "seed": str(args.seed),
+        "augment": images.RECIPE if args.views > 1 else "none",
+    }
     if existing_output(out, ident):
         if rank == 0:
-            shutil.rmtree(out + ".parts", ignore_errors=True)  # leftovers of a run killed after its final write
-        say(f"up to date: {out} ({args.model}, max_captions {args.max_captions}, views {args.views})")
+            shutil.rmtree(
+                out + ".parts", ignore_errors=True
+            )  # leftovers of a run killed after its final write
+        say(
+            f"up to date: {out} ({args.model}, max_captions {args.max_captions}, views {args.views})"
+        )
         return out
     cores, workers = default_workers()
     workers = workers if args.num_workers is None else args.num_workers
-    say(f"data loading: {workers} worker process(es) per rank ({cores} cores available to this process"
-        f"{'' if args.num_workers is None else ', --num_workers'}), {world} rank(s)")
+    say(
+        f"data loading: {workers} worker process(es) per rank ({cores} cores available to this process"
+        f"{'' if args.num_workers is None else ', --num_workers'}), {world} rank(s)"
+    )
     rows, bad_ids = readable_rows(coco, rows, args, workers, rank, world)
     n, ids_all = len(rows), np.asarray(coco["ids"])
 
     # ---- shards: fixed slices of `rows`, stamped with the run's settings and a hash of its image ids; shard s
     # belongs to rank s % world whatever is done already, so ranks need not agree on what they saw in `parts`
-    run = dict(ident, dtype=dtype_name, shard_size=str(args.shard_size),
-               rows=hashlib.sha256(ids_all[rows].astype(np.int64).tobytes()).hexdigest()[:16])
+    run = dict(
+        ident,
+        dtype=dtype_name,
+        shard_size=str(args.shard_size),
+        rows=hashlib.sha256(ids_all[rows].astype(np.int64).tobytes()).hexdigest()[:16],
+    )
     parts = out + ".parts"
     n_shards = (n + args.shard_size - 1) // args.shard_size
     done = finished_shards(parts, run, n_shards, owns=lambda s: s % world == rank)
@@ -349,19 +534,28 @@ def extract(args, rank, world, device):
         encoder = model.Siglip2Encoder(args.model, device=device, dtype=DTYPES[dtype_name])
     except (OSError, ValueError) as e:
         where = "" if os.path.exists(args.model) else "not a folder here; "
-        cli.fail(f"--model {args.model}: cannot load it ({where}{str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                 f"give a Hugging Face name or a local folder of a SigLIP model")
-    say(f"{n} images ({len(bad_ids)} skipped) x {args.views} view(s), <= {args.max_captions} captions each, "
+        cli.fail(
+            f"--model {args.model}: cannot load it ({where}{str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            f"give a Hugging Face name or a local folder of a SigLIP model"
+        )
+    say(
+        f"{n} images ({len(bad_ids)} skipped) x {args.views} view(s), <= {args.max_captions} captions each, "
         f"{args.model} (dim {encoder.dim}, {encoder.image_size}px) on {device} {dtype_name}, {n_shards} shard(s) "
-        f"of {args.shard_size}" + (f", {len(todo)} to encode on rank 0 of {world}" if world > 1 else ""))
+        f"of {args.shard_size}"
+        + (f", {len(todo)} to encode on rank 0 of {world}" if world > 1 else "")
+    )
     encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank, world)
     if world > 1:
         wait_for_peers(rank, args.dist_timeout, parts)
         if rank > 0:
             return None  # rank 0 merges
-    tensors = write_cache(out, parts, encoder, coco, rows, n_shards, {"run": run, "bad_ids": bad_ids}, args)
-    print(f"wrote {out}: {n} images, image {tuple(tensors['image'].shape)}, text {tuple(tensors['text'].shape)} "
-          f"float16, {len(bad_ids)} bad image(s) left out, {time.time() - t0:.1f} s")
+    tensors = write_cache(
+        out, parts, encoder, coco, rows, n_shards, {"run": run, "bad_ids": bad_ids}, args
+    )
+    print(
+        f"wrote {out}: {n} images, image {tuple(tensors['image'].shape)}, text {tuple(tensors['text'].shape)} "
+        f"float16, {len(bad_ids)} bad image(s) left out, {time.time() - t0:.1f} s"
+    )
     return out
 
 

@@ -20,6 +20,7 @@ outputs plus one chunk; load_features(embeddings=False) returns every tensor but
     tensors, meta = features.load_features("f.safetensors")
     parts = features.load_embeddings("f.safetensors", [rows_a, rows_b])   # image / text at given rows only
 """
+
 import json
 import math
 import os
@@ -31,12 +32,30 @@ from data import DataError, atomic_write
 FEATURES_FORMAT = "coco-siglip-features-v1"
 
 # name -> (dtype, rank); N must agree across all, D across image/text/prompts
-_FEATURE_SPECS = {"ids": ("int64", 1), "image": ("float16", 3), "text": ("float16", 3),
-                  "n_captions": ("int64", 1), "labels": ("uint8", 2)}
-EMBEDDINGS = ("image", "text")  # the large tensors, read chunk by chunk (load_embeddings); the others are small
-_CHUNK_BYTES = 16 * 2 ** 20  # of one embedding tensor per read: ~2,200 rows of 5 x 768 float16
-_DTYPE_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",
-                "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}  # safetensors' codes
+_FEATURE_SPECS = {
+    "ids": ("int64", 1),
+    "image": ("float16", 3),
+    "text": ("float16", 3),
+    "n_captions": ("int64", 1),
+    "labels": ("uint8", 2),
+}
+EMBEDDINGS = (
+    "image",
+    "text",
+)  # the large tensors, read chunk by chunk (load_embeddings); the others are small
+_CHUNK_BYTES = 16 * 2**20  # of one embedding tensor per read: ~2,200 rows of 5 x 768 float16
+_DTYPE_NAMES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+}  # safetensors' codes
 
 
 def save_features(path, tensors, meta):
@@ -47,15 +66,28 @@ def save_features(path, tensors, meta):
     """
     import torch
     from safetensors.torch import save_file
+
     out = {}
     for k, v in tensors.items():
         if k == "meta" and isinstance(v, dict):
             continue
-        t = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu()
+        t = (
+            torch.from_numpy(np.ascontiguousarray(v))
+            if isinstance(v, np.ndarray)
+            else v.detach().cpu()
+        )
         out[k] = t.contiguous()
     md = {"format": FEATURES_FORMAT}
-    md.update({k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v)
-               for k, v in meta.items()})
+    md.update(
+        {
+            k: v
+            if isinstance(v, str)
+            else json.dumps(v)
+            if isinstance(v, (dict, list, tuple))
+            else str(v)
+            for k, v in meta.items()
+        }
+    )
     atomic_write(path, lambda tmp: save_file(out, tmp, metadata=md))
 
 
@@ -63,27 +95,38 @@ def _check_index(path, specs, tensors, meta):
     """load_features' checks that need no embedding read: dtypes and ranks (from the header), consistent N / D / C,
     n_captions in range, unique ids, finite prompts. Raises DataError (one line) on the first failure."""
     import torch
+
     want = dict(_FEATURE_SPECS, **({"prompts": ("float16", 2)} if "prompts" in specs else {}))
     for k, (dtype, rank) in want.items():
         if k not in specs:
             raise DataError(f"{path}: tensor '{k}' missing; re-run extract_features.py")
         if specs[k][0] != dtype or len(specs[k][1]) != rank:
-            raise DataError(f"{path}: tensor '{k}' is {specs[k][0]} with shape {specs[k][1]}, expected {dtype} "
-                            f"of rank {rank}; re-run extract_features.py")
+            raise DataError(
+                f"{path}: tensor '{k}' is {specs[k][0]} with shape {specs[k][1]}, expected {dtype} "
+                f"of rank {rank}; re-run extract_features.py"
+            )
     shape = {k: s[1] for k, s in specs.items()}
     (n, c), (t, d) = shape["labels"], shape["text"][1:]
     cats = json.loads(meta.get("categories") or "null")
-    if not (all(shape[k][0] == n for k in ("ids", "image", "text", "n_captions")) and shape["image"][2] == d
-            and (cats is None or len(cats) == c) and shape.get("prompts", (c, d)) == (c, d)):
-        raise DataError(f"{path}: inconsistent tensor shapes ({', '.join(f'{k} {v}' for k, v in shape.items())}; "
-                        f"{len(cats or [])} categories in the metadata); re-run extract_features.py")
+    if not (
+        all(shape[k][0] == n for k in ("ids", "image", "text", "n_captions"))
+        and shape["image"][2] == d
+        and (cats is None or len(cats) == c)
+        and shape.get("prompts", (c, d)) == (c, d)
+    ):
+        raise DataError(
+            f"{path}: inconsistent tensor shapes ({', '.join(f'{k} {v}' for k, v in shape.items())}; "
+            f"{len(cats or [])} categories in the metadata); re-run extract_features.py"
+        )
     if torch.unique(tensors["ids"]).numel() != n:
         raise DataError(f"{path}: duplicate image ids; re-run extract_features.py")
     nc = tensors["n_captions"]
     if n and (int(nc.min()) < 0 or int(nc.max()) > t):
         raise DataError(f"{path}: n_captions outside 0..{t}; re-run extract_features.py")
     if "prompts" in tensors and not torch.isfinite(tensors["prompts"]).all():
-        raise DataError(f"{path}: NaN/Inf in the class prompt embeddings; re-run extract_features.py")
+        raise DataError(
+            f"{path}: NaN/Inf in the class prompt embeddings; re-run extract_features.py"
+        )
 
 
 def _read_index(path):
@@ -91,6 +134,7 @@ def _read_index(path):
     specs: name -> (dtype name, shape, byte offset in the file)). safetensors checks the header against the file
     (a truncated or foreign file is a DataError); the small tensors are copies, so no view keeps the file mapped."""
     from safetensors import safe_open
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: feature cache not found; run extract_features.py first")
@@ -98,8 +142,10 @@ def _read_index(path):
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
             if meta.get("format") != FEATURES_FORMAT:
-                raise DataError(f"{path}: not a feature cache (format {meta.get('format')!r}, expected "
-                                f"{FEATURES_FORMAT!r}); re-run extract_features.py")
+                raise DataError(
+                    f"{path}: not a feature cache (format {meta.get('format')!r}, expected "
+                    f"{FEATURES_FORMAT!r}); re-run extract_features.py"
+                )
             tensors = {k: f.get_tensor(k).clone() for k in f.keys() if k not in EMBEDDINGS}
         with open(path, "rb") as f:  # the byte offsets, which safe_open does not expose
             size = int.from_bytes(f.read(8), "little")
@@ -107,10 +153,19 @@ def _read_index(path):
     except DataError:
         raise
     except Exception as e:  # safetensors raises its own error types for a truncated / foreign file
-        raise DataError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); delete it and re-run extract_features.py")
-    specs = {k: (_DTYPE_NAMES.get(v["dtype"], v["dtype"]), tuple(v["shape"]), 8 + size + v["data_offsets"][0])
-             for k, v in header.items() if k != "__metadata__"}
+        raise DataError(
+            f"{path}: not a readable safetensors file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); delete it and re-run extract_features.py"
+        )
+    specs = {
+        k: (
+            _DTYPE_NAMES.get(v["dtype"], v["dtype"]),
+            tuple(v["shape"]),
+            8 + size + v["data_offsets"][0],
+        )
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
     _check_index(path, specs, tensors, meta)
     return tensors, meta, specs
 
@@ -125,34 +180,52 @@ def load_embeddings(path, row_sets, ids=None):
     so a cache replaced in between is refused instead of read at the wrong rows.
     """
     import torch
+
     tensors, _, specs = _read_index(path)
     n = len(tensors["ids"])
     if ids is not None and not torch.equal(torch.as_tensor(ids), tensors["ids"]):
         raise DataError(f"{path}: the feature cache changed while it was read; run again")
-    rows = [torch.arange(n) if r is None else torch.as_tensor(r, dtype=torch.int64) for r in row_sets]
-    out = [{k: torch.empty((len(r), *specs[k][1][1:]), dtype=torch.float16) for k in EMBEDDINGS} for r in rows]
+    rows = [
+        torch.arange(n) if r is None else torch.as_tensor(r, dtype=torch.int64) for r in row_sets
+    ]
+    out = [
+        {k: torch.empty((len(r), *specs[k][1][1:]), dtype=torch.float16) for k in EMBEDDINGS}
+        for r in rows
+    ]
     bad = torch.zeros(n, dtype=torch.bool)
-    with open(path, "rb") as f:  # plain reads: a memory-mapped file keeps every page read resident while mapped
+    with open(
+        path, "rb"
+    ) as f:  # plain reads: a memory-mapped file keeps every page read resident while mapped
         for k in EMBEDDINGS:
             (_, *row_shape), offset = specs[k][1:]
             row = 2 * math.prod(row_shape)  # bytes per row
             step = max(1, _CHUNK_BYTES // max(1, row))  # rows per chunk
-            buf = torch.empty(step * row, dtype=torch.uint8)  # one chunk, reused: no page faults per chunk
+            buf = torch.empty(
+                step * row, dtype=torch.uint8
+            )  # one chunk, reused: no page faults per chunk
             f.seek(offset)
             for s in range(0, n, step):
                 c = min(step, n - s)
-                if f.readinto(buf[:c * row].numpy()) != c * row:
-                    raise DataError(f"{path}: the file ends early (changed while it was read?); run again")
-                chunk = buf[:c * row].view(torch.float16).view(c, *row_shape)  # rows s .. s + c - 1
+                if f.readinto(buf[: c * row].numpy()) != c * row:
+                    raise DataError(
+                        f"{path}: the file ends early (changed while it was read?); run again"
+                    )
+                chunk = (
+                    buf[: c * row].view(torch.float16).view(c, *row_shape)
+                )  # rows s .. s + c - 1
                 # a row's float32 sum is finite iff all its float16 values are (it cannot overflow); 8x isfinite's speed
-                bad[s:s + c] |= ~torch.isfinite(chunk.sum(dim=(1, 2), dtype=torch.float32))
+                bad[s : s + c] |= ~torch.isfinite(chunk.sum(dim=(1, 2), dtype=torch.float32))
                 for r, o in zip(rows, out):
-                    hit = ((r >= s) & (r < s + c)).nonzero().squeeze(1)  # the output rows this chunk holds
+                    hit = (
+                        ((r >= s) & (r < s + c)).nonzero().squeeze(1)
+                    )  # the output rows this chunk holds
                     o[k].index_copy_(0, hit, chunk.index_select(0, r[hit] - s))
     if bad.any():
         bad_ids = tensors["ids"][bad].tolist()
-        raise DataError(f"{path}: {len(bad_ids)} image(s) have NaN/Inf embeddings (COCO ids "
-                        f"{bad_ids[:10]}{' ...' if len(bad_ids) > 10 else ''}); re-run extract_features.py")
+        raise DataError(
+            f"{path}: {len(bad_ids)} image(s) have NaN/Inf embeddings (COCO ids "
+            f"{bad_ids[:10]}{' ...' if len(bad_ids) > 10 else ''}); re-run extract_features.py"
+        )
     return out
 
 

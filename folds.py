@@ -4,6 +4,7 @@
     fold = folds.load_fold(args, device)       # args: features, splits, fold, batch_size, inputs (train.py's flags)
     txt = folds.sample_text(fold["train"], rows, "each")   # (b, D): one caption per image, zero rows for none
 """
+
 import json
 
 import numpy as np
@@ -20,7 +21,9 @@ def load_fold(args, device):
     the fold's rows are kept, read chunk by chunk (features.load_embeddings): the peak is the fold, not the cache
     too."""
     try:
-        tensors, meta = features.load_features(args.features, embeddings=False)  # ids, n_captions, labels, prompts
+        tensors, meta = features.load_features(
+            args.features, embeddings=False
+        )  # ids, n_captions, labels, prompts
         splits = protocols.load_splits(args.splits)
         protocols.check_splits(splits, tensors["ids"].numpy(), meta, where=args.features)
     except data.DataError as e:
@@ -33,27 +36,47 @@ def load_fold(args, device):
     train_ids = np.setdiff1d(np.asarray(splits["dev"], dtype=np.int64), val_ids)  # sorted
     bad = set(json.loads(meta.get("bad_images", "[]")))  # images the extractor could not read
     order = np.argsort(ids)
-    fold = {"meta": meta, "categories": splits["categories"], "skipped": {}, "prompts": tensors.get("prompts")}
+    fold = {
+        "meta": meta,
+        "categories": splits["categories"],
+        "skipped": {},
+        "prompts": tensors.get("prompts"),
+    }
     rows = {}
     for name, want in (("train", train_ids), ("val", val_ids)):
         keep = np.asarray([i not in bad for i in want.tolist()], dtype=bool)
         fold["skipped"][name] = int((~keep).sum())
         fold[name] = {"ids": torch.from_numpy(want[keep])}
-        rows[name] = torch.from_numpy(order[np.searchsorted(ids, want[keep], sorter=order)])  # (n,) cache rows
+        rows[name] = torch.from_numpy(
+            order[np.searchsorted(ids, want[keep], sorter=order)]
+        )  # (n,) cache rows
     n_train = len(rows["train"])
     if n_train < args.batch_size:  # checked before the embeddings are read
-        cli.fail(f"--batch_size: {args.batch_size} exceeds the {n_train} training images of fold {args.fold}")
+        cli.fail(
+            f"--batch_size: {args.batch_size} exceeds the {n_train} training images of fold {args.fold}"
+        )
     if len(rows["val"]) == 0:
         cli.fail(f"{args.splits}: fold {args.fold} has no usable validation images")
     if args.inputs != "image" and not bool((tensors["n_captions"][rows["train"]] > 0).any()):
-        cli.fail(f"--inputs {args.inputs}: no training image of {args.features} has a text; use --inputs image")
+        cli.fail(
+            f"--inputs {args.inputs}: no training image of {args.features} has a text; use --inputs image"
+        )
     try:
         embeddings = features.load_embeddings(args.features, list(rows.values()), tensors["ids"])
     except data.DataError as e:
         cli.fail(str(e))
     for (name, r), emb in zip(rows.items(), embeddings):  # (n, V, D) (n, T, D) (n,) (n, C)
-        fold[name].update({k: v.to(device) for k, v in (("image", emb["image"]), ("text", emb["text"]),
-                           ("n_captions", tensors["n_captions"][r]), ("labels", tensors["labels"][r]))})
+        fold[name].update(
+            {
+                k: v.to(device)
+                for k, v in (
+                    ("image", emb["image"]),
+                    ("text", emb["text"]),
+                    ("n_captions", tensors["n_captions"][r]),
+                    ("labels", tensors["labels"][r]),
+                )
+            }
+        )
     return fold
 
 
@@ -65,9 +88,13 @@ def sample_text(tr, rows, text_input):
     text, n = tr["text"][rows], tr["n_captions"][rows]  # (b, T, D), (b,)
     has = torch.arange(text.shape[1], device=n.device) < n[:, None]  # (b, T) real caption slots
     if text_input == "each":
-        pick = (torch.rand(len(rows)).to(n.device) * n).long()  # < n_captions (0 when there is none); CPU RNG, no sync
+        pick = (
+            torch.rand(len(rows)).to(n.device) * n
+        ).long()  # < n_captions (0 when there is none); CPU RNG, no sync
         return text[torch.arange(len(rows), device=n.device), pick].float()
     keep = has & (torch.rand(has.shape).to(n.device) < 0.5)
-    first = (torch.rand(len(rows)).to(n.device) * n).long()  # an image left with none keeps one caption
+    first = (
+        torch.rand(len(rows)).to(n.device) * n
+    ).long()  # an image left with none keeps one caption
     keep[torch.arange(len(rows), device=n.device), first] |= ~keep.any(1) & (n > 0)
     return (text.float() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)

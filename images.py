@@ -9,6 +9,7 @@ A view is: random resized crop (50-100% of the area, aspect 3/4..4/3) -> horizon
 rotation / shift / scale (+-10 degrees, +-5% of the size, 0.9-1.1) -> brightness and contrast (x 0.8-1.2).
 Light on purpose: the towers are frozen, and a view must still show every labelled object.
 """
+
 import math
 
 import numpy as np
@@ -48,8 +49,13 @@ def shift_scale_rotate(img, rng, degrees=10.0, shift=0.05, scale=(0.9, 1.1)):
     a, b, d, e = cos, sin, -sin, cos
     c = cx - a * (cx + tx) - b * (cy + ty)
     f = cy - d * (cx + tx) - e * (cy + ty)
-    return img.transform((w, h), Image.Transform.AFFINE, (a, b, c, d, e, f),
-                         resample=Image.Resampling.BILINEAR, fillcolor=FILL)
+    return img.transform(
+        (w, h),
+        Image.Transform.AFFINE,
+        (a, b, c, d, e, f),
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=FILL,
+    )
 
 
 def colour_jitter(img, rng, brightness=(0.8, 1.2), contrast=(0.8, 1.2)):
@@ -75,6 +81,7 @@ def view(img, seed, image_id, v):
 
 # ----------------------------------------------------------------------------- reading and collating
 
+
 class ImageCaptionDataset:
     """Raw images + captions of load_coco's rows: item i -> (row index, PIL RGB image or None, captions).
 
@@ -84,13 +91,16 @@ class ImageCaptionDataset:
 
     def __init__(self, coco, indices=None):
         self.paths, self.captions = coco["paths"], coco["captions"]
-        self.indices = list(range(len(self.paths))) if indices is None else [int(i) for i in indices]
+        self.indices = (
+            list(range(len(self.paths))) if indices is None else [int(i) for i in indices]
+        )
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
         from PIL import Image
+
         j = self.indices[i]
         try:
             with Image.open(self.paths[j]) as im:
@@ -112,7 +122,9 @@ def check_image(path):
             im.draft("RGB", (1, 1))
             im.load()
         return None
-    except Exception as e:  # any failure to decode: missing, not an image, truncated, decompression bomb
+    except (
+        Exception
+    ) as e:  # any failure to decode: missing, not an image, truncated, decompression bomb
         return f"{type(e).__name__}: {e}"
 
 
@@ -135,12 +147,20 @@ class Collate:
         for row, img, captions in items:
             rows.append(row)
             imgs.append(img)
-            for v in range(1, self.views):  # seeded by (seed, COCO id, view): the same pixels on every rerun
+            for v in range(
+                1, self.views
+            ):  # seeded by (seed, COCO id, view): the same pixels on every rerun
                 imgs.append(view(img, self.seed, self.ids[row], v))
-            caps.append(list(captions)[:self.max_captions])
+            caps.append(list(captions)[: self.max_captions])
         texts = [c for cs in caps for c in cs]
-        tok = model.tokenize(self.tokenizer, texts) if texts else torch.zeros(0, model.TEXT_MAX_LENGTH).long()
-        return {"rows": torch.tensor(rows),
-                "pixel_values": model.preprocess_images(self.image_processor, imgs),  # (B*V, 3, H, W)
-                "input_ids": tok,  # (T, 64), T = captions of the whole batch
-                "n_captions": torch.tensor([len(c) for c in caps])}
+        tok = (
+            model.tokenize(self.tokenizer, texts)
+            if texts
+            else torch.zeros(0, model.TEXT_MAX_LENGTH).long()
+        )
+        return {
+            "rows": torch.tensor(rows),
+            "pixel_values": model.preprocess_images(self.image_processor, imgs),  # (B*V, 3, H, W)
+            "input_ids": tok,  # (T, 64), T = captions of the whole batch
+            "n_captions": torch.tensor([len(c) for c in caps]),
+        }

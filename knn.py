@@ -5,6 +5,7 @@ The KNN head: an exact Hamming-KNN vote over a database of binary codes, as a re
     scores = knn.knn_scores(query_codes, db_codes, db_labels)   # (Q, C) in [0, 1]; k 100, real queries
     codes = knn.sign_codes(h)                                   # {-1, +1}, 0 -> +1
 """
+
 import torch
 
 KNN_VOTES = ("softmax", "uniform", "rank")
@@ -19,8 +20,10 @@ def exact_queries(x):
     64 bits; in exchange the search is exact and the same for any chunk, BLAS or device."""
     x = torch.as_tensor(x).float()
     s = 23 - (2 * x.shape[-1]).bit_length()
-    _, e = torch.frexp(x.abs().amax(-1, keepdim=True))  # max |q| = m * 2^e, 0.5 <= m < 1 (e = 0 for a zero row)
-    return torch.round(torch.ldexp(x, s - e)) / 2.0 ** s
+    _, e = torch.frexp(
+        x.abs().amax(-1, keepdim=True)
+    )  # max |q| = m * 2^e, 0.5 <= m < 1 (e = 0 for a zero row)
+    return torch.round(torch.ldexp(x, s - e)) / 2.0**s
 
 
 def sign_codes(x):
@@ -29,7 +32,9 @@ def sign_codes(x):
     return torch.where(x >= 0, 1.0, -1.0).to(torch.float32)
 
 
-def knn_scores(query_codes, db_codes, db_labels, k=100, tau=0.07, vote="softmax", query="real", chunk=None):
+def knn_scores(
+    query_codes, db_codes, db_labels, k=100, tau=0.07, vote="softmax", query="real", chunk=None
+):
     """Hamming-KNN multi-label scores: query_codes (Q, bits), db_codes (N, bits), db_labels (N, C) -> (Q, C).
 
     Database codes are binarised with sign (0 -> +1). query "sign" binarises the queries too: similarity
@@ -45,7 +50,9 @@ def knn_scores(query_codes, db_codes, db_labels, k=100, tau=0.07, vote="softmax"
     ones, ~64M on CUDA), so memory stays bounded; runs on the device of query_codes and returns float32 there.
     """
     if vote not in KNN_VOTES or query not in KNN_QUERIES:
-        raise ValueError(f"vote must be one of {KNN_VOTES} and query one of {KNN_QUERIES}, got {vote!r}, {query!r}")
+        raise ValueError(
+            f"vote must be one of {KNN_VOTES} and query one of {KNN_QUERIES}, got {vote!r}, {query!r}"
+        )
     if k < 1 or tau <= 0:
         raise ValueError(f"need k >= 1 and tau > 0, got k={k}, tau={tau}")
     q = sign_codes(query_codes) if query == "sign" else exact_queries(query_codes)  # (Q, bits)
@@ -54,25 +61,35 @@ def knn_scores(query_codes, db_codes, db_labels, k=100, tau=0.07, vote="softmax"
     labels = torch.as_tensor(db_labels).to(device=device, dtype=torch.float32)  # (N, C)
     (Q, bits), N = q.shape, d.shape[0]
     if d.shape[1] != bits or labels.shape[0] != N or N == 0:
-        raise ValueError(f"shape mismatch: query {tuple(q.shape)}, db {tuple(d.shape)}, labels {tuple(labels.shape)}")
+        raise ValueError(
+            f"shape mismatch: query {tuple(q.shape)}, db {tuple(d.shape)}, labels {tuple(labels.shape)}"
+        )
     k = min(int(k), N)
-    grid = 1.0 if query == "sign" else 2.0 ** (23 - (2 * bits).bit_length())  # q.d is a multiple of 1 / grid
+    grid = (
+        1.0 if query == "sign" else 2.0 ** (23 - (2 * bits).bit_length())
+    )  # q.d is a multiple of 1 / grid
     l1 = q.abs().sum(1, keepdim=True).clamp_min(1e-12)  # (Q, 1): bits for +-1 queries
-    lower_first = torch.arange(N - 1, -1, -1, device=device)  # (N,): among equal products, lower index wins
+    lower_first = torch.arange(
+        N - 1, -1, -1, device=device
+    )  # (N,): among equal products, lower index wins
     if chunk is None:
-        chunk = max(1, (2 ** 26 if device.type == "cuda" else 2 ** 21) // N)
+        chunk = max(1, (2**26 if device.type == "cuda" else 2**21) // N)
     rank_w = 1.0 / torch.arange(1, k + 1, device=device, dtype=torch.float32)  # (k,)
     scores = torch.empty(Q, labels.shape[1], device=device)
     for s in range(0, Q, chunk):
-        dot = q[s:s + chunk] @ d.T  # (c, N), exact
-        key = (dot * grid).round().long() * N + lower_first  # (c, N) unique integer keys: nearer = larger
+        dot = q[s : s + chunk] @ d.T  # (c, N), exact
+        key = (
+            dot * grid
+        ).round().long() * N + lower_first  # (c, N) unique integer keys: nearer = larger
         idx = key.topk(k, dim=1).indices  # (c, k) database rows, nearest first
-        sim = (1 + dot.gather(1, idx) / l1[s:s + chunk]) / 2  # (c, k)
+        sim = (1 + dot.gather(1, idx) / l1[s : s + chunk]) / 2  # (c, k)
         if vote == "softmax":
             w = torch.softmax(sim / tau, dim=1)
         else:
-            w = (torch.full_like(rank_w, 1.0 / k) if vote == "uniform" else rank_w / rank_w.sum()).expand_as(sim)
-        scores[s:s + chunk] = torch.einsum("qk,qkc->qc", w, labels[idx])
+            w = (
+                torch.full_like(rank_w, 1.0 / k) if vote == "uniform" else rank_w / rank_w.sum()
+            ).expand_as(sim)
+        scores[s : s + chunk] = torch.einsum("qk,qkc->qc", w, labels[idx])
     return scores.clamp_(0.0, 1.0)
 
 

@@ -14,6 +14,7 @@ Numbers are never mixed across protocols: aggregate.py refuses runs with differe
 refuses runs whose protocols differ. Our rows: "frozen <backbone>" from config.json features_meta "model" and the
 input the head saw (config "inputs"); the test numbers come from evaluate.py's <run>/<test_dir>/metrics.json.
 """
+
 import hashlib
 import json
 import os
@@ -26,38 +27,100 @@ import report
 
 # Where a number was checked, its source says where; "not re-checked here": from a survey, not the paper itself.
 CLASSIFICATION = [  # macro mAP (%) on val2014, models trained on train2014
-    dict(method="ML-GCN", backbone="ResNet-101 (ImageNet)", resolution="448", value=83.0,
-         source="Chen et al., CVPR 2019 (not re-checked here)"),
-    dict(method="Query2Label", backbone="ResNet-101 (ImageNet)", resolution="448", value=84.9,
-         source="Liu et al., arXiv 2107.10834, 2021 (Papers with Code results table)"),
-    dict(method="Query2Label", backbone="CvT-w24 (ImageNet-21k)", resolution="384", value=91.3,
-         source="Liu et al., arXiv 2107.10834, 2021 (abstract; Papers with Code results table)"),
-    dict(method="ML-Decoder", backbone="TResNet-M", resolution="224", value=84.2,
-         source="Ridnik et al., WACV 2023 (not re-checked here)"),
-    dict(method="ML-Decoder", backbone="TResNet-XL", resolution="640", value=91.4,
-         source="Ridnik et al., WACV 2023 (abstract; Papers with Code results table)"),
-    dict(method="ADDS", backbone="ViT-L/14-336 (CLIP-initialised)", resolution="640", value=93.4,
-         source="Xu et al., arXiv 2208.09562, 2022 (Papers with Code: 93.41)"),
-    dict(method="ADDS", backbone="ViT-L/14-336 (CLIP-initialised)", resolution="1344", value=93.5,
-         source="Xu et al., arXiv 2208.09562, 2022 (Papers with Code: 93.54)"),
+    dict(
+        method="ML-GCN",
+        backbone="ResNet-101 (ImageNet)",
+        resolution="448",
+        value=83.0,
+        source="Chen et al., CVPR 2019 (not re-checked here)",
+    ),
+    dict(
+        method="Query2Label",
+        backbone="ResNet-101 (ImageNet)",
+        resolution="448",
+        value=84.9,
+        source="Liu et al., arXiv 2107.10834, 2021 (Papers with Code results table)",
+    ),
+    dict(
+        method="Query2Label",
+        backbone="CvT-w24 (ImageNet-21k)",
+        resolution="384",
+        value=91.3,
+        source="Liu et al., arXiv 2107.10834, 2021 (abstract; Papers with Code results table)",
+    ),
+    dict(
+        method="ML-Decoder",
+        backbone="TResNet-M",
+        resolution="224",
+        value=84.2,
+        source="Ridnik et al., WACV 2023 (not re-checked here)",
+    ),
+    dict(
+        method="ML-Decoder",
+        backbone="TResNet-XL",
+        resolution="640",
+        value=91.4,
+        source="Ridnik et al., WACV 2023 (abstract; Papers with Code results table)",
+    ),
+    dict(
+        method="ADDS",
+        backbone="ViT-L/14-336 (CLIP-initialised)",
+        resolution="640",
+        value=93.4,
+        source="Xu et al., arXiv 2208.09562, 2022 (Papers with Code: 93.41)",
+    ),
+    dict(
+        method="ADDS",
+        backbone="ViT-L/14-336 (CLIP-initialised)",
+        resolution="1344",
+        value=93.5,
+        source="Xu et al., arXiv 2208.09562, 2022 (Papers with Code: 93.54)",
+    ),
 ]
 RETRIEVAL = [  # mAP@5000 of sign codes on HashNet's COCO lists; rule = what the authors' evaluation code does
-    dict(method="CSQ", backbone="ResNet-50 (ImageNet)", resolution="224", values={16: 0.796, 32: 0.838, 64: 0.861},
-         rule="zero; ties: unstable argsort", source="Yuan et al., CVPR 2020 (README, and test.py of "
-         "yuanli2333/Hadamard-Matrix-for-hashing: rule, 224 px crop of a 255 px resize)"),
-    dict(method="CSQ (DeepHash-pytorch re-run)", backbone="ResNet-50 (ImageNet)", resolution="224",
-         values={64: 0.883}, rule="zero (CalcTopMap); ties: unstable argsort",
-         source="swuxyj/DeepHash-pytorch README"),
-    dict(method="OrthoHash", backbone="AlexNet (ImageNet)", resolution="224", values={16: 0.718, 32: 0.765, 64: 0.778},
-         rule="zero; ties: torch.topk order", source="Hoe et al., NeurIPS 2021 (numbers not re-checked here; "
-         "rule from kamwoh/orthohash calculate_mAP; 224 px = the usual AlexNet crop, not checked here)"),
-    dict(method="HashNet", backbone="AlexNet (ImageNet)", resolution="224", values={48: 0.730},
-         rule="skip; ties: unstable argsort", source="Cao et al., ICCV 2017 (0.7301 in swuxyj/DeepHash-pytorch's "
-         "paper column; rule: HashNet's mean_average_precision; 224 px = the usual AlexNet crop, not checked here)"),
+    dict(
+        method="CSQ",
+        backbone="ResNet-50 (ImageNet)",
+        resolution="224",
+        values={16: 0.796, 32: 0.838, 64: 0.861},
+        rule="zero; ties: unstable argsort",
+        source="Yuan et al., CVPR 2020 (README, and test.py of "
+        "yuanli2333/Hadamard-Matrix-for-hashing: rule, 224 px crop of a 255 px resize)",
+    ),
+    dict(
+        method="CSQ (DeepHash-pytorch re-run)",
+        backbone="ResNet-50 (ImageNet)",
+        resolution="224",
+        values={64: 0.883},
+        rule="zero (CalcTopMap); ties: unstable argsort",
+        source="swuxyj/DeepHash-pytorch README",
+    ),
+    dict(
+        method="OrthoHash",
+        backbone="AlexNet (ImageNet)",
+        resolution="224",
+        values={16: 0.718, 32: 0.765, 64: 0.778},
+        rule="zero; ties: torch.topk order",
+        source="Hoe et al., NeurIPS 2021 (numbers not re-checked here; "
+        "rule from kamwoh/orthohash calculate_mAP; 224 px = the usual AlexNet crop, not checked here)",
+    ),
+    dict(
+        method="HashNet",
+        backbone="AlexNet (ImageNet)",
+        resolution="224",
+        values={48: 0.730},
+        rule="skip; ties: unstable argsort",
+        source="Cao et al., ICCV 2017 (0.7301 in swuxyj/DeepHash-pytorch's "
+        "paper column; rule: HashNet's mean_average_precision; 224 px = the usual AlexNet crop, not checked here)",
+    ),
 ]
 ANCHOR_BITS = (16, 32, 48, 64)
-OUR_RULES = [("mAP@5000", "zero; ties: database order"), ("mAP@5000_avgties", "zero; ties: expectation over orders"),
-             ("mAP@5000_skip", "skip; ties: database order"), ("mAP@5000_skip_avgties", "skip; ties: expectation over orders")]
+OUR_RULES = [
+    ("mAP@5000", "zero; ties: database order"),
+    ("mAP@5000_avgties", "zero; ties: expectation over orders"),
+    ("mAP@5000_skip", "skip; ties: database order"),
+    ("mAP@5000_skip_avgties", "skip; ties: expectation over orders"),
+]
 INPUTS = {"image": "image", "text": "caption only", "both": "image + caption"}
 SIZES = {"base": "B", "large": "L", "so400m": "So400m", "giant-opt": "g-opt"}
 
@@ -76,19 +139,25 @@ def backbone(cfg):
     """config.json -> "frozen SigLIP2-B/16-256" (features_meta "model"; the name as given when it is no SigLIP2)."""
     name = str((cfg.get("features_meta") or {}).get("model") or "SigLIP2 (model not recorded)")
     m = re.search(r"siglip2-(base|large|so400m|giant-opt)-patch(\d+)-(\d+)", name)
-    return f"frozen SigLIP2-{SIZES[m.group(1)]}/{m.group(2)}-{m.group(3)}" if m else f"frozen {name}"
+    return (
+        f"frozen SigLIP2-{SIZES[m.group(1)]}/{m.group(2)}-{m.group(3)}" if m else f"frozen {name}"
+    )
 
 
 def protocol(r, test_dir="eval_test"):
     """A run's protocol: its splits file's (when it is the file the folds trained with), else evaluate.py's."""
     cfg = r["config"]
-    for path in dict.fromkeys((os.path.join(cfg.get("cwd") or "", cfg.get("splits") or ""), cfg.get("splits") or "")):
+    for path in dict.fromkeys(
+        (os.path.join(cfg.get("cwd") or "", cfg.get("splits") or ""), cfg.get("splits") or "")
+    ):
         if path and os.path.isfile(path):
             with open(path, "rb") as f:
                 same = cfg.get("splits_sha256") in (None, hashlib.sha256(f.read()).hexdigest())
             s = _json(path) if same else None
             if isinstance(s, dict):
-                return s.get("protocol", "karpathy_cv")  # absent: the original protocol (data.load_splits' rule)
+                return s.get(
+                    "protocol", "karpathy_cv"
+                )  # absent: the original protocol (data.load_splits' rule)
     return (_json(os.path.join(r["dir"], test_dir, "metrics.json")) or {}).get("protocol")
 
 
@@ -96,17 +165,48 @@ def _ours(r, test_dir):
     """The fixed cells of our rows + evaluate.py's metrics.json (or None)."""
     cfg = r["config"]
     meta = cfg.get("features_meta") or {}
-    res = str(meta.get("image_size") or (re.findall(r"-(\d+)$", str(meta.get("model", ""))) or ["-"])[0])
-    return dict(backbone=backbone(cfg), resolution=res, inputs=INPUTS.get(cfg.get("inputs", "both"), cfg.get("inputs")),
-                fine_tuned="no (frozen towers, head trained)"), _json(os.path.join(r["dir"], test_dir, "metrics.json"))
+    res = str(
+        meta.get("image_size") or (re.findall(r"-(\d+)$", str(meta.get("model", ""))) or ["-"])[0]
+    )
+    return dict(
+        backbone=backbone(cfg),
+        resolution=res,
+        inputs=INPUTS.get(cfg.get("inputs", "both"), cfg.get("inputs")),
+        fine_tuned="no (frozen towers, head trained)",
+    ), _json(os.path.join(r["dir"], test_dir, "metrics.json"))
 
 
 def classification_rows(runs, test_dir, anchors):
     """-> header, rows: the anchors (if any), then every run and head with its test macro mAP (%)."""
-    header = ["", "method", "backbone", "resolution", "fine-tuned", "inputs", "test images", "mAP (%)",
-              "fold models mAP (%)", "CV mAP (%)", "source"]
-    rows = [["published", a["method"], a["backbone"], a["resolution"], "yes", "image", "40,137 (val2014)",
-             f"{a['value']:.1f}", "-", "-", a["source"]] for a in anchors]
+    header = [
+        "",
+        "method",
+        "backbone",
+        "resolution",
+        "fine-tuned",
+        "inputs",
+        "test images",
+        "mAP (%)",
+        "fold models mAP (%)",
+        "CV mAP (%)",
+        "source",
+    ]
+    rows = [
+        [
+            "published",
+            a["method"],
+            a["backbone"],
+            a["resolution"],
+            "yes",
+            "image",
+            "40,137 (val2014)",
+            f"{a['value']:.1f}",
+            "-",
+            "-",
+            a["source"],
+        ]
+        for a in anchors
+    ]
     for r in runs:
         cells, ev = _ours(r, test_dir)
         for h in [h for h in ("mlp", "knn") if r["heads"][h]]:
@@ -118,10 +218,23 @@ def classification_rows(runs, test_dir, anchors):
                 n = f"{ev['n_images']:,}" if "n_images" in ev else "-"
                 v = np.array([m[h]["mAP_macro"] for m in ev["models"].values() if h in m]) * 100
                 folds = report.MeanStd(v.mean(), v.std(ddof=1) if len(v) > 1 else np.nan)
-            rows.append(["ours", f"{r['label']} ({h.upper()} head)", cells["backbone"], cells["resolution"],
-                         cells["fine_tuned"], cells["inputs"], n, test, folds, cv_cell,
-                         f"{r['dir']}/{test_dir}/metrics.json" if test != "-" else
-                         f"no {test_dir}/metrics.json: run evaluate.py --ensemble {r['dir']}"])
+            rows.append(
+                [
+                    "ours",
+                    f"{r['label']} ({h.upper()} head)",
+                    cells["backbone"],
+                    cells["resolution"],
+                    cells["fine_tuned"],
+                    cells["inputs"],
+                    n,
+                    test,
+                    folds,
+                    cv_cell,
+                    f"{r['dir']}/{test_dir}/metrics.json"
+                    if test != "-"
+                    else f"no {test_dir}/metrics.json: run evaluate.py --ensemble {r['dir']}",
+                ]
+            )
     return header, rows
 
 
@@ -134,41 +247,83 @@ def retrieval_rows(runs, test_dir):
         if bits:
             ours.append((r, bits, cells, (ev or {}).get("retrieval")))
     all_bits = sorted(set(ANCHOR_BITS) | {b for _, b, _, _ in ours})
-    header = ["", "method", "backbone", "resolution", "fine-tuned", "inputs", *(f"{b} bits" for b in all_bits),
-              "empty query; ties", "source"]
-    rows = [["published", a["method"], a["backbone"], a["resolution"], "yes", "image",
-             *(f"{a['values'][b]:.3f}" if b in a["values"] else "-" for b in all_bits), a["rule"], a["source"]]
-            for a in RETRIEVAL]
+    header = [
+        "",
+        "method",
+        "backbone",
+        "resolution",
+        "fine-tuned",
+        "inputs",
+        *(f"{b} bits" for b in all_bits),
+        "empty query; ties",
+        "source",
+    ]
+    rows = [
+        [
+            "published",
+            a["method"],
+            a["backbone"],
+            a["resolution"],
+            "yes",
+            "image",
+            *(f"{a['values'][b]:.3f}" if b in a["values"] else "-" for b in all_bits),
+            a["rule"],
+            a["source"],
+        ]
+        for a in RETRIEVAL
+    ]
     for key, rule in OUR_RULES:
         for r, bits, cells, ret in ours:
             members = [m for n, m in (ret or {}).items() if n != "mean" and key in m]
             if members:
                 v = np.array([m[key] for m in members])
-                cell, src = report.MeanStd(v.mean(), v.std(ddof=1) if len(v) > 1 else np.nan), \
-                    f"{r['dir']}/{test_dir}/metrics.json ({len(v)} fold models)"
+                cell, src = (
+                    report.MeanStd(v.mean(), v.std(ddof=1) if len(v) > 1 else np.nan),
+                    f"{r['dir']}/{test_dir}/metrics.json ({len(v)} fold models)",
+                )
             else:
-                cell, src = "-", f"no retrieval in {test_dir}/metrics.json: run evaluate.py --ensemble {r['dir']}"
-            rows.append(["ours", r["label"], cells["backbone"], cells["resolution"], cells["fine_tuned"],
-                         cells["inputs"], *(cell if b == bits else "" for b in all_bits), rule, src])
+                cell, src = (
+                    "-",
+                    f"no retrieval in {test_dir}/metrics.json: run evaluate.py --ensemble {r['dir']}",
+                )
+            rows.append(
+                [
+                    "ours",
+                    r["label"],
+                    cells["backbone"],
+                    cells["resolution"],
+                    cells["fine_tuned"],
+                    cells["inputs"],
+                    *(cell if b == bits else "" for b in all_bits),
+                    rule,
+                    src,
+                ]
+            )
     return header, rows
 
 
 TEXT = {
-    "coco2014": ("COCO 2014 classification (train2014 to val2014): macro mAP (%) over the 80 classes",
-                 "Published models fine-tune their backbone on the images alone; ours train a head on frozen embeddings "
-                 "(inputs: what the head saw). mAP = the fold ensemble on val2014; fold models = mean ± std of the "
-                 "fold models; CV = validation folds inside train2014 (model selection, not comparable)."),
-    "hashnet": ("Hashing retrieval on HashNet's COCO lists: mAP@5000 of sign codes (5,000 queries, database = "
-                "the other labelled train2014 + val2014 images)",
-                "Empty query: a query with no relevant item in its top 5,000 counts as AP 0 (zero: DeepHash-pytorch "
-                "CalcTopMap, CSQ, OrthoHash) or is left out (skip: HashNet). Published numbers break Hamming ties by "
-                "an unstable sort (known to move mAP by 1-2 points); ours give the database order and the exact "
-                "expectation over tie orders. Ours: mean ± std over the fold models, each trained on dev minus its "
-                "val fold."),
-    "karpathy_cv": ("Karpathy protocol (5-fold CV on the Karpathy dev pool, 5,000 Karpathy test images)",
-                    "No published number uses this protocol, so none is listed: the anchors use coco2014 "
-                    "(classification) or hashnet (retrieval); make_splits.py --protocol coco2014 | hashnet gives "
-                    "numbers that stand beside them."),
+    "coco2014": (
+        "COCO 2014 classification (train2014 to val2014): macro mAP (%) over the 80 classes",
+        "Published models fine-tune their backbone on the images alone; ours train a head on frozen embeddings "
+        "(inputs: what the head saw). mAP = the fold ensemble on val2014; fold models = mean ± std of the "
+        "fold models; CV = validation folds inside train2014 (model selection, not comparable).",
+    ),
+    "hashnet": (
+        "Hashing retrieval on HashNet's COCO lists: mAP@5000 of sign codes (5,000 queries, database = "
+        "the other labelled train2014 + val2014 images)",
+        "Empty query: a query with no relevant item in its top 5,000 counts as AP 0 (zero: DeepHash-pytorch "
+        "CalcTopMap, CSQ, OrthoHash) or is left out (skip: HashNet). Published numbers break Hamming ties by "
+        "an unstable sort (known to move mAP by 1-2 points); ours give the database order and the exact "
+        "expectation over tie orders. Ours: mean ± std over the fold models, each trained on dev minus its "
+        "val fold.",
+    ),
+    "karpathy_cv": (
+        "Karpathy protocol (5-fold CV on the Karpathy dev pool, 5,000 Karpathy test images)",
+        "No published number uses this protocol, so none is listed: the anchors use coco2014 "
+        "(classification) or hashnet (retrieval); make_splits.py --protocol coco2014 | hashnet gives "
+        "numbers that stand beside them.",
+    ),
 }
 
 
@@ -176,18 +331,26 @@ def write(out, runs, test_dir="eval_test"):
     """out/literature.{csv,md,tex} for these runs (one protocol) -> the path stem, or None (protocol unknown)."""
     protos = {r["dir"]: protocol(r, test_dir) for r in runs}
     if None in protos.values():
-        print(f"note: no literature table: no splits file or {test_dir}/metrics.json names the protocol of "
-              f"{', '.join(d for d, p in protos.items() if p is None)}")
+        print(
+            f"note: no literature table: no splits file or {test_dir}/metrics.json names the protocol of "
+            f"{', '.join(d for d, p in protos.items() if p is None)}"
+        )
         return None
     if len(set(protos.values())) > 1:
-        cli.fail(f"{', '.join(f'{d}: {p}' for d, p in protos.items())}: runs of different protocols; numbers on "
-                 f"different protocols never share a literature table, aggregate them separately")
+        cli.fail(
+            f"{', '.join(f'{d}: {p}' for d, p in protos.items())}: runs of different protocols; numbers on "
+            f"different protocols never share a literature table, aggregate them separately"
+        )
     proto = next(iter(protos.values()))
     if proto == "hashnet":
         header, rows = retrieval_rows(runs, test_dir)
     else:
-        header, rows = classification_rows(runs, test_dir, CLASSIFICATION if proto == "coco2014" else [])
-    title, note = TEXT.get(proto, (f"protocol {proto}", "No published anchors are recorded for this protocol."))
+        header, rows = classification_rows(
+            runs, test_dir, CLASSIFICATION if proto == "coco2014" else []
+        )
+    title, note = TEXT.get(
+        proto, (f"protocol {proto}", "No published anchors are recorded for this protocol.")
+    )
     stem = os.path.join(out, "literature")
     report.write_table(stem, header, rows, caption=f"Beside the literature: {title}", note=note)
     print(f"wrote {stem}.md, .csv, .tex (protocol {proto})")

@@ -16,6 +16,7 @@ Usage:
     python make_splits.py --data_root data/coco --protocol hashnet --lists data/hashnet \
         --out data/coco/splits_hashnet.json                           # data/hashnet/{train,test}.txt
 """
+
 import os
 
 import numpy as np
@@ -29,23 +30,46 @@ def get_args_parser():
     p = cli.Parser("make_splits", description=__doc__.split("\n\n")[0])
     # data
     g = p.add_argument_group("data")
-    g.add_argument("--data_root", default="data/coco",
-                   help="COCO folder with dataset_coco.json and annotations/instances_{train,val}2014.json")
-    g.add_argument("--protocol", default="karpathy_cv", choices=protocols.PROTOCOLS,
-                   help="which images are dev / test (/ database): karpathy_cv = the thesis's CV protocol, "
-                        "coco2014 = train2014 / val2014 as in the classification literature, hashnet = "
-                        "HashNet's retrieval lists (needs --lists)")
-    g.add_argument("--lists", default=None,
-                   help="hashnet only: folder with HashNet's train.txt and test.txt (thuml/HashNet "
-                        "pytorch/data/coco); the database is derived from the annotations")
-    g.add_argument("--folds", type=cli.number(int, 2), default=5, help="number of cross-validation folds (>= 2)")
-    g.add_argument("--seed", type=int, default=42, help="seed of the fold assignment; same seed, same file")
-    g.add_argument("--method", default="stratified", choices=["stratified", "random"],
-                   help="stratified: iterative stratification (Sechidis 2011) keeps every class's prevalence "
-                        "equal across folds; random: plain shuffled KFold")
+    g.add_argument(
+        "--data_root",
+        default="data/coco",
+        help="COCO folder with dataset_coco.json and annotations/instances_{train,val}2014.json",
+    )
+    g.add_argument(
+        "--protocol",
+        default="karpathy_cv",
+        choices=protocols.PROTOCOLS,
+        help="which images are dev / test (/ database): karpathy_cv = the thesis's CV protocol, "
+        "coco2014 = train2014 / val2014 as in the classification literature, hashnet = "
+        "HashNet's retrieval lists (needs --lists)",
+    )
+    g.add_argument(
+        "--lists",
+        default=None,
+        help="hashnet only: folder with HashNet's train.txt and test.txt (thuml/HashNet "
+        "pytorch/data/coco); the database is derived from the annotations",
+    )
+    g.add_argument(
+        "--folds",
+        type=cli.number(int, 2),
+        default=5,
+        help="number of cross-validation folds (>= 2)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=42, help="seed of the fold assignment; same seed, same file"
+    )
+    g.add_argument(
+        "--method",
+        default="stratified",
+        choices=["stratified", "random"],
+        help="stratified: iterative stratification (Sechidis 2011) keeps every class's prevalence "
+        "equal across folds; random: plain shuffled KFold",
+    )
     # io
     g = p.add_argument_group("io")
-    g.add_argument("--out", default="<data_root>/splits.json", help="where to write the splits json")
+    g.add_argument(
+        "--out", default="<data_root>/splits.json", help="where to write the splits json"
+    )
     return p
 
 
@@ -58,9 +82,9 @@ def _take_top(level, prio, m):
     """
     k = len(level)
     steps = np.arange(m)
-    vals = (level[:, None] - steps[None, :]).ravel()                              # (K*m,)
+    vals = (level[:, None] - steps[None, :]).ravel()  # (K*m,)
     fold = np.repeat(np.arange(k), m)
-    order = np.lexsort((-prio[fold], -vals))[:m]                                  # value desc, then prio desc
+    order = np.lexsort((-prio[fold], -vals))[:m]  # value desc, then prio desc
     return np.bincount(fold[order], minlength=k)
 
 
@@ -77,17 +101,19 @@ def iterative_stratification(labels, n_folds, seed):
     rng = np.random.default_rng(seed)
     y = np.asarray(labels).astype(bool)
     n, c = y.shape
-    perm = rng.permutation(n)                                                     # random example order
+    perm = rng.permutation(n)  # random example order
     yp = y[perm]
-    want = np.full(n_folds, n / n_folds)                                          # desired fold sizes
-    want_lab = np.outer(np.full(n_folds, 1.0 / n_folds), yp.sum(0))               # (K, C) desired label counts
+    want = np.full(n_folds, n / n_folds)  # desired fold sizes
+    want_lab = np.outer(np.full(n_folds, 1.0 / n_folds), yp.sum(0))  # (K, C) desired label counts
     left = np.ones(n, bool)
-    left_count = yp.sum(0).astype(np.int64)                                       # (C,) unassigned positives
+    left_count = yp.sum(0).astype(np.int64)  # (C,) unassigned positives
     fold_of = np.full(n, -1, np.int64)
     while left_count.sum() > 0:
         cand = np.flatnonzero(left_count == left_count[left_count > 0].min())
-        lab = cand[rng.integers(len(cand))] if len(cand) > 1 else cand[0]       # rarest label, ties random
-        block = np.flatnonzero(left & yp[:, lab])                                 # its examples, random order
+        lab = (
+            cand[rng.integers(len(cand))] if len(cand) > 1 else cand[0]
+        )  # rarest label, ties random
+        block = np.flatnonzero(left & yp[:, lab])  # its examples, random order
         # tie-break: most missing examples overall, then a random fold order
         prio = np.round(want - want_lab[:, lab], 6) + rng.permutation(n_folds) * 1e-8
         share = _take_top(want_lab[:, lab].copy(), prio, len(block))
@@ -99,7 +125,7 @@ def iterative_stratification(labels, n_folds, seed):
             want[j] -= len(rows)
         left[block] = False
         left_count -= yp[block].sum(0)
-    rest = np.flatnonzero(left)                                                   # examples without labels
+    rest = np.flatnonzero(left)  # examples without labels
     if len(rest):
         share = _take_top(want.copy(), rng.permutation(n_folds) * 1e-9, len(rest))
         fold_of[rest] = np.repeat(np.arange(n_folds), share)
@@ -112,7 +138,7 @@ def random_folds(n, n_folds, seed):
     """Plain shuffled KFold -> int64 [N] fold index (fold sizes differ by at most one)."""
     rng = np.random.default_rng(seed)
     sizes = np.full(n_folds, n // n_folds)
-    sizes[:n % n_folds] += 1
+    sizes[: n % n_folds] += 1
     out = np.empty(n, np.int64)
     out[rng.permutation(n)] = np.repeat(np.arange(n_folds), sizes)
     return out
@@ -125,7 +151,7 @@ def fold_deviation(labels, fold_of, n_folds):
     """
     y = np.asarray(labels).astype(np.float64)
     pool = y.mean(0)
-    prev = np.stack([y[fold_of == k].mean(0) for k in range(n_folds)])            # (K, C)
+    prev = np.stack([y[fold_of == k].mean(0) for k in range(n_folds)])  # (K, C)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(pool > 0, np.abs(prev - pool) / pool, np.nan)
 
@@ -135,48 +161,71 @@ def print_summary(args, categories, dev_y, fold_of, counts, out):
     dev_pos = dev_y.sum(0)
     present = np.flatnonzero(dev_pos > 0)
     rare = present[np.argmin(dev_pos[present])] if len(present) else 0
-    dev_rel = fold_deviation(dev_y, fold_of, args.folds)                          # (K, C)
+    dev_rel = fold_deviation(dev_y, fold_of, args.folds)  # (K, C)
     extra = f"; database {counts['database']}" if "database" in counts else ""
-    print(f"{args.protocol}: {args.method} {args.folds}-fold split of {counts['dev']} dev images (seed {args.seed}); "
-          f"test {counts['test']}{extra}; rarest class '{categories[rare]['name']}' "
-          f"({int(dev_pos[rare])} dev positives)")
-    print(f"{'fold':>4} {'train':>8} {'val':>7} {'rare_train':>10} {'rare_val':>8} {'max_rel_dev':>11} "
-          f"{'mean_rel_dev':>12}")
+    print(
+        f"{args.protocol}: {args.method} {args.folds}-fold split of {counts['dev']} dev images (seed {args.seed}); "
+        f"test {counts['test']}{extra}; rarest class '{categories[rare]['name']}' "
+        f"({int(dev_pos[rare])} dev positives)"
+    )
+    print(
+        f"{'fold':>4} {'train':>8} {'val':>7} {'rare_train':>10} {'rare_val':>8} {'max_rel_dev':>11} "
+        f"{'mean_rel_dev':>12}"
+    )
     for k in range(args.folds):
         val = fold_of == k
         rv = int(dev_y[val, rare].sum())
         row = dev_rel[k][present] if len(present) else np.zeros(1)
-        print(f"{k:>4} {len(dev_y) - int(val.sum()):>8} {int(val.sum()):>7} {int(dev_pos[rare]) - rv:>10} "
-              f"{rv:>8} {100 * np.max(row):>10.2f}% {100 * np.mean(row):>11.3f}%")
+        print(
+            f"{k:>4} {len(dev_y) - int(val.sum()):>8} {int(val.sum()):>7} {int(dev_pos[rare]) - rv:>10} "
+            f"{rv:>8} {100 * np.max(row):>10.2f}% {100 * np.mean(row):>11.3f}%"
+        )
     print(f"wrote {out}")
 
 
 def main(args):
-    out = os.path.join(args.data_root, "splits.json") if args.out == "<data_root>/splits.json" else args.out
+    out = (
+        os.path.join(args.data_root, "splits.json")
+        if args.out == "<data_root>/splits.json"
+        else args.out
+    )
     if args.lists is not None and args.protocol != "hashnet":
-        cli.fail(f"--lists is only read by --protocol hashnet (got --protocol {args.protocol}); drop --lists")
+        cli.fail(
+            f"--lists is only read by --protocol hashnet (got --protocol {args.protocol}); drop --lists"
+        )
     try:
         coco = data.load_dataset(args.data_root)
-        parts = protocols.select(coco, args.protocol, args.lists)                 # row indices, ascending
+        parts = protocols.select(coco, args.protocol, args.lists)  # row indices, ascending
     except data.DataError as e:
         cli.fail(e)
     ids, labels = coco["ids"], coco["labels"]
     dev, test = parts["dev"], parts["test"]
     assert not np.intersect1d(dev, test).size, "dev and test overlap"
     if len(dev) < args.folds:
-        cli.fail(f"{args.data_root}: only {len(dev)} development images ({args.protocol}) for {args.folds} folds")
-    dev_ids, dev_y = ids[dev], labels[dev]                                        # ids ascending
+        cli.fail(
+            f"{args.data_root}: only {len(dev)} development images ({args.protocol}) for {args.folds} folds"
+        )
+    dev_ids, dev_y = ids[dev], labels[dev]  # ids ascending
     if args.method == "stratified":
         fold_of = iterative_stratification(dev_y, args.folds, args.seed)
     else:
         fold_of = random_folds(len(dev_ids), args.folds, args.seed)
 
     val_folds = [dev_ids[fold_of == k].tolist() for k in range(args.folds)]
-    stats = [{"size": len(v), "positives": dev_y[fold_of == k].sum(0).astype(int).tolist()}
-             for k, v in enumerate(val_folds)]
+    stats = [
+        {"size": len(v), "positives": dev_y[fold_of == k].sum(0).astype(int).tolist()}
+        for k, v in enumerate(val_folds)
+    ]
     # key order: the karpathy_cv file is today's file plus `protocol` in front and `counts` at the end
-    result = {"protocol": args.protocol, "method": args.method, "folds": args.folds, "seed": args.seed,
-              "categories": coco["categories"], "dev": dev_ids.tolist(), "test": ids[test].tolist()}
+    result = {
+        "protocol": args.protocol,
+        "method": args.method,
+        "folds": args.folds,
+        "seed": args.seed,
+        "categories": coco["categories"],
+        "dev": dev_ids.tolist(),
+        "test": ids[test].tolist(),
+    }
     if "database" in parts:
         result["database"] = ids[parts["database"]].tolist()
     result.update(val_folds=val_folds, stats=stats)

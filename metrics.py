@@ -27,21 +27,42 @@ Conventions (deliberate, so read them before comparing with a bare sklearn call)
 - Scores are promoted to float64 (exactly), so ties are those of the input. sklearn keeps float32 scores in
   float32 for MAE, which drifts by ~1e-5 over 2M entries; against float64 input it agrees to ~1e-16.
 """
+
 import numpy as np
 from scipy import sparse  # bootstrap: sums image weights per (class, score interval)
 from scipy.special import stdtr  # Student t CDF, for paired_test
 
-METRIC_NAMES = ("mAP_macro", "mAP_micro", "auc_macro", "auc_micro", "f1_macro", "f1_micro",
-                "precision_macro", "precision_micro", "recall_macro", "recall_micro", "hamming_loss",
-                "coverage_error", "ranking_loss", "lrap", "mae")
-BOOT_METRICS = ("mAP_macro", "f1_macro", "auc_macro")  # bootstrap_ci's default, paired_bootstrap's choices
+METRIC_NAMES = (
+    "mAP_macro",
+    "mAP_micro",
+    "auc_macro",
+    "auc_micro",
+    "f1_macro",
+    "f1_micro",
+    "precision_macro",
+    "precision_micro",
+    "recall_macro",
+    "recall_micro",
+    "hamming_loss",
+    "coverage_error",
+    "ranking_loss",
+    "lrap",
+    "mae",
+)
+BOOT_METRICS = (
+    "mAP_macro",
+    "f1_macro",
+    "auc_macro",
+)  # bootstrap_ci's default, paired_bootstrap's choices
 
 
 def _check(y_true, y_score):
     """Validate and convert: -> (y bool [N, C], s float64 [N, C])."""
     y, s = np.asarray(y_true), np.asarray(y_score)
     if y.ndim != 2 or y.shape != s.shape or y.shape[0] == 0:
-        raise ValueError(f"y_true {y.shape} and y_score {s.shape} must be the same non-empty [N, C] shape")
+        raise ValueError(
+            f"y_true {y.shape} and y_score {s.shape} must be the same non-empty [N, C] shape"
+        )
     if not ((y == 0) | (y == 1)).all():
         raise ValueError("y_true must hold only 0/1 labels")
     s = s.astype(np.float64)
@@ -61,8 +82,12 @@ def _predict(s, thresholds):
 def _pos_counts(s_pos, s_neg):
     """s_pos, s_neg: ascending 1-D scores of the positives / negatives. For each positive (same order)
     -> plo, phi: #positives scored < / <= it; nlo, nhi: #negatives scored < / <= it. Ties are exact."""
-    return (np.searchsorted(s_pos, s_pos, "left"), np.searchsorted(s_pos, s_pos, "right"),
-            np.searchsorted(s_neg, s_pos, "left"), np.searchsorted(s_neg, s_pos, "right"))
+    return (
+        np.searchsorted(s_pos, s_pos, "left"),
+        np.searchsorted(s_pos, s_pos, "right"),
+        np.searchsorted(s_neg, s_pos, "left"),
+        np.searchsorted(s_neg, s_pos, "right"),
+    )
 
 
 def _ap_auc(s, y):
@@ -85,16 +110,16 @@ def _ap_auc_columns(s, y):
     return np.array([_ap_auc(sT[c], yT[c]) for c in range(s.shape[1])]).reshape(-1, 2).T
 
 
-def _row_ranks(s, y, chunk=2 ** 15):
+def _row_ranks(s, y, chunk=2**15):
     """For every true label (i, j), in np.nonzero(y) order: n_ge = #labels of row i scored >= s_ij and
     pos_ge = #true labels of row i scored >= s_ij (sklearn's rankdata "max" on -score). No sort: each
     positive is compared with its row's C scores, chunked -> (rows [K], n_ge [K], pos_ge [K])."""
     r, c = np.nonzero(y)
     n_ge, pos_ge = np.empty(r.size, np.int64), np.empty(r.size, np.int64)
     for k in range(0, r.size, chunk):
-        rr, cc = r[k:k + chunk], c[k:k + chunk]
+        rr, cc = r[k : k + chunk], c[k : k + chunk]
         ge = s[rr] >= s[rr, cc][:, None]  # [chunk, C]
-        n_ge[k:k + chunk], pos_ge[k:k + chunk] = ge.sum(1), (ge & y[rr]).sum(1)
+        n_ge[k : k + chunk], pos_ge[k : k + chunk] = ge.sum(1), (ge & y[rr]).sum(1)
     return r, n_ge, pos_ge
 
 
@@ -127,11 +152,16 @@ def compute_all(y_true, y_score, thresholds=0.5):
     p_mi, r_mi, f_mi = _prf(tp.sum(), fp.sum(), fn.sum())
     img = _per_image(y, s)  # lrap, ranking_loss, coverage_error, mae per image
     out = {
-        "mAP_macro": _nanmean(ap), "mAP_micro": ap_mi,
-        "auc_macro": _nanmean(auc), "auc_micro": auc_mi,
-        "f1_macro": float(f.mean()), "f1_micro": float(f_mi),
-        "precision_macro": float(p.mean()), "precision_micro": float(p_mi),
-        "recall_macro": float(r.mean()), "recall_micro": float(r_mi),
+        "mAP_macro": _nanmean(ap),
+        "mAP_micro": ap_mi,
+        "auc_macro": _nanmean(auc),
+        "auc_micro": auc_mi,
+        "f1_macro": float(f.mean()),
+        "f1_micro": float(f_mi),
+        "precision_macro": float(p.mean()),
+        "precision_micro": float(p_mi),
+        "recall_macro": float(r.mean()),
+        "recall_micro": float(r_mi),
         "hamming_loss": float((y != pred).mean()),
         **{k: float(img[k].mean()) for k in ("coverage_error", "ranking_loss", "lrap", "mae")},
     }
@@ -147,8 +177,17 @@ def per_class(y_true, y_score, thresholds=0.5):
     ap, auc = _ap_auc_columns(s, y)
     tp, fp, fn = _counts(y, _predict(s, thresholds))
     p, r, f = _prf(tp, fp, fn)
-    return {"ap": ap, "auc": auc, "f1": f, "precision": p, "recall": r, "support": y.sum(0),
-            "tp": tp, "fp": fp, "fn": fn}
+    return {
+        "ap": ap,
+        "auc": auc,
+        "f1": f,
+        "precision": p,
+        "recall": r,
+        "support": y.sum(0),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+    }
 
 
 def error_analysis(y_true, y_score, thresholds=0.5, top=20):
@@ -162,8 +201,12 @@ def error_analysis(y_true, y_score, thresholds=0.5, top=20):
     a, b = np.nonzero(pairs)
     cnt = pairs[a, b]
     order = np.lexsort((b, a, -cnt))[:top]
-    return {"fp": fp_m.sum(0).astype(np.int64), "fn": fn_m.sum(0).astype(np.int64), "pair_counts": pairs,
-            "confusions": [(int(a[i]), int(b[i]), int(cnt[i])) for i in order]}
+    return {
+        "fp": fp_m.sum(0).astype(np.int64),
+        "fn": fn_m.sum(0).astype(np.int64),
+        "pair_counts": pairs,
+        "confusions": [(int(a[i]), int(b[i]), int(cnt[i])) for i in order],
+    }
 
 
 def best_f1_thresholds(y_true, y_score):
@@ -183,8 +226,12 @@ def best_f1_thresholds(y_true, y_score):
         if P == 0:
             continue
         plo, _, nlo, _ = _pos_counts(s_pos, s_neg)
-        f1 = 2.0 * (P - plo) / ((P - plo) + (s_neg.size - nlo) + P)  # predict every score >= s_pos[j]
-        j = P - 1 - int(np.argmax(f1[::-1]))  # the last best in ascending order = the highest threshold
+        f1 = (
+            2.0 * (P - plo) / ((P - plo) + (s_neg.size - nlo) + P)
+        )  # predict every score >= s_pos[j]
+        j = (
+            P - 1 - int(np.argmax(f1[::-1]))
+        )  # the last best in ascending order = the highest threshold
         best, lower = s_pos[j], -np.inf
         if plo[j] > 0:
             lower = s_pos[plo[j] - 1]
@@ -225,15 +272,20 @@ def _weighted_ap_auc(layout, W):
     image multiplicities -> (ap [B, C], auc [B, C]), nan where undefined: identical to the metrics of
     the resampled images (the copies of an image tie, and ties only ever matter through these sums)."""
     mat, blocks = layout
-    V = (mat @ W).astype(np.float64)  # [R, B] weight per (class, score interval); float32 counts are exact
+    V = (mat @ W).astype(
+        np.float64
+    )  # [R, B] weight per (class, score interval); float32 counts are exact
     ap, auc = np.full((W.shape[1], len(blocks)), np.nan), np.full((W.shape[1], len(blocks)), np.nan)
     for c, blk in enumerate(blocks):
         if blk is None:
             continue
         base, m = blk
-        neg, pos = V[base:base + 2 * m + 1], V[base + 2 * m + 1:base + 3 * m + 1]  # [2m+1, B], [m, B]
+        neg, pos = (
+            V[base : base + 2 * m + 1],
+            V[base + 2 * m + 1 : base + 3 * m + 1],
+        )  # [2m+1, B], [m, B]
         wneg, wpos = neg.sum(0), pos.sum(0)  # [B]
-        neg_below = np.cumsum(neg, 0)[0:2 * m:2]  # negative weight scored < u_k, [m, B]
+        neg_below = np.cumsum(neg, 0)[0 : 2 * m : 2]  # negative weight scored < u_k, [m, B]
         neg_eq = neg[1::2]  # negative weight scored = u_k
         pos_ge = np.cumsum(pos[::-1], 0)[::-1]  # positive weight scored >= u_k
         all_ge = pos_ge + wneg - neg_below
@@ -248,8 +300,10 @@ def _micro_layout(y, s):
     image -> (csr [R, N], blocks): a resample weights every label of an image by that image's multiplicity."""
     N, C = y.shape
     mat, blocks = _interval_layout(y.reshape(-1, 1), s.reshape(-1, 1))
-    to_image = sparse.csr_array((np.ones(N * C, np.float32), (np.arange(N * C), np.repeat(np.arange(N), C))),
-                                shape=(N * C, N))
+    to_image = sparse.csr_array(
+        (np.ones(N * C, np.float32), (np.arange(N * C), np.repeat(np.arange(N), C))),
+        shape=(N * C, N),
+    )
     return (mat @ to_image).tocsr(), blocks  # counts <= C: exact in float32
 
 
@@ -268,7 +322,12 @@ def _per_image(y, s):
     lrap[undefined], rloss[undefined] = 1.0, 0.0
     min_pos = np.where(y, s, np.inf).min(1, keepdims=True)  # lowest-scored true label, [N, 1]
     coverage = np.where(P > 0, (s >= min_pos).sum(1), 0).astype(np.float64)
-    return {"lrap": lrap, "ranking_loss": rloss, "coverage_error": coverage, "mae": np.abs(s - y).mean(1)}
+    return {
+        "lrap": lrap,
+        "ranking_loss": rloss,
+        "coverage_error": coverage,
+        "mae": np.abs(s - y).mean(1),
+    }
 
 
 def _macro_of_defined(v):
@@ -287,8 +346,13 @@ def _draw_metrics(y, s, pred, layouts, W, names):
             agg = _macro_of_defined if kind == "macro" else (lambda v: v[:, 0])
             out[f"mAP_{kind}"], out[f"auc_{kind}"] = agg(ap), agg(auc)
     yf = y.astype(np.float32)
-    tp, fp, fn = (np.float64(W.T @ m) for m in (yf * pred, (1 - yf) * pred, yf * (1 - pred)))  # [B, C] exact counts
-    for kind, (p, r, f) in (("macro", _prf(tp, fp, fn)), ("micro", _prf(tp.sum(1), fp.sum(1), fn.sum(1)))):
+    tp, fp, fn = (
+        np.float64(W.T @ m) for m in (yf * pred, (1 - yf) * pred, yf * (1 - pred))
+    )  # [B, C] exact counts
+    for kind, (p, r, f) in (
+        ("macro", _prf(tp, fp, fn)),
+        ("micro", _prf(tp.sum(1), fp.sum(1), fn.sum(1))),
+    ):
         agg = (lambda v: v.mean(1)) if kind == "macro" else (lambda v: v)
         out.update({f"precision_{kind}": agg(p), f"recall_{kind}": agg(r), f"f1_{kind}": agg(f)})
     out["hamming_loss"] = (fp + fn).sum(1) / (N * C)  # a resample always holds N images
@@ -297,7 +361,7 @@ def _draw_metrics(y, s, pred, layouts, W, names):
     return {k: out[k] for k in names}
 
 
-def _boot_draws(y, scores, thresholds, n_boot, seed, names, max_elems=2 ** 23):
+def _boot_draws(y, scores, thresholds, n_boot, seed, names, max_elems=2**23):
     """names' values on n_boot image resamples shared by every score array -> {name: [len(scores), n_boot]}.
     One generator makes the resamples, so every array (every row of a table) sees the same draws."""
     bad = [k for k in names if k not in METRIC_NAMES]
@@ -314,14 +378,18 @@ def _boot_draws(y, scores, thresholds, n_boot, seed, names, max_elems=2 ** 23):
     for b0 in range(0, n_boot, chunk):
         B = min(chunk, n_boot - b0)
         idx = rng.integers(0, N, size=(B, N)) + N * np.arange(B)[:, None]  # B resamples of N images
-        W = np.ascontiguousarray(np.bincount(idx.ravel(), minlength=B * N).reshape(B, N).T, np.float32)  # [N, B]
+        W = np.ascontiguousarray(
+            np.bincount(idx.ravel(), minlength=B * N).reshape(B, N).T, np.float32
+        )  # [N, B]
         for i, s in enumerate(scores):
             for k, v in _draw_metrics(y, s, preds[i], layouts[i], W, names).items():
-                out[k][i, b0:b0 + B] = v
+                out[k][i, b0 : b0 + B] = v
     return out
 
 
-def bootstrap_intervals(y_true, scores, n_boot=1000, seed=0, alpha=0.05, thresholds=0.5, names=METRIC_NAMES):
+def bootstrap_intervals(
+    y_true, scores, n_boot=1000, seed=0, alpha=0.05, thresholds=0.5, names=METRIC_NAMES
+):
     """Percentile bootstrap over images for several score arrays on the SAME resamples (rows of one table
     stay comparable) -> one {name: (point, low, high)} per array. point = compute_all on all images; a
     draw's macro runs over the classes defined in that draw; draws where a metric is undefined are left out."""
@@ -333,18 +401,25 @@ def bootstrap_intervals(y_true, scores, n_boot=1000, seed=0, alpha=0.05, thresho
     for i, s in enumerate(ss):
         point = compute_all(y, s, thresholds)
         ok = {k: draws[k][i][~np.isnan(draws[k][i])] for k in names}
-        out.append({k: (point[k], *(map(float, np.percentile(v, q)) if v.size else (float("nan"),) * 2))
-                    for k, v in ok.items()})
+        out.append(
+            {
+                k: (point[k], *(map(float, np.percentile(v, q)) if v.size else (float("nan"),) * 2))
+                for k, v in ok.items()
+            }
+        )
     return out
 
 
-def bootstrap_ci(y_true, y_score, n_boot=1000, seed=0, alpha=0.05, thresholds=0.5, names=BOOT_METRICS):
+def bootstrap_ci(
+    y_true, y_score, n_boot=1000, seed=0, alpha=0.05, thresholds=0.5, names=BOOT_METRICS
+):
     """One score array: bootstrap_intervals(...)[0]; names default to BOOT_METRICS (metrics.METRIC_NAMES: all 15)."""
     return bootstrap_intervals(y_true, [y_score], n_boot, seed, alpha, thresholds, names)[0]
 
 
-def paired_bootstrap(y_true, score_a, score_b, n_boot=1000, seed=0, metric="mAP_macro", alpha=0.05,
-                     thresholds=0.5):
+def paired_bootstrap(
+    y_true, score_a, score_b, n_boot=1000, seed=0, metric="mAP_macro", alpha=0.05, thresholds=0.5
+):
     """Is b better than a on the same images? Both are scored on the same resamples (metric: BOOT_METRICS).
     -> {diff: metric(b) - metric(a) on all images, mean_diff: mean over draws, low, high: percentile CI,
         p: two-sided, 2 x the fraction of draws whose difference has the other sign (or is 0), capped at 1}."""
@@ -353,12 +428,20 @@ def paired_bootstrap(y_true, score_a, score_b, n_boot=1000, seed=0, metric="mAP_
     y, sa = _check(y_true, score_a)
     _, sb = _check(y_true, score_b)
     diff = compute_all(y, sb, thresholds)[metric] - compute_all(y, sa, thresholds)[metric]
-    d = np.diff(_boot_draws(y, [sa, sb], thresholds, n_boot, seed, (metric,))[metric], axis=0)[0]  # b - a, [n_boot]
+    d = np.diff(_boot_draws(y, [sa, sb], thresholds, n_boot, seed, (metric,))[metric], axis=0)[
+        0
+    ]  # b - a, [n_boot]
     sign = 1.0 if diff >= 0 else -1.0
     p = 1.0 if diff == 0 else min(1.0, 2.0 * float(np.mean(d * sign <= 0)))
     low, high = np.percentile(d, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return {"diff": float(diff), "mean_diff": float(d.mean()), "low": float(low), "high": float(high),
-            "p": p, "n_boot": int(n_boot)}
+    return {
+        "diff": float(diff),
+        "mean_diff": float(d.mean()),
+        "low": float(low),
+        "high": float(high),
+        "p": p,
+        "n_boot": int(n_boot),
+    }
 
 
 def paired_test(a, b):
@@ -366,10 +449,14 @@ def paired_test(a, b):
     scipy.stats.ttest_rel(b, a) (two-sided). -> {mean_diff, std_diff (ddof=1), t, p, n}."""
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     if a.shape != b.shape or a.size < 2:
-        raise ValueError(f"paired_test needs two equal-length sequences of >= 2 values, got {a.size} and {b.size}")
+        raise ValueError(
+            f"paired_test needs two equal-length sequences of >= 2 values, got {a.size} and {b.size}"
+        )
     d = b - a
     n, mean, std = d.size, float(d.mean()), float(d.std(ddof=1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = float(np.float64(mean) / (std / np.sqrt(n)))  # +-inf (p 0) or nan when the folds agree exactly
+        t = float(
+            np.float64(mean) / (std / np.sqrt(n))
+        )  # +-inf (p 0) or nan when the folds agree exactly
     p = float(2 * stdtr(n - 1, -abs(t)))
     return {"mean_diff": mean, "std_diff": std, "t": t, "p": p, "n": int(n)}

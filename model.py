@@ -8,6 +8,7 @@ Imports nothing local: copy this file into your project as it is.
     s = score_embeddings(head, image, text, n_captions)       # probs and codes averaged over caption subsets
     # the KNN head over these codes: knn.knn_scores (its own file: an exact Hamming-KNN vote)
 """
+
 import itertools
 import math
 from typing import NamedTuple, Optional
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------
 # SECTION: encoder -- Siglip2Encoder
 
-TEXT_MAX_LENGTH = 64  # SigLIP text towers were trained on 64 tokens, padded, and pool the LAST position
+TEXT_MAX_LENGTH = (
+    64  # SigLIP text towers were trained on 64 tokens, padded, and pool the LAST position
+)
 
 
 def pooled_output(out):
@@ -46,8 +49,13 @@ def preprocess_images(image_processor, images):
 
 def tokenize(tokenizer, texts):
     """list of str -> input_ids int64 (B, 64): lowercased, truncated and padded to max_length 64."""
-    enc = tokenizer([t.lower() for t in texts], padding="max_length", max_length=TEXT_MAX_LENGTH,
-                    truncation=True, return_tensors="pt")
+    enc = tokenizer(
+        [t.lower() for t in texts],
+        padding="max_length",
+        max_length=TEXT_MAX_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    )
     return enc["input_ids"].long()
 
 
@@ -62,19 +70,31 @@ class Siglip2Encoder:
     logit_scale is the multiplier (exp of the stored log parameter): logits = cos * logit_scale + logit_bias.
     """
 
-    def __init__(self, name_or_path="google/siglip2-base-patch16-256", device="cpu", dtype=torch.float32):
-        from transformers import AutoModel, AutoProcessor  # lazy: the head alone needs no transformers
+    def __init__(
+        self, name_or_path="google/siglip2-base-patch16-256", device="cpu", dtype=torch.float32
+    ):
+        from transformers import (
+            AutoModel,
+            AutoProcessor,
+        )  # lazy: the head alone needs no transformers
 
         self.name, self.device, self.dtype = str(name_or_path), torch.device(device), dtype
         model = AutoModel.from_pretrained(name_or_path)
         if model.config.model_type != "siglip":
-            raise ValueError(f"{name_or_path}: model_type {model.config.model_type!r} is not a fixed-resolution "
-                             "SigLIP/SigLIP2 model (model_type 'siglip'); use e.g. google/siglip2-base-patch16-256")
+            raise ValueError(
+                f"{name_or_path}: model_type {model.config.model_type!r} is not a fixed-resolution "
+                "SigLIP/SigLIP2 model (model_type 'siglip'); use e.g. google/siglip2-base-patch16-256"
+            )
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         import transformers
+
         # the PIL image processor by name, so the cache does not depend on whether torchvision is installed:
         # 5.x spells it backend="pil" (its use_fast is deprecated and warns), 4.x use_fast=False (unset, it warns)
-        pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
+        pil = (
+            {"backend": "pil"}
+            if int(transformers.__version__.split(".")[0]) >= 5
+            else {"use_fast": False}
+        )
         processor = AutoProcessor.from_pretrained(name_or_path, **pil)
         self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
         vcfg, tcfg = model.config.vision_config, model.config.text_config
@@ -97,7 +117,9 @@ class Siglip2Encoder:
     def encode_pixels(self, pixel_values):
         """pixel_values (B, 3, H, W) -> raw pooled image embeddings float32 (B, D) on the CPU."""
         with torch.inference_mode():
-            out = pooled_output(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)))
+            out = pooled_output(
+                self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
+            )
         return out.to("cpu", torch.float32, copy=True)
 
     def encode_tokens(self, input_ids):
@@ -132,8 +154,13 @@ TEXT_INPUTS = ("each", "mean")
 TEXT_INPUT = "mean"  # the default protocol: train on caption-subset means, score on every subset (docs/EXPERIMENTS.md)
 
 
-SMALL_DATA = 20_000  # from this many training images the bits-0 baseline is an MLP (recipe_defaults)
-BASELINE_MLP = [1024, 512]  # the plain-MLP baseline's hidden widths (--bits 0 from SMALL_DATA images on)
+SMALL_DATA = (
+    20_000  # from this many training images the bits-0 baseline is an MLP (recipe_defaults)
+)
+BASELINE_MLP = [
+    1024,
+    512,
+]  # the plain-MLP baseline's hidden widths (--bits 0 from SMALL_DATA images on)
 
 
 def recipe_defaults(bits, n_train=None, code_classifier="learned", mlp_dims=None):
@@ -154,7 +181,9 @@ def recipe_defaults(bits, n_train=None, code_classifier="learned", mlp_dims=None
 class HeadOutput(NamedTuple):
     logits: torch.Tensor  # (B, C): the classifier on the codes (on the MLP without a hash layer)
     codes: Optional[torch.Tensor]  # (B, bits) tanh codes in (-1, 1); None without a hash layer
-    evidence: Optional[torch.Tensor] = None  # (B, C) the evidence logits the codes are made from (code_from "evidence")
+    evidence: Optional[torch.Tensor] = (
+        None  # (B, C) the evidence logits the codes are made from (code_from "evidence")
+    )
 
 
 class Dropout(nn.Dropout):
@@ -164,7 +193,9 @@ class Dropout(nn.Dropout):
     def forward(self, x):
         if not self.training or self.p in (0, 1) or x.is_cuda:
             return super().forward(x)
-        return x * (torch.rand(x.shape, device=x.device) >= self.p) / (1 - self.p)  # float32 draws, also under bf16
+        return (
+            x * (torch.rand(x.shape, device=x.device) >= self.p) / (1 - self.p)
+        )  # float32 draws, also under bf16
 
 
 def _per_group(norm, x, groups):
@@ -201,13 +232,32 @@ class HashHead(nn.Module):
     Rebuild from a checkpoint with HashHead(**ckpt["model_args"]); the state dict carries everything else.
     """
 
-    def __init__(self, dim=768, num_classes=80, inputs="both", fusion="hadamard", decompose=True,
-                 mlp_dims=(), dropout=0.1, bits=64, input_norm="none", hash_norm="none",
-                 input_dropout=None, code_classifier="learned", code_gain=None, code_from="evidence"):
+    def __init__(
+        self,
+        dim=768,
+        num_classes=80,
+        inputs="both",
+        fusion="hadamard",
+        decompose=True,
+        mlp_dims=(),
+        dropout=0.1,
+        bits=64,
+        input_norm="none",
+        hash_norm="none",
+        input_dropout=None,
+        code_classifier="learned",
+        code_gain=None,
+        code_from="evidence",
+    ):
         super().__init__()
-        for name, value, options in (("inputs", inputs, INPUTS), ("fusion", fusion, FUSIONS), ("code_from", code_from, CODE_FROM),
-                                     ("input_norm", input_norm, INPUT_NORMS), ("hash_norm", hash_norm, HASH_NORMS),
-                                     ("code_classifier", code_classifier, CODE_CLASSIFIERS)):
+        for name, value, options in (
+            ("inputs", inputs, INPUTS),
+            ("fusion", fusion, FUSIONS),
+            ("code_from", code_from, CODE_FROM),
+            ("input_norm", input_norm, INPUT_NORMS),
+            ("hash_norm", hash_norm, HASH_NORMS),
+            ("code_classifier", code_classifier, CODE_CLASSIFIERS),
+        ):
             if value not in options:
                 raise ValueError(f"{name} must be one of {options}, got {value!r}")
         if not (isinstance(bits, int) and bits >= 0):
@@ -215,20 +265,42 @@ class HashHead(nn.Module):
         auto = recipe_defaults(bits, code_classifier=code_classifier, mlp_dims=mlp_dims)
         input_dropout = auto["input_dropout"] if input_dropout is None else float(input_dropout)
         code_gain = auto["code_gain"] if code_gain is None else float(code_gain)
-        self.model_args = dict(dim=int(dim), num_classes=int(num_classes), inputs=inputs, fusion=fusion,
-                               decompose=bool(decompose), mlp_dims=[int(h) for h in mlp_dims], dropout=float(dropout),
-                               bits=bits, input_norm=input_norm, hash_norm=hash_norm, input_dropout=input_dropout,
-                               code_classifier=code_classifier, code_gain=code_gain, code_from=code_from)
+        self.model_args = dict(
+            dim=int(dim),
+            num_classes=int(num_classes),
+            inputs=inputs,
+            fusion=fusion,
+            decompose=bool(decompose),
+            mlp_dims=[int(h) for h in mlp_dims],
+            dropout=float(dropout),
+            bits=bits,
+            input_norm=input_norm,
+            hash_norm=hash_norm,
+            input_dropout=input_dropout,
+            code_classifier=code_classifier,
+            code_gain=code_gain,
+            code_from=code_from,
+        )
         self.inputs, self.fusion, self.decompose, self.bits = inputs, fusion, bool(decompose), bits
         # which fusion columns come from the text (zeroed for an image without text), in fuse's order
         d, m = [dim], [1] if self.decompose else []
-        blocks = {"image": [(d, 0)] + [(m, 0)] * len(m), "text": [(d, 1)] + [(m, 1)] * len(m),
-                  "both": [(d, 0), (d, 1)] + ([(d, 1)] if fusion == "hadamard" else []) + [(m, 0), (m, 1)] * len(m)}
-        self.register_buffer("text_cols", torch.cat([torch.full(w, bool(t)) for w, t in blocks[inputs]]),
-                             persistent=False)  # (in_dim,), not in the state dict
+        blocks = {
+            "image": [(d, 0)] + [(m, 0)] * len(m),
+            "text": [(d, 1)] + [(m, 1)] * len(m),
+            "both": [(d, 0), (d, 1)]
+            + ([(d, 1)] if fusion == "hadamard" else [])
+            + [(m, 0), (m, 1)] * len(m),
+        }
+        self.register_buffer(
+            "text_cols",
+            torch.cat([torch.full(w, bool(t)) for w, t in blocks[inputs]]),
+            persistent=False,
+        )  # (in_dim,), not in the state dict
         in_dim = self.text_cols.numel()
         # non-affine: pure standardisation (running stats in the state dict), nothing to learn
-        self.input_norm = nn.BatchNorm1d(in_dim, affine=False) if input_norm == "batchnorm" else nn.Identity()
+        self.input_norm = (
+            nn.BatchNorm1d(in_dim, affine=False) if input_norm == "batchnorm" else nn.Identity()
+        )
         # dropout on the fusion vector (standardised only with input_norm): against memorising the training images
         self.input_dropout = Dropout(input_dropout)
         layers, width = [], in_dim
@@ -237,16 +309,26 @@ class HashHead(nn.Module):
             width = int(h)
         self.mlp = nn.Sequential(*layers)
         # code_from "evidence": class logits first (the plain classifier), the code is made from them
-        self.evidence = nn.Linear(width, num_classes) if bits > 0 and code_from == "evidence" else None
+        self.evidence = (
+            nn.Linear(width, num_classes) if bits > 0 and code_from == "evidence" else None
+        )
         # the class log-odds the evidence is measured from (init_prior; 0 until then), in the state dict
-        self.register_buffer("prior_logit", torch.zeros(num_classes) if self.evidence is not None else None)
+        self.register_buffer(
+            "prior_logit", torch.zeros(num_classes) if self.evidence is not None else None
+        )
         width = num_classes if self.evidence is not None else width
         self.hash = nn.Linear(width, bits) if bits > 0 else None
-        self.hash_norm = nn.BatchNorm1d(bits) if bits > 0 and hash_norm == "batchnorm" else nn.Identity()
+        self.hash_norm = (
+            nn.BatchNorm1d(bits) if bits > 0 and hash_norm == "batchnorm" else nn.Identity()
+        )
         self.classifier = nn.Linear(bits if bits > 0 else width, num_classes)
-        if bits > 0 and code_classifier == "centres":  # stays in the state dict; the optimizer skips it
+        if (
+            bits > 0 and code_classifier == "centres"
+        ):  # stays in the state dict; the optimizer skips it
             with torch.no_grad():
-                signs = torch.randint(0, 2, (num_classes, bits)) * 2.0 - 1.0  # (C, bits) from the global RNG
+                signs = (
+                    torch.randint(0, 2, (num_classes, bits)) * 2.0 - 1.0
+                )  # (C, bits) from the global RNG
                 self.classifier.weight.copy_(signs / math.sqrt(bits))
             self.classifier.weight.requires_grad_(False)
         if bits > 0:
@@ -255,11 +337,15 @@ class HashHead(nn.Module):
 
     def fuse(self, img, txt):
         """(B, D), (B, D) or None -> fusion vector (B, in_dim), in float32 (log/normalise are fp16-unsafe)."""
+
         def split(v):  # -> direction, [log-magnitude]; a zero vector (no text) gives 0 and [0]
             if not self.decompose:
                 return v.float(), []
             n = v.float().norm(dim=-1, keepdim=True)  # (B, 1)
-            return v.float() / n.clamp_min(1e-12), [torch.where(n > 0, n.clamp_min(1e-12).log(), 0.0)]
+            return v.float() / n.clamp_min(1e-12), [
+                torch.where(n > 0, n.clamp_min(1e-12).log(), 0.0)
+            ]
+
         if self.inputs == "image":
             a, m = split(img)
             return torch.cat([a] + m, dim=-1)
@@ -278,15 +364,23 @@ class HashHead(nn.Module):
         result is that of `groups` separate calls, while the matmuls run once on the whole batch."""
         x = _per_group(self.input_norm, self.fuse(img, txt), groups)  # (B, in_dim)
         if self.inputs != "image":
-            no_text = (txt == 0).all(-1, keepdim=True) if txt is not None else torch.ones_like(x[:, :1], dtype=torch.bool)
+            no_text = (
+                (txt == 0).all(-1, keepdim=True)
+                if txt is not None
+                else torch.ones_like(x[:, :1], dtype=torch.bool)
+            )
             x = x.masked_fill(no_text & self.text_cols, 0.0)
         z = self.mlp(self.input_dropout(x))  # (B, mlp_dims[-1])
         if self.hash is None:
             return HeadOutput(self.classifier(z), None)
         e = None
-        if self.evidence is not None:  # each class's evidence above its prior: sparse, shaped like the label set
+        if (
+            self.evidence is not None
+        ):  # each class's evidence above its prior: sparse, shaped like the label set
             e = self.evidence(z)  # (B, C)
-            z = torch.relu(e.detach() - self.prior_logit)  # detached: the codes' loss does not bend the evidence
+            z = torch.relu(
+                e.detach() - self.prior_logit
+            )  # detached: the codes' loss does not bend the evidence
         h = torch.tanh(_per_group(self.hash_norm, self.hash(z), groups))
         return HeadOutput(self.classifier(h), h, e)
 
@@ -302,12 +396,24 @@ class HashHead(nn.Module):
         down, which saturates tanh. Called once by train.py; a checkpoint carries the result."""
         p = torch.as_tensor(prior, dtype=torch.float64).clamp(eps, 1 - eps)
         log_odds = (p / (1 - p)).log().float()
-        for b in (self.classifier.bias,) + ((self.evidence.bias, self.prior_logit) if self.evidence is not None else ()):
+        for b in (self.classifier.bias,) + (
+            (self.evidence.bias, self.prior_logit) if self.evidence is not None else ()
+        ):
             b.copy_(log_odds.to(b))
 
 
-def head_loss(logits, targets, h, hash_weight=0.0, lambda_balance=0.1, lambda_decorr=0.01, as_float=True,
-              sign_logits=None, sign_weight=0.0, evidence=None):
+def head_loss(
+    logits,
+    targets,
+    h,
+    hash_weight=0.0,
+    lambda_balance=0.1,
+    lambda_decorr=0.01,
+    as_float=True,
+    sign_logits=None,
+    sign_weight=0.0,
+    evidence=None,
+):
     """BCE + the evidence layer's BCE (code_from "evidence") + sign_weight * BCE of the binarised codes
     + hash_weight * (quantisation + lambda_balance * balance + lambda_decorr * decorrelation). The hash
     regulariser is off by default (hash_weight 0): on planted data it cost the MLP head 1.6 points of mAP and
@@ -324,7 +430,9 @@ def head_loss(logits, targets, h, hash_weight=0.0, lambda_balance=0.1, lambda_de
     terms = {"bce": bce}
     loss = bce
     if evidence is not None:
-        terms["bce_evidence"] = F.binary_cross_entropy_with_logits(evidence.float(), targets.float())
+        terms["bce_evidence"] = F.binary_cross_entropy_with_logits(
+            evidence.float(), targets.float()
+        )
         loss = loss + terms["bce_evidence"]
     if sign_logits is not None:
         terms["bce_sign"] = F.binary_cross_entropy_with_logits(sign_logits.float(), targets.float())
@@ -337,7 +445,7 @@ def head_loss(logits, targets, h, hash_weight=0.0, lambda_balance=0.1, lambda_de
         balance = mean.pow(2).mean()
         hc = h - mean
         cov = hc.T @ hc / max(n - 1, 1)  # (bits, bits)
-        decorr = (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / bits ** 2
+        decorr = (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / bits**2
         hash_reg = quant + lambda_balance * balance + lambda_decorr * decorr
         loss = loss + hash_weight * hash_reg
         terms.update(quant=quant, balance=balance, decorr=decorr, hash_reg=hash_reg)
@@ -347,9 +455,15 @@ def head_loss(logits, targets, h, hash_weight=0.0, lambda_balance=0.1, lambda_de
 
 class Scores(NamedTuple):
     probs: torch.Tensor  # (N, C) float32: sigmoid(logits) averaged over each image's scoring passes
-    codes: Optional[torch.Tensor]  # (N, bits) float32: tanh codes averaged the same way; None without hash layer
-    caption_codes: Optional[torch.Tensor]  # (N, P, bits): per pass (zero where unused); only if asked for
-    caption_mask: Optional[torch.Tensor] = None  # (N, P) bool: the passes each image uses; with caption_codes
+    codes: Optional[
+        torch.Tensor
+    ]  # (N, bits) float32: tanh codes averaged the same way; None without hash layer
+    caption_codes: Optional[
+        torch.Tensor
+    ]  # (N, P, bits): per pass (zero where unused); only if asked for
+    caption_mask: Optional[torch.Tensor] = (
+        None  # (N, P) bool: the passes each image uses; with caption_codes
+    )
 
 
 def scoring_passes(slots, text_input):
@@ -362,8 +476,16 @@ def scoring_passes(slots, text_input):
 
 
 @torch.no_grad()
-def score_embeddings(head, image, text, n_captions, text_input=TEXT_INPUT, batch_size=4096, amp_dtype=None,
-                     keep_captions=False):
+def score_embeddings(
+    head,
+    image,
+    text,
+    n_captions,
+    text_input=TEXT_INPUT,
+    batch_size=4096,
+    amp_dtype=None,
+    keep_captions=False,
+):
     """The scoring rule, everywhere (validation, test, KNN queries, HashModel): cached embeddings -> Scores.
 
     image (N, D) view 0; text (N, T, D) with zero rows past n_captions (N,). The head is scored as it was
@@ -377,19 +499,28 @@ def score_embeddings(head, image, text, n_captions, text_input=TEXT_INPUT, batch
     was_training = head.training
     head.eval()
     passes = scoring_passes(1 if head.inputs == "image" else max(1, text.shape[1]), text_input)
-    last = torch.tensor([p[-1] for p in passes], device=device)  # (P,) an image has pass p if n_captions > last[p]
+    last = torch.tensor(
+        [p[-1] for p in passes], device=device
+    )  # (P,) an image has pass p if n_captions > last[p]
     probs, codes, caps, masks = [], [], [], []
     for s in range(0, len(image), batch_size):
-        img = image[s:s + batch_size].to(device)  # (b, D)
-        txt, n = text[s:s + batch_size].to(device), n_captions[s:s + batch_size].to(device)  # (b, T, D), (b,)
+        img = image[s : s + batch_size].to(device)  # (b, D)
+        txt, n = (
+            text[s : s + batch_size].to(device),
+            n_captions[s : s + batch_size].to(device),
+        )  # (b, T, D), (b,)
         if head.inputs == "image":
             txt, n = txt[:, :1] * 0, torch.ones_like(n)
-        used = (n[:, None] > last) | ((n[:, None] == 0) & (last == 0))  # (b, P); pass 0 of an image without text
+        used = (n[:, None] > last) | (
+            (n[:, None] == 0) & (last == 0)
+        )  # (b, P); pass 0 of an image without text
         p_sum, h_pass = 0.0, []
         for c, slots in enumerate(passes):
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with torch.autocast(
+                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
                 out = head(img.float(), txt[:, slots].float().mean(1))  # zero text rows: "no text"
-            has = used[:, c:c + 1]  # (b, 1)
+            has = used[:, c : c + 1]  # (b, 1)
             p_sum = p_sum + torch.where(has, torch.sigmoid(out.logits.float()), 0.0)
             h_pass += [torch.where(has, out.codes.float(), 0.0)] if out.codes is not None else []
         n_used = used.sum(1, keepdim=True)  # (b, 1) >= 1
@@ -400,11 +531,13 @@ def score_embeddings(head, image, text, n_captions, text_input=TEXT_INPUT, batch
             caps += [stacked.cpu()] if keep_captions else []
             masks += [used.cpu()] if keep_captions else []
     head.train(was_training)
-    cat = (lambda x: torch.cat(x) if x else None)
+    cat = lambda x: torch.cat(x) if x else None
     return Scores(torch.cat(probs), cat(codes), cat(caps), cat(masks))
+
 
 # ----------------------------------------------------------------------------
 # SECTION: HashModel -- towers + head on raw images and captions
+
 
 class HashModel(nn.Module):
     """Frozen SigLIP2 towers + a trained head, for inference on raw image + caption pairs.
@@ -416,7 +549,12 @@ class HashModel(nn.Module):
 
     def __init__(self, encoder, head, cache_dtype=torch.float16, text_input=TEXT_INPUT):
         super().__init__()
-        self.encoder, self.head, self.cache_dtype, self.text_input = encoder, head, cache_dtype, text_input
+        self.encoder, self.head, self.cache_dtype, self.text_input = (
+            encoder,
+            head,
+            cache_dtype,
+            text_input,
+        )
 
     @torch.no_grad()
     def predict(self, images, captions):
@@ -426,7 +564,13 @@ class HashModel(nn.Module):
             raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
         img = self.encoder.encode_images(images).to(self.cache_dtype).float()  # (B, D)
         n = torch.tensor([len(c) for c in captions])  # (B,)
-        flat = self.encoder.encode_texts([c for caps in captions for c in caps]).to(self.cache_dtype).float()
-        txt = torch.zeros(len(images), max([1, *n.tolist()]), img.shape[1])  # (B, T, D), zero past n
+        flat = (
+            self.encoder.encode_texts([c for caps in captions for c in caps])
+            .to(self.cache_dtype)
+            .float()
+        )
+        txt = torch.zeros(
+            len(images), max([1, *n.tolist()]), img.shape[1]
+        )  # (B, T, D), zero past n
         txt[torch.arange(txt.shape[1])[None, :] < n[:, None]] = flat
         return score_embeddings(self.head, img, txt, n, self.text_input).probs

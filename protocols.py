@@ -16,6 +16,7 @@ splits file that records them (load_splits, check_splits).
 Every function takes the load_coco dict and returns ascending row indices into it (ids are sorted, so the
 ids of those rows are ascending too). Bad input raises data.DataError(one line naming the file and the fix).
 """
+
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import numpy as np
 import data
 
 PROTOCOLS = ("karpathy_cv", "coco2014", "hashnet")
-HASHNET_LISTS = ("train.txt", "test.txt")                     # dev, test (queries)
+HASHNET_LISTS = ("train.txt", "test.txt")  # dev, test (queries)
 _COCO_FILE = re.compile(r"COCO_(train|val)2014_(\d{12})\.jpg")
 
 
@@ -37,9 +38,11 @@ def _folders(coco):
     """Image folder of every row ("train2014" / "val2014", Karpathy's filepath) -> str array [N]."""
     folder = np.array([os.path.basename(os.path.dirname(p)) for p in coco["paths"]])
     odd = np.flatnonzero(~np.isin(folder, ["train2014", "val2014"]))
-    if len(odd):                                                  # another dataset's loader: no 2014 folders
-        raise data.DataError(f"{coco['paths'][odd[0]]}: image folder {folder[odd[0]]!r} is neither train2014 "
-                             f"nor val2014; the coco2014 and hashnet protocols need the COCO 2014 folders")
+    if len(odd):  # another dataset's loader: no 2014 folders
+        raise data.DataError(
+            f"{coco['paths'][odd[0]]}: image folder {folder[odd[0]]!r} is neither train2014 "
+            f"nor val2014; the coco2014 and hashnet protocols need the COCO 2014 folders"
+        )
     return folder
 
 
@@ -52,7 +55,10 @@ def karpathy_cv(coco):
 def coco2014(coco):
     """dev = labelled train2014 images, test = labelled val2014 images (the classification literature's split)."""
     folder, labelled = _folders(coco), np.asarray(coco["labels"]).any(1)
-    return {"dev": _rows(labelled & (folder == "train2014")), "test": _rows(labelled & (folder == "val2014"))}
+    return {
+        "dev": _rows(labelled & (folder == "train2014")),
+        "test": _rows(labelled & (folder == "val2014")),
+    }
 
 
 def hashnet_columns(categories):
@@ -75,33 +81,45 @@ def read_hashnet_list(path, n_classes):
         with open(path) as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise data.DataError(f"{path}: cannot read the HashNet list ({type(e).__name__}); pass --lists with "
-                             f"HashNet's train.txt and test.txt") from None
+        raise data.DataError(
+            f"{path}: cannot read the HashNet list ({type(e).__name__}); pass --lists with "
+            f"HashNet's train.txt and test.txt"
+        ) from None
     names, line_no, cols, seen = [], [], [], {}
     for i, line in enumerate(lines, 1):
         parts = line.split()
         if not parts:
             continue
         where = f"{path}: line {i}"
-        labels = "".join(parts[1:])                               # one character per column when well-formed
+        labels = "".join(parts[1:])  # one character per column when well-formed
         if len(parts) != 1 + n_classes:
-            raise data.DataError(f"{where} has {len(parts) - 1} label columns, expected {n_classes}; expected "
-                                 f"HashNet's format '<path> <{n_classes} columns of 0/1>'")
+            raise data.DataError(
+                f"{where} has {len(parts) - 1} label columns, expected {n_classes}; expected "
+                f"HashNet's format '<path> <{n_classes} columns of 0/1>'"
+            )
         if len(labels) != n_classes or labels.strip("01"):
             bad = next(t for t in parts[1:] if t not in ("0", "1"))
             raise data.DataError(f"{where} has label {bad!r}; every label column must be 0 or 1")
-        name = parts[0].replace("\\", "/").rsplit("/", 1)[-1]     # the authors' folders mean nothing here
+        name = (
+            parts[0].replace("\\", "/").rsplit("/", 1)[-1]
+        )  # the authors' folders mean nothing here
         if not _COCO_FILE.fullmatch(name):
-            raise data.DataError(f"{where}: file name {name!r} is not COCO_<train|val>2014_<12-digit id>.jpg")
+            raise data.DataError(
+                f"{where}: file name {name!r} is not COCO_<train|val>2014_<12-digit id>.jpg"
+            )
         if name in seen:
-            raise data.DataError(f"{where}: {name} is listed twice (first on line {seen[name]}); remove the "
-                                 f"duplicate")
+            raise data.DataError(
+                f"{where}: {name} is listed twice (first on line {seen[name]}); remove the "
+                f"duplicate"
+            )
         seen[name] = i
         names.append(name)
         line_no.append(i)
         cols.append(labels)
     if not names:
-        raise data.DataError(f"{path}: no image lines; expected HashNet's list '<path> <{n_classes} columns of 0/1>'")
+        raise data.DataError(
+            f"{path}: no image lines; expected HashNet's list '<path> <{n_classes} columns of 0/1>'"
+        )
     y = np.frombuffer("".join(cols).encode(), np.uint8).reshape(len(cols), n_classes) - ord("0")
     return names, np.array(line_no, np.int64), y.astype(np.uint8)
 
@@ -112,29 +130,39 @@ def _match_hashnet_list(coco, path, order, row_of):
     rows = np.array([row_of.get(n, -1) for n in names], np.int64)
     if (rows < 0).any():
         j = int(np.argmax(rows < 0))
-        root = os.path.dirname(os.path.dirname(coco["paths"][0])) if len(coco["paths"]) else "the data root"
-        raise data.DataError(f"{path}: line {line_no[j]}: {names[j]} is not an image of {root} "
-                             f"({int((rows < 0).sum())} of {len(rows)} listed images are missing); use the COCO "
-                             f"2014 data root these lists were made from")
-    ours = np.asarray(coco["labels"])[rows][:, order]                               # (n, C) in list order
+        root = (
+            os.path.dirname(os.path.dirname(coco["paths"][0]))
+            if len(coco["paths"])
+            else "the data root"
+        )
+        raise data.DataError(
+            f"{path}: line {line_no[j]}: {names[j]} is not an image of {root} "
+            f"({int((rows < 0).sum())} of {len(rows)} listed images are missing); use the COCO "
+            f"2014 data root these lists were made from"
+        )
+    ours = np.asarray(coco["labels"])[rows][:, order]  # (n, C) in list order
     bad = np.flatnonzero((ours != y).any(1))
     if len(bad):
         j = int(bad[0])
         cats = [coco["categories"][k]["name"] for k in order]
         only_list = [cats[c] for c in np.flatnonzero(y[j] > ours[j])]
         only_ours = [cats[c] for c in np.flatnonzero(ours[j] > y[j])]
-        raise data.DataError(f"{path}: line {line_no[j]}: labels of {names[j]} disagree with the COCO "
-                             f"annotations (list only: {only_list}, annotations only: {only_ours}; "
-                             f"{len(bad)} of {len(rows)} lines differ); use HashNet's lists, whose columns "
-                             f"are the category names in alphabetical order")
+        raise data.DataError(
+            f"{path}: line {line_no[j]}: labels of {names[j]} disagree with the COCO "
+            f"annotations (list only: {only_list}, annotations only: {only_ours}; "
+            f"{len(bad)} of {len(rows)} lines differ); use HashNet's lists, whose columns "
+            f"are the category names in alphabetical order"
+        )
     return rows
 
 
 def hashnet(coco, lists):
     """dev = lists/train.txt, test = lists/test.txt (queries), database = labelled 2014 images minus queries."""
     if not os.path.isdir(lists):
-        raise data.DataError(f"{lists}: --lists folder not found; pass the folder with HashNet's train.txt "
-                             f"and test.txt (thuml/HashNet pytorch/data/coco)")
+        raise data.DataError(
+            f"{lists}: --lists folder not found; pass the folder with HashNet's train.txt "
+            f"and test.txt (thuml/HashNet pytorch/data/coco)"
+        )
     paths = [os.path.join(lists, f) for f in HASHNET_LISTS]
     for p in paths:
         if not os.path.isfile(p):
@@ -146,11 +174,15 @@ def hashnet(coco, lists):
     both = np.intersect1d(dev, test)
     if len(both):
         name = os.path.basename(coco["paths"][both[0]])
-        raise data.DataError(f"{paths[1]}: {len(both)} query image(s) are also in {paths[0]} (e.g. {name}); "
-                             f"the training and query lists must be disjoint")
+        raise data.DataError(
+            f"{paths[1]}: {len(both)} query image(s) are also in {paths[0]} (e.g. {name}); "
+            f"the training and query lists must be disjoint"
+        )
     is_query = np.zeros(len(folder), bool)
     is_query[test] = True
-    database = np.asarray(coco["labels"]).any(1) & ~is_query          # folders checked above: all 2014 images
+    database = (
+        np.asarray(coco["labels"]).any(1) & ~is_query
+    )  # folders checked above: all 2014 images
     return {"dev": np.sort(dev), "test": np.sort(test), "database": _rows(database)}
 
 
@@ -162,7 +194,9 @@ def select(coco, protocol, lists=None):
         return coco2014(coco)
     if protocol == "hashnet":
         if lists is None:
-            raise data.DataError("--protocol hashnet needs --lists DIR with HashNet's train.txt and test.txt")
+            raise data.DataError(
+                "--protocol hashnet needs --lists DIR with HashNet's train.txt and test.txt"
+            )
         return hashnet(coco, lists)
     raise data.DataError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
 
@@ -192,20 +226,35 @@ def load_splits(path):
         raise data.DataError(f"{path}: missing keys {missing}; re-run make_splits.py")
     s.setdefault("protocol", "karpathy_cv")
     if s["protocol"] not in PROTOCOLS:
-        raise data.DataError(f"{path}: protocol {s['protocol']!r} is not one of {PROTOCOLS}; re-run make_splits.py")
-    if not (isinstance(s["categories"], list) and all(isinstance(c, dict) and "name" in c for c in s["categories"])):
-        raise data.DataError(f"{path}: categories must be a list of {{id, name}}; re-run make_splits.py")
+        raise data.DataError(
+            f"{path}: protocol {s['protocol']!r} is not one of {PROTOCOLS}; re-run make_splits.py"
+        )
+    if not (
+        isinstance(s["categories"], list)
+        and all(isinstance(c, dict) and "name" in c for c in s["categories"])
+    ):
+        raise data.DataError(
+            f"{path}: categories must be a list of {{id, name}}; re-run make_splits.py"
+        )
     dev, test, folds, db = s["dev"], s["test"], s["val_folds"], s.get("database", [])
     if any(len(set(x)) != len(x) for x in (dev, test, db)):
-        raise data.DataError(f"{path}: duplicate image ids in dev, test or database; re-run make_splits.py")
+        raise data.DataError(
+            f"{path}: duplicate image ids in dev, test or database; re-run make_splits.py"
+        )
     overlap = set(test) & (set(dev) | set(db))
     if overlap:
-        raise data.DataError(f"{path}: {len(overlap)} test image ids are also in dev or the database "
-                        f"(e.g. {sorted(overlap)[:5]}); re-run make_splits.py")
+        raise data.DataError(
+            f"{path}: {len(overlap)} test image ids are also in dev or the database "
+            f"(e.g. {sorted(overlap)[:5]}); re-run make_splits.py"
+        )
     if not isinstance(s["folds"], int) or s["folds"] < 2 or len(folds) != s["folds"]:
-        raise data.DataError(f"{path}: folds={s['folds']!r} but {len(folds)} val_folds; re-run make_splits.py")
+        raise data.DataError(
+            f"{path}: folds={s['folds']!r} but {len(folds)} val_folds; re-run make_splits.py"
+        )
     if sum(len(f) for f in folds) != len(dev) or set().union(*map(set, folds)) != set(dev):
-        raise data.DataError(f"{path}: val_folds do not partition dev exactly; re-run make_splits.py")
+        raise data.DataError(
+            f"{path}: val_folds do not partition dev exactly; re-run make_splits.py"
+        )
     return s
 
 
@@ -214,12 +263,16 @@ def check_splits(splits, ids, meta, where="feature cache"):
     the cache's `ids` and both name the same categories in the same order (when the cache names them)."""
     cats = json.loads(meta.get("categories") or "null")
     if cats is not None and [c["name"] for c in cats] != [c["name"] for c in splits["categories"]]:
-        raise data.DataError(f"{where}: its {len(cats)} categories are not the {len(splits['categories'])} of the splits "
-                        f"file (names or order differ); make both from the same data_root")
+        raise data.DataError(
+            f"{where}: its {len(cats)} categories are not the {len(splits['categories'])} of the splits "
+            f"file (names or order differ); make both from the same data_root"
+        )
     have = set(np.asarray(ids).tolist())
     want = set(splits["dev"]) | set(splits["test"]) | set(splits.get("database", []))
     missing = sorted(want - have)
     if missing:
-        raise data.DataError(f"{where}: {len(missing)} of {len(want)} split image ids are missing (e.g. "
-                        f"{missing[:5]}); the splits and the {where} come from different data - re-run "
-                        f"extract_features.py on the same data_root as make_splits.py")
+        raise data.DataError(
+            f"{where}: {len(missing)} of {len(want)} split image ids are missing (e.g. "
+            f"{missing[:5]}); the splits and the {where} come from different data - re-run "
+            f"extract_features.py on the same data_root as make_splits.py"
+        )

@@ -5,20 +5,39 @@ what the product computes (bench.py reports the largest difference beside the ti
     references.naive_knn(q, db, labels, k)       # the full-matrix vote for knn.knn_scores
     references.calc_top_map(q, ql, db, dl, k)    # DeepHash-pytorch's CalcTopMap for retrieval.retrieval_map
 """
+
 import numpy as np
 
 
 def sklearn_metrics(y, s, threshold=0.5):
     """The scikit-learn calls that compute_all replaces, under metrics.METRIC_NAMES."""
     from sklearn import metrics as skm
+
     p, avgs = (s > threshold).astype(np.uint8), ("macro", "micro")
-    out = {f"{name}_{a}": f(y, p, average=a, zero_division=0) for a in avgs
-           for name, f in (("f1", skm.f1_score), ("precision", skm.precision_score), ("recall", skm.recall_score))}
-    out.update({f"{name}_{a}": f(y, s, average=a) for a in avgs
-                for name, f in (("mAP", skm.average_precision_score), ("auc", skm.roc_auc_score))})
-    return dict(out, hamming_loss=skm.hamming_loss(y, p), coverage_error=skm.coverage_error(y, s),
-                ranking_loss=skm.label_ranking_loss(y, s), lrap=skm.label_ranking_average_precision_score(y, s),
-                mae=skm.mean_absolute_error(y, s))
+    out = {
+        f"{name}_{a}": f(y, p, average=a, zero_division=0)
+        for a in avgs
+        for name, f in (
+            ("f1", skm.f1_score),
+            ("precision", skm.precision_score),
+            ("recall", skm.recall_score),
+        )
+    }
+    out.update(
+        {
+            f"{name}_{a}": f(y, s, average=a)
+            for a in avgs
+            for name, f in (("mAP", skm.average_precision_score), ("auc", skm.roc_auc_score))
+        }
+    )
+    return dict(
+        out,
+        hamming_loss=skm.hamming_loss(y, p),
+        coverage_error=skm.coverage_error(y, s),
+        ranking_loss=skm.label_ranking_loss(y, s),
+        lrap=skm.label_ranking_average_precision_score(y, s),
+        mae=skm.mean_absolute_error(y, s),
+    )
 
 
 def naive_knn(q, db, labels, k, tau=0.07):
@@ -36,7 +55,9 @@ def calc_top_map(q_codes, q_labels, db_codes, db_labels, topk):
     bits, total = q_codes.shape[1], 0.0
     for i in range(len(q_codes)):
         gnd = (q_labels[i] @ db_labels.T > 0).astype(np.float32)  # (N,) shares a label
-        tgnd = gnd[np.argsort(0.5 * (bits - q_codes[i] @ db_codes.T), kind="stable")][:topk]  # by Hamming distance
+        tgnd = gnd[np.argsort(0.5 * (bits - q_codes[i] @ db_codes.T), kind="stable")][
+            :topk
+        ]  # by Hamming distance
         tsum = int(tgnd.sum())
         if tsum:
             total += np.mean(np.arange(1, tsum + 1) / (np.flatnonzero(tgnd) + 1.0))

@@ -6,6 +6,7 @@ aggregate.py and study.py call it.
     rows = report.per_class_rows(y, p, thr, categories)        # per_class.csv rows with TP, FP, FN, TN
     m = report.confusion(y, p, thr, categories, "out/confusion.csv")  # [C, C], row sums = FN of each class
 """
+
 import os
 
 import numpy as np
@@ -15,22 +16,40 @@ import metrics
 
 
 def md_table(header, rows):
-    return "\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows]]) + "\n"
+    return (
+        "\n".join(
+            ["| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows]]
+        )
+        + "\n"
+    )
 
 
 # ----------------------------------------------------------------------------- tables
 
-LABELS = {"mAP_macro": "mAP (macro)", "mAP_micro": "mAP (micro)", "auc_macro": "AUC (macro)",
-          "auc_micro": "AUC (micro)", "f1_macro": "F1 (macro)", "f1_micro": "F1 (micro)",
-          "precision_macro": "precision (macro)", "precision_micro": "precision (micro)",
-          "recall_macro": "recall (macro)", "recall_micro": "recall (micro)", "hamming_loss": "Hamming loss",
-          "coverage_error": "coverage error", "ranking_loss": "ranking loss", "lrap": "LRAP", "mae": "MAE",
-          "best_epoch": "best epoch"}
+LABELS = {
+    "mAP_macro": "mAP (macro)",
+    "mAP_micro": "mAP (micro)",
+    "auc_macro": "AUC (macro)",
+    "auc_micro": "AUC (micro)",
+    "f1_macro": "F1 (macro)",
+    "f1_micro": "F1 (micro)",
+    "precision_macro": "precision (macro)",
+    "precision_micro": "precision (micro)",
+    "recall_macro": "recall (macro)",
+    "recall_micro": "recall (micro)",
+    "hamming_loss": "Hamming loss",
+    "coverage_error": "coverage error",
+    "ranking_loss": "ranking loss",
+    "lrap": "LRAP",
+    "mae": "MAE",
+    "best_epoch": "best epoch",
+}
 LOWER_IS_BETTER = {"hamming_loss", "coverage_error", "ranking_loss", "mae"}
 
 
 class MeanStd(tuple):
     """A "mean ± std" cell (one cell in .md/.tex; two columns <name>_mean, <name>_std in .csv)."""
+
     __slots__ = ()
 
     def __new__(cls, mean, std):
@@ -39,6 +58,7 @@ class MeanStd(tuple):
 
 class Interval(tuple):
     """A "value [low, high]" cell (a bootstrap CI; columns <name>, <name>_low, <name>_high in .csv)."""
+
     __slots__ = ()
 
     def __new__(cls, value, low, high):
@@ -58,7 +78,11 @@ def _text(cell, tex=False):
     if isinstance(cell, MeanStd):
         if not np.isfinite(cell[1]):  # one fold: no spread
             return f"${_num(cell[0])}$" if tex else _num(cell[0])
-        return f"${_num(cell[0])} \\pm {_num(cell[1])}$" if tex else f"{_num(cell[0])} ± {_num(cell[1])}"
+        return (
+            f"${_num(cell[0])} \\pm {_num(cell[1])}$"
+            if tex
+            else f"{_num(cell[0])} ± {_num(cell[1])}"
+        )
     if isinstance(cell, Interval):
         v, lo, hi = map(_num, cell)
         return f"${v}$ {{\\scriptsize [{lo}, {hi}]}}" if tex else f"{v} [{lo}, {hi}]"
@@ -75,8 +99,19 @@ def _value(cell):
 
 
 def tex_escape(s):
-    repl = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-            "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$"}
+    repl = {
+        "\\": r"\textbackslash{}",
+        "&": r"\&",
+        "%": r"\%",
+        "$": r"\$",
+        "#": r"\#",
+        "_": r"\_",
+        "{": r"\{",
+        "}": r"\}",
+        "~": r"\textasciitilde{}",
+        "^": r"\textasciicircum{}",
+        "±": r"$\pm$",
+    }
     return "".join(repl.get(ch, ch) for ch in s)
 
 
@@ -85,8 +120,10 @@ def best_cells(header, rows, bold=None, skip=()):
     columns, min for LOWER_IS_BETTER, none for other columns. Rows in skip (e.g. a std row) never count."""
     out = set()
     for j, name in enumerate(header):
-        rule = (bold or {}).get(name, ("min" if name in LOWER_IS_BETTER else "max")
-                                if name in metrics.METRIC_NAMES else None)
+        rule = (bold or {}).get(
+            name,
+            ("min" if name in LOWER_IS_BETTER else "max") if name in metrics.METRIC_NAMES else None,
+        )
         vals = np.array([_value(r[j]) if i not in skip else np.nan for i, r in enumerate(rows)])
         if rule and np.isfinite(vals).sum() > 1:
             best = np.nanmax(vals) if rule == "max" else np.nanmin(vals)
@@ -97,12 +134,17 @@ def best_cells(header, rows, bold=None, skip=()):
 def _csv_rows(header, rows):
     """CSV: a column of MeanStd cells becomes <name>_mean, <name>_std; one with Interval cells <name>, <name>_low,
     <name>_high (and <name>_std for its MeanStd cells, e.g. a mean-over-folds row beside fold rows)."""
+
     def parts(j):
         kinds = {type(r[j]) for r in rows} & {MeanStd, Interval}
         if not kinds:
             return [""]
-        return (["_mean", "_std"] if kinds == {MeanStd} else [""]) if Interval not in kinds else \
-            ["", *(["_std"] if MeanStd in kinds else []), "_low", "_high"]
+        return (
+            (["_mean", "_std"] if kinds == {MeanStd} else [""])
+            if Interval not in kinds
+            else ["", *(["_std"] if MeanStd in kinds else []), "_low", "_high"]
+        )
+
     cols = [parts(j) for j in range(len(header))]
 
     def split(cell, p):
@@ -111,8 +153,10 @@ def _csv_rows(header, rows):
         if isinstance(cell, Interval):
             return [cell[0]] + [""] * (len(p) - 3) + [cell[1], cell[2]]
         return [cell] + [""] * (len(p) - 1)
-    return [[f"{h}{s}" for h, p in zip(header, cols) for s in p]] + \
-        [[v for cell, p in zip(r, cols) for v in split(cell, p)] for r in rows]
+
+    return [[f"{h}{s}" for h, p in zip(header, cols) for s in p]] + [
+        [v for cell, p in zip(r, cols) for v in split(cell, p)] for r in rows
+    ]
 
 
 def write_table(stem, header, rows, caption="", bold=None, skip_bold=(), note=""):
@@ -120,19 +164,33 @@ def write_table(stem, header, rows, caption="", bold=None, skip_bold=(), note=""
     Metric headers get readable names; the best value per metric column is bold (see best_cells). The .tex
     is a booktabs table in a resizebox: \\usepackage{booktabs,graphicx}. -> the Markdown text."""
     best = best_cells(header, rows, bold, set(skip_bold))
-    cell = lambda i, j, tex: _bold(_text(rows[i][j], tex), tex) if (i, j) in best else _text(rows[i][j], tex)  # noqa: E731
+    cell = lambda i, j, tex: (
+        _bold(_text(rows[i][j], tex), tex) if (i, j) in best else _text(rows[i][j], tex)
+    )  # noqa: E731
     md_rows = [[cell(i, j, False) for j in range(len(header))] for i in range(len(rows))]
-    md = (f"**{caption}**\n\n" if caption else "") + (f"{note}\n\n" if note else "") + \
-        md_table([label(h) for h in header], md_rows)
+    md = (
+        (f"**{caption}**\n\n" if caption else "")
+        + (f"{note}\n\n" if note else "")
+        + md_table([label(h) for h in header], md_rows)
+    )
     cols = "l" + "r" * (len(header) - 1)
-    tex = ["% generated by report.write_table; needs \\usepackage{booktabs,graphicx}", "\\begin{table}[htbp]",
-           "\\centering"]
+    tex = [
+        "% generated by report.write_table; needs \\usepackage{booktabs,graphicx}",
+        "\\begin{table}[htbp]",
+        "\\centering",
+    ]
     if caption or note:
         tex.append(f"\\caption{{{tex_escape(' '.join(x for x in (caption, note) if x))}}}")
-    tex += [f"\\resizebox{{\\ifdim\\width>\\textwidth\\textwidth\\else\\width\\fi}}{{!}}{{%",
-            f"\\begin{{tabular}}{{{cols}}}", "\\toprule", " & ".join(tex_escape(label(h)) for h in header) + " \\\\",
-            "\\midrule"]
-    tex += [" & ".join(cell(i, j, True) for j in range(len(header))) + " \\\\" for i in range(len(rows))]
+    tex += [
+        f"\\resizebox{{\\ifdim\\width>\\textwidth\\textwidth\\else\\width\\fi}}{{!}}{{%",
+        f"\\begin{{tabular}}{{{cols}}}",
+        "\\toprule",
+        " & ".join(tex_escape(label(h)) for h in header) + " \\\\",
+        "\\midrule",
+    ]
+    tex += [
+        " & ".join(cell(i, j, True) for j in range(len(header))) + " \\\\" for i in range(len(rows))
+    ]
     tex += ["\\bottomrule", "\\end{tabular}}", "\\end{table}", ""]
     data.save_text(f"{stem}.csv", _csv_rows(header, rows))
     data.save_text(f"{stem}.md", md)
@@ -146,7 +204,11 @@ def _bold(text, tex):
         return f"**{text}**"
     a = text.find("$")
     b = text.find("$", a + 1)
-    return f"{text[:a]}$\\mathbf{{{text[a + 1:b]}}}${text[b + 1:]}" if a >= 0 and b > a else f"\\textbf{{{text}}}"
+    return (
+        f"{text[:a]}$\\mathbf{{{text[a + 1 : b]}}}${text[b + 1 :]}"
+        if a >= 0 and b > a
+        else f"\\textbf{{{text}}}"
+    )
 
 
 def label_names(row, names):
@@ -156,33 +218,80 @@ def label_names(row, names):
 def errors_md(title, y, p, thr, names, ids, pc):
     """Markdown: best / worst 10 classes by AP, most FP / FN classes, top confusions, worst-predicted images."""
     err = metrics.error_analysis(y, p, thr, top=15)
-    order = [c for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable") if not np.isnan(pc["ap"][c])]
-    by_ap = lambda cs: md_table(["class", "AP", "F1", "support"], [  # noqa: E731
-        [names[c], f"{pc['ap'][c]:.4f}", f"{pc['f1'][c]:.4f}", int(pc["support"][c])] for c in cs])
-    by_err = lambda k, m: md_table(["class", k.upper(), m, "support"], [  # noqa: E731
-        [names[c], int(err[k][c]), f"{pc[m][c]:.4f}", int(pc["support"][c])]
-        for c in np.argsort(-err[k], kind="stable")[:10]])
+    order = [
+        c
+        for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable")
+        if not np.isnan(pc["ap"][c])
+    ]
+    by_ap = lambda cs: md_table(
+        ["class", "AP", "F1", "support"],
+        [  # noqa: E731
+            [names[c], f"{pc['ap'][c]:.4f}", f"{pc['f1'][c]:.4f}", int(pc["support"][c])]
+            for c in cs
+        ],
+    )
+    by_err = (
+        lambda k, m: md_table(
+            ["class", k.upper(), m, "support"],
+            [  # noqa: E731
+                [names[c], int(err[k][c]), f"{pc[m][c]:.4f}", int(pc["support"][c])]
+                for c in np.argsort(-err[k], kind="stable")[:10]
+            ],
+        )
+    )
     img_err = np.abs(p - y).sum(1)  # per-image error: sum over classes of |p - y|
     worst = np.argsort(-img_err, kind="stable")[:10]
-    return "\n".join([
-        f"# Error analysis: {title}\n", f"{len(names) - len(order)} classes without a positive are left out.\n",
-        "## Best 10 classes by AP\n", by_ap(order[:10]), "## Worst 10 classes by AP\n", by_ap(order[::-1][:10]),
-        "## Most false positives\n", by_err("fp", "precision"), "## Most false negatives\n", by_err("fn", "recall"),
-        "## Top confusions: missed A (true), predicted B (absent) on the same image\n",
-        md_table(["missed A", "predicted B", "images"], [[names[a], names[b], n] for a, b, n in err["confusions"]]),
-        "## Worst-predicted images (sum over classes of |p - y|)\n",
-        md_table(["id", "error", "true", "predicted"], [[int(ids[i]), f"{img_err[i]:.2f}", label_names(y[i], names),
-                                                        label_names(p[i] > thr, names)] for i in worst])])
+    return "\n".join(
+        [
+            f"# Error analysis: {title}\n",
+            f"{len(names) - len(order)} classes without a positive are left out.\n",
+            "## Best 10 classes by AP\n",
+            by_ap(order[:10]),
+            "## Worst 10 classes by AP\n",
+            by_ap(order[::-1][:10]),
+            "## Most false positives\n",
+            by_err("fp", "precision"),
+            "## Most false negatives\n",
+            by_err("fn", "recall"),
+            "## Top confusions: missed A (true), predicted B (absent) on the same image\n",
+            md_table(
+                ["missed A", "predicted B", "images"],
+                [[names[a], names[b], n] for a, b, n in err["confusions"]],
+            ),
+            "## Worst-predicted images (sum over classes of |p - y|)\n",
+            md_table(
+                ["id", "error", "true", "predicted"],
+                [
+                    [
+                        int(ids[i]),
+                        f"{img_err[i]:.2f}",
+                        label_names(y[i], names),
+                        label_names(p[i] > thr, names),
+                    ]
+                    for i in worst
+                ],
+            ),
+        ]
+    )
 
 
 def save_plots(out_dir, y, p, pc, names, examples):
     """ap_per_class.png, pr_curves.png (4 best + 4 worst classes), examples.png ([(path, title)], if any)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
-    order = [c for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable") if not np.isnan(pc["ap"][c])]
-    figs = {"ap_per_class.png": plt.subplots(figsize=(18, 5)), "pr_curves.png": plt.subplots(figsize=(7, 6))}
+
+    order = [
+        c
+        for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable")
+        if not np.isnan(pc["ap"][c])
+    ]
+    figs = {
+        "ap_per_class.png": plt.subplots(figsize=(18, 5)),
+        "pr_curves.png": plt.subplots(figsize=(7, 6)),
+    }
     ax = figs["ap_per_class.png"][1]
     ax.bar(range(len(order)), pc["ap"][order])
     ax.set_xticks(range(len(order)), [names[c] for c in order], rotation=90, fontsize=7)
@@ -191,12 +300,20 @@ def save_plots(out_dir, y, p, pc, names, examples):
     for c in order[:4] + order[-4:]:
         tp = np.cumsum(y[np.argsort(-p[:, c], kind="stable"), c])  # true positives in the top 1..N
         prec, rec = tp / np.arange(1, len(tp) + 1), tp / max(tp[-1], 1)
-        ax.plot(rec, prec, "-" if c in order[:4] else "--", label=f"{names[c]} (AP {pc['ap'][c]:.3f})")
-    ax.set(xlabel="recall", ylabel="precision", title="PR curves: best (solid) and worst (dashed) classes")
+        ax.plot(
+            rec, prec, "-" if c in order[:4] else "--", label=f"{names[c]} (AP {pc['ap'][c]:.3f})"
+        )
+    ax.set(
+        xlabel="recall",
+        ylabel="precision",
+        title="PR curves: best (solid) and worst (dashed) classes",
+    )
     ax.legend(fontsize=7)
     if examples:
         rows = (len(examples) + 3) // 4
-        figs["examples.png"] = fig, axes = plt.subplots(rows, 4, figsize=(16, 4.6 * rows), squeeze=False)
+        figs["examples.png"] = fig, axes = plt.subplots(
+            rows, 4, figsize=(16, 4.6 * rows), squeeze=False
+        )
         for i, ax in enumerate(axes.ravel()):
             ax.axis("off")
             if i < len(examples):
@@ -214,23 +331,54 @@ def example_items(coco, ids, y, p, thr, names, n=12):
     """The n worst-predicted images found on disk -> [(path, "id, error / true / predicted")]."""
     id2path = dict(zip(np.asarray(coco["ids"]).tolist(), coco["paths"]))
     err = np.abs(p - y).sum(1)
-    found = [i for i in np.argsort(-err, kind="stable") if os.path.isfile(id2path.get(int(ids[i]), ""))][:n]
-    return [(id2path[int(ids[i])], f"id {ids[i]}  error {err[i]:.2f}\ntrue: {label_names(y[i], names)[:70]}\n"
-             f"pred: {label_names(p[i] > thr, names)[:70]}") for i in found]
+    found = [
+        i for i in np.argsort(-err, kind="stable") if os.path.isfile(id2path.get(int(ids[i]), ""))
+    ][:n]
+    return [
+        (
+            id2path[int(ids[i])],
+            f"id {ids[i]}  error {err[i]:.2f}\ntrue: {label_names(y[i], names)[:70]}\n"
+            f"pred: {label_names(p[i] > thr, names)[:70]}",
+        )
+        for i in found
+    ]
 
 
 # ----------------------------------------------------------------------------- per-class counts, confusion
+
 
 def per_class_rows(y, p, thr, categories):
     """per_class.csv rows (header first), best AP first: AP, AUC, F1, precision, recall, support and the
     counts TP, FP, FN, TN at the thresholds thr (a float or [C]); TP + FN = support, TP + FP + FN + TN = N."""
     pc = metrics.per_class(y, p, thr)
     tn = len(y) - pc["tp"] - pc["fp"] - pc["fn"]
-    rows = [["class", "coco_id", "name", "ap", "auc", "f1", "precision", "recall", "support", "tp", "fp", "fn", "tn"]]
+    rows = [
+        [
+            "class",
+            "coco_id",
+            "name",
+            "ap",
+            "auc",
+            "f1",
+            "precision",
+            "recall",
+            "support",
+            "tp",
+            "fp",
+            "fn",
+            "tn",
+        ]
+    ]
     for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable"):
-        rows.append([int(c), categories[c].get("id", int(c)), categories[c]["name"],
-                     *(float(pc[k][c]) for k in ("ap", "auc", "f1", "precision", "recall")),
-                     *(int(v[c]) for v in (pc["support"], pc["tp"], pc["fp"], pc["fn"], tn))])
+        rows.append(
+            [
+                int(c),
+                categories[c].get("id", int(c)),
+                categories[c]["name"],
+                *(float(pc[k][c]) for k in ("ap", "auc", "f1", "precision", "recall")),
+                *(int(v[c]) for v in (pc["support"], pc["tp"], pc["fp"], pc["fn"], tn)),
+            ]
+        )
     return rows
 
 
@@ -241,7 +389,9 @@ def class_order(categories):
     if any(s is None for s in sup):
         return np.arange(len(categories)), []
     groups = list(dict.fromkeys(sup))
-    order = np.array(sorted(range(len(sup)), key=lambda c: groups.index(sup[c])))  # stable: index order inside
+    order = np.array(
+        sorted(range(len(sup)), key=lambda c: groups.index(sup[c]))
+    )  # stable: index order inside
     spans, pos = [], 0
     for g in groups:
         n = sup.count(g)
@@ -263,17 +413,23 @@ def confusion(y, p, thr, categories, csv_path=None):
     m = np.concatenate([fn.T @ (fp / np.maximum(n_fp, 1)), fn.T @ (n_fp == 0)], axis=1)
     if csv_path:
         names = [c["name"] for c in categories]
-        data.save_text(csv_path, [["missed \\ predicted", *names, "(no false positive)"]]
-                       + [[names[a], *(round(float(v), 6) for v in m[a])] for a in range(len(names))])
+        data.save_text(
+            csv_path,
+            [["missed \\ predicted", *names, "(no false positive)"]]
+            + [[names[a], *(round(float(v), 6) for v in m[a])] for a in range(len(names))],
+        )
     return m
 
 
 # ----------------------------------------------------------------------------- study figures (PNG + PDF)
 
+
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -309,9 +465,15 @@ def plot_bits(stem, points):
         pts = sorted((xs.index(b), m, s) for b, h, m, s in points if h == head)
         if pts:
             x, m, s = zip(*pts)
-            ax.errorbar(x, m, yerr=np.nan_to_num(s), marker=marker, capsize=3, label=f"{head.upper()} head")
+            ax.errorbar(
+                x, m, yerr=np.nan_to_num(s), marker=marker, capsize=3, label=f"{head.upper()} head"
+            )
     ax.set_xticks(range(len(xs)), [str(b) for b in xs])
-    ax.set(xlabel="hash bits (0 = plain MLP)", ylabel="CV mAP (macro), mean ± std over folds", title="mAP vs bits")
+    ax.set(
+        xlabel="hash bits (0 = plain MLP)",
+        ylabel="CV mAP (macro), mean ± std over folds",
+        title="mAP vs bits",
+    )
     ax.legend()
     fig.tight_layout()
     return save_figure(fig, stem)
@@ -327,7 +489,9 @@ def plot_class_ap(stem, ap, prevalence, names, title):
     ax.bar(range(len(order)), ap[order], color=plt.cm.viridis(norm(prev[order])))
     ax.set_xticks(range(len(order)), [names[c] for c in order], rotation=90, fontsize=6)
     ax.set(ylabel="AP", ylim=(0, 1), title=title)
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="training prevalence")
+    fig.colorbar(
+        plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="training prevalence"
+    )
     fig.tight_layout()
     return save_figure(fig, stem)
 
@@ -359,9 +523,17 @@ def fold_analysis(ap, pos, sizes, names, top=3):
     rows = []
     for k in range(len(ap)):
         cs = [c for c in np.argsort(-np.abs(np.nan_to_num(dev[k])), kind="stable")[:top]]
-        rows.append([f"fold {k}", int(sizes[k]), float(np.nanmean(ap[k])),
-                     "; ".join(f"{names[c]} {dev[k, c]:+.3f} ({int(pos[k, c])} vs {pos[:, c].mean():.1f} pos.)"
-                               for c in cs)])
+        rows.append(
+            [
+                f"fold {k}",
+                int(sizes[k]),
+                float(np.nanmean(ap[k])),
+                "; ".join(
+                    f"{names[c]} {dev[k, c]:+.3f} ({int(pos[k, c])} vs {pos[:, c].mean():.1f} pos.)"
+                    for c in cs
+                ),
+            ]
+        )
     return rows
 
 
@@ -374,7 +546,9 @@ def plot_folds(stem, ap, pos, names):
     rel = pos / np.maximum(pos.mean(0), 1e-9) - 1
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     lim = max(np.nanmax(np.abs(dev)), 1e-6)
-    im = axes[0].imshow(dev, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    im = axes[0].imshow(
+        dev, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest"
+    )
     axes[0].set_xticks(range(C), names, rotation=90, fontsize=4 if C > 40 else 7)
     axes[0].set_yticks(range(K), [f"fold {k}" for k in range(K)])
     axes[0].set_title("per-class AP minus its mean over folds")
@@ -383,7 +557,11 @@ def plot_folds(stem, ap, pos, names):
         axes[1].scatter(rel[k], dev[k], s=8, label=f"fold {k} (mAP {np.nanmean(ap[k]):.3f})")
     axes[1].axhline(0, color="grey", lw=0.5)
     axes[1].axvline(0, color="grey", lw=0.5)
-    axes[1].set(xlabel="positives / mean over folds - 1", ylabel="AP - mean over folds", title="counts vs AP")
+    axes[1].set(
+        xlabel="positives / mean over folds - 1",
+        ylabel="AP - mean over folds",
+        title="counts vs AP",
+    )
     axes[1].legend(fontsize=6)
     fig.tight_layout()
     return save_figure(fig, stem)

@@ -1,9 +1,10 @@
 """Run folders: what train.py leaves in <run>/fold<k>/ and how the other scripts find and read it.
 
-    dirs = runs.fold_dirs("outputs/siglip2_hash64")          # {0: ".../fold0", 1: ...}
-    runs.fold_finished(dirs[0])                                # config.json says finished, val_metrics.json exists
-    head, ckpt = runs.load_checkpoint(dirs[0] + "/best.pt")    # weights_only, one-line errors
+dirs = runs.fold_dirs("outputs/siglip2_hash64")          # {0: ".../fold0", 1: ...}
+runs.fold_finished(dirs[0])                                # config.json says finished, val_metrics.json exists
+head, ckpt = runs.load_checkpoint(dirs[0] + "/best.pt")    # weights_only, one-line errors
 """
+
 import glob
 import json
 import os
@@ -28,14 +29,24 @@ def fold_dirs(run):
 
 
 def save_checkpoint(path, head, opt, scaler, sched, state, config):
-    ckpt = {"model": head.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-            "scheduler": sched.state_dict(), **{k: state[k] for k in ("epoch", "best", "best_epoch", "bad_epochs")},
-            "model_args": head.model_args, "config": config, "finished": state["finished"],
-            "rng": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    ckpt = {
+        "model": head.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+        "scheduler": sched.state_dict(),
+        **{k: state[k] for k in ("epoch", "best", "best_epoch", "bad_epochs")},
+        "model_args": head.model_args,
+        "config": config,
+        "finished": state["finished"],
+        "rng": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
     data.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
-PREDATES = {"code_from": "hidden"}  # model_args keys added later, with the value a checkpoint without them had
+PREDATES = {
+    "code_from": "hidden"
+}  # model_args keys added later, with the value a checkpoint without them had
 
 
 def stored_model_args(ckpt):
@@ -52,18 +63,28 @@ def read_resume(last_path, resume, fold, model_args_for):
             print(f"note: no {last_path} to resume from; starting fresh")
         return None
     if not resume:
-        cli.fail(f"--out_dir: {os.path.dirname(last_path)} already holds a run (last.pt); pass --resume to continue it "
-                 f"or choose another --out_dir")
+        cli.fail(
+            f"--out_dir: {os.path.dirname(last_path)} already holds a run (last.pt); pass --resume to continue it "
+            f"or choose another --out_dir"
+        )
     try:
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
     except Exception as e:
-        cli.fail(f"{last_path}: unreadable checkpoint ({type(e).__name__}); delete it to start over")
+        cli.fail(
+            f"{last_path}: unreadable checkpoint ({type(e).__name__}); delete it to start over"
+        )
     stored = model.HashHead(**stored_model_args(ckpt)).model_args
-    want = model.HashHead(**model_args_for(stored["dim"], stored["num_classes"], ckpt["config"]["n_train"])).model_args
-    diff = [f"{k}: {stored[k]} in the checkpoint, {want[k]} now" for k in want if stored[k] != want[k]]
+    want = model.HashHead(
+        **model_args_for(stored["dim"], stored["num_classes"], ckpt["config"]["n_train"])
+    ).model_args
+    diff = [
+        f"{k}: {stored[k]} in the checkpoint, {want[k]} now" for k in want if stored[k] != want[k]
+    ]
     if diff or ckpt["config"]["fold"] != fold:
-        cli.fail(f"--resume: {last_path} was trained with other model flags or fold ({', '.join(diff) or 'fold'}); "
-                 f"use the original flags or another --out_dir")
+        cli.fail(
+            f"--resume: {last_path} was trained with other model flags or fold ({', '.join(diff) or 'fold'}); "
+            f"use the original flags or another --out_dir"
+        )
     return ckpt
 
 
@@ -84,7 +105,11 @@ def read_log(path, upto_epoch=None):
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [ln for ln in f if ln.strip() and (upto_epoch is None or json.loads(ln)["epoch"] <= upto_epoch)]
+        return [
+            ln
+            for ln in f
+            if ln.strip() and (upto_epoch is None or json.loads(ln)["epoch"] <= upto_epoch)
+        ]
 
 
 def fold_finished(d):
@@ -92,7 +117,9 @@ def fold_finished(d):
     val_metrics.json exists."""
     try:
         with open(os.path.join(d, "config.json")) as f:
-            return bool(json.load(f).get("finished")) and os.path.isfile(os.path.join(d, "val_metrics.json"))
+            return bool(json.load(f).get("finished")) and os.path.isfile(
+                os.path.join(d, "val_metrics.json")
+            )
     except (OSError, ValueError):
         return False
 
@@ -102,28 +129,41 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         cli.fail(f"{path}: checkpoint not found")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        cli.fail(f"{path}: not a checkpoint (not a file written by torch.save); pass a best.pt from train.py")
+        cli.fail(
+            f"{path}: not a checkpoint (not a file written by torch.save); pass a best.pt from train.py"
+        )
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or a pickled object (refused by weights_only)
+    except (
+        Exception
+    ) as e:  # truncated file, not a torch file, or a pickled object (refused by weights_only)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
         first = next((ln for ln in lines if "Unsupported global" in ln), lines[0])[:200]
-        cli.fail(f"{path}: not a loadable train.py checkpoint ({type(e).__name__}: {first}); pass a best.pt from train.py")
+        cli.fail(
+            f"{path}: not a loadable train.py checkpoint ({type(e).__name__}: {first}); pass a best.pt from train.py"
+        )
     if not isinstance(ck, dict) or not {"model", "model_args", "config"} <= set(ck):
-        cli.fail(f"{path}: not a train.py checkpoint (needs keys model, model_args, config); pass a best.pt")
+        cli.fail(
+            f"{path}: not a train.py checkpoint (needs keys model, model_args, config); pass a best.pt"
+        )
     try:
         head = model.HashHead(**stored_model_args(ck))
         head.load_state_dict(ck["model"])
     except Exception as e:
-        cli.fail(f"{path}: weights do not fit HashHead(**model_args) ({type(e).__name__}); re-train with this model.py")
+        cli.fail(
+            f"{path}: weights do not fit HashHead(**model_args) ({type(e).__name__}); re-train with this model.py"
+        )
     return head.eval(), ck
 
 
 def identity(ck):
     """What must agree between ensemble members: architecture, embeddings (model + data) and splits file."""
     meta = ck["config"].get("features_meta") or {}
-    return {"model_args": ck["model_args"], "features": (meta.get("model"), meta.get("fingerprint")),
-            "splits": ck["config"].get("splits_sha256")}
+    return {
+        "model_args": ck["model_args"],
+        "features": (meta.get("model"), meta.get("fingerprint")),
+        "splits": ck["config"].get("splits_sha256"),
+    }
 
 
 def config_path(path, cfg, flag):
@@ -134,5 +174,7 @@ def config_path(path, cfg, flag):
         return there
     if os.path.exists(path) or os.path.isabs(path):
         return path
-    cli.fail(f"{path}: not found from {os.getcwd()} (the checkpoint's config names it relative to the folder train.py "
-         f"ran in{', ' + cfg['cwd'] if cfg.get('cwd') else ''}); run from that folder or pass {flag}")
+    cli.fail(
+        f"{path}: not found from {os.getcwd()} (the checkpoint's config names it relative to the folder train.py "
+        f"ran in{', ' + cfg['cwd'] if cfg.get('cwd') else ''}); run from that folder or pass {flag}"
+    )

@@ -7,6 +7,7 @@ End-to-end smoke test: the real scripts' main() on a generated COCO and a tiny r
 splits -> features -> two folds x 2 epochs -> aggregate -> ensemble evaluation on the test split,
 all in a temporary folder, in well under a minute on a 2-core CPU.
 """
+
 import csv
 import json
 import os
@@ -42,14 +43,59 @@ def smoke(work):
     splits, feats, out = work / "splits.json", work / "features.safetensors", work / "run"
 
     run(make_splits, "--data_root", coco, "--folds", 2, "--seed", 0, "--out", splits)
-    run(extract_features, "--data_root", coco, "--model", tiny, "--out", feats, "--device", "cpu",
-        "--batch_size", 32, "--num_workers", 0)
+    run(
+        extract_features,
+        "--data_root",
+        coco,
+        "--model",
+        tiny,
+        "--out",
+        feats,
+        "--device",
+        "cpu",
+        "--batch_size",
+        32,
+        "--num_workers",
+        0,
+    )
     for k in range(2):
-        run(train, "--features", feats, "--splits", splits, "--fold", k, "--out_dir", out / f"fold{k}",
-            "--epochs", 2, "--batch_size", 16, "--device", "cpu")
+        run(
+            train,
+            "--features",
+            feats,
+            "--splits",
+            splits,
+            "--fold",
+            k,
+            "--out_dir",
+            out / f"fold{k}",
+            "--epochs",
+            2,
+            "--batch_size",
+            16,
+            "--device",
+            "cpu",
+        )
     run(aggregate, out)
-    run(evaluate, "--ensemble", out, "--features", feats, "--splits", splits, "--split", "test",
-        "--head", "both", "--bootstrap", 50, "--out_dir", out / "eval_test", "--device", "cpu")
+    run(
+        evaluate,
+        "--ensemble",
+        out,
+        "--features",
+        feats,
+        "--splits",
+        splits,
+        "--split",
+        "test",
+        "--head",
+        "both",
+        "--bootstrap",
+        50,
+        "--out_dir",
+        out / "eval_test",
+        "--device",
+        "cpu",
+    )
 
     # what the pipeline promised to leave behind, with real numbers in it
     split = json.loads(splits.read_text())
@@ -57,7 +103,14 @@ def smoke(work):
     assert len(tensors["ids"]) == len(split["dev"]) + len(split["test"])
     for k in range(2):
         fold = out / f"fold{k}"
-        for name in ("config.json", "log.jsonl", "best.pt", "last.pt", "val_metrics.json", "val_predictions.npz"):
+        for name in (
+            "config.json",
+            "log.jsonl",
+            "best.pt",
+            "last.pt",
+            "val_metrics.json",
+            "val_predictions.npz",
+        ):
             assert (fold / name).is_file(), f"missing {fold / name}"
         val = json.loads((fold / "val_metrics.json").read_text())
         assert all(0.0 <= val[m] <= 1.0 for m in metrics.METRIC_NAMES if m != "coverage_error")
@@ -77,6 +130,8 @@ def test_smoke(tmp_path):
 
 
 if __name__ == "__main__":
-    cli.Parser("test_smoke", description=__doc__.strip().split("\n\n")[0]).parse_args()  # --help, one-line errors
+    cli.Parser(
+        "test_smoke", description=__doc__.strip().split("\n\n")[0]
+    ).parse_args()  # --help, one-line errors
     with tempfile.TemporaryDirectory() as d:
         print(f"smoke test passed in {smoke(d):.1f} s")

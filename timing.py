@@ -3,6 +3,7 @@ How bench.py measures: the best-of-n wall time of a call with a device sync arou
 time), the wall time of a call too long to repeat, the peak resident memory a call adds in this process, and the
 peak resident memory of a child process (Linux: /proc/self/status). Generic: nothing here knows the product.
 """
+
 import os
 import subprocess
 import sys
@@ -36,9 +37,11 @@ def timed(call):
 def peak_during(call):
     """-> (call(), seconds, MiB of resident memory it added at its peak). VmHWM is reset to the current RSS first
     (Linux >= 4.0; ru_maxrss cannot be reset), so the figure is page-exact for this call alone."""
+
     def rss(field):
         with open("/proc/self/status") as f:
             return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":")) / 1024
+
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = rss("VmRSS")
@@ -52,10 +55,17 @@ def child_peak(code, *argv):
     code += "\nprint(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')), file=sys.stderr)"
     with tempfile.TemporaryFile() as err:
         t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL, stderr=err, cwd=HERE,
-                           env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+        r = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=HERE,
+            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        )
         err.seek(0)
         log = err.read().decode(errors="replace")
     if r.returncode or "VmHWM" not in log:
-        raise RuntimeError(f"python -c {code.splitlines()[0]!r} failed (exit {r.returncode}):\n{log[-3000:]}")
+        raise RuntimeError(
+            f"python -c {code.splitlines()[0]!r} failed (exit {r.returncode}):\n{log[-3000:]}"
+        )
     return int(log.rsplit("VmHWM:", 1)[1].split()[0]) / 1024, time.perf_counter() - t

@@ -1,4 +1,5 @@
 """Shared pytest fixtures: the repo root on sys.path, real-format COCO fixtures, a tiny SigLIP, synthetic data."""
+
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ def hashnet_dir():
 def one_thread():
     """Tiny models are latency-bound: one intra-op thread is ~20x faster than two on a busy 2-core box."""
     import torch
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -47,16 +49,21 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_siglip(tmp_path_factory):
     import synthetic
-    return str(synthetic.make_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"), image_size=32, seed=0))
+
+    return str(
+        synthetic.make_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"), image_size=32, seed=0)
+    )
 
 
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory):
     import synthetic
+
     return str(synthetic.make_synthetic_coco(tmp_path_factory.mktemp("coco"), n_images=60, seed=0))
 
 
 @pytest.fixture(scope="session")
 def planted():
     import synthetic
+
     return synthetic.make_planted_features(n_images=1200, seed=0)

@@ -3,6 +3,7 @@ the references agree with the product where they compute the same thing; bad fla
 
 Performance targets are not asserted (timings on a shared CPU are noisy); the full run reports them.
 """
+
 import json
 import math
 import os
@@ -29,7 +30,9 @@ def numbers(obj, path="bench"):
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     # one thread: on a shared CPU multi-threaded small ops stall; main() sets it process-wide, so restore it
-    args = bench.get_args_parser().parse_args(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    args = bench.get_args_parser().parse_args(
+        ["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    )
     threads = torch.get_num_threads()
     try:
         returned = bench.main(args)
@@ -47,34 +50,54 @@ def test_every_section_writes_finite_figures(quick, capsys):
         mine = [(p, v) for p, v in figures if p.startswith(f"bench.{sec}.")]
         assert len(mine) >= 4, sec
         assert all(v > 0 for p, v in mine if p.endswith("_s") or p.endswith("_per_s")), sec
-    assert res["metrics"]["values"] == returned["metrics"]["values"]  # what it measured is what it wrote
-    assert len(res["targets"]) == len(bench.TARGETS) and all(isinstance(t["pass"], bool) for t in res["targets"])
+    assert (
+        res["metrics"]["values"] == returned["metrics"]["values"]
+    )  # what it measured is what it wrote
+    assert len(res["targets"]) == len(bench.TARGETS) and all(
+        isinstance(t["pass"], bool) for t in res["targets"]
+    )
     assert res["meta"]["command"].startswith("python bench.py")
 
 
 def test_references_agree_with_the_product(quick):
     res = quick[1]
     assert res["metrics"]["max_abs_diff"] < 1e-6  # compute_all == scikit-learn
-    assert res["knn"]["real_diff"] < 1e-5 and res["knn"]["sign_diff"] < 1e-5  # knn_scores == full matrix + argsort
-    assert res["retrieval"]["k5000_diff"] < 1e-9 and res["retrieval"]["all_diff"] < 1e-9  # == CalcTopMap
+    assert (
+        res["knn"]["real_diff"] < 1e-5 and res["knn"]["sign_diff"] < 1e-5
+    )  # knn_scores == full matrix + argsort
+    assert (
+        res["retrieval"]["k5000_diff"] < 1e-9 and res["retrieval"]["all_diff"] < 1e-9
+    )  # == CalcTopMap
     assert 0 <= res["splits"]["stratified_mean_rel_dev"] < res["splits"]["kfold_mean_rel_dev"]
-    assert res["epoch"]["rows"] == 1024 and res["encoder"]["pass_ratio"] == pytest.approx(5 * 20 * 94_630 / 123_287)
+    assert res["epoch"]["rows"] == 1024 and res["encoder"]["pass_ratio"] == pytest.approx(
+        5 * 20 * 94_630 / 123_287
+    )
 
 
 def test_memory_and_decode_measure_child_processes(quick):
     mem, dec = quick[1]["memory"], quick[1]["decode"]
-    assert mem["peak0_mb"] >= mem["imports_mb"] > 100  # a train.py process holds at least torch's imports
+    assert (
+        mem["peak0_mb"] >= mem["imports_mb"] > 100
+    )  # a train.py process holds at least torch's imports
     assert mem["cache1_mb"] > mem["cache0_mb"] > 0 and mem["n1"] == 2 * mem["n0"]
     assert dec["file_kb"] > 50 and dec["decode_ms"] > 0 and dec["preprocess_ms"] > 0
     assert dec["workers_for_2000"] >= 1
 
 
 def test_bad_flags_are_one_line_errors(capsys):
-    for argv in (["--sections", "nope"], ["--sections", "9"], ["--device", "tpu"], ["--threads", "0"]):
+    for argv in (
+        ["--sections", "nope"],
+        ["--sections", "9"],
+        ["--device", "tpu"],
+        ["--threads", "0"],
+    ):
         with pytest.raises(SystemExit) as e:
             bench.get_args_parser().parse_args(argv)
         assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1, argv
-    assert bench.get_args_parser().parse_args(["--sections", "knn,2,knn"]).sections == ["knn", "epoch"]
+    assert bench.get_args_parser().parse_args(["--sections", "knn,2,knn"]).sections == [
+        "knn",
+        "epoch",
+    ]
     with pytest.raises(SystemExit) as e:  # the GPU record without --device cuda
         bench.main(bench.get_args_parser().parse_args(["--gpu_check", "--device", "cpu"]))
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
@@ -83,6 +106,7 @@ def test_bad_flags_are_one_line_errors(capsys):
 def test_rank_cut_probe_is_the_probe_at_full_rank(tmp_path, monkeypatch):
     """bench_learning's rank-64 reference rebuilds the probe from its weights: uncut, it is the probe itself."""
     import bench_learning
+
     feats, _ = bench_learning.write_data(str(tmp_path), 3000, 0, [500])
     splits = str(tmp_path / "splits_500.json")
     cut = bench_learning.probe(feats, splits, "each", 1)
@@ -95,21 +119,46 @@ def test_rank_cut_probe_is_the_probe_at_full_rank(tmp_path, monkeypatch):
     assert cut["low_rank"]["mAP_macro"] != cut["mAP_macro"]
 
 
-@pytest.mark.skipif(not os.environ.get("BENCH_LEARNING"), reason="set BENCH_LEARNING=1 to run bench_learning.py "
-                    "--quick (~30 s: a planted cache, four probes, four train.py runs)")
+@pytest.mark.skipif(
+    not os.environ.get("BENCH_LEARNING"),
+    reason="set BENCH_LEARNING=1 to run bench_learning.py "
+    "--quick (~30 s: a planted cache, four probes, four train.py runs)",
+)
 def test_bench_learning_quick(tmp_path):
     import bench_learning
-    args = bench_learning.get_args_parser().parse_args(["--quick", "--threads", "1", "--runs", "bits64,bits0", "--work",
-                                                        str(tmp_path / "work"), "--out", str(tmp_path / "l.json")])
+
+    args = bench_learning.get_args_parser().parse_args(
+        [
+            "--quick",
+            "--threads",
+            "1",
+            "--runs",
+            "bits64,bits0",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "l.json"),
+        ]
+    )
     res = bench_learning.main(args)
     assert [r["size"] for r in res["rows"]] == [500, 1000] and res["n_val"] == 500  # 3,000 // 6
     for row in res["rows"]:
-        for key in ("probe_each", "probe_each_rank64", "probe_mean", "probe_mean_rank64", "bits64", "bits64_knn", "bits0"):
+        for key in (
+            "probe_each",
+            "probe_each_rank64",
+            "probe_mean",
+            "probe_mean_rank64",
+            "bits64",
+            "bits64_knn",
+            "bits0",
+        ):
             assert 0 < row[key] <= 1, (row["size"], key)
         assert row["bits64_n_train"] == row["size"] and row["bits64_epoch"] in (1, 2)
         assert set(row["targets"]) == {"bits64", "bits0"}
         gap = row["targets"]["bits64"]["gap"]
         assert gap == pytest.approx(row["probe_mean"] - row["bits64"])
-    work = tmp_path / "work" / "quick_seed0"  # one folder per setting: a full run never reuses quick work
+    work = (
+        tmp_path / "work" / "quick_seed0"
+    )  # one folder per setting: a full run never reuses quick work
     assert json.load(open(work / "1000" / "probe_each.json"))["rank"] == 64
     assert bench_learning.main(args)["rows"] == res["rows"]  # a rerun reuses the work

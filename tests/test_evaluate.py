@@ -6,6 +6,7 @@ never see the test split, bootstrap CIs, single-image prediction, and one-line e
 Fold checkpoints are built here (random HashHead + the files train.py writes), so the tests do not depend on
 training; one test also runs the real train.py for 2 epochs on 600 planted rows.
 """
+
 import csv
 import hashlib
 import itertools
@@ -28,9 +29,19 @@ import retrieval
 import model
 import synthetic
 
-MODEL_ARGS = dict(dim=32, num_classes=80, fusion="hadamard", decompose=True, mlp_dims=[24], dropout=0.1, bits=16)
-FILES = ("metrics.json", "metrics.csv", "metrics.md", "per_class.csv", "errors.md", "test_predictions.npz", "ap_per_class.png",
-         "pr_curves.png")
+MODEL_ARGS = dict(
+    dim=32, num_classes=80, fusion="hadamard", decompose=True, mlp_dims=[24], dropout=0.1, bits=16
+)
+FILES = (
+    "metrics.json",
+    "metrics.csv",
+    "metrics.md",
+    "per_class.csv",
+    "errors.md",
+    "test_predictions.npz",
+    "ap_per_class.png",
+    "pr_curves.png",
+)
 
 
 def run(*argv):
@@ -48,22 +59,58 @@ def make_data(root, n=160, dim=32, folds=5, n_test=40, seed=0, ids=None, labels=
     perm = np.random.default_rng(seed).permutation(f["ids"])
     test, dev = sorted(perm[:n_test].tolist()), sorted(perm[n_test:].tolist())
     val = [sorted(dev[k::folds]) for k in range(folds)]
-    data.save_json(root / "splits.json", {"method": "random", "folds": folds, "seed": seed, "categories":
-                                          data.COCO_CATEGORIES, "dev": dev, "test": test, "val_folds": val,
-                                          "stats": [{"size": len(v), "positives": [0] * 80} for v in val]})
+    data.save_json(
+        root / "splits.json",
+        {
+            "method": "random",
+            "folds": folds,
+            "seed": seed,
+            "categories": data.COCO_CATEGORIES,
+            "dev": dev,
+            "test": test,
+            "val_folds": val,
+            "stats": [{"size": len(v), "positives": [0] * 80} for v in val],
+        },
+    )
     return root / "feat.safetensors", root / "splits.json"
 
 
-def make_fold(fold_dir, k, feats_path, splits_path, model_args=MODEL_ARGS, finished=True, meta=None,
-              text_input=model.TEXT_INPUT):
+def make_fold(
+    fold_dir,
+    k,
+    feats_path,
+    splits_path,
+    model_args=MODEL_ARGS,
+    finished=True,
+    meta=None,
+    text_input=model.TEXT_INPUT,
+):
     """What train.py leaves in a fold dir, with a randomly initialised head (seeded by k)."""
     torch.manual_seed(100 + k)
     head = model.HashHead(**model_args).eval()
     tensors, fmeta = features.load_features(feats_path) if meta is None else ({}, meta)
-    sha = hashlib.sha256(open(splits_path, "rb").read()).hexdigest() if os.path.isfile(splits_path) else "x"
-    config = {"features": str(feats_path), "splits": str(splits_path), "fold": k, "seed": 42, "splits_sha256": sha,
-              "features_meta": fmeta, "finished": finished, "text_input": text_input}
-    ck = {"model": head.state_dict(), "model_args": head.model_args, "config": config, "epoch": 2, "finished": finished}
+    sha = (
+        hashlib.sha256(open(splits_path, "rb").read()).hexdigest()
+        if os.path.isfile(splits_path)
+        else "x"
+    )
+    config = {
+        "features": str(feats_path),
+        "splits": str(splits_path),
+        "fold": k,
+        "seed": 42,
+        "splits_sha256": sha,
+        "features_meta": fmeta,
+        "finished": finished,
+        "text_input": text_input,
+    }
+    ck = {
+        "model": head.state_dict(),
+        "model_args": head.model_args,
+        "config": config,
+        "epoch": 2,
+        "finished": finished,
+    }
     os.makedirs(fold_dir, exist_ok=True)
     torch.save(ck, fold_dir / "best.pt")
     torch.save(ck, fold_dir / "last.pt")
@@ -71,9 +118,14 @@ def make_fold(fold_dir, k, feats_path, splits_path, model_args=MODEL_ARGS, finis
     if tensors:  # val predictions from a noisy copy of the labels: realistic for threshold tuning
         vids = np.asarray(json.loads(open(splits_path).read())["val_folds"][k])
         y = tensors["labels"].numpy()[np.searchsorted(tensors["ids"].numpy(), vids)]
-        p = np.clip(0.6 * y + np.random.default_rng(k).random(y.shape) * 0.5, 0, 1).astype(np.float32)
+        p = np.clip(0.6 * y + np.random.default_rng(k).random(y.shape) * 0.5, 0, 1).astype(
+            np.float32
+        )
         np.savez(fold_dir / "val_predictions.npz", ids=vids, labels=y, probs=p)
-        data.save_json(fold_dir / "val_metrics.json", dict(metrics.compute_all(y, p), epoch=2, n_images=len(vids)))
+        data.save_json(
+            fold_dir / "val_metrics.json",
+            dict(metrics.compute_all(y, p), epoch=2, n_images=len(vids)),
+        )
     return head
 
 
@@ -95,8 +147,11 @@ def text_passes(txt, n, text_input=model.TEXT_INPUT):
     caption slot, "mean" the mean of every non-empty subset of the slots; a pass is used by an image that has
     all of its captions, the first also by an image without any (its text is zero: none)."""
     slots = range(txt.shape[1])
-    sets = [(c,) for c in slots] if text_input == "each" else \
-        [s for k in range(1, len(slots) + 1) for s in itertools.combinations(slots, k)]
+    sets = (
+        [(c,) for c in slots]
+        if text_input == "each"
+        else [s for k in range(1, len(slots) + 1) for s in itertools.combinations(slots, k)]
+    )
     return [(txt[:, list(s)].mean(1), (n > max(s)) | ((n == 0) & (max(s) == 0))) for s in sets]
 
 
@@ -106,7 +161,9 @@ def head_passes(head, feats_path, ids, text_input=model.TEXT_INPUT):
     r = np.searchsorted(t["ids"].numpy(), np.asarray(ids))
     img, txt, n = t["image"][r, 0].float(), t["text"][r].float(), t["n_captions"][r]
     with torch.no_grad():
-        return [(head(img, tx), used) for tx, used in text_passes(txt, n, text_input)], t["labels"].numpy()[r]
+        return [(head(img, tx), used) for tx, used in text_passes(txt, n, text_input)], t[
+            "labels"
+        ].numpy()[r]
 
 
 def codes_and_probs(head, feats_path, ids, text_input=model.TEXT_INPUT):
@@ -138,17 +195,23 @@ def brute_knn(q, db, labels, k, tau, vote):
     if not np.isin(q, (-1.0, 1.0)).all():
         _, e = np.frexp(np.abs(q).max(1, keepdims=True))
         s = 23 - (2 * q.shape[1]).bit_length()
-        q = np.round(np.ldexp(q.astype(np.float32).astype(np.float64), s - e)) / 2.0 ** s
-    sim_all = (1 + q @ db.T / np.abs(q).sum(1, keepdims=True)) / 2  # (Q, N); 1 - hamming / bits for +-1 q
+        q = np.round(np.ldexp(q.astype(np.float32).astype(np.float64), s - e)) / 2.0**s
+    sim_all = (
+        1 + q @ db.T / np.abs(q).sum(1, keepdims=True)
+    ) / 2  # (Q, N); 1 - hamming / bits for +-1 q
     order = np.argsort(-sim_all, axis=1, kind="stable")[:, :k]  # ties: lower database index first
     sim = np.take_along_axis(sim_all, order, 1)
-    w = {"softmax": np.exp((sim - sim.max(1, keepdims=True)) / tau), "uniform": np.ones_like(sim),
-         "rank": np.broadcast_to(1 / np.arange(1, k + 1), sim.shape)}[vote]
+    w = {
+        "softmax": np.exp((sim - sim.max(1, keepdims=True)) / tau),
+        "uniform": np.ones_like(sim),
+        "rank": np.broadcast_to(1 / np.arange(1, k + 1), sim.shape),
+    }[vote]
     w = w / w.sum(1, keepdims=True)
     return np.einsum("qk,qkc->qc", w, labels[order].astype(np.float64))
 
 
 # ----------------------------------------------------------------------------- acceptance
+
 
 def test_text_input_scores_with_another_protocol(fake_run, tmp_path):
     # the checkpoints trained with the default protocol (mean: caption subsets); --text_input each scores the
@@ -156,24 +219,49 @@ def test_text_input_scores_with_another_protocol(fake_run, tmp_path):
     splits = json.loads(open(fake_run["splits"]).read())
     for text_input in ("each", None):
         out = tmp_path / str(text_input)
-        run("--checkpoint", fake_run["run"] / "fold1" / "best.pt", "--bootstrap", 0, "--out_dir", out,
-            "--device", "cpu", *(["--text_input", text_input] if text_input else []))
+        run(
+            "--checkpoint",
+            fake_run["run"] / "fold1" / "best.pt",
+            "--bootstrap",
+            0,
+            "--out_dir",
+            out,
+            "--device",
+            "cpu",
+            *(["--text_input", text_input] if text_input else []),
+        )
         z = np.load(out / "test_predictions.npz")
-        _, p, _ = codes_and_probs(fake_run["heads"][1], fake_run["feats"], splits["test"], text_input or "mean")
+        _, p, _ = codes_and_probs(
+            fake_run["heads"][1], fake_run["feats"], splits["test"], text_input or "mean"
+        )
         np.testing.assert_allclose(z["probs"], p, atol=1e-5)
         assert json.loads((out / "metrics.json").read_text()).get("text_input") == text_input
-    assert not np.allclose(np.load(tmp_path / "each" / "test_predictions.npz")["probs"], p, atol=1e-3)
+    assert not np.allclose(
+        np.load(tmp_path / "each" / "test_predictions.npz")["probs"], p, atol=1e-3
+    )
 
 
 def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_path, monkeypatch):
     out = tmp_path / "ens"
-    rep = run("--ensemble", fake_run["run"], "--head", "both", "--bootstrap", 0, "--out_dir", out, "--device", "cpu")
+    rep = run(
+        "--ensemble",
+        fake_run["run"],
+        "--head",
+        "both",
+        "--bootstrap",
+        0,
+        "--out_dir",
+        out,
+        "--device",
+        "cpu",
+    )
     for name in FILES:
         assert (out / name).is_file(), name
     rows = read_csv(out / "metrics.csv")
     assert list(rows[0]) == ["model", "head", *metrics.METRIC_NAMES]
     assert [(r["model"], r["head"]) for r in rows] == [
-        (m, h) for h in ("mlp", "knn") for m in [*(f"fold{k}" for k in range(5)), "ensemble"]]
+        (m, h) for h in ("mlp", "knn") for m in [*(f"fold{k}" for k in range(5)), "ensemble"]
+    ]
     z = np.load(out / "test_predictions.npz")
     splits = json.loads(open(fake_run["splits"]).read())
     assert z["ids"].tolist() == splits["test"] and z["member_probs"].shape == (5, 40, 80)
@@ -184,7 +272,11 @@ def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_p
     # metrics.md: the same numbers, a table per head, a metric a row, a model a column
     md = (out / "metrics.md").read_text().split("## KNN head")
     assert len(md) == 2 and "| metric | fold0 | fold1 | fold2 | fold3 | fold4 | ensemble |" in md[0]
-    lrap = next(ln for ln in md[0].splitlines() if ln.startswith("| LRAP |")).strip("| ").split(" | ")[1:]
+    lrap = (
+        next(ln for ln in md[0].splitlines() if ln.startswith("| LRAP |"))
+        .strip("| ")
+        .split(" | ")[1:]
+    )
     assert lrap == [f"{float(r['lrap']):.4f}" for r in rows[:6]]
     # member probabilities = caption-averaged sigmoid, computed independently
     for k in (0, 3):
@@ -195,58 +287,125 @@ def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_p
     monkeypatch.setattr(evaluate_outputs.report, "save_plots", lambda *a, **kw: [])
     for k in range(5):
         single = tmp_path / f"single{k}"
-        run("--checkpoint", fake_run["run"] / f"fold{k}" / "best.pt", "--head", "both", "--bootstrap", 0,
-            "--out_dir", single, "--device", "cpu")
+        run(
+            "--checkpoint",
+            fake_run["run"] / f"fold{k}" / "best.pt",
+            "--head",
+            "both",
+            "--bootstrap",
+            0,
+            "--out_dir",
+            single,
+            "--device",
+            "cpu",
+        )
         srows = read_csv(single / "metrics.csv")
         for head in ("mlp", "knn"):
             mine = next(r for r in srows if r["model"] == f"fold{k}" and r["head"] == head)
             assert mine == next(r for r in rows if r["model"] == f"fold{k}" and r["head"] == head)
-    assert rep["models"]["fold2"]["mlp"]["mAP_macro"] == pytest.approx(float(rows[2]["mAP_macro"]), abs=0)
+    assert rep["models"]["fold2"]["mlp"]["mAP_macro"] == pytest.approx(
+        float(rows[2]["mAP_macro"]), abs=0
+    )
     # per-class table: 80 rows sorted by AP, values as sklearn's
     pc = read_csv(out / "per_class.csv")
     assert len(pc) == 80 and list(pc[0])[:3] == ["class", "coco_id", "name"]
     aps = [float(r["ap"]) for r in pc if r["ap"] != "nan"]
-    assert aps == sorted(aps, reverse=True) and all(r["ap"] == "nan" for r in pc[len(aps):])
+    assert aps == sorted(aps, reverse=True) and all(r["ap"] == "nan" for r in pc[len(aps) :])
     for r in pc[:3]:
         c = int(r["class"])
-        assert float(r["ap"]) == pytest.approx(average_precision_score(z["labels"][:, c], z["probs"][:, c]), abs=1e-6)
-        assert r["name"] == data.COCO_CATEGORIES[c]["name"] and int(r["coco_id"]) == data.COCO_CATEGORIES[c]["id"]
+        assert float(r["ap"]) == pytest.approx(
+            average_precision_score(z["labels"][:, c], z["probs"][:, c]), abs=1e-6
+        )
+        assert (
+            r["name"] == data.COCO_CATEGORIES[c]["name"]
+            and int(r["coco_id"]) == data.COCO_CATEGORIES[c]["id"]
+        )
     text = (out / "errors.md").read_text()
-    for section in ("Best 10 classes", "Worst 10 classes", "Most false positives", "Most false negatives",
-                    "missed A", "Worst-predicted images"):
+    for section in (
+        "Best 10 classes",
+        "Worst 10 classes",
+        "Most false positives",
+        "Most false negatives",
+        "missed A",
+        "Worst-predicted images",
+    ):
         assert section in text
 
 
-@pytest.mark.parametrize("vote,query", [("softmax", "real"), ("softmax", "sign"), ("uniform", "sign"), ("rank", "real")])
+@pytest.mark.parametrize(
+    "vote,query", [("softmax", "real"), ("softmax", "sign"), ("uniform", "sign"), ("rank", "real")]
+)
 def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote, query):
     """softmax: the 5-fold KNN ensemble + retrieval; uniform / rank: fold 1 alone, k above the database size.
     query real: the real-valued tanh codes against the binary database (the default), sign: both binary."""
-    k, folds = (7, range(5)) if vote == "softmax" else (1000, [1])  # 1000 > database: every training image votes
-    src = ["--ensemble", fake_run["run"], "--retrieval"] if vote == "softmax" else \
-        ["--checkpoint", fake_run["run"] / "fold1" / "best.pt"]
-    rep = run(*src, "--head", "knn", "--knn_k", k, "--knn_tau", 0.5, "--knn_vote", vote, "--knn_query", query,
-              "--bootstrap", 0, "--out_dir", tmp_path, "--device", "cpu")
+    k, folds = (
+        (7, range(5)) if vote == "softmax" else (1000, [1])
+    )  # 1000 > database: every training image votes
+    src = (
+        ["--ensemble", fake_run["run"], "--retrieval"]
+        if vote == "softmax"
+        else ["--checkpoint", fake_run["run"] / "fold1" / "best.pt"]
+    )
+    rep = run(
+        *src,
+        "--head",
+        "knn",
+        "--knn_k",
+        k,
+        "--knn_tau",
+        0.5,
+        "--knn_vote",
+        vote,
+        "--knn_query",
+        query,
+        "--bootstrap",
+        0,
+        "--out_dir",
+        tmp_path,
+        "--device",
+        "cpu",
+    )
     z = np.load(tmp_path / "test_predictions.npz")
     splits = json.loads(open(fake_run["splits"]).read())
     for i, fold in enumerate(folds):
         head = fake_run["heads"][fold]
         q, _, qy = codes_and_probs(head, fake_run["feats"], splits["test"])
-        train_ids = [j for j in splits["dev"] if j not in set(splits["val_folds"][fold])]  # the fold's database
+        train_ids = [
+            j for j in splits["dev"] if j not in set(splits["val_folds"][fold])
+        ]  # the fold's database
         db, _, dby = codes_and_probs(head, fake_run["feats"], train_ids)
         ref = brute_knn_head(head, fake_run["feats"], splits["test"], db, dby, k, 0.5, vote, query)
         np.testing.assert_allclose(z["member_probs"][i], ref, atol=1e-5)
         if vote == "softmax":  # retrieval: test codes ranked against the whole dev pool's codes
             dev, _, devy = codes_and_probs(head, fake_run["feats"], splits["dev"])
             r = rep["retrieval"][f"fold{fold}"]
-            assert r["mAP@1000"] == pytest.approx(retrieval.retrieval_map(q, qy, dev, devy, k=1000), abs=1e-9)
-            assert r["mAP@all"] == pytest.approx(retrieval.retrieval_map(q, qy, dev, devy), abs=1e-9)
-    np.testing.assert_allclose(z["probs"], z["member_probs"].mean(0), atol=1e-7)  # KNN ensemble: mean votes
-    assert list(rep["ensemble"]) == ["knn"] and rep["knn"]["k"] == k and rep["knn"]["query"] == query
+            assert r["mAP@1000"] == pytest.approx(
+                retrieval.retrieval_map(q, qy, dev, devy, k=1000), abs=1e-9
+            )
+            assert r["mAP@all"] == pytest.approx(
+                retrieval.retrieval_map(q, qy, dev, devy), abs=1e-9
+            )
+    np.testing.assert_allclose(
+        z["probs"], z["member_probs"].mean(0), atol=1e-7
+    )  # KNN ensemble: mean votes
+    assert (
+        list(rep["ensemble"]) == ["knn"] and rep["knn"]["k"] == k and rep["knn"]["query"] == query
+    )
 
 
 def test_thresholds_oof_never_look_at_test(fake_run, tmp_path):
-    a = run("--ensemble", fake_run["run"], "--thresholds", "oof", "--bootstrap", 0, "--out_dir", tmp_path / "a",
-            "--device", "cpu")
+    a = run(
+        "--ensemble",
+        fake_run["run"],
+        "--thresholds",
+        "oof",
+        "--bootstrap",
+        0,
+        "--out_dir",
+        tmp_path / "a",
+        "--device",
+        "cpu",
+    )
     info = json.loads((tmp_path / "a" / "thresholds.json").read_text())
     per_fold, val_ids = [], []
     for k in range(5):
@@ -270,74 +429,176 @@ def test_thresholds_oof_never_look_at_test(fake_run, tmp_path):
     labels[test_rows] = 1 - labels[test_rows]
     other = dict({k: v.numpy() for k, v in t.items()}, labels=labels)
     features.save_features(tmp_path / "flipped.safetensors", other, meta)
-    b = run("--ensemble", fake_run["run"], "--features", tmp_path / "flipped.safetensors", "--thresholds", "oof",
-            "--bootstrap", 0, "--out_dir", tmp_path / "b", "--device", "cpu")
-    assert json.loads((tmp_path / "b" / "thresholds.json").read_text())["thresholds"] == info["thresholds"]
+    b = run(
+        "--ensemble",
+        fake_run["run"],
+        "--features",
+        tmp_path / "flipped.safetensors",
+        "--thresholds",
+        "oof",
+        "--bootstrap",
+        0,
+        "--out_dir",
+        tmp_path / "b",
+        "--device",
+        "cpu",
+    )
+    assert (
+        json.loads((tmp_path / "b" / "thresholds.json").read_text())["thresholds"]
+        == info["thresholds"]
+    )
     assert b["thresholds"]["oof"]["f1_macro"] != a["thresholds"]["oof"]["f1_macro"]
 
 
 def test_bootstrap_ci_in_metrics_json(fake_run, tmp_path):
-    rep = run("--checkpoint", fake_run["run"] / "fold1" / "best.pt", "--bootstrap", 200, "--seed", 3,
-              "--out_dir", tmp_path, "--device", "cpu")
+    rep = run(
+        "--checkpoint",
+        fake_run["run"] / "fold1" / "best.pt",
+        "--bootstrap",
+        200,
+        "--seed",
+        3,
+        "--out_dir",
+        tmp_path,
+        "--device",
+        "cpu",
+    )
     z = np.load(tmp_path / "test_predictions.npz")
     ref = metrics.bootstrap_ci(z["labels"], z["probs"], n_boot=200, seed=3)
     stored = json.loads((tmp_path / "metrics.json").read_text())["bootstrap_ci"]
     assert stored["n_boot"] == 200 and rep["bootstrap_ci"]["n_boot"] == 200
     for name in ("mAP_macro", "f1_macro", "auc_macro"):
-        assert (stored[name]["value"], stored[name]["low"], stored[name]["high"]) == pytest.approx(ref[name])
+        assert (stored[name]["value"], stored[name]["low"], stored[name]["high"]) == pytest.approx(
+            ref[name]
+        )
         assert stored[name]["low"] <= stored[name]["high"]
-    again = run("--checkpoint", fake_run["run"] / "fold1" / "best.pt", "--bootstrap", 0, "--out_dir",
-                tmp_path / "nob", "--device", "cpu")
+    again = run(
+        "--checkpoint",
+        fake_run["run"] / "fold1" / "best.pt",
+        "--bootstrap",
+        0,
+        "--out_dir",
+        tmp_path / "nob",
+        "--device",
+        "cpu",
+    )
     assert "bootstrap_ci" not in again
 
 
 def test_split_val_scores_the_fold_own_val_images(fake_run, tmp_path, capsys):
-    rep = run("--checkpoint", fake_run["run"] / "fold2" / "best.pt", "--split", "val", "--fold", 2,
-              "--bootstrap", 0, "--out_dir", tmp_path, "--device", "cpu")
+    rep = run(
+        "--checkpoint",
+        fake_run["run"] / "fold2" / "best.pt",
+        "--split",
+        "val",
+        "--fold",
+        2,
+        "--bootstrap",
+        0,
+        "--out_dir",
+        tmp_path,
+        "--device",
+        "cpu",
+    )
     z = np.load(tmp_path / "val_predictions.npz")
     assert z["ids"].tolist() == json.loads(open(fake_run["splits"]).read())["val_folds"][2]
     assert rep["n_images"] == len(z["ids"])
     with pytest.raises(SystemExit) as e:  # fold 1's val images were fold 2's training images
-        run("--checkpoint", fake_run["run"] / "fold2" / "best.pt", "--split", "val", "--fold", 1, "--device", "cpu")
+        run(
+            "--checkpoint",
+            fake_run["run"] / "fold2" / "best.pt",
+            "--split",
+            "val",
+            "--fold",
+            1,
+            "--device",
+            "cpu",
+        )
     assert e.value.code == 2 and "--fold" in capsys.readouterr().err
 
 
 def test_examples_png_from_data_root(synthetic_coco, tmp_path):
     coco = data.load_coco(synthetic_coco)
-    feats, splits = make_data(tmp_path, n=len(coco["ids"]), folds=2, n_test=20, ids=coco["ids"], labels=coco["labels"])
+    feats, splits = make_data(
+        tmp_path, n=len(coco["ids"]), folds=2, n_test=20, ids=coco["ids"], labels=coco["labels"]
+    )
     for k in range(2):
         make_fold(tmp_path / "run" / f"fold{k}", k, feats, splits)
-    run("--ensemble", tmp_path / "run", "--data_root", synthetic_coco, "--bootstrap", 0, "--device", "cpu")
-    assert (tmp_path / "run" / "eval_test" / "examples.png").stat().st_size > 10_000  # default out_dir
+    run(
+        "--ensemble",
+        tmp_path / "run",
+        "--data_root",
+        synthetic_coco,
+        "--bootstrap",
+        0,
+        "--device",
+        "cpu",
+    )
+    assert (
+        tmp_path / "run" / "eval_test" / "examples.png"
+    ).stat().st_size > 10_000  # default out_dir
 
 
 def test_single_image_prediction(tiny_siglip, tmp_path, capsys):
     from PIL import Image
+
     enc = model.Siglip2Encoder(tiny_siglip)
-    meta = {"model": tiny_siglip, "fingerprint": "x", "categories": json.dumps(data.COCO_CATEGORIES)}
+    meta = {
+        "model": tiny_siglip,
+        "fingerprint": "x",
+        "categories": json.dumps(data.COCO_CATEGORIES),
+    }
     args = dict(MODEL_ARGS, dim=enc.dim)
-    heads = [make_fold(tmp_path / "run" / f"fold{k}", k, "f", "s", model_args=args, meta=meta) for k in range(2)]
+    heads = [
+        make_fold(tmp_path / "run" / f"fold{k}", k, "f", "s", model_args=args, meta=meta)
+        for k in range(2)
+    ]
     for k in range(2):  # --ensemble wants finished folds: val_metrics.json
         data.save_json(tmp_path / "run" / f"fold{k}" / "val_metrics.json", {"epoch": 1})
     img = Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8))
     img.save(tmp_path / "photo.png")
     caps = ["a red square on a table", "two dogs"]
     want = [model.HashModel(enc, h).predict([img.convert("RGB")], [caps])[0] for h in heads]
-    for src, p in (("--checkpoint", tmp_path / "run" / "fold1" / "best.pt"), ("--ensemble", tmp_path / "run")):
-        got = run(src, p, "--image", tmp_path / "photo.png", "--caption", caps[0], "--caption", caps[1],
-                  "--top", 3, "--device", "cpu")
+    for src, p in (
+        ("--checkpoint", tmp_path / "run" / "fold1" / "best.pt"),
+        ("--ensemble", tmp_path / "run"),
+    ):
+        got = run(
+            src,
+            p,
+            "--image",
+            tmp_path / "photo.png",
+            "--caption",
+            caps[0],
+            "--caption",
+            caps[1],
+            "--top",
+            3,
+            "--device",
+            "cpu",
+        )
         ref = want[1] if src == "--checkpoint" else torch.stack(want).mean(0)
         top = torch.argsort(ref, descending=True)[:3].tolist()
         assert list(got) == [data.COCO_CATEGORIES[c]["name"] for c in top]
         assert list(got.values()) == pytest.approx([float(ref[c]) for c in top], abs=1e-5)
         assert list(got)[0] in capsys.readouterr().out
-    alone = run("--checkpoint", tmp_path / "run" / "fold0" / "best.pt", "--image", tmp_path / "photo.png",
-                "--top", 80, "--device", "cpu")  # no caption: the image alone (its text columns at their mean)
+    alone = run(
+        "--checkpoint",
+        tmp_path / "run" / "fold0" / "best.pt",
+        "--image",
+        tmp_path / "photo.png",
+        "--top",
+        80,
+        "--device",
+        "cpu",
+    )  # no caption: the image alone (its text columns at their mean)
     ref = model.HashModel(enc, heads[0]).predict([img.convert("RGB")], [[]])[0]
     assert sorted(alone.values()) == pytest.approx(sorted(ref.tolist()), abs=1e-5)
     capsys.readouterr()
-    for extra in (["--image", tmp_path / "missing.png", "--caption", "x"],
-                  ["--image", tmp_path / "photo.png", "--caption", "x", "--model", tmp_path / "nope"]):
+    for extra in (
+        ["--image", tmp_path / "missing.png", "--caption", "x"],
+        ["--image", tmp_path / "photo.png", "--caption", "x", "--model", tmp_path / "nope"],
+    ):
         with pytest.raises(SystemExit) as e:
             run("--checkpoint", tmp_path / "run" / "fold0" / "best.pt", *extra, "--device", "cpu")
         err = capsys.readouterr().err
@@ -347,14 +608,27 @@ def test_single_image_prediction(tiny_siglip, tmp_path, capsys):
 def test_rerun_removes_an_earlier_runs_optional_files(fake_run, tmp_path, capsys):
     # thresholds.* from an earlier --thresholds oof run must not sit beside the results of a run without it
     out = tmp_path / "out"
-    run("--ensemble", fake_run["run"], "--thresholds", "oof", "--bootstrap", 0, "--out_dir", out, "--device", "cpu")
+    run(
+        "--ensemble",
+        fake_run["run"],
+        "--thresholds",
+        "oof",
+        "--bootstrap",
+        0,
+        "--out_dir",
+        out,
+        "--device",
+        "cpu",
+    )
     assert (out / "thresholds.csv").is_file() and (out / "thresholds.json").is_file()
     capsys.readouterr()
     run("--ensemble", fake_run["run"], "--bootstrap", 0, "--out_dir", out, "--device", "cpu")
     assert not (out / "thresholds.csv").exists() and not (out / "thresholds.json").exists()
     assert "removed an earlier run's thresholds.json, thresholds.csv" in capsys.readouterr().out
     assert all((out / f).is_file() for f in FILES)
-    mine = tmp_path / "mine"  # a folder evaluate.py never wrote to: nothing of the user's is removed
+    mine = (
+        tmp_path / "mine"
+    )  # a folder evaluate.py never wrote to: nothing of the user's is removed
     mine.mkdir()
     (mine / "examples.png").write_bytes(b"the user's own file")
     run("--ensemble", fake_run["run"], "--bootstrap", 0, "--out_dir", mine, "--device", "cpu")
@@ -363,9 +637,23 @@ def test_rerun_removes_an_earlier_runs_optional_files(fake_run, tmp_path, capsys
 
 def test_fold_out_of_range_is_named(fake_run, capsys):
     with pytest.raises(SystemExit) as e:
-        run("--checkpoint", fake_run["run"] / "fold0" / "best.pt", "--split", "val", "--fold", 7, "--device", "cpu")
+        run(
+            "--checkpoint",
+            fake_run["run"] / "fold0" / "best.pt",
+            "--split",
+            "val",
+            "--fold",
+            7,
+            "--device",
+            "cpu",
+        )
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "--fold: 7 is out of range" in err and "folds 0..4" in err
+    assert (
+        e.value.code == 2
+        and err.count("\n") == 1
+        and "--fold: 7 is out of range" in err
+        and "folds 0..4" in err
+    )
 
 
 def test_config_paths_relative_to_the_training_folder(fake_run, tmp_path, monkeypatch, capsys):
@@ -375,8 +663,11 @@ def test_config_paths_relative_to_the_training_folder(fake_run, tmp_path, monkey
     _copy_run(fake_run, rel, folds=range(5))
     for k in range(5):
         ck = torch.load(rel / f"fold{k}" / "best.pt", weights_only=True)
-        ck["config"].update(features=os.path.relpath(fake_run["feats"], root), cwd=str(root),
-                            splits=os.path.relpath(fake_run["splits"], root))
+        ck["config"].update(
+            features=os.path.relpath(fake_run["feats"], root),
+            cwd=str(root),
+            splits=os.path.relpath(fake_run["splits"], root),
+        )
         torch.save(ck, rel / f"fold{k}" / "best.pt")
     monkeypatch.chdir(tmp_path)
     rep = run("--ensemble", rel, "--bootstrap", 0, "--device", "cpu")
@@ -389,10 +680,16 @@ def test_config_paths_relative_to_the_training_folder(fake_run, tmp_path, monkey
     with pytest.raises(SystemExit) as e:
         run("--ensemble", rel, "--bootstrap", 0, "--device", "cpu")
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "feat.safetensors" in err and "--features" in err
+    assert (
+        e.value.code == 2
+        and err.count("\n") == 1
+        and "feat.safetensors" in err
+        and "--features" in err
+    )
 
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
+
 
 def _copy_run(fake_run, dst, folds=(0, 1)):
     for k in folds:
@@ -404,7 +701,13 @@ def _bad_cases(fake_run, tmp):
     ck = fake_run["run"] / "fold0" / "best.pt"
     (tmp / "empty").mkdir()
     mixed = _copy_run(fake_run, tmp / "mixed")
-    make_fold(mixed / "fold1", 1, fake_run["feats"], fake_run["splits"], model_args=dict(MODEL_ARGS, bits=32))
+    make_fold(
+        mixed / "fold1",
+        1,
+        fake_run["feats"],
+        fake_run["splits"],
+        model_args=dict(MODEL_ARGS, bits=32),
+    )
     other_splits = tmp / "splits2.json"
     s = json.loads(open(fake_run["splits"]).read())
     data.save_json(other_splits, dict(s, seed=1))
@@ -412,13 +715,19 @@ def _bad_cases(fake_run, tmp):
     make_fold(mixed_splits / "fold1", 1, fake_run["feats"], other_splits)
     unfinished = _copy_run(fake_run, tmp / "unfinished")
     data.save_json(unfinished / "fold1" / "config.json", {"finished": False})
-    torch.save(dict(torch.load(ck, weights_only=True), finished=False), unfinished / "fold1" / "last.pt")
+    torch.save(
+        dict(torch.load(ck, weights_only=True), finished=False), unfinished / "fold1" / "last.pt"
+    )
     (tmp / "trunc.pt").write_bytes(ck.read_bytes()[:300])
     (tmp / "text.pt").write_text("not a checkpoint\n")
     torch.save({"weights": torch.zeros(3)}, tmp / "other.pt")
-    with open(tmp / "pickled.pt", "wb") as f:  # a pickled object: weights_only must refuse to build it
+    with open(
+        tmp / "pickled.pt", "wb"
+    ) as f:  # a pickled object: weights_only must refuse to build it
         pickle.dump({"model": collections_counter()}, f)
-    torch.save({"model": collections_counter(), "model_args": {}, "config": {}}, tmp / "pickled_torch.pt")
+    torch.save(
+        {"model": collections_counter(), "model_args": {}, "config": {}}, tmp / "pickled_torch.pt"
+    )
     return {
         "empty ensemble": ["--ensemble", tmp / "empty"],
         "missing ensemble dir": ["--ensemble", tmp / "nope"],
@@ -442,6 +751,7 @@ def _bad_cases(fake_run, tmp):
 
 def collections_counter():
     import collections
+
     return collections.Counter(a=1)
 
 
@@ -456,13 +766,31 @@ def test_bad_input_one_line_exit_2(fake_run, tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1, f"{name}: {err!r}"
     assert not (tmp_path / "out").exists()  # nothing half-written
     # --allow_partial names the unfinished fold and ensembles the rest
-    rep = run("--ensemble", tmp_path / "unfinished", "--allow_partial", "--bootstrap", 0, "--device", "cpu")
+    rep = run(
+        "--ensemble",
+        tmp_path / "unfinished",
+        "--allow_partial",
+        "--bootstrap",
+        0,
+        "--device",
+        "cpu",
+    )
     assert list(rep["models"]) == ["fold0"] and "fold1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--split", "train"], ["--knn_k", "0"], ["--knn_k", "-3"], ["--knn_tau", "0"],
-                                  ["--knn_vote", "max"], ["--head", "svm"], ["--bootstrap", "-1"],
-                                  ["--thresholds", "0.3"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--split", "train"],
+        ["--knn_k", "0"],
+        ["--knn_k", "-3"],
+        ["--knn_tau", "0"],
+        ["--knn_vote", "max"],
+        ["--head", "svm"],
+        ["--bootstrap", "-1"],
+        ["--thresholds", "0.3"],
+    ],
+)
 def test_bad_flags_rejected_by_argparse(argv, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.get_args_parser().parse_args(["--checkpoint", "x.pt", *argv])
@@ -471,17 +799,58 @@ def test_bad_flags_rejected_by_argparse(argv, capsys):
 
 # ----------------------------------------------------------------------------- really trained (train.py)
 
+
 def test_trained_ensemble(tmp_path):
     train = pytest.importorskip("train")
     feats, splits = make_data(tmp_path, n=300, dim=32, folds=3, n_test=60)
     for k in range(3):
-        train.main(train.get_args_parser().parse_args([
-            "--features", str(feats), "--splits", str(splits), "--fold", str(k),
-            "--out_dir", str(tmp_path / f"fold{k}"), "--epochs", "2", "--batch_size", "32", "--mlp_dims", "32",
-            "--bits", "16", "--device", "cpu"]))
-    rep = run("--ensemble", tmp_path, "--head", "both", "--thresholds", "oof", "--bootstrap", 20, "--device", "cpu")
+        train.main(
+            train.get_args_parser().parse_args(
+                [
+                    "--features",
+                    str(feats),
+                    "--splits",
+                    str(splits),
+                    "--fold",
+                    str(k),
+                    "--out_dir",
+                    str(tmp_path / f"fold{k}"),
+                    "--epochs",
+                    "2",
+                    "--batch_size",
+                    "32",
+                    "--mlp_dims",
+                    "32",
+                    "--bits",
+                    "16",
+                    "--device",
+                    "cpu",
+                ]
+            )
+        )
+    rep = run(
+        "--ensemble",
+        tmp_path,
+        "--head",
+        "both",
+        "--thresholds",
+        "oof",
+        "--bootstrap",
+        20,
+        "--device",
+        "cpu",
+    )
     for name in (*FILES, "thresholds.csv", "thresholds.json"):
         assert (tmp_path / "eval_test" / name).is_file(), name
     assert sorted(rep["models"]) == [f"fold{k}" for k in range(3)] and rep["n_images"] == 60
-    single = run("--checkpoint", tmp_path / "fold2" / "best.pt", "--head", "both", "--bootstrap", 0, "--device", "cpu")
+    single = run(
+        "--checkpoint",
+        tmp_path / "fold2" / "best.pt",
+        "--head",
+        "both",
+        "--bootstrap",
+        0,
+        "--device",
+        "cpu",
+    )
     assert single["models"]["fold2"] == rep["models"]["fold2"]

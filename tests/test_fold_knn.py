@@ -5,6 +5,7 @@ checkpoint, database = the fold's training images) equal `evaluate.py --checkpoi
 
     python -m pytest -q tests/test_fold_knn.py
 """
+
 import json
 
 import numpy as np
@@ -27,32 +28,88 @@ def planted_cache(root, n=240, dim=32, folds=3, seed=0, n_bad=0):
     test, dev = sorted(order[:30]), sorted(order[30:])
     val_folds = [sorted(dev[k::folds]) for k in range(folds)]
     feats["meta"] = dict(feats["meta"], bad_images=json.dumps(sorted(dev[:n_bad])))
-    splits = {"method": "random", "folds": folds, "seed": seed, "categories": data.COCO_CATEGORIES, "dev": dev,
-              "test": test, "val_folds": val_folds,
-              "stats": [{"size": len(f), "positives": [0] * 80} for f in val_folds]}
-    features.save_features(root / "features.safetensors", {k: v for k, v in feats.items() if k not in ("meta",)},
-                           feats["meta"])
+    splits = {
+        "method": "random",
+        "folds": folds,
+        "seed": seed,
+        "categories": data.COCO_CATEGORIES,
+        "dev": dev,
+        "test": test,
+        "val_folds": val_folds,
+        "stats": [{"size": len(f), "positives": [0] * 80} for f in val_folds],
+    }
+    features.save_features(
+        root / "features.safetensors",
+        {k: v for k, v in feats.items() if k not in ("meta",)},
+        feats["meta"],
+    )
     data.save_json(root / "splits.json", splits)
     return root / "features.safetensors", root / "splits.json"
 
 
-
-@pytest.mark.parametrize("fold,extra,n_bad", [(1, [], 0), (0, ["--text_input", "each"], 0), (2, [], 6),
-                                              (1, ["--amp"], 0)])
+@pytest.mark.parametrize(
+    "fold,extra,n_bad",
+    [(1, [], 0), (0, ["--text_input", "each"], 0), (2, [], 6), (1, ["--amp"], 0)],
+)
 def test_fold_knn_equals_evaluate(tmp_path, fold, extra, n_bad):
     feats, splits = planted_cache(tmp_path, n_bad=n_bad)
     out = tmp_path / f"fold{fold}"
-    train.main(train.get_args_parser().parse_args([
-        "--features", str(feats), "--splits", str(splits), "--fold", str(fold), "--out_dir", str(out),
-        "--epochs", "2", "--bits", "16", "--mlp_dims", "32", "--batch_size", "16", "--num_threads", "1",
-        "--device", "cpu", *extra]))
+    train.main(
+        train.get_args_parser().parse_args(
+            [
+                "--features",
+                str(feats),
+                "--splits",
+                str(splits),
+                "--fold",
+                str(fold),
+                "--out_dir",
+                str(out),
+                "--epochs",
+                "2",
+                "--bits",
+                "16",
+                "--mlp_dims",
+                "32",
+                "--batch_size",
+                "16",
+                "--num_threads",
+                "1",
+                "--device",
+                "cpu",
+                *extra,
+            ]
+        )
+    )
     mine = json.loads((out / "val_metrics.json").read_text())["knn"]
-    ev = evaluate.main(evaluate.get_args_parser().parse_args([
-        "--checkpoint", str(out / "best.pt"), "--split", "val", "--fold", str(fold), "--head", "knn",
-        "--bootstrap", "0", "--device", "cpu"]))
-    theirs = json.loads((out / "eval_val" / "metrics.json").read_text())["models"][f"fold{fold}"]["knn"]
-    assert ev["models"][f"fold{fold}"]["knn"] == theirs and ev["skipped"] == n_bad // 3  # dev[:n_bad]: n_bad / 3 per fold
-    with np.load(out / "val_predictions.npz") as a, np.load(out / "eval_val" / "val_predictions.npz") as b:
+    ev = evaluate.main(
+        evaluate.get_args_parser().parse_args(
+            [
+                "--checkpoint",
+                str(out / "best.pt"),
+                "--split",
+                "val",
+                "--fold",
+                str(fold),
+                "--head",
+                "knn",
+                "--bootstrap",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+    )
+    theirs = json.loads((out / "eval_val" / "metrics.json").read_text())["models"][f"fold{fold}"][
+        "knn"
+    ]
+    assert (
+        ev["models"][f"fold{fold}"]["knn"] == theirs and ev["skipped"] == n_bad // 3
+    )  # dev[:n_bad]: n_bad / 3 per fold
+    with (
+        np.load(out / "val_predictions.npz") as a,
+        np.load(out / "eval_val" / "val_predictions.npz") as b,
+    ):
         assert np.array_equal(a["ids"], b["ids"]) and np.array_equal(a["labels"], b["labels"])
         diff = float(np.abs(a["knn_probs"] - b["probs"]).max())
         assert diff == 0.0, f"KNN probabilities differ by up to {diff}"

@@ -1,8 +1,9 @@
 """knn.knn_scores (the reference: chunked matmul + topk) against a brute-force numpy Hamming search; memory bound; optional full-size benchmark.
 
-    python -m pytest -q tests/test_knn.py
-    KNN_BENCH=1 python -m pytest -q -s tests/test_knn.py -k bench   # 23,657 x 94,630 x 64 bits + naive
+python -m pytest -q tests/test_knn.py
+KNN_BENCH=1 python -m pytest -q -s tests/test_knn.py -k bench   # 23,657 x 94,630 x 64 bits + naive
 """
+
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ def exact_grid(q):
     max |q_j| < 1, then rounded to a multiple of 2^-(23 - bit_length(2 * bits))."""
     s = 23 - (2 * q.shape[1]).bit_length()
     _, e = np.frexp(np.abs(q).max(1, keepdims=True))
-    return np.round(np.ldexp(q.astype(np.float64), s - e)) / 2.0 ** s
+    return np.round(np.ldexp(q.astype(np.float64), s - e)) / 2.0**s
 
 
 def brute_knn(q, d, labels, k, tau, vote, query="sign"):
@@ -66,8 +67,15 @@ def test_equals_brute_force(vote, bits):
     for k in (1, 7, 20):
         for tau in (0.07, 1.0):
             ref = brute_knn(q, d, labels, k, tau, vote)
-            got = knn.knn_scores(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(labels),
-                                   k=k, tau=tau, vote=vote, query="sign")
+            got = knn.knn_scores(
+                torch.from_numpy(q),
+                torch.from_numpy(d),
+                torch.from_numpy(labels),
+                k=k,
+                tau=tau,
+                vote=vote,
+                query="sign",
+            )
             assert got.dtype == torch.float32 and got.shape == (25, 80)
             np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)
             assert float(got.min()) >= 0.0 and float(got.max()) <= 1.0
@@ -76,7 +84,9 @@ def test_equals_brute_force(vote, bits):
 @pytest.mark.parametrize("vote", VOTES)
 def test_k_larger_than_database_clamps(vote):
     q, d, labels = _case(6, 9, 16, seed=3)
-    got = knn.knn_scores(q, d, labels, k=50, vote=vote, query="sign")  # numpy inputs are accepted too
+    got = knn.knn_scores(
+        q, d, labels, k=50, vote=vote, query="sign"
+    )  # numpy inputs are accepted too
     np.testing.assert_allclose(got.numpy(), brute_knn(q, d, labels, 9, 0.07, vote), atol=1e-5)
     if vote == "uniform":  # every database row votes 1/9
         np.testing.assert_allclose(got.numpy(), np.tile(labels.mean(0), (6, 1)), atol=1e-6)
@@ -95,8 +105,13 @@ def test_ties_lower_index_first_and_chunk_invariant():
     q, d, labels = _case(40, 500, 32, seed=5)
     full = knn.knn_scores(q, d, labels, k=20, chunk=None, query="sign")
     assert torch.equal(full, knn.knn_scores(q, d, labels, k=20, chunk=7, query="sign"))
-    q, d, labels = _case(300, 40_000, 8, seed=6)  # the default chunk (2^24 / N = 419 queries) > 300; chunk 7 splits them
-    assert torch.equal(knn.knn_scores(q, d, labels, k=20, query="sign"), knn.knn_scores(q, d, labels, k=20, chunk=7, query="sign"))
+    q, d, labels = _case(
+        300, 40_000, 8, seed=6
+    )  # the default chunk (2^24 / N = 419 queries) > 300; chunk 7 splits them
+    assert torch.equal(
+        knn.knn_scores(q, d, labels, k=20, query="sign"),
+        knn.knn_scores(q, d, labels, k=20, chunk=7, query="sign"),
+    )
 
 
 @pytest.mark.parametrize("vote", VOTES)
@@ -118,8 +133,11 @@ def test_real_queries_equal_brute_force(vote):
     # a +-1 query is the same search either way
     q, d, labels = _case(10, 300, 64, seed=2)
     pm = np.where(q >= 0, 1.0, -1.0).astype(np.float32)
-    np.testing.assert_allclose(knn.knn_scores(pm, d, labels, query="real").numpy(),
-                               knn.knn_scores(pm, d, labels, query="sign").numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        knn.knn_scores(pm, d, labels, query="real").numpy(),
+        knn.knn_scores(pm, d, labels, query="sign").numpy(),
+        atol=1e-6,
+    )
 
 
 def test_real_queries_tanh_codes_exact_for_any_chunk():
@@ -130,7 +148,10 @@ def test_real_queries_tanh_codes_exact_for_any_chunk():
     d = rng.standard_normal((3000, 64)).astype(np.float32)
     labels = (rng.random((3000, 80)) < 0.1).astype(np.uint8)
     ref = brute_knn(q, d, labels, 100, 0.07, "rank", query="real")
-    runs = [knn.knn_scores(q, d, labels, k=100, vote="rank", chunk=c, query="real") for c in (None, 1, 7)]
+    runs = [
+        knn.knn_scores(q, d, labels, k=100, vote="rank", chunk=c, query="real")
+        for c in (None, 1, 7)
+    ]
     for got in runs[1:]:
         assert torch.equal(got, runs[0])
     np.testing.assert_allclose(runs[0].numpy(), ref, atol=1e-5)
@@ -156,11 +177,19 @@ def test_heavy_ties_any_bits_and_chunk():
         q, d, labels = _case(12, 700, bits, seed=bits)
         d[:50] = d[50:100]  # repeated database codes: exact ties
         ref = brute_knn(q, d, labels, 20, 0.07, "softmax")
-        np.testing.assert_allclose(knn.knn_scores(q, d, labels, k=20, chunk=5, query="sign").numpy(), ref,
-                                   atol=1e-5, err_msg=f"bits {bits}")
+        np.testing.assert_allclose(
+            knn.knn_scores(q, d, labels, k=20, chunk=5, query="sign").numpy(),
+            ref,
+            atol=1e-5,
+            err_msg=f"bits {bits}",
+        )
         ref = brute_knn(q, d, labels, 20, 0.07, "rank", query="real")
-        np.testing.assert_allclose(knn.knn_scores(q, d, labels, k=20, vote="rank", chunk=5).numpy(), ref,
-                                   atol=1e-5, err_msg=f"real bits {bits}")
+        np.testing.assert_allclose(
+            knn.knn_scores(q, d, labels, k=20, vote="rank", chunk=5).numpy(),
+            ref,
+            atol=1e-5,
+            err_msg=f"real bits {bits}",
+        )
 
 
 def test_knn_head_averages_the_captions_votes():
@@ -204,7 +233,9 @@ def peak():
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peak RSS")
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peak RSS"
+)
 def test_memory_bounded_at_full_database_size():
     """600 queries (chunks of 22) x 94,630 codes x 64 bits in a fresh process: the extra peak RSS stays small."""
     code = PEAK + textwrap.dedent(f"""
@@ -224,7 +255,9 @@ def test_memory_bounded_at_full_database_size():
     assert 20 < extra_mib < 1024, extra_mib  # > 20: the probe really saw the chunk buffers
 
 
-@pytest.mark.skipif(not os.environ.get("KNN_BENCH"), reason="set KNN_BENCH=1 for the full-size benchmark")
+@pytest.mark.skipif(
+    not os.environ.get("KNN_BENCH"), reason="set KNN_BENCH=1 for the full-size benchmark"
+)
 def test_bench_full_size_and_naive():
     """Report only: 23,657 queries x 94,630 codes x 64 bits, and a naive full-matrix search scaled up."""
     code = PEAK + textwrap.dedent(f"""

@@ -1,7 +1,8 @@
 """metrics.py against independent references: scikit-learn, scipy and brute-force Python loops.
 
-    python -m pytest -q tests/test_metrics.py
+python -m pytest -q tests/test_metrics.py
 """
+
 import warnings
 
 import numpy as np
@@ -23,23 +24,29 @@ def sklearn_all(y, s, thresholds=0.5):
     kw = dict(zero_division=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {
-            "mAP_macro": skm.average_precision_score(y[:, has_pos], s[:, has_pos], average="macro"),
-            "mAP_micro": skm.average_precision_score(y, s, average="micro"),
-            "auc_macro": skm.roc_auc_score(y[:, both], s[:, both], average="macro"),
-            "auc_micro": skm.roc_auc_score(y, s, average="micro"),
-            "f1_macro": skm.f1_score(y, pred, average="macro", **kw),
-            "f1_micro": skm.f1_score(y, pred, average="micro", **kw),
-            "precision_macro": skm.precision_score(y, pred, average="macro", **kw),
-            "precision_micro": skm.precision_score(y, pred, average="micro", **kw),
-            "recall_macro": skm.recall_score(y, pred, average="macro", **kw),
-            "recall_micro": skm.recall_score(y, pred, average="micro", **kw),
-            "hamming_loss": skm.hamming_loss(y, pred),
-            "coverage_error": skm.coverage_error(y, s),
-            "ranking_loss": skm.label_ranking_loss(y, s),
-            "lrap": skm.label_ranking_average_precision_score(y, s),
-            "mae": skm.mean_absolute_error(y, s),
-        }, int((~has_pos).sum()), int((~both).sum())
+        return (
+            {
+                "mAP_macro": skm.average_precision_score(
+                    y[:, has_pos], s[:, has_pos], average="macro"
+                ),
+                "mAP_micro": skm.average_precision_score(y, s, average="micro"),
+                "auc_macro": skm.roc_auc_score(y[:, both], s[:, both], average="macro"),
+                "auc_micro": skm.roc_auc_score(y, s, average="micro"),
+                "f1_macro": skm.f1_score(y, pred, average="macro", **kw),
+                "f1_micro": skm.f1_score(y, pred, average="micro", **kw),
+                "precision_macro": skm.precision_score(y, pred, average="macro", **kw),
+                "precision_micro": skm.precision_score(y, pred, average="micro", **kw),
+                "recall_macro": skm.recall_score(y, pred, average="macro", **kw),
+                "recall_micro": skm.recall_score(y, pred, average="micro", **kw),
+                "hamming_loss": skm.hamming_loss(y, pred),
+                "coverage_error": skm.coverage_error(y, s),
+                "ranking_loss": skm.label_ranking_loss(y, s),
+                "lrap": skm.label_ranking_average_precision_score(y, s),
+                "mae": skm.mean_absolute_error(y, s),
+            },
+            int((~has_pos).sum()),
+            int((~both).sum()),
+        )
 
 
 def make_data(n=300, c=10, seed=0, decimals=None, dtype=np.float64):
@@ -72,7 +79,9 @@ def test_random_scores(seed):
 @pytest.mark.parametrize("decimals", [1, 2])
 def test_tied_scores(decimals):
     y, s = make_data(n=400, seed=2, decimals=decimals)
-    assert len(np.unique(s)) <= 10 ** decimals + 1  # heavy ties within classes, rows and the flattened array
+    assert (
+        len(np.unique(s)) <= 10**decimals + 1
+    )  # heavy ties within classes, rows and the flattened array
     assert_matches_sklearn(y, s)
 
 
@@ -181,7 +190,9 @@ def test_best_f1_thresholds_brute_force(dtype):
             candidates = np.concatenate([[u[0] - 1.0], u])  # every attainable prediction set
             best = max(skm.f1_score(y[:, c], s[:, c] > t, zero_division=0) for t in candidates)
             got = skm.f1_score(y[:, c], s[:, c] > thr[c], zero_division=0)
-            got_native = skm.f1_score(y[:, c], s[:, c] > dtype(thr[c]), zero_division=0)  # same in the scores' dtype
+            got_native = skm.f1_score(
+                y[:, c], s[:, c] > dtype(thr[c]), zero_division=0
+            )  # same in the scores' dtype
             assert got == pytest.approx(best, abs=1e-12) and got_native == got, (c, got, best)
         if dtype == np.float64:  # midway between the chosen score and the next lower distinct score
             u = np.unique(s[:, c])
@@ -279,8 +290,12 @@ def test_retrieval_map_brute_force():
     for k in (None, 1, 7, 50, 500):
         want = brute_retrieval_map(qc, ql, dc, dl, k)
         assert retrieval.retrieval_map(qc, ql, dc, dl, k=k) == pytest.approx(want, abs=1e-12)
-        assert retrieval.retrieval_map(qc, ql, dc, dl, k=k, ties="stable", max_elems=70) == pytest.approx(want, abs=1e-12)
+        assert retrieval.retrieval_map(
+            qc, ql, dc, dl, k=k, ties="stable", max_elems=70
+        ) == pytest.approx(want, abs=1e-12)
     signed = np.where(qc >= 0, 1, -1).astype(np.int8)  # {-1,+1} int8 codes give the same ranking
-    assert retrieval.retrieval_map(signed, ql, dc, dl) == pytest.approx(brute_retrieval_map(qc, ql, dc, dl))
+    assert retrieval.retrieval_map(signed, ql, dc, dl) == pytest.approx(
+        brute_retrieval_map(qc, ql, dc, dl)
+    )
     with pytest.raises(ValueError):
         retrieval.retrieval_map((qc > 0).astype(np.uint8), ql, dc, dl)

@@ -1,7 +1,8 @@
 """Siglip2Encoder on a tiny random SigLIP (conftest `tiny_siglip`), make_tiny_siglip, HashModel.predict.
 
-    python -m pytest -q tests/test_model_encoder.py
+python -m pytest -q tests/test_model_encoder.py
 """
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,9 @@ def enc(tiny_siglip):
 def _images(n, seed=0):
     rng = np.random.default_rng(seed)
     sizes = [(40, 50), (32, 32), (64, 48), (20, 90)]
-    return [Image.fromarray(rng.integers(0, 256, (*sizes[i % 4], 3), dtype=np.uint8)) for i in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (*sizes[i % 4], 3), dtype=np.uint8)) for i in range(n)
+    ]
 
 
 def test_attributes_and_frozen(enc, tiny_siglip):
@@ -37,6 +40,7 @@ def test_attributes_and_frozen(enc, tiny_siglip):
 
 def test_make_tiny_siglip_deterministic(tmp_path):
     from safetensors.torch import load_file
+
     a = load_file(f"{synthetic.make_tiny_siglip(tmp_path / 'a', seed=0)}/model.safetensors")
     b = load_file(f"{synthetic.make_tiny_siglip(tmp_path / 'b', seed=0)}/model.safetensors")
     c = load_file(f"{synthetic.make_tiny_siglip(tmp_path / 'c', seed=1)}/model.safetensors")
@@ -55,12 +59,16 @@ def test_embeddings_are_raw_pooled_outputs_not_normalised(enc):
         assert float(norms.std()) > 1e-3  # magnitudes carry information: they vary across inputs
     # independent path: the model's own forward; its image_embeds/text_embeds are our vectors normalised
     pix = enc.image_processor(images=imgs, return_tensors="pt")["pixel_values"]
-    ids = enc.tokenizer(texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt")["input_ids"]
+    ids = enc.tokenizer(
+        texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt"
+    )["input_ids"]
     with torch.no_grad():
         out = enc.model(pixel_values=pix, input_ids=ids)
     torch.testing.assert_close(x, out.vision_model_output.pooler_output, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(t, out.text_model_output.pooler_output, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(nn.functional.normalize(x, dim=-1), out.image_embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        nn.functional.normalize(x, dim=-1), out.image_embeds, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_text_padding_truncation_and_lowercasing(enc):
@@ -70,7 +78,9 @@ def test_text_padding_truncation_and_lowercasing(enc):
     assert int(ids[0, 2]) == enc.tokenizer.eos_token_id and bool((ids[0, 3:] == pad).all())
     # padded to 64 whatever the batch: alone or next to a longer text, the same embedding
     alone = enc.encode_texts(["a dog"])
-    batched = enc.encode_texts(["a dog", "a man riding a horse next to a large white truck on the road"])
+    batched = enc.encode_texts(
+        ["a dog", "a man riding a horse next to a large white truck on the road"]
+    )
     torch.testing.assert_close(alone[0], batched[0], rtol=1e-5, atol=1e-6)
     # the padding matters (the tower pools the last position): unpadded input gives another vector
     with torch.no_grad():
@@ -97,7 +107,9 @@ def test_v4_tensor_and_v5_output_object_returns(enc, monkeypatch):
     # transformers 4.x returned the pooled tensor itself
     monkeypatch.setattr(enc.model, "get_image_features", lambda **kw: orig_img(**kw).pooler_output)
     monkeypatch.setattr(enc.model, "get_text_features", lambda **kw: orig_txt(**kw).pooler_output)
-    assert torch.equal(enc.encode_images(imgs), v5_img) and torch.equal(enc.encode_texts(texts), v5_txt)
+    assert torch.equal(enc.encode_images(imgs), v5_img) and torch.equal(
+        enc.encode_texts(texts), v5_txt
+    )
     # return_dict=False: a tuple (last_hidden_state, pooler_output)
     monkeypatch.setattr(enc.model, "get_image_features", lambda **kw: orig_img(**kw).to_tuple())
     assert torch.equal(enc.encode_images(imgs), v5_img)
@@ -131,8 +143,13 @@ class StandInHead(nn.Module):
 def test_hash_model_predict_matches_manual_average(enc):
     torch.manual_seed(0)
     head = StandInHead().train()
-    hm = model.HashModel(enc, head, text_input="each")  # the manual average below: every caption alone
-    assert set(hm.state_dict()) == {"head.fc.weight", "head.fc.bias"}  # no frozen backbone in checkpoints
+    hm = model.HashModel(
+        enc, head, text_input="each"
+    )  # the manual average below: every caption alone
+    assert set(hm.state_dict()) == {
+        "head.fc.weight",
+        "head.fc.bias",
+    }  # no frozen backbone in checkpoints
     imgs = _images(3, seed=2)
     caps = [["a dog"], ["a cat on a bed", "two cats", "A CAT"], ["a red bus", "a bus"]]
     probs = hm.predict(imgs, caps)
@@ -147,4 +164,6 @@ def test_hash_model_predict_matches_manual_average(enc):
     with pytest.raises(ValueError):
         hm.predict(imgs, caps[:2])
     v = enc.encode_images(imgs[:1]).half().float()  # no caption: one pass with a zero text vector
-    torch.testing.assert_close(hm.predict(imgs[:1], [[]]), torch.sigmoid(head(v, torch.zeros_like(v))[0]))
+    torch.testing.assert_close(
+        hm.predict(imgs[:1], [[]]), torch.sigmoid(head(v, torch.zeros_like(v))[0])
+    )

@@ -4,6 +4,7 @@ metrics against a naive loop, per-class rows with TP / FP / FN / TN, and the mis
 
     python -m pytest -q tests/test_report.py
 """
+
 import csv
 import shutil
 import subprocess
@@ -20,41 +21,77 @@ TEX_DOC = "\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n\\begin{do
 def compile_tex(paths, tmp_path):
     """Each .tex table inside a minimal article, through pdflatex; skipped where LaTeX is not installed."""
     if not shutil.which("pdflatex"):
-        pytest.skip("pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
+        pytest.skip(
+            "pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended)"
+        )
     for i, p in enumerate(paths):
         doc = tmp_path / f"doc{i}.tex"
         doc.write_text(TEX_DOC % p.read_text())
-        r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, f"{p} does not compile:\n{r.stdout[-2000:]}"
 
 
 def table_rows():
     header = ["run", "folds", "mAP_macro", "hamming_loss", "f1_micro"]
-    rows = [["hash_64 (50% & #1)", 5, report.MeanStd(0.6787, 0.0129), report.MeanStd(0.03, 0.001), 0.5],
-            ["bits_0 {x}~^\\", 5, report.MeanStd(0.70, 0.02), report.MeanStd(0.02, 0.002), float("nan")],
-            ["ensemble", 1, report.Interval(0.71, 0.69, 0.73), report.Interval(0.025, 0.02, 0.03), 0.4]]
+    rows = [
+        ["hash_64 (50% & #1)", 5, report.MeanStd(0.6787, 0.0129), report.MeanStd(0.03, 0.001), 0.5],
+        [
+            "bits_0 {x}~^\\",
+            5,
+            report.MeanStd(0.70, 0.02),
+            report.MeanStd(0.02, 0.002),
+            float("nan"),
+        ],
+        ["ensemble", 1, report.Interval(0.71, 0.69, 0.73), report.Interval(0.025, 0.02, 0.03), 0.4],
+    ]
     return header, rows
 
 
 def test_write_table_three_formats(tmp_path):
     header, rows = table_rows()
-    md = report.write_table(tmp_path / "t", header, rows, caption="CV of 5_folds", note="partial: fold2 missing")
-    assert md == (tmp_path / "t.md").read_text() and "CV of 5_folds" in md and "partial: fold2 missing" in md
+    md = report.write_table(
+        tmp_path / "t", header, rows, caption="CV of 5_folds", note="partial: fold2 missing"
+    )
+    assert (
+        md == (tmp_path / "t.md").read_text()
+        and "CV of 5_folds" in md
+        and "partial: fold2 missing" in md
+    )
     assert "mAP (macro)" in md and "Hamming loss" in md and "F1 (micro)" in md
     assert "0.6787 ± 0.0129" in md and "**0.7100 [0.6900, 0.7300]**" in md  # max for mAP
     assert "**0.0200 ± 0.0020**" in md and "**0.5000**" in md  # min for hamming_loss, max for F1
     tex = (tmp_path / "t.tex").read_text()
-    for s in ("\\toprule", "\\midrule", "\\bottomrule", "$0.6787 \\pm 0.0129$", "$\\mathbf{0.0200 \\pm 0.0020}$",
-              "50\\% \\& \\#1", "hash\\_64", "\\{x\\}\\textasciitilde{}\\textasciicircum{}\\textbackslash{}",
-              "mAP (macro)", "\\caption{CV of 5\\_folds partial: fold2 missing}", "$\\mathbf{0.7100}$"):
+    for s in (
+        "\\toprule",
+        "\\midrule",
+        "\\bottomrule",
+        "$0.6787 \\pm 0.0129$",
+        "$\\mathbf{0.0200 \\pm 0.0020}$",
+        "50\\% \\& \\#1",
+        "hash\\_64",
+        "\\{x\\}\\textasciitilde{}\\textasciicircum{}\\textbackslash{}",
+        "mAP (macro)",
+        "\\caption{CV of 5\\_folds partial: fold2 missing}",
+        "$\\mathbf{0.7100}$",
+    ):
         assert s in tex, s
     assert "\\mathbf{5}" not in tex  # the folds column is a count, not a score
     with open(tmp_path / "t.csv") as f:
         got = list(csv.reader(f))
     four = lambda m: [m, f"{m}_std", f"{m}_low", f"{m}_high"]  # noqa: E731  (MeanStd and Interval cells)
     assert got[0] == ["run", "folds", *four("mAP_macro"), *four("hamming_loss"), "f1_micro"]
-    assert got[1][2:6] == ["0.6787", "0.0129", "", ""] and got[3][2:6] == ["0.71", "", "0.69", "0.73"]
+    assert got[1][2:6] == ["0.6787", "0.0129", "", ""] and got[3][2:6] == [
+        "0.71",
+        "",
+        "0.69",
+        "0.73",
+    ]
     report.write_table(tmp_path / "u", ["run", "mae"], [["a", report.MeanStd(0.1, 0.01)]])
     assert (tmp_path / "u.csv").read_text().splitlines() == ["run,mae_mean,mae_std", "a,0.1,0.01"]
     compile_tex([tmp_path / "t.tex"], tmp_path)
@@ -73,9 +110,14 @@ def test_bootstrap_intervals_equal_a_naive_loop():
     N, C, n_boot, seed = 50, 6, 25, 4
     y = (rng.random((N, C)) < 0.3).astype(np.uint8)
     y[:, 5], y[0, 5] = 0, 1  # a rare class: undefined in many draws
-    scores = [np.round(rng.random((N, C)) * 0.5 + 0.4 * y, 2), np.round(rng.random((N, C)), 1)]  # with ties
+    scores = [
+        np.round(rng.random((N, C)) * 0.5 + 0.4 * y, 2),
+        np.round(rng.random((N, C)), 1),
+    ]  # with ties
     draws = metrics._boot_draws(y.astype(bool), scores, 0.5, n_boot, seed, metrics.METRIC_NAMES)
-    idx = np.random.default_rng(seed).integers(0, N, size=(n_boot, N))  # the same resamples, one chunk
+    idx = np.random.default_rng(seed).integers(
+        0, N, size=(n_boot, N)
+    )  # the same resamples, one chunk
     for i, s in enumerate(scores):
         for b in range(n_boot):
             ref = metrics.compute_all(y[idx[b]], s[idx[b]])
@@ -86,7 +128,9 @@ def test_bootstrap_intervals_equal_a_naive_loop():
         assert set(ci) == set(metrics.METRIC_NAMES)
         for k, (point, lo, hi) in ci.items():
             assert point == metrics.compute_all(y, scores[i])[k]
-            assert (lo, hi) == pytest.approx(tuple(np.percentile(draws[k][i][~np.isnan(draws[k][i])], [2.5, 97.5])))
+            assert (lo, hi) == pytest.approx(
+                tuple(np.percentile(draws[k][i][~np.isnan(draws[k][i])], [2.5, 97.5]))
+            )
     one = metrics.bootstrap_ci(y, scores[1], n_boot=n_boot, seed=seed, names=metrics.METRIC_NAMES)
     assert one == cis[1]  # a row's interval does not depend on the other rows
     assert set(metrics.bootstrap_ci(y, scores[0], n_boot=10)) == set(metrics.BOOT_METRICS)
@@ -100,13 +144,19 @@ def test_per_class_rows_and_confusion(tmp_path):
     cats = [{"id": 10 + c, "name": f"c{c}", "supercategory": "ab"[c % 2]} for c in range(5)]
     rows = report.per_class_rows(y, p, thr, cats)
     head, body = rows[0], rows[1:]
-    assert head[-4:] == ["tp", "fp", "fn", "tn"] and [r[0] for r in body] != list(range(5))  # best AP first
+    assert head[-4:] == ["tp", "fp", "fn", "tn"] and [r[0] for r in body] != list(
+        range(5)
+    )  # best AP first
     pred = p > thr
     fn = {}
     for r in body:
         c = r[0]
-        assert r[-4:] == [int((y[:, c] & pred[:, c]).sum()), int((~y[:, c].astype(bool) & pred[:, c]).sum()),
-                          int((y[:, c] & ~pred[:, c]).sum()), int((~y[:, c].astype(bool) & ~pred[:, c]).sum())]
+        assert r[-4:] == [
+            int((y[:, c] & pred[:, c]).sum()),
+            int((~y[:, c].astype(bool) & pred[:, c]).sum()),
+            int((y[:, c] & ~pred[:, c]).sum()),
+            int((~y[:, c].astype(bool) & ~pred[:, c]).sum()),
+        ]
         assert r[1] == 10 + c and sum(r[-4:]) == len(y) and r[-4] + r[-2] == r[8]
         fn[c] = r[-2]
     m = report.confusion(y, p, thr, cats, tmp_path / "confusion.csv")
@@ -119,11 +169,31 @@ def test_per_class_rows_and_confusion(tmp_path):
     assert sum(map(float, got[3][1:])) == pytest.approx(fn[2])
     order, spans = report.class_order(cats)
     assert list(order) == [0, 2, 4, 1, 3] and spans == [("a", 0, 3), ("b", 3, 2)]
-    assert list(report.class_order([{"name": "x"}, {"name": "y"}])[0]) == [0, 1]  # no supercategory: index order
-    for stem, paths in (("conf", report.plot_confusion(tmp_path / "conf", m, cats, "t")),
-                        ("ap", report.plot_class_ap(tmp_path / "ap", np.array([0.5, np.nan, 0.7, 0.2, 0.9]),
-                                                    np.array([0.1, 0.0, 0.3, 0.01, 0.5]), [c["name"] for c in cats], "t")),
-                        ("folds", report.plot_folds(tmp_path / "folds", rng.random((3, 5)), rng.integers(1, 9, (3, 5)),
-                                                    [c["name"] for c in cats]))):
+    assert list(report.class_order([{"name": "x"}, {"name": "y"}])[0]) == [
+        0,
+        1,
+    ]  # no supercategory: index order
+    for stem, paths in (
+        ("conf", report.plot_confusion(tmp_path / "conf", m, cats, "t")),
+        (
+            "ap",
+            report.plot_class_ap(
+                tmp_path / "ap",
+                np.array([0.5, np.nan, 0.7, 0.2, 0.9]),
+                np.array([0.1, 0.0, 0.3, 0.01, 0.5]),
+                [c["name"] for c in cats],
+                "t",
+            ),
+        ),
+        (
+            "folds",
+            report.plot_folds(
+                tmp_path / "folds",
+                rng.random((3, 5)),
+                rng.integers(1, 9, (3, 5)),
+                [c["name"] for c in cats],
+            ),
+        ),
+    ):
         assert [str(x) for x in paths] == [f"{tmp_path / stem}.png", f"{tmp_path / stem}.pdf"]
         assert all((tmp_path / f"{stem}.{e}").stat().st_size > 1000 for e in ("png", "pdf"))

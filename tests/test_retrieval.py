@@ -4,6 +4,7 @@ ties="average" against exact enumeration and against sampled random tie orders.
 
     python -m pytest -q tests/test_retrieval.py
 """
+
 import itertools
 import warnings
 
@@ -32,7 +33,9 @@ def calc_top_map(rB, qB, retrievalL, queryL, topk, kind="quicksort"):
     return total / queryL.shape[0]
 
 
-def hashnet_map(database_code, validation_code, database_labels, validation_labels, R, kind="quicksort"):
+def hashnet_map(
+    database_code, validation_code, database_labels, validation_labels, R, kind="quicksort"
+):
     """HashNet's mean_average_precision: ids = argsort(-database . query) per query column, a match is any
     position where the 0/1 db label equals the query's label with 0 turned into -1 (= a shared label),
     AP = sum(Px * imatch) / relevant_num over the first R, queries with relevant_num = 0 are left out, and
@@ -62,35 +65,50 @@ def tie_free(rng, n_query, blocks=7, pad=0):
     flips block b iff bit b of j is set, so distance(query a, item j) = a XOR j (a bijection in j). A shared
     random sign pattern, a column shuffle, a db shuffle and positive magnitudes keep the distances.
     -> (query codes [Q, bits] real, db codes [2**blocks, bits] real), bits = 2**blocks - 1 + pad."""
-    owner = np.concatenate([np.repeat(np.arange(blocks), 2 ** np.arange(blocks)), np.full(pad, blocks)])
-    base, cols = rng.choice([-1.0, 1.0], size=owner.size), rng.permutation(owner.size)  # owner: block of each bit
+    owner = np.concatenate(
+        [np.repeat(np.arange(blocks), 2 ** np.arange(blocks)), np.full(pad, blocks)]
+    )
+    base, cols = (
+        rng.choice([-1.0, 1.0], size=owner.size),
+        rng.permutation(owner.size),
+    )  # owner: block of each bit
 
-    def code(ids):  # bit i of item j is flipped iff bit owner[i] of j is set (the pad bits never are)
+    def code(
+        ids,
+    ):  # bit i of item j is flipped iff bit owner[i] of j is set (the pad bits never are)
         flip = (ids[:, None] >> owner) & 1
         return ((1 - 2 * flip) * base)[:, cols] * rng.uniform(0.1, 2.0, flip.shape)
-    return code(rng.integers(0, 2 ** blocks, n_query)), code(rng.permutation(2 ** blocks))
+
+    return code(rng.integers(0, 2**blocks, n_query)), code(rng.permutation(2**blocks))
 
 
 def sign(c):
     return np.where(np.asarray(c) >= 0, 1.0, -1.0)
 
 
-@pytest.mark.parametrize("blocks,pad", [(6, 1), (7, 0), (7, 1)])  # 64 bits, 127 (uint8 keys), 128 (uint16)
+@pytest.mark.parametrize(
+    "blocks,pad", [(6, 1), (7, 0), (7, 1)]
+)  # 64 bits, 127 (uint8 keys), 128 (uint16)
 def test_equals_references_without_ties(blocks, pad):
     rng = np.random.default_rng(blocks + pad)
     qc, dc = tie_free(rng, 30, blocks, pad)
     qy, dy = labels(rng, 30), labels(rng, len(dc))
     qy[:3] = 0  # no label: never a relevant item
     d = (sign(qc)[:, None] != sign(dc)[None]).sum(-1)
-    assert all(len(np.unique(row)) == len(dc) for row in d)  # really tie-free, so argsort's kind cannot matter
+    assert all(
+        len(np.unique(row)) == len(dc) for row in d
+    )  # really tie-free, so argsort's kind cannot matter
     N = len(dc)
     for k in (None, 1, 5, 37, N - 1, N, 10 * N):
         deephash = calc_top_map(sign(dc), sign(qc), dy, qy, N if k is None else k)
         hashnet = hashnet_map(sign(dc), sign(qc), dy, qy, min(k or N, N))
         for ties in ("stable", "average"):  # groups of one item: both rules are the same ranking
-            assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties=ties) == pytest.approx(deephash, abs=1e-12)
-            assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties=ties, empty="skip") == \
-                pytest.approx(hashnet, abs=1e-12)
+            assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties=ties) == pytest.approx(
+                deephash, abs=1e-12
+            )
+            assert retrieval.retrieval_map(
+                qc, qy, dc, dy, k=k, ties=ties, empty="skip"
+            ) == pytest.approx(hashnet, abs=1e-12)
         if k is not None and k < N:  # the two conventions really differ here
             assert abs(deephash - hashnet) > 1e-3
 
@@ -106,8 +124,12 @@ def test_stable_equals_stably_sorted_references_with_ties(k):
     deephash = calc_top_map(sign(dc), sign(qc), dy, qy, N if k is None else k, kind="stable")
     hashnet = hashnet_map(sign(dc), sign(qc), dy, qy, min(k or N, N), kind="stable")
     assert retrieval.retrieval_map(qc, qy, dc, dy, k=k) == pytest.approx(deephash, abs=1e-12)
-    assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, empty="skip") == pytest.approx(hashnet, abs=1e-12)
-    assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, empty="skip", max_elems=70) == pytest.approx(hashnet, abs=1e-12)
+    assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, empty="skip") == pytest.approx(
+        hashnet, abs=1e-12
+    )
+    assert retrieval.retrieval_map(
+        qc, qy, dc, dy, k=k, empty="skip", max_elems=70
+    ) == pytest.approx(hashnet, abs=1e-12)
 
 
 def dist_rel(qc, qy, dc, dy):
@@ -133,19 +155,27 @@ def test_average_equals_exact_enumeration():
     """Every order of a 7-item database (5,040), per query: E[AP] exactly, and for "skip" the exact expectation
     over independent queries by enumerating which queries keep a relevant item in the top k."""
     rng = np.random.default_rng(30)
-    dc = np.array([[1, 1], [1, -1], [-1, 1], [1, 1], [-1, -1], [1, -1], [1, 1]])  # 2 bits: groups of 3, 2, 1, 1
+    dc = np.array(
+        [[1, 1], [1, -1], [-1, 1], [1, 1], [-1, -1], [1, -1], [1, 1]]
+    )  # 2 bits: groups of 3, 2, 1, 1
     qc = np.array([[1, 1], [1, -1], [-1, -1], [1, 1]])
     dy = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1], [1, 1, 0], [0, 1, 0], [0, 0, 1]])
     qy = np.array([[1, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 1]])
     dist, rel = dist_rel(qc, qy, dc, dy)
     perms = np.array(list(itertools.permutations(range(7))))  # [5040, 7] tie-breaking keys
     for k in (None, 1, 2, 4, 5, 7):
-        ap, kept = ap_of_orders(dist, rel, np.broadcast_to(perms[:, None, :], (len(perms),) + dist.shape), k or 7)
+        ap, kept = ap_of_orders(
+            dist, rel, np.broadcast_to(perms[:, None, :], (len(perms),) + dist.shape), k or 7
+        )
         e_ap = ap.mean(0)  # [Q] exact E[AP_q]
-        assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties="average") == pytest.approx(e_ap.mean(), abs=1e-12)
+        assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties="average") == pytest.approx(
+            e_ap.mean(), abs=1e-12
+        )
         # skip: queries break ties independently; condition on each query's kept flag
         p = kept.mean(0)
-        cond = np.where(p > 0, (ap * kept).sum(0) / np.maximum(kept.sum(0), 1), 0.0)  # E[AP_q | kept]
+        cond = np.where(
+            p > 0, (ap * kept).sum(0) / np.maximum(kept.sum(0), 1), 0.0
+        )  # E[AP_q | kept]
         num = den = 0.0
         for pattern in itertools.product([0, 1], repeat=len(qc)):
             s = np.array(pattern, bool)
@@ -155,7 +185,9 @@ def test_average_equals_exact_enumeration():
         want = num / den if den > 0 else np.nan
         got = retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties="average", empty="skip")
         assert got == pytest.approx(want, abs=1e-12, nan_ok=True)
-        if k == 2:  # k = 2 cuts group(s) with an uncertain query: exercised the Poisson-binomial part
+        if (
+            k == 2
+        ):  # k = 2 cuts group(s) with an uncertain query: exercised the Poisson-binomial part
             assert ((p > 0) & (p < 1)).any()
 
 
@@ -170,19 +202,25 @@ def test_average_equals_mean_over_random_tie_orders(k, empty):
     qy, dy = labels(rng, 12, c=8, p=0.12), labels(rng, 80, c=8, p=0.12)
     dist, rel = dist_rel(qc, qy, dc, dy)
     if k is not None:  # k falls strictly inside a tie group for most queries
-        below, upto = [(dist < np.sort(dist, 1)[:, [k - 1]]).sum(1), (dist <= np.sort(dist, 1)[:, [k - 1]]).sum(1)]
+        below, upto = [
+            (dist < np.sort(dist, 1)[:, [k - 1]]).sum(1),
+            (dist <= np.sort(dist, 1)[:, [k - 1]]).sum(1),
+        ]
         assert ((below < k) & (upto > k)).mean() > 0.5
     ap, kept = ap_of_orders(dist, rel, rng.random((2000,) + dist.shape), k or 80)
     draws = ap.mean(1) if empty == "zero" else skip_mean(ap, kept)
-    if empty == "skip" and k is not None:  # some query is kept in some draws only: P(R_k = 0) matters
+    if (
+        empty == "skip" and k is not None
+    ):  # some query is kept in some draws only: P(R_k = 0) matters
         assert (kept.any(0) & ~kept.all(0)).any()
     se = draws.std(ddof=1) / np.sqrt(len(draws))
     got = retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties="average", empty=empty)
     assert abs(got - draws.mean()) <= 5 * se + 1e-12, (got, draws.mean(), se)
     stable = retrieval.retrieval_map(qc, qy, dc, dy, k=k, empty=empty)
     assert abs(stable - draws.mean()) > 5 * se
-    assert retrieval.retrieval_map(qc, qy, dc, dy, k=k, ties="average", empty=empty, max_elems=50) == \
-        pytest.approx(got, abs=1e-12)
+    assert retrieval.retrieval_map(
+        qc, qy, dc, dy, k=k, ties="average", empty=empty, max_elems=50
+    ) == pytest.approx(got, abs=1e-12)
 
 
 def test_average_skip_is_the_expectation_of_the_ratio():
@@ -202,7 +240,9 @@ def test_average_skip_is_the_expectation_of_the_ratio():
     assert abs(got - draws.mean()) <= 5 * se
     naive = (1 + 2 * 0.75 * 11 / 18) / 2.5
     assert abs(naive - draws.mean()) > 5 * se  # the naive variant is measurably wrong
-    assert retrieval.retrieval_map(qc, qy, dc, dy, k=3, ties="average") == pytest.approx((1 + 2 * 0.75 * 11 / 18) / 4)
+    assert retrieval.retrieval_map(qc, qy, dc, dy, k=3, ties="average") == pytest.approx(
+        (1 + 2 * 0.75 * 11 / 18) / 4
+    )
 
 
 def test_hand_computed():
@@ -213,11 +253,15 @@ def test_hand_computed():
     assert f() == f(empty="skip") == pytest.approx((1 / 2 + 2 / 4) / 2)  # ranks 2 and 4
     # average: the relevant tied item is at rank 2 or 3
     assert f(ties="average") == pytest.approx(((1 / 2 + 2 / 4) / 2 + (1 / 3 + 2 / 4) / 2) / 2)
-    assert f(k=1) == 0.0 and np.isnan(f(k=1, empty="skip"))  # the single query has nothing in its top 1
+    assert f(k=1) == 0.0 and np.isnan(
+        f(k=1, empty="skip")
+    )  # the single query has nothing in its top 1
     assert f(k=2) == f(k=2, empty="skip") == 0.5  # db order puts the relevant tied item second
     assert f(k=2, ties="average") == pytest.approx(0.25)  # it is in the top 2 with probability 1/2
-    assert f(k=2, ties="average", empty="skip") == pytest.approx(0.5)  # ... and AP is 1/2 when it is
-    assert f(k=4) == f(k=10 ** 6) == f()
+    assert f(k=2, ties="average", empty="skip") == pytest.approx(
+        0.5
+    )  # ... and AP is 1/2 when it is
+    assert f(k=4) == f(k=10**6) == f()
 
 
 def test_edge_cases_and_bad_input():

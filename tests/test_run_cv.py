@@ -5,6 +5,7 @@ no COCO under DATA_ROOT (run_cv.sh then uses FEATURES as it is).
 
     python -m pytest -q tests/test_run_cv.py
 """
+
 import json
 import os
 import subprocess
@@ -16,17 +17,39 @@ import pytest
 from test_fold_knn import planted_cache
 
 SCRIPT = str(Path(__file__).resolve().parents[1] / "run_cv.sh")
-FLAGS = ["--epochs", "2", "--bits", "16", "--mlp_dims", "32", "--batch_size", "16", "--num_threads", "1"]
+FLAGS = [
+    "--epochs",
+    "2",
+    "--bits",
+    "16",
+    "--mlp_dims",
+    "32",
+    "--batch_size",
+    "16",
+    "--num_threads",
+    "1",
+]
 
 
 def run_cv(root, run, gpus=None, flags=FLAGS, **env):
     feats, splits = root / "features.safetensors", root / "splits.json"
-    env = dict(os.environ, DATA_ROOT=str(root / "no_coco"), FEATURES=str(feats), SPLITS=str(splits),
-               RUN=str(root / run), FOLDS="2", OMP_NUM_THREADS="1", EVAL_ARGS="--bootstrap 0 --device cpu", **env)
+    env = dict(
+        os.environ,
+        DATA_ROOT=str(root / "no_coco"),
+        FEATURES=str(feats),
+        SPLITS=str(splits),
+        RUN=str(root / run),
+        FOLDS="2",
+        OMP_NUM_THREADS="1",
+        EVAL_ARGS="--bootstrap 0 --device cpu",
+        **env,
+    )
     env.pop("GPUS", None)
     if gpus is not None:
         env["GPUS"] = gpus
-    return subprocess.run(["bash", SCRIPT, "--", *flags], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", SCRIPT, "--", *flags], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +66,16 @@ def test_parallel_folds_equal_sequential(cache):
     assert par.returncode == 0, par.stderr[-3000:]
     out = par.stdout
     # both folds were started before either finished: they ran at the same time
-    assert out.index("fold 1: started on cpu") < out.index("fold 0 done") and "fold 0: started on cpu" in out
+    assert (
+        out.index("fold 1: started on cpu") < out.index("fold 0 done")
+        and "fold 0: started on cpu" in out
+    )
     assert "in parallel on cpu cpu" in out and "== ensemble test" in out
     for k in (0, 1):
         a, b = cache / "seq" / f"fold{k}", cache / "par" / f"fold{k}"
-        assert (b / ".done").is_file() and "done: best val mAP_macro" in (b / "train.log").read_text()
+        assert (b / ".done").is_file() and "done: best val mAP_macro" in (
+            b / "train.log"
+        ).read_text()
         assert not (a / "train.log").exists()  # sequential: output on the terminal, as before
         va, vb = (json.loads((d / "val_metrics.json").read_text()) for d in (a, b))
         assert "knn" in va and va == vb, k
@@ -57,7 +85,11 @@ def test_parallel_folds_equal_sequential(cache):
 
     # idempotent: a rerun trains nothing
     again = run_cv(cache, "par", gpus="cpu cpu")
-    assert again.returncode == 0 and "fold 0: skipped" in again.stdout and "fold 1: skipped" in again.stdout
+    assert (
+        again.returncode == 0
+        and "fold 0: skipped" in again.stdout
+        and "fold 1: skipped" in again.stdout
+    )
     assert "started on" not in again.stdout and "ensemble test: skipped" in again.stdout
 
     # resumable: a fold without .done but with last.pt is rerun with --resume (it is finished: nothing changes);
@@ -79,15 +111,24 @@ def test_failed_fold_is_named(cache):
     r = run_cv(cache, "bad", gpus="cpu cpu")
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert r.returncode == 1 and len(errors) == 1, r.stderr[-3000:]
-    assert "1 of 2 folds failed: fold 0 (exit 2, log " in errors[0] and f"{run}/fold0/train.log" in errors[0]
+    assert (
+        "1 of 2 folds failed: fold 0 (exit 2, log " in errors[0]
+        and f"{run}/fold0/train.log" in errors[0]
+    )
     assert "unreadable checkpoint" in r.stderr  # the end of its log is shown
     assert (run / "fold1" / ".done").is_file() and not (run / "fold0" / ".done").exists()
     assert "== aggregate" not in r.stdout
 
 
-@pytest.mark.parametrize("gpus,flags,msg", [("0 x/y", FLAGS, "GPUS entry 'x/y'"),
-                                            ("cpu", [*FLAGS, "--device", "cpu"], "drop --device")])
+@pytest.mark.parametrize(
+    "gpus,flags,msg",
+    [("0 x/y", FLAGS, "GPUS entry 'x/y'"), ("cpu", [*FLAGS, "--device", "cpu"], "drop --device")],
+)
 def test_bad_gpus_one_line(cache, gpus, flags, msg):
     r = run_cv(cache, "never", gpus=gpus, flags=flags)
-    assert r.returncode == 2 and r.stderr.startswith("error: run_cv.sh: ") and r.stderr.count("\n") == 1
+    assert (
+        r.returncode == 2
+        and r.stderr.startswith("error: run_cv.sh: ")
+        and r.stderr.count("\n") == 1
+    )
     assert msg in r.stderr and not (cache / "never").exists()

@@ -1,4 +1,5 @@
 """make_splits.py: dev/test and fold invariants, determinism, stratification quality, bad input; protocols.load_splits."""
+
 import hashlib
 import json
 import os
@@ -16,7 +17,9 @@ import synthetic
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     # our own synthetic tree: load_coco writes its index cache next to the data
-    return synthetic.make_synthetic_coco(str(tmp_path_factory.mktemp("coco") / "coco"), n_images=150, seed=1)
+    return synthetic.make_synthetic_coco(
+        str(tmp_path_factory.mktemp("coco") / "coco"), n_images=150, seed=1
+    )
 
 
 def run(argv):
@@ -29,14 +32,19 @@ def test_splits_file_invariants(coco_root, tmp_path, capsys):
     s = json.load(open(out))
     coco = data.load_coco(coco_root)
     ids, splits = coco["ids"].tolist(), coco["splits"]
-    assert s["protocol"] == "karpathy_cv" and s["method"] == "stratified" and s["folds"] == 5 and s["seed"] == 42
+    assert (
+        s["protocol"] == "karpathy_cv"
+        and s["method"] == "stratified"
+        and s["folds"] == 5
+        and s["seed"] == 42
+    )
     assert s["counts"] == {"dev": len(s["dev"]), "test": len(s["test"])} and "database" not in s
     assert s["categories"] == data.COCO_CATEGORIES
     assert s["dev"] == sorted(i for i, k in zip(ids, splits) if k in ("train", "restval", "val"))
     assert s["test"] == sorted(i for i, k in zip(ids, splits) if k == "test")
     assert not set(s["dev"]) & set(s["test"]) and len(s["dev"]) + len(s["test"]) == len(ids)
     folds = s["val_folds"]
-    assert len(folds) == 5 and sorted(sum(folds, [])) == s["dev"]             # a partition of dev
+    assert len(folds) == 5 and sorted(sum(folds, [])) == s["dev"]  # a partition of dev
     assert max(map(len, folds)) - min(map(len, folds)) <= 3
     row = {i: r for r, i in enumerate(ids)}
     for f, st in zip(folds, s["stats"]):
@@ -59,14 +67,27 @@ def test_same_seed_same_bytes_other_seed_differs(coco_root, tmp_path):
     r = protocols.load_splits(paths[3])
     assert r["method"] == "random" and len(r["val_folds"]) == 3
     assert json.loads(c)["dev"] == json.loads(a)["dev"]
-    assert sorted(os.listdir(tmp_path)) == ["a.json", "b.json", "c.json", "r.json"]   # no temporaries
+    assert sorted(os.listdir(tmp_path)) == [
+        "a.json",
+        "b.json",
+        "c.json",
+        "r.json",
+    ]  # no temporaries
 
 
 # make_splits.py of 6b0df37 (before --protocol) on coco_root: sha256 of its inputs and of the files it wrote
 _TODAY_INPUT = "59b6e3d669a8cff1200486e5396609ae958e5ac84bdac62fee8316bf559513c3"
-_TODAY_FILES = {(): "4283125fd70532e615b594014b24b439ee1f1b6b1403e7083d8e3db0c264102b",
-                ("--method", "random", "--folds", "3", "--seed", "7"):
-                    "5cd4ed046a84f348e849bb37110831ff65745df045af2e4d9cbbf8ad70c1a813"}
+_TODAY_FILES = {
+    (): "4283125fd70532e615b594014b24b439ee1f1b6b1403e7083d8e3db0c264102b",
+    (
+        "--method",
+        "random",
+        "--folds",
+        "3",
+        "--seed",
+        "7",
+    ): "5cd4ed046a84f348e849bb37110831ff65745df045af2e4d9cbbf8ad70c1a813",
+}
 
 
 @pytest.mark.parametrize("extra", list(_TODAY_FILES))
@@ -76,25 +97,45 @@ def test_karpathy_cv_is_todays_file_plus_protocol_and_counts(coco_root, tmp_path
     run(["--data_root", coco_root, "--out", paths["named"], "--protocol", "karpathy_cv", *extra])
     assert open(paths["default"], "rb").read() == open(paths["named"], "rb").read()
     s = json.load(open(paths["default"]))
-    assert (s.pop("protocol"), s.pop("counts")) == ("karpathy_cv", {"dev": len(s["dev"]), "test": len(s["test"])})
+    assert (s.pop("protocol"), s.pop("counts")) == (
+        "karpathy_cv",
+        {"dev": len(s["dev"]), "test": len(s["test"])},
+    )
     # today's file, rebuilt from today's rule (dev = not Karpathy test, folds over dev in id order)
     coco = data.load_coco(coco_root)
     dev = np.asarray(coco["splits"]) != "test"
-    method, folds, seed = (extra[1], int(extra[3]), int(extra[5])) if extra else ("stratified", 5, 42)
-    fold_of = (make_splits.iterative_stratification(coco["labels"][dev], folds, seed) if method == "stratified"
-               else make_splits.random_folds(int(dev.sum()), folds, seed))
+    method, folds, seed = (
+        (extra[1], int(extra[3]), int(extra[5])) if extra else ("stratified", 5, 42)
+    )
+    fold_of = (
+        make_splits.iterative_stratification(coco["labels"][dev], folds, seed)
+        if method == "stratified"
+        else make_splits.random_folds(int(dev.sum()), folds, seed)
+    )
     dev_ids = coco["ids"][dev]
     val = [dev_ids[fold_of == k].tolist() for k in range(folds)]
-    assert s == {"method": method, "folds": folds, "seed": seed, "categories": coco["categories"],
-                 "dev": dev_ids.tolist(), "test": coco["ids"][~dev].tolist(), "val_folds": val,
-                 "stats": [{"size": len(v), "positives": coco["labels"][dev][fold_of == k].sum(0).tolist()}
-                           for k, v in enumerate(val)]}
+    assert s == {
+        "method": method,
+        "folds": folds,
+        "seed": seed,
+        "categories": coco["categories"],
+        "dev": dev_ids.tolist(),
+        "test": coco["ids"][~dev].tolist(),
+        "val_folds": val,
+        "stats": [
+            {"size": len(v), "positives": coco["labels"][dev][fold_of == k].sum(0).tolist()}
+            for k, v in enumerate(val)
+        ],
+    }
     # and byte for byte, as long as synthetic.py still generates the same tree
     h = hashlib.sha256()
     for part in (coco["ids"].tobytes(), coco["labels"].tobytes(), "".join(coco["splits"]).encode()):
         h.update(part)
     if h.hexdigest() == _TODAY_INPUT:
-        assert hashlib.sha256((json.dumps(s, indent=2) + "\n").encode()).hexdigest() == _TODAY_FILES[extra]
+        assert (
+            hashlib.sha256((json.dumps(s, indent=2) + "\n").encode()).hexdigest()
+            == _TODAY_FILES[extra]
+        )
 
 
 def test_default_out_is_under_data_root(tmp_path):
@@ -118,10 +159,12 @@ def test_block_shares_equal_per_example_greedy():
     rng = np.random.default_rng(0)
     for _ in range(200):
         k = int(rng.integers(2, 7))
-        level = np.round(rng.uniform(-3, 12, k) * 4) / 4                       # many exact ties
+        level = np.round(rng.uniform(-3, 12, k) * 4) / 4  # many exact ties
         prio = rng.permutation(k).astype(float)
         m = int(rng.integers(0, 40))
-        np.testing.assert_array_equal(make_splits._take_top(level, prio, m), _greedy_reference(level, prio, m))
+        np.testing.assert_array_equal(
+            make_splits._take_top(level, prio, m), _greedy_reference(level, prio, m)
+        )
 
 
 def _mean_rel_dev(y, fold_of, k):
@@ -133,10 +176,13 @@ def test_stratified_balance_and_determinism():
     f = make_splits.iterative_stratification(y, 5, seed=0)
     assert f.dtype == np.int64 and set(np.unique(f)) == set(range(5))
     assert np.bincount(f).max() - np.bincount(f).min() <= 1
-    strat, rand = _mean_rel_dev(y, f, 5), _mean_rel_dev(y, make_splits.random_folds(len(y), 5, 0), 5)
+    strat, rand = (
+        _mean_rel_dev(y, f, 5),
+        _mean_rel_dev(y, make_splits.random_folds(len(y), 5, 0), 5),
+    )
     assert strat < 0.01 and strat < rand / 5, (strat, rand)
     # every class: per-fold positives within 1 of the even share (brute-force check of the counts)
-    pos = np.stack([y[f == j].sum(0) for j in range(5)])                      # (5, 80)
+    pos = np.stack([y[f == j].sum(0) for j in range(5)])  # (5, 80)
     assert (np.abs(pos - y.sum(0) / 5) <= 1.0 + 1e-9).mean() > 0.95
     np.testing.assert_array_equal(f, make_splits.iterative_stratification(y, 5, seed=0))
     assert (f != make_splits.iterative_stratification(y, 5, seed=1)).any()
@@ -152,9 +198,9 @@ def test_coco_scale_acceptance():
     t = time.time()
     f = make_splits.iterative_stratification(y, 5, seed=42)
     took = time.time() - t
-    assert _mean_rel_dev(y, f, 5) <= 0.002                                   # issue: <= 0.2% relative
+    assert _mean_rel_dev(y, f, 5) <= 0.002  # issue: <= 0.2% relative
     assert _mean_rel_dev(y, make_splits.random_folds(len(y), 5, 42), 5) > 0.02
-    assert took < 15                                                         # ~0.25 s idle; shared CPUs here
+    assert took < 15  # ~0.25 s idle; shared CPUs here
 
 
 def test_random_folds_partition():
@@ -198,7 +244,7 @@ def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, case):
     assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
     assert not os.path.exists(out)
     if before is not None:
-        assert sorted(os.listdir(root)) == before                              # no cache, no temporaries
+        assert sorted(os.listdir(root)) == before  # no cache, no temporaries
 
 
 @pytest.mark.parametrize("argv", [["--folds", "1"], ["--folds", "x"], ["--method", "kfold"]])
@@ -209,13 +255,32 @@ def test_argparse_rejects_bad_flags(argv, capsys):
 
 
 def _good_splits():
-    return {"method": "stratified", "folds": 2, "seed": 0, "categories": data.COCO_CATEGORIES,
-            "dev": [1, 2, 3, 4], "test": [5, 6], "val_folds": [[1, 3], [2, 4]],
-            "stats": [{"size": 2, "positives": [0] * 80}] * 2}
+    return {
+        "method": "stratified",
+        "folds": 2,
+        "seed": 0,
+        "categories": data.COCO_CATEGORIES,
+        "dev": [1, 2, 3, 4],
+        "test": [5, 6],
+        "val_folds": [[1, 3], [2, 4]],
+        "stats": [{"size": 2, "positives": [0] * 80}] * 2,
+    }
 
 
-@pytest.mark.parametrize("case", ["ok", "overlap", "not_partition", "duplicate", "fold_count", "missing_key",
-                                  "no_file", "bad_json", "categories"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "ok",
+        "overlap",
+        "not_partition",
+        "duplicate",
+        "fold_count",
+        "missing_key",
+        "no_file",
+        "bad_json",
+        "categories",
+    ],
+)
 def test_load_splits_validation(tmp_path, case):
     p = str(tmp_path / "s.json")
     s = _good_splits()
@@ -229,7 +294,9 @@ def test_load_splits_validation(tmp_path, case):
         s["folds"] = 3
     elif case == "missing_key":
         del s["val_folds"]
-    elif case == "categories":  # any class list is fine (checked against the cache), but it must name them
+    elif (
+        case == "categories"
+    ):  # any class list is fine (checked against the cache), but it must name them
         s["categories"] = [c["id"] for c in s["categories"]]
     if case == "bad_json":
         open(p, "w").write("{")

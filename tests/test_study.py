@@ -4,6 +4,7 @@ table's counts equal splits.json's stats), and a rerun that skips everything.
 
     python -m pytest -q tests/test_study.py
 """
+
 import csv
 import sys
 import textwrap
@@ -53,18 +54,35 @@ def fake_study(tmp_path):
     labels[:3] = 1
     np.savez(tmp_path / "labels.npz", labels=labels)
     cats = [{"id": c + 1, "name": f"class {c}", "supercategory": "ab"[c // 3]} for c in range(5)]
-    stats = [{"size": len(labels[k::3]), "positives": labels[k::3].sum(0).tolist()} for k in range(3)]
+    stats = [
+        {"size": len(labels[k::3]), "positives": labels[k::3].sum(0).tolist()} for k in range(3)
+    ]
     data.save_json(tmp_path / "splits.json", {"folds": 3, "categories": cats, "stats": stats})
     script = tmp_path / "fake_run_cv.py"
-    script.write_text(FAKE.format(tests=str(Path(__file__).parent), root=str(Path(__file__).parents[1]),
-                                  log=str(tmp_path / "calls.log"), labels=str(tmp_path / "labels.npz"),
-                                  splits=str(tmp_path / "splits.json")))
+    script.write_text(
+        FAKE.format(
+            tests=str(Path(__file__).parent),
+            root=str(Path(__file__).parents[1]),
+            log=str(tmp_path / "calls.log"),
+            labels=str(tmp_path / "labels.npz"),
+            splits=str(tmp_path / "splits.json"),
+        )
+    )
     return tmp_path, script, stats
 
 
 def run_study(tmp_path, script, *extra):
-    argv = ["--study_dir", str(tmp_path / "st"), "--only", "hash64,bits0,bits16,probe", "--bootstrap", "20",
-            "--run_cv", f"{sys.executable} {script}", *extra]
+    argv = [
+        "--study_dir",
+        str(tmp_path / "st"),
+        "--only",
+        "hash64,bits0,bits16,probe",
+        "--bootstrap",
+        "20",
+        "--run_cv",
+        f"{sys.executable} {script}",
+        *extra,
+    ]
     return study.main(study.get_args_parser().parse_args(argv))
 
 
@@ -84,24 +102,46 @@ def test_study_resume_report_and_rerun(fake_study, monkeypatch, capsys):
     assert calls(tmp_path)[0].endswith("--head both") and "--head" not in calls(tmp_path)[1]
     monkeypatch.delenv("FAIL_AT")
     out = Path(run_study(tmp_path, script))
-    assert [c.split()[0] for c in calls(tmp_path)][3:] == ["bits16", "probe"]  # finished runs were not redone
+    assert [c.split()[0] for c in calls(tmp_path)][3:] == [
+        "bits16",
+        "probe",
+    ]  # finished runs were not redone
     md = (out / "report.md").read_text()
     links = [s.split("](")[1].split(")")[0] for s in md.split("[")[1:] if "](" in s]
-    assert links and all((out / f).is_file() for f in links), [f for f in links if not (out / f).is_file()]
-    for stem in ("cv_table", "cv_heads", "test_table", "test_heads", "per_class", "fold_analysis", "fold_classes"):
+    assert links and all((out / f).is_file() for f in links), [
+        f for f in links if not (out / f).is_file()
+    ]
+    for stem in (
+        "cv_table",
+        "cv_heads",
+        "test_table",
+        "test_heads",
+        "per_class",
+        "fold_analysis",
+        "fold_classes",
+    ):
         assert f"{stem}.md" in links and f"{stem}.tex" in links and f"{stem}.csv" in links
     for fig in ("bits", "class_ap", "confusion", "folds", "learning_hash64"):
         assert f"{fig}.png" in links and f"{fig}.pdf" in links
-    assert md.index("cv_table.md") < md.index("test_table.md") < md.index("confusion.png") < md.index("folds.png")
+    assert (
+        md.index("cv_table.md")
+        < md.index("test_table.md")
+        < md.index("confusion.png")
+        < md.index("folds.png")
+    )
     with open(out / "fold_classes.csv") as f:
         rows = list(csv.DictReader(f))
     for c, row in enumerate(rows):  # the fold table's counts are splits.json's stats
-        assert [int(row[f"positives fold {k}"]) for k in range(3)] == [s["positives"][c] for s in stats]
+        assert [int(row[f"positives fold {k}"]) for k in range(3)] == [
+            s["positives"][c] for s in stats
+        ]
     with open(out / "per_class.csv") as f:
         fn = {r["name"]: int(r["fn"]) for r in csv.DictReader(f)}
     with open(out / "confusion.csv") as f:
         conf = list(csv.reader(f))[1:]
-    assert {r[0]: pytest.approx(sum(map(float, r[1:]))) for r in conf} == fn  # row sums = false negatives
+    assert {
+        r[0]: pytest.approx(sum(map(float, r[1:]))) for r in conf
+    } == fn  # row sums = false negatives
     n_calls = len(calls(tmp_path))
     capsys.readouterr()
     run_study(tmp_path, script)  # everything done: no run_cv.sh call, no report rewrite
@@ -110,7 +150,9 @@ def test_study_resume_report_and_rerun(fake_study, monkeypatch, capsys):
 
 def test_unknown_run_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        study.main(study.get_args_parser().parse_args(["--study_dir", str(tmp_path), "--only", "nope"]))
+        study.main(
+            study.get_args_parser().parse_args(["--study_dir", str(tmp_path), "--only", "nope"])
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
 
@@ -120,16 +162,42 @@ def test_report_folder(tmp_path):
     rng = np.random.default_rng(0)
     labels = (rng.random((120, 6)) < 0.3).astype(np.uint8)
     labels[0] = 1
-    runs = [ta.make_run(tmp_path / "bits64", [0.60, 0.62, 0.61], knn=[0.58, 0.61, 0.57], bits=64,
-                     evaluate=(labels, ta.fake_probs(rng, labels, 3, 0.4), ta.fake_probs(rng, labels, 3, 0.3))),
-            ta.make_run(tmp_path / "bits32", [0.58, 0.60, 0.59], knn=[0.55, 0.58, 0.56], bits=32,
-                     evaluate=(labels, ta.fake_probs(rng, labels, 3, 0.3), None)),
-            ta.make_run(tmp_path / "bits0", [0.57, 0.59, 0.60], bits=0, finished={2})]
+    runs = [
+        ta.make_run(
+            tmp_path / "bits64",
+            [0.60, 0.62, 0.61],
+            knn=[0.58, 0.61, 0.57],
+            bits=64,
+            evaluate=(
+                labels,
+                ta.fake_probs(rng, labels, 3, 0.4),
+                ta.fake_probs(rng, labels, 3, 0.3),
+            ),
+        ),
+        ta.make_run(
+            tmp_path / "bits32",
+            [0.58, 0.60, 0.59],
+            knn=[0.55, 0.58, 0.56],
+            bits=32,
+            evaluate=(labels, ta.fake_probs(rng, labels, 3, 0.3), None),
+        ),
+        ta.make_run(tmp_path / "bits0", [0.57, 0.59, 0.60], bits=0, finished={2}),
+    ]
     rep = tmp_path / "report"
-    agg = aggregate.get_args_parser().parse_args([*map(str, runs), "--allow_partial", "--bootstrap", "50"])
+    agg = aggregate.get_args_parser().parse_args(
+        [*map(str, runs), "--allow_partial", "--bootstrap", "50"]
+    )
     sections = study.write_report(aggregate.main(agg)["runs"], agg, str(rep))
-    for stem in ("cv_table", "cv_heads", "cv_bits64", "cv_bits0", "test_bits64", "test_bits32", "test_table",
-                 "test_heads"):
+    for stem in (
+        "cv_table",
+        "cv_heads",
+        "cv_bits64",
+        "cv_bits0",
+        "test_bits64",
+        "test_bits32",
+        "test_table",
+        "test_heads",
+    ):
         for ext in ("csv", "md", "tex"):
             assert (rep / f"{stem}.{ext}").is_file(), f"{stem}.{ext}"
     for stem in ("learning_bits64", "learning_bits0", "bits"):
@@ -140,16 +208,34 @@ def test_report_folder(tmp_path):
     assert "bits0 (partial 2/3)" in (rep / "cv_bits0.tex").read_text()
     test = ta.read_csv(rep / "test_bits64.csv")
     assert [(x["model"], x["head"]) for x in test] == [(f"fold{k}", "MLP") for k in range(3)] + [
-        ("mean ± std (folds)", "MLP"), ("ensemble", "MLP")] + [(f"fold{k}", "KNN") for k in range(3)] + [
-        ("mean ± std (folds)", "KNN"), ("ensemble", "KNN")]
+        ("mean ± std (folds)", "MLP"),
+        ("ensemble", "MLP"),
+    ] + [(f"fold{k}", "KNN") for k in range(3)] + [
+        ("mean ± std (folds)", "KNN"),
+        ("ensemble", "KNN"),
+    ]
     z = np.load(runs[0] / "eval_test" / "test_predictions.npz")
-    cis = metrics.bootstrap_intervals(labels, [*z["member_probs"], z["probs"], *z["member_knn_probs"], z["knn_probs"]],
-                                      n_boot=50, seed=0)
+    cis = metrics.bootstrap_intervals(
+        labels,
+        [*z["member_probs"], z["probs"], *z["member_knn_probs"], z["knn_probs"]],
+        n_boot=50,
+        seed=0,
+    )
     for row, ci in zip([x for x in test if x["model"] != "mean ± std (folds)"], cis):
         for m in metrics.METRIC_NAMES:  # every metric has its interval, on the shared resamples
-            assert (float(row[m]), float(row[f"{m}_low"]), float(row[f"{m}_high"])) == pytest.approx(ci[m])
+            assert (
+                float(row[m]),
+                float(row[f"{m}_low"]),
+                float(row[f"{m}_high"]),
+            ) == pytest.approx(ci[m])
     mean_row = test[3]
-    assert float(mean_row["mAP_macro"]) == pytest.approx(np.mean([float(x["mAP_macro"]) for x in test[:3]]))
+    assert float(mean_row["mAP_macro"]) == pytest.approx(
+        np.mean([float(x["mAP_macro"]) for x in test[:3]])
+    )
     side = ta.read_csv(rep / "test_table.csv")
-    assert [(x["run"], x["head"]) for x in side][::2] == [("bits64", "MLP"), ("bits64", "KNN"), ("bits32", "MLP")]
+    assert [(x["run"], x["head"]) for x in side][::2] == [
+        ("bits64", "MLP"),
+        ("bits64", "KNN"),
+        ("bits32", "MLP"),
+    ]
     test_report.compile_tex(sorted(rep.glob("*.tex")), tmp_path)

@@ -1,5 +1,6 @@
 """train.py on a small planted feature cache: outputs and formats, exact resume, determinism, torch.compile,
 the lr schedule, and one-line errors with exit code 2 for bad input."""
+
 import itertools
 import json
 import math
@@ -15,7 +16,18 @@ import model
 import train
 import synthetic
 
-SMALL = ["--mlp_dims", "48", "--bits", "16", "--batch_size", "16", "--device", "cpu", "--num_threads", "1"]
+SMALL = [
+    "--mlp_dims",
+    "48",
+    "--bits",
+    "16",
+    "--batch_size",
+    "16",
+    "--device",
+    "cpu",
+    "--num_threads",
+    "1",
+]
 
 
 def _write_cache(root, n=300, seed=0, drop_ids=()):
@@ -26,9 +38,16 @@ def _write_cache(root, n=300, seed=0, drop_ids=()):
     order = rng.permutation(ids).tolist()
     test, dev = sorted(order[:20]), sorted(order[20:])
     folds = [sorted(dev[k::3]) for k in range(3)]
-    splits = {"method": "random", "folds": 3, "seed": seed, "categories": data.COCO_CATEGORIES, "dev": dev,
-              "test": test, "val_folds": folds,
-              "stats": [{"size": len(f), "positives": [0] * 80} for f in folds]}
+    splits = {
+        "method": "random",
+        "folds": 3,
+        "seed": seed,
+        "categories": data.COCO_CATEGORIES,
+        "dev": dev,
+        "test": test,
+        "val_folds": folds,
+        "stats": [{"size": len(f), "positives": [0] * 80} for f in folds],
+    }
     keep = ~np.isin(feats["ids"], list(drop_ids))
     tensors = {k: v[keep] for k, v in feats.items() if k not in ("meta", "prompts")}
     features.save_features(root / "features.safetensors", tensors, feats["meta"])
@@ -42,7 +61,11 @@ def cache(tmp_path_factory):
 
 
 def run(feats, splits, out_dir, *extra):
-    argv = ["--features", str(feats), "--splits", str(splits), "--out_dir", str(out_dir)] + SMALL + [str(a) for a in extra]
+    argv = (
+        ["--features", str(feats), "--splits", str(splits), "--out_dir", str(out_dir)]
+        + SMALL
+        + [str(a) for a in extra]
+    )
     return train.main(train.get_args_parser().parse_args(argv))
 
 
@@ -61,14 +84,33 @@ def _load(path):
 def test_outputs_and_formats(cache, full_run):
     out = full_run
     ckpt = _load(out / "best.pt")
-    for k in ("model", "optimizer", "scaler", "scheduler", "epoch", "best", "bad_epochs", "model_args", "config",
-              "finished", "rng"):
+    for k in (
+        "model",
+        "optimizer",
+        "scaler",
+        "scheduler",
+        "epoch",
+        "best",
+        "bad_epochs",
+        "model_args",
+        "config",
+        "finished",
+        "rng",
+    ):
         assert k in ckpt, k
     assert ckpt["rng"].dtype == torch.uint8 and _load(out / "last.pt")["finished"] is True
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["effective_batch"] == 32 and cfg["steps_per_epoch"] == math.ceil((cfg["n_train"] // 16) / 2)
-    assert cfg["total_steps"] == 4 * cfg["steps_per_epoch"] and cfg["warmup_steps"] == round(0.1 * cfg["total_steps"])
-    assert len(cfg["splits_sha256"]) == 64 and cfg["features_meta"]["model"] == "planted" and cfg["finished"]
+    assert cfg["effective_batch"] == 32 and cfg["steps_per_epoch"] == math.ceil(
+        (cfg["n_train"] // 16) / 2
+    )
+    assert cfg["total_steps"] == 4 * cfg["steps_per_epoch"] and cfg["warmup_steps"] == round(
+        0.1 * cfg["total_steps"]
+    )
+    assert (
+        len(cfg["splits_sha256"]) == 64
+        and cfg["features_meta"]["model"] == "planted"
+        and cfg["finished"]
+    )
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
     assert all({"lr", "bce", "quant", "val_mAP_macro", "seconds"} <= set(r) for r in log)
@@ -79,7 +121,11 @@ def test_outputs_and_formats(cache, full_run):
 
     # predictions: recompute them independently from best.pt, one image and one caption at a time
     pred = np.load(out / "val_predictions.npz")
-    assert pred["ids"].dtype == np.int64 and pred["probs"].dtype == np.float32 and pred["codes"].dtype == np.int8
+    assert (
+        pred["ids"].dtype == np.int64
+        and pred["probs"].dtype == np.float32
+        and pred["codes"].dtype == np.int8
+    )
     assert pred["codes"].shape == (cfg["n_val"], 16) and set(np.unique(pred["codes"])) <= {-1, 1}
     head = model.HashHead(**ckpt["model_args"]).eval()
     head.load_state_dict(ckpt["model"])
@@ -88,11 +134,23 @@ def test_outputs_and_formats(cache, full_run):
     with torch.no_grad():
         for j in (0, 7, len(pred["ids"]) - 1):
             r = row[int(pred["ids"][j])]
-            caps = range(int(tensors["n_captions"][r]))  # the default protocol: every non-empty caption subset
-            sets = [list(c) for k in range(1, len(caps) + 1) for c in itertools.combinations(caps, k)]
-            outs = [head(tensors["image"][r:r + 1, 0].float(), tensors["text"][r:r + 1, c].float().mean(1)) for c in sets]
+            caps = range(
+                int(tensors["n_captions"][r])
+            )  # the default protocol: every non-empty caption subset
+            sets = [
+                list(c) for k in range(1, len(caps) + 1) for c in itertools.combinations(caps, k)
+            ]
+            outs = [
+                head(
+                    tensors["image"][r : r + 1, 0].float(),
+                    tensors["text"][r : r + 1, c].float().mean(1),
+                )
+                for c in sets
+            ]
             p = np.mean([torch.sigmoid(lo)[0].numpy() for lo, _, _ in outs], 0)
-            code = np.where(np.mean([h[0].numpy() for _, h, _ in outs], 0) >= 0, 1, -1)  # 0 -> +1 as model.sign_codes
+            code = np.where(
+                np.mean([h[0].numpy() for _, h, _ in outs], 0) >= 0, 1, -1
+            )  # 0 -> +1 as model.sign_codes
             np.testing.assert_allclose(pred["probs"][j], p, rtol=1e-4, atol=1e-6)
             np.testing.assert_array_equal(pred["codes"][j], code)
             np.testing.assert_array_equal(pred["labels"][j], tensors["labels"][r].numpy())
@@ -105,9 +163,21 @@ def test_centres_stay_fixed(cache, tmp_path):
     run(*cache, out, "--code_classifier", "centres", "--epochs", 2, "--patience", 0)
     ckpt = _load(out / "best.pt")
     assert ckpt["model_args"]["code_classifier"] == "centres" and ckpt["config"]["code_gain"] == 2.0
-    w = ckpt["model"]["classifier.weight"]  # (80, 16): +-2 / sqrt(16) after training, as initialised
+    w = ckpt["model"][
+        "classifier.weight"
+    ]  # (80, 16): +-2 / sqrt(16) after training, as initialised
     assert torch.equal(w.abs(), torch.full_like(w, 0.5)) and 0.3 < (w > 0).float().mean() < 0.7
-    assert len(ckpt["optimizer"]["state"]) == len([k for k in ckpt["model"] if "running" not in k and "num_batches" not in k and k != "prior_logit"]) - 1
+    assert (
+        len(ckpt["optimizer"]["state"])
+        == len(
+            [
+                k
+                for k in ckpt["model"]
+                if "running" not in k and "num_batches" not in k and k != "prior_logit"
+            ]
+        )
+        - 1
+    )
 
 
 def test_resume_is_exact(cache, full_run, tmp_path, monkeypatch, capsys):
@@ -120,6 +190,7 @@ def test_resume_is_exact(cache, full_run, tmp_path, monkeypatch, capsys):
         if calls["n"] == 3:
             raise KeyboardInterrupt
         return real_evaluate(*a, **k)
+
     monkeypatch.setattr(train, "validate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(*cache, out, "--epochs", 4, "--patience", 0)
@@ -129,8 +200,14 @@ def test_resume_is_exact(cache, full_run, tmp_path, monkeypatch, capsys):
     assert (out / "val_metrics.json").read_text() == (full_run / "val_metrics.json").read_text()
     a, b = _load(out / "best.pt")["model"], _load(full_run / "best.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (out / "log.jsonl").open()]
-    ref = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (full_run / "log.jsonl").open()]
+    strip = [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (out / "log.jsonl").open()
+    ]
+    ref = [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (full_run / "log.jsonl").open()
+    ]
     assert strip == ref
     capsys.readouterr()
     run(*cache, out, "--epochs", 4, "--patience", 0, "--resume")  # finished: nothing to do, exit 0
@@ -139,18 +216,32 @@ def test_resume_is_exact(cache, full_run, tmp_path, monkeypatch, capsys):
 
 def test_deterministic_on_cpu(cache, full_run, tmp_path):
     run(*cache, tmp_path, "--epochs", 4, "--patience", 0)
-    assert (tmp_path / "val_metrics.json").read_text() == (full_run / "val_metrics.json").read_text()
+    assert (tmp_path / "val_metrics.json").read_text() == (
+        full_run / "val_metrics.json"
+    ).read_text()
     p, q = np.load(tmp_path / "val_predictions.npz"), np.load(full_run / "val_predictions.npz")
     assert all(np.array_equal(p[k], q[k]) for k in ("ids", "labels", "probs", "codes"))
 
 
 def test_compile_saves_plain_keys(cache, tmp_path):
     # aot_eager: the full dynamo + autograd capture, without inductor's minutes of C++ codegen on this CPU
-    run(*cache, tmp_path, "--epochs", 1, "--compile", "--compile_backend", "aot_eager", "--bits", "0")
+    run(
+        *cache,
+        tmp_path,
+        "--epochs",
+        1,
+        "--compile",
+        "--compile_backend",
+        "aot_eager",
+        "--bits",
+        "0",
+    )
     for name in ("best.pt", "last.pt"):
         keys = list(_load(tmp_path / name)["model"])
         assert keys and not any("_orig_mod" in k for k in keys)
-        model.HashHead(**_load(tmp_path / name)["model_args"]).load_state_dict(_load(tmp_path / name)["model"])
+        model.HashHead(**_load(tmp_path / name)["model_args"]).load_state_dict(
+            _load(tmp_path / name)["model"]
+        )
 
 
 def _lr_curve(a, steps_per_epoch, n):
@@ -166,15 +257,25 @@ def _lr_curve(a, steps_per_epoch, n):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    a = train.get_args_parser().parse_args(["--features", "f", "--splits", "s", "--out_dir", "o", "--lr", "1e-3"])
+    a = train.get_args_parser().parse_args(
+        ["--features", "f", "--splits", "s", "--out_dir", "o", "--lr", "1e-3"]
+    )
     lr, total, warm = _lr_curve(a, 10, 201)  # 20 epochs of 10 steps; lr[total]: after the last step
     assert (total, warm) == (200, 20)
     assert lr[0] == pytest.approx(1e-3 / warm) and lr[warm - 1] == pytest.approx(1e-3)
-    assert all(x < y for x, y in zip(lr[:warm - 1], lr[1:warm]))  # warmup really rises
-    assert all(x >= y for x, y in zip(lr[warm:-1], lr[warm + 1:])) and lr[-1] == pytest.approx(1e-6)
-    a.scheduler = "cosine_restarts"  # periods T_0 = 5 epochs, then 10: restarts at warm + 50 and warm + 150
+    assert all(x < y for x, y in zip(lr[: warm - 1], lr[1:warm]))  # warmup really rises
+    assert all(x >= y for x, y in zip(lr[warm:-1], lr[warm + 1 :])) and lr[-1] == pytest.approx(
+        1e-6
+    )
+    a.scheduler = (
+        "cosine_restarts"  # periods T_0 = 5 epochs, then 10: restarts at warm + 50 and warm + 150
+    )
     lr = _lr_curve(a, 10, 200)[0]
-    assert lr[warm + 49] < 2e-6 and lr[warm + 50] == pytest.approx(1e-3) and lr[warm + 150] == pytest.approx(1e-3)
+    assert (
+        lr[warm + 49] < 2e-6
+        and lr[warm + 50] == pytest.approx(1e-3)
+        and lr[warm + 150] == pytest.approx(1e-3)
+    )
 
 
 def _fails(capsys, *argv):
@@ -188,49 +289,122 @@ def _fails(capsys, *argv):
 
 def test_bad_input_exits_2(cache, tmp_path, capsys):
     feats, splits = cache
-    err = _fails(capsys, "--features", tmp_path / "nope.safetensors", "--splits", splits, "--out_dir", tmp_path / "a")
+    err = _fails(
+        capsys,
+        "--features",
+        tmp_path / "nope.safetensors",
+        "--splits",
+        splits,
+        "--out_dir",
+        tmp_path / "a",
+    )
     assert "nope.safetensors" in err
     (tmp_path / "junk.safetensors").write_text("not a cache")
-    assert "junk.safetensors" in _fails(capsys, "--features", tmp_path / "junk.safetensors", "--splits", splits,
-                                        "--out_dir", tmp_path / "a")
+    assert "junk.safetensors" in _fails(
+        capsys,
+        "--features",
+        tmp_path / "junk.safetensors",
+        "--splits",
+        splits,
+        "--out_dir",
+        tmp_path / "a",
+    )
     sub = tmp_path / "sub"
     sub.mkdir()
     dev = json.loads(splits.read_text())["dev"]
     part_feats, part_splits = _write_cache(sub, drop_ids=dev[:5])  # the cache lacks 5 split ids
-    assert "missing" in _fails(capsys, "--features", part_feats, "--splits", part_splits, "--out_dir", tmp_path / "a")
-    assert "--fold" in _fails(capsys, "--features", feats, "--splits", splits, "--fold", 3, "--out_dir", tmp_path / "a")
+    assert "missing" in _fails(
+        capsys, "--features", part_feats, "--splits", part_splits, "--out_dir", tmp_path / "a"
+    )
+    assert "--fold" in _fails(
+        capsys, "--features", feats, "--splits", splits, "--fold", 3, "--out_dir", tmp_path / "a"
+    )
     with pytest.raises(SystemExit) as e:  # after SMALL, whose --bits 16 would win
-        train.main(train.get_args_parser().parse_args(["--features", str(feats), "--splits", str(splits), "--out_dir",
-                                                       str(tmp_path / "a")] + SMALL + ["--bits", "0", "--sign_weight", "1"]))
+        train.main(
+            train.get_args_parser().parse_args(
+                [
+                    "--features",
+                    str(feats),
+                    "--splits",
+                    str(splits),
+                    "--out_dir",
+                    str(tmp_path / "a"),
+                ]
+                + SMALL
+                + ["--bits", "0", "--sign_weight", "1"]
+            )
+        )
     assert e.value.code == 2 and "--sign_weight" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()  # nothing half-written
 
     out = tmp_path / "r"
     run(feats, splits, out, "--epochs", 2, "--patience", 0)
-    assert "--resume" in _fails(capsys, "--features", feats, "--splits", splits, "--out_dir", out)  # no silent overwrite
-    err = _fails(capsys, "--features", feats, "--splits", splits, "--out_dir", out, "--resume", "--epochs", 3,
-                 "--fusion", "concat")
+    assert "--resume" in _fails(
+        capsys, "--features", feats, "--splits", splits, "--out_dir", out
+    )  # no silent overwrite
+    err = _fails(
+        capsys,
+        "--features",
+        feats,
+        "--splits",
+        splits,
+        "--out_dir",
+        out,
+        "--resume",
+        "--epochs",
+        3,
+        "--fusion",
+        "concat",
+    )
     assert "--resume" in err and "concat" in err
-    ckpt = torch.load(out / "last.pt", weights_only=True)  # a checkpoint older than a model flag: its default holds
+    ckpt = torch.load(
+        out / "last.pt", weights_only=True
+    )  # a checkpoint older than a model flag: its default holds
     del ckpt["model_args"]["code_classifier"]
     torch.save(ckpt, out / "last.pt")
-    err = _fails(capsys, "--features", feats, "--splits", splits, "--out_dir", out, "--resume", "--epochs", 3,
-                 "--code_classifier", "centres")
+    err = _fails(
+        capsys,
+        "--features",
+        feats,
+        "--splits",
+        splits,
+        "--out_dir",
+        out,
+        "--resume",
+        "--epochs",
+        3,
+        "--code_classifier",
+        "centres",
+    )
     assert "code_classifier: learned in the checkpoint, centres now" in err
 
 
 def test_sign_weight_adds_the_binarised_codes_bce(cache, full_run, tmp_path):
     run(*cache, tmp_path, "--epochs", 1, "--sign_weight", 0.5)
     rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
-    assert rec["bce_sign"] > 0.05 and rec["loss"] == pytest.approx(rec["bce"] + rec["bce_evidence"] + 0.5 * rec["bce_sign"], rel=1e-5)
-    off = json.loads((full_run / "log.jsonl").read_text().splitlines()[0])  # default --sign_weight 0: not computed
-    assert off["bce_sign"] == 0 and off["loss"] == pytest.approx(off["bce"] + off["bce_evidence"], rel=1e-6)
+    assert rec["bce_sign"] > 0.05 and rec["loss"] == pytest.approx(
+        rec["bce"] + rec["bce_evidence"] + 0.5 * rec["bce_sign"], rel=1e-5
+    )
+    off = json.loads(
+        (full_run / "log.jsonl").read_text().splitlines()[0]
+    )  # default --sign_weight 0: not computed
+    assert off["bce_sign"] == 0 and off["loss"] == pytest.approx(
+        off["bce"] + off["bce_evidence"], rel=1e-6
+    )
 
 
 def test_argparse_rejects_bad_flags(capsys):
     base = ["--features", "f", "--splits", "s", "--out_dir", "o"]
-    for bad in (["--bits", "-1"], ["--lr", "-1"], ["--fusion", "foo"], ["--batch_size", "1"], ["--dropout", "1.5"],
-                ["--mlp_dims", "10,x"], ["--input_norm", "x"], ["--warmup_ratio", "1"]):
+    for bad in (
+        ["--bits", "-1"],
+        ["--lr", "-1"],
+        ["--fusion", "foo"],
+        ["--batch_size", "1"],
+        ["--dropout", "1.5"],
+        ["--mlp_dims", "10,x"],
+        ["--input_norm", "x"],
+        ["--warmup_ratio", "1"],
+    ):
         with pytest.raises(SystemExit) as e:
             train.get_args_parser().parse_args(base + bad)
         assert e.value.code == 2
@@ -244,7 +418,10 @@ def test_non_finite_loss_stops(cache, tmp_path, monkeypatch, capsys):
         loss, terms = real(*a, **k)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 3 else loss), terms
+
     monkeypatch.setattr(model, "head_loss", poisoned)
-    err = _fails(capsys, "--features", cache[0], "--splits", cache[1], "--out_dir", tmp_path, "--epochs", 2)
+    err = _fails(
+        capsys, "--features", cache[0], "--splits", cache[1], "--out_dir", tmp_path, "--epochs", 2
+    )
     assert "non-finite loss at epoch 1 step 3" in err
     assert not (tmp_path / "last.pt").exists()
