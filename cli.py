@@ -17,11 +17,20 @@ def fail(msg):
     sys.exit(2)
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a help string unless the help names its default or it is None."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with defaults in --help, and a bad flag answered by one line that names it (not the usage)."""
+    """argparse with defaults in --help; a bad flag is answered by one line naming it (no usage)."""
 
     def __init__(self, prog, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(prog, **kwargs)
 
     def error(self, message):
@@ -54,7 +63,7 @@ fraction = number(float, 0.0, hi=1.0)  # [0, 1): dropout rates, warmup ratios
 
 
 def int_list(s):
-    """argparse type=: comma-separated positive integers, e.g. "1024,512" (an empty string: no entries)."""
+    """argparse type=: comma-separated positive integers, e.g. "1024,512" ("": no entries)."""
     try:
         out = [int(t) for t in s.split(",") if t.strip()]
     except ValueError:

@@ -3,9 +3,9 @@
 Importable module, no CLI (the feature cache is features.py). Typical use:
 
     import data
-    coco = data.load_coco("data/coco")            # ids, paths, splits, labels [N,80], captions, categories
-    ds = data.load_dataset("mine.jsonl")          # the same dict from a manifest (or a COCO folder)
-    data.save_json("out/metrics.json", obj)       # atomic: readers never see a half-written file
+    coco = data.load_coco("data/coco")       # ids, paths, splits, labels [N,80], captions, ...
+    ds = data.load_dataset("mine.jsonl")     # the same dict from a manifest (or a COCO folder)
+    data.save_json("out/metrics.json", obj)  # atomic: readers never see a half-written file
 
 Every error caused by bad input is raised as DataError(one line naming the file and the fix);
 scripts catch it and exit with code 2.
@@ -25,13 +25,14 @@ COCO_CATEGORIES = [
     for i, n in zip(
         [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)],
         (
-            "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
-            "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,"
-            "handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,"
-            "surfboard,tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,"
-            "broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,"
-            "mouse,remote,keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,"
-            "teddy bear,hair drier,toothbrush"
+            "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,"
+            "fire hydrant,stop sign,parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,"
+            "zebra,giraffe,backpack,umbrella,handbag,tie,suitcase,frisbee,skis,snowboard,"
+            "sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,tennis racket,"
+            "bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,"
+            "carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,"
+            "laptop,mouse,remote,keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,"
+            "clock,vase,scissors,teddy bear,hair drier,toothbrush"
         ).split(","),
     )
 ]
@@ -45,9 +46,11 @@ class DataError(Exception):
 
 
 def atomic_write(path, write_fn):
-    """Call write_fn(tmp_path), then rename tmp_path onto path, so readers never see a half-written file.
+    """Call write_fn(tmp_path), then rename tmp_path onto path, so readers never see a half-written
+    file.
 
-    The temporary name keeps the extension (x.tmp<pid>.npz), so np.savez / torch.save / PIL work unchanged.
+    The temporary name keeps the extension (x.tmp<pid>.npz), so np.savez / torch.save / PIL work
+    unchanged.
     """
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
@@ -88,7 +91,8 @@ def save_json(path, obj):
 
 
 def file_fingerprint(paths):
-    """Short sha256 over (name, size, mtime_ns) of each file: changes whenever a source file is replaced."""
+    """Short sha256 over (name, size, mtime_ns) of each file: changes whenever a source file is
+    replaced."""
     h = hashlib.sha256()
     for p in paths:
         try:
@@ -99,7 +103,7 @@ def file_fingerprint(paths):
     return h.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------- COCO 2014 + Karpathy split
+# ----------------------------------------------------------------------- COCO 2014 + Karpathy split
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 _INDEX_VERSION = 1
@@ -114,19 +118,21 @@ def coco_files(data_root):
     ]
 
 
-def _read_json(path, what):
+def read_json(path, what="JSON", fix="re-run the script that wrote it"):
+    """The one JSON reader: path -> its object; a DataError naming the file, the cause and `fix`
+    when the file is missing, unreadable or not JSON."""
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise DataError(
-            f"{path}: cannot read {what} ({type(e).__name__}: {str(e)[:80]}); re-download it"
-        ) from None
+        cause = f"{type(e).__name__}: {str(e)[:80]}"
+        raise DataError(f"{path}: cannot read {what} ({cause}); {fix}") from None
 
 
 def _karpathy_records(path):
-    """-> list of (cocoid, split, rel_path, captions) from Karpathy's dataset_coco.json, validated."""
-    d = _read_json(path, "the Karpathy split json")
+    """-> list of (cocoid, split, rel_path, captions) from Karpathy's dataset_coco.json,
+    validated."""
+    d = read_json(path, "the Karpathy split json", "re-download it")
     if not isinstance(d, dict) or not isinstance(d.get("images"), list):
         raise DataError(f"{path}: no 'images' list; expected Karpathy's dataset_coco.json")
     out = []
@@ -146,9 +152,7 @@ def _karpathy_records(path):
                 f"{path}: images[{i}] has split {r['split']!r}, expected one of {KARPATHY_SPLITS}"
             )
         try:
-            caps = [
-                " ".join(str(s["raw"]).split()) for s in r["sentences"]
-            ]  # collapse spaces, newlines
+            caps = [" ".join(str(s["raw"]).split()) for s in r["sentences"]]  # spaces, newlines
         except (KeyError, TypeError):
             raise DataError(
                 f"{path}: images[{i}].sentences lack 'raw'; expected Karpathy's dataset_coco.json"
@@ -168,12 +172,13 @@ def _karpathy_records(path):
 
 
 def _instances(path):
-    """-> (set of image ids, int64 [A] image ids, int64 [A] category ids) of all annotations, crowd included."""
+    """-> (set of image ids, int64 [A] image ids, int64 [A] category ids) of all annotations, crowd
+    included."""
     import contextlib
     import io
     from pycocotools.coco import COCO
 
-    d = _read_json(path, "the instances annotation file")
+    d = read_json(path, "the instances annotation file", "re-download it")
     if not isinstance(d, dict) or not all(
         isinstance(d.get(k), list) for k in ("images", "annotations", "categories")
     ):
@@ -216,9 +221,8 @@ def _build_coco_index(data_root):
                 f"official COCO 2014 instances file"
             )
         row = np.searchsorted(ids, img)
-        keep = (row < len(ids)) & (
-            ids[np.minimum(row, len(ids) - 1)] == img
-        )  # images in the Karpathy json
+        # the images in the Karpathy json
+        keep = (row < len(ids)) & (ids[np.minimum(row, len(ids) - 1)] == img)
         labels[row[keep], cat_index[cat[keep]]] = 1
     absent = [i for i in ids.tolist() if i not in known]
     if absent:
@@ -239,10 +243,11 @@ def _build_coco_index(data_root):
 def load_coco(data_root):
     """Load the COCO 2014 Karpathy-split pool -> dict (see DESIGN.md), rows sorted by COCO id.
 
-    ids int64 [N], paths list[str] (data_root/filepath/filename), splits list[str], labels uint8 [N, 80]
-    (category present in any annotation, crowd included; no annotation -> zero row), captions
-    list[list[str]] (whitespace-normalised, in order), categories (80 {id, name} by id), fingerprint str.
-    The parsed index is cached in data_root/.coco_index.{npz,json}, rebuilt when a source file changes.
+    ids int64 [N], paths list[str] (data_root/filepath/filename), splits list[str], labels uint8
+    [N, 80] (category present in any annotation, crowd included; no annotation -> zero row),
+    captions list[list[str]] (whitespace-normalised, in order), categories (80 {id, name} by id),
+    fingerprint str. The parsed index is cached in data_root/.coco_index.{npz,json}, rebuilt when a
+    source file changes.
     """
     data_root = os.fspath(data_root)
     if not os.path.isdir(data_root):
@@ -263,8 +268,7 @@ def load_coco(data_root):
     )
     idx = None
     try:
-        with open(js) as f:
-            meta = json.load(f)
+        meta = read_json(js, "the COCO index cache")
         if meta.get("fingerprint") == fp and meta.get("version") == _INDEX_VERSION:
             with np.load(npz) as z:
                 idx = {
@@ -279,11 +283,12 @@ def load_coco(data_root):
                 == len(idx["captions"])
             ):
                 idx = None
-    except (OSError, ValueError, KeyError):
+    except (DataError, OSError, ValueError, KeyError, AttributeError):
         idx = None  # no / stale / broken cache
     if idx is None:
         idx = _build_coco_index(data_root)
-        try:  # labels first, then the json carrying the fingerprint, so a half-updated cache reads as stale
+        # labels first, then the json carrying the fingerprint: a half-updated cache reads as stale
+        try:
             atomic_write(npz, lambda tmp: np.savez(tmp, ids=idx["ids"], labels=idx["labels"]))
             meta = {
                 "version": _INDEX_VERSION,
@@ -312,12 +317,14 @@ def load_coco(data_root):
 
 
 def load_jsonl(path):
-    """A generic dataset from a JSON-lines manifest -> the same dict as load_coco (rows sorted by id).
+    """A generic dataset from a JSON-lines manifest -> the same dict as load_coco (rows sorted by
+    id).
 
-    One JSON object per line: {"image": path (relative to the manifest's folder), "labels": [class names],
-    "texts": [captions] (optional; none is fine), "split": "train" | "test" (optional, default "train"),
-    "id": int (optional, default the line number)}. The classes are every label name that occurs, sorted,
-    with ids 1..C. This is the second loader: another dataset plugs in by writing one such function.
+    One JSON object per line: {"image": path (relative to the manifest's folder), "labels": [class
+    names], "texts": [captions] (optional; none is fine), "split": "train" | "test" (optional,
+    default "train"), "id": int (optional, default the line number)}. The classes are every label
+    name that occurs, sorted, with ids 1..C. This is the second loader: another dataset plugs in by
+    writing one such function.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -342,8 +349,8 @@ def load_jsonl(path):
                 )
             except (ValueError, KeyError, TypeError) as e:
                 raise DataError(
-                    f"{path}: line {n} is not a manifest record ({type(e).__name__}: {e}); each line "
-                    f'needs "image" and "labels"'
+                    f"{path}: line {n} is not a manifest record ({type(e).__name__}: {e}); "
+                    f'each line needs "image" and "labels"'
                 ) from None
     recs.sort()
     ids = np.array([r[0] for r in recs], np.int64)
@@ -367,7 +374,8 @@ def load_jsonl(path):
 
 
 def load_dataset(data_root):
-    """The loader for data_root: a .jsonl manifest (load_jsonl), else a COCO 2014 folder (load_coco)."""
+    """The loader for data_root: a .jsonl manifest (load_jsonl), else a COCO 2014 folder
+    (load_coco)."""
     return (
         load_jsonl(data_root) if os.fspath(data_root).endswith(".jsonl") else load_coco(data_root)
     )

@@ -1,25 +1,33 @@
 """
-Run the frozen SigLIP2 towers ONCE over every dev + test image and its captions; cache the raw pooled
-embeddings (not normalised) in one safetensors file that train.py and evaluate.py read.
+Run the frozen SigLIP2 towers ONCE over every dev + test image and its captions; cache the raw
+pooled embeddings (not normalised) in one safetensors file that train.py and evaluate.py read.
 
-    python extract_features.py --data_root data/coco    # cuda fp16 -> <data_root>/features_<model>.safetensors
-    python extract_features.py --data_root data/coco --views 3             # + 2 augmented views per image
-    python extract_features.py --data_root data/coco --limit 200 --device cpu --out /tmp/f.safetensors  # quick try
-    python extract_features.py --data_root data/coco --skip_bad_images     # leave unreadable images out
-    torchrun --nproc_per_node 8 extract_features.py --data_root data/coco  # 8 GPUs, the same file as one
+    # cuda fp16 -> <data_root>/features_<model>.safetensors
+    python extract_features.py --data_root data/coco
+    # + 2 augmented views per image
+    python extract_features.py --data_root data/coco --views 3
+    # a quick try
+    python extract_features.py --data_root data/coco --limit 200 --device cpu --out /tmp/f.st
+    # leave unreadable images out
+    python extract_features.py --data_root data/coco --skip_bad_images
+    # 8 GPUs, the same file as one
+    torchrun --nproc_per_node 8 extract_features.py --data_root data/coco
 
-Cache (see features.load_features): ids int64 [N], image float16 [N,V,D] (view 0 = the plain image), text float16
-[N,C,D] (zero rows past n_captions), n_captions int64 [N], labels uint8 [N,80], prompts float16 [80,D]
-("a photo of a {name}."), metadata: model, dim, views, max_captions, image_size, logit scale/bias, ...
+Cache (see features.load_features): ids int64 [N], image float16 [N,V,D] (view 0 = the plain
+image), text float16 [N,C,D] (zero rows past n_captions), n_captions int64 [N], labels uint8 [N,80],
+prompts float16 [80,D] ("a photo of a {name}."), metadata: model, dim, views, max_captions,
+image_size, logit scale/bias, ...
 
-Robustness: every image is decoded once before any encoding; unreadable ones stop the run (exit 2, all listed)
-unless --skip_bad_images. Work is done in shards written atomically to <out>.parts/, so a killed run resumes
-where it stopped and ends with the same file as an uninterrupted one. An existing --out made with another
-model / max_captions / views / augmentation / data is refused; with the same settings it is reported up to date.
+Robustness: every image is decoded once before any encoding; unreadable ones stop the run (exit
+2, all listed) unless --skip_bad_images. Work is done in shards written atomically to
+<out>.parts/, so a killed run resumes where it stopped and ends with the same file as an
+uninterrupted one. An existing --out made with another model / max_captions / views /
+augmentation / data is refused; with the same settings it is reported up to date.
 
-Under torchrun (NCCL on cuda, gloo on cpu) shard s belongs to rank s % world_size, each rank writes its own,
-rank 0 merges after a barrier; <out>.parts/ must be on a filesystem every node sees. A dead rank loses only its
-unfinished shard: a rerun with any number of ranks, or one plain process, encodes only the missing ones.
+Under torchrun (NCCL on cuda, gloo on cpu) shard s belongs to rank s % world_size, each rank writes
+its own, rank 0 merges after a barrier; <out>.parts/ must be on a filesystem every node sees. A dead
+rank loses only its unfinished shard: a rerun with any number of ranks, or one plain process,
+encodes only the missing ones.
 """
 
 import argparse
@@ -69,9 +77,7 @@ def get_args_parser():
         "--views",
         type=cli.positive_int,
         default=1,
-        help="image views per image: view 0 is the plain image, the others images.py's light "
-        "augmentation (crop, flip, +-10 deg rotation / shift / scale, brightness / contrast), "
-        "seeded per (seed, image, view) so reruns agree",
+        help="views per image: view 0 plain, the others images.py's seeded light augmentation",
     )
     g.add_argument(
         "--limit",
@@ -82,8 +88,7 @@ def get_args_parser():
     g.add_argument(
         "--skip_bad_images",
         action="store_true",
-        help="leave unreadable images out of the cache (listed in metadata bad_images) "
-        "instead of stopping with exit code 2",
+        help="leave unreadable images out (metadata bad_images) instead of exit code 2",
     )
     g.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the augmented views")
     # model
@@ -115,8 +120,7 @@ def get_args_parser():
         "--num_workers",
         type=cli.nonneg_int,
         default=None,
-        help="DataLoader processes that decode + preprocess (the GPU waits on them); default: the "
-        "cores this process may use, shared among this node's ranks, less one, at most 16",
+        help="DataLoader decode processes per rank; default: this rank's cores less one, <= 16",
     )
     g.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
@@ -138,14 +142,13 @@ def get_args_parser():
         "--shard_size",
         type=cli.positive_int,
         default=2048,
-        help="images per resumable shard in <out>.parts/ (a killed run loses at most one shard)",
+        help="images per resumable shard in <out>.parts/",
     )
     g.add_argument(
         "--dist_timeout",
         type=cli.positive_int,
         default=3600,
-        help="torchrun: seconds a rank waits for its peers before an error; long enough for a "
-        "resumed run whose missing shards all belong to one rank",
+        help="torchrun: seconds a rank waits for its peers before an error",
     )
     return p
 
@@ -154,8 +157,9 @@ def get_args_parser():
 
 
 def find_bad_images(paths, num_workers, rank=0, world=1):
-    """Decode every image once (in worker processes) -> sorted list of (position, error) of the unreadable ones.
-    Under torchrun rank r decodes paths[r::world] and the ranks swap their lists: the same answer on each."""
+    """Decode every image once (in worker processes) -> sorted (position, error) of the unreadable
+    ones. Under torchrun rank r decodes paths[r::world] and the ranks swap their lists: the same
+    answer on each."""
     loader = torch.utils.data.DataLoader(
         paths[rank::world], batch_size=32, num_workers=num_workers, collate_fn=images.check_batch
     )
@@ -164,9 +168,7 @@ def find_bad_images(paths, num_workers, rank=0, world=1):
         for batch in tqdm(loader, desc="check images", unit="batch", leave=False, disable=rank > 0)
         for e in batch
     ]
-    bad = [
-        (i * world + rank, e) for i, e in enumerate(errors) if e is not None
-    ]  # positions in `paths`
+    bad = [(i * world + rank, e) for i, e in enumerate(errors) if e is not None]  # in `paths`
     if world > 1:
         every = [None] * world
         torch.distributed.all_gather_object(every, bad)
@@ -174,12 +176,13 @@ def find_bad_images(paths, num_workers, rank=0, world=1):
     return bad
 
 
-# ----------------------------------------------------------------------------- distributed + data loading
+# ------------------------------------------------------------------- distributed + data loading
 
 
 def init_distributed(device, timeout_s):
-    """torchrun's environment -> (rank, world_size, device): NCCL and this rank's LOCAL_RANK GPU on cuda, gloo on
-    cpu. A plain run (no WORLD_SIZE, or 1) -> (0, 1, device) without touching torch.distributed."""
+    """torchrun's environment -> (rank, world_size, device): NCCL and this rank's LOCAL_RANK GPU on
+    cuda, gloo on cpu. A plain run (no WORLD_SIZE, or 1) -> (0, 1, device) without touching
+    torch.distributed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -188,7 +191,7 @@ def init_distributed(device, timeout_s):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    # the timeout bounds every wait on a peer (a dead rank would otherwise hold the others for gloo's 30 min)
+    # the timeout bounds every wait on a peer (else a dead rank holds the others for gloo's 30 min)
     torch.distributed.init_process_group(
         "nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s)
     )
@@ -196,24 +199,24 @@ def init_distributed(device, timeout_s):
 
 
 def wait_for_peers(rank, timeout_s, parts):
-    """Barrier: every rank has written its shards. A peer that died or stalls ends it with a one-line error."""
+    """Barrier: every rank has written its shards. A peer that died or stalls raises DataError."""
     dist = torch.distributed
     try:
         dist.barrier(
             device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None
         )
     except RuntimeError as e:  # DistBackendError and gloo's timeouts are RuntimeErrors
-        cli.fail(
-            f"rank {rank}: a peer did not reach the barrier within --dist_timeout {timeout_s} s (it died or "
-            f"stalls: {type(e).__name__}); finished shards stay in {parts}: rerun (any number of ranks) "
-            f"to encode only the missing ones"
-        )
+        raise data.DataError(
+            f"rank {rank}: a peer did not reach the barrier within --dist_timeout {timeout_s} s "
+            f"(it died or stalls: {type(e).__name__}); finished shards stay in {parts}: rerun "
+            f"(any number of ranks) to encode only the missing ones"
+        ) from None
 
 
 def default_workers():
-    """-> (cores this process may use: sched_getaffinity sees taskset / cgroup cpusets / a scheduler's share,
-    DataLoader workers per rank: those cores split among this node's ranks, less one for the process driving
-    the GPU, at most 16 for shared memory, see make_loader)."""
+    """-> (cores this process may use: sched_getaffinity sees taskset / cgroup cpusets / a
+    scheduler's share, DataLoader workers per rank: those cores split among this node's ranks, less
+    one for the process driving the GPU, at most 16 for shared memory, see make_loader)."""
     cores = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     )
@@ -221,9 +224,9 @@ def default_workers():
 
 
 def make_loader(dataset, batches, collate, num_workers, device):
-    """Decoding + preprocessing in `num_workers` processes. Pinned batches copy to the GPU faster; 2 batches in
-    flight per worker (16 x 2 x 64 images x V x 3x256x256 float32 = 1.6 GB x V of shared memory) keep it fed
-    once the workers keep up at all. Not persistent: the loader is iterated once."""
+    """Decoding + preprocessing in `num_workers` processes. Pinned batches copy to the GPU faster; 2
+    batches in flight per worker (16 x 2 x 64 images x V x 3x256x256 float32 = 1.6 GB x V of shared
+    memory) keep it fed once the workers keep up at all. Not persistent: iterated once."""
     extra = {"prefetch_factor": 2} if num_workers > 0 else {}
     return torch.utils.data.DataLoader(
         dataset,
@@ -249,17 +252,17 @@ def write_shard(path, tensors, meta):
 
 
 def finished_shards(parts, run, n_shards, owns=lambda s: True):
-    """Indices of the shards already in `parts` for this exact run; a shard of another run is refused. An
-    unreadable one is deleted only by its owner rank (owns(s)): two ranks never race on one file."""
+    """Indices of the shards already in `parts` for this exact run; a shard of another run is
+    refused. An unreadable one is deleted only by its owner rank (owns(s)): two ranks never race on
+    one file."""
     from safetensors import safe_open
 
     done = set()
     if not os.path.isdir(parts):
         return done
     for name in sorted(os.listdir(parts)):
-        m = re.fullmatch(
-            r"shard_(\d{5})\.safetensors", name
-        )  # temporaries of a killed write do not match
+        # temporaries of a killed write do not match
+        m = re.fullmatch(r"shard_(\d{5})\.safetensors", name)
         if not m:
             continue
         path = os.path.join(parts, name)
@@ -273,7 +276,7 @@ def finished_shards(parts, run, n_shards, owns=lambda s: True):
             continue
         for k, v in run.items():
             if meta.get(k) != v:
-                cli.fail(
+                raise data.DataError(
                     f"{path}: left by a different run ({k} {meta.get(k)!r} there, {v!r} now); "
                     f"delete {parts} to start over, or pass another --out"
                 )
@@ -283,7 +286,8 @@ def finished_shards(parts, run, n_shards, owns=lambda s: True):
 
 
 def existing_output(out, want):
-    """True if `out` exists with the same identity settings; refuse (exit 2) if it differs; False if absent."""
+    """True if `out` exists with the same identity settings, False if absent; DataError if it
+    differs."""
     from safetensors import safe_open
 
     if not os.path.exists(out):
@@ -292,14 +296,14 @@ def existing_output(out, want):
         with safe_open(out, framework="pt") as f:
             meta = f.metadata() or {}
     except Exception:
-        cli.fail(
+        raise data.DataError(
             f"{out}: exists but is not a readable feature cache; delete it or pass another --out"
-        )
-    for (
-        k
-    ) in IDENTITY:  # a cache from before "augment" was recorded: with 1 view it had no augmentation
-        if meta.get(k, "none" if k == "augment" and meta.get("views") == "1" else None) != want[k]:
-            cli.fail(
+        ) from None
+    # a cache from before "augment" was recorded: with 1 view it had no augmentation
+    old = {"augment": "none"} if meta.get("views") == "1" else {}
+    for k in IDENTITY:
+        if meta.get(k, old.get(k)) != want[k]:
+            raise data.DataError(
                 f"{out}: exists with {k} {meta.get(k)!r}, this run has {want[k]!r}; "
                 f"pass another --out or delete it"
             )
@@ -310,20 +314,20 @@ def existing_output(out, want):
 
 
 def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, world=1):
-    """Encode the images rows[s*shard_size : (s+1)*shard_size] of every shard s in `todo`, one shard file each."""
+    """Encode the images rows[s*shard_size : (s+1)*shard_size] of every shard s in `todo`, one
+    shard file each."""
     ids_all, n, size = np.asarray(coco["ids"]), len(rows), args.shard_size
     V, C, D, dtype_name = args.views, args.max_captions, encoder.dim, run["dtype"]
     if not todo:
         return
-    # batches never straddle two shards, so a shard's content does not depend on which shards were done
+    # batches never straddle two shards: a shard's content does not depend on which were done
     batches = [
         list(range(b, min(b + args.batch_size, (s + 1) * size, n)))
         for s in todo
         for b in range(s * size, min((s + 1) * size, n), args.batch_size)
     ]
-    dataset = images.ImageCaptionDataset(
-        coco, rows
-    )  # item j -> (row of image j, PIL RGB or None, captions)
+    # item j -> (row of image j, PIL RGB or None, captions)
+    dataset = images.ImageCaptionDataset(coco, rows)
     loader = make_loader(
         dataset,
         batches,
@@ -341,28 +345,21 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
     buf, t0, n_imgs, n_caps = [], time.time(), 0, 0
     for batch in loader:
         if "unreadable" in batch:
-            cli.fail(
-                f"{coco['paths'][batch['unreadable'][0]]}: became unreadable during the run; fix it and "
-                f"rerun (finished shards are kept)"
+            raise data.DataError(
+                f"{coco['paths'][batch['unreadable'][0]]}: became unreadable during the run; "
+                f"fix it and rerun (finished shards are kept)"
             )
         img = encoder.encode_pixels(batch["pixel_values"]).view(-1, V, D).half()  # (B, V, D)
-        tok, ncap = (
-            batch["input_ids"],
-            batch["n_captions"],
-        )  # (T, 64) every caption of the batch; (B,)
+        # (T, 64) every caption of the batch; (B,)
+        tok, ncap = batch["input_ids"], batch["n_captions"]
         txt_flat = encoder.encode_tokens(tok) if len(tok) else torch.zeros(0, D)  # (T, D)
-        txt = torch.zeros(
-            len(ncap), C, D, dtype=torch.float16
-        )  # (B, C, D), zero rows past n_captions
-        txt[torch.arange(C)[None, :] < ncap[:, None]] = (
-            txt_flat.half()
-        )  # row-major: image i, captions 0..n_i-1
-        if not (
-            torch.isfinite(img).all() and torch.isfinite(txt).all()
-        ):  # also catches float16 overflow
-            cli.fail(
-                f"--dtype {dtype_name}: non-finite embeddings near COCO id {int(ids_all[batch['rows'][0]])}; "
-                f"rerun with --dtype bf16 or fp32"
+        txt = torch.zeros(len(ncap), C, D, dtype=torch.float16)  # (B, C, D), 0 past n_captions
+        # row-major: image i, captions 0..n_i-1
+        txt[torch.arange(C)[None, :] < ncap[:, None]] = txt_flat.half()
+        if not (torch.isfinite(img).all() and torch.isfinite(txt).all()):  # float16 overflow too
+            raise data.DataError(
+                f"--dtype {dtype_name}: non-finite embeddings near COCO id "
+                f"{int(ids_all[batch['rows'][0]])}; rerun with --dtype bf16 or fp32"
             )
         buf.append((batch["rows"], img, txt, ncap))
         n_imgs, n_caps = n_imgs + len(ncap), n_caps + int(ncap.sum())
@@ -382,8 +379,8 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
     if n_imgs:
         secs = time.time() - t0
         print(
-            f"{f'rank {rank}: ' if world > 1 else ''}encoded {n_imgs} images ({n_imgs * V} views) and {n_caps} "
-            f"captions in {secs:.1f} s: {n_imgs / max(secs, 1e-9):.1f} images/s"
+            f"{f'rank {rank}: ' if world > 1 else ''}encoded {n_imgs} images ({n_imgs * V} views) "
+            f"and {n_caps} captions in {secs:.1f} s: {n_imgs / max(secs, 1e-9):.1f} images/s"
         )
 
 
@@ -399,16 +396,13 @@ def merge_shards(parts, ids, n_shards, size, V, C, D):
         "n_captions": torch.empty(n, dtype=torch.long),
     }
     for s in range(n_shards):
-        if not os.path.exists(
-            shard_path(parts, s)
-        ):  # its rank died unseen (the barrier normally catches that)
-            cli.fail(
-                f"{shard_path(parts, s)}: missing after every rank finished; rerun to encode it"
-            )
-        part, sl = load_file(shard_path(parts, s)), slice(s * size, min((s + 1) * size, n))
+        path = shard_path(parts, s)
+        if not os.path.exists(path):  # its rank died unseen (the barrier normally catches that)
+            raise data.DataError(f"{path}: missing after every rank finished; rerun to encode it")
+        part, sl = load_file(path), slice(s * size, min((s + 1) * size, n))
         if not torch.equal(part["ids"], out["ids"][sl]):
-            cli.fail(
-                f"{shard_path(parts, s)}: holds other images than expected; delete {parts} and rerun"
+            raise data.DataError(
+                f"{path}: holds other images than expected; delete {parts} and rerun"
             )
         for k in ("image", "text", "n_captions"):
             out[k][sl] = part[k]
@@ -419,18 +413,19 @@ def merge_shards(parts, ids, n_shards, size, V, C, D):
 
 
 def readable_rows(coco, rows, args, workers, rank, world):
-    """Decode every image once -> (rows without the unreadable ones, their ids); all bad ones named at once."""
+    """Decode every image once -> (rows without the unreadable ones, their ids); every bad one
+    named in one error."""
     bad = find_bad_images([coco["paths"][r] for r in rows], workers, rank, world)
     if bad and not args.skip_bad_images:
         listing = "; ".join(f"{coco['paths'][rows[i]]} ({e})" for i, e in bad)
-        cli.fail(
+        raise data.DataError(
             f"{args.data_root}: {len(bad)} unreadable image(s): {listing}; replace them, or pass "
             f"--skip_bad_images to leave them out"
         )
     for i, e in bad if rank == 0 else ():
         print(f"skipping unreadable image {coco['paths'][rows[i]]} ({e})")
     if len(bad) == len(rows):
-        cli.fail(f"{args.data_root}: no readable dev/test images to encode")
+        raise data.DataError(f"{args.data_root}: no readable dev/test images to encode")
     return np.delete(rows, [i for i, _ in bad]), [int(coco["ids"][rows[i]]) for i, _ in bad]
 
 
@@ -445,12 +440,11 @@ def write_cache(out, parts, encoder, coco, rows, n_shards, meta, args):
         args.max_captions,
         encoder.dim,
     )
-    tensors["labels"] = torch.from_numpy(
-        np.asarray(coco["labels"])[rows].astype(np.uint8)
-    )  # (N, 80)
+    labels = np.asarray(coco["labels"])[rows].astype(np.uint8)  # (N, C)
+    tensors["labels"] = torch.from_numpy(labels)
     if args.prompts:
         prompts = [f"a photo of a {c['name']}." for c in coco["categories"]]
-        tensors["prompts"] = encoder.encode_texts(prompts).half()  # (80, D)
+        tensors["prompts"] = encoder.encode_texts(prompts).half()  # (C, D)
     import transformers
 
     features.save_features(
@@ -478,17 +472,12 @@ def extract(args, rank, world, device):
     name = os.path.basename(args.model.rstrip("/"))
     out = args.out or os.path.join(args.data_root, f"features_{name}.safetensors")
     dtype_name = args.dtype or ("fp16" if str(device).startswith("cuda") else "fp32")
-    try:
-        coco = data.load_dataset(args.data_root)
-    except data.DataError as e:
-        cli.fail(str(e))
+    coco = data.load_dataset(args.data_root)
     dev_rows = np.flatnonzero([s in DEV_SPLITS for s in coco["splits"]])
     test_rows = np.flatnonzero([s == "test" for s in coco["splits"]])
     if args.limit:
         dev_rows, test_rows = dev_rows[: args.limit], test_rows[: args.limit]
-    rows = np.sort(
-        np.concatenate([dev_rows, test_rows])
-    )  # load_coco sorts by id: rows ascend by id too
+    rows = np.sort(np.concatenate([dev_rows, test_rows]))  # ids are sorted: rows ascend by id too
     ident = {
         "model": args.model,
         "max_captions": str(args.max_captions),
@@ -499,25 +488,25 @@ def extract(args, rank, world, device):
         "augment": images.RECIPE if args.views > 1 else "none",
     }
     if existing_output(out, ident):
-        if rank == 0:
-            shutil.rmtree(
-                out + ".parts", ignore_errors=True
-            )  # leftovers of a run killed after its final write
+        if rank == 0:  # leftovers of a run killed after its final write
+            shutil.rmtree(out + ".parts", ignore_errors=True)
         say(
-            f"up to date: {out} ({args.model}, max_captions {args.max_captions}, views {args.views})"
+            f"up to date: {out} ({args.model}, max_captions {args.max_captions}, "
+            f"views {args.views})"
         )
         return out
     cores, workers = default_workers()
     workers = workers if args.num_workers is None else args.num_workers
     say(
-        f"data loading: {workers} worker process(es) per rank ({cores} cores available to this process"
-        f"{'' if args.num_workers is None else ', --num_workers'}), {world} rank(s)"
+        f"data loading: {workers} worker process(es) per rank ({cores} cores available to this "
+        f"process{'' if args.num_workers is None else ', --num_workers'}), {world} rank(s)"
     )
     rows, bad_ids = readable_rows(coco, rows, args, workers, rank, world)
     n, ids_all = len(rows), np.asarray(coco["ids"])
 
-    # ---- shards: fixed slices of `rows`, stamped with the run's settings and a hash of its image ids; shard s
-    # belongs to rank s % world whatever is done already, so ranks need not agree on what they saw in `parts`
+    # ---- shards: fixed slices of `rows`, stamped with the run's settings and a hash of its image
+    # ids; shard s belongs to rank s % world whatever is done already, so ranks need not agree on
+    # what they saw in `parts`
     run = dict(
         ident,
         dtype=dtype_name,
@@ -534,14 +523,15 @@ def extract(args, rank, world, device):
         encoder = model.Siglip2Encoder(args.model, device=device, dtype=DTYPES[dtype_name])
     except (OSError, ValueError) as e:
         where = "" if os.path.exists(args.model) else "not a folder here; "
-        cli.fail(
-            f"--model {args.model}: cannot load it ({where}{str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise data.DataError(
+            f"--model {args.model}: cannot load it ({where}{cause}); "
             f"give a Hugging Face name or a local folder of a SigLIP model"
-        )
+        ) from None
     say(
-        f"{n} images ({len(bad_ids)} skipped) x {args.views} view(s), <= {args.max_captions} captions each, "
-        f"{args.model} (dim {encoder.dim}, {encoder.image_size}px) on {device} {dtype_name}, {n_shards} shard(s) "
-        f"of {args.shard_size}"
+        f"{n} images ({len(bad_ids)} skipped) x {args.views} view(s), <= {args.max_captions} "
+        f"captions each, {args.model} (dim {encoder.dim}, {encoder.image_size}px) on {device} "
+        f"{dtype_name}, {n_shards} shard(s) of {args.shard_size}"
         + (f", {len(todo)} to encode on rank 0 of {world}" if world > 1 else "")
     )
     encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank, world)
@@ -553,8 +543,9 @@ def extract(args, rank, world, device):
         out, parts, encoder, coco, rows, n_shards, {"run": run, "bad_ids": bad_ids}, args
     )
     print(
-        f"wrote {out}: {n} images, image {tuple(tensors['image'].shape)}, text {tuple(tensors['text'].shape)} "
-        f"float16, {len(bad_ids)} bad image(s) left out, {time.time() - t0:.1f} s"
+        f"wrote {out}: {n} images, image {tuple(tensors['image'].shape)}, text "
+        f"{tuple(tensors['text'].shape)} float16, {len(bad_ids)} bad image(s) left out, "
+        f"{time.time() - t0:.1f} s"
     )
     return out
 
@@ -563,6 +554,8 @@ def main(args):
     rank, world, device = init_distributed(args.device, args.dist_timeout)
     try:
         return extract(args, rank, world, device)
+    except data.DataError as e:  # bad input, a dead peer: one line, exit code 2
+        cli.fail(e)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()

@@ -1,24 +1,28 @@
-"""The feature cache: one .safetensors file of frozen SigLIP2 embeddings, written once by extract_features.py.
+"""The feature cache: one .safetensors file of frozen SigLIP2 embeddings, written once by
+extract_features.py.
 
-What it holds (name: dtype [shape]): ids int64 [N] (the dataset's image ids, unique), image float16 [N, V, D]
-(view 0 = the plain image), text float16 [N, T, D] (up to T captions, zero rows past n_captions), n_captions
-int64 [N] (0..T), labels uint8 [N, C], and optionally prompts float16 [C, D] (the class prompts' text
-embeddings). Its string metadata carries "format" = FEATURES_FORMAT, the model, the categories and bad_images
-(JSON) and the extraction settings (extract_features.write_cache).
+What it holds (name: dtype [shape]): ids int64 [N] (the dataset's image ids, unique), image float16
+[N, V, D] (view 0 = the plain image), text float16 [N, T, D] (up to T captions, zero rows past
+n_captions), n_captions int64 [N] (0..T), labels uint8 [N, C], and optionally prompts float16 [C, D]
+(the class prompts' text embeddings). Its string metadata carries "format" = FEATURES_FORMAT, the
+model, the categories and bad_images (JSON) and the extraction settings
+(extract_features.write_cache).
 
-How it is validated (_read_index / _check_index, before any embedding is read): the file exists and is
-safetensors with that format; every tensor has its dtype and rank; N, D and C agree across tensors and with the
-metadata's categories; ids are unique; n_captions is in range; prompts are finite. While the embeddings are
-read, every row is checked finite. Every failure is a one-line data.DataError naming the file and the fix.
+How it is validated (_read_index / _check_index, before any embedding is read): the file exists and
+is safetensors with that format; every tensor has its dtype and rank; N, D and C agree across
+tensors and with the metadata's categories; ids are unique; n_captions is in range; prompts are
+finite. While the embeddings are read, every row is checked finite. Every failure is a one-line
+data.DataError naming the file and the fix.
 
-How it is read: load_embeddings reads image / text chunk by chunk (_CHUNK_BYTES each, plain reads at the byte
-offsets from the header) straight into preallocated float16 outputs at the asked rows, so the peak is the
-outputs plus one chunk; load_features(embeddings=False) returns every tensor but those two.
+How it is read: load_embeddings reads image / text chunk by chunk (_CHUNK_BYTES each, plain reads at
+the byte offsets from the header) straight into preallocated float16 outputs at the asked rows, so
+the peak is the outputs plus one chunk; load_features(embeddings=False) returns every tensor but
+those two.
 
     import features
     features.save_features("f.safetensors", tensors, meta)
     tensors, meta = features.load_features("f.safetensors")
-    parts = features.load_embeddings("f.safetensors", [rows_a, rows_b])   # image / text at given rows only
+    parts = features.load_embeddings("f.safetensors", [rows_a, rows_b])  # image / text at rows
 """
 
 import json
@@ -39,11 +43,10 @@ _FEATURE_SPECS = {
     "n_captions": ("int64", 1),
     "labels": ("uint8", 2),
 }
-EMBEDDINGS = (
-    "image",
-    "text",
-)  # the large tensors, read chunk by chunk (load_embeddings); the others are small
+# the large tensors, read chunk by chunk (load_embeddings); the others are small
+EMBEDDINGS = ("image", "text")
 _CHUNK_BYTES = 16 * 2**20  # of one embedding tensor per read: ~2,200 rows of 5 x 768 float16
+# safetensors' dtype codes
 _DTYPE_NAMES = {
     "BOOL": "bool",
     "U8": "uint8",
@@ -55,14 +58,15 @@ _DTYPE_NAMES = {
     "BF16": "bfloat16",
     "F32": "float32",
     "F64": "float64",
-}  # safetensors' codes
+}
 
 
 def save_features(path, tensors, meta):
-    """Atomically write a feature cache (.safetensors); meta values are stored as str (dicts/lists as JSON).
+    """Atomically write a feature cache (.safetensors); meta values are stored as str (dicts/lists
+    as JSON).
 
-    tensors: name -> np.ndarray or torch.Tensor (a non-array "meta" entry, as in make_planted_features'
-    output, is skipped). meta gets "format" = FEATURES_FORMAT unless given.
+    tensors: name -> np.ndarray or torch.Tensor (a non-array "meta" entry, as in
+    make_planted_features' output, is skipped). meta gets "format" = FEATURES_FORMAT unless given.
     """
     import torch
     from safetensors.torch import save_file
@@ -92,8 +96,9 @@ def save_features(path, tensors, meta):
 
 
 def _check_index(path, specs, tensors, meta):
-    """load_features' checks that need no embedding read: dtypes and ranks (from the header), consistent N / D / C,
-    n_captions in range, unique ids, finite prompts. Raises DataError (one line) on the first failure."""
+    """load_features' checks that need no embedding read: dtypes and ranks (from the header),
+    consistent N / D / C, n_captions in range, unique ids, finite prompts. Raises DataError (one
+    line) on the first failure."""
     import torch
 
     want = dict(_FEATURE_SPECS, **({"prompts": ("float16", 2)} if "prompts" in specs else {}))
@@ -114,9 +119,10 @@ def _check_index(path, specs, tensors, meta):
         and (cats is None or len(cats) == c)
         and shape.get("prompts", (c, d)) == (c, d)
     ):
+        shapes = ", ".join(f"{k} {v}" for k, v in shape.items())
         raise DataError(
-            f"{path}: inconsistent tensor shapes ({', '.join(f'{k} {v}' for k, v in shape.items())}; "
-            f"{len(cats or [])} categories in the metadata); re-run extract_features.py"
+            f"{path}: inconsistent tensor shapes ({shapes}; {len(cats or [])} categories in the "
+            f"metadata); re-run extract_features.py"
         )
     if torch.unique(tensors["ids"]).numel() != n:
         raise DataError(f"{path}: duplicate image ids; re-run extract_features.py")
@@ -130,9 +136,10 @@ def _check_index(path, specs, tensors, meta):
 
 
 def _read_index(path):
-    """Open and check a feature cache without reading its embeddings -> (every tensor but image / text, meta,
-    specs: name -> (dtype name, shape, byte offset in the file)). safetensors checks the header against the file
-    (a truncated or foreign file is a DataError); the small tensors are copies, so no view keeps the file mapped."""
+    """Open and check a feature cache without reading its embeddings -> (every tensor but image /
+    text, meta, specs: name -> (dtype name, shape, byte offset in the file)). safetensors checks the
+    header against the file (a truncated or foreign file is a DataError); the small tensors are
+    copies, so no view keeps the file mapped."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -171,13 +178,15 @@ def _read_index(path):
 
 
 def load_embeddings(path, row_sets, ids=None):
-    """The image and text embeddings of a feature cache at given rows, read chunk by chunk straight into their
-    outputs: the peak is the outputs plus one chunk, not the whole cache beside a copy of its rows.
+    """The image and text embeddings of a feature cache at given rows, read chunk by chunk straight
+    into their outputs: the peak is the outputs plus one chunk, not the whole cache beside a copy of
+    its rows.
 
-    row_sets: a list of int64 row indices (any order, repeats allowed) or None (every row) -> a list of
-    {"image": (n, V, D), "text": (n, T, D)} float16, one per entry. Every row of the file is checked finite on
-    the way (load_features' check). ids: the cache's ids as read before (load_features(path, embeddings=False)),
-    so a cache replaced in between is refused instead of read at the wrong rows.
+    row_sets: a list of int64 row indices (any order, repeats allowed) or None (every row) -> a list
+    of {"image": (n, V, D), "text": (n, T, D)} float16, one per entry. Every row of the file is
+    checked finite on the way (load_features' check). ids: the cache's ids as read before
+    (load_features(path, embeddings=False)), so a cache replaced in between is refused instead of
+    read at the wrong rows.
     """
     import torch
 
@@ -193,16 +202,13 @@ def load_embeddings(path, row_sets, ids=None):
         for r in rows
     ]
     bad = torch.zeros(n, dtype=torch.bool)
-    with open(
-        path, "rb"
-    ) as f:  # plain reads: a memory-mapped file keeps every page read resident while mapped
+    # plain reads: a memory-mapped file keeps every page read resident while mapped
+    with open(path, "rb") as f:
         for k in EMBEDDINGS:
             (_, *row_shape), offset = specs[k][1:]
             row = 2 * math.prod(row_shape)  # bytes per row
             step = max(1, _CHUNK_BYTES // max(1, row))  # rows per chunk
-            buf = torch.empty(
-                step * row, dtype=torch.uint8
-            )  # one chunk, reused: no page faults per chunk
+            buf = torch.empty(step * row, dtype=torch.uint8)  # one chunk, reused: no page faults
             f.seek(offset)
             for s in range(0, n, step):
                 c = min(step, n - s)
@@ -210,15 +216,12 @@ def load_embeddings(path, row_sets, ids=None):
                     raise DataError(
                         f"{path}: the file ends early (changed while it was read?); run again"
                     )
-                chunk = (
-                    buf[: c * row].view(torch.float16).view(c, *row_shape)
-                )  # rows s .. s + c - 1
-                # a row's float32 sum is finite iff all its float16 values are (it cannot overflow); 8x isfinite's speed
+                chunk = buf[: c * row].view(torch.float16).view(c, *row_shape)  # rows s..s+c-1
+                # a row's float32 sum is finite iff all its float16 values are (it cannot
+                # overflow); faster than isfinite on every value
                 bad[s : s + c] |= ~torch.isfinite(chunk.sum(dim=(1, 2), dtype=torch.float32))
                 for r, o in zip(rows, out):
-                    hit = (
-                        ((r >= s) & (r < s + c)).nonzero().squeeze(1)
-                    )  # the output rows this chunk holds
+                    hit = ((r >= s) & (r < s + c)).nonzero().squeeze(1)  # output rows held here
                     o[k].index_copy_(0, hit, chunk.index_select(0, r[hit] - s))
     if bad.any():
         bad_ids = tensors["ids"][bad].tolist()
@@ -230,14 +233,38 @@ def load_embeddings(path, row_sets, ids=None):
 
 
 def load_features(path, embeddings=True):
-    """Load and validate a feature cache -> (tensors: dict[str, torch.Tensor], meta: dict[str, str]).
+    """Load and validate a feature cache -> (tensors: dict[str, Tensor], meta: dict[str, str]).
 
-    Checks: file exists and is safetensors with format FEATURES_FORMAT; ids/image/text/n_captions/labels
-    present with the right dtypes, ranks and consistent N (and D); labels [N, C] with C the number of categories
-    in the metadata (any C: the cache speaks for its dataset); no NaN/Inf embedding rows. embeddings=False: every
-    tensor but image / text (their dtypes and shapes checked, their rows not read; see load_embeddings).
+    Checks: file exists and is safetensors with format FEATURES_FORMAT; ids / image / text /
+    n_captions / labels present with the right dtypes, ranks and consistent N (and D);
+    labels [N, C] with C the number of categories in the metadata (any C: the cache speaks for its
+    dataset); no NaN/Inf embedding rows. embeddings=False: every tensor but image / text (their
+    dtypes and shapes checked, their rows not read; see load_embeddings).
     """
     tensors, meta, _ = _read_index(path)
     if embeddings:
         tensors.update(load_embeddings(path, [None], tensors["ids"])[0])
     return tensors, meta
+
+
+def bad_ids(meta):
+    """The image ids the extractor could not read (metadata bad_images, a JSON list) -> int set."""
+    return {int(i) for i in json.loads(meta.get("bad_images") or "[]")}
+
+
+def cache_rows(ids, want, meta):
+    """The one id -> row rule, bad images left out: the cache's ids [N] and wanted image ids [M] ->
+    (rows int64 [M'], kept bool [M]). kept marks the wanted ids that are not bad images, rows are
+    their cache rows in the order asked. A wanted id neither in the cache nor bad raises
+    DataError."""
+    ids, want = np.asarray(ids, dtype=np.int64), np.asarray(want, dtype=np.int64)
+    bad = bad_ids(meta)
+    kept = ~np.isin(want, np.fromiter(bad, np.int64, len(bad)))
+    missing = np.setdiff1d(want[kept], ids)
+    if len(missing):
+        raise DataError(
+            f"feature cache: {len(missing)} of {len(want)} image ids asked are not in it (e.g. "
+            f"{missing[:5].tolist()}); re-run extract_features.py on the data the splits came from"
+        )
+    order = np.argsort(ids)
+    return order[np.searchsorted(ids, want[kept], sorter=order)], kept

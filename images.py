@@ -1,13 +1,15 @@
-"""Images for the frozen towers, as extract_features.py reads them: the raw image + caption dataset, the decode
-check, the augmented views (PIL only, seeded per (seed, image id, view)) and the worker-side collate.
+"""Images for the frozen towers, as extract_features.py reads them: the raw image + caption dataset,
+the decode check, the augmented views (PIL only, seeded per (seed, image id, view)) and the
+worker-side collate.
 
     import images
-    img_v = images.view(img, seed=0, image_id=9, v=1)   # the same pixels on every rerun, in any worker process
-    ds = images.ImageCaptionDataset(dataset, rows)      # item -> (row, PIL RGB or None, captions)
+    img_v = images.view(img, seed=0, image_id=9, v=1)  # the same pixels on every rerun, anywhere
+    ds = images.ImageCaptionDataset(dataset, rows)     # item -> (row, PIL RGB or None, captions)
 
-A view is: random resized crop (50-100% of the area, aspect 3/4..4/3) -> horizontal flip (p 0.5) -> small
-rotation / shift / scale (+-10 degrees, +-5% of the size, 0.9-1.1) -> brightness and contrast (x 0.8-1.2).
-Light on purpose: the towers are frozen, and a view must still show every labelled object.
+A view is: random resized crop (50-100% of the area, aspect 3/4..4/3) -> horizontal flip (p 0.5) ->
+small rotation / shift / scale (+-10 degrees, +-5% of the size, 0.9-1.1) -> brightness and contrast
+(x 0.8-1.2). Light on purpose: the towers are frozen, and a view must still show every labelled
+object.
 """
 
 import math
@@ -18,13 +20,15 @@ from PIL import Image, ImageEnhance
 
 import model
 
-# recorded in the cache's metadata: a change here is a different cache (extract_features refuses to mix them)
+# recorded in the cache's metadata: a change here is a different cache (extract_features refuses to
+# mix them)
 RECIPE = "crop0.5-1,flip,rot10,shift0.05,scale0.9-1.1,bright0.8-1.2,contrast0.8-1.2"
 FILL = (127, 127, 127)  # corners uncovered by the rotation: ~0 after SigLIP's (x/255 - 0.5) / 0.5
 
 
 def random_resized_crop(img, rng, area=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Crop a random box of `area` x the image's area and aspect in `ratio` (the whole image after 10 misses)."""
+    """Crop a random box of `area` x the image's area and aspect in `ratio` (the whole image after
+    10 misses)."""
     w0, h0 = img.size
     for _ in range(10):
         a = w0 * h0 * rng.uniform(*area)
@@ -37,13 +41,14 @@ def random_resized_crop(img, rng, area=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 def shift_scale_rotate(img, rng, degrees=10.0, shift=0.05, scale=(0.9, 1.1)):
-    """Rotate by +-degrees and scale about the centre, then shift by +-shift of the size; one bilinear resample."""
+    """Rotate by +-degrees and scale about the centre, then shift by +-shift of the size; one
+    bilinear resample."""
     w, h = img.size
     theta = math.radians(rng.uniform(-degrees, degrees))
     s = rng.uniform(*scale)
     tx, ty = rng.uniform(-shift, shift) * w, rng.uniform(-shift, shift) * h
-    # PIL maps each OUTPUT pixel p to the input point A p + b, so give it the inverse of p -> s R (p - c) + c + t:
-    # input = R(-theta) (p - c - t) / s + c
+    # PIL maps each OUTPUT pixel p to the input point A p + b, so give it the inverse of
+    # p -> s R (p - c) + c + t: input = R(-theta) (p - c - t) / s + c
     cos, sin = math.cos(theta) / s, math.sin(theta) / s
     cx, cy = w / 2, h / 2
     a, b, d, e = cos, sin, -sin, cos
@@ -59,13 +64,15 @@ def shift_scale_rotate(img, rng, degrees=10.0, shift=0.05, scale=(0.9, 1.1)):
 
 
 def colour_jitter(img, rng, brightness=(0.8, 1.2), contrast=(0.8, 1.2)):
-    """Scale brightness, then contrast (about the mean grey), by factors drawn from the given ranges."""
+    """Scale brightness, then contrast (about the mean grey), by factors drawn from the given
+    ranges."""
     img = ImageEnhance.Brightness(img).enhance(rng.uniform(*brightness))
     return ImageEnhance.Contrast(img).enhance(rng.uniform(*contrast))
 
 
 def augment(img, rng):
-    """One light augmentation of an RGB PIL image, every draw from `rng` (a numpy Generator), in a fixed order."""
+    """One light augmentation of an RGB PIL image, every draw from `rng` (a numpy Generator), in a
+    fixed order."""
     img = random_resized_crop(img, rng)
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -74,19 +81,22 @@ def augment(img, rng):
 
 
 def view(img, seed, image_id, v):
-    """View v >= 1 of the image with this (e.g. COCO) id: seeded by (seed, image_id, v), so reruns, other
-    worker counts and other ranks all give the same pixels. View 0 is the plain image and never comes here."""
+    """View v >= 1 of the image with this (e.g. COCO) id: seeded by (seed, image_id, v), so reruns,
+    other worker counts and other ranks all give the same pixels. View 0 is the plain image and
+    never comes here."""
     return augment(img.convert("RGB"), np.random.default_rng([int(seed), int(image_id), int(v)]))
 
 
-# ----------------------------------------------------------------------------- reading and collating
+# ---------------------------------------------------------------------------- reading and collating
 
 
 class ImageCaptionDataset:
-    """Raw images + captions of load_coco's rows: item i -> (row index, PIL RGB image or None, captions).
+    """Raw images + captions of load_coco's rows: item i -> (row index, PIL RGB image or None,
+    captions).
 
     An unreadable / corrupt image gives None instead of raising, so extraction can record it as bad.
-    A plain map-style dataset (torch's DataLoader takes it as is). collate_fn=ImageCaptionDataset.collate -> (indices, images, captions) lists.
+    A plain map-style dataset (torch's DataLoader takes it as is).
+    collate_fn=ImageCaptionDataset.collate -> (indices, images, captions) lists.
     """
 
     def __init__(self, coco, indices=None):
@@ -115,16 +125,15 @@ class ImageCaptionDataset:
 
 
 def check_image(path):
-    """None if the file decodes completely, else 'ExcType: message'. verify() misses truncation, so decode;
-    draft mode (JPEG DCT scaling) still reads every byte of the stream at a fraction of the cost."""
+    """None if the file decodes completely, else 'ExcType: message'. verify() misses truncation, so
+    decode; draft mode (JPEG DCT scaling) still reads every byte of the stream at a fraction of the
+    cost."""
     try:
         with Image.open(path) as im:
             im.draft("RGB", (1, 1))
             im.load()
         return None
-    except (
-        Exception
-    ) as e:  # any failure to decode: missing, not an image, truncated, decompression bomb
+    except Exception as e:  # any failure to decode: missing, not an image, truncated, bomb
         return f"{type(e).__name__}: {e}"
 
 
@@ -133,7 +142,8 @@ def check_batch(paths):
 
 
 class Collate:
-    """Worker-side preprocessing: (row, PIL, captions) items -> pixel_values (B*V, 3, H, W), input_ids (T, 64)."""
+    """Worker-side preprocessing: (row, PIL, captions) items -> pixel_values (B*V, 3, H, W),
+    input_ids (T, 64)."""
 
     def __init__(self, image_processor, tokenizer, ids, n_views, max_captions, seed):
         self.image_processor, self.tokenizer = image_processor, tokenizer
@@ -147,9 +157,7 @@ class Collate:
         for row, img, captions in items:
             rows.append(row)
             imgs.append(img)
-            for v in range(
-                1, self.views
-            ):  # seeded by (seed, COCO id, view): the same pixels on every rerun
+            for v in range(1, self.views):  # seeded by (seed, COCO id, view): same on a rerun
                 imgs.append(view(img, self.seed, self.ids[row], v))
             caps.append(list(captions)[: self.max_captions])
         texts = [c for cs in caps for c in cs]

@@ -1,18 +1,19 @@
-"""Multi-label classification metrics, bootstrap intervals and paired tests: numpy arrays in, Python numbers out, no I/O.
+"""Multi-label classification metrics, bootstrap intervals and paired tests: numpy arrays in, Python
+numbers out, no I/O.
 
-Every value of compute_all / per_class equals scikit-learn's definition (checked to 1e-6 against sklearn in
-tests/test_metrics.py), but is vectorised: AP and AUC sort each class column once (and the flattened array
-for micro) and count tied scores with searchsorted, exactly as sklearn groups ties; LRAP, ranking loss and
-coverage compare each true label with its row's scores; bootstrap resamples are multiplicity weights on
-those same counts (one sparse product per batch of draws).
+Every value of compute_all / per_class equals scikit-learn's definition (checked to 1e-6 against
+sklearn in tests/test_metrics.py), but is vectorised: AP and AUC sort each class column once (and
+the flattened array for micro) and count tied scores with searchsorted, exactly as sklearn groups
+ties; LRAP, ranking loss and coverage compare each true label with its row's scores; bootstrap
+resamples are multiplicity weights on those same counts (one sparse product per batch of draws).
 
     import metrics
     m = metrics.compute_all(labels, probs)                # {15 METRIC_NAMES: float, skipped_*: int}
     pc = metrics.per_class(labels, probs)                 # {"ap": [C], "auc": [C], "f1": [C], ...}
-    err = metrics.error_analysis(labels, probs, top=20)   # fp/fn per class + (missed, wrongly-predicted) pairs
-    thr = metrics.best_f1_thresholds(val_labels, val_probs)  # [C], then compute_all(test_y, test_p, thr)
-    ci = metrics.bootstrap_ci(labels, probs, n_boot=1000)    # {"mAP_macro": (point, low, high), ...}
-    cis = metrics.bootstrap_intervals(labels, [p1, p2])      # all 15, the same resamples for every array
+    err = metrics.error_analysis(labels, probs, top=20)   # fp/fn per class, (missed, wrong) pairs
+    thr = metrics.best_f1_thresholds(val_labels, val_probs)  # [C]: compute_all(test_y, test_p, thr)
+    ci = metrics.bootstrap_ci(labels, probs, n_boot=1000)    # {"mAP_macro": (point, lo, hi), ...}
+    cis = metrics.bootstrap_intervals(labels, [p1, p2])      # all 15, the same resamples for each
     metrics.paired_bootstrap(labels, probs_a, probs_b)       # b - a on the same images
     metrics.paired_test(fold_maps_a, fold_maps_b)            # paired t-test across CV folds
 
@@ -20,12 +21,14 @@ Conventions (deliberate, so read them before comparing with a bare sklearn call)
 - y_true is 0/1 [N, C]; y_score holds probabilities [N, C]; prediction = score > threshold.
 - precision / recall / F1 use zero_division=0 (a class with nothing predicted has precision 0, one
   with no positive has recall 0); macro averages run over all C classes, as sklearn's do.
-- macro AP skips classes with no positive (sklearn would count them as AP 0); macro AUC skips classes
-  with no positive or no negative (sklearn returns nan); the skip counts are returned. Micro AP / AUC
-  are nan when undefined (no positive at all / one class only).
-- LRAP gives a row with no positive (or only positives) 1.0, ranking loss gives it 0, coverage 0: as sklearn.
-- Scores are promoted to float64 (exactly), so ties are those of the input. sklearn keeps float32 scores in
-  float32 for MAE, which drifts by ~1e-5 over 2M entries; against float64 input it agrees to ~1e-16.
+- macro AP skips classes with no positive (sklearn would count them as AP 0); macro AUC skips
+  classes with no positive or no negative (sklearn returns nan); the skip counts are returned. Micro
+  AP / AUC are nan when undefined (no positive at all / one class only).
+- LRAP gives a row with no positive (or only positives) 1.0, ranking loss gives it 0, coverage 0: as
+  sklearn.
+- Scores are promoted to float64 (exactly), so ties are those of the input. sklearn keeps float32
+  scores in float32 for MAE, which drifts by ~1e-5 over 2M entries; against float64 input it agrees
+  to ~1e-16.
 """
 
 import numpy as np
@@ -49,11 +52,7 @@ METRIC_NAMES = (
     "lrap",
     "mae",
 )
-BOOT_METRICS = (
-    "mAP_macro",
-    "f1_macro",
-    "auc_macro",
-)  # bootstrap_ci's default, paired_bootstrap's choices
+BOOT_METRICS = ("mAP_macro", "f1_macro", "auc_macro")  # bootstrap_ci's default, paired_bootstrap's
 
 
 def _check(y_true, y_score):
@@ -80,8 +79,9 @@ def _predict(s, thresholds):
 
 
 def _pos_counts(s_pos, s_neg):
-    """s_pos, s_neg: ascending 1-D scores of the positives / negatives. For each positive (same order)
-    -> plo, phi: #positives scored < / <= it; nlo, nhi: #negatives scored < / <= it. Ties are exact."""
+    """s_pos, s_neg: ascending 1-D scores of the positives / negatives. For each positive (same
+    order) -> plo, phi: #positives scored < / <= it; nlo, nhi: #negatives scored < / <= it. Ties are
+    exact."""
     return (
         np.searchsorted(s_pos, s_pos, "left"),
         np.searchsorted(s_pos, s_pos, "right"),
@@ -93,9 +93,10 @@ def _pos_counts(s_pos, s_neg):
 def _ap_auc(s, y):
     """AP and ROC AUC of 1-D scores s against bool y -> (float, float), nan where undefined.
 
-    AP = mean over positives of the precision at that positive's score (#pos >= s / #all >= s): sklearn's
-    step integral over distinct thresholds (a tie group enters at once). AUC = P(s_pos > s_neg) +
-    0.5 P(s_pos == s_neg): sklearn's trapezoid over the ROC curve (a tie group is a diagonal segment)."""
+    AP = mean over positives of the precision at that positive's score (#pos >= s / #all >= s):
+    sklearn's step integral over distinct thresholds (a tie group enters at once). AUC = P(s_pos >
+    s_neg) + 0.5 P(s_pos == s_neg): sklearn's trapezoid over the ROC curve (a tie group is a
+    diagonal segment)."""
     s_pos, s_neg = np.sort(s[y]), np.sort(s[~y])
     P, Nn = s_pos.size, s_neg.size
     plo, _, nlo, nhi = _pos_counts(s_pos, s_neg)
@@ -111,9 +112,10 @@ def _ap_auc_columns(s, y):
 
 
 def _row_ranks(s, y, chunk=2**15):
-    """For every true label (i, j), in np.nonzero(y) order: n_ge = #labels of row i scored >= s_ij and
-    pos_ge = #true labels of row i scored >= s_ij (sklearn's rankdata "max" on -score). No sort: each
-    positive is compared with its row's C scores, chunked -> (rows [K], n_ge [K], pos_ge [K])."""
+    """For every true label (i, j), in np.nonzero(y) order: n_ge = #labels of row i scored >= s_ij
+    and pos_ge = #true labels of row i scored >= s_ij (sklearn's rankdata "max" on -score). No sort:
+    each positive is compared with its row's C scores, chunked -> (rows [K], n_ge [K], pos_ge
+    [K])."""
     r, c = np.nonzero(y)
     n_ge, pos_ge = np.empty(r.size, np.int64), np.empty(r.size, np.int64)
     for k in range(0, r.size, chunk):
@@ -129,7 +131,8 @@ def _counts(y, pred):
 
 
 def _prf(tp, fp, fn):
-    """precision, recall, F1 (arrays or scalars), zero_division=0; F1 = 2tp / (2tp + fp + fn) as sklearn."""
+    """precision, recall, F1 (arrays or scalars), zero_division=0; F1 = 2tp / (2tp + fp + fn) as
+    sklearn."""
     tp, fp, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn))
     with np.errstate(divide="ignore", invalid="ignore"):
         p, r, f = tp / (tp + fp), tp / (tp + fn), 2 * tp / (2 * tp + fp + fn)
@@ -142,7 +145,8 @@ def _nanmean(x):
 
 
 def compute_all(y_true, y_score, thresholds=0.5):
-    """The 15 METRIC_NAMES (floats, in order), then skipped_ap_classes / skipped_auc_classes (ints)."""
+    """The 15 METRIC_NAMES (floats, in order), then skipped_ap_classes / skipped_auc_classes
+    (ints)."""
     y, s = _check(y_true, y_score)
     pred = _predict(s, thresholds)
     ap, auc = _ap_auc_columns(s, y)
@@ -171,8 +175,8 @@ def compute_all(y_true, y_score, thresholds=0.5):
 
 
 def per_class(y_true, y_score, thresholds=0.5):
-    """Per-class arrays [C]: ap (nan without positive), auc (nan without both classes), f1, precision,
-    recall (zero_division=0), support, tp, fp, fn (ints)."""
+    """Per-class arrays [C]: ap (nan without positive), auc (nan without both classes), f1,
+    precision, recall (zero_division=0), support, tp, fp, fn (ints)."""
     y, s = _check(y_true, y_score)
     ap, auc = _ap_auc_columns(s, y)
     tp, fp, fn = _counts(y, _predict(s, thresholds))
@@ -191,9 +195,9 @@ def per_class(y_true, y_score, thresholds=0.5):
 
 
 def error_analysis(y_true, y_score, thresholds=0.5, top=20):
-    """fp / fn counts per class [C], and "confusions": the top (a, b, count) pairs, count = #images where
-    true class a was missed AND absent class b was predicted (count desc, then a, b). top=None: all
-    pairs with count > 0. "pair_counts" [C, C] holds every count."""
+    """fp / fn counts per class [C], and "confusions": the top (a, b, count) pairs, count = #images
+    where true class a was missed AND absent class b was predicted (count desc, then a, b).
+    top=None: all pairs with count > 0. "pair_counts" [C, C] holds every count."""
     y, s = _check(y_true, y_score)
     pred = _predict(s, thresholds)
     fn_m, fp_m = (y & ~pred).astype(np.float64), (~y & pred).astype(np.float64)
@@ -210,12 +214,13 @@ def error_analysis(y_true, y_score, thresholds=0.5, top=20):
 
 
 def best_f1_thresholds(y_true, y_score):
-    """Per-class thresholds [C] (float64) maximising F1 of (score > threshold), exactly, over all distinct
-    scores (the optimum always admits a tie group holding a positive, so those are the candidates). The
-    threshold lies midway between the lowest score to predict positive and the next lower distinct score
-    (just below the minimum when every image is predicted); if the midpoint is not strictly between them
-    in the scores' dtype it is the lower score itself, so float32 and float64 comparisons agree. Equal best
-    F1: the highest threshold wins. Classes with no positive get 0.5."""
+    """Per-class thresholds [C] (float64) maximising F1 of (score > threshold), exactly, over all
+    distinct scores (the optimum always admits a tie group holding a positive, so those are the
+    candidates). The threshold lies midway between the lowest score to predict positive and the next
+    lower distinct score (just below the minimum when every image is predicted); if the midpoint is
+    not strictly between them in the scores' dtype it is the lower score itself, so float32 and
+    float64 comparisons agree. Equal best F1: the highest threshold wins. Classes with no positive
+    get 0.5."""
     y, s = _check(y_true, y_score)
     dt = np.asarray(y_score).dtype
     dt = dt if np.issubdtype(dt, np.floating) else np.dtype(np.float64)
@@ -226,12 +231,8 @@ def best_f1_thresholds(y_true, y_score):
         if P == 0:
             continue
         plo, _, nlo, _ = _pos_counts(s_pos, s_neg)
-        f1 = (
-            2.0 * (P - plo) / ((P - plo) + (s_neg.size - nlo) + P)
-        )  # predict every score >= s_pos[j]
-        j = (
-            P - 1 - int(np.argmax(f1[::-1]))
-        )  # the last best in ascending order = the highest threshold
+        f1 = 2.0 * (P - plo) / ((P - plo) + (s_neg.size - nlo) + P)  # predict all >= s_pos[j]
+        j = P - 1 - int(np.argmax(f1[::-1]))  # the last best in ascending order: highest threshold
         best, lower = s_pos[j], -np.inf
         if plo[j] > 0:
             lower = s_pos[plo[j] - 1]
@@ -245,10 +246,11 @@ def best_f1_thresholds(y_true, y_score):
 
 
 def _interval_layout(y, s):
-    """Bootstrap bookkeeping: per class c with m >= 1 distinct positive scores u_1 < ... < u_m, the images
-    fall in rows base_c + [0, 2m]: negatives scored < u_1, = u_1, in (u_1, u_2), ..., = u_m, > u_m, and
-    base_c + 2m + 1 + k: positives scored = u_k. -> (csr 0/1 matrix [R, N] that sums image weights into
-    those rows, blocks: list per class of (base_c, m) or None without positives)."""
+    """Bootstrap bookkeeping: per class c with m >= 1 distinct positive scores u_1 < ... < u_m, the
+    images fall in rows base_c + [0, 2m]: negatives scored < u_1, = u_1, in (u_1, u_2), ..., = u_m,
+    > u_m, and base_c + 2m + 1 + k: positives scored = u_k. -> (csr 0/1 matrix [R, N] that sums
+    image weights into those rows, blocks: list per class of (base_c, m) or None without
+    positives)."""
     N, C = y.shape
     rows, cols, blocks, base = [], [], [], 0
     for c in range(C):
@@ -269,21 +271,19 @@ def _interval_layout(y, s):
 
 def _weighted_ap_auc(layout, W):
     """AP and AUC per class for many resamples at once. layout from _interval_layout(y, s), W [N, B]
-    image multiplicities -> (ap [B, C], auc [B, C]), nan where undefined: identical to the metrics of
-    the resampled images (the copies of an image tie, and ties only ever matter through these sums)."""
+    image multiplicities -> (ap [B, C], auc [B, C]), nan where undefined: identical to the metrics
+    of the resampled images (the copies of an image tie, and ties only ever matter through these
+    sums)."""
     mat, blocks = layout
-    V = (mat @ W).astype(
-        np.float64
-    )  # [R, B] weight per (class, score interval); float32 counts are exact
+    # [R, B] weight per (class, score interval); float32 counts are exact
+    V = (mat @ W).astype(np.float64)
     ap, auc = np.full((W.shape[1], len(blocks)), np.nan), np.full((W.shape[1], len(blocks)), np.nan)
     for c, blk in enumerate(blocks):
         if blk is None:
             continue
         base, m = blk
-        neg, pos = (
-            V[base : base + 2 * m + 1],
-            V[base + 2 * m + 1 : base + 3 * m + 1],
-        )  # [2m+1, B], [m, B]
+        # [2m+1, B] negative weight per interval, [m, B] positive weight per score
+        neg, pos = V[base : base + 2 * m + 1], V[base + 2 * m + 1 : base + 3 * m + 1]
         wneg, wpos = neg.sum(0), pos.sum(0)  # [B]
         neg_below = np.cumsum(neg, 0)[0 : 2 * m : 2]  # negative weight scored < u_k, [m, B]
         neg_eq = neg[1::2]  # negative weight scored = u_k
@@ -296,8 +296,9 @@ def _weighted_ap_auc(layout, W):
 
 
 def _micro_layout(y, s):
-    """_interval_layout of the flattened [N * C] scores (sklearn's micro average), its columns summed per
-    image -> (csr [R, N], blocks): a resample weights every label of an image by that image's multiplicity."""
+    """_interval_layout of the flattened [N * C] scores (sklearn's micro average), its columns
+    summed per image -> (csr [R, N], blocks): a resample weights every label of an image by that
+    image's multiplicity."""
     N, C = y.shape
     mat, blocks = _interval_layout(y.reshape(-1, 1), s.reshape(-1, 1))
     to_image = sparse.csr_array(
@@ -308,8 +309,9 @@ def _micro_layout(y, s):
 
 
 def _per_image(y, s):
-    """Per-image terms whose mean over the images is compute_all's lrap, ranking_loss, coverage_error and
-    mae, so a bootstrap resample's value is their weighted mean -> {name: float64 [N]}."""
+    """Per-image terms whose mean over the images is compute_all's lrap, ranking_loss,
+    coverage_error and mae, so a bootstrap resample's value is their weighted mean -> {name: float64
+    [N]}."""
     N, C = y.shape
     rows, n_ge, pos_ge = _row_ranks(s, y)
     P = y.sum(1)
@@ -331,7 +333,8 @@ def _per_image(y, s):
 
 
 def _macro_of_defined(v):
-    """[B, C] with nan for classes undefined in a draw -> [B]: the mean over the defined ones (nan if none)."""
+    """[B, C] with nan for classes undefined in a draw -> [B]: the mean over the defined ones (nan
+    if none)."""
     n_ok = (~np.isnan(v)).sum(1)
     return np.where(n_ok > 0, np.nansum(v, 1) / np.maximum(n_ok, 1), np.nan)
 
@@ -346,9 +349,8 @@ def _draw_metrics(y, s, pred, layouts, W, names):
             agg = _macro_of_defined if kind == "macro" else (lambda v: v[:, 0])
             out[f"mAP_{kind}"], out[f"auc_{kind}"] = agg(ap), agg(auc)
     yf = y.astype(np.float32)
-    tp, fp, fn = (
-        np.float64(W.T @ m) for m in (yf * pred, (1 - yf) * pred, yf * (1 - pred))
-    )  # [B, C] exact counts
+    # [B, C] exact counts
+    tp, fp, fn = (np.float64(W.T @ m) for m in (yf * pred, (1 - yf) * pred, yf * (1 - pred)))
     for kind, (p, r, f) in (
         ("macro", _prf(tp, fp, fn)),
         ("micro", _prf(tp.sum(1), fp.sum(1), fn.sum(1))),
@@ -362,8 +364,9 @@ def _draw_metrics(y, s, pred, layouts, W, names):
 
 
 def _boot_draws(y, scores, thresholds, n_boot, seed, names, max_elems=2**23):
-    """names' values on n_boot image resamples shared by every score array -> {name: [len(scores), n_boot]}.
-    One generator makes the resamples, so every array (every row of a table) sees the same draws."""
+    """names' values on n_boot image resamples shared by every score array -> {name:
+    [len(scores), n_boot]}. One generator makes the resamples, so every array (every row of a table)
+    sees the same draws."""
     bad = [k for k in names if k not in METRIC_NAMES]
     if bad:
         raise ValueError(f"unknown metrics {bad}; choose from {METRIC_NAMES}")
@@ -378,9 +381,8 @@ def _boot_draws(y, scores, thresholds, n_boot, seed, names, max_elems=2**23):
     for b0 in range(0, n_boot, chunk):
         B = min(chunk, n_boot - b0)
         idx = rng.integers(0, N, size=(B, N)) + N * np.arange(B)[:, None]  # B resamples of N images
-        W = np.ascontiguousarray(
-            np.bincount(idx.ravel(), minlength=B * N).reshape(B, N).T, np.float32
-        )  # [N, B]
+        counts = np.bincount(idx.ravel(), minlength=B * N).reshape(B, N)
+        W = np.ascontiguousarray(counts.T, np.float32)  # [N, B]
         for i, s in enumerate(scores):
             for k, v in _draw_metrics(y, s, preds[i], layouts[i], W, names).items():
                 out[k][i, b0 : b0 + B] = v
@@ -390,9 +392,10 @@ def _boot_draws(y, scores, thresholds, n_boot, seed, names, max_elems=2**23):
 def bootstrap_intervals(
     y_true, scores, n_boot=1000, seed=0, alpha=0.05, thresholds=0.5, names=METRIC_NAMES
 ):
-    """Percentile bootstrap over images for several score arrays on the SAME resamples (rows of one table
-    stay comparable) -> one {name: (point, low, high)} per array. point = compute_all on all images; a
-    draw's macro runs over the classes defined in that draw; draws where a metric is undefined are left out."""
+    """Percentile bootstrap over images for several score arrays on the SAME resamples (rows of one
+    table stay comparable) -> one {name: (point, low, high)} per array. point = compute_all on all
+    images; a draw's macro runs over the classes defined in that draw; draws where a metric is
+    undefined are left out."""
     y = _check(y_true, scores[0])[0]
     ss = [_check(y_true, s)[1] for s in scores]
     draws = _boot_draws(y, ss, thresholds, n_boot, seed, tuple(names))
@@ -413,24 +416,26 @@ def bootstrap_intervals(
 def bootstrap_ci(
     y_true, y_score, n_boot=1000, seed=0, alpha=0.05, thresholds=0.5, names=BOOT_METRICS
 ):
-    """One score array: bootstrap_intervals(...)[0]; names default to BOOT_METRICS (metrics.METRIC_NAMES: all 15)."""
+    """One score array: bootstrap_intervals(...)[0]; names default to BOOT_METRICS
+    (metrics.METRIC_NAMES: all 15)."""
     return bootstrap_intervals(y_true, [y_score], n_boot, seed, alpha, thresholds, names)[0]
 
 
 def paired_bootstrap(
     y_true, score_a, score_b, n_boot=1000, seed=0, metric="mAP_macro", alpha=0.05, thresholds=0.5
 ):
-    """Is b better than a on the same images? Both are scored on the same resamples (metric: BOOT_METRICS).
-    -> {diff: metric(b) - metric(a) on all images, mean_diff: mean over draws, low, high: percentile CI,
-        p: two-sided, 2 x the fraction of draws whose difference has the other sign (or is 0), capped at 1}."""
+    """Is b better than a on the same images? Both are scored on the same resamples (metric:
+    BOOT_METRICS). -> {diff: metric(b) - metric(a) on all images, mean_diff: mean over draws,
+    low, high: percentile CI,
+        p: two-sided, 2 x the fraction of draws whose difference has the other sign (or is 0),
+        capped at 1}."""
     if metric not in BOOT_METRICS:
         raise ValueError(f"metric must be one of {BOOT_METRICS}, got {metric!r}")
     y, sa = _check(y_true, score_a)
     _, sb = _check(y_true, score_b)
     diff = compute_all(y, sb, thresholds)[metric] - compute_all(y, sa, thresholds)[metric]
-    d = np.diff(_boot_draws(y, [sa, sb], thresholds, n_boot, seed, (metric,))[metric], axis=0)[
-        0
-    ]  # b - a, [n_boot]
+    draws = _boot_draws(y, [sa, sb], thresholds, n_boot, seed, (metric,))[metric]  # [2, n_boot]
+    d = draws[1] - draws[0]  # b - a, [n_boot]
     sign = 1.0 if diff >= 0 else -1.0
     p = 1.0 if diff == 0 else min(1.0, 2.0 * float(np.mean(d * sign <= 0)))
     low, high = np.percentile(d, [100 * alpha / 2, 100 * (1 - alpha / 2)])
@@ -445,18 +450,18 @@ def paired_bootstrap(
 
 
 def paired_test(a, b):
-    """Paired t-test across folds of d = b - a (so a positive mean_diff means b is better); t and p equal
-    scipy.stats.ttest_rel(b, a) (two-sided). -> {mean_diff, std_diff (ddof=1), t, p, n}."""
+    """Paired t-test across folds of d = b - a (so a positive mean_diff means b is better); t and p
+    equal scipy.stats.ttest_rel(b, a) (two-sided). -> {mean_diff, std_diff (ddof=1), t, p, n}."""
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     if a.shape != b.shape or a.size < 2:
         raise ValueError(
-            f"paired_test needs two equal-length sequences of >= 2 values, got {a.size} and {b.size}"
+            f"paired_test needs two equal-length sequences of >= 2 values, got {a.size} and "
+            f"{b.size}"
         )
     d = b - a
     n, mean, std = d.size, float(d.mean()), float(d.std(ddof=1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = float(
-            np.float64(mean) / (std / np.sqrt(n))
-        )  # +-inf (p 0) or nan when the folds agree exactly
+        # +-inf (p 0) or nan when the folds agree exactly
+        t = float(np.float64(mean) / (std / np.sqrt(n)))
     p = float(2 * stdtr(n - 1, -abs(t)))
     return {"mean_diff": mean, "std_diff": std, "t": t, "p": p, "n": int(n)}

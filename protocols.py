@@ -1,22 +1,26 @@
-"""Evaluation protocols: which images of load_coco's pool are dev, test and (for retrieval) database, and the
-splits file that records them (load_splits, check_splits).
+"""Evaluation protocols: which images of load_coco's pool are dev, test and (for retrieval)
+database, and the splits file that records them (load_splits, check_splits).
 
     import data, protocols
     coco = data.load_coco("data/coco")
-    rows = protocols.select(coco, "hashnet", lists="data/hashnet")   # {"dev", "test", "database"} row indices
+    rows = protocols.select(coco, "hashnet", lists="data/hashnet")  # {"dev", "test", "database"}
 
 - karpathy_cv: dev = Karpathy train + restval + val (118,287), test = Karpathy test (5,000).
-- coco2014: dev = train2014 images with >= 1 label (82,081), test = val2014 images with >= 1 label (40,137).
-- hashnet: dev = HashNet's train.txt (10,000), test = its test.txt queries (5,000), database = every labelled
-  train2014 + val2014 image that is not a query (~117,218; training images included), as in HashNet's
-  database.txt. The lists are thuml/HashNet's pytorch/data/coco/{train,test}.txt: per line an image path from
-  the authors' machine (only the file name COCO_<split>2014_<id>.jpg identifies the image), then 80 label
-  columns of 0/1 in the order of the category NAMES sorted alphabetically (hashnet_columns).
+- coco2014: dev = train2014 images with >= 1 label (82,081), test = val2014 images with >= 1
+  label (40,137).
+- hashnet: dev = HashNet's train.txt (10,000), test = its test.txt queries (5,000), database =
+  every labelled train2014 + val2014 image that is not a query (~117,218; training images
+  included), as in HashNet's database.txt. The lists are thuml/HashNet's
+  pytorch/data/coco/{train,test}.txt: per line an image path from the authors' machine (only the
+  file name COCO_<split>2014_<id>.jpg identifies the image), then 80 label columns of 0/1 in the
+  order of the category NAMES sorted alphabetically (hashnet_columns).
 
-Every function takes the load_coco dict and returns ascending row indices into it (ids are sorted, so the
-ids of those rows are ascending too). Bad input raises data.DataError(one line naming the file and the fix).
+Every function takes the load_coco dict and returns ascending row indices into it (ids are sorted,
+so the ids of those rows are ascending too). Bad input raises data.DataError(one line naming the
+file and the fix).
 """
 
+import hashlib
 import json
 import os
 import re
@@ -53,7 +57,8 @@ def karpathy_cv(coco):
 
 
 def coco2014(coco):
-    """dev = labelled train2014 images, test = labelled val2014 images (the classification literature's split)."""
+    """dev = labelled train2014 images, test = labelled val2014 images (the classification
+    literature's split)."""
     folder, labelled = _folders(coco), np.asarray(coco["labels"]).any(1)
     return {
         "dev": _rows(labelled & (folder == "train2014")),
@@ -64,18 +69,21 @@ def coco2014(coco):
 def hashnet_columns(categories):
     """HashNet column j -> our label index: its 80 columns are the category names in sorted() order.
 
-    -> int64 [C], so labels[:, hashnet_columns(categories)] puts our labels in the lists' column order.
-    (Checked on the 18 images that ../shared/fixtures/hashnet and fce_instances_val2014_100.json share.)
+    -> int64 [C], so labels[:, hashnet_columns(categories)] puts our labels in the lists' column
+    order. (Checked on the 18 images that tests/fixtures/hashnet and fce_instances_val2014_100.json
+    share.)
     """
     names = [c["name"] for c in categories]
     return np.array(sorted(range(len(names)), key=lambda k: names[k]), np.int64)
 
 
 def read_hashnet_list(path, n_classes):
-    """Parse one HashNet list -> (file names [n], line numbers [n], labels uint8 [n, n_classes] in list order).
+    """Parse one HashNet list -> (file names [n], line numbers [n], labels uint8 [n, n_classes] in
+    list order).
 
-    Blank lines are skipped; no image line at all, a wrong column count, a label other than 0/1, a path whose file name is not
-    COCO_<train|val>2014_<12 digits>.jpg, or a file name listed twice raise DataError naming the line.
+    Blank lines are skipped; no image line at all, a wrong column count, a label other than 0/1, a
+    path whose file name is not COCO_<train|val>2014_<12 digits>.jpg, or a file name listed twice
+    raise DataError naming the line.
     """
     try:
         with open(path) as f:
@@ -100,9 +108,8 @@ def read_hashnet_list(path, n_classes):
         if len(labels) != n_classes or labels.strip("01"):
             bad = next(t for t in parts[1:] if t not in ("0", "1"))
             raise data.DataError(f"{where} has label {bad!r}; every label column must be 0 or 1")
-        name = (
-            parts[0].replace("\\", "/").rsplit("/", 1)[-1]
-        )  # the authors' folders mean nothing here
+        # the authors' folders mean nothing here
+        name = parts[0].replace("\\", "/").rsplit("/", 1)[-1]
         if not _COCO_FILE.fullmatch(name):
             raise data.DataError(
                 f"{where}: file name {name!r} is not COCO_<train|val>2014_<12-digit id>.jpg"
@@ -125,7 +132,8 @@ def read_hashnet_list(path, n_classes):
 
 
 def _match_hashnet_list(coco, path, order, row_of):
-    """Read one list, find its images in coco by file name, check its labels -> int64 [n] row indices."""
+    """Read one list, find its images in coco by file name, check its labels -> int64 [n] row
+    indices."""
     names, line_no, y = read_hashnet_list(path, len(order))
     rows = np.array([row_of.get(n, -1) for n in names], np.int64)
     if (rows < 0).any():
@@ -157,7 +165,8 @@ def _match_hashnet_list(coco, path, order, row_of):
 
 
 def hashnet(coco, lists):
-    """dev = lists/train.txt, test = lists/test.txt (queries), database = labelled 2014 images minus queries."""
+    """dev = lists/train.txt, test = lists/test.txt (queries), database = labelled 2014 images minus
+    queries."""
     if not os.path.isdir(lists):
         raise data.DataError(
             f"{lists}: --lists folder not found; pass the folder with HashNet's train.txt "
@@ -180,14 +189,13 @@ def hashnet(coco, lists):
         )
     is_query = np.zeros(len(folder), bool)
     is_query[test] = True
-    database = (
-        np.asarray(coco["labels"]).any(1) & ~is_query
-    )  # folders checked above: all 2014 images
+    database = np.asarray(coco["labels"]).any(1) & ~is_query  # folders checked: all 2014 images
     return {"dev": np.sort(dev), "test": np.sort(test), "database": _rows(database)}
 
 
 def select(coco, protocol, lists=None):
-    """Rows of each part of `protocol` -> {"dev", "test"[, "database"]}: ascending int64 row indices."""
+    """Rows of each part of `protocol` -> {"dev", "test"[, "database"]}: ascending int64 row
+    indices."""
     if protocol == "karpathy_cv":
         return karpathy_cv(coco)
     if protocol == "coco2014":
@@ -201,26 +209,34 @@ def select(coco, protocol, lists=None):
     raise data.DataError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
 
 
-# ----------------------------------------------------------------------------- the splits file (make_splits.py's output)
+# -------------------------------------------------------- the splits file (make_splits.py's output)
 
 _SPLIT_KEYS = ("method", "folds", "seed", "categories", "dev", "test", "val_folds", "stats")
+
+
+def splits_sha256(path):
+    """The splits file's identity (config.json splits_sha256): sha256 of its bytes."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError as e:
+        raise data.DataError(
+            f"{path}: cannot read the splits file ({type(e).__name__}); run make_splits.py first"
+        ) from None
 
 
 def load_splits(path):
     """Load and validate splits.json (make_splits.py) -> dict as written (lists of int ids).
 
-    Checks: every key present; categories a list of {id, name}; protocol one of PROTOCOLS (absent: the
-    original karpathy_cv); dev, test and the optional retrieval database duplicate-free, test disjoint from
-    dev and database; len(val_folds) == folds >= 2; the val folds partition dev exactly.
+    Checks: every key present; categories a list of {id, name}; protocol one of PROTOCOLS (absent:
+    the original karpathy_cv); dev, test and the optional retrieval database duplicate-free, test
+    disjoint from dev and database; len(val_folds) == folds >= 2; the val folds partition dev
+    exactly.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise data.DataError(f"{path}: splits file not found; run make_splits.py first")
-    try:
-        with open(path) as f:
-            s = json.load(f)
-    except (OSError, ValueError) as e:
-        raise data.DataError(f"{path}: not valid JSON ({e}); re-run make_splits.py") from None
+    s = data.read_json(path, "the splits file", "re-run make_splits.py")
     missing = [k for k in _SPLIT_KEYS if not isinstance(s, dict) or k not in s]
     if missing:
         raise data.DataError(f"{path}: missing keys {missing}; re-run make_splits.py")
@@ -259,13 +275,14 @@ def load_splits(path):
 
 
 def check_splits(splits, ids, meta, where="feature cache"):
-    """Raise data.DataError unless the splits file fits the feature cache: every dev / test / database id is among
-    the cache's `ids` and both name the same categories in the same order (when the cache names them)."""
+    """Raise data.DataError unless the splits file fits the feature cache: every dev / test /
+    database id is among the cache's `ids` and both name the same categories in the same order (when
+    the cache names them)."""
     cats = json.loads(meta.get("categories") or "null")
     if cats is not None and [c["name"] for c in cats] != [c["name"] for c in splits["categories"]]:
         raise data.DataError(
-            f"{where}: its {len(cats)} categories are not the {len(splits['categories'])} of the splits "
-            f"file (names or order differ); make both from the same data_root"
+            f"{where}: its {len(cats)} categories are not the {len(splits['categories'])} of the "
+            f"splits file (names or order differ); make both from the same data_root"
         )
     have = set(np.asarray(ids).tolist())
     want = set(splits["dev"]) | set(splits["test"]) | set(splits.get("database", []))

@@ -1,15 +1,16 @@
-"""Generators for the demo, the tests and bench.py: a COCO-2014-like tree in the real file formats, planted feature
-caches whose labels a linear probe can recover (and folds and splits around them), COCO-like JPEGs, and a tiny
-randomly initialised SigLIP.
+"""Generators for the demo, the tests and bench.py: a COCO-2014-like tree in the real file formats,
+planted feature caches whose labels a linear probe can recover (and folds and splits around them),
+COCO-like JPEGs, and a tiny randomly initialised SigLIP.
 
     import synthetic
-    synthetic.make_synthetic_coco("demo/coco", n_images=200, seed=0)   # images + annotations + Karpathy json
-    feats = synthetic.make_planted_features(1200)                    # arrays shaped like the feature cache
+    synthetic.make_synthetic_coco("demo/coco", n_images=200, seed=0)  # images, annotations, ...
+    feats = synthetic.make_planted_features(1200)             # arrays shaped like the feature cache
     features.save_features("f.safetensors", feats, feats["meta"])
-    synthetic.make_tiny_siglip("demo/tiny_siglip")                   # loadable by model.Siglip2Encoder
-    fold = synthetic.planted_fold(4096, 1024)                        # bench.py: a fold as folds.load_fold gives
+    synthetic.make_tiny_siglip("demo/tiny_siglip")            # loadable by model.Siglip2Encoder
+    fold = synthetic.planted_fold(4096, 1024)                 # bench.py: a fold as folds.load_fold
 
-None of it is needed to train or evaluate on real data; data.py, features.py and model.py do not import it.
+None of it is needed to train or evaluate on real data; data.py, features.py and model.py do not
+import it.
 """
 
 import json
@@ -107,7 +108,8 @@ COCO_IMAGE_COUNTS = [
     189,
     1007,
 ]
-# first COCO id of each supercategory after "person" (vehicle, outdoor, animal, ..., indoor): a group per range
+# first COCO id of each supercategory after "person" (vehicle, outdoor, animal, ..., indoor): a
+# group per range
 _SUPERCATEGORY_STARTS = [2, 10, 16, 27, 34, 44, 52, 62, 72, 78, 84]
 
 
@@ -148,8 +150,9 @@ def _category_look(k):
 
 
 def _draw_image(rng, present, cid, ann_id):
-    """A 64x64 image with one shape per present category (its place and colour: _category_look), and its
-    instance annotations (a polygon, sometimes a second instance, ~8% crowd RLE) -> (PIL image, [annotation])."""
+    """A 64x64 image with one shape per present category (its place and colour: _category_look), and
+    its instance annotations (a polygon, sometimes a second instance, ~8% crowd RLE) -> (PIL image,
+    [annotation])."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(90, 140, 3)))
@@ -186,7 +189,8 @@ def _draw_image(rng, present, cid, ann_id):
 
 
 def _captions(rng, names, imgid, sent_id):
-    """5-7 Karpathy-format sentences naming some of the image's labels, with stray whitespace and newlines."""
+    """5-7 Karpathy-format sentences naming some of the image's labels, with stray whitespace and
+    newlines."""
     sentences = []
     for _ in range(int(rng.integers(5, 8))):
         said = [a for a in names if rng.random() < 0.6] or names[:1]
@@ -206,11 +210,12 @@ def _captions(rng, names, imgid, sent_id):
 def make_synthetic_coco(root, n_images=200, seed=0):
     """Write a small COCO-2014-like tree under root in the real formats and return root.
 
-    root/train2014/*.jpg, root/val2014/*.jpg (64x64; one shape per present category, at a category-specific
-    place and colour, so a model can learn the labels), root/annotations/instances_{train,val}2014.json
-    (real 80 category ids/names, bboxes, polygons, some iscrowd=1 RLE, some images without annotations)
-    and root/dataset_coco.json (Karpathy format; train/restval/val/test, test and val from val2014,
-    5-7 captions per image naming some of its labels, with stray whitespace).
+    root/train2014/*.jpg, root/val2014/*.jpg (64x64; one shape per present category, at a
+    category-specific place and colour, so a model can learn the labels),
+    root/annotations/instances_{train,val}2014.json (real 80 category ids/names, bboxes, polygons,
+    some iscrowd=1 RLE, some images without annotations) and root/dataset_coco.json (Karpathy
+    format; train/restval/val/test, test and val from val2014, 5-7 captions per image naming some of
+    its labels, with stray whitespace).
     """
     rng = np.random.default_rng(seed)
     n = int(n_images)
@@ -284,12 +289,13 @@ def make_synthetic_coco(root, n_images=200, seed=0):
     return root
 
 
-# ----------------------------------------------------------------------------- synthetic labels / features
+# ---------------------------------------------------------------------- synthetic labels / features
 
 
 def class_prevalences(num_classes=80):
-    """Per-class prevalence (C,) and supercategory group (C,): COCO's own for 80 classes, else log-spaced
-    prevalences from 30% down to 0.5% in groups of 8 (a generic long-tailed label set)."""
+    """Per-class prevalence (C,) and supercategory group (C,): COCO's own for 80 classes, else
+    log-spaced prevalences from 30% down to 0.5% in groups of 8 (a generic long-tailed label
+    set)."""
     if num_classes == 80:
         group = np.searchsorted(
             _SUPERCATEGORY_STARTS, [c["id"] for c in COCO_CATEGORIES], side="right"
@@ -299,8 +305,8 @@ def class_prevalences(num_classes=80):
 
 
 def synthetic_labels(n, seed=0, num_classes=80):
-    """Multi-label matrix uint8 [n, C] with long-tailed prevalences (COCO's real ones for C = 80: person ~54%
-    ... ~0.2%, ~2.9 labels per image), correlated within groups, ~1% all-zero rows."""
+    """Multi-label matrix uint8 [n, C] with long-tailed prevalences (COCO's real ones for C = 80:
+    person ~54% ... ~0.2%, ~2.9 labels per image), correlated within groups, ~1% all-zero rows."""
     rng = np.random.default_rng(seed)
     p, group = class_prevalences(num_classes)  # (C,), (C,)
     thr = np.array([NormalDist().inv_cdf(1.0 - q) for q in p], np.float32)  # (C,)
@@ -322,8 +328,9 @@ def synthetic_labels(n, seed=0, num_classes=80):
 
 
 def planted_scores(n, seed=0):
-    """Labels (n, 80), every class positive at least once (scikit-learn's macro AP / AUC need one), and float32
-    probabilities that follow them (sigmoid of 3 y - 3 + 2 noise; some tie, as saved ones do) -> (labels, probs)."""
+    """Labels (n, 80), every class positive at least once (scikit-learn's macro AP / AUC need one),
+    and float32 probabilities that follow them (sigmoid of 3 y - 3 + 2 noise; some tie, as saved
+    ones do) -> (labels, probs)."""
     y = synthetic_labels(n, seed)
     y[np.arange(80), np.arange(80)] = 1
     logit = 3.0 * y - 3.0 + 2.0 * np.random.default_rng(seed).standard_normal(y.shape)
@@ -331,7 +338,8 @@ def planted_scores(n, seed=0):
 
 
 def planted_codes(n, bits=64, seed=0):
-    """Labels (n, 80) and +-1 codes (n, bits) that follow them, sign(labels @ P + 2 noise), both float32."""
+    """Labels (n, 80) and +-1 codes (n, bits) that follow them, sign(labels @ P + 2 noise), both
+    float32."""
     rng = np.random.default_rng(seed)
     labels = synthetic_labels(n, seed).astype(np.float32)
     proj = rng.standard_normal((labels.shape[1], bits)).astype(np.float32)
@@ -342,7 +350,8 @@ def planted_codes(n, bits=64, seed=0):
 
 
 def _planted_blocks(rng, labels, ncap, table, image, text, pool, p_mention, step=512):
-    """Fill image [N,1,D] / text [N,C,D] float16 block by block (blocks of `step` images stay in cache)."""
+    """Fill image [N,1,D] / text [N,C,D] float16 block by block (blocks of `step` images stay in
+    cache)."""
     import torch
     import torch.nn.functional as F
 
@@ -386,14 +395,15 @@ def _planted_blocks(rng, labels, ncap, table, image, text, pool, p_mention, step
 def make_planted_features(n_images, dim=768, n_captions=5, seed=0, num_classes=80, categories=None):
     """A fake feature cache whose labels a linear probe can recover, but not trivially.
 
-    Image v = m * normalize(mu_i + a * sum_{c in labels} W_i[c] / sqrt(k) + noise); caption v likewise with
-    mu_t, W_t and the labels that caption mentions (a random subset of the image's, at least one).
-    W_t is correlated with W_i (aligned towers), mu_i != mu_t (modality gap), norms m random in [5, 30].
-    A logistic-regression probe on L2-normalised [image, mean caption] reaches val macro mAP 0.88 at COCO
-    scale (123,287 images, 80/20 split; 0.87 with 60k images, less on a few thousand): learnable, not trivial.
-    Returns numpy arrays exactly like the cache: ids int64 [N], image float16 [N,1,D], text float16
-    [N,C,D] (zero rows past n_captions), n_captions int64 [N] in 1..C, labels uint8 [N,K],
-    prompts float16 [K,D]; plus "meta" (dict for save_features, model "planted").
+    Image v = m * normalize(mu_i + a * sum_{c in labels} W_i[c] / sqrt(k) + noise); caption v
+    likewise with mu_t, W_t and the labels that caption mentions (a random subset of the image's, at
+    least one). W_t is correlated with W_i (aligned towers), mu_i != mu_t (modality gap), norms m
+    random in [5, 30]. A logistic-regression probe on L2-normalised [image, mean caption] reaches
+    val macro mAP 0.88 at COCO scale (123,287 images, 80/20 split; 0.87 with 60k images, less on a
+    few thousand): learnable, not trivial. Returns numpy arrays exactly like the cache: ids int64
+    [N], image float16 [N,1,D], text float16 [N,C,D] (zero rows past n_captions), n_captions int64
+    [N] in 1..C, labels uint8 [N,K], prompts float16 [K,D]; plus "meta" (dict for save_features,
+    model "planted").
     """
     import torch
 
@@ -432,9 +442,8 @@ def make_planted_features(n_images, dim=768, n_captions=5, seed=0, num_classes=8
     image = torch.empty((n, 1, d), dtype=torch.float16)
     text = torch.empty((n, c, d), dtype=torch.float16)
     threads = torch.get_num_threads()
-    torch.set_num_threads(
-        1
-    )  # memory-bound gathers: one thread is as fast, and 3x faster on a busy CPU
+    # memory-bound gathers: one thread is as fast, and much faster on a busy CPU
+    torch.set_num_threads(1)
     try:
         _planted_blocks(rng, labels, ncap, table, image, text, pool, p_mention)
     finally:
@@ -471,8 +480,8 @@ def make_planted_features(n_images, dim=768, n_captions=5, seed=0, num_classes=8
 
 
 def planted_fold(n_train, n_val, seed=0, device="cpu"):
-    """A fold as folds.load_fold returns it (its train / val parts), from planted embeddings: float16 (n, 1, D)
-    images and (n, 5, D) captions on `device`, ids on the CPU."""
+    """A fold as folds.load_fold returns it (its train / val parts), from planted embeddings:
+    float16 (n, 1, D) images and (n, 5, D) captions on `device`, ids on the CPU."""
     import torch
 
     f = make_planted_features(n_train + n_val, seed=seed)
@@ -486,9 +495,9 @@ def planted_fold(n_train, n_val, seed=0, device="cpu"):
 
 
 def write_planted_cache(folder, n, seed=0, n_val=1000, n_test=5000):
-    """A planted cache of n images and a 2-fold splits file (test: the first min(n_test, n / 20) ids) whose fold 0
-    validates on n_val dev images, so the fold holds every dev image and its KNN validation stays short
-    -> (features path, splits path)."""
+    """A planted cache of n images and a 2-fold splits file (test: the first min(n_test, n / 20)
+    ids) whose fold 0 validates on n_val dev images, so the fold holds every dev image and its KNN
+    validation stays short -> (features path, splits path)."""
     feats = make_planted_features(n, seed=seed)
     path, splits = os.path.join(folder, "features.safetensors"), os.path.join(folder, "splits.json")
     save_features(path, feats, feats["meta"])
@@ -514,7 +523,8 @@ def write_planted_cache(folder, n, seed=0, n_val=1000, n_test=5000):
 
 
 def write_jpegs(folder, n, seed=0, size=(640, 480)):
-    """n COCO-like JPEGs (640 x 480, quality 90, ~150 kB: a smooth colour layout plus grain) -> their paths."""
+    """n COCO-like JPEGs (640 x 480, quality 90, ~150 kB: a smooth colour layout plus grain) ->
+    their paths."""
     from PIL import Image
 
     rng, paths = np.random.default_rng(seed), []
@@ -532,10 +542,14 @@ def write_jpegs(folder, n, seed=0, size=(640, 480)):
 
 # words of the tiny test tokenizer: the 80 COCO category names plus common caption words
 _TINY_WORDS = """
-person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign parking
-meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase
-frisbee skis snowboard sports ball kite baseball bat glove skateboard surfboard tennis racket bottle wine
-glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot hot pizza donut cake chair
+person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign
+parking
+meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie
+suitcase
+frisbee skis snowboard sports ball kite baseball bat glove skateboard surfboard tennis racket bottle
+wine
+glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot hot pizza donut cake
+chair
 couch potted plant bed dining table toilet tv laptop mouse remote keyboard cell phone microwave oven
 toaster sink refrigerator book clock vase scissors teddy hair drier toothbrush
 a an the of on in at with and or to from by for near next under over above behind front top
@@ -554,8 +568,9 @@ circle square triangle shape shapes color colored drawn scene object objects thi
 
 
 def siglip_image_processor(**kwargs):
-    """transformers' PIL SigLIP image processor (SiglipImageProcessorPil in 5.x; in 4.x SiglipImageProcessor is
-    the PIL one, and in 5.x the old name wants torchvision, else it warns)."""
+    """transformers' PIL SigLIP image processor (SiglipImageProcessorPil in 5.x; in 4.x
+    SiglipImageProcessor is the PIL one, and in 5.x the old name wants torchvision, else it
+    warns)."""
     try:
         from transformers import SiglipImageProcessorPil as Processor
     except ImportError:
@@ -564,9 +579,9 @@ def siglip_image_processor(**kwargs):
 
 
 def random_siglip(size, vocab_size, image_size, patch_size, seed=0, **text):
-    """A SiglipModel built from its config with random weights, in eval mode; the global torch RNG is left untouched.
-    size: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads of both towers; text: more of the
-    text config (token ids, projection_size)."""
+    """A SiglipModel built from its config with random weights, in eval mode; the global torch RNG
+    is left untouched. size: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads
+    of both towers; text: more of the text config (token ids, projection_size)."""
     import torch
     from transformers import SiglipConfig, SiglipModel
 
@@ -580,12 +595,13 @@ def random_siglip(size, vocab_size, image_size, patch_size, seed=0, **text):
 
 
 def make_tiny_siglip(out_dir, image_size=32, seed=0):
-    """Save a tiny randomly initialised SiglipModel + tokenizer + processor to out_dir -> out_dir (str).
+    """Save a tiny randomly initialised SiglipModel + tokenizer + processor to out_dir -> out_dir
+    (str).
 
     Offline stand-in for google/siglip2-base-patch16-256 in tests and demos: same class, same
-    preprocessing path, loadable by Siglip2Encoder(out_dir) via AutoModel / AutoProcessor. hidden 32,
-    2 layers, patch 8; a case-sensitive WordLevel tokenizer (unknown words -> <unk>) that appends </s>.
-    Deterministic for a seed; the global torch RNG is left untouched.
+    preprocessing path, loadable by Siglip2Encoder(out_dir) via AutoModel / AutoProcessor. hidden
+    32, 2 layers, patch 8; a case-sensitive WordLevel tokenizer (unknown words -> <unk>) that
+    appends </s>. Deterministic for a seed; the global torch RNG is left untouched.
     """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -619,9 +635,8 @@ def make_tiny_siglip(out_dir, image_size=32, seed=0):
         eos_token_id=1,
         bos_token_id=None,
     )
-    with (
-        torch.no_grad()
-    ):  # SigLIP's initial temperature and bias (log 10, -10), not transformers' zeros
+    # SigLIP's initial temperature and bias (log 10, -10), not transformers' zeros
+    with torch.no_grad():
         net.logit_scale.fill_(math.log(10.0))
         net.logit_bias.fill_(-10.0)
     out_dir = str(out_dir)

@@ -31,7 +31,7 @@ import synthetic  # noqa: E402
 
 
 def run(script, *argv):
-    """Call a script exactly as its command line would: parse argv with its own parser, then main()."""
+    """Call a script as its command line would: parse argv with its own parser, then main()."""
     return script.main(script.get_args_parser().parse_args([str(a) for a in argv]))
 
 

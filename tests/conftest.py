@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: the repo root on sys.path, real-format COCO fixtures, a tiny SigLIP, synthetic data."""
+"""Shared pytest fixtures: the repo root on sys.path, real-format COCO excerpts (tests/fixtures),
+a tiny SigLIP, synthetic data."""
 
 import os
 import sys
@@ -8,36 +9,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# tiny tensors: one intra-op thread is fastest, and two threads on a shared 2-core machine can stall badly
+# tiny tensors: one intra-op thread is fastest; two threads on a shared 2-core machine can stall
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-FIXTURES = ROOT.parent / "shared" / "fixtures"
-
-
-def _shared(name):
-    """A folder of verbatim real-format excerpts in ../shared; a user's clone has none, so skip cleanly."""
-    if not (FIXTURES / name).is_dir():
-        pytest.skip(f"real-format fixtures not found at {FIXTURES / name}")
-    return FIXTURES / name
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # verbatim excerpts; SOURCES.md per folder
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir():
-    """COCO annotation and Karpathy excerpts (../shared/fixtures/coco)."""
-    return _shared("coco")
+    """Real COCO annotation and Karpathy excerpts (tests/fixtures/coco)."""
+    return FIXTURES / "coco"
 
 
 @pytest.fixture(scope="session")
 def hashnet_dir():
-    """HashNet's verbatim train.txt / test.txt (../shared/fixtures/hashnet)."""
-    return _shared("hashnet")
+    """HashNet's verbatim train.txt / test.txt (tests/fixtures/hashnet)."""
+    return FIXTURES / "hashnet"
 
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models are latency-bound: one intra-op thread is ~20x faster than two on a busy 2-core box."""
+    """Tiny models are latency-bound: one intra-op thread beats two on a busy 2-core box."""
     import torch
 
     n = torch.get_num_threads()

@@ -1,7 +1,9 @@
-"""train.py --baseline probe|zeroshot: the comparison rows of the results table, written as ordinary runs.
+"""train.py --baseline probe|zeroshot: the comparison rows of the results table, written as
+ordinary runs.
 
 Zero-shot scores are checked against SigLIP's formula computed here directly; the probe against an
-independent scikit-learn probe; both must come out of aggregate.py and evaluate.py like trained runs.
+independent scikit-learn probe; both must come out of aggregate.py and evaluate.py like trained
+runs.
 """
 
 import csv
@@ -102,7 +104,7 @@ def rows(path):
 def test_zeroshot_is_siglips_formula(cache, tmp_path):
     run_baseline(cache, tmp_path, "zeroshot")
     feats = cache[2]
-    # SigLIP zero-shot, computed here: sigmoid(scale * cos(image, prompt) + bias), the caption ignored
+    # SigLIP zero-shot, computed here: sigmoid(scale * cos(image, prompt) + bias), caption ignored
     img = feats["image"][:, 0].astype(np.float64)
     prm = feats["prompts"].astype(np.float64)
     cos = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (
@@ -153,7 +155,8 @@ def test_probe_matches_an_independent_probe(cache, tmp_path):
         "mAP_macro"
     ]
     print(
-        f"probe baseline val mAP {val_metrics['mAP_macro']:.4f}, reference probe {ref_map:.4f}, chance {chance:.4f}"
+        f"probe baseline val mAP {val_metrics['mAP_macro']:.4f}, reference probe {ref_map:.4f}, "
+        f"chance {chance:.4f}"
     )
     assert val_metrics["mAP_macro"] > 2 * chance
     assert abs(val_metrics["mAP_macro"] - ref_map) < 0.1

@@ -1,5 +1,5 @@
-"""data.py and features.py: COCO loading against pycocotools on real annotation excerpts, caching, synthetic data,
-the feature cache."""
+"""data.py and features.py: COCO loading against pycocotools on real annotation excerpts, caching,
+synthetic data, the feature cache."""
 
 import json
 import os
@@ -26,21 +26,23 @@ def _write_json(path, obj):
 
 
 def build_real_root(root, fixtures_dir):
-    """A COCO 2014 data_root around the real annotation excerpts; returns (root, caption sets by cocoid)."""
+    """A COCO 2014 data_root around the real annotation excerpts; returns (root, caption sets by
+    cocoid)."""
     from PIL import Image
 
     val = json.loads((fixtures_dir / "fce_instances_val2014_100.json").read_text())
     val["annotations"] = [a for a in val["annotations"] if a["image_id"] not in UNANNOTATED_IDS]
     train = json.loads((fixtures_dir / "cocoapi_pr_instances_val2017_1img-sample.json").read_text())
-    # keep only the crowd annotation of its category, so that category is present through a crowd box only
+    # keep only the crowd annotation of its category, so that category is present through a crowd
+    # box only
     crowd_cat = next(a["category_id"] for a in train["annotations"] if a["iscrowd"])
     train["annotations"] = [
         a for a in train["annotations"] if a["iscrowd"] or a["category_id"] != crowd_cat
     ]
     _write_json(os.path.join(root, "annotations", "instances_val2014.json"), val)
     _write_json(os.path.join(root, "annotations", "instances_train2014.json"), train)
-    # real captions with stray spaces / newlines, one set per image (borrowed from other images: only the
-    # text normalisation is under test)
+    # real captions with stray spaces / newlines, one set per image (borrowed from other images:
+    # only the text normalisation is under test)
     caps = json.loads((fixtures_dir / "captions_val2017_1000_subset.json").read_text())
     sets = {}
     for a in caps["annotations"]:
@@ -270,7 +272,8 @@ def test_synthetic_labels_are_coco_like():
 
 
 def _average_precision(y, s):
-    """AP = mean precision at the rank of each positive (sklearn's definition when scores are distinct)."""
+    """AP = mean precision at the rank of each positive (sklearn's definition when scores are
+    distinct)."""
     hits = y[np.argsort(-s, kind="stable")]
     return float(np.sum(np.cumsum(hits) / np.arange(1, len(hits) + 1) * hits) / hits.sum())
 
@@ -391,8 +394,8 @@ def test_load_features_refuses_bad_files(tmp_path, case):
 
 
 def _fold_cache(root, n=300):
-    """A planted cache stored out of id order, with 2 image views, prompts and 2 unreadable images, and a 3-fold
-    splits file -> (features path, splits path, bad ids)."""
+    """A planted cache stored out of id order, with 2 image views, prompts and 2 unreadable images,
+    and a 3-fold splits file -> (features path, splits path, bad ids)."""
     feats = synthetic.make_planted_features(n, seed=1)
     perm = np.random.default_rng(0).permutation(n)
     t = {k: feats[k][perm] for k in ("ids", "image", "text", "n_captions", "labels")}
@@ -421,25 +424,23 @@ def _fold_cache(root, n=300):
     return root / "f.safetensors", root / "splits.json", bad
 
 
-def _fold_args(feats, splits):
-    import argparse
+def _load_fold(feats, splits):
+    """folds.load_fold of fold 0 on the cpu, as train.py calls it."""
+    import folds
 
-    return argparse.Namespace(
-        features=str(feats), splits=str(splits), fold=0, batch_size=16, inputs="both"
-    )
+    return folds.load_fold(str(feats), str(splits), 0, torch.device("cpu"), "both", 16)
 
 
 def test_load_fold_equals_the_whole_cache_gathered(tmp_path, monkeypatch):
-    """folds.load_fold reads only the fold's rows, chunk by chunk; it equals the old way (every tensor loaded
-    whole, then the fold's rows gathered) tensor for tensor, and load_features equals safetensors' load_file."""
-    import folds
+    """folds.load_fold reads only the fold's rows, chunk by chunk; it equals the old way (every
+    tensor loaded whole, then the fold's rows gathered) tensor for tensor, and load_features equals
+    safetensors' load_file."""
     from safetensors.torch import load_file
 
     feats, splits, bad = _fold_cache(tmp_path)
-    monkeypatch.setattr(
-        features, "_CHUNK_BYTES", 7 * 5 * 768 * 2
-    )  # 7 caption rows per chunk: many, a ragged last one
-    fold = folds.load_fold(_fold_args(feats, splits), torch.device("cpu"))
+    # 7 caption rows per chunk: many, a ragged last one
+    monkeypatch.setattr(features, "_CHUNK_BYTES", 7 * 5 * 768 * 2)
+    fold = _load_fold(feats, splits)
     whole, s = load_file(feats), json.loads(splits.read_text())
     row = {i: r for r, i in enumerate(whole["ids"].tolist())}
     val = sorted(set(s["val_folds"][0]) - set(bad))
@@ -460,40 +461,37 @@ def test_load_fold_equals_the_whole_cache_gathered(tmp_path, monkeypatch):
     assert sorted(tensors) == sorted(whole) and all(
         torch.equal(tensors[k], whole[k]) for k in whole
     )
-    picked = features.load_embeddings(
-        feats, [torch.tensor([5, 0, 5, 299]), []]
-    )  # any order, repeats, empty
-    assert torch.equal(picked[0]["text"], whole["text"][[5, 0, 5, 299]]) and picked[1][
-        "image"
-    ].shape == (0, 2, 768)
+    # any order, repeats, empty
+    picked = features.load_embeddings(feats, [torch.tensor([5, 0, 5, 299]), []])
+    assert torch.equal(picked[0]["text"], whole["text"][[5, 0, 5, 299]])
+    assert picked[1]["image"].shape == (0, 2, 768)
 
 
-def test_load_fold_refuses_bad_caches_in_one_line(tmp_path, capsys):
-    """A truncated or corrupt cache, a NaN row outside the fold (load_features refuses it, so load_fold does), a
-    cache replaced between the index and the embeddings: one-line DataError / exit 2."""
-    import folds
-
+def test_load_fold_refuses_bad_caches_in_one_line(tmp_path):
+    """A truncated or corrupt cache, a NaN row outside the fold (load_features refuses it, so
+    load_fold does), a cache replaced between the index and the embeddings: one-line DataError."""
     feats, splits, _ = _fold_cache(tmp_path)
     raw = feats.read_bytes()
     for case, content in (("truncated", raw[:-1000]), ("corrupt", raw[:8] + b"#" + raw[9:])):
         p = tmp_path / f"{case}.safetensors"
         p.write_bytes(content)
-        for load in (features.load_features, lambda q: features.load_embeddings(q, [None])):
+        loads = (
+            features.load_features,
+            lambda q: features.load_embeddings(q, [None]),
+            lambda q: _load_fold(q, splits),
+        )
+        for load in loads:
             with pytest.raises(data.DataError) as e:
                 load(p)
             assert str(p) in str(e.value) and "\n" not in str(e.value), case
-        with pytest.raises(SystemExit) as e:
-            folds.load_fold(_fold_args(p, splits), torch.device("cpu"))
-        err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and str(p) in err and "\n" not in err, case
     t, meta = features.load_features(feats)
     t = {k: v.numpy() for k, v in t.items()}
     test_id = json.loads(splits.read_text())["test"][0]
     t["text"][np.flatnonzero(t["ids"] == test_id)[0], 0, 0] = np.inf
     features.save_features(tmp_path / "nan.safetensors", t, meta)
-    with pytest.raises(SystemExit):
-        folds.load_fold(_fold_args(tmp_path / "nan.safetensors", splits), torch.device("cpu"))
-    assert f"1 image(s) have NaN/Inf embeddings (COCO ids [{test_id}])" in capsys.readouterr().err
+    with pytest.raises(data.DataError) as e:
+        _load_fold(tmp_path / "nan.safetensors", splits)
+    assert f"1 image(s) have NaN/Inf embeddings (COCO ids [{test_id}])" in str(e.value)
     with pytest.raises(data.DataError, match="changed while it was read"):
         features.load_embeddings(feats, [None], torch.arange(300))
 
@@ -520,3 +518,33 @@ def test_coco_categories_literal(fixtures_dir):
     assert data.COCO_CATEGORIES == [{"id": c["id"], "name": c["name"]} for c in official]
     assert data.NUM_CLASSES == len(data.COCO_CATEGORIES) == 80
     assert len(synthetic.COCO_IMAGE_COUNTS) == 80
+
+
+def test_cache_rows_drops_bad_ids_keeps_order():
+    """features.cache_rows: the cache rows of the wanted ids in the order asked, bad images left out
+    (kept marks the others), an id neither in the cache nor bad -> DataError naming it."""
+    ids = np.array([30, 10, 20, 40])  # a cache stored out of id order
+    meta = {"bad_images": json.dumps([50, 60])}
+    assert features.bad_ids(meta) == {50, 60} and features.bad_ids({}) == set()
+    rows, kept = features.cache_rows(ids, [40, 50, 10, 30, 60], meta)
+    assert kept.tolist() == [True, False, True, True, False]
+    assert rows.tolist() == [3, 1, 0] and ids[rows].tolist() == [40, 10, 30]
+    rows, kept = features.cache_rows(ids, [], meta)
+    assert rows.tolist() == [] and kept.tolist() == []
+    with pytest.raises(data.DataError, match=r"1 of 2 image ids .*\[70\]"):
+        features.cache_rows(ids, [10, 70], meta)
+    with pytest.raises(data.DataError, match=r"\[50\]"):  # bad only when the metadata says so
+        features.cache_rows(ids, [50], {})
+
+
+def test_read_json_names_file_and_fix(tmp_path):
+    p = tmp_path / "x.json"
+    data.save_json(p, {"a": [1]})
+    assert data.read_json(p) == {"a": [1]}
+    p.write_text("{")
+    for path in (p, tmp_path / "missing.json"):
+        with pytest.raises(data.DataError) as e:
+            data.read_json(path, "the thing", "make it again")
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: cannot read the thing (") and msg.endswith("make it again")
+        assert "\n" not in msg

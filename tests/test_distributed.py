@@ -1,9 +1,10 @@
-"""extract_features.py under torchrun (2 CPU ranks, gloo) on the synthetic COCO with the tiny random SigLIP.
+"""extract_features.py under torchrun (2 CPU ranks, gloo) on the synthetic COCO with the tiny
+random SigLIP.
 
     python -m pytest -q tests/test_distributed.py
 
-Each torchrun start costs ~10-15 s on a 2-core box (three Python processes import torch; the ranks also import
-transformers), so the tests are few and each checks a whole story.
+Each torchrun start is slow on a 2-core box (three Python processes import torch; the ranks also
+import transformers), so the tests are few and each checks a whole story.
 """
 
 import os
@@ -23,8 +24,9 @@ import features
 ROOT = Path(__file__).resolve().parents[1]
 N_SHARDS = 8  # 60 synthetic images / --shard_size 8: ranks 0 and 1 own shards 0,2,4,6 and 1,3,5,7
 
-# Test-only wrapper run by torchrun instead of the script: extract_features.main() with write_shard wrapped so
-# that rank HOOK_RANK, right after writing its first shard, dies (HOOK=die, exit 1 as a crash) or stalls (HOOK=stall).
+# Test-only wrapper run by torchrun instead of the script: extract_features.main() with write_shard
+# wrapped so that rank HOOK_RANK, right after writing its first shard, dies (HOOK=die, exit 1 as a
+# crash) or stalls (HOOK=stall).
 HOOKED = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
@@ -73,7 +75,8 @@ def free_port():
 
 
 def torchrun(script, argv, nproc=2, env=None, timeout=120):
-    """sys.executable -m torch.distributed.run --nproc_per_node nproc script argv -> CompletedProcess."""
+    """sys.executable -m torch.distributed.run --nproc_per_node nproc script argv -> the
+    CompletedProcess."""
     cmd = [
         sys.executable,
         "-m",

@@ -1,4 +1,5 @@
-"""extract_features.py on the synthetic COCO (conftest `synthetic_coco`) with the tiny random SigLIP.
+"""extract_features.py on the synthetic COCO (conftest `synthetic_coco`) with the tiny random
+SigLIP.
 
 python -m pytest -q tests/test_extract.py
 """
@@ -191,7 +192,7 @@ def test_views_seeded_and_view0_plain(clean, coco, synthetic_coco, tiny_siglip, 
 
 
 def _stalled_main(argv):
-    """Child process body: the script's main(), stalled forever right after its first shard is written."""
+    """Child process body: the script's main(), stalled forever once its first shard is written."""
     write = extract_features.write_shard
 
     def stall(*a, **k):
@@ -207,7 +208,7 @@ def test_sigkill_resume_equals_clean(clean, synthetic_coco, tiny_siglip, tmp_pat
     out = tmp_path / "features.safetensors"
     parts = str(out) + ".parts"
     argv = [str(a) for a in base_args(synthetic_coco, tiny_siglip, out)]
-    # a real child process (forked: no second 10 s import of transformers), killed mid-run with SIGKILL
+    # a real child process (forked: no second import of transformers), killed mid-run with SIGKILL
     proc = multiprocessing.get_context("fork").Process(
         target=_stalled_main, args=(argv,), daemon=True
     )
@@ -311,7 +312,7 @@ def test_bad_flags_rejected_by_argparse(flag):
     assert e.value.code == 2
 
 
-# ----------------------------------------------------------------------------- augmented views (images.py)
+# ---------------------------------------------------------------------- augmented views (images.py)
 
 
 def test_views_deterministic_per_image_and_view(coco):
@@ -336,7 +337,8 @@ def test_view_steps_do_what_they_say():
     # brightness / contrast factors in [0.8, 1.2]: the mean moves by at most ~20%
     jit = np.asarray(images.colour_jitter(img, np.random.default_rng(1))).astype(float)
     assert 0.75 < jit.mean() / plain.mean() < 1.25 and not np.array_equal(jit, plain)
-    # no rotation, unit scale, no shift: the identity (PIL's affine maps output pixels to input points)
+    # no rotation, unit scale, no shift: the identity (PIL's affine maps output pixels to input
+    # points)
     same = images.shift_scale_rotate(
         img, np.random.default_rng(2), degrees=0, shift=0, scale=(1, 1)
     )
@@ -346,7 +348,8 @@ def test_view_steps_do_what_they_say():
 
 
 def test_old_cache_without_augment_key(tmp_path):
-    """Caches written before 'augment' was recorded: 1 view is accepted, more views are refused by name."""
+    """Caches written before 'augment' was recorded: 1 view is accepted, more views are refused by
+    name."""
     want = {k: "x" for k in extract_features.IDENTITY}
     for views_n, ok in (("1", True), ("3", False)):
         out = tmp_path / f"old{views_n}.safetensors"
@@ -357,7 +360,7 @@ def test_old_cache_without_augment_key(tmp_path):
         if ok:
             assert extract_features.existing_output(str(out), w)
         else:
-            with pytest.raises(SystemExit):
+            with pytest.raises(data.DataError, match="augment"):
                 extract_features.existing_output(str(out), w)
 
 
@@ -410,18 +413,19 @@ def test_default_worker_count_printed(clean, synthetic_coco, tiny_siglip, tmp_pa
     )
 
 
-# ----------------------------------------------------------------------------- run_cv.sh never reuses a stale cache
+# ------------------------------------------------------------- run_cv.sh never reuses a stale cache
 
 
 def test_run_cv_features_step_checks_settings(clean, synthetic_coco, tiny_siglip, tmp_path):
-    """run_cv.sh always asks extract_features.py: the same settings -> "up to date" (kept as is); other
-    EXTRACT_ARGS (--views 2 on a --views 1 cache) -> a one-line error naming the setting, and the run stops."""
+    """run_cv.sh always asks extract_features.py: the same settings -> "up to date" (kept as is);
+    other EXTRACT_ARGS (--views 2 on a --views 1 cache) -> a one-line error naming the setting, and
+    the run stops."""
     feats = tmp_path / "features.safetensors"
     shutil.copy(clean[0], feats)
     (tmp_path / "splits.json").write_text("{}")  # exists: the splits step is skipped
-    stub = (
-        tmp_path / "python"
-    )  # runs extract_features.py (and run_cv.sh's install check) for real; any later step stops the script (exit 3)
+    # runs extract_features.py (and run_cv.sh's install check) for real; any later step stops the
+    # script (exit 3)
+    stub = tmp_path / "python"
     stub.write_text(
         f'#!/usr/bin/env bash\ncase "$1" in extract_features.py|-c) exec {sys.executable} "$@";; '
         f'*) echo "stub: $*"; exit 3;; esac\n'

@@ -17,7 +17,7 @@ TOL = 1e-6
 
 
 def sklearn_all(y, s, thresholds=0.5):
-    """The 15 metrics with plain sklearn calls (macro AP / AUC on the columns where they are defined)."""
+    """The 15 metrics with plain sklearn calls (macro AP / AUC on the columns where defined)."""
     pred = s > np.asarray(thresholds, dtype=np.float64)
     has_pos, has_neg = y.sum(0) > 0, y.sum(0) < len(y)
     both = has_pos & has_neg
@@ -50,7 +50,7 @@ def sklearn_all(y, s, thresholds=0.5):
 
 
 def make_data(n=300, c=10, seed=0, decimals=None, dtype=np.float64):
-    """Labels with mixed prevalences and scores that carry some signal; decimals rounds to force ties."""
+    """Labels with mixed prevalences and scores with some signal; decimals rounds to force ties."""
     rng = np.random.default_rng(seed)
     y = (rng.random((n, c)) < rng.uniform(0.02, 0.5, c)).astype(np.uint8)
     s = np.clip(0.35 * y + 0.75 * rng.random((n, c)), 0, 1)
@@ -210,7 +210,7 @@ def test_best_f1_threshold_ties_and_predict_all():
 
 
 def test_weighted_resample_equals_sklearn_on_repeated_rows():
-    """The bootstrap's multiplicity-weighted AP / AUC are the metrics of the physically resampled set."""
+    """The bootstrap's multiplicity-weighted AP / AUC are the metrics of the resampled set."""
     y, s = make_data(n=120, c=5, seed=11, decimals=1)
     rng = np.random.default_rng(0)
     W = rng.multinomial(len(y), np.full(len(y), 1 / len(y)), size=4).T.astype(np.float32)  # [N, B]
@@ -264,8 +264,12 @@ def test_paired_test_matches_scipy_and_flags_planted_gain():
 
 
 def brute_retrieval_map(qc, ql, dc, dl, k=None):
-    """Textbook loops: sign codes, Hamming distance, ties in db index order, AP@k over retrieved relevants."""
-    sign = lambda v: [1 if x >= 0 else -1 for x in v]
+    """Textbook loops: sign codes, Hamming distance, ties in db index order, AP@k over the retrieved
+    relevants."""
+
+    def sign(v):
+        return [1 if x >= 0 else -1 for x in v]
+
     aps = []
     for q in range(len(qc)):
         cq = sign(qc[q])

@@ -1,4 +1,5 @@
-"""Siglip2Encoder on a tiny random SigLIP (conftest `tiny_siglip`), make_tiny_siglip, HashModel.predict.
+"""Siglip2Encoder on a tiny random SigLIP (conftest `tiny_siglip`), make_tiny_siglip,
+HashModel.predict.
 
 python -m pytest -q tests/test_model_encoder.py
 """
@@ -57,7 +58,8 @@ def test_embeddings_are_raw_pooled_outputs_not_normalised(enc):
         norms = e.norm(dim=-1)
         assert not torch.allclose(norms, torch.ones(4), atol=1e-3)  # not L2-normalised
         assert float(norms.std()) > 1e-3  # magnitudes carry information: they vary across inputs
-    # independent path: the model's own forward; its image_embeds/text_embeds are our vectors normalised
+    # independent path: the model's own forward; its image_embeds / text_embeds are our vectors
+    # normalised
     pix = enc.image_processor(images=imgs, return_tensors="pt")["pixel_values"]
     ids = enc.tokenizer(
         texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt"
@@ -143,13 +145,9 @@ class StandInHead(nn.Module):
 def test_hash_model_predict_matches_manual_average(enc):
     torch.manual_seed(0)
     head = StandInHead().train()
-    hm = model.HashModel(
-        enc, head, text_input="each"
-    )  # the manual average below: every caption alone
-    assert set(hm.state_dict()) == {
-        "head.fc.weight",
-        "head.fc.bias",
-    }  # no frozen backbone in checkpoints
+    hm = model.HashModel(enc, head, scoring="each")  # the manual average below: each caption alone
+    # no frozen backbone in checkpoints
+    assert set(hm.state_dict()) == {"head.fc.weight", "head.fc.bias"}
     imgs = _images(3, seed=2)
     caps = [["a dog"], ["a cat on a bed", "two cats", "A CAT"], ["a red bus", "a bus"]]
     probs = hm.predict(imgs, caps)

@@ -1,5 +1,6 @@
-"""protocols.py + make_splits.py --protocol coco2014 | hashnet: which images are dev / test / database, the
-HashNet list reader and its label-column order (checked against real COCO annotations), bad lists."""
+"""protocols.py + make_splits.py --protocol coco2014 | hashnet: which images are dev / test /
+database, the HashNet list reader and its label-column order (checked against real COCO
+annotations), bad lists."""
 
 import contextlib
 import io
@@ -30,13 +31,15 @@ def run(argv):
 
 
 def alphabetical(labels):
-    """Our labels (COCO id order) -> HashNet's columns, written here independently of protocols.py."""
+    """Our labels (COCO id order) -> HashNet's columns, written here independently of
+    protocols.py."""
     names = [c["name"] for c in data.COCO_CATEGORIES]
     return labels[:, [names.index(n) for n in sorted(names)]]
 
 
 def write_lists(folder, coco, train_rows, test_rows):
-    """HashNet-format train.txt / test.txt of these rows: absolute author paths, alphabetical label columns."""
+    """HashNet-format train.txt / test.txt of these rows: absolute author paths, alphabetical label
+    columns."""
     os.makedirs(folder, exist_ok=True)
     for name, rows in (("train.txt", train_rows), ("test.txt", test_rows)):
         y = alphabetical(coco["labels"][rows])
@@ -50,7 +53,8 @@ def write_lists(folder, coco, train_rows, test_rows):
 
 
 def pick_lists(coco, seed=0):
-    """A shuffled (HashNet's lists are not sorted) train and query list of labelled images, both folders."""
+    """A shuffled (HashNet's lists are not sorted) train and query list of labelled images, both
+    folders."""
     rng = np.random.default_rng(seed)
     labelled = rng.permutation(np.flatnonzero(coco["labels"].any(1)))
     return labelled[:80], labelled[80:130]
@@ -120,7 +124,8 @@ def test_coco2014_is_train2014_val2014_labelled(coco_root, tmp_path):
 
 
 def fixture_labels(path):
-    """pycocotools labels of an instances file -> {image id: uint8 [80]} (any annotation, crowd included)."""
+    """pycocotools labels of an instances file -> {image id: uint8 [80]} (any annotation, crowd
+    included)."""
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -219,7 +224,8 @@ def test_disagreeing_labels_refused(coco_root, tmp_path, capsys):
         argv, capsys, test_txt, "line 7", name, f"list only: ['{what}']", "annotations only: []"
     )
     assert "1 of 50 lines differ" in msg
-    # columns in COCO id order instead of alphabetical: refused on the first line whose labels differ
+    # columns in COCO id order instead of alphabetical: refused on the first line whose labels
+    # differ
     with open(os.path.join(lists, "train.txt"), "w") as f:
         for r in train_rows:
             f.write(
@@ -301,7 +307,8 @@ def test_bad_lists_one_line(coco_root, tmp_path, capsys, case):
 
 
 def test_select_rules_on_a_hand_made_pool():
-    """The rules as plain functions of a load_coco-shaped dict (rows ascending, labelled-only where stated)."""
+    """The rules as plain functions of a load_coco-shaped dict (rows ascending, labelled-only where
+    stated)."""
     y = np.zeros((6, 80), np.uint8)
     y[[0, 1, 3, 4], [0, 5, 7, 9]] = 1  # rows 2 and 5 unlabelled
     coco = {

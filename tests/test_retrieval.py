@@ -1,6 +1,7 @@
-"""retrieval.retrieval_map against the two reference mAP codes of the hashing literature, transcribed here
-(DeepHash-pytorch utils/tools.py CalcTopMap and HashNet pytorch/src/test.py mean_average_precision), and
-ties="average" against exact enumeration and against sampled random tie orders.
+"""retrieval.retrieval_map against the two reference mAP codes of the hashing literature,
+transcribed here (DeepHash-pytorch utils/tools.py CalcTopMap and HashNet pytorch/src/test.py
+mean_average_precision), and ties="average" against exact enumeration and against sampled random tie
+orders.
 
     python -m pytest -q tests/test_retrieval.py
 """
@@ -15,10 +16,10 @@ import retrieval
 
 
 def calc_top_map(rB, qB, retrievalL, queryL, topk, kind="quicksort"):
-    """DeepHash-pytorch's CalcTopMap: rank by 0.5 * (bits - q . r) with np.argsort (its default quicksort
-    orders ties arbitrarily), keep gnd[0:topk]; a query with tsum = 0 relevant there adds 0, and the sum
-    of mean(count / tindex) is divided by the number of queries. (Its topK = -1, "all", slices gnd[0:-1]
-    and so drops the last item; we pass topk = N for "all".)"""
+    """DeepHash-pytorch's CalcTopMap: rank by 0.5 * (bits - q . r) with np.argsort (its default
+    quicksort orders ties arbitrarily), keep gnd[0:topk]; a query with tsum = 0 relevant there adds
+    0, and the sum of mean(count / tindex) is divided by the number of queries. (Its topK = -1,
+    "all", slices gnd[0:-1] and so drops the last item; we pass topk = N for "all".)"""
     total = 0.0
     for i in range(queryL.shape[0]):
         gnd = (queryL[i] @ retrievalL.T > 0).astype(np.float32)
@@ -36,11 +37,12 @@ def calc_top_map(rB, qB, retrievalL, queryL, topk, kind="quicksort"):
 def hashnet_map(
     database_code, validation_code, database_labels, validation_labels, R, kind="quicksort"
 ):
-    """HashNet's mean_average_precision: ids = argsort(-database . query) per query column, a match is any
-    position where the 0/1 db label equals the query's label with 0 turned into -1 (= a shared label),
-    AP = sum(Px * imatch) / relevant_num over the first R, queries with relevant_num = 0 are left out, and
-    the mean of the rest is returned (nan if none). R must be <= N there (Px has R entries); the original
-    also writes the -1s into the caller's labels, which we avoid with a copy."""
+    """HashNet's mean_average_precision: ids = argsort(-database . query) per query column, a match
+    is any position where the 0/1 db label equals the query's label with 0 turned into -1 (= a
+    shared label), AP = sum(Px * imatch) / relevant_num over the first R, queries with relevant_num
+    = 0 are left out, and the mean of the rest is returned (nan if none). R must be <= N there (Px
+    has R entries); the original also writes the -1s into the caller's labels, which we avoid with a
+    copy."""
     ids = np.argsort(-(database_code @ validation_code.T), axis=0, kind=kind)
     APx = []
     for i in range(validation_code.shape[0]):
@@ -61,10 +63,11 @@ def labels(rng, n, c=6, p=0.25):
 
 
 def tie_free(rng, n_query, blocks=7, pad=0):
-    """Codes whose Hamming distances to each query are all distinct: bit blocks of sizes 1, 2, 4, ...; item j
-    flips block b iff bit b of j is set, so distance(query a, item j) = a XOR j (a bijection in j). A shared
-    random sign pattern, a column shuffle, a db shuffle and positive magnitudes keep the distances.
-    -> (query codes [Q, bits] real, db codes [2**blocks, bits] real), bits = 2**blocks - 1 + pad."""
+    """Codes whose Hamming distances to each query are all distinct: bit blocks of sizes 1, 2, 4,
+    ...; item j flips block b iff bit b of j is set, so distance(query a, item j) = a XOR j (a
+    bijection in j). A shared random sign pattern, a column shuffle, a db shuffle and positive
+    magnitudes keep the distances. -> (query codes [Q, bits] real, db codes [2**blocks, bits] real),
+    bits = 2**blocks - 1 + pad."""
     owner = np.concatenate(
         [np.repeat(np.arange(blocks), 2 ** np.arange(blocks)), np.full(pad, blocks)]
     )
@@ -115,7 +118,8 @@ def test_equals_references_without_ties(blocks, pad):
 
 @pytest.mark.parametrize("k", [None, 1, 4, 9, 60, 61, 1000])
 def test_stable_equals_stably_sorted_references_with_ties(k):
-    """With heavy ties (5 bits, 60 items) the references' argsort made stable rank ties in db order, as ours."""
+    """With heavy ties (5 bits, 60 items) the references' argsort made stable rank ties in db order,
+    as ours."""
     rng = np.random.default_rng(20 + (k or 0))
     qc, dc = rng.normal(size=(15, 5)), rng.normal(size=(60, 5))
     qy, dy = labels(rng, 15, p=0.15), labels(rng, 60, p=0.15)
@@ -137,8 +141,8 @@ def dist_rel(qc, qy, dc, dy):
 
 
 def ap_of_orders(dist, rel, keys, k):
-    """AP@k and 'has a relevant item in the top k' for rankings by (distance, key): keys [..., Q, N] order each
-    query's ties. -> (ap [..., Q], kept [..., Q])."""
+    """AP@k and 'has a relevant item in the top k' for rankings by (distance, key): keys [..., Q, N]
+    order each query's ties. -> (ap [..., Q], kept [..., Q])."""
     order = np.argsort(dist + keys / (keys.max() + 1.0), axis=-1, kind="stable")[..., :k]
     r = np.take_along_axis(np.broadcast_to(rel, order.shape[:-1] + rel.shape[-1:]), order, -1)
     hits = np.cumsum(r, -1)
@@ -152,9 +156,9 @@ def skip_mean(ap, kept):
 
 
 def test_average_equals_exact_enumeration():
-    """Every order of a 7-item database (5,040), per query: E[AP] exactly, and for "skip" the exact expectation
-    over independent queries by enumerating which queries keep a relevant item in the top k."""
-    rng = np.random.default_rng(30)
+    """Every order of a 7-item database (5,040), per query: E[AP] exactly, and for "skip" the exact
+    expectation over independent queries by enumerating which queries keep a relevant item in the
+    top k."""
     dc = np.array(
         [[1, 1], [1, -1], [-1, 1], [1, 1], [-1, -1], [1, -1], [1, 1]]
     )  # 2 bits: groups of 3, 2, 1, 1
@@ -194,9 +198,9 @@ def test_average_equals_exact_enumeration():
 @pytest.mark.parametrize("empty", ["zero", "skip"])
 @pytest.mark.parametrize("k", [None, 7, 13])
 def test_average_equals_mean_over_random_tie_orders(k, empty):
-    """4 bits, 80 items: groups of ~16. 2,000 draws of independent uniform tie orders per query, then the stable
-    metric of each draw; ties="average" must sit within 5 standard errors of their mean, and "stable" (one
-    fixed order) must not, so the test can fail."""
+    """4 bits, 80 items: groups of ~16. 2,000 draws of independent uniform tie orders per query,
+    then the stable metric of each draw; ties="average" must sit within 5 standard errors of their
+    mean, and "stable" (one fixed order) must not, so the test can fail."""
     rng = np.random.default_rng(40 + (k or 0))
     qc, dc = rng.normal(size=(12, 4)), rng.normal(size=(80, 4))
     qy, dy = labels(rng, 12, c=8, p=0.12), labels(rng, 80, c=8, p=0.12)
@@ -224,10 +228,11 @@ def test_average_equals_mean_over_random_tie_orders(k, empty):
 
 
 def test_average_skip_is_the_expectation_of_the_ratio():
-    """Same code for all queries; the 4 items at distance 0 are cut by k = 3. Query A (and C) has 1 relevant
-    item among them: kept with probability 3/4, then at rank 1, 2 or 3, AP 11/18; query B has all 4: AP 1.
-    E[mean over kept] = E[1 / (1 + X_A + X_C)] + 2 (3/4)(11/18) E[1 / (2 + X_C)] = 7/16 + 11/32, while the
-    naive E[sum AP] / E[#kept] = (1 + 2 (3/4)(11/18)) / 2.5; 50,000 sampled tie orders tell them apart."""
+    """Same code for all queries; the 4 items at distance 0 are cut by k = 3. Query A (and C) has 1
+    relevant item among them: kept with probability 3/4, then at rank 1, 2 or 3, AP 11/18; query B
+    has all 4: AP 1. E[mean over kept] = E[1 / (1 + X_A + X_C)] + 2 (3/4)(11/18) E[1 / (2 + X_C)] =
+    7/16 + 11/32, while the naive E[sum AP] / E[#kept] = (1 + 2 (3/4)(11/18)) / 2.5; 50,000 sampled
+    tie orders tell them apart."""
     dc = np.array([[1, 1]] * 4 + [[1, -1]] * 2 + [[-1, -1]] * 2)
     dy = np.array([[1, 0, 1, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 1, 0]] + [[1, 1, 0, 0]] * 4)
     qc, qy = np.ones((4, 2)), np.eye(4, dtype=int)  # queries A, C, B and one with no relevant item
@@ -249,7 +254,10 @@ def test_hand_computed():
     """One query, 4 items at distances 0, 1, 1, 2, relevant: no, yes, no, yes."""
     q, d = np.array([[1, 1]]), np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]])
     qy, dy = np.array([[1, 0]]), np.array([[0, 1], [1, 0], [0, 1], [1, 1]])
-    f = lambda **kw: retrieval.retrieval_map(q, qy, d, dy, **kw)
+
+    def f(**kw):
+        return retrieval.retrieval_map(q, qy, d, dy, **kw)
+
     assert f() == f(empty="skip") == pytest.approx((1 / 2 + 2 / 4) / 2)  # ranks 2 and 4
     # average: the relevant tied item is at rank 2 or 3
     assert f(ties="average") == pytest.approx(((1 / 2 + 2 / 4) / 2 + (1 / 3 + 2 / 4) / 2) / 2)

@@ -1,7 +1,8 @@
-"""run_cv.sh's folds (issue 20 item 3): GPUS="cpu cpu" trains two folds at once, each with its own log, and
-their val_metrics.json / val_predictions.npz equal a sequential run's; a rerun skips them, a fold without .done
-resumes, a failed fold is named with its log, and bad GPUS entries get one line. On a small planted cache with
-no COCO under DATA_ROOT (run_cv.sh then uses FEATURES as it is).
+"""run_cv.sh's folds (issue 20 item 3): GPUS="cpu cpu" trains two folds at once, each with its own
+log, and their val_metrics.json / val_predictions.npz equal a sequential run's; a rerun skips them,
+a fold without .done resumes, a failed fold is named with its log, and bad GPUS entries get one
+line. On a small planted cache with no COCO under DATA_ROOT (run_cv.sh then uses FEATURES as it
+is).
 
     python -m pytest -q tests/test_run_cv.py
 """
@@ -92,7 +93,8 @@ def test_parallel_folds_equal_sequential(cache):
     )
     assert "started on" not in again.stdout and "ensemble test: skipped" in again.stdout
 
-    # resumable: a fold without .done but with last.pt is rerun with --resume (it is finished: nothing changes);
+    # resumable: a fold without .done but with last.pt is rerun with --resume (it is finished:
+    # nothing changes);
     # GPUS "0 cpu": a bare integer is cuda:0, and the one fold left to train goes to the first slot
     before = (cache / "par" / "fold1" / "val_metrics.json").read_text()
     (cache / "par" / "fold1" / ".done").unlink()

@@ -1,4 +1,5 @@
-"""make_splits.py: dev/test and fold invariants, determinism, stratification quality, bad input; protocols.load_splits."""
+"""make_splits.py: dev/test and fold invariants, determinism, stratification quality, bad input;
+protocols.load_splits."""
 
 import hashlib
 import json
@@ -75,7 +76,8 @@ def test_same_seed_same_bytes_other_seed_differs(coco_root, tmp_path):
     ]  # no temporaries
 
 
-# make_splits.py of 6b0df37 (before --protocol) on coco_root: sha256 of its inputs and of the files it wrote
+# make_splits.py of 6b0df37 (before --protocol) on coco_root: sha256 of its inputs and of the files
+# it wrote
 _TODAY_INPUT = "59b6e3d669a8cff1200486e5396609ae958e5ac84bdac62fee8316bf559513c3"
 _TODAY_FILES = {
     (): "4283125fd70532e615b594014b24b439ee1f1b6b1403e7083d8e3db0c264102b",
@@ -145,7 +147,7 @@ def test_default_out_is_under_data_root(tmp_path):
 
 
 def _greedy_reference(level, prio, m):
-    """The paper's per-example loop: give each item to the fold with the largest level (ties: prio)."""
+    """The paper's per-example loop: each item to the fold with the largest level (ties: prio)."""
     level = level.astype(float).copy()
     counts = np.zeros(len(level), np.int64)
     for _ in range(m):
