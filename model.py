@@ -1,16 +1,17 @@
 """
-Frozen SigLIP2 towers and the trainable hash head for multi-label classification from an image and its text.
-Imports nothing local: copy this file into your project as it is.
+Frozen SigLIP2 towers and the trainable hash head for multi-label classification from an image and
+its text. Imports nothing local: copy this file into your project as it is.
 
-    enc = Siglip2Encoder("google/siglip2-base-patch16-256")   # raw pooled embeddings, (B, 768)
-    head = HashHead(num_classes=80)                           # the recipe train.py trains (its defaults)
-    out = head(img, txt)                                      # HeadOutput(logits (B, C), codes (B, 64))
-    s = score_embeddings(head, image, text, n_captions)       # probs and codes averaged over caption subsets
+    enc = Siglip2Encoder("google/siglip2-base-patch16-256")  # raw pooled embeddings, (B, 768)
+    head = HashHead(num_classes=80)                          # the recipe train.py trains
+    out = head(img, txt)                                     # HeadOutput(logits, codes (B, 64))
+    s = score_embeddings(head, image, text, n_captions)      # probs, codes over the captions
     # the KNN head over these codes: knn.knn_scores (its own file: an exact Hamming-KNN vote)
 """
 
 import itertools
 import math
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -42,7 +43,8 @@ def pooled_output(out):
 
 
 def preprocess_images(image_processor, images):
-    """list of PIL images -> pixel_values float32 (B, 3, H, W): the checkpoint's own resize + normalisation."""
+    """list of PIL images -> pixel_values float32 (B, 3, H, W): the checkpoint's own resize +
+    normalisation."""
     images = [im.convert("RGB") for im in images]
     return image_processor(images=images, return_tensors="pt")["pixel_values"].float()
 
@@ -60,14 +62,16 @@ def tokenize(tokenizer, texts):
 
 
 class Siglip2Encoder:
-    """Frozen SigLIP2 image and text towers -> UNNORMALISED pooled embeddings, float32 (B, D) on the CPU.
+    """Frozen SigLIP2 image and text towers -> UNNORMALISED pooled embeddings, float32 (B, D) on the
+    CPU.
 
     A plain object, not an nn.Module, so a module holding it (HashModel) saves only its own weights.
-    Texts are lowercased (SigLIP was trained on lowercased text) and padded to max_length 64 (the text
-    tower pools the last position, so the padding changes the embedding). Only input_ids go in: as in
-    big_vision, SigLIP's text tower attends to its padding, so no attention mask is passed.
-    Fixed-resolution checkpoints only (config model_type "siglip", e.g. google/siglip2-base-patch16-256).
-    logit_scale is the multiplier (exp of the stored log parameter): logits = cos * logit_scale + logit_bias.
+    Texts are lowercased (SigLIP was trained on lowercased text) and padded to max_length 64 (the
+    text tower pools the last position, so the padding changes the embedding). Only input_ids go in:
+    as in big_vision, SigLIP's text tower attends to its padding, so no attention mask is passed.
+    Fixed-resolution checkpoints only (config model_type "siglip", e.g.
+    google/siglip2-base-patch16-256). logit_scale is the multiplier (exp of the stored log
+    parameter): logits = cos * logit_scale + logit_bias.
     """
 
     def __init__(
@@ -83,13 +87,15 @@ class Siglip2Encoder:
         if model.config.model_type != "siglip":
             raise ValueError(
                 f"{name_or_path}: model_type {model.config.model_type!r} is not a fixed-resolution "
-                "SigLIP/SigLIP2 model (model_type 'siglip'); use e.g. google/siglip2-base-patch16-256"
+                "SigLIP/SigLIP2 model (model_type 'siglip'); use e.g. "
+                "google/siglip2-base-patch16-256"
             )
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         import transformers
 
-        # the PIL image processor by name, so the cache does not depend on whether torchvision is installed:
-        # 5.x spells it backend="pil" (its use_fast is deprecated and warns), 4.x use_fast=False (unset, it warns)
+        # the PIL image processor by name, so the cache does not depend on whether torchvision is
+        # installed: 5.x spells it backend="pil" (its use_fast is deprecated and warns), 4.x
+        # use_fast=False (unset, it warns)
         pil = (
             {"backend": "pil"}
             if int(transformers.__version__.split(".")[0]) >= 5
@@ -106,14 +112,16 @@ class Siglip2Encoder:
         self.logit_scale = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
         self.logit_bias = float(model.logit_bias.detach().float().reshape(-1)[0])
 
-    # -- CPU preprocessing (the module functions below; DataLoader workers can call those directly) --
+    # -- CPU preprocessing (the module functions below; DataLoader workers can call those directly)
+    # --
     def preprocess_images(self, images):
         return preprocess_images(self.image_processor, images)
 
     def tokenize(self, texts):
         return tokenize(self.tokenizer, texts)
 
-    # -- frozen towers (inference_mode inside; the copy out of it is an ordinary tensor callers may modify) --
+    # -- frozen towers (inference_mode inside; the copy out of it is an ordinary tensor callers may
+    # modify) --
     def encode_pixels(self, pixel_values):
         """pixel_values (B, 3, H, W) -> raw pooled image embeddings float32 (B, D) on the CPU."""
         with torch.inference_mode():
@@ -142,7 +150,8 @@ class Siglip2Encoder:
 
 
 # ----------------------------------------------------------------------------
-# SECTION: head -- HashHead (fusion -> class evidence -> tanh codes -> classifier), head_loss, score_embeddings
+# SECTION: head -- HeadConfig (the recipe), HashHead (fusion -> class evidence -> tanh codes ->
+# classifier), head_loss, the caption rules: sample_text (training), score_embeddings (scoring)
 
 INPUTS = ("both", "image", "text")
 FUSIONS = ("hadamard", "concat")
@@ -150,32 +159,133 @@ INPUT_NORMS = ("batchnorm", "none")
 HASH_NORMS = ("batchnorm", "none")
 CODE_CLASSIFIERS = ("learned", "centres")
 CODE_FROM = ("evidence", "hidden")
-TEXT_INPUTS = ("each", "mean")
-TEXT_INPUT = "mean"  # the default protocol: train on caption-subset means, score on every subset (docs/EXPERIMENTS.md)
+TEXT_INPUTS = (
+    "each",
+    "mean",
+)  # what a training step feeds: one caption, or a caption subset's mean
+SCORING_RULES = ("each", "subsets", "mean")  # how an image is scored over its captions
+SCHEDULERS = ("cosine", "cosine_restarts")
+SMALL_DATA = 20_000  # from this many training images the bits-0 baseline is an MLP (resolved)
+BASELINE_MLP = (1024, 512)  # the plain-MLP baseline's hidden widths
 
 
-SMALL_DATA = (
-    20_000  # from this many training images the bits-0 baseline is an MLP (recipe_defaults)
+def _opt(default, help, **check):
+    """A HeadConfig field: its default, train.py's one-line help, and the flag's check (choices; lo,
+    hi and strict for numbers; kind "int_list" for comma-separated widths)."""
+    return field(default=default, metadata=dict(help=help, **check))
+
+
+@dataclass
+class HeadConfig:
+    """The head's recipe, in one place: architecture (HashHead's arguments), text protocol, loss
+    weights and optimiser. train.py makes one flag of each field (name, type, default, help); None
+    means "by the size rule" (resolved). Why each value: docs/EXPERIMENTS.md."""
+
+    # architecture: HashHead's arguments (ARCH_FIELDS)
+    inputs: str = _opt("both", "what the head sees: image + caption, or one alone", choices=INPUTS)
+    fusion: str = _opt("hadamard", "hadamard adds d_i*d_t to [d_i, d_t, m_i, m_t]", choices=FUSIONS)
+    decompose: bool = _opt(True, "direction + log-magnitude of each embedding, not the raw vector")
+    mlp_dims: Optional[tuple] = _opt(
+        None, "hidden widths before the evidence ('' none)", kind="int_list"
+    )
+    dropout: float = _opt(0.1, "dropout after each hidden layer", lo=0.0, hi=1.0)
+    bits: int = _opt(64, "code length; 0: no hash layer (the plain baseline)", lo=0)
+    input_norm: Optional[str] = _opt(
+        None, "non-affine BatchNorm on the fusion vector", choices=INPUT_NORMS
+    )
+    hash_norm: str = _opt("none", "BatchNorm between the hash Linear and tanh", choices=HASH_NORMS)
+    input_dropout: Optional[float] = _opt(None, "dropout on the fusion vector", lo=0.0, hi=1.0)
+    code_classifier: str = _opt(
+        "learned",
+        "classifier on the codes: learned, or fixed +-1 centres",
+        choices=CODE_CLASSIFIERS,
+    )
+    code_gain: Optional[float] = _opt(
+        None, "gain of the code classifier's initial weights", lo=0.0, strict=True
+    )
+    code_from: str = _opt("evidence", "what the hash layer reads", choices=CODE_FROM)
+    # text protocol
+    text_input: str = _opt(
+        "mean", "training text: a caption subset's mean, or one caption", choices=TEXT_INPUTS
+    )
+    scoring: str = _opt(
+        "each", "scoring: each caption alone, every subset, or the mean", choices=SCORING_RULES
+    )
+    # loss weights (head_loss)
+    hash_weight: float = _opt(
+        0.0, "weight of the hash regulariser (quantisation, balance, decorr.)", lo=0.0
+    )
+    lambda_balance: float = _opt(0.1, "bit-balance weight inside the hash regulariser", lo=0.0)
+    lambda_decorr: float = _opt(
+        0.01, "bit-decorrelation weight inside the hash regulariser", lo=0.0
+    )
+    sign_weight: float = _opt(0.0, "weight of a BCE on the binarised codes sign(h)", lo=0.0)
+    hash_warmup: float = _opt(15.0, "epochs of linear ramp of hash_weight from 0", lo=0.0)
+    prior_init: str = _opt(
+        "on", "classifier biases = the fold's class log prior odds", choices=("on", "off")
+    )
+    # optimiser
+    epochs: int = _opt(20, "maximum epochs", lo=1)
+    patience: int = _opt(3, "stop after this many epochs without a better val mAP (0: never)", lo=0)
+    batch_size: int = _opt(32, "micro-batch size (>= 2 for BatchNorm)", lo=2)
+    accum_steps: int = _opt(2, "micro-batches per optimizer step", lo=1)
+    lr: Optional[float] = _opt(None, "peak AdamW learning rate", lo=0.0, strict=True)
+    weight_decay: float = _opt(0.01, "AdamW weight decay", lo=0.0)
+    warmup_ratio: float = _opt(0.1, "fraction of all steps in linear lr warmup", lo=0.0, hi=1.0)
+    min_lr: float = _opt(1e-6, "lr at the end of the cosine decay", lo=0.0)
+    scheduler: str = _opt(
+        "cosine", "after warmup: one cosine, or SGDR restarts", choices=SCHEDULERS
+    )
+    T_0: int = _opt(5, "first cosine_restarts period in epochs", lo=1)
+    T_mult: int = _opt(2, "period growth factor of cosine_restarts", lo=1)
+    clip_grad: float = _opt(1.0, "max gradient norm (0: no clipping)", lo=0.0)
+
+    def __post_init__(self):
+        for f in fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices and not (value is None and f.default is None):
+                raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
+        if not (isinstance(self.bits, int) and self.bits >= 0):
+            raise ValueError(f"bits must be an integer >= 0, got {self.bits!r}")
+        if self.mlp_dims is not None:
+            self.mlp_dims = tuple(int(h) for h in self.mlp_dims)
+
+    def resolved(self, n_train=None):
+        """The size rule: a copy with every None field filled (n_train: training images; None = a
+        large set). With a hash layer, at every size: no MLP, lr 1e-2, input dropout 0.35, code gain
+        5 (2 for the fixed centres). Without (bits 0): from SMALL_DATA images on an MLP of
+        BASELINE_MLP on the BatchNorm-standardised fusion vector at lr 3e-4, below the linear head
+        at 1e-2; input dropout 0.5 before an MLP (it memorises), none before the linear head."""
+        big = self.bits == 0 and (n_train is None or n_train >= SMALL_DATA)
+        mlp = self.mlp_dims if self.mlp_dims is not None else BASELINE_MLP if big else ()
+        auto = dict(
+            mlp_dims=mlp,
+            input_norm="batchnorm" if big else "none",
+            lr=3e-4 if big else 1e-2,
+            code_gain=2.0 if self.code_classifier == "centres" else 5.0,
+            input_dropout=0.35 if self.bits > 0 else 0.5 if mlp else 0.0,
+        )
+        return replace(self, **{k: v for k, v in auto.items() if getattr(self, k) is None})
+
+    def arch(self):
+        """HashHead's keyword arguments (ARCH_FIELDS) of this config."""
+        return {k: getattr(self, k) for k in ARCH_FIELDS}
+
+
+ARCH_FIELDS = (
+    "inputs",
+    "fusion",
+    "decompose",
+    "mlp_dims",
+    "dropout",
+    "bits",
+    "input_norm",
+    "hash_norm",
+    "input_dropout",
+    "code_classifier",
+    "code_gain",
+    "code_from",
 )
-BASELINE_MLP = [
-    1024,
-    512,
-]  # the plain-MLP baseline's hidden widths (--bits 0 from SMALL_DATA images on)
-
-
-def recipe_defaults(bits, n_train=None, code_classifier="learned", mlp_dims=None):
-    """The recipe's values that depend on the bits, the training-set size and the architecture (chosen on planted
-    data, docs/EXPERIMENTS.md). With a hash layer, at every size: HashHead's signature, lr 1e-2, input dropout
-    0.35, classifier gain 5 (2 for the fixed centres). Without (bits 0): from SMALL_DATA training images (n_train;
-    None = a large set) an MLP of BASELINE_MLP on the standardised fusion vector at lr 3e-4, below the linear
-    head at 1e-2; input dropout 0.5 before an MLP (it memorises), none before the linear head (mlp_dims: the
-    hidden widths in use; None = the size rule's)."""
-    out = {"lr": 1e-2, "code_gain": 2.0 if code_classifier == "centres" else 5.0}
-    if bits == 0 and (n_train is None or n_train >= SMALL_DATA):
-        out.update(lr=3e-4, mlp_dims=list(BASELINE_MLP), input_norm="batchnorm")
-    hidden = out.get("mlp_dims", []) if mlp_dims is None else list(mlp_dims)
-    out["input_dropout"] = 0.35 if bits > 0 else 0.5 if hidden else 0.0
-    return out
 
 
 class HeadOutput(NamedTuple):
@@ -187,8 +297,9 @@ class HeadOutput(NamedTuple):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout, same distribution and scaling; on CPU the mask comes from torch.rand, about 3x faster than
-    the bernoulli_ of nn.Dropout (0.7 vs 2.4 ms for 32 x 2306 on one core), which matters at batch 32."""
+    """nn.Dropout, same distribution and scaling; on CPU the mask comes from torch.rand, about 3x
+    faster than the bernoulli_ of nn.Dropout (0.7 vs 2.4 ms for 32 x 2306 on one core), which
+    matters at batch 32."""
 
     def forward(self, x):
         if not self.training or self.p in (0, 1) or x.is_cuda:
@@ -199,90 +310,55 @@ class Dropout(nn.Dropout):
 
 
 def _per_group(norm, x, groups):
-    """norm(x), with a training BatchNorm applied to each of `groups` equal row blocks of x on its own."""
+    """norm(x), with a training BatchNorm applied to each of `groups` equal row blocks of x on its
+    own."""
     if groups == 1 or not (isinstance(norm, nn.BatchNorm1d) and norm.training):
         return norm(x)
     return torch.cat([norm(c) for c in x.chunk(groups)])
 
 
 class HashHead(nn.Module):
-    """Trainable head on frozen image/text embeddings: fusion -> MLP -> class evidence -> tanh hash codes -> C logits.
-    The defaults of this signature are the recipe train.py trains with a hash layer, at every training-set size,
-    and the README reports: fusion -> Linear (the evidence, C logits) -> 64-bit codes -> classifier.
+    """Trainable head on frozen image/text embeddings: fusion -> MLP -> class evidence -> tanh codes
+    -> C logits. HashHead(dim, num_classes, **arch): arch is HeadConfig's architecture fields
+    (ARCH_FIELDS), resolved by its size rule for a large set; HashHead() is the recipe train.py
+    trains with codes: fusion -> Linear (the evidence, C logits) -> 64-bit codes -> classifier.
 
-    inputs: what the head sees, "both" (image + text), "image" or "text". decompose=True splits each embedding
-    v into its direction d = v/|v| and log-magnitude m = log|v|; fusion "hadamard" feeds [d_i, d_t, d_i*d_t,
-    m_i, m_t], "concat" [d_i, d_t, m_i, m_t]; one input alone feeds [d, m] (decompose=False: the raw v, no m).
-    A zero text vector means "no text" (an image without captions): its text columns are set to 0 after the
-    input norm (to their training mean under BatchNorm), so such an image is scored from its image alone.
-    mlp_dims: hidden widths before the evidence (none by default: the raw fusion vector, coordinates ~0.04, makes
-    the initial function nearly constant). input_norm "batchnorm": a non-affine BatchNorm on the fusion vector,
-    which an MLP at a small lr needs (the bits-0 MLP's). hash_norm "batchnorm": an affine BatchNorm between the
-    hash Linear and tanh (balanced bits, no early saturation; the MLP-read codes needed it).
-    code_from "evidence": the MLP (or the fusion vector) goes to C class logits, the evidence, trained by its own
-    BCE (head_loss); the hash layer reads relu(evidence - prior log-odds), gradient stopped (the codes' loss does
-    not bend the evidence): a sparse, label-shaped vector. C independent classes do not fit a linear code of
-    fewer bits, a sparse set of them does, and the classifier on the codes decodes it. "hidden": the hash layer
-    reads the last hidden layer (the original design). Measured in docs/EXPERIMENTS.md.
-    code_classifier "centres" fixes the classifier on the codes to random +-1 class centres / sqrt(bits) (only
-    its bias learns: images sharing labels get nearby codes); "learned" trains it. code_gain multiplies its
-    initial weights (bounded codes need larger weights than PyTorch's init). input_dropout / code_gain None:
-    recipe_defaults' values. bits=0 drops the hash layer and the evidence: the plain baseline, whose classifier
-    reads the MLP (train.py gives it recipe_defaults' MLP from SMALL_DATA images on).
-    Rebuild from a checkpoint with HashHead(**ckpt["model_args"]); the state dict carries everything else.
+    inputs: "both" (image + text), "image" or "text". decompose splits each embedding v into its
+    direction d = v/|v| and log-magnitude m = log|v|; fusion "hadamard" feeds [d_i, d_t, d_i*d_t,
+    m_i, m_t], "concat" [d_i, d_t, m_i, m_t]; one input alone feeds [d, m] (decompose False: the raw
+    v, no m). A zero text vector means "no text": its text columns are set to 0 after the input norm
+    (to their training mean under BatchNorm), so such an image is scored from its image alone.
+    mlp_dims: hidden widths before the evidence. input_norm "batchnorm": a non-affine BatchNorm on
+    the fusion vector (an MLP at a small lr needs it). hash_norm "batchnorm": an affine BatchNorm
+    between the hash Linear and tanh. code_from "evidence": the MLP (or the fusion vector) goes to C
+    class logits, the evidence, trained by its own BCE (head_loss); the hash layer reads
+    relu(evidence - prior log-odds), gradient stopped: a sparse, label-shaped vector that few bits
+    hold, which the classifier on the codes decodes. "hidden": the hash layer reads the last hidden
+    layer (the original design). code_classifier "centres" fixes the classifier on the codes to
+    random +-1 class centres / sqrt(bits) (only its bias learns); code_gain multiplies its initial
+    weights (bounded codes need larger weights). bits 0 drops the hash layer and the evidence: the
+    plain baseline, whose classifier reads the MLP. Rebuild from a checkpoint with
+    HashHead(**ckpt["model_args"]); the state dict carries the rest.
     """
 
-    def __init__(
-        self,
-        dim=768,
-        num_classes=80,
-        inputs="both",
-        fusion="hadamard",
-        decompose=True,
-        mlp_dims=(),
-        dropout=0.1,
-        bits=64,
-        input_norm="none",
-        hash_norm="none",
-        input_dropout=None,
-        code_classifier="learned",
-        code_gain=None,
-        code_from="evidence",
-    ):
+    def __init__(self, dim=768, num_classes=80, **arch):
         super().__init__()
-        for name, value, options in (
-            ("inputs", inputs, INPUTS),
-            ("fusion", fusion, FUSIONS),
-            ("code_from", code_from, CODE_FROM),
-            ("input_norm", input_norm, INPUT_NORMS),
-            ("hash_norm", hash_norm, HASH_NORMS),
-            ("code_classifier", code_classifier, CODE_CLASSIFIERS),
-        ):
-            if value not in options:
-                raise ValueError(f"{name} must be one of {options}, got {value!r}")
-        if not (isinstance(bits, int) and bits >= 0):
-            raise ValueError(f"bits must be an integer >= 0, got {bits!r}")
-        auto = recipe_defaults(bits, code_classifier=code_classifier, mlp_dims=mlp_dims)
-        input_dropout = auto["input_dropout"] if input_dropout is None else float(input_dropout)
-        code_gain = auto["code_gain"] if code_gain is None else float(code_gain)
+        unknown = sorted(set(arch) - set(ARCH_FIELDS))
+        if unknown:
+            raise TypeError(f"HashHead: unknown arguments {unknown}; its arguments: {ARCH_FIELDS}")
+        c = HeadConfig(**arch).resolved()
+        inputs, fusion, decompose, bits = c.inputs, c.fusion, bool(c.decompose), c.bits
+        mlp_dims, dropout, code_from = [int(h) for h in c.mlp_dims], float(c.dropout), c.code_from
         self.model_args = dict(
             dim=int(dim),
             num_classes=int(num_classes),
-            inputs=inputs,
-            fusion=fusion,
-            decompose=bool(decompose),
-            mlp_dims=[int(h) for h in mlp_dims],
-            dropout=float(dropout),
-            bits=bits,
-            input_norm=input_norm,
-            hash_norm=hash_norm,
-            input_dropout=input_dropout,
-            code_classifier=code_classifier,
-            code_gain=code_gain,
-            code_from=code_from,
+            **dict(c.arch(), mlp_dims=mlp_dims, decompose=decompose),
         )
+        input_norm, hash_norm, input_dropout = c.input_norm, c.hash_norm, float(c.input_dropout)
+        code_classifier, code_gain = c.code_classifier, float(c.code_gain)
         self.inputs, self.fusion, self.decompose, self.bits = inputs, fusion, bool(decompose), bits
-        # which fusion columns come from the text (zeroed for an image without text), in fuse's order
+        # which fusion columns come from the text (zeroed for an image without text), in fuse's
+        # order
         d, m = [dim], [1] if self.decompose else []
         blocks = {
             "image": [(d, 0)] + [(m, 0)] * len(m),
@@ -301,18 +377,21 @@ class HashHead(nn.Module):
         self.input_norm = (
             nn.BatchNorm1d(in_dim, affine=False) if input_norm == "batchnorm" else nn.Identity()
         )
-        # dropout on the fusion vector (standardised only with input_norm): against memorising the training images
+        # dropout on the fusion vector (standardised only with input_norm): against memorising the
+        # training images
         self.input_dropout = Dropout(input_dropout)
         layers, width = [], in_dim
         for h in mlp_dims:
             layers += [nn.Linear(width, int(h)), nn.ReLU(inplace=True), Dropout(dropout)]
             width = int(h)
         self.mlp = nn.Sequential(*layers)
-        # code_from "evidence": class logits first (the plain classifier), the code is made from them
+        # code_from "evidence": class logits first (the plain classifier), the code is made from
+        # them
         self.evidence = (
             nn.Linear(width, num_classes) if bits > 0 and code_from == "evidence" else None
         )
-        # the class log-odds the evidence is measured from (init_prior; 0 until then), in the state dict
+        # the class log-odds the evidence is measured from (init_prior; 0 until then), in the state
+        # dict
         self.register_buffer(
             "prior_logit", torch.zeros(num_classes) if self.evidence is not None else None
         )
@@ -336,7 +415,8 @@ class HashHead(nn.Module):
                 self.classifier.weight.mul_(code_gain)
 
     def fuse(self, img, txt):
-        """(B, D), (B, D) or None -> fusion vector (B, in_dim), in float32 (log/normalise are fp16-unsafe)."""
+        """(B, D), (B, D) or None -> fusion vector (B, in_dim), in float32 (log/normalise are
+        fp16-unsafe)."""
 
         def split(v):  # -> direction, [log-magnitude]; a zero vector (no text) gives 0 and [0]
             if not self.decompose:
@@ -358,10 +438,11 @@ class HashHead(nn.Module):
     def forward(self, img, txt=None, groups=1):
         """img (B, D), txt (B, D) or None -> HeadOutput(logits (B, C), codes (B, bits) or None).
 
-        A zero txt row (or txt None) means no text: its text columns are 0 after the input norm (mean imputation).
-        groups > 1: the batch is `groups` equal micro-batches stacked (gradient accumulation run as one pass);
-        in training, BatchNorm takes its statistics and running-stat updates per micro-batch, in order, so the
-        result is that of `groups` separate calls, while the matmuls run once on the whole batch."""
+        A zero txt row (or txt None) means no text: its text columns are 0 after the input norm
+        (mean imputation). groups > 1: the batch is `groups` equal micro-batches stacked (gradient
+        accumulation run as one pass); in training, BatchNorm takes its statistics and running-stat
+        updates per micro-batch, in order, so the result is that of `groups` separate calls, while
+        the matmuls run once on the whole batch."""
         x = _per_group(self.input_norm, self.fuse(img, txt), groups)  # (B, in_dim)
         if self.inputs != "image":
             no_text = (
@@ -385,15 +466,16 @@ class HashHead(nn.Module):
         return HeadOutput(self.classifier(h), h, e)
 
     def sign_logits(self, h):
-        """Logits of the binarised codes sign(h) (0 -> +1), with a straight-through gradient to h: what the
-        classifier makes of the codes the KNN head and retrieval see."""
+        """Logits of the binarised codes sign(h) (0 -> +1), with a straight-through gradient to h:
+        what the classifier makes of the codes the KNN head and retrieval see."""
         return self.classifier(h + (torch.where(h >= 0, 1.0, -1.0) - h).detach())
 
     @torch.no_grad()
     def init_prior(self, prior, eps=1e-4):
-        """Set the classifier's and the evidence layer's biases and prior_logit to log(p / (1 - p)) of the class
-        prevalences p (num_classes,): with rare positives a zero bias spends the first epoch pushing every logit
-        down, which saturates tanh. Called once by train.py; a checkpoint carries the result."""
+        """Set the classifier's and the evidence layer's biases and prior_logit to log(p / (1 - p))
+        of the class prevalences p (num_classes,): with rare positives a zero bias spends the first
+        epoch pushing every logit down, which saturates tanh. Called once by train.py; a checkpoint
+        carries the result."""
         p = torch.as_tensor(prior, dtype=torch.float64).clamp(eps, 1 - eps)
         log_odds = (p / (1 - p)).log().float()
         for b in (self.classifier.bias,) + (
@@ -402,30 +484,26 @@ class HashHead(nn.Module):
             b.copy_(log_odds.to(b))
 
 
-def head_loss(
-    logits,
-    targets,
-    h,
-    hash_weight=0.0,
-    lambda_balance=0.1,
-    lambda_decorr=0.01,
-    as_float=True,
-    sign_logits=None,
-    sign_weight=0.0,
-    evidence=None,
-):
-    """BCE + the evidence layer's BCE (code_from "evidence") + sign_weight * BCE of the binarised codes
-    + hash_weight * (quantisation + lambda_balance * balance + lambda_decorr * decorrelation). The hash
-    regulariser is off by default (hash_weight 0): on planted data it cost the MLP head 1.6 points of mAP and
-    the KNN head 1.7 (docs/EXPERIMENTS.md).
+LOSS_FIELDS = ("hash_weight", "lambda_balance", "lambda_decorr", "sign_weight")
 
-    logits (B, C), targets (B, C) in {0, 1}, h (B, bits) tanh codes or None (no hash terms), evidence (B, C)
-    HeadOutput.evidence or None.
-    quantisation = mean((|h| - 1)^2); balance = mean(bit_mean^2); decorrelation = sum of squared
-    off-diagonal entries of the codes' covariance (unbiased, as torch.cov) / bits^2.
-    Returns (loss, terms): terms maps bce, bce_evidence, bce_sign, quant, balance, decorr, hash_reg to floats,
-    or to detached 0-d tensors with as_float=False (no device sync per step in the training loop).
+
+def head_loss(logits, targets, h, evidence=None, sign_logits=None, as_float=True, **weights):
+    """BCE + the evidence layer's BCE (code_from "evidence") + sign_weight * BCE of the binarised
+    codes + hash_weight * (quantisation + lambda_balance * balance + lambda_decorr * decorrelation).
+
+    logits (B, C), targets (B, C) in {0, 1}, h (B, bits) tanh codes or None (no hash terms),
+    evidence (B, C) HeadOutput.evidence or None, sign_logits HashHead.sign_logits(h) or None.
+    weights: LOSS_FIELDS, HeadConfig's defaults where not given. quantisation = mean((|h| - 1)^2);
+    balance = mean(bit_mean^2); decorrelation = sum of squared off-diagonal entries of the codes'
+    covariance (unbiased) / bits^2. Returns (loss, terms): terms maps bce, bce_evidence, bce_sign,
+    quant, balance, decorr, hash_reg to floats, or to detached 0-d tensors with as_float=False (no
+    device sync per step in the training loop).
     """
+    unknown = sorted(set(weights) - set(LOSS_FIELDS))
+    if unknown:
+        raise TypeError(f"head_loss: unknown weights {unknown}; its weights: {LOSS_FIELDS}")
+    w = {k: weights.get(k, getattr(HeadConfig, k)) for k in LOSS_FIELDS}
+    hash_weight, lambda_balance, lambda_decorr, sign_weight = (w[k] for k in LOSS_FIELDS)
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float())
     terms = {"bce": bce}
     loss = bce
@@ -457,69 +535,81 @@ class Scores(NamedTuple):
     probs: torch.Tensor  # (N, C) float32: sigmoid(logits) averaged over each image's scoring passes
     codes: Optional[
         torch.Tensor
-    ]  # (N, bits) float32: tanh codes averaged the same way; None without hash layer
-    caption_codes: Optional[
-        torch.Tensor
-    ]  # (N, P, bits): per pass (zero where unused); only if asked for
-    caption_mask: Optional[torch.Tensor] = (
-        None  # (N, P) bool: the passes each image uses; with caption_codes
+    ]  # (N, bits) float32: tanh codes averaged the same way; None: no codes
+    query_codes: Optional[torch.Tensor] = (
+        None  # (N, Q, bits): the KNN head's queries (keep_queries)
     )
+    query_mask: Optional[torch.Tensor] = None  # (N, Q) bool: the queries each image has
 
 
-def scoring_passes(slots, text_input):
-    """The caption slots each scoring pass averages, as lists of slot indices: "each" one pass per caption,
-    "mean" one per non-empty subset of the captions (2^T - 1: 31 for 5), singles first. An image uses the passes
-    whose slots it has; one without a caption uses pass 0 alone, with no text."""
+def sample_text(text, n_captions, text_input):
+    """The training caption rule: the text each image gets in a step. text (b, T, D) with zero rows
+    past n_captions (b,) -> (b, D) float32, a zero row for an image without captions. "each": one
+    caption drawn uniformly; "mean": the mean of a random non-empty subset of the captions (each
+    kept with probability 1/2, so every non-empty subset is about equally likely, as scoring rule
+    "subsets" averages them)."""
+    b, dev = len(text), n_captions.device
     if text_input == "each":
+        pick = (torch.rand(b).to(dev) * n_captions).long()  # < n (0 when none); CPU RNG, no sync
+        return text[torch.arange(b, device=dev), pick].float()
+    has = torch.arange(text.shape[1], device=dev) < n_captions[:, None]  # (b, T) real caption slots
+    keep = has & (torch.rand(has.shape).to(dev) < 0.5)
+    first = (torch.rand(b).to(dev) * n_captions).long()  # an image left with none keeps one caption
+    keep[torch.arange(b, device=dev), first] |= ~keep.any(1) & (n_captions > 0)
+    return (text.float() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
+
+
+def scoring_passes(slots, rule):
+    """The scoring rule: which caption slots each pass averages, as lists of slot indices. "each":
+    one pass per caption; "subsets": one per non-empty subset of the captions (2^T - 1: 31 for 5),
+    singles first; "mean": one pass on the mean of all captions. An image uses the passes whose
+    slots it has (all of them under "mean"); one without a caption uses pass 0 alone, with no text.
+    """
+    if rule == "each":
         return [[c] for c in range(slots)]
-    return [list(s) for k in range(1, slots + 1) for s in itertools.combinations(range(slots), k)]
+    if rule == "mean":
+        return [list(range(slots))]
+    return [list(t) for k in range(1, slots + 1) for t in itertools.combinations(range(slots), k)]
 
 
 @torch.no_grad()
 def score_embeddings(
-    head,
-    image,
-    text,
-    n_captions,
-    text_input=TEXT_INPUT,
-    batch_size=4096,
-    amp_dtype=None,
-    keep_captions=False,
+    head, image, text, n_captions, rule="each", batch_size=4096, amp_dtype=None, keep_queries=False
 ):
-    """The scoring rule, everywhere (validation, test, KNN queries, HashModel): cached embeddings -> Scores.
+    """The scoring rule, everywhere (validation, test, KNN queries, HashModel): cached embeddings ->
+    Scores.
 
-    image (N, D) view 0; text (N, T, D) with zero rows past n_captions (N,). The head is scored as it was
-    trained, and its probabilities and codes are averaged over the image's texts (scoring_passes): text_input
-    "each" (trained on one caption at a time) runs once per caption, "mean" (trained on the mean of a random
-    caption subset) once per non-empty subset of the captions, on its mean. An image without a caption is
-    scored once with no text (HashHead.forward). A head that reads only the image runs once. Tensors may live
-    on any device: batches go to the head's device, results come back to the CPU in float32. amp_dtype: autocast.
+    image (N, D) view 0; text (N, T, D) with zero rows past n_captions (N,). The head's
+    probabilities and codes are averaged over the image's scoring passes (scoring_passes: rule
+    "each", "subsets" or "mean"). An image without a caption is scored once with no text; a head
+    that reads only the image runs once. keep_queries: also the KNN head's queries, at most one per
+    caption by design: the per-caption codes under "each", the image's averaged code under the
+    others. Tensors may live on any device: batches go to the head's device, results come back to
+    the CPU in float32. amp_dtype: autocast.
     """
     device = next(head.parameters()).device
     was_training = head.training
     head.eval()
-    passes = scoring_passes(1 if head.inputs == "image" else max(1, text.shape[1]), text_input)
-    last = torch.tensor(
-        [p[-1] for p in passes], device=device
-    )  # (P,) an image has pass p if n_captions > last[p]
-    probs, codes, caps, masks = [], [], [], []
+    slots = 1 if head.inputs == "image" else max(1, text.shape[1])
+    passes = scoring_passes(slots, rule)
+    need = torch.tensor([p[-1] if rule != "mean" else 0 for p in passes], device=device)  # (P,)
+    probs, codes, queries, masks = [], [], [], []
     for s in range(0, len(image), batch_size):
-        img = image[s : s + batch_size].to(device)  # (b, D)
-        txt, n = (
-            text[s : s + batch_size].to(device),
-            n_captions[s : s + batch_size].to(device),
-        )  # (b, T, D), (b,)
+        img = image[s : s + batch_size].to(device).float()  # (b, D)
+        txt, n = text[s : s + batch_size].to(device), n_captions[s : s + batch_size].to(device)
         if head.inputs == "image":
             txt, n = txt[:, :1] * 0, torch.ones_like(n)
-        used = (n[:, None] > last) | (
-            (n[:, None] == 0) & (last == 0)
-        )  # (b, P); pass 0 of an image without text
+        # (b, P): the passes an image has; pass 0 for an image without text
+        used = (n[:, None] > need) | ((n[:, None] == 0) & (need == 0))
+        cap = torch.arange(txt.shape[1], device=device) < n[:, None]  # (b, T) real caption slots
         p_sum, h_pass = 0.0, []
-        for c, slots in enumerate(passes):
+        for c, slot in enumerate(passes):
+            sel = txt[:, slot].float() * cap[:, slot, None]  # (b, |slot|, D), zero past n
+            mean = sel.sum(1) / cap[:, slot].sum(1, keepdim=True).clamp_min(1)  # (b, D)
             with torch.autocast(
                 device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
             ):
-                out = head(img.float(), txt[:, slots].float().mean(1))  # zero text rows: "no text"
+                out = head(img, mean)  # a zero text row: "no text"
             has = used[:, c : c + 1]  # (b, 1)
             p_sum = p_sum + torch.where(has, torch.sigmoid(out.logits.float()), 0.0)
             h_pass += [torch.where(has, out.codes.float(), 0.0)] if out.codes is not None else []
@@ -528,11 +618,20 @@ def score_embeddings(
         if h_pass:
             stacked = torch.stack(h_pass, 1)  # (b, P, bits)
             codes.append((stacked.sum(1) / n_used).cpu())
-            caps += [stacked.cpu()] if keep_captions else []
-            masks += [used.cpu()] if keep_captions else []
+            if keep_queries and rule == "each":  # one query per caption
+                queries.append(stacked.cpu())
+                masks.append(used.cpu())
+            elif keep_queries:  # one query per image: its averaged code
+                queries.append(codes[-1][:, None])
+                masks.append(torch.ones(len(img), 1, dtype=torch.bool))
     head.train(was_training)
-    cat = lambda x: torch.cat(x) if x else None
-    return Scores(torch.cat(probs), cat(codes), cat(caps), cat(masks))
+    cat = torch.cat
+    return Scores(
+        cat(probs),
+        cat(codes) if codes else None,
+        cat(queries) if queries else None,
+        cat(masks) if masks else None,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -542,23 +641,25 @@ def score_embeddings(
 class HashModel(nn.Module):
     """Frozen SigLIP2 towers + a trained head, for inference on raw image + caption pairs.
 
-    The encoder is kept as a plain attribute (not a submodule), so state_dict() holds only head.* weights.
-    Embeddings are rounded through float16 before the head, exactly as in the feature cache the head was
-    trained on, so predict() on raw inputs equals the head applied to cached embeddings (score_embeddings).
+    The encoder is kept as a plain attribute (not a submodule), so state_dict() holds only head.*
+    weights. Embeddings are rounded through float16 before the head, exactly as in the feature cache
+    the head was trained on, so predict() on raw inputs equals the head applied to cached embeddings
+    (score_embeddings).
     """
 
-    def __init__(self, encoder, head, cache_dtype=torch.float16, text_input=TEXT_INPUT):
+    def __init__(self, encoder, head, cache_dtype=torch.float16, scoring=HeadConfig.scoring):
         super().__init__()
-        self.encoder, self.head, self.cache_dtype, self.text_input = (
+        self.encoder, self.head, self.cache_dtype, self.scoring = (
             encoder,
             head,
             cache_dtype,
-            text_input,
+            scoring,
         )
 
     @torch.no_grad()
     def predict(self, images, captions):
-        """images: list of B PIL images; captions: list of B lists of str (an empty list: the image alone)
+        """images: list of B PIL images; captions: list of B lists of str (an empty list: the image
+        alone)
         -> probs float32 (B, C)."""
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
@@ -573,4 +674,4 @@ class HashModel(nn.Module):
             len(images), max([1, *n.tolist()]), img.shape[1]
         )  # (B, T, D), zero past n
         txt[torch.arange(txt.shape[1])[None, :] < n[:, None]] = flat
-        return score_embeddings(self.head, img, txt, n, self.text_input).probs
+        return score_embeddings(self.head, img, txt, n, self.scoring).probs

@@ -1,8 +1,11 @@
 """Run folders: what train.py leaves in <run>/fold<k>/ and how the other scripts find and read it.
 
-dirs = runs.fold_dirs("outputs/siglip2_hash64")          # {0: ".../fold0", 1: ...}
-runs.fold_finished(dirs[0])                                # config.json says finished, val_metrics.json exists
-head, ckpt = runs.load_checkpoint(dirs[0] + "/best.pt")    # weights_only, one-line errors
+    dirs = runs.fold_dirs("outputs/siglip2_hash64")        # {0: ".../fold0", 1: ...}
+    runs.fold_finished(dirs[0])                              # finished, val_metrics.json there
+    head, ckpt = runs.load_checkpoint(dirs[0] + "/best.pt")  # weights_only; data.DataError if bad
+
+Every failure raises data.DataError (one line naming the file and the fix); scripts turn it into
+exit 2.
 """
 
 import glob
@@ -13,7 +16,6 @@ import zipfile
 
 import torch
 
-import cli
 import data
 import model
 
@@ -44,36 +46,26 @@ def save_checkpoint(path, head, opt, scaler, sched, state, config):
     data.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
-PREDATES = {
-    "code_from": "hidden"
-}  # model_args keys added later, with the value a checkpoint without them had
-
-
-def stored_model_args(ckpt):
-    """A checkpoint's HashHead arguments, keys it predates filled as they were then (PREDATES)."""
-    return {**PREDATES, **ckpt["model_args"]}
-
-
 def read_resume(last_path, resume, fold, model_args_for):
-    """-> the last.pt to continue from (None: a fresh start). Refuses to overwrite a run without --resume, and a
-    checkpoint of another fold or other model flags (model_args_for(dim, num_classes, n_train): what the flags
-    ask for on the checkpoint's data)."""
+    """-> the last.pt to continue from (None: a fresh start). Refuses to overwrite a run without
+    --resume, and a checkpoint of another fold or other model flags (model_args_for(dim,
+    num_classes, n_train): what the flags ask for on the checkpoint's data)."""
     if not os.path.exists(last_path):
         if resume:
             print(f"note: no {last_path} to resume from; starting fresh")
         return None
     if not resume:
-        cli.fail(
-            f"--out_dir: {os.path.dirname(last_path)} already holds a run (last.pt); pass --resume to continue it "
-            f"or choose another --out_dir"
+        raise data.DataError(
+            f"--out_dir: {os.path.dirname(last_path)} already holds a run (last.pt); pass --resume "
+            "to continue it or choose another --out_dir"
         )
     try:
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
     except Exception as e:
-        cli.fail(
+        raise data.DataError(
             f"{last_path}: unreadable checkpoint ({type(e).__name__}); delete it to start over"
-        )
-    stored = model.HashHead(**stored_model_args(ckpt)).model_args
+        ) from None
+    stored = model.HashHead(**ckpt["model_args"]).model_args
     want = model.HashHead(
         **model_args_for(stored["dim"], stored["num_classes"], ckpt["config"]["n_train"])
     ).model_args
@@ -81,15 +73,16 @@ def read_resume(last_path, resume, fold, model_args_for):
         f"{k}: {stored[k]} in the checkpoint, {want[k]} now" for k in want if stored[k] != want[k]
     ]
     if diff or ckpt["config"]["fold"] != fold:
-        cli.fail(
-            f"--resume: {last_path} was trained with other model flags or fold ({', '.join(diff) or 'fold'}); "
-            f"use the original flags or another --out_dir"
+        raise data.DataError(
+            f"--resume: {last_path} was trained with other model flags or fold "
+            f"({', '.join(diff) or 'fold'}); use the original flags or another --out_dir"
         )
     return ckpt
 
 
 def restore(ckpt, head, opt, scaler, sched, state):
-    """Load a checkpoint into the run's objects, its progress into `state` and the RNG (so resume is exact)."""
+    """Load a checkpoint into the run's objects, its progress into `state` and the RNG (so resume is
+    exact)."""
     head.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -101,7 +94,8 @@ def restore(ckpt, head, opt, scaler, sched, state):
 
 
 def read_log(path, upto_epoch=None):
-    """log.jsonl's lines (one JSON object per epoch), those after upto_epoch dropped (a resumed run's)."""
+    """log.jsonl's lines (one JSON object per epoch), those after upto_epoch dropped (a resumed
+    run's)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -113,8 +107,8 @@ def read_log(path, upto_epoch=None):
 
 
 def fold_finished(d):
-    """train.py's rule: config.json says finished (written last, after the KNN head's val metrics) and
-    val_metrics.json exists."""
+    """train.py's rule: config.json says finished (written last, after the KNN head's val metrics)
+    and val_metrics.json exists."""
     try:
         with open(os.path.join(d, "config.json")) as f:
             return bool(json.load(f).get("finished")) and os.path.isfile(
@@ -127,37 +121,42 @@ def fold_finished(d):
 def load_checkpoint(path):
     """-> (head in eval mode, checkpoint dict). Only weights_only loading: a pickle can run code."""
     if not os.path.isfile(path):
-        cli.fail(f"{path}: checkpoint not found")
+        raise data.DataError(f"{path}: checkpoint not found")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        cli.fail(
-            f"{path}: not a checkpoint (not a file written by torch.save); pass a best.pt from train.py"
+        raise data.DataError(
+            f"{path}: not a checkpoint (not a file written by torch.save); "
+            "pass a best.pt from train.py"
         )
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except (
         Exception
-    ) as e:  # truncated file, not a torch file, or a pickled object (refused by weights_only)
+    ) as e:  # truncated, not a torch file, or a pickled object (weights_only refuses)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
         first = next((ln for ln in lines if "Unsupported global" in ln), lines[0])[:200]
-        cli.fail(
-            f"{path}: not a loadable train.py checkpoint ({type(e).__name__}: {first}); pass a best.pt from train.py"
-        )
+        raise data.DataError(
+            f"{path}: not a loadable train.py checkpoint ({type(e).__name__}: {first}); "
+            "pass a best.pt from train.py"
+        ) from None
     if not isinstance(ck, dict) or not {"model", "model_args", "config"} <= set(ck):
-        cli.fail(
-            f"{path}: not a train.py checkpoint (needs keys model, model_args, config); pass a best.pt"
+        raise data.DataError(
+            f"{path}: not a train.py checkpoint (needs keys model, model_args, config); "
+            "pass a best.pt"
         )
     try:
-        head = model.HashHead(**stored_model_args(ck))
+        head = model.HashHead(**ck["model_args"])
         head.load_state_dict(ck["model"])
     except Exception as e:
-        cli.fail(
-            f"{path}: weights do not fit HashHead(**model_args) ({type(e).__name__}); re-train with this model.py"
-        )
+        raise data.DataError(
+            f"{path}: weights do not fit HashHead(**model_args) ({type(e).__name__}); "
+            "re-train with this model.py"
+        ) from None
     return head.eval(), ck
 
 
 def identity(ck):
-    """What must agree between ensemble members: architecture, embeddings (model + data) and splits file."""
+    """What must agree between ensemble members: architecture, embeddings (model + data) and splits
+    file."""
     meta = ck["config"].get("features_meta") or {}
     return {
         "model_args": ck["model_args"],
@@ -167,14 +166,11 @@ def identity(ck):
 
 
 def config_path(path, cfg, flag):
-    """A file path from a checkpoint's config, relative to the folder train.py ran in (config "cwd") when it is
-    there, else as saved (absolute, or relative to this folder: checkpoints from before "cwd" was recorded)."""
-    there = os.path.join(cfg.get("cwd") or "", path)
-    if cfg.get("cwd") and not os.path.isabs(path) and os.path.exists(there):
+    """A file path from a checkpoint's config: relative to the folder train.py ran in (config
+    "cwd"), unless absolute."""
+    there = path if os.path.isabs(path) else os.path.join(cfg["cwd"], path)
+    if os.path.exists(there):
         return there
-    if os.path.exists(path) or os.path.isabs(path):
-        return path
-    cli.fail(
-        f"{path}: not found from {os.getcwd()} (the checkpoint's config names it relative to the folder train.py "
-        f"ran in{', ' + cfg['cwd'] if cfg.get('cwd') else ''}); run from that folder or pass {flag}"
+    raise data.DataError(
+        f"{there}: not found (the checkpoint's config names {path} from {cfg['cwd']}); pass {flag}"
     )

@@ -1,22 +1,25 @@
 """
-Benchmark of the product's own functions, each against a reference measured in the same run (ratios: absolute
-times on a shared machine are noisy; the references: references.py), on generated inputs (synthetic.py): planted
-embeddings, random codes, JPEGs, and SigLIP2 towers built from their config with random weights. Sections:
-1 encoder (towers vs a head step per cached row), 2 epoch (train_one_epoch, float16 vs float32 fold, vs a naive
-loop), 3 metrics (vs scikit-learn), 4 splits (vs KFold), 5 knn (vs a full matrix + argsort), 6 retrieval (vs
-CalcTopMap), 7 memory (train.py's peak RSS vs the cache file), 8 decode (extract_features' loader, workers vs
-in-process). Tables and what each figure is: docs/BENCHMARKS.md; the learning check on planted data:
-bench_learning.py; how it measures (best-of-n wall time, peak RSS of a call or a child process): timing.py.
+Benchmark of the product's own functions, each against a reference measured in the same run (ratios:
+absolute times on a shared machine are noisy; the references: references.py), on generated inputs
+(synthetic.py): planted embeddings, random codes, JPEGs, and SigLIP2 towers built from their config
+with random weights. Sections: 1 encoder (towers vs a head step per cached row), 2 epoch
+(train_one_epoch, float16 vs float32 fold, vs a naive loop), 3 metrics (vs scikit-learn), 4 splits
+(vs KFold), 5 knn (vs a full matrix + argsort), 6 retrieval (vs CalcTopMap), 7 memory (train.py's
+peak RSS vs the cache file), 8 decode (extract_features' loader, workers vs in-process). Tables and
+what each figure is: docs/BENCHMARKS.md; the learning check on planted data: bench_learning.py; how
+it measures (best-of-n wall time, peak RSS of a call or a child process): timing.py.
 
-    python bench.py                                # every section at COCO scale -> bench.json (~5 min on 2 cores)
-    python bench.py --quick --out /tmp/bench.json  # small sizes, a tiny encoder: what tests/test_bench.py runs
-    python bench.py --sections knn,6               # a subset, by name or number
-    python bench.py --device cuda --gpu_check      # on a GPU (< 10 min): towers fp16 / bf16, the fp16 + GradScaler
-                                                   # epoch, --compile, decode workers, a 5-fold CV wall-time estimate
+    python -m bench                                # every section at COCO scale -> bench.json
+    python -m bench --quick --out /tmp/bench.json  # small sizes, a tiny encoder (the test)
+    python -m bench --sections knn,6               # a subset, by name or number
+    python -m bench --device cuda --gpu_check      # on a GPU (< 10 min): towers fp16 / bf16, the
+                                                   # fp16 + GradScaler epoch, --compile, decode
+                                                   # workers, a 5-fold CV wall-time estimate
 """
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -36,13 +39,13 @@ import knn
 import make_splits
 import metrics
 import model
-import references
 import retrieval
 import synthetic
 import train
-from timing import best_time, child_peak, peak_during, sync, timed
+from bench import references
+from bench.timing import best_time, child_peak, peak_during, sync, timed
 
-SECTIONS = ("encoder", "epoch", "metrics", "splits", "knn", "retrieval", "memory", "decode")
+SECTIONS = ("encoder", "epoch", "metrics", "splits", "knn", "retrieval", "memory", "decode", "fold")
 GPU_SECTIONS = ("encoder", "epoch", "knn")
 N_DEV, N_TEST, N_TRAIN, N_VAL = (
     118_287,
@@ -101,7 +104,7 @@ def get_args_parser():
         "--threads",
         type=cli.positive_int,
         default=torch.get_num_threads(),
-        help="torch CPU threads, also in child processes; 1 is steadier when others share the cores",
+        help="torch CPU threads, also in child processes (1 is steadier on a shared machine)",
     )
     # io
     g = p.add_argument_group("io")
@@ -115,7 +118,8 @@ def get_args_parser():
 
 
 def rows_of(fold, rows, dtype=None):
-    """The training rows `rows` of a fold as a fold of their own; dtype: its embeddings converted once."""
+    """The training rows `rows` of a fold as a fold of their own; dtype: its embeddings converted
+    once."""
     return {
         "train": {
             k: v[rows].to(dtype) if dtype is not None and v.dtype == torch.float16 else v[rows]
@@ -125,36 +129,17 @@ def rows_of(fold, rows, dtype=None):
 
 
 def train_setup(fold, device, flags=()):
-    """train.py's own setup of a run (its parser, setup, build_head, optimizer, scheduler and scaler) on `fold`."""
+    """train.py's own run (train.build_run: head, optimizer, scheduler, scaler) on `fold`."""
     args = train.get_args_parser().parse_args(
         ["--features", "-", "--splits", "-", "--out_dir", "-", "--device", device, *flags]
     )
-    run = train.setup(args)
-    head = train.build_head(args, fold, run)
-    net = torch.compile(head, backend=args.compile_backend) if args.compile else head
-    run["lr"] = train.resolved(args, len(fold["train"]["ids"]))["lr"]
-    opt = train.make_optimizer(head, run["lr"], args.weight_decay)
-    scaler = torch.amp.GradScaler(
-        run["device"].type, enabled=run["amp"] and run["amp_dtype"] == torch.float16
-    )
-    run["steps_per_epoch"] = math.ceil(
-        (len(fold["train"]["ids"]) // args.batch_size) / args.accum_steps
-    )
-    sched = train.make_scheduler(opt, args, run["lr"], run["steps_per_epoch"])[0]
-    return dict(net=net, head=head, opt=opt, sched=sched, scaler=scaler, args=args, run=run)
+    return train.build_run(args, fold)
 
 
 def timed_epoch(s, fold, device):
-    """Seconds of one train.train_one_epoch over fold["train"] with the objects of train_setup."""
+    """Seconds of one train.train_one_epoch over fold["train"] with the run of train_setup."""
     sync(device)
-    return timed(
-        lambda: (
-            train.train_one_epoch(
-                s["net"], fold, s["opt"], s["sched"], s["scaler"], s["args"], 1, s["run"]
-            ),
-            sync(device),
-        )
-    )[1]
+    return timed(lambda: (train.train_one_epoch(dict(s, fold=fold), 1), sync(device)))[1]
 
 
 # ----------------------------------------------------------------------------- 1. encoder
@@ -169,8 +154,8 @@ def bench_encoder(quick, device, seed=0, dtypes=("fp32",)):
             hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
         )
     )
-    # SigLIP2-base-patch16-256; on the CPU a 32,000-word vocabulary, not 256,000: the embedding is a gather of
-    # 64 rows per caption, negligible in time, and it saves 0.7 GB
+    # SigLIP2-base-patch16-256; on the CPU a 32,000-word vocabulary, not 256,000: the embedding is a
+    # gather of 64 rows per caption, negligible in time, and it saves 0.7 GB
     vocab = 1000 if quick else 256_000 if cuda else 32_000
     side = 64 if quick else 256  # image size
     net = synthetic.random_siglip(
@@ -207,7 +192,8 @@ def bench_encoder(quick, device, seed=0, dtypes=("fp32",)):
     s = train_setup(fold, device)
     timed_epoch(s, fold, device)  # warm-up
     out["head_s_per_row"] = timed_epoch(s, fold, device) / len(fold["train"]["ids"])
-    # in-loop (the original): every epoch of every fold encodes 1 image + 1 caption per training sample
+    # in-loop (the original): every epoch of every fold encodes 1 image + 1 caption per training
+    # sample
     return dict(
         out,
         cost_ratio=out[f"{dtypes[0]}_s_per_sample"] / out["head_s_per_row"],
@@ -219,11 +205,12 @@ def bench_encoder(quick, device, seed=0, dtypes=("fp32",)):
 
 
 def naive_epoch(fold, n_rows, device, seed=0):
-    """What the original loop does, timed over n_rows (seconds): Dataset-style per-sample indexing with a random
-    caption, collate by stacking, fp16 -> float per batch, torch's default AdamW stepping after every micro-batch,
-    a loss .item() per step for the log; fp16 autocast + GradScaler on the GPU. The same head as train.py's."""
+    """What the original loop does, timed over n_rows (seconds): Dataset-style per-sample indexing
+    with a random caption, collate by stacking, fp16 -> float per batch, torch's default AdamW
+    stepping after every micro-batch, a loss .item() per step for the log; fp16 autocast +
+    GradScaler on the GPU. The same head as train.py's."""
     s = train_setup(fold, device)
-    head, B, cuda = s["head"], s["args"].batch_size, device.startswith("cuda")
+    head, B, cuda = s["head"], s["cfg"].batch_size, device.startswith("cuda")
     opt = torch.optim.AdamW(head.parameters(), lr=2e-4, weight_decay=0.01)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     tr = {k: v.cpu() for k, v in fold["train"].items()}
@@ -257,8 +244,9 @@ def bench_epoch(quick, device, seed=0):
     fold = synthetic.planted_fold(n, 0, seed, device)
     warm = rows_of(fold, slice(0, 2080))  # an odd number of micro-batches: both step shapes run
     timed_epoch(train_setup(warm, device), warm, device)
-    # float16 fold (train.py now) vs the fold converted to float32 once (train.py before): the same function,
-    # part by part in alternating order; the median of the parts' ratios is robust to a burst of others' load
+    # float16 fold (train.py now) vs the fold converted to float32 once (train.py before): the same
+    # function, part by part in alternating order; the median of the parts' ratios is robust to a
+    # burst of others' load
     t16, t32, cut = [], [], np.linspace(0, n, parts + 1).astype(int)
     for i in range(parts):
         for dtype in (None, torch.float32) if i % 2 == 0 else (torch.float32, None):
@@ -283,7 +271,7 @@ def bench_epoch(quick, device, seed=0):
     }  # best of 3 windows vs the best part, scaled
 
 
-# ----------------------------------------------------------------------------- 3. metrics, 4. splits
+# ------------------------------------------------------------------------- 3. metrics, 4. splits
 
 
 def bench_metrics(quick, device="cpu", seed=0):
@@ -345,8 +333,8 @@ def bench_splits(quick, device="cpu", seed=0):
 
 
 def bench_knn(quick, device, seed=0):
-    """knn.knn_scores on random codes, real and sign queries (k 100, evaluate.py's), then references.naive_knn on
-    a subset."""
+    """knn.knn_scores on random codes, real and sign queries (k 100, evaluate.py's), then
+    references.naive_knn on a subset."""
     nq, ndb, n_naive, bits, k = (
         (500, 2000, 100, 64, 100) if quick else (N_VAL, N_TRAIN, 500, 64, 100)
     )
@@ -367,11 +355,13 @@ def bench_knn(quick, device, seed=0):
     )
     dbn, ln = db.cpu().numpy(), labels.cpu().numpy().astype(np.float32)
     for name, q in (("real", q_real), ("sign", knn.sign_codes(q_real))):
-        # a call takes a minute at full size: timed once, the memory figure from the same call (the reset is free)
+        # a call takes a minute at full size: timed once, the memory figure from the same call (the
+        # reset is free)
         ours, out[f"{name}_s"], out[f"{name}_peak_mb"] = peak_during(
             lambda: (knn.knn_scores(q, db, labels, k=k, query=name), sync(device))[0]
         )
-        # the naive side on the queries' own exact grid (knn.exact_queries), so both rank the same products
+        # the naive side on the queries' own exact grid (knn.exact_queries), so both rank the same
+        # products
         qn = (knn.exact_queries(q[:n_naive]) if name == "real" else q[:n_naive]).cpu().numpy()
         t_naive = best_time(lambda: references.naive_knn(qn, dbn, ln, k), 3, 0)
         out[f"naive_{name}_s"] = t_naive * nq / n_naive  # linear in Q
@@ -403,14 +393,15 @@ def bench_retrieval(quick, device="cpu", seed=0):
     return out
 
 
-# ----------------------------------------------------------------------------- 7. memory of a training run
+# ------------------------------------------------------------------ 7. memory of a training run
 
 
 def bench_memory(quick, device="cpu", seed=0):
     sizes = (
         (600, 1200) if quick else ((N_DEV + N_TEST) // 2, N_DEV + N_TEST)
     )  # the larger: COCO's 123,287
-    # one epoch at batch 256: the peak is the cache and the fold, not the batch (section 2 times the default)
+    # one epoch at batch 256: the peak is the cache and the fold, not the batch (section 2 times the
+    # default)
     flags = [
         "--epochs",
         "1",
@@ -461,12 +452,56 @@ def bench_memory(quick, device="cpu", seed=0):
     )
 
 
-# ----------------------------------------------------------------------------- 8. decode + preprocess
+# ----------------------------------------------------------------------------- 9. one whole fold
+
+
+def bench_fold(quick, device="cpu", seed=0):
+    """One `python train.py` fold at default flags and --epochs 1, as a user runs it (a child
+    process: load, the epoch, its validation, the end-of-run KNN head, the writes), its phases from
+    its own config.json and log.jsonl, against the naive loop's epoch measured here on as many rows.
+    """
+    n = 1200 if quick else N_DEV + N_TEST
+    flags = ["--epochs", "1", "--device", device, "--num_threads", str(torch.get_num_threads())]
+    with tempfile.TemporaryDirectory(prefix="bench_fold_") as tmp:
+        feats, splits = synthetic.write_planted_cache(tmp, n, seed, n_val=200 if quick else N_VAL)
+        run = os.path.join(tmp, "run")
+        _, wall = child_peak(
+            "import sys, train\ntrain.main(train.get_args_parser().parse_args(sys.argv[1:]))",
+            *["--features", feats, "--splits", splits, "--fold", "0", "--out_dir", run, *flags],
+        )
+        cfg = data.read_json(os.path.join(run, "config.json"))
+        with open(os.path.join(run, "log.jsonl")) as f:
+            log = json.loads(f.readline())
+    fold = synthetic.planted_fold(cfg["n_train"], 0, seed, device)
+    frac = 0.25 if quick else 0.05  # the naive loop runs on a fraction of the epoch, scaled
+    t_naive = min(naive_epoch(fold, int(cfg["n_train"] * frac), device, seed) for _ in range(3))
+    t_naive /= frac
+    phases = dict(
+        load_s=cfg["load_seconds"],
+        epoch_s=log["train_seconds"],
+        val_s=log["val_seconds"],
+        knn_s=cfg["knn_seconds"],
+    )
+    return dict(
+        n_train=cfg["n_train"],
+        n_val=cfg["n_val"],
+        scoring=cfg["scoring"],
+        wall_s=wall,
+        **phases,
+        rest_s=wall - sum(phases.values()),
+        naive_epoch_s=t_naive,
+        over_naive=wall / t_naive,
+        knn_over_epoch=cfg["knn_seconds"] / (log["train_seconds"] + log["val_seconds"]),
+    )
+
+
+# ------------------------------------------------------------------------- 8. decode + preprocess
 
 
 def bench_decode(quick, device="cpu", seed=0, workers=(1, 2)):
-    """extract_features' own loader (images.ImageCaptionDataset + Collate + make_loader) over generated JPEGs with
-    SigLIP2-base-patch16-256's image processor (PIL, 256 px, bilinear); images only (captions: see the docs)."""
+    """extract_features' own loader (images.ImageCaptionDataset + Collate + make_loader) over
+    generated JPEGs with SigLIP2-base-patch16-256's image processor (PIL, 256 px, bilinear); images
+    only (captions: see the docs)."""
     proc = synthetic.siglip_image_processor(size={"height": 256, "width": 256}, resample=2)
     n, most = (
         96 if quick else 256 * max(workers),
@@ -494,7 +529,8 @@ def bench_decode(quick, device="cpu", seed=0, workers=(1, 2)):
             for _ in range(max(1, w)):
                 next(it)
             out[f"w{w}_images_per_s"] = (n - 32 * max(1, w)) / timed(lambda: sum(1 for _ in it))[1]
-    # one worker per free core: the 1-worker rate is a core's (more workers than free cores share them)
+    # one worker per free core: the 1-worker rate is a core's (more workers than free cores share
+    # them)
     return dict(
         out,
         scaling=out["w2_images_per_s"] / out["w1_images_per_s"],
@@ -507,8 +543,9 @@ def bench_decode(quick, device="cpu", seed=0, workers=(1, 2)):
 
 
 def gpu_check(seed=0, dev="cuda"):
-    """On a GPU: towers fp16 / bf16, the fp16 + GradScaler epoch eager and compiled (inductor), validation and the
-    KNN head as train.py runs them, decode workers, and the wall time of a 5-fold CV at default flags from them."""
+    """On a GPU: towers fp16 / bf16, the fp16 + GradScaler epoch eager and compiled (inductor),
+    validation and the KNN head as train.py runs them, decode workers, and the wall time of a 5-fold
+    CV at default flags from them."""
     res = {"encoder": bench_encoder(False, dev, seed, ("fp16", "bf16"))}
     fold = synthetic.planted_fold(N_TRAIN, N_VAL, seed, dev)
     warm, ep = (
@@ -522,12 +559,8 @@ def gpu_check(seed=0, dev="cuda"):
     s = train_setup(
         fold, dev
     )  # validation each epoch and the KNN head once a fold, as train.py runs them
-    ep["validate_s"] = best_time(
-        lambda: train.validate(s["net"], fold, s["args"], s["run"], 1), 2, 1, dev
-    )
-    ep["knn_val_s"] = best_time(
-        lambda: train.knn_val(s["head"], fold, s["args"].text_input), 1, 1, dev
-    )
+    ep["validate_s"] = best_time(lambda: train.validate(s["net"], fold, s["cfg"], 1), 2, 1, dev)
+    ep["knn_val_s"] = best_time(lambda: train.knn_val(s["head"], fold, s["cfg"].scoring), 1, 1, dev)
     cores, workers = extract_features.default_workers()
     res.update(
         epoch_gpu=ep,
@@ -561,6 +594,8 @@ TARGETS = [  # (section, figure, target, check): the project's acceptance figure
     ("knn", "peak_mb", "<= 2048 MB", lambda v: v <= 2048),
     ("knn", "real_speedup", ">= 10x", lambda v: v >= 10),
     ("memory", "ratio1", "<= 1.5x", lambda v: v <= 1.5),
+    ("fold", "over_naive", "<= 1.5x", lambda v: v <= 1.5),
+    ("fold", "knn_over_epoch", "<= 5", lambda v: v <= 5),
 ]
 
 
@@ -581,7 +616,8 @@ def targets(res):
 def print_table(res):
     m = res["meta"]
     print(
-        f"\n{m['command']}  {m['date']}  {m['platform']}\ncpu: {m['cpu']} ({m['cores']} cores, {m['threads']} torch "
+        f"\n{m['command']}  {m['date']}  {m['platform']}\ncpu: {m['cpu']} ({m['cores']} cores, "
+        f"{m['threads']} torch "
         f"threads); torch {m['torch']}" + (f"; gpu: {m['gpu']}" if "gpu" in m else "")
     )
     verdict = {
@@ -595,7 +631,8 @@ def print_table(res):
             (k, v) for k, v in res[sec].items() if isinstance(v, (int, float, str))
         ):  # says what each is)
             print(
-                f"{sec:<10} {key:<26} {v if isinstance(v, str) else format(v, ',.4g'):>16} {verdict.get((sec, key), '')}"
+                f"{sec:<10} {key:<26} {v if isinstance(v, str) else format(v, ',.4g'):>16} "
+                f"{verdict.get((sec, key), '')}"
             )
     print(
         "wall s / 1-min load average after each section (others' jobs on a shared machine): "
@@ -632,7 +669,7 @@ def main(args):
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "quick": bool(args.quick),
-            "command": " ".join(["python bench.py", *sys.argv[1:]]),
+            "command": " ".join(["python -m bench", *sys.argv[1:]]),
             "load": {},
         }
     }

@@ -1,22 +1,24 @@
 """
-Data efficiency on planted embeddings: val mAP against the number of training images, for a linear probe and
-the head at default flags, both text inputs, both heads (MLP and KNN). One planted cache (synthetic's planted
-embeddings: labels a probe can recover, but not trivially; COCO's 123,287 images) and one fixed validation set
-of 5,000 images; the training sets are nested random subsets of the rest, so every size is scored on the same
-images and a larger set contains the smaller ones.
+Data efficiency on planted embeddings: val mAP against the number of training images, for a linear
+probe and the head at default flags, both text inputs, both heads (MLP and KNN). One planted cache
+(synthetic's planted embeddings: labels a probe can recover, but not trivially; COCO's 123,287
+images) and one fixed validation set of 5,000 images; the training sets are nested random subsets of
+the rest, so every size is scored on the same images and a larger set contains the smaller ones.
 
-    python bench_learning.py                           # sizes 2,500 / 9,000 / 25,000 / 94,630 (~1 h on 2 cores)
-    python bench_learning.py --sizes 2500,9000         # some of them (~15 min)
-    python bench_learning.py --quick                   # 3,000 images, sizes 500 / 1,000, 2 epochs: plumbing only
+    python -m bench.learning                      # sizes 2,500 / 9,000 / 25,000 / 94,630 (~1 h)
+    python -m bench.learning --sizes 2500,9000         # some of them (~15 min)
+    python -m bench.learning --quick              # 3,000 images, 500 / 1,000, 2 epochs: plumbing
 
-Per size: two scikit-learn probes (one-vs-rest logistic regression, C = 1, on L2-normalised [image, caption]:
-"each" trains on one random caption per image and averages its probabilities over the captions, as the head
-does; "mean" sees the mean of the captions), and train.py at default flags (--text_input mean) with --bits 64 / 0,
-and the same with --text_input each (RUNS). Each probe is also scored with its weight matrix cut to its top 64 singular
-directions (probe_<kind>_rank64): a linear model through a 64-dimensional code, what a code linear in the
-input could reach (the head's code, made from the class evidence, is not). The KNN head is the one train.py
-scores at the end of a run (val_metrics.json "knn"). Work files go to --work/{full,quick}_seed<seed>/ and are
-reused (train.py --resume), so an interrupted study picks up where it stopped. Not timed: it measures learning. Results: docs/EXPERIMENTS.md.
+Per size: two scikit-learn probes (one-vs-rest logistic regression, C = 1, on L2-normalised [image,
+caption]: "each" trains on one random caption per image and averages its probabilities over the
+captions, as the head does; "mean" sees the mean of the captions), and train.py at default flags
+(--text_input mean) with --bits 64 / 0, and the same with --text_input each (RUNS). Each probe is
+also scored with its weight matrix cut to its top 64 singular directions (probe_<kind>_rank64): a
+linear model through a 64-dimensional code, what a code linear in the input could reach (the head's
+code, made from the class evidence, is not). The KNN head is the one train.py scores at the end of a
+run (val_metrics.json "knn"). Work files go to --work/{full,quick}_seed<seed>/ and are reused
+(train.py --resume), so an interrupted study picks up where it stopped. Not timed: it measures
+learning. Results: docs/EXPERIMENTS.md.
 """
 
 import json
@@ -35,10 +37,11 @@ import features
 import folds
 import metrics
 import report
+import model
 import synthetic
 import train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 N_IMAGES, N_TEST, N_VAL, FOLDS = 123_287, 5_000, 5_000, 5
 SIZES = (2500, 9000, 25000, 94630)  # 94,630: the training set of a Karpathy 5-fold CV fold
 RUNS = {
@@ -46,9 +49,11 @@ RUNS = {
     "bits0": ["--bits", "0"],
     "bits64_each": ["--text_input", "each"],
     "bits0_each": ["--bits", "0", "--text_input", "each"],
-}  # train.py flags on top of the defaults (mean)
+    "bits64_subsets": ["--scoring", "subsets"],
+    "bits64_mean": ["--scoring", "mean"],
+}  # train.py flags on top of the defaults (--text_input mean, --scoring each)
 PROBES = ("each", "mean")
-RANK = train.HEAD["bits"]  # the probe is also scored cut to this rank: the default code length
+RANK = model.HeadConfig.bits  # the probe is also scored cut to this rank: the default code length
 TARGETS = [
     ("bits64", "mean", 0.02),
     ("bits0", "mean", 0.01),
@@ -72,16 +77,17 @@ def get_args_parser():
         "--sizes",
         type=cli.int_list,
         default=None,
-        help="training-set sizes (comma-separated); default: 2500,9000,25000,94630 (quick: 500,1000)",
+        help="training-set sizes, comma-separated (default: 2500,9000,25000,94630; quick 500,1000)",
     )
     g.add_argument(
         "--runs", default=",".join(RUNS), help=f"train.py runs per size, from {','.join(RUNS)}"
     )
+    g.add_argument("--probes", default=",".join(PROBES), help="probes per size ('' none)")
     g.add_argument("--seed", type=int, default=0, help="seed of the planted cache and the subsets")
     g.add_argument(
         "--work",
         default=os.path.join(tempfile.gettempdir(), "bench_learning"),
-        help="work files go to WORK/{full,quick}_seed<seed>, reused by a rerun (never across settings)",
+        help="work folder: WORK/{full,quick}_seed<seed>, reused by a rerun",
     )
     g = p.add_argument_group("run")
     g.add_argument(
@@ -101,7 +107,8 @@ def get_args_parser():
 
 
 def plot(rows, stem):
-    """val mAP (macro) against the number of training images (log axis): probes dashed, runs and KNN heads."""
+    """val mAP (macro) against the number of training images (log axis): probes dashed, runs and KNN
+    heads."""
     fig, ax = report._plt().subplots(figsize=(6.4, 4.2))
     x = [r["size"] for r in rows]
     for key in [k for k in rows[0] if isinstance(rows[0][k], float)]:
@@ -121,9 +128,10 @@ def plot(rows, stem):
 
 
 def write_data(work, n, seed, sizes):
-    """The planted cache of n images and one splits file per training size: test = N_TEST images, val_folds[0] =
-    the fixed N_VAL validation images, the other folds split the first `size` images of a fixed permutation of
-    the rest (nested training sets). A size larger than the pool is an error. -> (cache path, validation size)"""
+    """The planted cache of n images and one splits file per training size: test = N_TEST images,
+    val_folds[0] = the fixed N_VAL validation images, the other folds split the first `size` images
+    of a fixed permutation of the rest (nested training sets). A size larger than the pool is an
+    error. -> (cache path, validation size)"""
     feats = os.path.join(work, "features.safetensors")
     if not os.path.exists(feats):
         f = synthetic.make_planted_features(n, seed=seed)
@@ -161,9 +169,10 @@ def write_data(work, n, seed, sizes):
 
 
 def probe(feats, splits, text_input, jobs, seed=0):
-    """The reference: one-vs-rest logistic regression (C = 1) on L2-normalised [image, caption] of fold 0, loaded
-    as train.py loads it. text_input "each": trained on one random caption per image, probabilities averaged
-    over the captions; "mean": the mean caption. -> metrics.compute_all on the validation images, with time."""
+    """The reference: one-vs-rest logistic regression (C = 1) on L2-normalised [image, caption] of
+    fold 0, loaded as train.py loads it. text_input "each": trained on one random caption per image,
+    probabilities averaged over the captions; "mean": the mean caption. -> metrics.compute_all on
+    the validation images, with time."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
 
@@ -191,9 +200,9 @@ def probe(feats, splits, text_input, jobs, seed=0):
     clf = OneVsRestClassifier(LogisticRegression(C=1.0, max_iter=1000), n_jobs=jobs).fit(
         xt, tr["labels"].numpy()
     )
-    # the same probe with its (C, 2D) weight matrix cut to its top RANK singular directions (truncated SVD): a
-    # linear model through a RANK-dimensional code, as the small-data head into 64 bits is
-    # (a class without a training positive has a constant predictor, kept as it is)
+    # the same probe with its (C, 2D) weight matrix cut to its top RANK singular directions
+    # (truncated SVD): a linear model through a RANK-dimensional code, as the small-data head into
+    # 64 bits is (a class without a training positive has a constant predictor, kept as it is)
     lin = [i for i, e in enumerate(clf.estimators_) if hasattr(e, "coef_")]
     w = np.stack([clf.estimators_[i].coef_[0] for i in lin])  # (C', 2D)
     b = np.array([clf.estimators_[i].intercept_[0] for i in lin])
@@ -229,8 +238,8 @@ def probe(feats, splits, text_input, jobs, seed=0):
 
 
 def train_runs(jobs, threads):
-    """jobs: [(out_dir, train.py argv)], `threads` at a time with one thread each, each resumed where an earlier
-    call stopped (a finished run returns at once)."""
+    """jobs: [(out_dir, train.py argv)], `threads` at a time with one thread each, each resumed
+    where an earlier call stopped (a finished run returns at once)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for s in range(0, len(jobs), threads):
         procs = []
@@ -238,7 +247,7 @@ def train_runs(jobs, threads):
             log = open(out + ".log", "a")
             cmd = [
                 sys.executable,
-                os.path.join(HERE, "train.py"),
+                os.path.join(ROOT, "train.py"),
                 *argv,
                 "--out_dir",
                 out,
@@ -256,14 +265,15 @@ def train_runs(jobs, threads):
                 cli.fail(f"train.py failed (exit {rc}) for {out}; see {out}.log")
 
 
-def size_row(work, size, runs, jobs):
-    """The probes' and the runs' figures at one size (the probes are cached as JSON in the work folder)."""
+def size_row(work, size, runs, jobs, probes=PROBES):
+    """The probes' and the runs' figures at one size (the probes are cached as JSON in the work
+    folder)."""
     feats, splits = (
         os.path.join(work, "features.safetensors"),
         os.path.join(work, f"splits_{size}.json"),
     )
     row = {"size": size}
-    for kind in PROBES:
+    for kind in probes:
         path = os.path.join(work, str(size), f"probe_{kind}.json")
         res = {}
         if os.path.exists(path):
@@ -293,6 +303,11 @@ def size_row(work, size, runs, jobs):
         )
         if "knn" in val:
             row[f"{name}_knn"] = val["knn"]["mAP_macro"]
+        with open(os.path.join(out, "log.jsonl")) as f:  # the whole fold's time: load, epochs, KNN
+            epochs = [json.loads(line)["seconds"] for line in f if line.strip()]
+        row[f"{name}_seconds"] = round(
+            cfg["load_seconds"] + sum(epochs) + cfg.get("knn_seconds", 0.0), 1
+        )
     return row
 
 
@@ -329,7 +344,8 @@ def main(args):
         ],
         args.threads,
     )
-    rows = [size_row(work, size, runs, args.threads) for size in sizes]
+    probes = [k for k in args.probes.split(",") if k]
+    rows = [size_row(work, size, runs, args.threads, probes) for size in sizes]
     for row in rows:
         row["targets"] = {
             run: {
@@ -339,7 +355,7 @@ def main(args):
                 "pass": bool(row[f"probe_{probe_kind}"] - row[run] <= limit),
             }
             for run, probe_kind, limit in TARGETS
-            if run in row
+            if run in row and f"probe_{probe_kind}" in row
         }
         print(
             f"{row['size']:>6} train images | "
@@ -349,7 +365,7 @@ def main(args):
         "n_images": n,
         "n_val": n_val,
         "work": work,
-        "command": " ".join(["python bench_learning.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.learning", *sys.argv[1:]]),
         "rows": rows,
     }
     data.save_json(args.out, res)

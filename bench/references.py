@@ -1,9 +1,9 @@
-"""The references bench.py times the product against, each written the textbook or the library way and computing
-what the product computes (bench.py reports the largest difference beside the times):
+"""The references bench.py times the product against, each written the textbook or the library way
+and computing what the product computes (bench.py reports the largest difference beside the times):
 
     references.sklearn_metrics(y, s)             # scikit-learn's calls for metrics.compute_all
     references.naive_knn(q, db, labels, k)       # the full-matrix vote for knn.knn_scores
-    references.calc_top_map(q, ql, db, dl, k)    # DeepHash-pytorch's CalcTopMap for retrieval.retrieval_map
+    references.calc_top_map(q, ql, db, dl, k)    # DeepHash-pytorch's CalcTopMap (retrieval_map)
 """
 
 import numpy as np
@@ -41,8 +41,9 @@ def sklearn_metrics(y, s, threshold=0.5):
 
 
 def naive_knn(q, db, labels, k, tau=0.07):
-    """The textbook vote: the full (Q, N) similarity matrix, whole rows sorted (stable: lower index first on a
-    tie, knn_scores' rule), softmax weights. Similarity (1 + q.d / |q|_1) / 2, as knn_scores defines it."""
+    """The textbook vote: the full (Q, N) similarity matrix, whole rows sorted (stable: lower index
+    first on a tie, knn_scores' rule), softmax weights. Similarity (1 + q.d / |q|_1) / 2, as
+    knn_scores defines it."""
     sim = (1 + q @ db.T / np.abs(q).sum(1, keepdims=True)) / 2  # (Q, N) float32
     top = np.argsort(-sim, axis=1, kind="stable")[:, :k]  # (Q, k)
     w = np.exp((np.take_along_axis(sim, top, 1) - 1) / tau)
@@ -50,8 +51,9 @@ def naive_knn(q, db, labels, k, tau=0.07):
 
 
 def calc_top_map(q_codes, q_labels, db_codes, db_labels, topk):
-    """DeepHash-pytorch's CalcTopMap, one query at a time, with a stable sort (ties in database order, as
-    retrieval_map's ties='stable'); a query without a relevant item in its top k scores 0 (empty='zero')."""
+    """DeepHash-pytorch's CalcTopMap, one query at a time, with a stable sort (ties in database
+    order, as retrieval_map's ties='stable'); a query without a relevant item in its top k scores 0
+    (empty='zero')."""
     bits, total = q_codes.shape[1], 0.0
     for i in range(len(q_codes)):
         gnd = (q_labels[i] @ db_labels.T > 0).astype(np.float32)  # (N,) shares a label

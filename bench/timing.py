@@ -1,7 +1,8 @@
 """
-How bench.py measures: the best-of-n wall time of a call with a device sync around it (noise only ever adds
-time), the wall time of a call too long to repeat, the peak resident memory a call adds in this process, and the
-peak resident memory of a child process (Linux: /proc/self/status). Generic: nothing here knows the product.
+How bench.py measures: the best-of-n wall time of a call with a device sync around it (noise only
+ever adds time), the wall time of a call too long to repeat, the peak resident memory a call adds in
+this process, and the peak resident memory of a child process (Linux: /proc/self/status). Generic:
+nothing here knows the product.
 """
 
 import os
@@ -12,7 +13,7 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def sync(device):
@@ -21,7 +22,8 @@ def sync(device):
 
 
 def best_time(fn, repeats=3, warmup=1, device="cpu"):
-    """Best wall time of fn() over `repeats` runs after `warmup` untimed ones (noise only ever adds time)."""
+    """Best wall time of fn() over `repeats` runs after `warmup` untimed ones (noise only ever adds
+    time)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -35,8 +37,9 @@ def timed(call):
 
 
 def peak_during(call):
-    """-> (call(), seconds, MiB of resident memory it added at its peak). VmHWM is reset to the current RSS first
-    (Linux >= 4.0; ru_maxrss cannot be reset), so the figure is page-exact for this call alone."""
+    """-> (call(), seconds, MiB of resident memory it added at its peak). VmHWM is reset to the
+    current RSS first (Linux >= 4.0; ru_maxrss cannot be reset), so the figure is page-exact for
+    this call alone."""
 
     def rss(field):
         with open("/proc/self/status") as f:
@@ -50,16 +53,20 @@ def peak_during(call):
 
 
 def child_peak(code, *argv):
-    """`python -c code argv` in a fresh process -> (its peak RSS in MiB, s). The child reads its own VmHWM at the
-    end: ru_maxrss of a child would include the parent's RSS at the fork (Linux carries it over the exec)."""
-    code += "\nprint(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')), file=sys.stderr)"
+    """`python -c code argv` in a fresh process -> (its peak RSS in MiB, s). The child reads its own
+    VmHWM at the end: ru_maxrss of a child would include the parent's RSS at the fork (Linux carries
+    it over the exec)."""
+    code += (
+        "\nprint(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')),"
+        " file=sys.stderr)"
+    )
     with tempfile.TemporaryFile() as err:
         t = time.perf_counter()
         r = subprocess.run(
             [sys.executable, "-c", code, *argv],
             stdout=subprocess.DEVNULL,
             stderr=err,
-            cwd=HERE,
+            cwd=ROOT,
             env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
         )
         err.seek(0)
