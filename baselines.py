@@ -1,9 +1,10 @@
-"""Baselines that need no gradient descent, written into a linear HashHead so that they are evaluated, ensembled
-and aggregated exactly like a trained run (train.py --baseline probe | zeroshot).
+"""Baselines that need no gradient descent, written into a linear HashHead so that they are
+evaluated, ensembled and aggregated exactly like a trained run (train.py --baseline probe |
+zeroshot).
 
     head = model.HashHead(**linear_head_args(dim, num_classes, "probe"))
-    fit_probe(head, image, text, labels, C=1.0)                         # one-vs-rest logistic regression
-    fit_zeroshot(head, prompts, logit_scale, logit_bias)                 # SigLIP's own classifier
+    fit_probe(head, image, text, labels, C=1.0)           # one-vs-rest logistic regression
+    fit_zeroshot(head, prompts, logit_scale, logit_bias)   # SigLIP's own classifier
 """
 
 import math
@@ -14,8 +15,9 @@ from tqdm import tqdm
 
 
 def linear_head_args(dim, num_classes, kind, inputs="both"):
-    """HashHead arguments of a baseline: no MLP, no hash layer, concat fusion of [d_i, d_t, m_i, m_t] (or one
-    input), standardised inputs for the probe (its eval-mode BatchNorm holds the training mean and variance)."""
+    """HashHead arguments of a baseline: no MLP, no hash layer, concat fusion of [d_i, d_t, m_i,
+    m_t] (or one input), standardised inputs for the probe (its eval-mode BatchNorm holds the
+    training mean and variance)."""
     return dict(
         dim=dim,
         num_classes=num_classes,
@@ -32,8 +34,9 @@ def linear_head_args(dim, num_classes, kind, inputs="both"):
 
 @torch.no_grad()
 def fit_zeroshot(head, prompts, logit_scale, logit_bias):
-    """SigLIP's own classifier: logit_c = logit_scale * cos(image, prompt_c) + logit_bias (the text is ignored).
-    prompts (C, D): embeddings of "a photo of a {name}."; the head's first D inputs are the image direction."""
+    """SigLIP's own classifier: logit_c = logit_scale * cos(image, prompt_c) + logit_bias (the text
+    is ignored). prompts (C, D): embeddings of "a photo of a {name}."; the head's first D inputs are
+    the image direction."""
     W, b = head.classifier.weight, head.classifier.bias  # (C, in_dim), (C,)
     W.zero_()
     p = prompts.float()
@@ -45,12 +48,13 @@ def fit_zeroshot(head, prompts, logit_scale, logit_bias):
 
 @torch.no_grad()
 def fit_probe(head, image, text, labels, C=1.0):
-    """One-vs-rest logistic regression (scikit-learn L-BFGS, as CLIP's linear probes) on the standardised fusion
-    vector of each training image with one text (train.py gives it what one epoch would: folds.sample_text).
+    """One-vs-rest logistic regression (scikit-learn L-BFGS, as CLIP's linear probes) on the
+    standardised fusion vector of each training image with one text (train.py gives it what one
+    epoch would: model.sample_text).
 
-    image (n, D), text (n, D) (a zero row: no text, the image alone), labels (n, C). The standardisation is the
-    head's eval-mode input BatchNorm, set to the training mean and variance; a class absent (or everywhere) gets
-    its prior."""
+    image (n, D), text (n, D) (a zero row: no text, the image alone), labels (n, C). The
+    standardisation is the head's eval-mode input BatchNorm, set to the training mean and variance;
+    a class absent (or everywhere) gets its prior."""
     from sklearn.linear_model import LogisticRegression
 
     W, b = head.classifier.weight, head.classifier.bias

@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# The test command (CI runs exactly this, through .ci/run): install requirements.txt when one of its packages is
-# not installed, then the whole suite.
+# The test command (CI runs exactly this, through .ci/run): install requirements.txt and
+# requirements-dev.txt when one of their packages is not installed, check the style (ruff: lines of
+# at most 100 characters, ruff.toml), then the whole suite.
 #
-#   bash tests/run.sh               # the install check, then python -m pytest -q
+#   bash tests/run.sh               # the install check, ruff, then python -m pytest -q
 #   bash tests/run.sh -k knn        # extra arguments go to pytest
 #   PYTHON=.venv/bin/python bash tests/run.sh
 #
-# requirements.txt pins torch==2.13.0, which pip takes as the CPU build where that file lies on the machine. On a
-# GPU machine install the CUDA build of torch 2.13.0 first: only a package that is not installed at all triggers
-# the install, so it is kept (as is any package already present at another version).
+# requirements.txt pins torch==2.13.0, which pip takes as the CPU build where that file lies on the
+# machine. On a GPU machine install the CUDA build of torch 2.13.0 first: only a package that is not
+# installed at all triggers the install, so it is kept (as is any package already present at another
+# version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 
-missing=$("$PYTHON" -c 'import importlib.metadata as m, re
-names = [re.split(r"[\s<>=!~;\[]", line.split("#")[0].strip())[0] for line in open("requirements.txt")]
-print(*[n for n in names if n and not list(m.distributions(name=n))])')
-if [ -n "$missing" ]; then
-  echo "tests/run.sh: not installed: $missing -> $PYTHON -m pip install -r requirements.txt" >&2
-  "$PYTHON" -m pip install -r requirements.txt
-fi
+for req in requirements.txt requirements-dev.txt; do
+  missing=$("$PYTHON" -c 'import importlib.metadata as m, re, sys
+names = [re.split(r"[\s<>=!~;\[]", line.split("#")[0].strip())[0] for line in open(sys.argv[1])]
+print(*[n for n in names if n and not list(m.distributions(name=n))])' "$req")
+  if [ -n "$missing" ]; then
+    echo "tests/run.sh: not installed: $missing -> $PYTHON -m pip install -r $req" >&2
+    "$PYTHON" -m pip install -r "$req"
+  fi
+done
 
+if ! "$PYTHON" -m ruff format --check --quiet .; then
+  echo "tests/run.sh: ruff format would change the files above (run: ruff format .)" >&2
+  exit 1
+fi
+"$PYTHON" -m ruff check --quiet .
 exec "$PYTHON" -m pytest -q "$@"
