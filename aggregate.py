@@ -1,35 +1,37 @@
 """
-Cross-validation tables of both heads from train.py's fold folders, comparisons between runs (ablations), and
-the runs beside the published numbers of their protocol (literature.py).
+Cross-validation tables of both heads from train.py's fold folders, comparisons between runs
+(ablations), and the runs beside the published numbers of their protocol (literature.py).
 
-    python aggregate.py outputs/siglip2_hash64                       # -> cv_results.csv, cv_results.md in the run
-    python aggregate.py outputs/hash64 outputs/hash32 outputs/hash128  # + comparison.{md,csv}, comparison_tests.csv
-    python aggregate.py outputs/run --allow_partial                    # the finished folds only (labelled partial)
+    python aggregate.py outputs/siglip2_hash64             # -> cv_results.csv, .md in the run
+    python aggregate.py outputs/hash64 outputs/hash32 outputs/hash128   # + comparison.{md,csv}
+    python aggregate.py outputs/run --allow_partial        # the finished folds only (partial)
 
-A run is a folder of fold<k>/ folders from train.py. Fold k counts when its val_metrics.json exists and its
-config.json (or last.pt) says training ended. Missing or unfinished folds are named and stop the script with
-exit code 2 unless --allow_partial; a partial run is labelled "partial k/K" in every table. The expected number
-of folds is --folds, else the "folds" of the splits file named in the folds' config.json, else one more than
-the highest fold<k> found.
+A run is a folder of fold<k>/ folders from train.py. Fold k counts when its val_metrics.json exists
+and its config.json (or last.pt) says training ended. Missing or unfinished folds are named and stop
+the script with exit code 2 unless --allow_partial; a partial run is labelled "partial k/K" in every
+table. The expected number of folds is --folds, else the "folds" of the splits file named in the
+folds' config.json, else one more than the highest fold<k> found.
 
-Heads: val_metrics.json holds the MLP head's 15 metrics at the top level and, for models with hash bits, the
-KNN head's under "knn"; each head gets its mean +/- std over folds, and KNN is tested against MLP with a
-paired t-test across folds (metrics.paired_test).
-One run: cv_results.csv (rows fold_0..fold_{K-1}, mean, std with ddof=1, then knn_fold_k, knn_mean, knn_std
-when the folds have a KNN head; columns the 15 metrics + best_epoch) and cv_results.md, inside the run folder.
-Several runs (the first is the reference): the same per run, plus in --out (default: the first run's parent)
-comparison.csv / comparison.md (one row per run, mean +/- std per metric) and comparison_tests.csv: for each
-run against the first, the mean over folds of (run - reference) with a paired t-test across folds, and, when
-both runs have <run>/eval_test/test_predictions.npz (evaluate.py --ensemble), a paired bootstrap on the test
-images (metrics.paired_bootstrap, threshold 0.5) for metrics.BOOT_METRICS. Runs must share their splits file
-(config.json splits_sha256), so fold k of every run was validated on the same images.
-Literature: literature.{csv,md,tex} in the run folder (one run) or --out (several): our test numbers (from
-<run>/eval_test/metrics.json) beside the anchors of the splits file's protocol (coco2014: macro mAP on val2014;
-hashnet: mAP@5000 per bits and empty / tie rule; karpathy_cv: the table says no published number uses it).
+Heads: val_metrics.json holds the MLP head's 15 metrics at the top level and, for models with hash
+bits, the KNN head's under "knn"; each head gets its mean +/- std over folds, and KNN is tested
+against MLP with a paired t-test across folds (metrics.paired_test).
+One run: cv_results.csv (rows fold_0..fold_{K-1}, mean, std with ddof=1, then knn_fold_k, knn_mean,
+knn_std when the folds have a KNN head; columns the 15 metrics + best_epoch) and cv_results.md,
+inside the run folder.
+Several runs (the first is the reference): the same per run, plus in --out (default: the first run's
+parent) comparison.csv / comparison.md (one row per run, mean +/- std per metric) and
+comparison_tests.csv: for each run against the first, the mean over folds of (run - reference) with
+a paired t-test across folds, and, when both runs have <run>/eval_test/test_predictions.npz
+(evaluate.py --ensemble), a paired bootstrap on the test images (metrics.paired_bootstrap,
+threshold 0.5) for metrics.BOOT_METRICS. Runs must share their splits file (config.json
+splits_sha256), so fold k of every run was validated on the same images.
+Literature: literature.{csv,md,tex} in the run folder (one run) or --out (several): our test numbers
+(from <run>/eval_test/metrics.json) beside the anchors of the splits file's protocol (coco2014:
+macro mAP on val2014; hashnet: mAP@5000 per bits and empty / tie rule; karpathy_cv: the table says
+no published number uses it).
 The study's report folder (every table and figure) is study.py's.
 """
 
-import json
 import os
 import sys
 
@@ -58,12 +60,12 @@ def get_args_parser():
         "--folds",
         type=cli.number(int, 2),
         default=None,
-        help="expected folds per run; default: the splits file's 'folds' (from the folds' config.json)",
+        help="expected folds per run; default: the 'folds' of the folds' splits file",
     )
     g.add_argument(
         "--allow_partial",
         action="store_true",
-        help="tabulate the finished folds when some are missing or unfinished (they are still named)",
+        help="tabulate the finished folds when some are missing or unfinished (still named)",
     )
     g.add_argument(
         "--test_dir",
@@ -94,18 +96,12 @@ def get_args_parser():
 # ----------------------------------------------------------------------------- reading
 
 
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        cli.fail(
-            f"{path}: unreadable JSON ({type(e).__name__}); re-run that fold with train.py --resume"
-        )
+FOLD_FIX = "re-run that fold with train.py --resume"
 
 
 def read_run(run, args):
-    """-> {"name", "dir", "folds": {k: val_metrics dict}, "expected": K, "problems": [str], "sha": str|None}."""
+    """-> {"name", "dir", "folds": {k: val_metrics dict}, "expected": K, "problems": [str],
+    "sha": str|None, ...}; an unreadable JSON file: data.DataError."""
     if not os.path.isdir(run):
         cli.fail(
             f"{run}: not a directory; pass run folders written by train.py --out_dir <run>/fold<k>"
@@ -114,19 +110,21 @@ def read_run(run, args):
     if not dirs:
         cli.fail(f"{run}: no fold<k>/ folders; train folds with train.py --out_dir {run}/fold<k>")
     configs = {
-        k: read_json(os.path.join(d, "config.json"))
+        k: data.read_json(os.path.join(d, "config.json"), "the fold's config", FOLD_FIX)
         for k, d in dirs.items()
         if os.path.isfile(os.path.join(d, "config.json"))
     }
     expected = args.folds
     for cfg in configs.values():  # the splits file says how many folds there are
         if expected is None and cfg.get("splits") and os.path.isfile(cfg["splits"]):
-            expected = read_json(cfg["splits"]).get("folds")
+            expected = data.read_json(cfg["splits"], "the splits file", "re-run make_splits.py")
+            expected = expected.get("folds")
     expected = expected or max(dirs) + 1
     shas = {cfg.get("splits_sha256") for cfg in configs.values()} - {None}
     if len(shas) > 1:
         cli.fail(
-            f"{run}: its folds were trained with different splits files (splits_sha256 differ); re-train them"
+            f"{run}: its folds were trained with different splits files (splits_sha256 differ); "
+            f"re-train them"
         )
     folds, knn_folds, problems = {}, {}, []
     for k in range(expected):
@@ -135,19 +133,18 @@ def read_run(run, args):
         elif not fold_finished(dirs[k]):
             problems.append(f"fold{k} unfinished")
         else:
-            vm = read_json(os.path.join(dirs[k], "val_metrics.json"))
+            vm = data.read_json(os.path.join(dirs[k], "val_metrics.json"), "JSON", FOLD_FIX)
             knn = vm.get("knn")
             absent = [
                 m for m in metrics.METRIC_NAMES if m not in vm or (knn is not None and m not in knn)
             ]
             if absent:
                 cli.fail(
-                    f"{dirs[k]}/val_metrics.json: metrics {absent} missing; re-run the fold with this train.py"
+                    f"{dirs[k]}/val_metrics.json: metrics {absent} missing; "
+                    f"re-run the fold with this train.py"
                 )
             folds[k] = dict(vm, best_epoch=vm.get("epoch", float("nan")))
-            if (
-                knn is not None
-            ):  # the KNN head was chosen at the MLP head's best epoch: the same one
+            if knn is not None:  # chosen at the MLP head's best epoch: the same one
                 knn_folds[k] = dict(knn, best_epoch=folds[k]["best_epoch"])
     extra = sorted(set(dirs) - set(range(expected)))
     if extra:
@@ -173,7 +170,8 @@ def read_run(run, args):
 
 
 def summary(r, head="mlp"):
-    """-> (mean dict, std dict) of one head over the run's finished folds, std ddof=1 (nan for one fold)."""
+    """-> (mean dict, std dict) of one head over the run's finished folds, std ddof=1 (nan for one
+    fold)."""
     folds = r["heads"][head]
     vals = {c: np.array([f[c] for f in folds.values()], dtype=float) for c in COLUMNS}
     std = {c: float(v.std(ddof=1)) if len(v) > 1 else float("nan") for c, v in vals.items()}
@@ -189,7 +187,8 @@ def heads_of(r):
 
 
 def head_tests(r):
-    """KNN against MLP over the folds both scored: {metric: paired_test(mlp, knn)} (knn - mlp), {} without KNN."""
+    """KNN against MLP over the folds both scored: {metric: paired_test(mlp, knn)} (knn - mlp), {}
+    without KNN."""
     common = sorted(set(r["heads"]["mlp"]) & set(r["heads"]["knn"]))
     if len(common) < 2:
         return {}
@@ -265,7 +264,8 @@ def load_test(r, test_dir):
 
 
 def compare(ref, r, args):
-    """Rows of run r against the reference run: paired t-test over common folds, paired test bootstrap."""
+    """Rows of run r against the reference run: paired t-test over common folds, paired test
+    bootstrap."""
     common = sorted(set(ref["folds"]) & set(r["folds"]))
     rows = []
     for m in metrics.METRIC_NAMES:
@@ -300,7 +300,8 @@ def compare(ref, r, args):
             )
         if len(ids) < max(len(ta["ids"]), len(tb["ids"])):
             print(
-                f"note: {r['name']} vs {ref['name']}: paired bootstrap on the {len(ids)} test images both scored"
+                f"note: {r['name']} vs {ref['name']}: paired bootstrap on the {len(ids)} test "
+                f"images both scored"
             )
         for row in rows:
             if row["metric"] in metrics.BOOT_METRICS:
@@ -322,8 +323,9 @@ def compare(ref, r, args):
     elif args.bootstrap:
         missing = [x["dir"] for x, t in ((ref, ta), (r, tb)) if t is None]
         print(
-            f"note: no paired test bootstrap for {r['name']}: no {args.test_dir}/test_predictions.npz in "
-            f"{', '.join(missing)} (run evaluate.py --ensemble)"
+            f"note: no paired test bootstrap for {r['name']}: no "
+            f"{args.test_dir}/test_predictions.npz in {', '.join(missing)} "
+            f"(run evaluate.py --ensemble)"
         )
     return rows
 
@@ -332,11 +334,20 @@ def compare(ref, r, args):
 
 
 def main(args):
+    try:
+        return tabulate(args)
+    except data.DataError as e:  # an unreadable result file, runs of different protocols
+        cli.fail(str(e))
+
+
+def tabulate(args):
+    """Every table of main(args) -> {"runs", "literature"[, "tests"]}; bad input: data.DataError."""
     runs = [read_run(run, args) for run in args.runs]
     bad = [f"{r['dir']}: {', '.join(r['problems'])}" for r in runs if r["problems"]]
     if bad and not args.allow_partial:
         cli.fail(
-            f"{'; '.join(bad)}; finish them (run_cv.sh resumes interrupted folds) or pass --allow_partial"
+            f"{'; '.join(bad)}; finish them (run_cv.sh resumes interrupted folds) "
+            f"or pass --allow_partial"
         )
     for line in bad:
         print(f"warning: {line}; tabulating the finished folds only", file=sys.stderr)
@@ -347,9 +358,9 @@ def main(args):
         for r in runs[1:]:
             if r["sha"] != runs[0]["sha"]:
                 cli.fail(
-                    f"{r['dir']}: made with a different splits file than {runs[0]['dir']} (splits_sha256 "
-                    f"{str(r['sha'])[:12]} vs {str(runs[0]['sha'])[:12]}); compare only runs trained on the same "
-                    f"splits.json"
+                    f"{r['dir']}: made with a different splits file than {runs[0]['dir']} "
+                    f"(splits_sha256 {str(r['sha'])[:12]} vs {str(runs[0]['sha'])[:12]}); "
+                    f"compare only runs trained on the same splits.json"
                 )
     for r in runs:
         rows, md = cv_tables(r)
@@ -362,9 +373,7 @@ def main(args):
         else args.out or os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
     )
     os.makedirs(out, exist_ok=True)
-    lit = literature.write(
-        out, runs, args.test_dir
-    )  # beside the published numbers of the runs' protocol
+    lit = literature.write(out, runs, args.test_dir)  # beside the published numbers of the protocol
     if len(runs) == 1:
         print(f"wrote {os.path.join(runs[0]['dir'], 'cv_results.csv')} and cv_results.md")
         return {"runs": runs, "literature": lit}
@@ -400,8 +409,8 @@ def main(args):
                 for r, (m, s) in zip(runs, stats)
             ],
         ),
-        f"## Against {runs[0]['name']}: mean over folds of (run - {runs[0]['name']}), paired t-test across folds; "
-        f"test: paired bootstrap on the test images (95% CI)\n",
+        f"## Against {runs[0]['name']}: mean over folds of (run - {runs[0]['name']}), "
+        f"paired t-test across folds; test: paired bootstrap on the test images (95% CI)\n",
         report.md_table(
             ["run", "metric", "mean diff", "p (folds)", "test diff [95% CI]", "p (test)"],
             [

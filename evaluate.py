@@ -1,35 +1,41 @@
 """
-Evaluate trained hash heads on the cached SigLIP2 embeddings: one fold model or the K-fold ensemble, on the
-hold-out test split (default) or a fold's own validation images; MLP head, Hamming-KNN head, or both.
+Evaluate trained hash heads on the cached SigLIP2 embeddings: one fold model or the K-fold ensemble,
+on the hold-out test split (default) or a fold's own validation images; MLP head, Hamming-KNN head,
+or both. One raw image and its captions through the towers and heads: predict.py.
 
-    python evaluate.py --ensemble outputs/siglip2_hash64                    # -> outputs/siglip2_hash64/eval_test/
-    python evaluate.py --ensemble outputs/siglip2_hash64 --head both --thresholds oof --retrieval --data_root data/coco
-    python evaluate.py --checkpoint outputs/siglip2_hash64/fold0/best.pt    # -> .../fold0/eval_test/
+    python evaluate.py --ensemble outputs/siglip2_hash64      # -> outputs/siglip2_hash64/eval_test/
+    python evaluate.py --ensemble outputs/siglip2_hash64 --head both --thresholds oof --retrieval
+    python evaluate.py --ensemble outputs/siglip2_hash64 --data_root data/coco   # + examples.png
+    python evaluate.py --checkpoint outputs/siglip2_hash64/fold0/best.pt  # -> .../fold0/eval_test/
     python evaluate.py --checkpoint outputs/siglip2_hash64/fold0/best.pt --split val --fold 0
-    python evaluate.py --checkpoint outputs/siglip2_hash64/fold0/best.pt --image photo.jpg --caption "a dog on a sofa"
+    python evaluate.py --ensemble outputs/siglip2_hash64 --scoring each   # another scoring rule
 
---features / --splits default to the files the checkpoints were trained with (their config).
-Writes to --out_dir: metrics.json, metrics.csv (model, head, 15 metrics) and metrics.md (the same to read: a table
-per head), per_class.csv (with TP/FP/FN/TN), confusion.csv, errors.md, <split>_predictions.npz (ids, labels, probs
-of the ensemble, member_probs, knn_probs, member_knn_probs), ap_per_class.png, pr_curves.png; thresholds.csv +
-thresholds.json with --thresholds oof; examples.png with --data_root; retrieval.csv with --retrieval (on by default
-for the hashnet protocol).
-per_class.csv, confusion.csv, errors.md and the bootstrap CIs (all 15 metrics) describe the ensemble's main head
-(mlp, or knn with --head knn) at the thresholds in use (0.5, or the oof ones); metrics.csv rows are all at 0.5.
+--features / --splits default to the files the checkpoints were trained with (their config), and
+--scoring to the rule they were validated with (config "scoring").
+Writes to --out_dir: metrics.json, metrics.csv (model, head, 15 metrics) and metrics.md (the same to
+read: a table per head), per_class.csv (with TP/FP/FN/TN), confusion.csv, errors.md,
+<split>_predictions.npz (ids, labels, probs of the ensemble, member_probs, knn_probs,
+member_knn_probs), ap_per_class.png, pr_curves.png; thresholds.csv + thresholds.json with
+--thresholds oof; examples.png with --data_root; retrieval.csv with --retrieval (on by default for
+the hashnet protocol).
+per_class.csv, confusion.csv, errors.md and the bootstrap CIs (all 15 metrics) describe the
+ensemble's main head (mlp, or knn with --head knn) at the thresholds in use (0.5, or the oof ones);
+metrics.csv rows are all at 0.5.
 
-Conventions. Every image is scored by model.score_embeddings, as in train.py: probabilities averaged over the
-image's captions, and its hash code sign(mean code), 0 -> +1, one per image for database and queries alike.
-The KNN database of a fold model is the codes of its own training images (dev minus val_folds[fold]); an
-ensemble of KNN heads averages the members' vote scores. Retrieval (the hashing literature's protocol): the
-test images' codes are queries against the splits' retrieval database (hashnet: every labelled image that is
-not a query), else against the dev pool; mAP@k (k 5000 for hashnet, 1000 otherwise) and mAP@all, with both
-empty-query rules (zero: DeepHash-pytorch, skip: HashNet) and both tie rules (stable, average).
+Conventions. Every image is scored by model.score_embeddings, as in train.py, under one scoring rule
+(model.SCORING_RULES): probabilities averaged over the rule's passes, and its hash code
+sign(mean code), 0 -> +1, one per image for database and queries alike; the KNN head's queries are
+the rule's (one per caption under "each", the image's averaged code otherwise). The KNN database of
+a fold model is the codes of its own training images (dev minus val_folds[fold]); an ensemble of
+KNN heads averages the members' vote scores. Retrieval (the hashing literature's protocol): the
+test images' codes are queries against the splits' retrieval database (hashnet: every labelled
+image that is not a query), else against the dev pool; mAP@k (k 5000 for hashnet, 1000 otherwise)
+and mAP@all, with both empty-query rules (zero: DeepHash-pytorch, skip: HashNet) and both tie rules
+(stable, average).
 """
 
 import argparse
-import hashlib
 import inspect
-import json
 import os
 import sys
 
@@ -60,9 +66,7 @@ def get_args_parser():
     # data
     g = p.add_argument_group("data")
     g.add_argument(
-        "--features",
-        default=None,
-        help="feature cache; default: the one in the checkpoint's config",
+        "--features", default=None, help="feature cache; default: the checkpoint's config's"
     )
     g.add_argument(
         "--splits", default=None, help="splits.json the models trained with (defines KNN databases)"
@@ -93,28 +97,23 @@ def get_args_parser():
     g.add_argument(
         "--average_views",
         action="store_true",
-        help="score every cached image view (extract_features.py --views) and average them (test-time augmentation); default: the plain image, view 0, as in training's validation",
+        help="average the scores over every cached image view (off: view 0 alone)",
     )
     g.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
     )
     g.add_argument(
-        "--text_input",
+        "--scoring",
         default=None,
-        choices=model.TEXT_INPUTS,
-        help="score with this protocol (model.score_embeddings: every caption / every caption subset); default: the one the checkpoint trained with",
+        choices=model.SCORING_RULES,
+        help="scoring rule over the captions; default: the checkpoint's config's",
     )
     # heads and analyses (KNN defaults: knn.knn_scores' signature)
     g = p.add_argument_group("heads and analyses")
     g.add_argument(
         "--head", default="mlp", choices=("mlp", "knn", "both"), help="classifier head(s) to score"
     )
-    g.add_argument(
-        "--knn_k",
-        type=cli.positive_int,
-        default=KNN["k"],
-        help="neighbours per query (the original plan: 20; on planted data 100 scored 0.6-1.9 points more)",
-    )
+    g.add_argument("--knn_k", type=cli.positive_int, default=KNN["k"], help="neighbours per query")
     g.add_argument(
         "--knn_tau",
         type=cli.positive_float,
@@ -128,32 +127,20 @@ def get_args_parser():
         "--knn_query",
         default=KNN["query"],
         choices=knn.KNN_QUERIES,
-        help="real: each query keeps its real-valued tanh code against the binary database (bits weighted by |h|; +0.7 to +2.4 points of mAP on planted data); sign: a plain Hamming search",
+        help="real: real-valued tanh query codes against the binary database; sign: Hamming",
     )
     g.add_argument(
         "--thresholds",
         default="0.5",
         choices=("0.5", "oof"),
-        help="oof: per-class F1-optimal thresholds from the folds' val predictions (never the test split), reported beside 0.5",
+        help="oof: per-class F1-optimal thresholds from the folds' val predictions",
     )
     g.add_argument(
         "--retrieval",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Hamming retrieval mAP of the test codes (default: on for the hashnet protocol)",
+        help="Hamming retrieval mAP of the test codes; default: on for the hashnet protocol",
     )
-    # predict one image
-    g = p.add_argument_group("predict one image")
-    g.add_argument(
-        "--image", default=None, help="predict one image file instead (--caption optional)"
-    )
-    g.add_argument(
-        "--caption", action="append", default=None, help="caption of --image; repeat to average"
-    )
-    g.add_argument(
-        "--model", default=None, help="SigLIP2 name/folder for --image; default: from the features"
-    )
-    g.add_argument("--top", type=cli.positive_int, default=5, help="labels printed for --image")
     # io
     g = p.add_argument_group("io")
     g.add_argument(
@@ -175,25 +162,25 @@ def get_args_parser():
 # ----------------------------------------------------------------------------- inputs
 
 
-def checkpoint_paths(args):
-    if args.checkpoint:
-        return [args.checkpoint]
-    if not os.path.isdir(args.ensemble):
-        cli.fail(f"--ensemble {args.ensemble}: not a directory")
-    dirs = runs.fold_dirs(args.ensemble)
+def checkpoint_paths(checkpoint, ensemble, allow_partial):
+    """--checkpoint, or the best.pt of every finished fold of --ensemble (the unfinished: an error,
+    or with --allow_partial a warning)."""
+    if checkpoint:
+        return [checkpoint]
+    if not os.path.isdir(ensemble):
+        cli.fail(f"--ensemble {ensemble}: not a directory")
+    dirs = runs.fold_dirs(ensemble)
     paths = [
         os.path.join(d, "best.pt")
         for d in dirs.values()
         if os.path.isfile(os.path.join(d, "best.pt"))
     ]
     if not paths:
-        cli.fail(
-            f"--ensemble {args.ensemble}: no fold*/best.pt in it; train folds with train.py first"
-        )
+        cli.fail(f"--ensemble {ensemble}: no fold*/best.pt in it; train folds with train.py first")
     bad = [os.path.basename(d) for d in dirs.values() if not runs.fold_finished(d)]
     if bad:
-        msg = f"--ensemble {args.ensemble}: unfinished or missing folds: {', '.join(bad)}"
-        if not args.allow_partial:
+        msg = f"--ensemble {ensemble}: unfinished or missing folds: {', '.join(bad)}"
+        if not allow_partial:
             cli.fail(msg + "; finish them (run_cv.sh resumes) or pass --allow_partial")
         print(f"warning: {msg}; ensembling the others", file=sys.stderr)
         paths = [p for p in paths if os.path.basename(os.path.dirname(p)) not in bad]
@@ -202,15 +189,52 @@ def checkpoint_paths(args):
     return paths
 
 
+def load_members(checkpoint, ensemble, allow_partial):
+    """The models to score (predict.py's too) -> paths, heads, checkpoints: one run's folds only."""
+    paths = checkpoint_paths(checkpoint, ensemble, allow_partial)
+    try:
+        heads, cks = zip(*[runs.load_checkpoint(p) for p in paths])
+    except data.DataError as e:
+        cli.fail(str(e))
+    ref = runs.identity(cks[0])
+    for ck, p in zip(cks[1:], paths[1:]):
+        for key, val in runs.identity(ck).items():
+            if val != ref[key]:
+                cli.fail(
+                    f"--ensemble: {p} differs from {paths[0]} in {key} ({val} vs {ref[key]}); "
+                    f"ensemble only the folds of one run"
+                )
+    return paths, heads, cks
+
+
+def scoring_of(rule, paths, cks):
+    """--scoring, else the one rule the checkpoints were validated with (config "scoring")."""
+    if rule:
+        return rule
+    rules = [ck["config"].get("scoring") for ck in cks]
+    if None in rules:
+        cli.fail(
+            f"{paths[rules.index(None)]}: its config names no scoring rule; "
+            f"pass --scoring {{{','.join(model.SCORING_RULES)}}} or re-train it with train.py"
+        )
+    if len(set(rules)) > 1:
+        cli.fail(
+            f"--ensemble: the folds were validated with different scoring rules ({rules}); "
+            f"pass --scoring to score them all under one"
+        )
+    return rules[0]
+
+
 def check_folds(args, paths, cks, splits, split_path):
-    """The checkpoints' fold numbers: distinct, inside the splits file, and (--split val) the asked fold's."""
+    """The checkpoints' fold numbers: distinct, inside the splits file, and (--split val) the asked
+    fold's."""
     folds = [ck["config"].get("fold") for ck in cks]
     if len(set(folds)) != len(folds) or not all(
         isinstance(f, int) and 0 <= f < splits["folds"] for f in folds
     ):
         cli.fail(
-            f"{', '.join(paths)}: fold numbers {folds} in the checkpoints' config are missing, repeated or "
-            f"outside the {splits['folds']} folds of {split_path}"
+            f"{', '.join(paths)}: fold numbers {folds} in the checkpoints' config are missing, "
+            f"repeated or outside the {splits['folds']} folds of {split_path}"
         )
     if args.fold is not None and args.fold >= splits["folds"]:
         cli.fail(
@@ -219,56 +243,52 @@ def check_folds(args, paths, cks, splits, split_path):
     missing = sorted(set(range(splits["folds"])) - set(folds)) if args.ensemble else []
     if missing:  # fold dirs absent altogether
         msg = f"--ensemble {args.ensemble}: folds {missing} of {split_path} have no best.pt"
-        cli.fail(msg + "; train them or pass --allow_partial") if not args.allow_partial else print(
-            f"warning: {msg}"
-        )
+        if not args.allow_partial:
+            cli.fail(msg + "; train them or pass --allow_partial")
+        print(f"warning: {msg}")
     if args.split == "val" and folds[0] != args.fold:
         cli.fail(
-            f"--fold {args.fold}: the checkpoint trained on those images (it is fold {folds[0]}'s); "
-            f"use --fold {folds[0]}"
+            f"--fold {args.fold}: the checkpoint trained on those images (it is fold "
+            f"{folds[0]}'s); use --fold {folds[0]}"
         )
     return folds
 
 
 def load_inputs(args, paths, cks):
-    """Feature cache, splits and (with --data_root) the dataset, checked against what the models were trained on."""
+    """Feature cache, splits and (with --data_root) the dataset, checked against what the models
+    were trained on."""
     cfg = cks[0]["config"]
     if not (args.features or cfg.get("features")) or not (args.splits or cfg.get("splits")):
         cli.fail("--features/--splits: the checkpoint's config does not name them; pass both flags")
-    cache = args.features or runs.config_path(cfg["features"], cfg, "--features")
-    split_path = args.splits or runs.config_path(cfg["splits"], cfg, "--splits")
     try:
+        cache = args.features or runs.config_path(cfg["features"], cfg, "--features")
+        split_path = args.splits or runs.config_path(cfg["splits"], cfg, "--splits")
         feats, meta = features.load_features(cache)
         splits = protocols.load_splits(split_path)
         protocols.check_splits(splits, feats["ids"].numpy(), meta, where=cache)
         dataset = data.load_dataset(args.data_root) if args.data_root else None
     except data.DataError as e:
         cli.fail(str(e))
-    if cfg.get("features_meta") and runs.identity(cks[0])["features"] != (
-        meta.get("model"),
-        meta.get("fingerprint"),
-    ):
+    trained_on = runs.identity(cks[0])["features"]
+    if cfg.get("features_meta") and trained_on != (meta.get("model"), meta.get("fingerprint")):
         cli.fail(
-            f"--features {cache}: embeddings of {meta.get('model')} / data {meta.get('fingerprint')}, but the "
-            f"models were trained on {runs.identity(cks[0])['features']}; pass the cache they were trained on"
+            f"--features {cache}: embeddings of {meta.get('model')} / data "
+            f"{meta.get('fingerprint')}, but the models were trained on {trained_on}; "
+            f"pass the cache they were trained on"
         )
-    with open(split_path, "rb") as f:
-        if (
-            cfg.get("splits_sha256")
-            and hashlib.sha256(f.read()).hexdigest() != cfg["splits_sha256"]
-        ):
-            cli.fail(
-                f"--splits {split_path}: not the splits file the models were trained with (sha256 differs)"
-            )
+    if cfg.get("splits_sha256") and protocols.splits_sha256(split_path) != cfg["splits_sha256"]:
+        cli.fail(
+            f"--splits {split_path}: not the splits file the models were trained with "
+            f"(sha256 differs)"
+        )
     folds = check_folds(args, paths, cks, splits, split_path)
-    bad = np.isin(
-        feats["ids"].numpy(), json.loads(meta.get("bad_images", "[]"))
-    )  # unreadable images: skipped
-    id2row = {int(i): r for r, i in enumerate(feats["ids"].tolist())}
+    ids = feats["ids"].numpy()
 
-    def rows(ids):  # split ids -> cache rows, the unreadable images left out (as train.py does)
-        r = np.array([id2row[int(i)] for i in ids], dtype=np.int64)
-        return r[~bad[r]]
+    def rows(want):  # split ids -> cache rows, the unreadable images left out (as train.py does)
+        try:
+            return features.cache_rows(ids, want, meta)[0]
+        except data.DataError as e:
+            cli.fail(f"--features {cache}: {e}")
 
     return dict(
         features=cache,
@@ -286,58 +306,56 @@ def load_inputs(args, paths, cks):
 # ----------------------------------------------------------------------------- scoring
 
 
-def text_input_of(ck, args):
-    """--text_input, else the checkpoint's (one written before the flag existed trained on one caption at a time)."""
-    return args.text_input or ck["config"].get("text_input", "each")
+def _mean(xs):  # over the image views
+    return torch.stack(xs).mean(0) if xs[0] is not None else None
 
 
-def score_rows(head, ck, feats, rows, args, keep_captions=False):
-    """model.score_embeddings on cache rows (gathered per batch of --batch_size) -> Scores; with --average_views
-    the mean over the cached image views of probabilities and codes (view 0 alone by default)."""
-    text_input, views = (
-        text_input_of(ck, args),
-        feats["image"].shape[1] if args.average_views else 1,
-    )
-    out = [
-        [
-            model.score_embeddings(
-                head,
-                feats["image"][r, v],
-                feats["text"][r],
-                feats["n_captions"][r],
-                text_input,
-                batch_size=args.batch_size,
-                keep_captions=keep_captions,
-            )
-            for v in range(views)
-        ]
-        for r in (
-            torch.as_tensor(rows[s : s + args.batch_size])
-            for s in range(0, len(rows), args.batch_size)
+def _cat(xs):  # over the batches
+    return torch.cat(xs) if xs[0] is not None else None
+
+
+def score_rows(head, feats, rows, args, keep_queries=False):
+    """model.score_embeddings under --scoring on cache rows (gathered per batch of --batch_size) ->
+    Scores; with --average_views the mean over the cached image views of probabilities and codes
+    (view 0 alone by default)."""
+    views = feats["image"].shape[1] if args.average_views else 1
+    out = []
+    for s in range(0, len(rows), args.batch_size):
+        r = torch.as_tensor(rows[s : s + args.batch_size])
+        out.append(
+            [
+                model.score_embeddings(
+                    head,
+                    feats["image"][r, v],
+                    feats["text"][r],
+                    feats["n_captions"][r],
+                    rule=args.scoring,
+                    batch_size=args.batch_size,
+                    keep_queries=keep_queries,
+                )
+                for v in range(views)
+            ]
         )
-    ]
-    mean = lambda xs: torch.stack(xs).mean(0) if xs[0] is not None else None  # over the views
-    cat = lambda xs: torch.cat(xs) if xs[0] is not None else None  # over the batches
     return model.Scores(
-        *(cat([mean([sv[i] for sv in o]) for o in out]) for i in range(3)),
-        cat([o[0].caption_mask for o in out]),
-    )  # the same passes in every view
+        *(_cat([_mean([sv[i] for sv in o]) for o in out]) for i in range(3)),
+        _cat([o[0].query_mask for o in out]),
+    )  # the same queries in every view
 
 
 def score_member(head, ck, ctx, rows, args):
-    """One fold model on the evaluated rows -> ({head name: probs (N, C)}, {retrieval mAPs} or None)."""
+    """One fold model on the evaluated rows -> ({head: probs (N, C)}, {retrieval mAPs} or None)."""
     feats, splits = ctx["feats"], ctx["splits"]
     head = head.to(args.device)
-    s = score_rows(head, ck, feats, rows, args, keep_captions=args.head != "mlp")
+    s = score_rows(head, feats, rows, args, keep_queries=args.head != "mlp")
     out = {} if args.head == "knn" else {"mlp": s.probs.numpy()}
     if args.head != "mlp":  # database: this fold's training images, one code each
         train_rows = ctx["rows"](
             np.setdiff1d(splits["dev"], splits["val_folds"][ck["config"]["fold"]])
         )
-        db = knn.sign_codes(score_rows(head, ck, feats, train_rows, args).codes)
+        db = knn.sign_codes(score_rows(head, feats, train_rows, args).codes)
         out["knn"] = knn.knn_head(
-            s.caption_codes,
-            s.caption_mask,
+            s.query_codes,
+            s.query_mask,
             db,
             feats["labels"][train_rows],
             device=args.device,
@@ -349,11 +367,9 @@ def score_member(head, ck, ctx, rows, args):
     if not args.retrieval:
         return out, None
     # the protocol's database, else the dev pool; never the queries themselves
-    db_rows = (
-        ctx["rows"](splits["database"]) if "database" in splits else ctx["rows"](splits["dev"])
-    )
+    db_rows = ctx["rows"](splits["database"] if "database" in splits else splits["dev"])
     db_rows = db_rows[~np.isin(db_rows, rows)]
-    db = knn.sign_codes(score_rows(head, ck, feats, db_rows, args).codes).numpy()
+    db = knn.sign_codes(score_rows(head, feats, db_rows, args).codes).numpy()
     k = RETRIEVAL_K.get(splits["protocol"], 1000)
     return out, retrieval.retrieval_maps(
         knn.sign_codes(s.codes).numpy(),
@@ -365,7 +381,8 @@ def score_member(head, ck, ctx, rows, args):
 
 
 def oof_thresholds(paths, eval_ids):
-    """Per-class F1-optimal thresholds of each fold's val_predictions.npz, averaged -> (thr [C], info)."""
+    """Per-class F1-optimal thresholds of each fold's val_predictions.npz, averaged ->
+    (thr [C], info)."""
     per_fold, n_val = [], 0
     for p in paths:
         f = os.path.join(os.path.dirname(p), "val_predictions.npz")
@@ -374,11 +391,13 @@ def oof_thresholds(paths, eval_ids):
                 ids, y, prob = z["ids"], z["labels"], z["probs"]
         except Exception as e:
             cli.fail(
-                f"{f}: cannot read val predictions ({type(e).__name__}); --thresholds oof needs each fold's file"
+                f"{f}: cannot read val predictions ({type(e).__name__}); "
+                f"--thresholds oof needs each fold's file"
             )
         if np.isin(ids, eval_ids).any():  # thresholds must never be chosen on the evaluated images
             cli.fail(
-                f"{f}: {int(np.isin(ids, eval_ids).sum())} val ids are in the evaluated split; use --split test"
+                f"{f}: {int(np.isin(ids, eval_ids).sum())} val ids are in the evaluated split; "
+                f"use --split test"
             )
         per_fold.append(metrics.best_f1_thresholds(y, prob))
         n_val += len(ids)
@@ -392,13 +411,15 @@ def oof_thresholds(paths, eval_ids):
 
 
 def score_split(args, paths, heads, cks, ctx):
-    """Every member on the split, the ensemble (mean probabilities / vote scores), their metrics -> a result dict."""
+    """Every member on the split, the ensemble (mean probabilities / vote scores), their metrics ->
+    a result dict."""
     splits, feats = ctx["splits"], ctx["feats"]
     want = splits["test"] if args.split == "test" else splits["val_folds"][args.fold]
     rows = ctx["rows"](want)
     if len(rows) == 0:
         cli.fail(
-            f"{ctx['splits_path']}: the {args.split} split has no usable images in {ctx['features']}"
+            f"{ctx['splits_path']}: the {args.split} split has no usable images in "
+            f"{ctx['features']}"
         )
     if len(rows) < len(want):
         print(f"note: skipped {len(want) - len(rows)} unreadable {args.split} images")
@@ -433,9 +454,7 @@ def score_split(args, paths, heads, cks, ctx):
             hd: {n: metrics.compute_all(y, p) for n, p in d.items()} for hd, d in preds.items()
         },
     )
-    if (
-        args.thresholds == "oof"
-    ):  # chosen on the folds' val images only; the test labels play no part
+    if args.thresholds == "oof":  # chosen on the folds' val images only; test labels play no part
         res["thr"], res["files"]["thresholds.json"] = oof_thresholds(paths, res["ids"])
         res["at_oof"] = metrics.compute_all(y, preds[main_head]["ensemble"], res["thr"])
     if args.bootstrap:
@@ -450,66 +469,6 @@ def score_split(args, paths, heads, cks, ctx):
     return res
 
 
-# ----------------------------------------------------------------------------- one image
-
-
-def predict_image(args, heads, ck):
-    """Run the frozen towers + every head on one image and its caption(s); print the top labels."""
-    from PIL import Image
-
-    try:
-        with Image.open(args.image) as im:
-            img = im.convert("RGB")
-    except Exception as e:
-        cli.fail(
-            f"--image {args.image}: cannot read the image ({type(e).__name__}); pass a JPEG/PNG file"
-        )
-    meta = ck["config"].get("features_meta") or {}
-    name = args.model or meta.get("model")
-    if not name:
-        cli.fail(
-            "--model: the checkpoint does not name its SigLIP2 model; pass --model NAME_OR_FOLDER"
-        )
-    # a local model folder saved relative to the folder extract_features.py ran in (run_cv.sh runs every step
-    # from the repository folder, so that is train.py's folder too)
-    cwd = ck["config"].get("cwd")
-    if (
-        not args.model
-        and cwd
-        and not os.path.exists(name)
-        and os.path.isdir(os.path.join(cwd, name))
-    ):
-        name = os.path.join(cwd, name)
-    try:
-        enc = model.Siglip2Encoder(name, device=args.device)
-    except Exception as e:
-        where = "" if os.path.exists(name) else ", not a folder here"
-        cli.fail(
-            f"--model {name}: cannot load the SigLIP2 towers ({type(e).__name__}{where}); pass --model NAME_OR_FOLDER"
-        )
-    if enc.dim != heads[0].model_args["dim"]:
-        cli.fail(
-            f"--model {name}: embeddings are {enc.dim}-d but the head expects {heads[0].model_args['dim']}"
-        )
-    names = [
-        c["name"] for c in json.loads(meta.get("categories") or "null") or data.COCO_CATEGORIES
-    ]
-    text_input = text_input_of(ck, args)
-    probs = torch.stack(
-        [
-            model.HashModel(enc, h.to(args.device), text_input=text_input).predict(
-                [img], [args.caption or []]
-            )[0]
-            for h in heads
-        ]
-    ).mean(0)  # (C,) averaged over the ensemble
-    top = torch.argsort(probs, descending=True)[: args.top].tolist()
-    print(f"{args.image}: {len(heads)} model(s), {len(args.caption or [])} caption(s)")
-    for c in top:
-        print(f"  {probs[c]:.4f}  {names[c]}")
-    return {names[c]: float(probs[c]) for c in top}
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -522,31 +481,23 @@ def main(args):
         cli.fail("--fold: only used with --split val")
     if args.split == "val" and args.ensemble:
         cli.fail(
-            "--split val: pass one fold's --checkpoint (the other ensemble members trained on those images)"
+            "--split val: pass one fold's --checkpoint "
+            "(the other ensemble members trained on those images)"
         )
     if args.thresholds == "oof" and (args.split != "test" or args.head == "knn"):
         cli.fail(
-            "--thresholds oof: only with --split test and the mlp head (tuned on the folds' MLP val predictions)"
+            "--thresholds oof: only with --split test and the mlp head "
+            "(tuned on the folds' MLP val predictions)"
         )
-    if args.caption and not args.image:
-        cli.fail("--caption: only used with --image")
-    paths = checkpoint_paths(args)
-    heads, cks = zip(*[runs.load_checkpoint(p) for p in paths])
-    for ck, p in zip(cks[1:], paths[1:]):
-        for key, val in runs.identity(ck).items():
-            if val != runs.identity(cks[0])[key]:
-                cli.fail(
-                    f"--ensemble: {p} differs from {paths[0]} in {key} ({val} vs {runs.identity(cks[0])[key]}); "
-                    f"ensemble only the folds of one run"
-                )
-    if args.image:
-        return predict_image(args, heads, cks[0])
+    paths, heads, cks = load_members(args.checkpoint, args.ensemble, args.allow_partial)
+    args.scoring = scoring_of(args.scoring, paths, cks)
     ctx = load_inputs(args, paths, cks)
     if args.retrieval is None:
         args.retrieval = ctx["splits"]["protocol"] == "hashnet"  # that protocol's own metric
     if (args.head != "mlp" or args.retrieval) and not cks[0]["model_args"].get("bits"):
         cli.fail(
-            "--head knn/both and --retrieval need hash codes, but these models have bits 0; use --head mlp"
+            "--head knn/both and --retrieval need hash codes, but these models have bits 0; "
+            "use --head mlp"
         )
     res = score_split(args, paths, heads, cks, ctx)
     out_dir = args.out_dir or os.path.join(

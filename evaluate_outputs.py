@@ -1,10 +1,11 @@
-"""What evaluate.py leaves behind: the files of one evaluation in --out_dir and its terminal summary.
+"""What evaluate.py leaves behind: the files of one evaluation in --out_dir, its terminal summary.
 
-    evaluate_outputs.write_split(args, res, ctx, paths, out_dir)   # metrics.json, CSVs, errors.md, npz, figures
-    evaluate_outputs.print_summary(args, res)                      # the metrics table, thresholds, CIs, retrieval
+    evaluate_outputs.write_split(args, res, ctx, paths, out_dir)  # metrics.json, CSVs, npz, figures
+    evaluate_outputs.print_summary(args, res)        # the metrics table, thresholds, CIs, retrieval
 
-res is evaluate.score_split's result, ctx evaluate.load_inputs' and args evaluate.py's flags; the file list and
-what each file holds are in evaluate.py's docstring. Every file is written atomically (data.atomic_write).
+res is evaluate.score_split's result, ctx evaluate.load_inputs' and args evaluate.py's flags; the
+file list and what each file holds are in evaluate.py's docstring. Every file is written atomically
+(data.atomic_write).
 """
 
 import os
@@ -39,8 +40,7 @@ def summary_of(args, res, ctx, paths):
         "models": {n: {hd: res["results"][hd][n] for hd in res["results"]} for n in res["members"]},
         "ensemble": {hd: res["results"][hd]["ensemble"] for hd in res["results"]},
     }
-    if args.text_input:  # scored with another protocol than the checkpoints' own
-        out["text_input"] = args.text_input
+    out["scoring"] = args.scoring  # the rule every image was scored with (model.SCORING_RULES)
     if args.head != "mlp":
         out["knn"] = {
             "k": args.knn_k,
@@ -66,7 +66,8 @@ def summary_of(args, res, ctx, paths):
 
 
 def metrics_md(results, title):
-    """metrics.csv for reading: per head, a metric a row and a model (fold models, the ensemble) a column."""
+    """metrics.csv for reading: per head, a metric a row and a model (the folds, the ensemble) a
+    column."""
     parts = [f"# {title}\n"]
     for head, by_model in results.items():
         rows = [
@@ -102,8 +103,8 @@ def tables(args, res, ctx):
         ]
     members = res["members"]
     title = (
-        f"{'ensemble of ' + str(len(members)) if len(members) > 1 else members[0]}, {res['main']} head, "
-        f"{args.split} split ({len(y)} images), thresholds {args.thresholds}"
+        f"{'ensemble of ' + str(len(members)) if len(members) > 1 else members[0]}, "
+        f"{res['main']} head, {args.split} split ({len(y)} images), thresholds {args.thresholds}"
     )
     files["errors.md"] = report.errors_md(
         title, y, p, thr, [c["name"] for c in cats], res["ids"], metrics.per_class(y, p, thr)
@@ -112,12 +113,12 @@ def tables(args, res, ctx):
 
 
 def write_split(args, res, ctx, paths, out_dir):
-    """Every file of the evaluation, each written atomically; an earlier run's optional files are removed."""
+    """Every file of the evaluation, each written atomically; an earlier run's optional files are
+    removed."""
     y, main, thr, cats = res["y"], res["main"], res["thr"], ctx["categories"]
     p = res["preds"][main]["ensemble"]
-    earlier = os.path.isfile(
-        os.path.join(out_dir, "metrics.json")
-    )  # an earlier evaluate.py run wrote here
+    # an earlier evaluate.py run wrote here: its optional files that this run lacks go
+    earlier = os.path.isfile(os.path.join(out_dir, "metrics.json"))
     data.save_json(os.path.join(out_dir, "metrics.json"), summary_of(args, res, ctx, paths))
     files = tables(args, res, ctx)
     for name, content in files.items():
@@ -151,14 +152,10 @@ def write_split(args, res, ctx, paths, out_dir):
     plots = report.save_plots(
         out_dir, y, p, metrics.per_class(y, p, thr), [c["name"] for c in cats], examples
     )
+    optional = ("thresholds.json", "thresholds.csv", "examples.png", "retrieval.csv")
     stale = [
         f
-        for f in (
-            "thresholds.json",
-            "thresholds.csv",
-            "examples.png",
-            "retrieval.csv",
-        )  # an earlier run's
+        for f in optional
         if earlier
         and f not in files
         and f not in plots
@@ -167,15 +164,16 @@ def write_split(args, res, ctx, paths, out_dir):
     for f in stale:
         os.remove(os.path.join(out_dir, f))
     print(
-        f"wrote {out_dir}: metrics.json, {', '.join(files)}, confusion.csv, {args.split}_predictions.npz, "
-        f"{', '.join(plots)}" + (f"; removed an earlier run's {', '.join(stale)}" if stale else "")
+        f"wrote {out_dir}: metrics.json, {', '.join(files)}, confusion.csv, "
+        f"{args.split}_predictions.npz, {', '.join(plots)}"
+        + (f"; removed an earlier run's {', '.join(stale)}" if stale else "")
     )
 
 
 def print_summary(args, res):
     print(
-        f"{args.split} split: {len(res['y'])} images, {len(res['members'])} model(s)\n{'model':<10} {'head':<5} "
-        + " ".join(f"{m:>12}" for m in SHOWN)
+        f"{args.split} split: {len(res['y'])} images, {len(res['members'])} model(s)\n"
+        f"{'model':<10} {'head':<5} " + " ".join(f"{m:>12}" for m in SHOWN)
     )
     for hd, d in res["results"].items():
         print(

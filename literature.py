@@ -1,31 +1,35 @@
 """
-Our numbers beside the published ones, one protocol per table (aggregate.py calls it): literature.{csv,md,tex}.
+Our numbers beside the published ones, one protocol per table: literature.{csv,md,tex}. aggregate.py
+and study.py call it; bad input raises data.DataError (one line naming the file and the fix).
 
     import literature
-    literature.write("outputs/hash64", [run], test_dir="eval_test")   # run: an aggregate.read_run dict
+    literature.write("outputs/hash64", [run], test_dir="eval_test")  # run: aggregate.read_run's
 
-The protocol is the splits file's "protocol" (make_splits.py --protocol; the folds' config.json names the file):
-- coco2014: macro mAP on val2014 (train2014 to val2014) of our ensemble, beside ML-GCN, Query2Label, ML-Decoder,
-  ADDS (fine-tuned backbones, image only).
-- hashnet: mAP@5000 of sign codes (5,000 queries against the database) at each bits setting, beside CSQ,
-  OrthoHash and HashNet, with the empty-query and tie rule of every number: ours under all four combinations.
+The protocol is the splits file's "protocol" (make_splits.py --protocol; the folds' config.json
+names the file):
+- coco2014: macro mAP on val2014 (train2014 to val2014) of our ensemble, beside ML-GCN, Query2Label,
+  ML-Decoder, ADDS (fine-tuned backbones, image only).
+- hashnet: mAP@5000 of sign codes (5,000 queries against the database) at each bits setting, beside
+  CSQ, OrthoHash and HashNet, with the empty-query and tie rule of every number: ours under all four
+  combinations.
 - karpathy_cv: no published number uses it, and the table says so (ours alone).
-Numbers are never mixed across protocols: aggregate.py refuses runs with different splits files, and write()
-refuses runs whose protocols differ. Our rows: "frozen <backbone>" from config.json features_meta "model" and the
-input the head saw (config "inputs"); the test numbers come from evaluate.py's <run>/<test_dir>/metrics.json.
+Numbers are never mixed across protocols: aggregate.py refuses runs with different splits files, and
+write() refuses runs whose protocols differ. Our rows: "frozen <backbone>" from config.json
+features_meta "model" and the input the head saw (config "inputs"); the test numbers come from
+evaluate.py's <run>/<test_dir>/metrics.json.
 """
 
-import hashlib
-import json
 import os
 import re
 
 import numpy as np
 
-import cli
+import data
+import protocols
 import report
 
-# Where a number was checked, its source says where; "not re-checked here": from a survey, not the paper itself.
+# Where a number was checked, its source says where; "not re-checked here": from a survey, not the
+# paper itself.
 CLASSIFICATION = [  # macro mAP (%) on val2014, models trained on train2014
     dict(
         method="ML-GCN",
@@ -77,7 +81,8 @@ CLASSIFICATION = [  # macro mAP (%) on val2014, models trained on train2014
         source="Xu et al., arXiv 2208.09562, 2022 (Papers with Code: 93.54)",
     ),
 ]
-RETRIEVAL = [  # mAP@5000 of sign codes on HashNet's COCO lists; rule = what the authors' evaluation code does
+# mAP@5000 of sign codes on HashNet's COCO lists; rule = what the authors' evaluation code does
+RETRIEVAL = [
     dict(
         method="CSQ",
         backbone="ResNet-50 (ImageNet)",
@@ -102,7 +107,8 @@ RETRIEVAL = [  # mAP@5000 of sign codes on HashNet's COCO lists; rule = what the
         values={16: 0.718, 32: 0.765, 64: 0.778},
         rule="zero; ties: torch.topk order",
         source="Hoe et al., NeurIPS 2021 (numbers not re-checked here; "
-        "rule from kamwoh/orthohash calculate_mAP; 224 px = the usual AlexNet crop, not checked here)",
+        "rule from kamwoh/orthohash calculate_mAP; "
+        "224 px = the usual AlexNet crop, not checked here)",
     ),
     dict(
         method="HashNet",
@@ -111,7 +117,8 @@ RETRIEVAL = [  # mAP@5000 of sign codes on HashNet's COCO lists; rule = what the
         values={48: 0.730},
         rule="skip; ties: unstable argsort",
         source="Cao et al., ICCV 2017 (0.7301 in swuxyj/DeepHash-pytorch's "
-        "paper column; rule: HashNet's mean_average_precision; 224 px = the usual AlexNet crop, not checked here)",
+        "paper column; rule: HashNet's mean_average_precision; "
+        "224 px = the usual AlexNet crop, not checked here)",
     ),
 ]
 ANCHOR_BITS = (16, 32, 48, 64)
@@ -126,17 +133,15 @@ SIZES = {"base": "B", "large": "L", "so400m": "So400m", "giant-opt": "g-opt"}
 
 
 def _json(path):
+    """A result file's object; None when it is absent, data.DataError when it is unreadable."""
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        cli.fail(f"{path}: unreadable JSON ({type(e).__name__}); re-run the script that wrote it")
+    return data.read_json(path, "JSON", "re-run the script that wrote it")
 
 
 def backbone(cfg):
-    """config.json -> "frozen SigLIP2-B/16-256" (features_meta "model"; the name as given when it is no SigLIP2)."""
+    """config.json -> "frozen SigLIP2-B/16-256" (features_meta "model"; the name as given when it
+    is no SigLIP2)."""
     name = str((cfg.get("features_meta") or {}).get("model") or "SigLIP2 (model not recorded)")
     m = re.search(r"siglip2-(base|large|so400m|giant-opt)-patch(\d+)-(\d+)", name)
     return (
@@ -145,19 +150,17 @@ def backbone(cfg):
 
 
 def protocol(r, test_dir="eval_test"):
-    """A run's protocol: its splits file's (when it is the file the folds trained with), else evaluate.py's."""
+    """A run's protocol: its splits file's (when it is the file the folds trained with), else
+    evaluate.py's metrics.json's."""
     cfg = r["config"]
     for path in dict.fromkeys(
         (os.path.join(cfg.get("cwd") or "", cfg.get("splits") or ""), cfg.get("splits") or "")
     ):
         if path and os.path.isfile(path):
-            with open(path, "rb") as f:
-                same = cfg.get("splits_sha256") in (None, hashlib.sha256(f.read()).hexdigest())
+            same = cfg.get("splits_sha256") in (None, protocols.splits_sha256(path))
             s = _json(path) if same else None
-            if isinstance(s, dict):
-                return s.get(
-                    "protocol", "karpathy_cv"
-                )  # absent: the original protocol (data.load_splits' rule)
+            if isinstance(s, dict):  # absent: the original protocol (protocols.load_splits' rule)
+                return s.get("protocol", "karpathy_cv")
     return (_json(os.path.join(r["dir"], test_dir, "metrics.json")) or {}).get("protocol")
 
 
@@ -177,7 +180,7 @@ def _ours(r, test_dir):
 
 
 def classification_rows(runs, test_dir, anchors):
-    """-> header, rows: the anchors (if any), then every run and head with its test macro mAP (%)."""
+    """-> header, rows: the anchors (if any), then every run and head with its test macro mAP."""
     header = [
         "",
         "method",
@@ -239,7 +242,8 @@ def classification_rows(runs, test_dir, anchors):
 
 
 def retrieval_rows(runs, test_dir):
-    """-> header, rows: the anchors at their bits, then ours (mean ± std over the fold models) under four rules."""
+    """-> header, rows: the anchors at their bits, then ours (mean ± std over the fold models)
+    under four rules."""
     ours = []
     for r in runs:
         bits = (r["config"].get("model_args") or {}).get("bits", 0)
@@ -284,7 +288,8 @@ def retrieval_rows(runs, test_dir):
             else:
                 cell, src = (
                     "-",
-                    f"no retrieval in {test_dir}/metrics.json: run evaluate.py --ensemble {r['dir']}",
+                    f"no retrieval in {test_dir}/metrics.json: "
+                    f"run evaluate.py --ensemble {r['dir']}",
                 )
             rows.append(
                 [
@@ -305,41 +310,44 @@ def retrieval_rows(runs, test_dir):
 TEXT = {
     "coco2014": (
         "COCO 2014 classification (train2014 to val2014): macro mAP (%) over the 80 classes",
-        "Published models fine-tune their backbone on the images alone; ours train a head on frozen embeddings "
-        "(inputs: what the head saw). mAP = the fold ensemble on val2014; fold models = mean ± std of the "
-        "fold models; CV = validation folds inside train2014 (model selection, not comparable).",
+        "Published models fine-tune their backbone on the images alone; ours train a head on "
+        "frozen embeddings (inputs: what the head saw). mAP = the fold ensemble on val2014; "
+        "fold models = mean ± std of the fold models; CV = validation folds inside train2014 "
+        "(model selection, not comparable).",
     ),
     "hashnet": (
-        "Hashing retrieval on HashNet's COCO lists: mAP@5000 of sign codes (5,000 queries, database = "
-        "the other labelled train2014 + val2014 images)",
-        "Empty query: a query with no relevant item in its top 5,000 counts as AP 0 (zero: DeepHash-pytorch "
-        "CalcTopMap, CSQ, OrthoHash) or is left out (skip: HashNet). Published numbers break Hamming ties by "
-        "an unstable sort (known to move mAP by 1-2 points); ours give the database order and the exact "
-        "expectation over tie orders. Ours: mean ± std over the fold models, each trained on dev minus its "
-        "val fold.",
+        "Hashing retrieval on HashNet's COCO lists: mAP@5000 of sign codes (5,000 queries, "
+        "database = the other labelled train2014 + val2014 images)",
+        "Empty query: a query with no relevant item in its top 5,000 counts as AP 0 (zero: "
+        "DeepHash-pytorch CalcTopMap, CSQ, OrthoHash) or is left out (skip: HashNet). Published "
+        "numbers break Hamming ties by an unstable sort (known to move mAP by 1-2 points); ours "
+        "give the database order and the exact expectation over tie orders. Ours: mean ± std over "
+        "the fold models, each trained on dev minus its val fold.",
     ),
     "karpathy_cv": (
         "Karpathy protocol (5-fold CV on the Karpathy dev pool, 5,000 Karpathy test images)",
         "No published number uses this protocol, so none is listed: the anchors use coco2014 "
-        "(classification) or hashnet (retrieval); make_splits.py --protocol coco2014 | hashnet gives "
-        "numbers that stand beside them.",
+        "(classification) or hashnet (retrieval); make_splits.py --protocol coco2014 | hashnet "
+        "gives numbers that stand beside them.",
     ),
 }
 
 
 def write(out, runs, test_dir="eval_test"):
-    """out/literature.{csv,md,tex} for these runs (one protocol) -> the path stem, or None (protocol unknown)."""
+    """out/literature.{csv,md,tex} for these runs (one protocol) -> the path stem, or None (protocol
+    unknown). Runs of different protocols: data.DataError."""
     protos = {r["dir"]: protocol(r, test_dir) for r in runs}
     if None in protos.values():
         print(
-            f"note: no literature table: no splits file or {test_dir}/metrics.json names the protocol of "
-            f"{', '.join(d for d, p in protos.items() if p is None)}"
+            f"note: no literature table: no splits file or {test_dir}/metrics.json names the "
+            f"protocol of {', '.join(d for d, p in protos.items() if p is None)}"
         )
         return None
     if len(set(protos.values())) > 1:
-        cli.fail(
-            f"{', '.join(f'{d}: {p}' for d, p in protos.items())}: runs of different protocols; numbers on "
-            f"different protocols never share a literature table, aggregate them separately"
+        raise data.DataError(
+            f"{', '.join(f'{d}: {p}' for d, p in protos.items())}: runs of different protocols; "
+            f"numbers on different protocols never share a literature table, aggregate them "
+            f"separately"
         )
     proto = next(iter(protos.values()))
     if proto == "hashnet":

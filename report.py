@@ -1,10 +1,10 @@
-"""Reports: tables (one writer for CSV, Markdown and LaTeX), the error analysis (per-class counts, the
-missed-A-predicted-B matrix) and the figures of an evaluation or a study. Arrays in, files out; evaluate.py,
-aggregate.py and study.py call it.
+"""Reports: tables (one writer for CSV, Markdown and LaTeX), the error analysis (per-class counts,
+the missed-A-predicted-B matrix) and the figures of an evaluation or a study. Arrays in, files out;
+evaluate.py, aggregate.py and study.py call it.
 
-    report.write_table("out/cv", ["run", *metrics.METRIC_NAMES], rows, caption="5-fold CV")  # cv.csv/.md/.tex
-    rows = report.per_class_rows(y, p, thr, categories)        # per_class.csv rows with TP, FP, FN, TN
-    m = report.confusion(y, p, thr, categories, "out/confusion.csv")  # [C, C], row sums = FN of each class
+    report.write_table("out/cv", ["run", *metrics.METRIC_NAMES], rows, caption="5-fold CV")
+    rows = report.per_class_rows(y, p, thr, categories)   # per_class.csv rows with TP, FP, FN, TN
+    m = report.confusion(y, p, thr, categories, "out/confusion.csv")  # [C, C], row sums = FN
 """
 
 import os
@@ -57,7 +57,8 @@ class MeanStd(tuple):
 
 
 class Interval(tuple):
-    """A "value [low, high]" cell (a bootstrap CI; columns <name>, <name>_low, <name>_high in .csv)."""
+    """A "value [low, high]" cell (a bootstrap CI; columns <name>, <name>_low, <name>_high in
+    .csv)."""
 
     __slots__ = ()
 
@@ -116,8 +117,9 @@ def tex_escape(s):
 
 
 def best_cells(header, rows, bold=None, skip=()):
-    """{(row, col)} of the best value per column: bold[name] "max" / "min" / None; default max for metric
-    columns, min for LOWER_IS_BETTER, none for other columns. Rows in skip (e.g. a std row) never count."""
+    """{(row, col)} of the best value per column: bold[name] "max" / "min" / None; default max for
+    metric columns, min for LOWER_IS_BETTER, none for other columns. Rows in skip (e.g. a std row)
+    never count."""
     out = set()
     for j, name in enumerate(header):
         rule = (bold or {}).get(
@@ -132,8 +134,9 @@ def best_cells(header, rows, bold=None, skip=()):
 
 
 def _csv_rows(header, rows):
-    """CSV: a column of MeanStd cells becomes <name>_mean, <name>_std; one with Interval cells <name>, <name>_low,
-    <name>_high (and <name>_std for its MeanStd cells, e.g. a mean-over-folds row beside fold rows)."""
+    """CSV: a column of MeanStd cells becomes <name>_mean, <name>_std; one with Interval cells
+    <name>, <name>_low, <name>_high (and <name>_std for its MeanStd cells, e.g. a mean-over-folds
+    row beside fold rows)."""
 
     def parts(j):
         kinds = {type(r[j]) for r in rows} & {MeanStd, Interval}
@@ -160,13 +163,16 @@ def _csv_rows(header, rows):
 
 
 def write_table(stem, header, rows, caption="", bold=None, skip_bold=(), note=""):
-    """stem.csv, stem.md and stem.tex from the same rows (cells: str, int, float, MeanStd, Interval).
-    Metric headers get readable names; the best value per metric column is bold (see best_cells). The .tex
-    is a booktabs table in a resizebox: \\usepackage{booktabs,graphicx}. -> the Markdown text."""
+    """stem.csv, stem.md and stem.tex from the same rows (cells: str, int, float, MeanStd,
+    Interval). Metric headers get readable names; the best value per metric column is bold (see
+    best_cells). The .tex is a booktabs table in a resizebox: \\usepackage{booktabs,graphicx}.
+    -> the Markdown text."""
     best = best_cells(header, rows, bold, set(skip_bold))
-    cell = lambda i, j, tex: (
-        _bold(_text(rows[i][j], tex), tex) if (i, j) in best else _text(rows[i][j], tex)
-    )  # noqa: E731
+
+    def cell(i, j, tex):
+        text = _text(rows[i][j], tex)
+        return _bold(text, tex) if (i, j) in best else text
+
     md_rows = [[cell(i, j, False) for j in range(len(header))] for i in range(len(rows))]
     md = (
         (f"**{caption}**\n\n" if caption else "")
@@ -182,7 +188,7 @@ def write_table(stem, header, rows, caption="", bold=None, skip_bold=(), note=""
     if caption or note:
         tex.append(f"\\caption{{{tex_escape(' '.join(x for x in (caption, note) if x))}}}")
     tex += [
-        f"\\resizebox{{\\ifdim\\width>\\textwidth\\textwidth\\else\\width\\fi}}{{!}}{{%",
+        "\\resizebox{\\ifdim\\width>\\textwidth\\textwidth\\else\\width\\fi}{!}{%",
         f"\\begin{{tabular}}{{{cols}}}",
         "\\toprule",
         " & ".join(tex_escape(label(h)) for h in header) + " \\\\",
@@ -199,7 +205,8 @@ def write_table(stem, header, rows, caption="", bold=None, skip_bold=(), note=""
 
 
 def _bold(text, tex):
-    """Markdown **x**; LaTeX: the first $...$ group in \mathbf (a number stays math), else \textbf."""
+    """Markdown **x**; LaTeX: the first $...$ group in \\mathbf (a number stays math), else
+    \\textbf."""
     if not tex:
         return f"**{text}**"
     a = text.find("$")
@@ -216,29 +223,33 @@ def label_names(row, names):
 
 
 def errors_md(title, y, p, thr, names, ids, pc):
-    """Markdown: best / worst 10 classes by AP, most FP / FN classes, top confusions, worst-predicted images."""
+    """Markdown: best / worst 10 classes by AP, most FP / FN classes, top confusions,
+    worst-predicted images."""
     err = metrics.error_analysis(y, p, thr, top=15)
     order = [
         c
         for c in np.argsort(-np.nan_to_num(pc["ap"], nan=-1), kind="stable")
         if not np.isnan(pc["ap"][c])
     ]
-    by_ap = lambda cs: md_table(
-        ["class", "AP", "F1", "support"],
-        [  # noqa: E731
-            [names[c], f"{pc['ap'][c]:.4f}", f"{pc['f1'][c]:.4f}", int(pc["support"][c])]
-            for c in cs
-        ],
-    )
-    by_err = (
-        lambda k, m: md_table(
+
+    def by_ap(cs):  # classes cs with their AP
+        return md_table(
+            ["class", "AP", "F1", "support"],
+            [
+                [names[c], f"{pc['ap'][c]:.4f}", f"{pc['f1'][c]:.4f}", int(pc["support"][c])]
+                for c in cs
+            ],
+        )
+
+    def by_err(k, m):  # the 10 classes with the most errors of kind k ("fp" / "fn") and metric m
+        return md_table(
             ["class", k.upper(), m, "support"],
-            [  # noqa: E731
+            [
                 [names[c], int(err[k][c]), f"{pc[m][c]:.4f}", int(pc["support"][c])]
                 for c in np.argsort(-err[k], kind="stable")[:10]
             ],
         )
-    )
+
     img_err = np.abs(p - y).sum(1)  # per-image error: sum over classes of |p - y|
     worst = np.argsort(-img_err, kind="stable")[:10]
     return "\n".join(
@@ -276,7 +287,8 @@ def errors_md(title, y, p, thr, names, ids, pc):
 
 
 def save_plots(out_dir, y, p, pc, names, examples):
-    """ap_per_class.png, pr_curves.png (4 best + 4 worst classes), examples.png ([(path, title)], if any)."""
+    """ap_per_class.png, pr_curves.png (4 best + 4 worst classes), examples.png ([(path, title)], if
+    any)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,12 +356,13 @@ def example_items(coco, ids, y, p, thr, names, n=12):
     ]
 
 
-# ----------------------------------------------------------------------------- per-class counts, confusion
+# ---------------------------------------------------------------- per-class counts, confusion
 
 
 def per_class_rows(y, p, thr, categories):
-    """per_class.csv rows (header first), best AP first: AP, AUC, F1, precision, recall, support and the
-    counts TP, FP, FN, TN at the thresholds thr (a float or [C]); TP + FN = support, TP + FP + FN + TN = N."""
+    """per_class.csv rows (header first), best AP first: AP, AUC, F1, precision, recall, support and
+    the counts TP, FP, FN, TN at the thresholds thr (a float or [C]); TP + FN = support,
+    TP + FP + FN + TN = N."""
     pc = metrics.per_class(y, p, thr)
     tn = len(y) - pc["tp"] - pc["fp"] - pc["fn"]
     rows = [
@@ -383,15 +396,14 @@ def per_class_rows(y, p, thr, categories):
 
 
 def class_order(categories):
-    """Display order: grouped by supercategory (groups in order of first appearance) when every category
-    carries one, else index order -> (order [C], [(group name, first position, size)])."""
+    """Display order: grouped by supercategory (groups in order of first appearance) when every
+    category carries one, else index order -> (order [C], [(group name, first position, size)])."""
     sup = [c.get("supercategory") for c in categories]
     if any(s is None for s in sup):
         return np.arange(len(categories)), []
     groups = list(dict.fromkeys(sup))
-    order = np.array(
-        sorted(range(len(sup)), key=lambda c: groups.index(sup[c]))
-    )  # stable: index order inside
+    # stable: index order inside a group
+    order = np.array(sorted(range(len(sup)), key=lambda c: groups.index(sup[c])))
     spans, pos = [], 0
     for g in groups:
         n = sup.count(g)
@@ -401,11 +413,12 @@ def class_order(categories):
 
 
 def confusion(y, p, thr, categories, csv_path=None):
-    """The "missed A, predicted B" matrix [C, C] (+ a last column: misses of A on images with no false
-    positive). Each image where true class A is missed splits one count over the absent classes B it
-    wrongly predicts (1 / #false positives each), so row A sums to A's false negatives exactly.
-    error_analysis's "pair_counts" is the unsplit count (its row A sums to the false positives on A's
-    missed images). csv_path: confusion.csv in index order with class names. -> float64 [C, C + 1]."""
+    """The "missed A, predicted B" matrix [C, C] (+ a last column: misses of A on images with no
+    false positive). Each image where true class A is missed splits one count over the absent
+    classes B it wrongly predicts (1 / #false positives each), so row A sums to A's false negatives
+    exactly. error_analysis's "pair_counts" is the unsplit count (its row A sums to the false
+    positives on A's missed images). csv_path: confusion.csv in index order with class names.
+    -> float64 [C, C + 1]."""
     yb = np.asarray(y).astype(bool)
     pred = np.asarray(p) > np.asarray(thr, dtype=np.float64)
     fn, fp = (yb & ~pred).astype(np.float64), (~yb & pred).astype(np.float64)  # [N, C]
@@ -421,7 +434,7 @@ def confusion(y, p, thr, categories, csv_path=None):
     return m
 
 
-# ----------------------------------------------------------------------------- study figures (PNG + PDF)
+# ----------------------------------------------------------------- study figures (PNG + PDF)
 
 
 def _plt():
@@ -444,7 +457,8 @@ def save_figure(fig, stem):
 
 
 def plot_learning(stem, logs, title):
-    """logs {fold: [log.jsonl records]}: training loss and validation mAP per epoch, folds overlaid."""
+    """logs {fold: [log.jsonl records]}: training loss and validation mAP per epoch, folds
+    overlaid."""
     fig, axes = _plt().subplots(1, 2, figsize=(10, 3.6))
     for k, recs in sorted(logs.items()):
         ep = [r["epoch"] for r in recs]
@@ -458,7 +472,8 @@ def plot_learning(stem, logs, title):
 
 
 def plot_bits(stem, points):
-    """points [(bits, head, mean, std)]: mAP (macro) against hash bits, one line per head, std bars over folds."""
+    """points [(bits, head, mean, std)]: mAP (macro) against hash bits, one line per head, std bars
+    over folds."""
     fig, ax = _plt().subplots(figsize=(6, 4))
     xs = sorted({b for b, *_ in points})
     for head, marker in (("mlp", "o"), ("knn", "s")):
@@ -497,7 +512,8 @@ def plot_class_ap(stem, ap, prevalence, names, title):
 
 
 def plot_confusion(stem, m, categories, title):
-    """The C x C part of confusion() as a heatmap, classes grouped by supercategory when they carry one."""
+    """The C x C part of confusion() as a heatmap, classes grouped by supercategory when they carry
+    one."""
     plt = _plt()
     order, spans = class_order(categories)
     names = [categories[c]["name"] for c in order]
@@ -517,8 +533,9 @@ def plot_confusion(stem, m, categories, title):
 
 
 def fold_analysis(ap, pos, sizes, names, top=3):
-    """ap, pos [K, C]: per-fold per-class AP and positives; sizes [K]. -> rows: fold, size, mAP, and the top
-    classes whose AP deviates most from their mean over folds, each with its positive count vs the mean."""
+    """ap, pos [K, C]: per-fold per-class AP and positives; sizes [K]. -> rows: fold, size, mAP, and
+    the top classes whose AP deviates most from their mean over folds, each with its positive count
+    vs the mean."""
     dev = ap - np.nanmean(ap, 0)  # [K, C] AP minus the class's mean over folds
     rows = []
     for k in range(len(ap)):
@@ -538,8 +555,9 @@ def fold_analysis(ap, pos, sizes, names, top=3):
 
 
 def plot_folds(stem, ap, pos, names):
-    """Left: AP deviation from the class mean per fold (heatmap); right: positive-count deviation against AP
-    deviation, one colour per fold: classes with more (fewer) positives in a fold and higher AP make it easier."""
+    """Left: AP deviation from the class mean per fold (heatmap); right: positive-count deviation
+    against AP deviation, one colour per fold: classes with more (fewer) positives in a fold and
+    higher AP make it easier."""
     plt = _plt()
     K, C = ap.shape
     dev = ap - np.nanmean(ap, 0)

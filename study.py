@@ -1,23 +1,25 @@
 """
-The review's ablation study in one command: every run an ordinary run_cv.sh run folder, then one report folder.
+The review's ablation study in one command: every run an ordinary run_cv.sh run folder, then one
+report folder.
 
-    bash run_cv.sh --study                  # = python study.py: outputs/study/<run>/ + outputs/study/report/
-    bash run_cv.sh --demo --study           # offline: synthetic data, 3 folds (own splits file), 6 epochs
-    FOLD_LIST=0 bash run_cv.sh --study -- --epochs 50 --patience 0   # one fold, longer (runs labelled partial)
+    bash run_cv.sh --study             # = python study.py: outputs/study/<run>/ + .../report/
+    bash run_cv.sh --demo --study      # offline: synthetic data, 3 folds (own splits), 6 epochs
+    FOLD_LIST=0 bash run_cv.sh --study -- --epochs 50 --patience 0   # one fold (runs: partial)
     python study.py --only bits0,bits64     # a subset of the runs
 
-Runs (train.py flags; reference first): hash64 (the default recipe), bits0 (plain MLP), bits16, bits32, bits128,
-bits256, concat (--fusion concat), knn_recipe (--code_classifier centres --sign_weight 1), probe and zeroshot
-(--baseline). Flags after -- go to every run. Each run is `RUN=<study>/<name> bash run_cv.sh [--demo] -- <flags>`
-on one splits file and one feature cache, with EVAL_ARGS=--head both where the run has hash bits; a run whose
-folds all hold .done and whose eval_test/metrics.csv exists is skipped without starting run_cv.sh, and an
-interrupted one resumes (run_cv.sh skips finished folds and resumes the interrupted one from last.pt).
-Then the report folder <study>/report/: aggregate.py's CV tables and comparisons of the runs, every table of them
-as .csv/.md/.tex (CV, both heads and their paired test, test tables with 95% bootstrap CIs of all 15 metrics,
-the runs side by side) and figures as .png/.pdf (learning curves, mAP against bits), the literature table of the
-splits file's protocol (literature.py), the reference run's per-class, confusion and fold analysis, and report.md
-linking them in the order of a results chapter. The report is skipped when no run's results changed since it
-was written (report/.inputs).
+Runs (train.py flags; reference first): hash64 (the default recipe), bits0 (plain MLP), bits16,
+bits32, bits128, bits256, concat (--fusion concat), knn_recipe (--code_classifier centres
+--sign_weight 1), probe and zeroshot (--baseline). Flags after -- go to every run. Each run is
+`RUN=<study>/<name> bash run_cv.sh [--demo] -- <flags>` on one splits file and one feature cache,
+with EVAL_ARGS=--head both where the run has hash bits; a run whose folds all hold .done and whose
+eval_test/metrics.csv exists is skipped without starting run_cv.sh, and an interrupted one resumes
+(run_cv.sh skips finished folds and resumes the interrupted one from last.pt).
+Then the report folder <study>/report/: aggregate.py's CV tables and comparisons of the runs, every
+table of them as .csv/.md/.tex (CV, both heads and their paired test, test tables with 95% bootstrap
+CIs of all 15 metrics, the runs side by side) and figures as .png/.pdf (learning curves, mAP against
+bits), the literature table of the splits file's protocol (literature.py), the reference run's
+per-class, confusion and fold analysis, and report.md linking them in the order of a results
+chapter. The report is skipped when no run's results changed since it was written (report/.inputs).
 """
 
 import json
@@ -50,14 +52,8 @@ RUNS = [
     ("zeroshot", ["--baseline", "zeroshot"]),
 ]
 NO_BITS = {"bits0", "probe", "zeroshot"}  # no hash codes: the MLP head only
-VIEWS_RUN = (
-    "plain_view",
-    ["--train_views", "plain"],
-)  # only when the cache has augmented views (--views > 1)
-DEMO = {
-    "FOLDS": "3",
-    "SPLITS": "demo/coco/splits_study3.json",
-}  # 3 complete folds, apart from the 5-fold demo's
+VIEWS_RUN = ("plain_view", ["--train_views", "plain"])  # only with augmented views (--views > 1)
+DEMO = {"FOLDS": "3", "SPLITS": "demo/coco/splits_study3.json"}  # 3 folds, not the demo's 5
 DEMO_FLAGS = ["--epochs", "6", "--patience", "3"]
 
 
@@ -97,13 +93,13 @@ def run_done(run, folds):
 
 
 def cache_views(run):
-    """Image views of the feature cache a finished run trained on (its folds' config.json), else 1."""
+    """Image views of the feature cache a finished run trained on (its folds' config.json), else
+    1."""
     for d in fold_dirs(run).values():
         try:
-            return int(
-                aggregate.read_json(os.path.join(d, "config.json"))["features_meta"].get("views", 1)
-            )
-        except (KeyError, ValueError, SystemExit):
+            cfg = data.read_json(os.path.join(d, "config.json"), "the fold's config")
+            return int(cfg["features_meta"].get("views", 1))
+        except (KeyError, ValueError, data.DataError):
             continue
     return 1
 
@@ -128,12 +124,13 @@ def make_run(name, flags, args, env):
     print(f"== {name}: RUN={run} {' '.join(cmd)}", flush=True)
     if subprocess.run(cmd, env=env).returncode != 0:
         cli.fail(
-            f"run {name} failed (see above); rerun the same command: finished folds and runs are skipped"
+            f"run {name} failed (see above); rerun the same command: finished folds and runs "
+            f"are skipped"
         )
     return run
 
 
-# ----------------------------------------------------------------------------- report folder: tables and figures
+# ------------------------------------------------------------- report folder: tables and figures
 
 
 def table(out, name, header, rows, caption, sections, title, **kw):
@@ -143,7 +140,8 @@ def table(out, name, header, rows, caption, sections, title, **kw):
 
 
 def cv_report(runs, out, sections):
-    """cv_table: every run side by side (both heads); cv_heads: KNN vs MLP per run; cv_<run>: its folds."""
+    """cv_table: every run side by side (both heads); cv_heads: KNN vs MLP per run; cv_<run>: its
+    folds."""
     M = metrics.METRIC_NAMES
     rows = [
         [
@@ -221,13 +219,14 @@ def safe(r):
 
 
 def load_eval(r, test_dir):
-    """<run>/<test_dir>/: metrics.json + test_predictions.npz -> {y, thr, heads: {head: [(row, probs | metrics)]}}."""
+    """<run>/<test_dir>/: metrics.json + test_predictions.npz -> {y, thr, heads: {head: [(row,
+    probs | metrics)]}}; an unreadable metrics.json: data.DataError."""
     npz, js = (
         os.path.join(r["dir"], test_dir, f) for f in ("test_predictions.npz", "metrics.json")
     )
     if not (os.path.isfile(npz) and os.path.isfile(js)):
         return None
-    summ = aggregate.read_json(js)
+    summ = data.read_json(js, "evaluate.py's metrics", f"re-run evaluate.py --ensemble {r['dir']}")
     try:
         with np.load(npz) as z:
             arr = {k: z[k] for k in z.files}
@@ -255,14 +254,16 @@ def load_eval(r, test_dir):
 
 
 def test_report(runs, args, out, sections):
-    """test_<run>: every fold model, mean ± std over them and the ensemble, both heads, 95% bootstrap CIs of all
-    15 metrics (one set of resamples for every row of every run); test_table: the runs side by side."""
+    """test_<run>: every fold model, mean ± std over them and the ensemble, both heads, 95%
+    bootstrap CIs of all 15 metrics (one set of resamples for every row of every run); test_table:
+    the runs side by side."""
     M, side, heads_rows = metrics.METRIC_NAMES, [], []
     for r in runs:
         ev = load_eval(r, args.test_dir)
         if ev is None:
             print(
-                f"note: {r['dir']}: no {args.test_dir}/test_predictions.npz + metrics.json; no test table"
+                f"note: {r['dir']}: no {args.test_dir}/test_predictions.npz + metrics.json; "
+                f"no test table"
             )
             continue
         arrays = [
@@ -348,9 +349,15 @@ def test_report(runs, args, out, sections):
         )
 
 
+def recipe(cfg):
+    """What a bits sweep holds fixed: the fusion and the code classifier."""
+    return cfg.get("fusion"), cfg.get("code_classifier")
+
+
 def figure_report(runs, out, sections):
-    """learning_<run> (loss and val mAP per epoch, folds overlaid); bits: CV mAP against hash bits, both heads,
-    over the runs that differ from the most common recipe (fusion, code classifier) only in bits."""
+    """learning_<run> (loss and val mAP per epoch, folds overlaid); bits: CV mAP against hash bits,
+    both heads, over the runs that differ from the most common recipe (fusion, code classifier)
+    only in bits."""
     for r in runs:
         logs = {}
         for k in r["folds"]:
@@ -363,7 +370,6 @@ def figure_report(runs, out, sections):
             sections.append(
                 (f"Learning curves: {r['label']}", [os.path.basename(p) for p in paths], "")
             )
-    recipe = lambda c: (c.get("fusion"), c.get("code_classifier"))  # noqa: E731
     sweep = [
         r
         for r in runs
@@ -391,8 +397,8 @@ def figure_report(runs, out, sections):
 
 
 def write_report(runs, args, out):
-    """Every table and figure of these runs (aggregate.read_run dicts; args: aggregate's test_dir, bootstrap,
-    seed) in out -> [(section title, [file names], caption)]."""
+    """Every table and figure of these runs (aggregate.read_run dicts; args: aggregate's test_dir,
+    bootstrap, seed) in out -> [(section title, [file names], caption)]."""
     os.makedirs(out, exist_ok=True)
     sections = []
     cv_report(runs, out, sections)
@@ -402,10 +408,13 @@ def write_report(runs, args, out):
 
 
 def reference_analysis(run, out, sections):
-    """The reference run: per-class AP coloured by dev prevalence, per_class table, confusion (test ensemble at
-    its evaluate.py thresholds), and the fold analysis (splits.json stats against per-fold per-class val AP)."""
-    cfg = aggregate.read_json(os.path.join(run, "fold0", "config.json"))
-    splits = aggregate.read_json(cfg["splits"])
+    """The reference run: per-class AP coloured by dev prevalence, per_class table, confusion (test
+    ensemble at its evaluate.py thresholds), and the fold analysis (splits.json stats against
+    per-fold per-class val AP)."""
+    cfg = data.read_json(
+        os.path.join(run, "fold0", "config.json"), "the fold's config", "re-run that fold"
+    )
+    splits = data.read_json(cfg["splits"], "the splits file", "re-run make_splits.py")
     cats, stats = splits["categories"], splits["stats"]
     names = [c["name"] for c in cats]
     pos = np.array([s["positives"] for s in stats], dtype=np.float64)  # [K, C]
@@ -446,7 +455,8 @@ def reference_analysis(run, out, sections):
             (
                 "Confusion: missed A, predicted B (reference run, test)",
                 ["confusion.csv"] + [os.path.basename(x) for x in paths],
-                "row A sums to A's false negatives: each miss is split over the image's false positives",
+                "row A sums to A's false negatives: "
+                "each miss is split over the image's false positives",
             )
         )
     fold_ap = np.full(pos.shape, np.nan)
@@ -555,11 +565,20 @@ def main(args):
     if cache_views(dirs[0]) > 1 and (not only or VIEWS_RUN[0] in only):  # augmentation against none
         runs.append(VIEWS_RUN)
         dirs.append(make_run(*VIEWS_RUN, args, env))
+    try:
+        return report_folder(args, runs, dirs)
+    except data.DataError as e:  # an unreadable result file, runs of different protocols
+        cli.fail(str(e))
+
+
+def report_folder(args, runs, dirs):
+    """<study>/report/ from the run folders (skipped when up to date) -> its path; bad input:
+    data.DataError."""
     out = os.path.join(args.study_dir, "report")
     stamp = os.path.join(out, ".inputs")
     if (
         os.path.isfile(stamp)
-        and aggregate.read_json(stamp) == inputs_stamp(dirs)
+        and data.read_json(stamp, "the report's stamp", "delete it") == inputs_stamp(dirs)
         and os.path.isfile(os.path.join(out, "report.md"))
     ):
         print(f"== report: skipped ({out} is up to date)")
@@ -568,9 +587,8 @@ def main(args):
     agg = aggregate.get_args_parser().parse_args(
         [*dirs, "--allow_partial", "--out", out, "--bootstrap", str(args.bootstrap)]
     )
-    res = aggregate.main(
-        agg
-    )  # CV tables in each run, comparison + literature tables in out (several runs)
+    # CV tables in each run, comparison + literature tables in out (several runs)
+    res = aggregate.main(agg)
     sections = write_report(res["runs"], agg, out)
     lit = res["literature"] if len(dirs) > 1 else literature.write(out, res["runs"], agg.test_dir)
     if lit:

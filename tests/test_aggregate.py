@@ -1,10 +1,11 @@
-"""aggregate.py: CV tables (mean, std ddof=1), named missing / unfinished folds, run comparisons with paired
-tests across folds and a paired bootstrap on the test predictions, refusal of runs with other splits.
+"""aggregate.py: CV tables (mean, std ddof=1), named missing / unfinished folds, run comparisons
+with paired tests across folds and a paired bootstrap on the test predictions, refusal of runs with
+other splits, and one-line exit-2 errors.
 
     python -m pytest -q tests/test_aggregate.py
 
-make_run / write_eval / fake_probs also serve test_study's fake run_cv.sh, a subprocess per run: scipy.stats (a
-second at import) is imported only in the tests that use it.
+make_run / write_eval / fake_probs also serve test_study's fake run_cv.sh, a subprocess per run:
+scipy.stats (a second at import) is imported only in the tests that use it.
 """
 
 import csv
@@ -34,10 +35,11 @@ def make_run(
     bits=64,
     evaluate=None,
 ):
-    """A run folder as train.py leaves it: fold<k>/config.json + val_metrics.json (+ last.pt, log.jsonl).
-    values[k] is fold k's mAP_macro; the other metrics are derived from it so every column differs.
-    knn[k]: fold k's KNN mAP_macro (the "knn" block of val_metrics.json). evaluate: (labels, member probs
-    [M, N, C], member knn probs or None) -> eval_test/metrics.json + test_predictions.npz as evaluate.py writes."""
+    """A run folder as train.py leaves it: fold<k>/config.json + val_metrics.json (+ last.pt,
+    log.jsonl). values[k] is fold k's mAP_macro; the other metrics are derived from it so every
+    column differs. knn[k]: fold k's KNN mAP_macro (the "knn" block of val_metrics.json).
+    evaluate: (labels, member probs [M, N, C], member knn probs or None) -> eval_test/metrics.json
+    + test_predictions.npz as evaluate.py writes them."""
     for k, v in enumerate(values):
         d = root / f"fold{k}"
         d.mkdir(parents=True)
@@ -84,7 +86,8 @@ def make_run(
 
 
 def write_eval(out, labels, member_probs, member_knn=None):
-    """evaluate.py --ensemble --head both|mlp output: metrics.json (models, ensemble) + test_predictions.npz."""
+    """evaluate.py --ensemble --head both|mlp output: metrics.json (models, ensemble) +
+    test_predictions.npz."""
     members = [f"fold{k}" for k in range(len(member_probs))]
     heads = (
         {"mlp": member_probs} if member_knn is None else {"mlp": member_probs, "knn": member_knn}

@@ -1,10 +1,10 @@
-"""evaluate.py: ensemble vs per-checkpoint equality, KNN / retrieval against brute force, oof thresholds that
-never see the test split, bootstrap CIs, single-image prediction, and one-line exit-2 errors.
+"""evaluate.py: ensemble vs per-checkpoint equality, every scoring rule and KNN / retrieval against
+brute force, oof thresholds that never see the test split, bootstrap CIs, one-line exit-2 errors.
 
     python -m pytest -q tests/test_evaluate.py
 
-Fold checkpoints are built here (random HashHead + the files train.py writes), so the tests do not depend on
-training; one test also runs the real train.py for 2 epochs on 600 planted rows.
+Fold checkpoints are built here (random HashHead + the files train.py writes), so the tests do not
+depend on training; one test also runs the real train.py for 2 epochs on 300 planted rows.
 """
 
 import csv
@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ import synthetic
 MODEL_ARGS = dict(
     dim=32, num_classes=80, fusion="hadamard", decompose=True, mlp_dims=[24], dropout=0.1, bits=16
 )
+SCORING = "subsets"  # the fixture checkpoints' config "scoring": the rule with the most passes
 FILES = (
     "metrics.json",
     "metrics.csv",
@@ -49,7 +51,8 @@ def run(*argv):
 
 
 def make_data(root, n=160, dim=32, folds=5, n_test=40, seed=0, ids=None, labels=None):
-    """Planted feature cache (n_captions 1..3) + a splits.json with `folds` val folds -> (feats path, splits path)."""
+    """Planted feature cache (n_captions 1..3) + a splits.json with `folds` val folds ->
+    (feats path, splits path)."""
     f = synthetic.make_planted_features(n, dim=dim, n_captions=3, seed=seed)
     if ids is not None:
         f["ids"] = np.asarray(ids, dtype=np.int64)
@@ -83,7 +86,7 @@ def make_fold(
     model_args=MODEL_ARGS,
     finished=True,
     meta=None,
-    text_input=model.TEXT_INPUT,
+    scoring=SCORING,
 ):
     """What train.py leaves in a fold dir, with a randomly initialised head (seeded by k)."""
     torch.manual_seed(100 + k)
@@ -102,7 +105,8 @@ def make_fold(
         "splits_sha256": sha,
         "features_meta": fmeta,
         "finished": finished,
-        "text_input": text_input,
+        "text_input": "mean",
+        "scoring": scoring,
     }
     ck = {
         "model": head.state_dict(),
@@ -142,42 +146,54 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def text_passes(txt, n, text_input=model.TEXT_INPUT):
-    """Independent reference of the scoring rule -> [(text (N, D), used (N,) bool)] per pass: "each" every
-    caption slot, "mean" the mean of every non-empty subset of the slots; a pass is used by an image that has
-    all of its captions, the first also by an image without any (its text is zero: none)."""
+def text_passes(txt, n, rule=SCORING):
+    """Independent reference of the scoring rule -> [(text (N, D), used (N,) bool)] per pass: "each"
+    every caption slot alone, "subsets" the mean of every non-empty subset of the slots (a pass is
+    used by an image that has all of its captions, the first also by one without any: its text is
+    zero, none); "mean" one pass on the mean of the image's captions, used by every image."""
+    if rule == "mean":
+        has = (torch.arange(txt.shape[1])[None, :] < n[:, None]).float()  # (N, T)
+        mean = (txt * has[..., None]).sum(1) / has.sum(1, keepdim=True).clamp(min=1)
+        return [(mean, torch.ones(len(n), dtype=torch.bool))]
     slots = range(txt.shape[1])
     sets = (
         [(c,) for c in slots]
-        if text_input == "each"
+        if rule == "each"
         else [s for k in range(1, len(slots) + 1) for s in itertools.combinations(slots, k)]
     )
     return [(txt[:, list(s)].mean(1), (n > max(s)) | ((n == 0) & (max(s) == 0))) for s in sets]
 
 
-def head_passes(head, feats_path, ids, text_input=model.TEXT_INPUT):
-    """The head on every pass of the evaluated images -> [(HeadOutput, used (N,))], labels (N, C)."""
+def head_passes(head, feats_path, ids, rule=SCORING):
+    """The head on every pass of the evaluated images -> [(HeadOutput, used (N,))], labels."""
     t, _ = features.load_features(feats_path)
     r = np.searchsorted(t["ids"].numpy(), np.asarray(ids))
     img, txt, n = t["image"][r, 0].float(), t["text"][r].float(), t["n_captions"][r]
     with torch.no_grad():
-        return [(head(img, tx), used) for tx, used in text_passes(txt, n, text_input)], t[
-            "labels"
-        ].numpy()[r]
+        outs = [(head(img, tx), used) for tx, used in text_passes(txt, n, rule)]
+    return outs, t["labels"].numpy()[r]
 
 
-def codes_and_probs(head, feats_path, ids, text_input=model.TEXT_INPUT):
+def mean_codes(outs):
+    """The masked mean over the passes of the tanh codes (float32, as scored) -> (N, bits)."""
+    count = sum(used.float() for _, used in outs)[:, None]
+    return sum(o.codes.float() * used[:, None] for o, used in outs) / count
+
+
+def codes_and_probs(head, feats_path, ids, rule=SCORING):
     """Independent reference: masked mean over the passes of sigmoid / tanh codes, then sign."""
-    outs, y = head_passes(head, feats_path, ids, text_input)
+    outs, y = head_passes(head, feats_path, ids, rule)
     count = sum(used.double() for _, used in outs)[:, None]
     p = sum(torch.sigmoid(o.logits.double()) * used[:, None] for o, used in outs) / count
-    h = sum(o.codes.double() * used[:, None] for o, used in outs) / count
-    return np.where(h.numpy() >= 0, 1.0, -1.0), p.numpy(), y
+    return np.where(mean_codes(outs).numpy() >= 0, 1.0, -1.0), p.numpy(), y
 
 
-def brute_knn_head(head, feats_path, ids, db, dby, k, tau, vote, query="sign"):
-    """KNN head reference: votes of every pass's code, averaged over the image's passes."""
-    outs, _ = head_passes(head, feats_path, ids)
+def brute_knn_head(head, feats_path, ids, db, dby, k, tau, vote, query="sign", rule=SCORING):
+    """KNN head reference: under "each" the votes of every caption's code, averaged over the image's
+    captions; under the other rules the votes of the image's averaged code, one query each."""
+    outs, _ = head_passes(head, feats_path, ids, rule)
+    if rule != "each":
+        outs = [(SimpleNamespace(codes=mean_codes(outs)), torch.ones(len(ids), dtype=torch.bool))]
     acc, count = np.zeros((len(ids), dby.shape[1])), np.zeros((len(ids), 1))
     for o, used in outs:
         h = o.codes.double().numpy()
@@ -189,8 +205,9 @@ def brute_knn_head(head, feats_path, ids, db, dby, k, tau, vote, query="sign"):
 
 
 def brute_knn(q, db, labels, k, tau, vote):
-    """+-1 queries: Hamming distance; real queries: similarity (1 + q.db / |q|_1) / 2 (float64) of the query
-    rounded as knn_scores defines it (a power-of-two scale to max |q_j| < 1, then a 2^-15 grid at 64 bits)."""
+    """+-1 queries: Hamming distance; real queries: similarity (1 + q.db / |q|_1) / 2 (float64) of
+    the query rounded as knn_scores defines it (a power-of-two scale to max |q_j| < 1, then a 2^-15
+    grid at 64 bits)."""
     k = min(k, len(db))
     if not np.isin(q, (-1.0, 1.0)).all():
         _, e = np.frexp(np.abs(q).max(1, keepdims=True))
@@ -213,12 +230,13 @@ def brute_knn(q, db, labels, k, tau, vote):
 # ----------------------------------------------------------------------------- acceptance
 
 
-def test_text_input_scores_with_another_protocol(fake_run, tmp_path):
-    # the checkpoints trained with the default protocol (mean: caption subsets); --text_input each scores the
-    # same heads on every caption alone, and metrics.json says so
+def test_scoring_rule_from_the_checkpoint_or_the_flag(fake_run, tmp_path):
+    # the checkpoints were validated under SCORING (their config); --scoring scores the same heads
+    # under another rule, and metrics.json records the rule in use
     splits = json.loads(open(fake_run["splits"]).read())
-    for text_input in ("each", None):
-        out = tmp_path / str(text_input)
+    probs = {}
+    for rule in (None, "each", "mean"):
+        out = tmp_path / str(rule)
         run(
             "--checkpoint",
             fake_run["run"] / "fold1" / "best.pt",
@@ -228,17 +246,16 @@ def test_text_input_scores_with_another_protocol(fake_run, tmp_path):
             out,
             "--device",
             "cpu",
-            *(["--text_input", text_input] if text_input else []),
+            *(["--scoring", rule] if rule else []),
         )
-        z = np.load(out / "test_predictions.npz")
+        probs[rule] = np.load(out / "test_predictions.npz")["probs"]
         _, p, _ = codes_and_probs(
-            fake_run["heads"][1], fake_run["feats"], splits["test"], text_input or "mean"
+            fake_run["heads"][1], fake_run["feats"], splits["test"], rule or SCORING
         )
-        np.testing.assert_allclose(z["probs"], p, atol=1e-5)
-        assert json.loads((out / "metrics.json").read_text()).get("text_input") == text_input
-    assert not np.allclose(
-        np.load(tmp_path / "each" / "test_predictions.npz")["probs"], p, atol=1e-3
-    )
+        np.testing.assert_allclose(probs[rule], p, atol=1e-5)
+        assert json.loads((out / "metrics.json").read_text())["scoring"] == (rule or SCORING)
+    for a, b in itertools.combinations(probs.values(), 2):  # three rules, three scorings
+        assert not np.allclose(a, b, atol=1e-3)
 
 
 def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_path, monkeypatch):
@@ -283,7 +300,7 @@ def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_p
         _, p, y = codes_and_probs(fake_run["heads"][k], fake_run["feats"], z["ids"])
         np.testing.assert_allclose(z["member_probs"][k], p, atol=1e-5)
         np.testing.assert_array_equal(z["labels"], y)
-    # each checkpoint alone gives exactly its row of the ensemble's table (both heads); plots are not needed here
+    # each checkpoint alone gives exactly its row of the ensemble's table (both heads); no plots
     monkeypatch.setattr(evaluate_outputs.report, "save_plots", lambda *a, **kw: [])
     for k in range(5):
         single = tmp_path / f"single{k}"
@@ -333,11 +350,19 @@ def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_p
 
 
 @pytest.mark.parametrize(
-    "vote,query", [("softmax", "real"), ("softmax", "sign"), ("uniform", "sign"), ("rank", "real")]
+    "vote,query,rule",
+    [
+        ("softmax", "real", None),
+        ("softmax", "sign", "each"),
+        ("uniform", "sign", "mean"),
+        ("rank", "real", "each"),
+    ],
 )
-def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote, query):
-    """softmax: the 5-fold KNN ensemble + retrieval; uniform / rank: fold 1 alone, k above the database size.
-    query real: the real-valued tanh codes against the binary database (the default), sign: both binary."""
+def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote, query, rule):
+    """softmax: the 5-fold KNN ensemble + retrieval; uniform / rank: fold 1 alone, k above the
+    database size. query real: the real-valued tanh codes against the binary database (the
+    default), sign: both binary. rule: --scoring (None: the checkpoints' SCORING); "each" queries
+    with every caption's code, the others with the image's averaged code."""
     k, folds = (
         (7, range(5)) if vote == "softmax" else (1000, [1])
     )  # 1000 > database: every training image votes
@@ -358,6 +383,7 @@ def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote, query):
         vote,
         "--knn_query",
         query,
+        *(["--scoring", rule] if rule else []),
         "--bootstrap",
         0,
         "--out_dir",
@@ -367,17 +393,17 @@ def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote, query):
     )
     z = np.load(tmp_path / "test_predictions.npz")
     splits = json.loads(open(fake_run["splits"]).read())
+    rule = rule or SCORING
     for i, fold in enumerate(folds):
-        head = fake_run["heads"][fold]
-        q, _, qy = codes_and_probs(head, fake_run["feats"], splits["test"])
-        train_ids = [
-            j for j in splits["dev"] if j not in set(splits["val_folds"][fold])
-        ]  # the fold's database
-        db, _, dby = codes_and_probs(head, fake_run["feats"], train_ids)
-        ref = brute_knn_head(head, fake_run["feats"], splits["test"], db, dby, k, 0.5, vote, query)
+        head, feats = fake_run["heads"][fold], fake_run["feats"]
+        q, _, qy = codes_and_probs(head, feats, splits["test"], rule)
+        val = set(splits["val_folds"][fold])
+        train_ids = [j for j in splits["dev"] if j not in val]  # the fold's database
+        db, _, dby = codes_and_probs(head, feats, train_ids, rule)
+        ref = brute_knn_head(head, feats, splits["test"], db, dby, k, 0.5, vote, query, rule)
         np.testing.assert_allclose(z["member_probs"][i], ref, atol=1e-5)
         if vote == "softmax":  # retrieval: test codes ranked against the whole dev pool's codes
-            dev, _, devy = codes_and_probs(head, fake_run["feats"], splits["dev"])
+            dev, _, devy = codes_and_probs(head, feats, splits["dev"], rule)
             r = rep["retrieval"][f"fold{fold}"]
             assert r["mAP@1000"] == pytest.approx(
                 retrieval.retrieval_map(q, qy, dev, devy, k=1000), abs=1e-9
@@ -422,7 +448,7 @@ def test_thresholds_oof_never_look_at_test(fake_run, tmp_path):
     tuned = metrics.compute_all(z["labels"], z["probs"], np.asarray(info["thresholds"]))
     assert all(float(r["at_oof"]) == pytest.approx(tuned[r["metric"]], abs=1e-12) for r in table)
     assert a["thresholds"]["0.5"]["f1_macro"] == a["ensemble"]["mlp"]["f1_macro"]
-    # different test labels: the same thresholds (the test split chooses nothing), different test metrics
+    # different test labels: the same thresholds (the test split chooses nothing), other metrics
     t, meta = features.load_features(fake_run["feats"])
     test_rows = np.isin(t["ids"].numpy(), splits["test"])
     labels = t["labels"].numpy().copy()
@@ -539,74 +565,9 @@ def test_examples_png_from_data_root(synthetic_coco, tmp_path):
     ).stat().st_size > 10_000  # default out_dir
 
 
-def test_single_image_prediction(tiny_siglip, tmp_path, capsys):
-    from PIL import Image
-
-    enc = model.Siglip2Encoder(tiny_siglip)
-    meta = {
-        "model": tiny_siglip,
-        "fingerprint": "x",
-        "categories": json.dumps(data.COCO_CATEGORIES),
-    }
-    args = dict(MODEL_ARGS, dim=enc.dim)
-    heads = [
-        make_fold(tmp_path / "run" / f"fold{k}", k, "f", "s", model_args=args, meta=meta)
-        for k in range(2)
-    ]
-    for k in range(2):  # --ensemble wants finished folds: val_metrics.json
-        data.save_json(tmp_path / "run" / f"fold{k}" / "val_metrics.json", {"epoch": 1})
-    img = Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8))
-    img.save(tmp_path / "photo.png")
-    caps = ["a red square on a table", "two dogs"]
-    want = [model.HashModel(enc, h).predict([img.convert("RGB")], [caps])[0] for h in heads]
-    for src, p in (
-        ("--checkpoint", tmp_path / "run" / "fold1" / "best.pt"),
-        ("--ensemble", tmp_path / "run"),
-    ):
-        got = run(
-            src,
-            p,
-            "--image",
-            tmp_path / "photo.png",
-            "--caption",
-            caps[0],
-            "--caption",
-            caps[1],
-            "--top",
-            3,
-            "--device",
-            "cpu",
-        )
-        ref = want[1] if src == "--checkpoint" else torch.stack(want).mean(0)
-        top = torch.argsort(ref, descending=True)[:3].tolist()
-        assert list(got) == [data.COCO_CATEGORIES[c]["name"] for c in top]
-        assert list(got.values()) == pytest.approx([float(ref[c]) for c in top], abs=1e-5)
-        assert list(got)[0] in capsys.readouterr().out
-    alone = run(
-        "--checkpoint",
-        tmp_path / "run" / "fold0" / "best.pt",
-        "--image",
-        tmp_path / "photo.png",
-        "--top",
-        80,
-        "--device",
-        "cpu",
-    )  # no caption: the image alone (its text columns at their mean)
-    ref = model.HashModel(enc, heads[0]).predict([img.convert("RGB")], [[]])[0]
-    assert sorted(alone.values()) == pytest.approx(sorted(ref.tolist()), abs=1e-5)
-    capsys.readouterr()
-    for extra in (
-        ["--image", tmp_path / "missing.png", "--caption", "x"],
-        ["--image", tmp_path / "photo.png", "--caption", "x", "--model", tmp_path / "nope"],
-    ):
-        with pytest.raises(SystemExit) as e:
-            run("--checkpoint", tmp_path / "run" / "fold0" / "best.pt", *extra, "--device", "cpu")
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
-
-
 def test_rerun_removes_an_earlier_runs_optional_files(fake_run, tmp_path, capsys):
-    # thresholds.* from an earlier --thresholds oof run must not sit beside the results of a run without it
+    # thresholds.* from an earlier --thresholds oof run must not sit beside the results of a run
+    # without it
     out = tmp_path / "out"
     run(
         "--ensemble",
@@ -657,8 +618,9 @@ def test_fold_out_of_range_is_named(fake_run, capsys):
 
 
 def test_config_paths_relative_to_the_training_folder(fake_run, tmp_path, monkeypatch, capsys):
-    # train.py saves --features / --splits as given (run_cv.sh gives them relative) and the folder it ran in;
-    # evaluate.py finds them from any folder, and without that folder (older runs) says which flag to pass
+    # train.py saves --features / --splits as given (run_cv.sh gives them relative) and the folder
+    # it ran in; evaluate.py finds them from any folder, and where that folder no longer holds them
+    # says which flag to pass
     root, rel = fake_run["root"], tmp_path / "rel"
     _copy_run(fake_run, rel, folds=range(5))
     for k in range(5):
@@ -674,7 +636,7 @@ def test_config_paths_relative_to_the_training_folder(fake_run, tmp_path, monkey
     assert rep["features"] == str(fake_run["feats"]) and rep["splits"] == str(fake_run["splits"])
     for k in range(5):
         ck = torch.load(rel / f"fold{k}" / "best.pt", weights_only=True)
-        del ck["config"]["cwd"]
+        ck["config"]["cwd"] = str(tmp_path / "moved")
         torch.save(ck, rel / f"fold{k}" / "best.pt")
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -688,7 +650,7 @@ def test_config_paths_relative_to_the_training_folder(fake_run, tmp_path, monkey
     )
 
 
-# ----------------------------------------------------------------------------- bad input: one line, exit 2
+# ------------------------------------------------------------------- bad input: one line, exit 2
 
 
 def _copy_run(fake_run, dst, folds=(0, 1)):
@@ -718,6 +680,9 @@ def _bad_cases(fake_run, tmp):
     torch.save(
         dict(torch.load(ck, weights_only=True), finished=False), unfinished / "fold1" / "last.pt"
     )
+    old = torch.load(ck, weights_only=True)
+    del old["config"]["scoring"]  # a checkpoint that does not say how it was validated
+    torch.save(old, tmp / "noscoring.pt")
     (tmp / "trunc.pt").write_bytes(ck.read_bytes()[:300])
     (tmp / "text.pt").write_text("not a checkpoint\n")
     torch.save({"weights": torch.zeros(3)}, tmp / "other.pt")
@@ -744,6 +709,7 @@ def _bad_cases(fake_run, tmp):
         "pickled object": ["--checkpoint", tmp / "pickled.pt"],
         "torch-pickled object": ["--checkpoint", tmp / "pickled_torch.pt"],
         "missing checkpoint": ["--checkpoint", tmp / "missing.pt"],
+        "no scoring rule in the config": ["--checkpoint", tmp / "noscoring.pt"],
         "other splits file": ["--checkpoint", ck, "--splits", other_splits],
         "missing features": ["--checkpoint", ck, "--features", tmp / "missing.safetensors"],
     }
@@ -789,6 +755,7 @@ def test_bad_input_one_line_exit_2(fake_run, tmp_path, capsys):
         ["--head", "svm"],
         ["--bootstrap", "-1"],
         ["--thresholds", "0.3"],
+        ["--scoring", "all"],
     ],
 )
 def test_bad_flags_rejected_by_argparse(argv, capsys):
@@ -797,7 +764,14 @@ def test_bad_flags_rejected_by_argparse(argv, capsys):
     assert e.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- really trained (train.py)
+def test_one_image_is_predict_py(capsys):
+    # evaluate.py scores cached embeddings only; one raw image goes to predict.py
+    with pytest.raises(SystemExit) as e:
+        evaluate.get_args_parser().parse_args(["--checkpoint", "x.pt", "--image", "photo.jpg"])
+    assert e.value.code == 2 and "unrecognized arguments: --image" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- really trained (train.py)
 
 
 def test_trained_ensemble(tmp_path):

@@ -1,7 +1,9 @@
-"""literature.py through aggregate.py (issue 18 item 5): on fake run folders of each protocol the literature table
-is written (.md/.csv/.tex) with every anchor of that protocol and its source, none of another protocol, our rows
-marked "frozen SigLIP2-B/16-256" with their input setting and the numbers of eval_test/metrics.json; for
-karpathy_cv it says no published number uses the protocol. Runs of different protocols never share a table.
+"""literature.py through aggregate.py: on fake run folders of each protocol the literature table is
+written (.md/.csv/.tex) with every anchor of that protocol and its source, none of another protocol,
+our rows marked "frozen SigLIP2-B/16-256" with their input setting and the numbers of
+eval_test/metrics.json; for karpathy_cv it says no published number uses the protocol. Runs of
+different protocols never share a table: literature.write raises data.DataError, aggregate.py
+exits with one line (code 2).
 
     python -m pytest -q tests/test_literature.py
 """
@@ -16,6 +18,7 @@ import aggregate
 import data
 import literature
 import metrics
+import protocols
 import test_aggregate as ta
 import test_report
 
@@ -32,15 +35,16 @@ RETRIEVAL_KEYS = (
 def fake_run(
     root, name, protocol, bits=64, inputs="image", knn=None, evaluate=True, retrieval=None
 ):
-    """A fake run (test_aggregate.make_run) on a splits file of this protocol, with features_meta and inputs in
-    config.json as train.py writes them, and eval_test/metrics.json as evaluate.py --ensemble writes it."""
+    """A fake run (test_aggregate.make_run) on a splits file of this protocol, with features_meta
+    and inputs in config.json as train.py writes them, and eval_test/metrics.json as evaluate.py
+    --ensemble writes it."""
     splits = root / f"splits_{protocol}.json"
     if not splits.exists():
         data.save_json(
             splits,
             {"folds": 3} if protocol == "karpathy_cv" else {"folds": 3, "protocol": protocol},
         )
-    sha = literature.hashlib.sha256(splits.read_bytes()).hexdigest()
+    sha = protocols.splits_sha256(splits)
     rng = np.random.default_rng(bits)
     labels = (rng.random((60, 5)) < 0.3).astype(np.uint8)
     labels[0] = 1
@@ -146,7 +150,8 @@ def test_hashnet_table(tmp_path):
             assert f"{v:.3f}" in md
     assert "ML-GCN" not in md and "ADDS" not in md and "mAP@5000" in md and "skip: HashNet" in md
     rows = rows_of(stem)
-    # columns 16 / 32 / 48 / 64 bits; the CSV splits a column holding our mean ± std cells into _mean, _std
+    # columns 16 / 32 / 48 / 64 bits; the CSV splits a column holding our mean ± std cells into
+    # _mean, _std
     assert [c for c in rows[0] if "bits" in c] == [
         "16 bits_mean",
         "16 bits_std",
@@ -198,16 +203,30 @@ def test_protocols_never_share_a_table(tmp_path, capsys):
     b = aggregate.read_run(
         str(fake_run(tmp_path, "b", "hashnet")), aggregate.get_args_parser().parse_args(["x"])
     )
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(data.DataError, match="different protocols") as e:  # a library raises
         literature.write(str(tmp_path), [a, b])
-    err = capsys.readouterr().err
-    assert (
-        e.value.code == 2
-        and err.startswith("error: ")
-        and err.count("\n") == 1
-        and "different protocols" in err
-    )
+    assert "\n" not in str(e.value) and str(tmp_path / "a") in str(e.value)
     assert not (tmp_path / "literature.md").exists()
+    # the script exits: two runs on one splits file (none on disk) whose metrics.json name
+    # different protocols
+    rng = np.random.default_rng(0)
+    labels = (rng.random((30, 5)) < 0.3).astype(np.uint8)
+    runs = []
+    for name, proto in (("c", "coco2014"), ("d", "hashnet")):
+        r = ta.make_run(
+            tmp_path / name,
+            [0.6, 0.62],
+            evaluate=(labels, ta.fake_probs(rng, labels, 2, 0.4), None),
+        )
+        m = json.loads((r / "eval_test" / "metrics.json").read_text())
+        data.save_json(r / "eval_test" / "metrics.json", dict(m, protocol=proto))
+        runs.append(r)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        aggregate_runs(*runs, out=tmp_path / "out")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "different protocols" in err and not (tmp_path / "out" / "literature.md").exists()
 
 
 def test_backbone_names():

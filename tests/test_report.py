@@ -1,6 +1,7 @@
-"""report.py: one table writer for CSV / Markdown / LaTeX (bold best per column, mean ± std cells, readable
-names, escaping; every .tex compiles under pdflatex when installed), the shared-resample bootstrap of all 15
-metrics against a naive loop, per-class rows with TP / FP / FN / TN, and the missed-A-predicted-B matrix.
+"""report.py: one table writer for CSV / Markdown / LaTeX (bold best per column, mean ± std cells,
+readable names, escaping; every .tex compiles under pdflatex when installed), the shared-resample
+bootstrap of all 15 metrics against a naive loop, per-class rows with TP / FP / FN / TN, and the
+missed-A-predicted-B matrix.
 
     python -m pytest -q tests/test_report.py
 """
@@ -15,11 +16,15 @@ import pytest
 import metrics
 import report
 
-TEX_DOC = "\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n\\begin{document}\n%s\n\\end{document}\n"
+TEX_DOC = (
+    "\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n"
+    "\\begin{document}\n%s\n\\end{document}\n"
+)
 
 
 def compile_tex(paths, tmp_path):
-    """Each .tex table inside a minimal article, through pdflatex; skipped where LaTeX is not installed."""
+    """Each .tex table inside a minimal article, through pdflatex; skipped where LaTeX is not
+    installed."""
     if not shutil.which("pdflatex"):
         pytest.skip(
             "pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended)"

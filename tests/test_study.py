@@ -1,6 +1,6 @@
-"""study.py: runs made through run_cv.sh (here a fake one that writes train.py's / evaluate.py's files), skipped
-when complete, resumed after an interruption, the report folder and report.md (every link exists, the fold
-table's counts equal splits.json's stats), and a rerun that skips everything.
+"""study.py: runs made through run_cv.sh (here a fake one that writes train.py's / evaluate.py's
+files), skipped when complete, resumed after an interruption, the report folder and report.md (every
+link exists, the fold table's counts equal splits.json's stats), and a rerun that skips everything.
 
     python -m pytest -q tests/test_study.py
 """
@@ -35,13 +35,15 @@ FAKE = textwrap.dedent("""
     z = np.load({labels!r})
     labels = z["labels"]
     knn = None if run.name in ("bits0", "probe") else [0.5, 0.55, 0.52]
-    ev = (labels, ta.fake_probs(rng, labels, 3, 0.4), None if knn is None else ta.fake_probs(rng, labels, 3, 0.3))
+    knn_probs = None if knn is None else ta.fake_probs(rng, labels, 3, 0.3)
+    ev = (labels, ta.fake_probs(rng, labels, 3, 0.4), knn_probs)
     bits = {{"bits0": 0, "bits16": 16}}.get(run.name, 64)
     ta.make_run(run, [0.6, 0.62, 0.58], knn=knn, bits=bits, splits={splits!r}, evaluate=ev)
     for k in range(3):
         d = run / f"fold{{k}}"
         yk = labels[k::3]
-        np.savez(d / "val_predictions.npz", ids=np.arange(len(yk)), labels=yk, probs=ta.fake_probs(rng, yk, 1, 0.4)[0])
+        p = ta.fake_probs(rng, yk, 1, 0.4)[0]
+        np.savez(d / "val_predictions.npz", ids=np.arange(len(yk)), labels=yk, probs=p)
         (d / ".done").touch()
     (run / "eval_test" / "metrics.csv").write_text("model\\n")
 """)
@@ -158,7 +160,8 @@ def test_unknown_run_one_line(tmp_path, capsys):
 
 
 def test_report_folder(tmp_path):
-    """write_report on fake runs: every table in .csv/.md/.tex, figures in .png/.pdf, CIs on shared resamples."""
+    """write_report on fake runs: every table in .csv/.md/.tex, figures in .png/.pdf, CIs on shared
+    resamples."""
     rng = np.random.default_rng(0)
     labels = (rng.random((120, 6)) < 0.3).astype(np.uint8)
     labels[0] = 1
