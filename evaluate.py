@@ -37,7 +37,6 @@ and mAP@all, with both empty-query rules (zero: DeepHash-pytorch, skip: HashNet)
 import argparse
 import inspect
 import os
-import sys
 
 import numpy as np
 import torch
@@ -160,69 +159,6 @@ def get_args_parser():
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def checkpoint_paths(checkpoint, ensemble, allow_partial):
-    """--checkpoint, or the best.pt of every finished fold of --ensemble (the unfinished: an error,
-    or with --allow_partial a warning)."""
-    if checkpoint:
-        return [checkpoint]
-    if not os.path.isdir(ensemble):
-        cli.fail(f"--ensemble {ensemble}: not a directory")
-    dirs = runs.fold_dirs(ensemble)
-    paths = [
-        os.path.join(d, "best.pt")
-        for d in dirs.values()
-        if os.path.isfile(os.path.join(d, "best.pt"))
-    ]
-    if not paths:
-        cli.fail(f"--ensemble {ensemble}: no fold*/best.pt in it; train folds with train.py first")
-    bad = [os.path.basename(d) for d in dirs.values() if not runs.fold_finished(d)]
-    if bad:
-        msg = f"--ensemble {ensemble}: unfinished or missing folds: {', '.join(bad)}"
-        if not allow_partial:
-            cli.fail(msg + "; finish them (run_cv.sh resumes) or pass --allow_partial")
-        print(f"warning: {msg}; ensembling the others", file=sys.stderr)
-        paths = [p for p in paths if os.path.basename(os.path.dirname(p)) not in bad]
-        if not paths:
-            cli.fail(msg)
-    return paths
-
-
-def load_members(checkpoint, ensemble, allow_partial):
-    """The models to score (predict.py's too) -> paths, heads, checkpoints: one run's folds only."""
-    paths = checkpoint_paths(checkpoint, ensemble, allow_partial)
-    try:
-        heads, cks = zip(*[runs.load_checkpoint(p) for p in paths])
-    except data.DataError as e:
-        cli.fail(str(e))
-    ref = runs.identity(cks[0])
-    for ck, p in zip(cks[1:], paths[1:]):
-        for key, val in runs.identity(ck).items():
-            if val != ref[key]:
-                cli.fail(
-                    f"--ensemble: {p} differs from {paths[0]} in {key} ({val} vs {ref[key]}); "
-                    f"ensemble only the folds of one run"
-                )
-    return paths, heads, cks
-
-
-def scoring_of(rule, paths, cks):
-    """--scoring, else the one rule the checkpoints were validated with (config "scoring")."""
-    if rule:
-        return rule
-    rules = [ck["config"].get("scoring") for ck in cks]
-    if None in rules:
-        cli.fail(
-            f"{paths[rules.index(None)]}: its config names no scoring rule; "
-            f"pass --scoring {{{','.join(model.SCORING_RULES)}}} or re-train it with train.py"
-        )
-    if len(set(rules)) > 1:
-        cli.fail(
-            f"--ensemble: the folds were validated with different scoring rules ({rules}); "
-            f"pass --scoring to score them all under one"
-        )
-    return rules[0]
 
 
 def check_folds(args, paths, cks, splits, split_path):
@@ -489,8 +425,11 @@ def main(args):
             "--thresholds oof: only with --split test and the mlp head "
             "(tuned on the folds' MLP val predictions)"
         )
-    paths, heads, cks = load_members(args.checkpoint, args.ensemble, args.allow_partial)
-    args.scoring = scoring_of(args.scoring, paths, cks)
+    try:
+        paths, heads, cks = runs.load_members(args.checkpoint, args.ensemble, args.allow_partial)
+        args.scoring = runs.scoring_of(args.scoring, paths, cks)
+    except data.DataError as e:
+        cli.fail(str(e))
     ctx = load_inputs(args, paths, cks)
     if args.retrieval is None:
         args.retrieval = ctx["splits"]["protocol"] == "hashnet"  # that protocol's own metric

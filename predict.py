@@ -22,8 +22,8 @@ import torch
 
 import cli
 import data
-import evaluate
 import model
+import runs
 
 
 def get_args_parser():
@@ -104,8 +104,11 @@ def load_encoder(name, ck, device, dim):
 
 def main(args):
     img = load_image(args.image)
-    paths, heads, cks = evaluate.load_members(args.checkpoint, args.ensemble, args.allow_partial)
-    scoring = evaluate.scoring_of(args.scoring, paths, cks)
+    try:
+        paths, heads, cks = runs.load_members(args.checkpoint, args.ensemble, args.allow_partial)
+        scoring = runs.scoring_of(args.scoring, paths, cks)
+    except data.DataError as e:
+        cli.fail(str(e))
     enc = load_encoder(args.model, cks[0], args.device, heads[0].model_args["dim"])
     meta = cks[0]["config"].get("features_meta") or {}
     cats = json.loads(meta.get("categories") or "null") or data.COCO_CATEGORIES

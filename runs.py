@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import re
+import sys
 import zipfile
 
 import torch
@@ -168,9 +169,72 @@ def identity(ck):
 def config_path(path, cfg, flag):
     """A file path from a checkpoint's config: relative to the folder train.py ran in (config
     "cwd"), unless absolute."""
-    there = path if os.path.isabs(path) else os.path.join(cfg["cwd"], path)
+    there = path if os.path.isabs(path) else os.path.join(cfg.get("cwd", ""), path)
     if os.path.exists(there):
         return there
     raise data.DataError(
-        f"{there}: not found (the checkpoint's config names {path} from {cfg['cwd']}); pass {flag}"
+        f"{there}: not found (the checkpoint's config names {path} from {cfg.get('cwd')}); "
+        f"pass {flag}"
     )
+
+
+def checkpoint_paths(checkpoint, ensemble, allow_partial):
+    """--checkpoint, or the best.pt of every finished fold of --ensemble (the unfinished: an error,
+    or with --allow_partial a warning)."""
+    if checkpoint:
+        return [checkpoint]
+    if not os.path.isdir(ensemble):
+        raise data.DataError(f"--ensemble {ensemble}: not a directory")
+    dirs = fold_dirs(ensemble)
+    paths = [
+        os.path.join(d, "best.pt")
+        for d in dirs.values()
+        if os.path.isfile(os.path.join(d, "best.pt"))
+    ]
+    if not paths:
+        raise data.DataError(
+            f"--ensemble {ensemble}: no fold*/best.pt in it; train folds with train.py first"
+        )
+    bad = [os.path.basename(d) for d in dirs.values() if not fold_finished(d)]
+    if bad:
+        msg = f"--ensemble {ensemble}: unfinished or missing folds: {', '.join(bad)}"
+        if not allow_partial:
+            raise data.DataError(msg + "; finish them (run_cv.sh resumes) or pass --allow_partial")
+        print(f"warning: {msg}; ensembling the others", file=sys.stderr)
+        paths = [p for p in paths if os.path.basename(os.path.dirname(p)) not in bad]
+        if not paths:
+            raise data.DataError(msg)
+    return paths
+
+
+def load_members(checkpoint, ensemble, allow_partial):
+    """The models evaluate.py / predict.py score -> paths, heads, checkpoints: one run's folds."""
+    paths = checkpoint_paths(checkpoint, ensemble, allow_partial)
+    heads, cks = zip(*[load_checkpoint(p) for p in paths])
+    ref = identity(cks[0])
+    for ck, p in zip(cks[1:], paths[1:]):
+        for key, val in identity(ck).items():
+            if val != ref[key]:
+                raise data.DataError(
+                    f"--ensemble: {p} differs from {paths[0]} in {key} ({val} vs {ref[key]}); "
+                    f"ensemble only the folds of one run"
+                )
+    return paths, heads, cks
+
+
+def scoring_of(rule, paths, cks):
+    """--scoring, else the one rule the checkpoints were validated with (config "scoring")."""
+    if rule:
+        return rule
+    rules = [ck["config"].get("scoring") for ck in cks]
+    if None in rules:
+        raise data.DataError(
+            f"{paths[rules.index(None)]}: its config names no scoring rule; "
+            f"pass --scoring {{{','.join(model.SCORING_RULES)}}} or re-train it with train.py"
+        )
+    if len(set(rules)) > 1:
+        raise data.DataError(
+            f"--ensemble: the folds were validated with different scoring rules ({rules}); "
+            f"pass --scoring to score them all under one"
+        )
+    return rules[0]
