@@ -285,9 +285,7 @@ def score_member(head, ck, ctx, rows, args):
     s = score_rows(head, feats, rows, args, keep_queries=args.head != "mlp")
     out = {} if args.head == "knn" else {"mlp": s.probs.numpy()}
     if args.head != "mlp":  # database: this fold's training images, one code each
-        train_rows = ctx["rows"](
-            np.setdiff1d(splits["dev"], splits["val_folds"][ck["config"]["fold"]])
-        )
+        train_rows = ctx["rows"](protocols.fold_ids(splits, ck["config"]["fold"])[0])
         db = knn.sign_codes(score_rows(head, feats, train_rows, args).codes)
         out["knn"] = knn.knn_head(
             s.query_codes,

@@ -23,6 +23,7 @@ those two.
     features.save_features("f.safetensors", tensors, meta)
     tensors, meta = features.load_features("f.safetensors")
     parts = features.load_embeddings("f.safetensors", [rows_a, rows_b])  # image / text at rows
+    fold = features.load_fold("f.safetensors", "splits.json", 0, "cpu")  # one fold's rows
 """
 
 import json
@@ -30,7 +31,9 @@ import math
 import os
 
 import numpy as np
+import torch
 
+import protocols
 from data import DataError, atomic_write
 
 FEATURES_FORMAT = "coco-siglip-features-v1"
@@ -268,3 +271,50 @@ def cache_rows(ids, want, meta):
         )
     order = np.argsort(ids)
     return order[np.searchsorted(ids, want[kept], sorter=order)], kept
+
+
+# ----------------------------------------------------------------------------- one fold in memory
+
+
+def load_fold(features_path, splits_path, fold, device, inputs="both", batch_size=2):
+    """Feature cache + splits -> the fold's train / val images on `device` (embeddings float16, as
+    cached). Only the fold's rows are kept, read chunk by chunk (features.load_embeddings): the peak
+    is the fold, not the cache too. Images the extractor could not read are left out (counted in
+    "skipped")."""
+    tensors, meta = load_features(features_path, embeddings=False)  # all but image / text
+    splits = protocols.load_splits(splits_path)
+    protocols.check_splits(splits, tensors["ids"].numpy(), meta, where=features_path)
+    n_folds = len(splits["val_folds"])
+    if fold >= n_folds:
+        raise DataError(f"--fold: {fold} is out of range; {splits_path} has folds 0..{n_folds - 1}")
+    train_ids, val_ids = protocols.fold_ids(splits, fold)
+    out = {"meta": meta, "categories": splits["categories"], "skipped": {}}
+    out["prompts"] = tensors.get("prompts")
+    rows = {}
+    for name, want in (("train", train_ids), ("val", val_ids)):
+        r, kept = cache_rows(tensors["ids"].numpy(), want, meta)
+        out["skipped"][name] = int((~kept).sum())
+        out[name] = {"ids": torch.from_numpy(want[kept])}
+        rows[name] = torch.from_numpy(r)  # (n,) cache rows
+    n_train = len(rows["train"])
+    if n_train < batch_size:  # checked before the embeddings are read
+        raise DataError(
+            f"--batch_size: {batch_size} exceeds the {n_train} training images of fold {fold}"
+        )
+    if len(rows["val"]) == 0:
+        raise DataError(f"{splits_path}: fold {fold} has no usable validation images")
+    if inputs != "image" and not bool((tensors["n_captions"][rows["train"]] > 0).any()):
+        raise DataError(
+            f"--inputs {inputs}: no training image of {features_path} has a text; "
+            "use --inputs image"
+        )
+    embeddings = load_embeddings(features_path, list(rows.values()), tensors["ids"])
+    for (name, r), emb in zip(rows.items(), embeddings):  # (n, V, D) (n, T, D) (n,) (n, C)
+        split = dict(
+            image=emb["image"],
+            text=emb["text"],
+            n_captions=tensors["n_captions"][r],
+            labels=tensors["labels"][r],
+        )
+        out[name].update({k: v.to(device) for k, v in split.items()})
+    return out

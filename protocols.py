@@ -214,6 +214,13 @@ def select(coco, protocol, lists=None):
 _SPLIT_KEYS = ("method", "folds", "seed", "categories", "dev", "test", "val_folds", "stats")
 
 
+def fold_ids(splits, k):
+    """Fold k of a splits dict -> (train ids, validation ids), sorted int64: it trains on the dev
+    pool minus val_folds[k]."""
+    val = np.asarray(sorted(splits["val_folds"][k]), dtype=np.int64)
+    return np.setdiff1d(np.asarray(splits["dev"], dtype=np.int64), val), val
+
+
 def splits_sha256(path):
     """The splits file's identity (config.json splits_sha256): sha256 of its bytes."""
     try:

@@ -18,6 +18,7 @@ import zipfile
 import torch
 
 import data
+import knn
 import model
 
 
@@ -238,3 +239,18 @@ def scoring_of(rule, paths, cks):
             f"pass --scoring to score them all under one"
         )
     return rules[0]
+
+
+def knn_database(head, split, scoring, batch_size=4096):
+    """The KNN head's database of a fold: the sign codes of its training images' averaged codes
+    (model.score_embeddings under the run's scoring rule; one code per image) -> (n, bits) float32.
+    """
+    s = model.score_embeddings(
+        head,
+        split["image"][:, 0],
+        split["text"],
+        split["n_captions"],
+        scoring,
+        batch_size=batch_size,
+    )
+    return knn.sign_codes(s.codes)

@@ -7,7 +7,7 @@ COCO-like JPEGs, and a tiny randomly initialised SigLIP.
     feats = synthetic.make_planted_features(1200)             # arrays shaped like the feature cache
     features.save_features("f.safetensors", feats, feats["meta"])
     synthetic.make_tiny_siglip("demo/tiny_siglip")            # loadable by model.Siglip2Encoder
-    fold = synthetic.planted_fold(4096, 1024)                 # bench.py: a fold as folds.load_fold
+    fold = synthetic.planted_fold(4096, 1024)                 # bench: as features.load_fold
 
 None of it is needed to train or evaluate on real data; data.py, features.py and model.py do not
 import it.
@@ -480,7 +480,7 @@ def make_planted_features(n_images, dim=768, n_captions=5, seed=0, num_classes=8
 
 
 def planted_fold(n_train, n_val, seed=0, device="cpu"):
-    """A fold as folds.load_fold returns it (its train / val parts), from planted embeddings:
+    """A fold as features.load_fold returns it (its train / val parts), from planted embeddings:
     float16 (n, 1, D) images and (n, 5, D) captions on `device`, ids on the CPU."""
     import torch
 

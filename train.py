@@ -37,7 +37,7 @@ from tqdm import tqdm
 import baselines
 import cli
 import data
-import folds
+import features
 import knn
 import metrics
 import model
@@ -292,7 +292,7 @@ def knn_val(net, fold, scoring):
     """The KNN head on the validation images: each query (one per caption under "each", else the
     image's code) votes among the fold's training codes (knn.knn_scores' defaults, as evaluate.py
     --head knn). -> probs (n_val, C) numpy."""
-    db = folds.knn_database(net, fold["train"], scoring)  # (n_train, bits)
+    db = runs.knn_database(net, fold["train"], scoring)  # (n_train, bits)
     q = score(net, fold["val"], scoring, keep_queries=True)
     return knn.knn_head(
         q.query_codes,
@@ -384,7 +384,7 @@ def build_run(args, fold=None):
     r = dict(setup(args), args=args)
     t0 = time.time()
     if fold is None:
-        fold = folds.load_fold(
+        fold = features.load_fold(
             args.features, args.splits, args.fold, r["device"], args.inputs, args.batch_size
         )
     cfg = head_config(args, len(fold["train"]["ids"]))

@@ -34,7 +34,6 @@ import torch
 import cli
 import data
 import features
-import folds
 import metrics
 import report
 import model
@@ -179,7 +178,7 @@ def probe(feats, splits, text_input, jobs, seed=0):
     args = train.get_args_parser().parse_args(
         ["--features", feats, "--splits", splits, "--out_dir", "-"]
     )
-    f = folds.load_fold(args, torch.device("cpu"))
+    f = features.load_fold(args.features, args.splits, 0, torch.device("cpu"))
     tr, va = f["train"], f["val"]
 
     def x(split, cap):  # (n, D) image view 0, (n, D) caption -> (n, 2D) numpy

@@ -425,14 +425,13 @@ def _fold_cache(root, n=300):
 
 
 def _load_fold(feats, splits):
-    """folds.load_fold of fold 0 on the cpu, as train.py calls it."""
-    import folds
+    """features.load_fold of fold 0 on the cpu, as train.py calls it."""
 
-    return folds.load_fold(str(feats), str(splits), 0, torch.device("cpu"), "both", 16)
+    return features.load_fold(str(feats), str(splits), 0, torch.device("cpu"), "both", 16)
 
 
 def test_load_fold_equals_the_whole_cache_gathered(tmp_path, monkeypatch):
-    """folds.load_fold reads only the fold's rows, chunk by chunk; it equals the old way (every
+    """features.load_fold reads only the fold's rows, chunk by chunk; it equals the old way (every
     tensor loaded whole, then the fold's rows gathered) tensor for tensor, and load_features equals
     safetensors' load_file."""
     from safetensors.torch import load_file
