@@ -1,6 +1,6 @@
 """
 Cross-validation tables of both heads from train.py's fold folders, comparisons between runs
-(ablations), and the runs beside the published numbers of their protocol (literature.py).
+(ablations), and the runs beside the published numbers of their protocol (report/literature.py).
 
     python aggregate.py outputs/siglip2_hash64             # -> cv_results.csv, .md in the run
     python aggregate.py outputs/hash64 outputs/hash32 outputs/hash128   # + comparison.{md,csv}
@@ -39,9 +39,9 @@ import numpy as np
 
 import cli
 import data
-import literature
 import metrics
 import report
+from report import literature
 from runs import fold_dirs, fold_finished
 
 COLUMNS = (*metrics.METRIC_NAMES, "best_epoch")

@@ -43,7 +43,6 @@ import torch
 
 import cli
 import data
-import evaluate_outputs
 import features
 import knn
 import metrics
@@ -51,6 +50,7 @@ import model
 import protocols
 import retrieval
 import runs
+from report import evaluation
 
 KNN = {
     k: p.default for k, p in inspect.signature(knn.knn_scores).parameters.items()
@@ -440,9 +440,9 @@ def main(args):
     out_dir = args.out_dir or os.path.join(
         args.ensemble or os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}"
     )
-    evaluate_outputs.write_split(args, res, ctx, paths, out_dir)
-    evaluate_outputs.print_summary(args, res)
-    return evaluate_outputs.summary_of(args, res, ctx, paths)
+    evaluation.write_split(args, res, ctx, paths, out_dir)
+    evaluation.print_summary(args, res)
+    return evaluation.summary_of(args, res, ctx, paths)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ eval_test/metrics.csv exists is skipped without starting run_cv.sh, and an inter
 Then the report folder <study>/report/: aggregate.py's CV tables and comparisons of the runs, every
 table of them as .csv/.md/.tex (CV, both heads and their paired test, test tables with 95% bootstrap
 CIs of all 15 metrics, the runs side by side) and figures as .png/.pdf (learning curves, mAP against
-bits), the literature table of the splits file's protocol (literature.py), the reference run's
-per-class, confusion and fold analysis, and report.md linking them in the order of a results
+bits), the literature table of the splits file's protocol (report/literature.py), the reference
+run's per-class, confusion and fold analysis, and report.md linking them in the order of a results
 chapter. The report is skipped when no run's results changed since it was written (report/.inputs).
 """
 
@@ -33,11 +33,11 @@ import numpy as np
 import aggregate
 import cli
 import data
-import literature
 import metrics
 import report
-from runs import fold_dirs
 from aggregate import COLUMNS, head_tests, heads_of, summary  # what the CV tables show
+from report import literature
+from runs import fold_dirs
 
 RUNS = [
     ("hash64", []),

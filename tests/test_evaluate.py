@@ -23,12 +23,12 @@ from sklearn.metrics import average_precision_score
 
 import data
 import evaluate
-import evaluate_outputs
 import features
 import metrics
-import retrieval
 import model
+import retrieval
 import synthetic
+from report import evaluation
 
 MODEL_ARGS = dict(
     dim=32, num_classes=80, fusion="hadamard", decompose=True, mlp_dims=[24], dropout=0.1, bits=16
@@ -301,7 +301,7 @@ def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_p
         np.testing.assert_allclose(z["member_probs"][k], p, atol=1e-5)
         np.testing.assert_array_equal(z["labels"], y)
     # each checkpoint alone gives exactly its row of the ensemble's table (both heads); no plots
-    monkeypatch.setattr(evaluate_outputs.report, "save_plots", lambda *a, **kw: [])
+    monkeypatch.setattr(evaluation.report, "save_plots", lambda *a, **kw: [])
     for k in range(5):
         single = tmp_path / f"single{k}"
         run(

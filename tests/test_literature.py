@@ -1,9 +1,9 @@
-"""literature.py through aggregate.py: on fake run folders of each protocol the literature table is
-written (.md/.csv/.tex) with every anchor of that protocol and its source, none of another protocol,
-our rows marked "frozen SigLIP2-B/16-256" with their input setting and the numbers of
+"""report/literature.py through aggregate.py: on fake run folders of each protocol the literature
+table is written (.md/.csv/.tex) with every anchor of that protocol and its source, none of another
+protocol, our rows marked "frozen SigLIP2-B/16-256" with their input setting and the numbers of
 eval_test/metrics.json; for karpathy_cv it says no published number uses the protocol. Runs of
-different protocols never share a table: literature.write raises data.DataError, aggregate.py
-exits with one line (code 2).
+different protocols never share a table: literature.write raises data.DataError, aggregate.py exits
+with one line (code 2).
 
     python -m pytest -q tests/test_literature.py
 """
@@ -13,14 +13,14 @@ import json
 
 import numpy as np
 import pytest
+import test_aggregate as ta
+import test_report
 
 import aggregate
 import data
-import literature
 import metrics
 import protocols
-import test_aggregate as ta
-import test_report
+from report import literature
 
 SIGLIP = {"model": "google/siglip2-base-patch16-256", "image_size": 256}
 RETRIEVAL_KEYS = (

@@ -1,6 +1,7 @@
 """Reports: tables (one writer for CSV, Markdown and LaTeX), the error analysis (per-class counts,
 the missed-A-predicted-B matrix) and the figures of an evaluation or a study. Arrays in, files out;
-evaluate.py, aggregate.py and study.py call it.
+evaluate.py, aggregate.py and study.py call it. Its two modules: report.evaluation (what evaluate.py
+writes) and report.literature (the published anchors of each protocol beside our numbers).
 
     report.write_table("out/cv", ["run", *metrics.METRIC_NAMES], rows, caption="5-fold CV")
     rows = report.per_class_rows(y, p, thr, categories)   # per_class.csv rows with TP, FP, FN, TN

@@ -1,7 +1,8 @@
 """What evaluate.py leaves behind: the files of one evaluation in --out_dir, its terminal summary.
 
-    evaluate_outputs.write_split(args, res, ctx, paths, out_dir)  # metrics.json, CSVs, npz, figures
-    evaluate_outputs.print_summary(args, res)        # the metrics table, thresholds, CIs, retrieval
+    from report import evaluation
+    evaluation.write_split(args, res, ctx, paths, out_dir)  # metrics.json, CSVs, npz, figures
+    evaluation.print_summary(args, res)        # the metrics table, thresholds, CIs, retrieval
 
 res is evaluate.score_split's result, ctx evaluate.load_inputs' and args evaluate.py's flags; the
 file list and what each file holds are in evaluate.py's docstring. Every file is written atomically
