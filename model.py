@@ -163,7 +163,7 @@ TEXT_INPUTS = (
     "each",
     "mean",
 )  # what a training step feeds: one caption, or a caption subset's mean
-SCORING_RULES = ("each", "subsets", "mean")  # how an image is scored over its captions
+SCORING_RULES = ("each", "each_mean", "mean", "subsets")  # how an image is scored over its captions
 SCHEDULERS = ("cosine", "cosine_restarts")
 SMALL_DATA = 20_000  # from this many training images the bits-0 baseline is an MLP (resolved)
 BASELINE_MLP = (1024, 512)  # the plain-MLP baseline's hidden widths
@@ -209,7 +209,9 @@ class HeadConfig:
         "mean", "training text: a caption subset's mean, or one caption", choices=TEXT_INPUTS
     )
     scoring: str = _opt(
-        "each", "scoring: each caption alone, every subset, or the mean", choices=SCORING_RULES
+        "each",
+        "scoring over the captions: each, each + their mean, the mean, every subset",
+        choices=SCORING_RULES,
     )
     # loss weights (head_loss)
     hash_weight: float = _opt(
@@ -560,16 +562,19 @@ def sample_text(text, n_captions, text_input):
 
 
 def scoring_passes(slots, rule):
-    """The scoring rule: which caption slots each pass averages, as lists of slot indices. "each":
-    one pass per caption; "subsets": one per non-empty subset of the captions (2^T - 1: 31 for 5),
-    singles first; "mean": one pass on the mean of all captions. An image uses the passes whose
-    slots it has (all of them under "mean"); one without a caption uses pass 0 alone, with no text.
-    """
-    if rule == "each":
-        return [[c] for c in range(slots)]
-    if rule == "mean":
-        return [list(range(slots))]
-    return [list(t) for k in range(1, slots + 1) for t in itertools.combinations(range(slots), k)]
+    """The scoring rule's passes over T = slots caption slots, as (slot list, need): a pass feeds
+    the mean of its slots' captions and is used by the images with at least `need` captions.
+    "each": one pass per caption; "each_mean": those and one on the mean of all the image's
+    captions; "mean": that one alone; "subsets": one per non-empty subset of the captions (2^T - 1:
+    31 for 5). Single captions come first. An image without a caption uses pass 0 alone, no text."""
+    singles = [([c], c + 1) for c in range(slots)]
+    every = [(list(range(slots)), 1)]  # the mean of the captions an image has
+    if rule == "subsets":
+        subsets = itertools.chain(
+            *(itertools.combinations(range(slots), k) for k in range(1, slots + 1))
+        )
+        return [(list(t), t[-1] + 1) for t in subsets]
+    return {"each": singles, "mean": every, "each_mean": singles + every * (slots > 1)}[rule]
 
 
 @torch.no_grad()
@@ -581,29 +586,30 @@ def score_embeddings(
 
     image (N, D) view 0; text (N, T, D) with zero rows past n_captions (N,). The head's
     probabilities and codes are averaged over the image's scoring passes (scoring_passes: rule
-    "each", "subsets" or "mean"). An image without a caption is scored once with no text; a head
-    that reads only the image runs once. keep_queries: also the KNN head's queries, at most one per
-    caption by design: the per-caption codes under "each", the image's averaged code under the
-    others. Tensors may live on any device: batches go to the head's device, results come back to
-    the CPU in float32. amp_dtype: autocast.
+    "each", "each_mean", "mean" or "subsets"). An image without a caption is scored once with no
+    text; a head that reads only the image runs once. keep_queries: also the KNN head's queries, at
+    most one per caption by design: the single-caption passes' codes (every rule but "mean"), else
+    the image's averaged code. Tensors may live on any device: batches go to the head's device,
+    results come back to the CPU in float32. amp_dtype: autocast.
     """
     device = next(head.parameters()).device
     was_training = head.training
     head.eval()
     slots = 1 if head.inputs == "image" else max(1, text.shape[1])
     passes = scoring_passes(slots, rule)
-    need = torch.tensor([p[-1] if rule != "mean" else 0 for p in passes], device=device)  # (P,)
+    need = torch.tensor([k for _, k in passes], device=device)  # (P,) captions a pass needs
+    first = torch.arange(len(passes), device=device) == 0  # (P,)
+    single = [i for i, (p, _) in enumerate(passes) if len(p) == 1]  # the per-caption passes
     probs, codes, queries, masks = [], [], [], []
     for s in range(0, len(image), batch_size):
         img = image[s : s + batch_size].to(device).float()  # (b, D)
         txt, n = text[s : s + batch_size].to(device), n_captions[s : s + batch_size].to(device)
         if head.inputs == "image":
             txt, n = txt[:, :1] * 0, torch.ones_like(n)
-        # (b, P): the passes an image has; pass 0 for an image without text
-        used = (n[:, None] > need) | ((n[:, None] == 0) & (need == 0))
+        used = (n[:, None] >= need) | ((n[:, None] == 0) & first)  # (b, P) the passes an image has
         cap = torch.arange(txt.shape[1], device=device) < n[:, None]  # (b, T) real caption slots
         p_sum, h_pass = 0.0, []
-        for c, slot in enumerate(passes):
+        for c, (slot, _) in enumerate(passes):
             sel = txt[:, slot].float() * cap[:, slot, None]  # (b, |slot|, D), zero past n
             mean = sel.sum(1) / cap[:, slot].sum(1, keepdim=True).clamp_min(1)  # (b, D)
             with torch.autocast(
@@ -618,9 +624,9 @@ def score_embeddings(
         if h_pass:
             stacked = torch.stack(h_pass, 1)  # (b, P, bits)
             codes.append((stacked.sum(1) / n_used).cpu())
-            if keep_queries and rule == "each":  # one query per caption
-                queries.append(stacked.cpu())
-                masks.append(used.cpu())
+            if keep_queries and rule != "mean":  # one query per caption
+                queries.append(stacked[:, single].cpu())
+                masks.append(used[:, single].cpu())
             elif keep_queries:  # one query per image: its averaged code
                 queries.append(codes[-1][:, None])
                 masks.append(torch.ones(len(img), 1, dtype=torch.bool))

@@ -50,6 +50,7 @@ RUNS = {
     "bits0_each": ["--bits", "0", "--text_input", "each"],
     "bits64_subsets": ["--scoring", "subsets"],
     "bits64_mean": ["--scoring", "mean"],
+    "bits64_each_mean": ["--scoring", "each_mean"],
 }  # train.py flags on top of the defaults (--text_input mean, --scoring each)
 PROBES = ("each", "mean")
 RANK = model.HeadConfig.bits  # the probe is also scored cut to this rank: the default code length
