@@ -1,5 +1,7 @@
-"""bench.py --quick end to end: every section runs the product's functions and writes finite figures to bench.json;
-the references agree with the product where they compute the same thing; bad flags are one-line errors.
+"""`python -m bench --quick` end to end: every section runs the product's functions and writes
+finite figures to bench.json (the fold section: a whole train.py child process, whose phases add
+up); the references agree with the product where they compute the same thing; bad flags are
+one-line errors; bench.learning's rank-cut probe.
 
 Performance targets are not asserted (timings on a shared CPU are noisy); the full run reports them.
 """
@@ -11,7 +13,7 @@ import os
 import pytest
 import torch
 
-import bench
+from bench import bench
 
 
 def numbers(obj, path="bench"):
@@ -29,7 +31,8 @@ def numbers(obj, path="bench"):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    # one thread: on a shared CPU multi-threaded small ops stall; main() sets it process-wide, so restore it
+    # one thread: on a shared CPU multi-threaded small ops stall; main() sets it process-wide, so
+    # restore it
     args = bench.get_args_parser().parse_args(
         ["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]
     )
@@ -56,7 +59,18 @@ def test_every_section_writes_finite_figures(quick, capsys):
     assert len(res["targets"]) == len(bench.TARGETS) and all(
         isinstance(t["pass"], bool) for t in res["targets"]
     )
-    assert res["meta"]["command"].startswith("python bench.py")
+    assert res["meta"]["command"].startswith("python -m bench")
+
+
+def test_fold_is_a_whole_train_py_run(quick):
+    fold = quick[1]["fold"]
+    phases = ("load_s", "epoch_s", "val_s", "knn_s")
+    assert all(math.isfinite(fold[k]) and fold[k] >= 0 for k in phases + ("wall_s",))
+    assert fold["wall_s"] >= sum(fold[k] for k in phases)  # the child's wall time holds them all
+    assert fold["rest_s"] == pytest.approx(fold["wall_s"] - sum(fold[k] for k in phases))
+    assert fold["epoch_s"] > 0 and fold["naive_epoch_s"] > 0 and fold["over_naive"] > 0
+    assert fold["scoring"] == "each" and fold["n_val"] == 200  # train.py's defaults, --quick
+    assert fold["n_train"] > fold["n_val"]
 
 
 def test_references_agree_with_the_product(quick):
@@ -87,7 +101,7 @@ def test_memory_and_decode_measure_child_processes(quick):
 def test_bad_flags_are_one_line_errors(capsys):
     for argv in (
         ["--sections", "nope"],
-        ["--sections", "9"],
+        ["--sections", str(len(bench.SECTIONS) + 1)],
         ["--device", "tpu"],
         ["--threads", "0"],
     ):
@@ -104,14 +118,15 @@ def test_bad_flags_are_one_line_errors(capsys):
 
 
 def test_rank_cut_probe_is_the_probe_at_full_rank(tmp_path, monkeypatch):
-    """bench_learning's rank-64 reference rebuilds the probe from its weights: uncut, it is the probe itself."""
-    import bench_learning
+    """bench.learning's rank-64 reference rebuilds the probe from its weights: uncut, it is the
+    probe itself."""
+    from bench import learning
 
-    feats, _ = bench_learning.write_data(str(tmp_path), 3000, 0, [500])
+    feats, _ = learning.write_data(str(tmp_path), 3000, 0, [500])
     splits = str(tmp_path / "splits_500.json")
-    cut = bench_learning.probe(feats, splits, "each", 1)
-    monkeypatch.setattr(bench_learning, "RANK", 80)
-    full = bench_learning.probe(feats, splits, "mean", 1)
+    cut = learning.probe(feats, splits, "each", 1)
+    monkeypatch.setattr(learning, "RANK", 80)
+    full = learning.probe(feats, splits, "mean", 1)
     assert full["low_rank"]["mAP_macro"] == pytest.approx(full["mAP_macro"], abs=1e-9)
     assert full["low_rank"]["f1_micro"] == pytest.approx(full["f1_micro"], abs=1e-9)
     sv = cut["singular_values"]
@@ -121,13 +136,13 @@ def test_rank_cut_probe_is_the_probe_at_full_rank(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(
     not os.environ.get("BENCH_LEARNING"),
-    reason="set BENCH_LEARNING=1 to run bench_learning.py "
+    reason="set BENCH_LEARNING=1 to run python -m bench.learning "
     "--quick (~30 s: a planted cache, four probes, four train.py runs)",
 )
 def test_bench_learning_quick(tmp_path):
-    import bench_learning
+    from bench import learning
 
-    args = bench_learning.get_args_parser().parse_args(
+    args = learning.get_args_parser().parse_args(
         [
             "--quick",
             "--threads",
@@ -140,7 +155,7 @@ def test_bench_learning_quick(tmp_path):
             str(tmp_path / "l.json"),
         ]
     )
-    res = bench_learning.main(args)
+    res = learning.main(args)
     assert [r["size"] for r in res["rows"]] == [500, 1000] and res["n_val"] == 500  # 3,000 // 6
     for row in res["rows"]:
         for key in (
@@ -161,4 +176,4 @@ def test_bench_learning_quick(tmp_path):
         tmp_path / "work" / "quick_seed0"
     )  # one folder per setting: a full run never reuses quick work
     assert json.load(open(work / "1000" / "probe_each.json"))["rank"] == 64
-    assert bench_learning.main(args)["rows"] == res["rows"]  # a rerun reuses the work
+    assert learning.main(args)["rows"] == res["rows"]  # a rerun reuses the work

@@ -1,4 +1,6 @@
-"""knn.knn_scores (the reference: chunked matmul + topk) against a brute-force numpy Hamming search; memory bound; optional full-size benchmark.
+"""knn.knn_scores (the reference: chunked matmul + topk) against a brute-force numpy Hamming search;
+knn.nearest's tie rule; the KNN head's vote over an image's queries; memory bound; optional
+full-size benchmark.
 
 python -m pytest -q tests/test_knn.py
 KNN_BENCH=1 python -m pytest -q -s tests/test_knn.py -k bench   # 23,657 x 94,630 x 64 bits + naive
@@ -20,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def exact_grid(q):
-    """The query rounding knn_scores defines for real queries, in numpy: each row times a power of two to
-    max |q_j| < 1, then rounded to a multiple of 2^-(23 - bit_length(2 * bits))."""
+    """The query rounding knn_scores defines for real queries, in numpy: each row times a power of
+    two to max |q_j| < 1, then rounded to a multiple of 2^-(23 - bit_length(2 * bits))."""
     s = 23 - (2 * q.shape[1]).bit_length()
     _, e = np.frexp(np.abs(q).max(1, keepdims=True))
     return np.round(np.ldexp(q.astype(np.float64), s - e)) / 2.0**s
@@ -29,7 +31,8 @@ def exact_grid(q):
 
 def brute_knn(q, d, labels, k, tau, vote, query="sign"):
     """Reference: Hamming by counting differing bits (query "real": the float64 weighted agreement
-    (1 + q.sign(d) / |q|_1) / 2 of the rounded query), stable order (nearest first, ties -> lower index)."""
+    (1 + q.sign(d) / |q|_1) / 2 of the rounded query), stable order (nearest first, ties -> lower
+    index)."""
     db = np.where(d >= 0, 1, -1)
     q = exact_grid(q) if query == "real" else q
     bits, k = q.shape[1], min(k, len(d))
@@ -105,20 +108,20 @@ def test_ties_lower_index_first_and_chunk_invariant():
     q, d, labels = _case(40, 500, 32, seed=5)
     full = knn.knn_scores(q, d, labels, k=20, chunk=None, query="sign")
     assert torch.equal(full, knn.knn_scores(q, d, labels, k=20, chunk=7, query="sign"))
-    q, d, labels = _case(
-        300, 40_000, 8, seed=6
-    )  # the default chunk (2^24 / N = 419 queries) > 300; chunk 7 splits them
-    assert torch.equal(
-        knn.knn_scores(q, d, labels, k=20, query="sign"),
-        knn.knn_scores(q, d, labels, k=20, chunk=7, query="sign"),
-    )
+    # the default chunk (knn.CHUNK_PRODUCTS // N queries: 52 on the CPU at 2^21) against chunk 7
+    # and one chunk holding all 300
+    q, d, labels = _case(300, 40_000, 8, seed=6)
+    default = knn.knn_scores(q, d, labels, k=20, query="sign")
+    assert torch.equal(default, knn.knn_scores(q, d, labels, k=20, chunk=7, query="sign"))
+    assert torch.equal(default, knn.knn_scores(q, d, labels, k=20, chunk=300, query="sign"))
 
 
 @pytest.mark.parametrize("vote", VOTES)
 def test_real_queries_equal_brute_force(vote):
-    # asymmetric distance: real-valued query codes against the sign of the database codes. Queries are
-    # multiples of 1/4 in [-1, 1] (every float32 sum exact, so ties are real ties), the database repeats codes
-    # across blocks, and one query is all zero (every code equally near: the lowest indices win)
+    # asymmetric distance: real-valued query codes against the sign of the database codes. Queries
+    # are multiples of 1/4 in [-1, 1] (every float32 sum exact, so ties are real ties), the database
+    # repeats codes across blocks, and one query is all zero (every code equally near: the lowest
+    # indices win)
     rng = np.random.default_rng(5)
     for bits in (64, 8):
         q = (rng.integers(-4, 5, (15, bits)) / 4).astype(np.float32)
@@ -141,8 +144,9 @@ def test_real_queries_equal_brute_force(vote):
 
 
 def test_real_queries_tanh_codes_exact_for_any_chunk():
-    # tanh-like codes with near-ties: the rounded queries make every product exact in float32, so a matrix-vector
-    # product (chunk 1), odd chunks and the default chunk pick the same neighbours as the float64 reference
+    # tanh-like codes with near-ties: the rounded queries make every product exact in float32, so a
+    # matrix-vector product (chunk 1), odd chunks and the default chunk pick the same neighbours as
+    # the float64 reference
     rng = np.random.default_rng(9)
     q = np.tanh(rng.standard_normal((300, 64)) * 0.5).astype(np.float32)
     d = rng.standard_normal((3000, 64)).astype(np.float32)
@@ -165,8 +169,8 @@ def test_large_database_256_bits():
 
 
 def test_heavy_ties_any_bits_and_chunk():
-    # 4-bit codes: 16 distinct codes among 500, so nearly every distance is tied; and code lengths that no
-    # packing would like (1, 3, 100, 255, 256): every one picks exactly the brute-force neighbours
+    # 4-bit codes: 16 distinct codes among 500, so nearly every distance is tied; and code lengths
+    # that no packing would like (1, 3, 100, 255, 256): every one picks the brute-force neighbours
     q, d, labels = _case(30, 500, 4, seed=11)
     for vote in VOTES:
         ref = brute_knn(q, d, labels, 20, 0.07, vote)
@@ -192,9 +196,10 @@ def test_heavy_ties_any_bits_and_chunk():
         )
 
 
-def test_knn_head_averages_the_captions_votes():
-    # each code of an image's passes votes on its own and the image's scores are the mean over the passes it
-    # uses (caption_mask; an image without a caption has one, from its image alone)
+def test_knn_head_averages_the_queries_votes():
+    # each query of an image (one per caption under scoring rule "each") votes on its own and the
+    # image's scores are the mean over the queries it has (query_mask; an image without a caption
+    # has one, from its image alone)
     rng = np.random.default_rng(3)
     caps = torch.from_numpy(rng.standard_normal((5, 3, 16)).astype(np.float32))
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 0, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
@@ -205,6 +210,19 @@ def test_knn_head_averages_the_captions_votes():
     for i in range(5):
         want = knn.knn_scores(caps[i, mask[i]], d, labels, k=7).mean(0)
         torch.testing.assert_close(got[i], want)
+    # one query per image (rules "subsets" and "mean": the averaged code): knn_scores itself
+    one = knn.knn_head(caps[:, :1], torch.ones(5, 1, dtype=torch.bool), d, labels, k=7)
+    torch.testing.assert_close(one, knn.knn_scores(caps[:, 0], d, labels, k=7))
+
+
+def test_nearest_is_a_stable_ranking():
+    """knn.nearest: the k largest similarities, nearest first, equal similarities lower index first,
+    against a stable sort of every row (ties across the k-th place included)."""
+    rng = np.random.default_rng(4)
+    for levels, n, k in ((3, 50, 10), (1000, 200, 20), (2, 9, 9), (5, 30, 1)):
+        dot = torch.from_numpy(rng.integers(0, levels, (40, n)).astype(np.float32))
+        ref = np.stack([np.lexsort((np.arange(n), -row))[:k] for row in dot.numpy()])
+        np.testing.assert_array_equal(knn.nearest(dot, k).numpy(), ref, err_msg=f"{levels} {n} {k}")
 
 
 def test_bad_arguments():
@@ -220,7 +238,8 @@ def test_bad_arguments():
     assert knn.knn_scores(q[:0], d, labels).shape == (0, 80)
 
 
-# peak-memory probe run inside the child process: reset the RSS high-water mark, then read it back (MiB)
+# peak-memory probe run inside the child process: reset the RSS high-water mark, then read it back
+# (MiB)
 PEAK = """
 import re
 def _status(key):
@@ -237,7 +256,8 @@ def peak():
     not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peak RSS"
 )
 def test_memory_bounded_at_full_database_size():
-    """600 queries (chunks of 22) x 94,630 codes x 64 bits in a fresh process: the extra peak RSS stays small."""
+    """600 queries (chunks of 22) x 94,630 codes x 64 bits in a fresh process: the extra peak RSS
+    stays small."""
     code = PEAK + textwrap.dedent(f"""
         import sys, time, torch
         sys.path.insert(0, {ROOT!r}); torch.set_num_threads(1)
@@ -259,7 +279,8 @@ def test_memory_bounded_at_full_database_size():
     not os.environ.get("KNN_BENCH"), reason="set KNN_BENCH=1 for the full-size benchmark"
 )
 def test_bench_full_size_and_naive():
-    """Report only: 23,657 queries x 94,630 codes x 64 bits, and a naive full-matrix search scaled up."""
+    """Report only: 23,657 queries x 94,630 codes x 64 bits, and a naive full-matrix search scaled
+    up."""
     code = PEAK + textwrap.dedent(f"""
         import sys, time, numpy as np, torch
         sys.path.insert(0, {ROOT!r})
@@ -281,7 +302,8 @@ def test_bench_full_size_and_naive():
         naive = np.einsum("qk,qkc->qc", w, labn[order])
         dn = (time.time() - t) * Q / 64
         assert np.allclose(naive, s[:64].numpy(), atol=1e-5)
-        print(f"threads {{torch.get_num_threads()}}: chunked {{dt:.1f}} s, peak extra {{extra:.0f}} MiB; "
+        print(f"threads {{torch.get_num_threads()}}: chunked {{dt:.1f}} s, "
+              f"peak extra {{extra:.0f}} MiB; "
               f"naive full-matrix (64 queries, scaled to {{Q}}) {{dn:.0f}} s, "
               f"its full int64 distance matrix would need {{Q * N * 8 / 2**30:.1f}} GiB")
     """)

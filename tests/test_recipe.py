@@ -1,7 +1,11 @@
-"""One recipe and nothing COCO-only after the cache: the defaults of HashHead / head_loss / knn_scores are the ones
-train.py and evaluate.py use; any class count trains and evaluates end to end; a dataset without captions goes
-through the second loader (data.load_jsonl) with --inputs image; an image without text is scored from its image."""
+"""One recipe and nothing COCO-only after the cache: model.HeadConfig holds the defaults train.py's
+flags, HashHead() and head_loss use (and knn_scores' those of evaluate.py's KNN flags); the scoring
+rules score an image over its captions; any class count trains and evaluates end to end; a dataset
+without captions goes through the second loader (data.load_jsonl) with --inputs image; an image
+without text is scored from its image."""
 
+import dataclasses
+import inspect
 import itertools
 import json
 
@@ -29,66 +33,115 @@ def run(script, *argv):
     return script.main(script.get_args_parser().parse_args([str(a) for a in argv]))
 
 
+def _resolved_arch(n_train=None, **flags):
+    """HashHead's model_args for HeadConfig(**flags) resolved for n_train images (768-d, 80)."""
+    cfg = model.HeadConfig(**flags).resolved(n_train)
+    return model.HashHead(768, 80, **cfg.arch()).model_args
+
+
 def test_defaults_are_one_recipe():
-    args = train.get_args_parser().parse_args(BASE)
-    for n in (
-        100,
-        model.SMALL_DATA - 1,
-        model.SMALL_DATA,
-        10**6,
-    ):  # with a hash layer: one recipe at every size
-        assert (
-            train.model_args_of(args, 768, 80, n) == model.HashHead().model_args
-        )  # HashHead() is train.py's model
-        assert train.resolved(args, n)["lr"] == model.recipe_defaults(64)["lr"] == 1e-2
-    assert (
-        model.HashHead().model_args["mlp_dims"] == []
-        and model.HashHead().model_args["code_from"] == "evidence"
+    """HeadConfig is the one home of the recipe: train.py's flags default to its fields, HashHead()
+    is its resolved architecture, head_loss's weights are its loss fields."""
+    parser = train.get_args_parser()
+    args = parser.parse_args(BASE)
+    for f in dataclasses.fields(model.HeadConfig):
+        assert parser.get_default(f.name) == f.default == getattr(args, f.name), f.name
+    big = model.HeadConfig().resolved()  # n_train None: a large set
+    assert model.HashHead().model_args == dict(
+        dim=768, num_classes=80, **dict(big.arch(), mlp_dims=list(big.mlp_dims))
     )
-    loss = {
-        k: getattr(args, k)
-        for k in ("hash_weight", "lambda_balance", "lambda_decorr", "sign_weight")
-    }
-    assert loss == {k: train.inspect.signature(model.head_loss).parameters[k].default for k in loss}
-    # the bits-0 baseline: an MLP from SMALL_DATA training images on, the linear head below
-    zero = train.get_args_parser().parse_args(BASE + ["--bits", "0"])
-    big = model.recipe_defaults(0, model.SMALL_DATA)
-    assert (
-        train.model_args_of(zero, 768, 80, model.SMALL_DATA)
-        == model.HashHead(bits=0, **{k: big[k] for k in ("mlp_dims", "input_norm")}).model_args
-    )
-    assert (
-        big["mlp_dims"] == model.BASELINE_MLP
-        and train.resolved(zero, model.SMALL_DATA)["lr"] == 3e-4
-    )
-    assert (
-        train.model_args_of(zero, 768, 80, model.SMALL_DATA - 1)
-        == model.HashHead(bits=0).model_args
-    )
-    assert (
-        train.resolved(zero, 100)["lr"] == 1e-2
-        and model.HashHead(bits=0).model_args["input_dropout"] == 0.0
-    )
-    assert big["input_dropout"] == 0.5 and model.HashHead().model_args["input_dropout"] == 0.35
-    # input dropout follows the architecture: an explicit MLP without codes gets the MLP's at any size
-    wide = train.get_args_parser().parse_args(BASE + ["--bits", "0", "--mlp_dims", "256"])
-    assert (
-        train.resolved(wide, 100)["input_dropout"] == 0.5
-        and train.resolved(zero, 100)["input_dropout"] == 0.0
-    )
-    mlp = train.get_args_parser().parse_args(
-        BASE + ["--mlp_dims", "256", "--lr", "1e-3"]
-    )  # a flag beats the rule
-    assert (
-        train.model_args_of(mlp, 768, 80, 100)["mlp_dims"] == [256]
-        and train.resolved(mlp, 100)["lr"] == 1e-3
-    )
+    for n in (100, model.SMALL_DATA - 1, model.SMALL_DATA, 10**6):  # with codes: one recipe
+        cfg = train.head_config(args, n)
+        assert train.model_args_of(args, cfg, 768, 80) == model.HashHead().model_args
+        assert cfg.lr == 1e-2 and cfg.scoring == "each" and cfg.text_input == "mean"
+    head = model.HashHead().model_args
+    assert head["mlp_dims"] == [] and head["code_from"] == "evidence" and head["bits"] == 64
+    assert head["input_dropout"] == 0.35 and head["code_gain"] == 5.0
+    # head_loss without weights is head_loss with HeadConfig's
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(8, 5, generator=g), (torch.rand(8, 5, generator=g) < 0.3).float()
+    h, sl = torch.tanh(torch.randn(8, 16, generator=g)), torch.randn(8, 5, generator=g)
+    weights = {k: getattr(model.HeadConfig(), k) for k in model.LOSS_FIELDS}
+    weights.update(hash_weight=0.5, sign_weight=0.3)  # the defaults are 0: show the others act
+    loss, terms = model.head_loss(logits, y, h, sign_logits=sl, hash_weight=0.5, sign_weight=0.3)
+    want, want_terms = model.head_loss(logits, y, h, sign_logits=sl, **weights)
+    assert loss.item() == want.item() and terms == want_terms
+    with pytest.raises(TypeError):
+        model.head_loss(logits, y, h, code_gain=1.0)  # not a loss weight
+
+    # the bits-0 baseline: from SMALL_DATA training images an MLP (HashHead(bits=0), the large
+    # set's), below it the linear head
+    zero = parser.parse_args(BASE + ["--bits", "0"])
+    cfg = train.head_config(zero, model.SMALL_DATA)
+    big0 = train.model_args_of(zero, cfg, 768, 80)
+    assert big0 == model.HashHead(bits=0).model_args == _resolved_arch(bits=0)
+    assert big0["mlp_dims"] == list(model.BASELINE_MLP) and big0["input_norm"] == "batchnorm"
+    assert big0["input_dropout"] == 0.5 and cfg.lr == 3e-4
+    cfg = train.head_config(zero, model.SMALL_DATA - 1)
+    small0 = train.model_args_of(zero, cfg, 768, 80)
+    # the linear head: no MLP, no input norm (HashHead's large-set rule would standardise)
+    assert small0 == model.HashHead(bits=0, mlp_dims=(), input_norm="none").model_args
+    assert small0["mlp_dims"] == [] and small0["input_norm"] == "none"
+    assert small0["input_dropout"] == 0.0 and cfg.lr == 1e-2
+    assert train.head_config(zero, 100).input_dropout == 0.0
+    # input dropout follows the architecture: an explicit MLP without codes gets the MLP's
+    wide = parser.parse_args(BASE + ["--bits", "0", "--mlp_dims", "256"])
+    assert train.head_config(wide, 100).input_dropout == 0.5
+    mlp = parser.parse_args(BASE + ["--mlp_dims", "256", "--lr", "1e-3"])  # a flag beats the rule
+    cfg = train.head_config(mlp, 100)
+    assert train.model_args_of(mlp, cfg, 768, 80)["mlp_dims"] == [256] and cfg.lr == 1e-3
+    # the KNN head's defaults live in knn.knn_scores' signature; evaluate.py's flags follow them
     ev = evaluate.get_args_parser().parse_args(["--ensemble", "r"])
-    sig = train.inspect.signature(knn.knn_scores).parameters
+    sig = inspect.signature(knn.knn_scores).parameters
     assert (ev.knn_k, ev.knn_tau, ev.knn_vote, ev.knn_query) == tuple(
         sig[k].default for k in ("k", "tau", "vote", "query")
     )
     assert (ev.knn_k, ev.knn_query) == (100, "real")
+
+
+def _help_line(parser, flag):
+    """The --help line of one flag, unwrapped."""
+    text = parser.format_help()
+    return next(ln for ln in text.splitlines() if ln.strip().startswith(flag + " "))
+
+
+def test_one_default_changes_help_config_and_head_together(tmp_path, monkeypatch, capsys):
+    """Changing one default in the dataclass changes train.py's help, the printed (and written)
+    config and HashHead() together: nothing else holds a copy."""
+    monkeypatch.setenv("COLUMNS", "250")  # one help entry per line
+    meta = {f.name: f.metadata for f in dataclasses.fields(model.HeadConfig)}["bits"]
+    bits = dataclasses.field(default=32, metadata=meta)  # the dataclass, one default changed
+    patched = dataclasses.make_dataclass(
+        "HeadConfig", [("bits", int, bits)], bases=(model.HeadConfig,)
+    )
+    assert "(default: 64)" in _help_line(train.get_args_parser(), "--bits BITS")
+    monkeypatch.setattr(model, "HeadConfig", patched)
+    assert "(default: 32)" in _help_line(train.get_args_parser(), "--bits BITS")
+    assert model.HashHead().bits == 32 and model.HashHead().model_args["bits"] == 32
+    assert model.HashHead().hash.out_features == 32
+    feats = synthetic.make_planted_features(200, dim=32, seed=4)
+    features.save_features(tmp_path / "f.safetensors", feats, feats["meta"])
+    dev = sorted(feats["ids"].tolist())
+    splits = {
+        "method": "random",
+        "folds": 2,
+        "seed": 0,
+        "categories": data.COCO_CATEGORIES,
+        "dev": dev,
+        "test": [],
+        "val_folds": [dev[0::2], dev[1::2]],
+        "stats": [{}, {}],
+    }
+    data.save_json(tmp_path / "s.json", splits)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    data_flags = ["--features", tmp_path / "f.safetensors", "--splits", tmp_path / "s.json"]
+    run(train, *data_flags, "--out_dir", out, "--epochs", 1, "--device", "cpu", "--num_threads", 1)
+    recipe = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("recipe: "))
+    assert ", bits 32," in recipe
+    config = json.loads((out / "config.json").read_text())
+    assert config["bits"] == 32 and config["model_args"]["bits"] == 32
+    assert np.load(out / "val_predictions.npz")["codes"].shape[1] == 32
 
 
 def test_image_without_text_is_scored_from_its_image():
@@ -105,30 +158,53 @@ def test_image_without_text_is_scored_from_its_image():
     h = torch.tanh(head.hash(torch.relu(head.evidence(head.mlp(x)) - head.prior_logit)))
     torch.testing.assert_close(none.logits, head.classifier(h))
     torch.testing.assert_close(head(img).logits, none.logits)  # txt None: the same
-    # score_embeddings: an image with no caption is one pass with no text; others average their captions
     txt = torch.randn(4, 3, 16)
     n = torch.tensor([0, 3, 1, 2])
     txt[n[:, None] <= torch.arange(3)] = 0
-    s = model.score_embeddings(head, img, txt, n, text_input="each")
+
+    def by_hand(i, texts):  # image i scored on each text row: (probs, codes) of every pass
+        out = head(img[i : i + 1].expand(len(texts), -1), torch.stack(texts))
+        return torch.sigmoid(out.logits), out.codes
+
+    # the default rule "each": one pass per real caption, alone; the KNN head's queries are those
+    # passes' codes (one per caption; an image without a caption has one, from its image alone)
+    s = model.score_embeddings(head, img, txt, n, keep_queries=True)
     torch.testing.assert_close(s.probs[0], torch.sigmoid(none.logits[0]))
-    want = torch.stack(
-        [torch.sigmoid(head(img[1:2], txt[1:2, c]).logits[0]) for c in range(3)]
-    ).mean(0)
-    torch.testing.assert_close(s.probs[1], want)
-    # "mean": one pass per non-empty subset of the image's captions, on its mean; per-pass codes and mask
-    mean = model.score_embeddings(head, img, txt, n, text_input="mean", keep_captions=True)
-    assert mean.caption_mask.sum(1).tolist() == [1, 7, 1, 3]  # 2^n - 1 passes; one with no text
-    subsets = [
-        txt[1, list(c)].mean(0) for k in (1, 2, 3) for c in itertools.combinations(range(3), k)
-    ]
-    out = head(img[1:2].expand(7, -1), torch.stack(subsets))
-    torch.testing.assert_close(mean.probs[1], torch.sigmoid(out.logits).mean(0))
-    torch.testing.assert_close(mean.codes[1], out.codes.mean(0))
-    torch.testing.assert_close(mean.caption_codes[1], out.codes)
-    two = head(img[3:4].expand(3, -1), torch.stack([txt[3, 0], txt[3, 1], txt[3, :2].mean(0)]))
-    torch.testing.assert_close(mean.probs[3], torch.sigmoid(two.logits).mean(0))
+    torch.testing.assert_close(s.codes[0], none.codes[0])
+    assert s.query_mask.tolist() == [[1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    for i in (1, 2, 3):
+        p, c = by_hand(i, [txt[i, j] for j in range(int(n[i]))])
+        torch.testing.assert_close(s.probs[i], p.mean(0))
+        torch.testing.assert_close(s.codes[i], c.mean(0))
+        torch.testing.assert_close(s.query_codes[i, : int(n[i])], c)
+    torch.testing.assert_close(s.query_codes[0, 0], none.codes[0])
+    assert not s.query_codes[~s.query_mask].any()
+    # "subsets": one pass per non-empty subset of the image's captions, on its mean; one query per
+    # image, its averaged code
+    sub = model.score_embeddings(head, img, txt, n, rule="subsets", keep_queries=True)
+    for i in (1, 2, 3):
+        caps = range(int(n[i]))
+        sets = [list(c) for k in range(1, len(caps) + 1) for c in itertools.combinations(caps, k)]
+        assert len(sets) == 2 ** int(n[i]) - 1
+        p, c = by_hand(i, [txt[i, c].mean(0) for c in sets])
+        torch.testing.assert_close(sub.probs[i], p.mean(0))
+        torch.testing.assert_close(sub.codes[i], c.mean(0))
+    torch.testing.assert_close(sub.probs[0], s.probs[0])
+    assert sub.query_codes.shape == (4, 1, 16) and sub.query_mask.all()
+    torch.testing.assert_close(sub.query_codes[:, 0], sub.codes)
+    # "mean": one pass on the mean of all the image's captions
+    mean = model.score_embeddings(head, img, txt, n, rule="mean", keep_queries=True)
+    for i in (1, 2, 3):
+        p, c = by_hand(i, [txt[i, : int(n[i])].mean(0)])
+        torch.testing.assert_close(mean.probs[i], p[0])
+        torch.testing.assert_close(mean.codes[i], c[0])
     torch.testing.assert_close(mean.probs[0], s.probs[0])
-    assert not mean.caption_codes[3, ~mean.caption_mask[3]].any()
+    assert mean.query_codes.shape == (4, 1, 16) and mean.query_mask.all()
+    # one rule, one result: batching does not change it
+    for rule in model.SCORING_RULES:
+        whole = model.score_embeddings(head, img, txt, n, rule=rule)
+        parts = model.score_embeddings(head, img, txt, n, rule=rule, batch_size=3)
+        torch.testing.assert_close(whole.probs, parts.probs)
 
 
 def _planted_run(root, num_classes, categories, *flags, n=360, folds=2, dim=32, train_folds=None):
@@ -219,8 +295,9 @@ def test_81_classes_not_cocos_train_and_evaluate(tmp_path, capsys):
 
 
 def test_image_only_inputs_learn(tmp_path):
-    # the image alone carries every planted label (its caption only some): at the calibrated 768 dimensions the
-    # image-only head learns them (measured here: 0.147 val mAP_macro, chance 0.037, 1,455 training images, 8 epochs)
+    # the image alone carries every planted label (its caption only some): at the calibrated 768
+    # dimensions the image-only head learns them (measured here: 0.147 val mAP_macro, chance
+    # 0.037, 1,455 training images, 8 epochs)
     feats = _planted_run(
         tmp_path,
         80,
@@ -252,7 +329,8 @@ def test_image_only_inputs_learn(tmp_path):
 
 
 def _jsonl_dataset(root, n=48, classes=20, seed=0):
-    """A generated 20-class image dataset without captions, as a JSON-lines manifest (the second loader)."""
+    """A generated 20-class image dataset without captions, as a JSON-lines manifest (the second
+    loader)."""
     rng = np.random.default_rng(seed)
     names = [f"shape{c:02d}" for c in range(classes)]
     lines = []
@@ -351,7 +429,7 @@ def test_second_loader_20_classes_without_captions(tmp_path, tiny_siglip, capsys
 
 
 def _views_cache(root, views=3):
-    """Planted features with `views` image views: view v = view 0 + a small, view-specific offset."""
+    """Planted features with `views` image views: view v = view 0 + a small view-specific offset."""
     feats = synthetic.make_planted_features(240, dim=32, seed=5)
     img = feats["image"].astype(np.float32)  # (N, 1, D)
     offsets = np.random.default_rng(0).standard_normal((1, views, 32)).astype(np.float32) * 0.5
@@ -491,8 +569,9 @@ def test_views_sampled_per_epoch_and_averaged_at_evaluation(tmp_path, monkeypatc
 
 
 def test_hashnet_protocol_retrieval_end_to_end(tmp_path):
-    """A splits file with a retrieval database: evaluate.py ranks the test codes against the database's codes
-    (minus the queries) and reports mAP@5000 / @all under every counting rule, each equal to retrieval_map."""
+    """A splits file with a retrieval database: evaluate.py ranks the test codes against the
+    database's codes (minus the queries) and reports mAP@5000 / @all under every counting rule, each
+    equal to retrieval_map."""
     import retrieval
 
     feats = synthetic.make_planted_features(400, dim=32, seed=6)

@@ -1,9 +1,10 @@
-"""train.py on a small planted feature cache: outputs and formats, exact resume, determinism, torch.compile,
-the lr schedule, and one-line errors with exit code 2 for bad input."""
+"""train.py on a small planted feature cache: outputs and formats, exact resume, determinism,
+torch.compile, the lr schedule, and one-line errors with exit code 2 for bad input."""
 
-import itertools
+import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -13,25 +14,17 @@ import data
 import features
 import metrics
 import model
-import train
 import synthetic
+import train
 
-SMALL = [
-    "--mlp_dims",
-    "48",
-    "--bits",
-    "16",
-    "--batch_size",
-    "16",
-    "--device",
-    "cpu",
-    "--num_threads",
-    "1",
-]
+SMALL = ["--mlp_dims", "48", "--bits", "16", "--batch_size", "16"]
+SMALL += ["--device", "cpu", "--num_threads", "1"]
+CKPT_KEYS = ("model", "optimizer", "scaler", "scheduler", "epoch", "best", "bad_epochs")
+CKPT_KEYS += ("model_args", "config", "finished", "rng")
 
 
 def _write_cache(root, n=300, seed=0, drop_ids=()):
-    """Planted features + a 3-fold random splits file (the real formats) -> (features path, splits path)."""
+    """Planted features + a 3-fold random splits file (the real formats) -> (features, splits)."""
     feats = synthetic.make_planted_features(n, seed=seed)
     ids = feats["ids"].tolist()
     rng = np.random.default_rng(seed)
@@ -60,13 +53,17 @@ def cache(tmp_path_factory):
     return _write_cache(tmp_path_factory.mktemp("cache"))
 
 
+def argv_of(feats, splits, out_dir, *extra):
+    """train.py's command line: the cache, SMALL's flags, then `extra` (which win)."""
+    return [
+        *("--features", str(feats), "--splits", str(splits), "--out_dir", str(out_dir)),
+        *SMALL,
+        *(str(a) for a in extra),
+    ]
+
+
 def run(feats, splits, out_dir, *extra):
-    argv = (
-        ["--features", str(feats), "--splits", str(splits), "--out_dir", str(out_dir)]
-        + SMALL
-        + [str(a) for a in extra]
-    )
-    return train.main(train.get_args_parser().parse_args(argv))
+    return train.main(train.get_args_parser().parse_args(argv_of(feats, splits, out_dir, *extra)))
 
 
 @pytest.fixture(scope="module")
@@ -84,36 +81,27 @@ def _load(path):
 def test_outputs_and_formats(cache, full_run):
     out = full_run
     ckpt = _load(out / "best.pt")
-    for k in (
-        "model",
-        "optimizer",
-        "scaler",
-        "scheduler",
-        "epoch",
-        "best",
-        "bad_epochs",
-        "model_args",
-        "config",
-        "finished",
-        "rng",
-    ):
-        assert k in ckpt, k
+    assert set(CKPT_KEYS) <= set(ckpt), set(CKPT_KEYS) - set(ckpt)
     assert ckpt["rng"].dtype == torch.uint8 and _load(out / "last.pt")["finished"] is True
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["effective_batch"] == 32 and cfg["steps_per_epoch"] == math.ceil(
-        (cfg["n_train"] // 16) / 2
-    )
-    assert cfg["total_steps"] == 4 * cfg["steps_per_epoch"] and cfg["warmup_steps"] == round(
-        0.1 * cfg["total_steps"]
-    )
-    assert (
-        len(cfg["splits_sha256"]) == 64
-        and cfg["features_meta"]["model"] == "planted"
-        and cfg["finished"]
-    )
+    assert cfg["effective_batch"] == 32
+    assert cfg["steps_per_epoch"] == math.ceil((cfg["n_train"] // 16) / 2)
+    assert cfg["total_steps"] == 4 * cfg["steps_per_epoch"]
+    assert cfg["warmup_steps"] == round(0.1 * cfg["total_steps"])
+    assert len(cfg["splits_sha256"]) == 64 and cfg["features_meta"]["model"] == "planted"
+    assert cfg["finished"]
+    # the resolved recipe, flat: every HeadConfig field, no None left (SMALL + the size rule)
+    fields = [f.name for f in dataclasses.fields(model.HeadConfig)]
+    assert set(fields) <= set(cfg) and all(cfg[k] is not None for k in fields)
+    got = {k: cfg[k] for k in ("lr", "input_dropout", "code_gain", "input_norm", "mlp_dims")}
+    assert got == dict(lr=0.01, input_dropout=0.35, code_gain=5.0, input_norm="none", mlp_dims=[48])
+    assert (cfg["scoring"], cfg["text_input"], cfg["bits"]) == ("each", "mean", 16)
+    assert cfg["load_seconds"] >= 0 and cfg["knn_seconds"] >= 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
-    assert all({"lr", "bce", "quant", "val_mAP_macro", "seconds"} <= set(r) for r in log)
+    keys = {"lr", "bce", "quant", "val_mAP_macro", "seconds", "train_seconds", "val_seconds"}
+    assert all(keys <= set(r) for r in log)
+    assert all(r["train_seconds"] + r["val_seconds"] <= r["seconds"] + 0.02 for r in log)
     val = json.loads((out / "val_metrics.json").read_text())
     assert list(val)[:15] == list(metrics.METRIC_NAMES) and val["epoch"] == ckpt["epoch"]
     assert val["n_images"] == cfg["n_val"] and "skipped_ap_classes" in val
@@ -121,11 +109,8 @@ def test_outputs_and_formats(cache, full_run):
 
     # predictions: recompute them independently from best.pt, one image and one caption at a time
     pred = np.load(out / "val_predictions.npz")
-    assert (
-        pred["ids"].dtype == np.int64
-        and pred["probs"].dtype == np.float32
-        and pred["codes"].dtype == np.int8
-    )
+    assert pred["ids"].dtype == np.int64 and pred["probs"].dtype == np.float32
+    assert pred["codes"].dtype == np.int8
     assert pred["codes"].shape == (cfg["n_val"], 16) and set(np.unique(pred["codes"])) <= {-1, 1}
     head = model.HashHead(**ckpt["model_args"]).eval()
     head.load_state_dict(ckpt["model"])
@@ -134,23 +119,15 @@ def test_outputs_and_formats(cache, full_run):
     with torch.no_grad():
         for j in (0, 7, len(pred["ids"]) - 1):
             r = row[int(pred["ids"][j])]
-            caps = range(
-                int(tensors["n_captions"][r])
-            )  # the default protocol: every non-empty caption subset
-            sets = [
-                list(c) for k in range(1, len(caps) + 1) for c in itertools.combinations(caps, k)
-            ]
+            img = tensors["image"][r : r + 1, 0].float()
+            # the default scoring rule "each": every real caption alone, probabilities and codes
+            # averaged over them
             outs = [
-                head(
-                    tensors["image"][r : r + 1, 0].float(),
-                    tensors["text"][r : r + 1, c].float().mean(1),
-                )
-                for c in sets
+                head(img, tensors["text"][r : r + 1, c].float())
+                for c in range(int(tensors["n_captions"][r]))
             ]
-            p = np.mean([torch.sigmoid(lo)[0].numpy() for lo, _, _ in outs], 0)
-            code = np.where(
-                np.mean([h[0].numpy() for _, h, _ in outs], 0) >= 0, 1, -1
-            )  # 0 -> +1 as model.sign_codes
+            p = np.mean([torch.sigmoid(o.logits)[0].numpy() for o in outs], 0)
+            code = np.where(np.mean([o.codes[0].numpy() for o in outs], 0) >= 0, 1, -1)  # 0 -> +1
             np.testing.assert_allclose(pred["probs"][j], p, rtol=1e-4, atol=1e-6)
             np.testing.assert_array_equal(pred["codes"][j], code)
             np.testing.assert_array_equal(pred["labels"][j], tensors["labels"][r].numpy())
@@ -167,17 +144,22 @@ def test_centres_stay_fixed(cache, tmp_path):
         "classifier.weight"
     ]  # (80, 16): +-2 / sqrt(16) after training, as initialised
     assert torch.equal(w.abs(), torch.full_like(w, 0.5)) and 0.3 < (w > 0).float().mean() < 0.7
-    assert (
-        len(ckpt["optimizer"]["state"])
-        == len(
-            [
-                k
-                for k in ckpt["model"]
-                if "running" not in k and "num_batches" not in k and k != "prior_logit"
-            ]
-        )
-        - 1
-    )
+    learned = [
+        k
+        for k in ckpt["model"]
+        if "running" not in k and "num_batches" not in k and k != "prior_logit"
+    ]
+    assert len(ckpt["optimizer"]["state"]) == len(learned) - 1  # all but classifier.weight
+
+
+def _notes(text):
+    return [line for line in text.splitlines() if "differs" in line]
+
+
+def _timeless(path):
+    """log.jsonl's records without their wall times (seconds, train_seconds, val_seconds)."""
+    lines = path.read_text().splitlines()
+    return [{k: v for k, v in json.loads(ln).items() if not k.endswith("seconds")} for ln in lines]
 
 
 def test_resume_is_exact(cache, full_run, tmp_path, monkeypatch, capsys):
@@ -196,58 +178,46 @@ def test_resume_is_exact(cache, full_run, tmp_path, monkeypatch, capsys):
         run(*cache, out, "--epochs", 4, "--patience", 0)
     monkeypatch.setattr(train, "validate", real_evaluate)
     assert _load(out / "last.pt")["epoch"] == 2 and not _load(out / "last.pt")["finished"]
+    # a flag that really differs from the checkpoint's recipe is named, and nothing else is
+    other = tmp_path / "longer"
+    shutil.copytree(out, other)
+    capsys.readouterr()
+    run(*cache, other, "--epochs", 5, "--patience", 0, "--resume")
+    assert _notes(capsys.readouterr().out) == ["note: --epochs 5 differs from the checkpoint's 4"]
+    # a plain resume of the interrupted run: no note, and the run of an uninterrupted one
     run(*cache, out, "--epochs", 4, "--patience", 0, "--resume")
+    assert _notes(capsys.readouterr().out) == []
     assert (out / "val_metrics.json").read_text() == (full_run / "val_metrics.json").read_text()
     a, b = _load(out / "best.pt")["model"], _load(full_run / "best.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = [
-        {k: v for k, v in json.loads(line).items() if k != "seconds"}
-        for line in (out / "log.jsonl").open()
-    ]
-    ref = [
-        {k: v for k, v in json.loads(line).items() if k != "seconds"}
-        for line in (full_run / "log.jsonl").open()
-    ]
-    assert strip == ref
-    capsys.readouterr()
+    assert _timeless(out / "log.jsonl") == _timeless(full_run / "log.jsonl")
     run(*cache, out, "--epochs", 4, "--patience", 0, "--resume")  # finished: nothing to do, exit 0
-    assert "already finished" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "already finished" in printed and _notes(printed) == []
 
 
 def test_deterministic_on_cpu(cache, full_run, tmp_path):
     run(*cache, tmp_path, "--epochs", 4, "--patience", 0)
-    assert (tmp_path / "val_metrics.json").read_text() == (
-        full_run / "val_metrics.json"
-    ).read_text()
+    want = (full_run / "val_metrics.json").read_text()
+    assert (tmp_path / "val_metrics.json").read_text() == want
     p, q = np.load(tmp_path / "val_predictions.npz"), np.load(full_run / "val_predictions.npz")
     assert all(np.array_equal(p[k], q[k]) for k in ("ids", "labels", "probs", "codes"))
 
 
 def test_compile_saves_plain_keys(cache, tmp_path):
-    # aot_eager: the full dynamo + autograd capture, without inductor's minutes of C++ codegen on this CPU
-    run(
-        *cache,
-        tmp_path,
-        "--epochs",
-        1,
-        "--compile",
-        "--compile_backend",
-        "aot_eager",
-        "--bits",
-        "0",
-    )
+    # aot_eager: the full dynamo + autograd capture, without inductor's minutes of C++ codegen
+    run(*cache, tmp_path, "--epochs", 1, "--compile", "--compile_backend", "aot_eager", "--bits", 0)
     for name in ("best.pt", "last.pt"):
-        keys = list(_load(tmp_path / name)["model"])
-        assert keys and not any("_orig_mod" in k for k in keys)
-        model.HashHead(**_load(tmp_path / name)["model_args"]).load_state_dict(
-            _load(tmp_path / name)["model"]
-        )
+        ckpt = _load(tmp_path / name)
+        assert ckpt["model"] and not any("_orig_mod" in k for k in ckpt["model"])
+        model.HashHead(**ckpt["model_args"]).load_state_dict(ckpt["model"])
 
 
-def _lr_curve(a, steps_per_epoch, n):
-    """The lr of train.make_scheduler's first n steps (lr[i]: before step i), on a throwaway parameter."""
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=a.lr)
-    sched, total, warm = train.make_scheduler(opt, a, a.lr, steps_per_epoch)
+def _lr_curve(cfg, steps_per_epoch, n):
+    """The lr of train.make_scheduler's first n steps (lr[i]: before step i), on a throwaway
+    parameter; cfg: a resolved HeadConfig."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched, total, warm = train.make_scheduler(opt, cfg, steps_per_epoch)
     lr = []
     for _ in range(n):
         lr.append(opt.param_groups[0]["lr"])
@@ -260,22 +230,17 @@ def test_lr_schedule_warmup_then_cosine():
     a = train.get_args_parser().parse_args(
         ["--features", "f", "--splits", "s", "--out_dir", "o", "--lr", "1e-3"]
     )
-    lr, total, warm = _lr_curve(a, 10, 201)  # 20 epochs of 10 steps; lr[total]: after the last step
+    cfg = train.head_config(a, 1000)  # the flags' recipe: --lr 1e-3, 20 epochs, warmup 0.1
+    lr, total, warm = _lr_curve(cfg, 10, 201)  # 20 epochs of 10 steps; lr[total]: after the last
     assert (total, warm) == (200, 20)
     assert lr[0] == pytest.approx(1e-3 / warm) and lr[warm - 1] == pytest.approx(1e-3)
     assert all(x < y for x, y in zip(lr[: warm - 1], lr[1:warm]))  # warmup really rises
-    assert all(x >= y for x, y in zip(lr[warm:-1], lr[warm + 1 :])) and lr[-1] == pytest.approx(
-        1e-6
-    )
-    a.scheduler = (
-        "cosine_restarts"  # periods T_0 = 5 epochs, then 10: restarts at warm + 50 and warm + 150
-    )
-    lr = _lr_curve(a, 10, 200)[0]
-    assert (
-        lr[warm + 49] < 2e-6
-        and lr[warm + 50] == pytest.approx(1e-3)
-        and lr[warm + 150] == pytest.approx(1e-3)
-    )
+    assert all(x >= y for x, y in zip(lr[warm:-1], lr[warm + 1 :]))
+    assert lr[-1] == pytest.approx(1e-6)
+    # periods T_0 = 5 epochs, then 10: restarts at warm + 50 and warm + 150
+    lr = _lr_curve(dataclasses.replace(cfg, scheduler="cosine_restarts"), 10, 200)[0]
+    assert lr[warm + 49] < 2e-6
+    assert lr[warm + 50] == pytest.approx(1e-3) and lr[warm + 150] == pytest.approx(1e-3)
 
 
 def _fails(capsys, *argv):
@@ -289,108 +254,54 @@ def _fails(capsys, *argv):
 
 def test_bad_input_exits_2(cache, tmp_path, capsys):
     feats, splits = cache
-    err = _fails(
-        capsys,
-        "--features",
-        tmp_path / "nope.safetensors",
-        "--splits",
-        splits,
-        "--out_dir",
-        tmp_path / "a",
+    a = tmp_path / "a"
+    nope = tmp_path / "nope.safetensors"
+    assert "nope.safetensors" in _fails(
+        capsys, "--features", nope, "--splits", splits, "--out_dir", a
     )
-    assert "nope.safetensors" in err
     (tmp_path / "junk.safetensors").write_text("not a cache")
+    junk = tmp_path / "junk.safetensors"
     assert "junk.safetensors" in _fails(
-        capsys,
-        "--features",
-        tmp_path / "junk.safetensors",
-        "--splits",
-        splits,
-        "--out_dir",
-        tmp_path / "a",
+        capsys, "--features", junk, "--splits", splits, "--out_dir", a
     )
     sub = tmp_path / "sub"
     sub.mkdir()
     dev = json.loads(splits.read_text())["dev"]
     part_feats, part_splits = _write_cache(sub, drop_ids=dev[:5])  # the cache lacks 5 split ids
-    assert "missing" in _fails(
-        capsys, "--features", part_feats, "--splits", part_splits, "--out_dir", tmp_path / "a"
-    )
-    assert "--fold" in _fails(
-        capsys, "--features", feats, "--splits", splits, "--fold", 3, "--out_dir", tmp_path / "a"
-    )
+    err = _fails(capsys, "--features", part_feats, "--splits", part_splits, "--out_dir", a)
+    assert "missing" in err
+    err = _fails(capsys, "--features", feats, "--splits", splits, "--fold", 3, "--out_dir", a)
+    assert "--fold" in err
     with pytest.raises(SystemExit) as e:  # after SMALL, whose --bits 16 would win
-        train.main(
-            train.get_args_parser().parse_args(
-                [
-                    "--features",
-                    str(feats),
-                    "--splits",
-                    str(splits),
-                    "--out_dir",
-                    str(tmp_path / "a"),
-                ]
-                + SMALL
-                + ["--bits", "0", "--sign_weight", "1"]
-            )
-        )
+        run(feats, splits, a, "--bits", 0, "--sign_weight", 1)
     assert e.value.code == 2 and "--sign_weight" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists()  # nothing half-written
+    assert not a.exists()  # nothing half-written
 
     out = tmp_path / "r"
     run(feats, splits, out, "--epochs", 2, "--patience", 0)
-    assert "--resume" in _fails(
-        capsys, "--features", feats, "--splits", splits, "--out_dir", out
-    )  # no silent overwrite
-    err = _fails(
-        capsys,
-        "--features",
-        feats,
-        "--splits",
-        splits,
-        "--out_dir",
-        out,
-        "--resume",
-        "--epochs",
-        3,
-        "--fusion",
-        "concat",
-    )
+    common = ("--features", feats, "--splits", splits, "--out_dir", out)
+    assert "--resume" in _fails(capsys, *common)  # no silent overwrite
+    err = _fails(capsys, *common, "--resume", "--epochs", 3, "--fusion", "concat")
     assert "--resume" in err and "concat" in err
-    ckpt = torch.load(
-        out / "last.pt", weights_only=True
-    )  # a checkpoint older than a model flag: its default holds
+    # a checkpoint whose model_args lack a field: HashHead's default for it holds
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     del ckpt["model_args"]["code_classifier"]
     torch.save(ckpt, out / "last.pt")
-    err = _fails(
-        capsys,
-        "--features",
-        feats,
-        "--splits",
-        splits,
-        "--out_dir",
-        out,
-        "--resume",
-        "--epochs",
-        3,
-        "--code_classifier",
-        "centres",
-    )
+    err = _fails(capsys, *common, "--resume", "--epochs", 3, "--code_classifier", "centres")
     assert "code_classifier: learned in the checkpoint, centres now" in err
 
 
 def test_sign_weight_adds_the_binarised_codes_bce(cache, full_run, tmp_path):
     run(*cache, tmp_path, "--epochs", 1, "--sign_weight", 0.5)
     rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
-    assert rec["bce_sign"] > 0.05 and rec["loss"] == pytest.approx(
+    assert rec["bce_sign"] > 0.05
+    assert rec["loss"] == pytest.approx(
         rec["bce"] + rec["bce_evidence"] + 0.5 * rec["bce_sign"], rel=1e-5
     )
-    off = json.loads(
-        (full_run / "log.jsonl").read_text().splitlines()[0]
-    )  # default --sign_weight 0: not computed
-    assert off["bce_sign"] == 0 and off["loss"] == pytest.approx(
-        off["bce"] + off["bce_evidence"], rel=1e-6
-    )
+    # the default --sign_weight 0: not computed
+    off = json.loads((full_run / "log.jsonl").read_text().splitlines()[0])
+    assert off["bce_sign"] == 0
+    assert off["loss"] == pytest.approx(off["bce"] + off["bce_evidence"], rel=1e-6)
 
 
 def test_argparse_rejects_bad_flags(capsys):
@@ -404,6 +315,9 @@ def test_argparse_rejects_bad_flags(capsys):
         ["--mlp_dims", "10,x"],
         ["--input_norm", "x"],
         ["--warmup_ratio", "1"],
+        ["--scoring", "all"],
+        ["--text_input", "subsets"],
+        ["--code_classifier_gain", "1"],  # renamed --code_gain
     ):
         with pytest.raises(SystemExit) as e:
             train.get_args_parser().parse_args(base + bad)
