@@ -2,10 +2,10 @@
 planted cache, with the KNN head's query rows (what the fold sends to knn.knn_scores) and the rows
 the head scores in eval mode (HashHead.forward outside training) counted by wrappers.
 
-By design the KNN head asks at most one query per caption (scoring rule "each", the default) or one
-per image (the others), and a validation pass set runs the head once per caption slot under "each":
-a default that scores every caption subset (2^5 - 1 = 31 passes, and a KNN vote per subset) fails
-here whatever the machine's speed.
+By design the KNN head asks at most one query per caption under every scoring rule (one per image
+under "mean"), and a validation pass set runs the head once per caption slot under "each" (the
+default): a default that scores every caption subset (2^5 - 1 = 31 passes, and a KNN vote per
+subset) fails here whatever the machine's speed.
 
     python -m pytest -q tests/test_cost.py
 """
@@ -97,7 +97,13 @@ def test_default_fold_cost_is_bounded_by_the_captions(cache, tmp_path, monkeypat
     assert counts["other"] <= (n_train + len(n_val)) * T, counts["other"]
 
 
-def test_subsets_rule_asks_one_knn_query_per_image(cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rule", ["each_mean", "subsets", "mean"])
+def test_every_rule_keeps_the_knn_head_within_the_captions(cache, tmp_path, monkeypatch, rule):
+    """Whatever the rule's passes, the KNN head asks the single-caption passes' codes (at most one
+    query per caption), and under "mean" one query per image, its averaged code."""
     n_val = cache[2]
-    counts = counted_fold(cache, tmp_path / "subsets", monkeypatch, "--scoring", "subsets")
-    assert counts["knn"] == len(n_val), counts["knn"]  # the image's averaged code, once
+    counts = counted_fold(cache, tmp_path / rule, monkeypatch, "--scoring", rule)
+    if rule == "mean":
+        assert counts["knn"] == len(n_val), counts["knn"]
+    else:
+        assert 0 < counts["knn"] <= sum(max(1, n) for n in n_val), counts["knn"]

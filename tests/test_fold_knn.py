@@ -55,6 +55,7 @@ SMALL += ["--num_threads", "1", "--device", "cpu"]
     [
         (1, [], 0, "each"),  # the defaults: --text_input mean, --scoring each
         (0, ["--scoring", "subsets"], 0, "subsets"),
+        (2, ["--scoring", "each_mean"], 0, "each_mean"),
         (2, ["--text_input", "each", "--scoring", "mean"], 6, "mean"),
         (1, ["--amp"], 0, "each"),
     ],

@@ -197,9 +197,9 @@ def test_heavy_ties_any_bits_and_chunk():
 
 
 def test_knn_head_averages_the_queries_votes():
-    # each query of an image (one per caption under scoring rule "each") votes on its own and the
-    # image's scores are the mean over the queries it has (query_mask; an image without a caption
-    # has one, from its image alone)
+    # each query of an image (one per caption under every scoring rule but "mean") votes on its
+    # own and the image's scores are the mean over the queries it has (query_mask; an image
+    # without a caption has one, from its image alone)
     rng = np.random.default_rng(3)
     caps = torch.from_numpy(rng.standard_normal((5, 3, 16)).astype(np.float32))
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 0, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
@@ -210,7 +210,7 @@ def test_knn_head_averages_the_queries_votes():
     for i in range(5):
         want = knn.knn_scores(caps[i, mask[i]], d, labels, k=7).mean(0)
         torch.testing.assert_close(got[i], want)
-    # one query per image (rules "subsets" and "mean": the averaged code): knn_scores itself
+    # one query per image (rule "mean": the averaged code): knn_scores itself
     one = knn.knn_head(caps[:, :1], torch.ones(5, 1, dtype=torch.bool), d, labels, k=7)
     torch.testing.assert_close(one, knn.knn_scores(caps[:, 0], d, labels, k=7))
 

@@ -166,21 +166,36 @@ def test_image_without_text_is_scored_from_its_image():
         out = head(img[i : i + 1].expand(len(texts), -1), torch.stack(texts))
         return torch.sigmoid(out.logits), out.codes
 
-    # the default rule "each": one pass per real caption, alone; the KNN head's queries are those
-    # passes' codes (one per caption; an image without a caption has one, from its image alone)
+    # the default rule "each": one pass per real caption, alone. The KNN head's queries, under every
+    # rule but "mean": the single-caption passes' codes (one per caption; an image without a
+    # caption has one, from its image alone)
     s = model.score_embeddings(head, img, txt, n, keep_queries=True)
     torch.testing.assert_close(s.probs[0], torch.sigmoid(none.logits[0]))
     torch.testing.assert_close(s.codes[0], none.codes[0])
-    assert s.query_mask.tolist() == [[1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]
     for i in (1, 2, 3):
         p, c = by_hand(i, [txt[i, j] for j in range(int(n[i]))])
         torch.testing.assert_close(s.probs[i], p.mean(0))
         torch.testing.assert_close(s.codes[i], c.mean(0))
-        torch.testing.assert_close(s.query_codes[i, : int(n[i])], c)
-    torch.testing.assert_close(s.query_codes[0, 0], none.codes[0])
-    assert not s.query_codes[~s.query_mask].any()
-    # "subsets": one pass per non-empty subset of the image's captions, on its mean; one query per
-    # image, its averaged code
+
+    def per_caption_queries(scores):
+        assert scores.query_mask.tolist() == [[1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]
+        torch.testing.assert_close(scores.query_codes[0, 0], none.codes[0])
+        for i in (1, 2, 3):
+            c = by_hand(i, [txt[i, j] for j in range(int(n[i]))])[1]
+            torch.testing.assert_close(scores.query_codes[i, : int(n[i])], c)
+        assert not scores.query_codes[~scores.query_mask].any()
+
+    per_caption_queries(s)
+    # "each_mean": those passes and one on the mean of all the image's captions
+    both = model.score_embeddings(head, img, txt, n, rule="each_mean", keep_queries=True)
+    for i in (1, 2, 3):
+        texts = [txt[i, j] for j in range(int(n[i]))] + [txt[i, : int(n[i])].mean(0)]
+        p, c = by_hand(i, texts)
+        torch.testing.assert_close(both.probs[i], p.mean(0))
+        torch.testing.assert_close(both.codes[i], c.mean(0))
+    torch.testing.assert_close(both.probs[0], s.probs[0])
+    per_caption_queries(both)
+    # "subsets": one pass per non-empty subset of the image's captions, on its mean
     sub = model.score_embeddings(head, img, txt, n, rule="subsets", keep_queries=True)
     for i in (1, 2, 3):
         caps = range(int(n[i]))
@@ -190,9 +205,8 @@ def test_image_without_text_is_scored_from_its_image():
         torch.testing.assert_close(sub.probs[i], p.mean(0))
         torch.testing.assert_close(sub.codes[i], c.mean(0))
     torch.testing.assert_close(sub.probs[0], s.probs[0])
-    assert sub.query_codes.shape == (4, 1, 16) and sub.query_mask.all()
-    torch.testing.assert_close(sub.query_codes[:, 0], sub.codes)
-    # "mean": one pass on the mean of all the image's captions
+    per_caption_queries(sub)
+    # "mean": one pass on the mean of all the image's captions; one query per image, its code
     mean = model.score_embeddings(head, img, txt, n, rule="mean", keep_queries=True)
     for i in (1, 2, 3):
         p, c = by_hand(i, [txt[i, : int(n[i])].mean(0)])
@@ -200,6 +214,7 @@ def test_image_without_text_is_scored_from_its_image():
         torch.testing.assert_close(mean.codes[i], c[0])
     torch.testing.assert_close(mean.probs[0], s.probs[0])
     assert mean.query_codes.shape == (4, 1, 16) and mean.query_mask.all()
+    torch.testing.assert_close(mean.query_codes[:, 0], mean.codes)
     # one rule, one result: batching does not change it
     for rule in model.SCORING_RULES:
         whole = model.score_embeddings(head, img, txt, n, rule=rule)
