@@ -72,7 +72,10 @@ def add_config_flags(p):
         m = f.metadata
         if isinstance(f.default, bool):  # on by default: a --no_ flag turns it off
             g.add_argument(
-                f"--no_{f.name}", dest=f.name, action="store_false", help=f"turn off: {m['help']}"
+                f"--no_{f.name}",
+                dest=f.name,
+                action="store_false",
+                help=f"turn off: {m['help']} (default: on)",
             )
             continue
         kw = (
