@@ -150,11 +150,14 @@ def text_passes(txt, n, rule=SCORING):
     """Independent reference of the scoring rule -> [(text (N, D), used (N,) bool)] per pass: "each"
     every caption slot alone, "subsets" the mean of every non-empty subset of the slots (a pass is
     used by an image that has all of its captions, the first also by one without any: its text is
-    zero, none); "mean" one pass on the mean of the image's captions, used by every image."""
+    zero, none); "mean" one pass on the mean of the image's captions, used by every image;
+    "each_mean" the passes of "each" and that one (which an image without captions skips)."""
+    has = (torch.arange(txt.shape[1])[None, :] < n[:, None]).float()  # (N, T)
+    mean = (txt * has[..., None]).sum(1) / has.sum(1, keepdim=True).clamp(min=1)
     if rule == "mean":
-        has = (torch.arange(txt.shape[1])[None, :] < n[:, None]).float()  # (N, T)
-        mean = (txt * has[..., None]).sum(1) / has.sum(1, keepdim=True).clamp(min=1)
         return [(mean, torch.ones(len(n), dtype=torch.bool))]
+    if rule == "each_mean":
+        return text_passes(txt, n, "each") + [(mean, n > 0)] * (txt.shape[1] > 1)
     slots = range(txt.shape[1])
     sets = (
         [(c,) for c in slots]
@@ -189,11 +192,14 @@ def codes_and_probs(head, feats_path, ids, rule=SCORING):
 
 
 def brute_knn_head(head, feats_path, ids, db, dby, k, tau, vote, query="sign", rule=SCORING):
-    """KNN head reference: under "each" the votes of every caption's code, averaged over the image's
-    captions; under the other rules the votes of the image's averaged code, one query each."""
-    outs, _ = head_passes(head, feats_path, ids, rule)
-    if rule != "each":
+    """KNN head reference: the votes of every caption's code alone, averaged over the image's
+    captions (the single-caption passes of every rule but "mean"); under "mean" the votes of the
+    image's averaged code, one query each."""
+    if rule == "mean":
+        outs, _ = head_passes(head, feats_path, ids, rule)
         outs = [(SimpleNamespace(codes=mean_codes(outs)), torch.ones(len(ids), dtype=torch.bool))]
+    else:
+        outs, _ = head_passes(head, feats_path, ids, "each")
     acc, count = np.zeros((len(ids), dby.shape[1])), np.zeros((len(ids), 1))
     for o, used in outs:
         h = o.codes.double().numpy()
@@ -235,7 +241,7 @@ def test_scoring_rule_from_the_checkpoint_or_the_flag(fake_run, tmp_path):
     # under another rule, and metrics.json records the rule in use
     splits = json.loads(open(fake_run["splits"]).read())
     probs = {}
-    for rule in (None, "each", "mean"):
+    for rule in (None, "each", "each_mean", "mean"):
         out = tmp_path / str(rule)
         run(
             "--checkpoint",
@@ -254,7 +260,7 @@ def test_scoring_rule_from_the_checkpoint_or_the_flag(fake_run, tmp_path):
         )
         np.testing.assert_allclose(probs[rule], p, atol=1e-5)
         assert json.loads((out / "metrics.json").read_text())["scoring"] == (rule or SCORING)
-    for a, b in itertools.combinations(probs.values(), 2):  # three rules, three scorings
+    for a, b in itertools.combinations(probs.values(), 2):  # four rules, four scorings
         assert not np.allclose(a, b, atol=1e-3)
 
 
@@ -356,13 +362,14 @@ def test_ensemble_files_and_member_rows_equal_single_checkpoints(fake_run, tmp_p
         ("softmax", "sign", "each"),
         ("uniform", "sign", "mean"),
         ("rank", "real", "each"),
+        ("rank", "sign", "each_mean"),
     ],
 )
 def test_knn_and_retrieval_equal_brute_force(fake_run, tmp_path, vote, query, rule):
     """softmax: the 5-fold KNN ensemble + retrieval; uniform / rank: fold 1 alone, k above the
     database size. query real: the real-valued tanh codes against the binary database (the
-    default), sign: both binary. rule: --scoring (None: the checkpoints' SCORING); "each" queries
-    with every caption's code, the others with the image's averaged code."""
+    default), sign: both binary. rule: --scoring (None: the checkpoints' SCORING); "mean" queries
+    with the image's averaged code, the others with every caption's code."""
     k, folds = (
         (7, range(5)) if vote == "softmax" else (1000, [1])
     )  # 1000 > database: every training image votes
