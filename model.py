@@ -209,7 +209,7 @@ class HeadConfig:
         "mean", "training text: a caption subset's mean, or one caption", choices=TEXT_INPUTS
     )
     scoring: str = _opt(
-        "each",
+        "each_mean",
         "scoring over the captions: each, each + their mean, the mean, every subset",
         choices=SCORING_RULES,
     )
@@ -579,7 +579,14 @@ def scoring_passes(slots, rule):
 
 @torch.no_grad()
 def score_embeddings(
-    head, image, text, n_captions, rule="each", batch_size=4096, amp_dtype=None, keep_queries=False
+    head,
+    image,
+    text,
+    n_captions,
+    rule=HeadConfig.scoring,
+    batch_size=4096,
+    amp_dtype=None,
+    keep_queries=False,
 ):
     """The scoring rule, everywhere (validation, test, KNN queries, HashModel): cached embeddings ->
     Scores.

@@ -69,7 +69,7 @@ def test_fold_is_a_whole_train_py_run(quick):
     assert fold["wall_s"] >= sum(fold[k] for k in phases)  # the child's wall time holds them all
     assert fold["rest_s"] == pytest.approx(fold["wall_s"] - sum(fold[k] for k in phases))
     assert fold["epoch_s"] > 0 and fold["naive_epoch_s"] > 0 and fold["over_naive"] > 0
-    assert fold["scoring"] == "each" and fold["n_val"] == 200  # train.py's defaults, --quick
+    assert fold["scoring"] == "each_mean" and fold["n_val"] == 200  # train.py's defaults, --quick
     assert fold["n_train"] > fold["n_val"]
 
 

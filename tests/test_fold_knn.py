@@ -53,11 +53,11 @@ SMALL += ["--num_threads", "1", "--device", "cpu"]
 @pytest.mark.parametrize(
     "fold,extra,n_bad,scoring",
     [
-        (1, [], 0, "each"),  # the defaults: --text_input mean, --scoring each
+        (1, [], 0, "each_mean"),  # the defaults: --text_input mean, --scoring each_mean
         (0, ["--scoring", "subsets"], 0, "subsets"),
-        (2, ["--scoring", "each_mean"], 0, "each_mean"),
+        (2, ["--scoring", "each"], 0, "each"),
         (2, ["--text_input", "each", "--scoring", "mean"], 6, "mean"),
-        (1, ["--amp"], 0, "each"),
+        (1, ["--amp"], 0, "each_mean"),
     ],
 )
 def test_fold_knn_equals_evaluate(tmp_path, fold, extra, n_bad, scoring):

@@ -413,10 +413,10 @@ def test_grouped_forward_equals_accumulated_micro_batches(bits):
 def test_head_learns_planted_labels(tmp_path):
     """The small-data case, 1,500 planted training images, against a logistic-regression probe on
     the same input (the mean caption), both heads at the default protocol (--text_input mean,
-    --scoring each): --bits 0 comes within 6 points of it on macro mAP, 64 bits (codes made from the
-    evidence) within 7 and above it on micro; codes made from the last hidden layer fell 14 points
-    below it (docs/EXPERIMENTS.md). The original recipe (an MLP, zero bias, tanh on its last layer,
-    full hash weight from step 0, lr 2e-4) stays near chance on the same data."""
+    --scoring each_mean): --bits 0 comes within 6 points of it on macro mAP, 64 bits (codes made
+    from the evidence) within 7 and above it on micro; codes made from the last hidden layer fell 14
+    points below it (docs/EXPERIMENTS.md). The original recipe (an MLP, zero bias, tanh on its last
+    layer, full hash weight from step 0, lr 2e-4) stays near chance on the same data."""
     import train
 
     feats = synthetic.make_planted_features(2000, seed=1)

@@ -53,7 +53,7 @@ def test_defaults_are_one_recipe():
     for n in (100, model.SMALL_DATA - 1, model.SMALL_DATA, 10**6):  # with codes: one recipe
         cfg = train.head_config(args, n)
         assert train.model_args_of(args, cfg, 768, 80) == model.HashHead().model_args
-        assert cfg.lr == 1e-2 and cfg.scoring == "each" and cfg.text_input == "mean"
+        assert cfg.lr == 1e-2 and cfg.scoring == "each_mean" and cfg.text_input == "mean"
     head = model.HashHead().model_args
     assert head["mlp_dims"] == [] and head["code_from"] == "evidence" and head["bits"] == 64
     assert head["input_dropout"] == 0.35 and head["code_gain"] == 5.0
@@ -166,10 +166,10 @@ def test_image_without_text_is_scored_from_its_image():
         out = head(img[i : i + 1].expand(len(texts), -1), torch.stack(texts))
         return torch.sigmoid(out.logits), out.codes
 
-    # the default rule "each": one pass per real caption, alone. The KNN head's queries, under every
-    # rule but "mean": the single-caption passes' codes (one per caption; an image without a
-    # caption has one, from its image alone)
-    s = model.score_embeddings(head, img, txt, n, keep_queries=True)
+    # "each": one pass per real caption, alone. The KNN head's queries, under every rule but
+    # "mean": the single-caption passes' codes (one per caption; an image without a caption has
+    # one, from its image alone)
+    s = model.score_embeddings(head, img, txt, n, rule="each", keep_queries=True)
     torch.testing.assert_close(s.probs[0], torch.sigmoid(none.logits[0]))
     torch.testing.assert_close(s.codes[0], none.codes[0])
     for i in (1, 2, 3):
@@ -186,8 +186,8 @@ def test_image_without_text_is_scored_from_its_image():
         assert not scores.query_codes[~scores.query_mask].any()
 
     per_caption_queries(s)
-    # "each_mean": those passes and one on the mean of all the image's captions
-    both = model.score_embeddings(head, img, txt, n, rule="each_mean", keep_queries=True)
+    # "each_mean" (the default): those passes and one on the mean of all the image's captions
+    both = model.score_embeddings(head, img, txt, n, keep_queries=True)
     for i in (1, 2, 3):
         texts = [txt[i, j] for j in range(int(n[i]))] + [txt[i, : int(n[i])].mean(0)]
         p, c = by_hand(i, texts)

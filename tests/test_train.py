@@ -95,7 +95,7 @@ def test_outputs_and_formats(cache, full_run):
     assert set(fields) <= set(cfg) and all(cfg[k] is not None for k in fields)
     got = {k: cfg[k] for k in ("lr", "input_dropout", "code_gain", "input_norm", "mlp_dims")}
     assert got == dict(lr=0.01, input_dropout=0.35, code_gain=5.0, input_norm="none", mlp_dims=[48])
-    assert (cfg["scoring"], cfg["text_input"], cfg["bits"]) == ("each", "mean", 16)
+    assert (cfg["scoring"], cfg["text_input"], cfg["bits"]) == ("each_mean", "mean", 16)
     assert cfg["load_seconds"] >= 0 and cfg["knn_seconds"] >= 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
@@ -120,12 +120,13 @@ def test_outputs_and_formats(cache, full_run):
         for j in (0, 7, len(pred["ids"]) - 1):
             r = row[int(pred["ids"][j])]
             img = tensors["image"][r : r + 1, 0].float()
-            # the default scoring rule "each": every real caption alone, probabilities and codes
-            # averaged over them
-            outs = [
-                head(img, tensors["text"][r : r + 1, c].float())
-                for c in range(int(tensors["n_captions"][r]))
-            ]
+            # the default scoring rule "each_mean": every real caption alone and their mean,
+            # probabilities and codes averaged over those passes
+            caps = tensors["text"][r : r + 1, : int(tensors["n_captions"][r])].float()  # (1, n, D)
+            texts = [caps[:, c] for c in range(caps.shape[1])] + [caps.mean(1)] * (
+                caps.shape[1] > 1
+            )
+            outs = [head(img, t) for t in texts]
             p = np.mean([torch.sigmoid(o.logits)[0].numpy() for o in outs], 0)
             code = np.where(np.mean([o.codes[0].numpy() for o in outs], 0) >= 0, 1, -1)  # 0 -> +1
             np.testing.assert_allclose(pred["probs"][j], p, rtol=1e-4, atol=1e-6)
