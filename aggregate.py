@@ -23,7 +23,8 @@ parent) comparison.csv / comparison.md (one row per run, mean +/- std per metric
 comparison_tests.csv: for each run against the first, the mean over folds of (run - reference) with
 a paired t-test across folds, and, when both runs have <run>/eval_test/test_predictions.npz
 (evaluate.py --ensemble), a paired bootstrap on the test images (metrics.paired_bootstrap,
-threshold 0.5) for metrics.BOOT_METRICS. Runs must share their splits file (config.json
+threshold 0.5: the BCa interval of the difference and its p, test_interval names the rule) for
+metrics.BOOT_METRICS. Runs must share their splits file (config.json
 splits_sha256), so fold k of every run was validated on the same images.
 Literature: literature.{csv,md,tex} in the run folder (one run) or --out (several): our test numbers
 (from <run>/eval_test/metrics.json) beside the anchors of the splits file's protocol (coco2014:
@@ -318,6 +319,7 @@ def compare(ref, r, args):
                     test_diff=pb["diff"],
                     test_low=pb["low"],
                     test_high=pb["high"],
+                    test_interval=pb["interval"],
                     p_test=pb["p"],
                 )
     elif args.bootstrap:
@@ -398,6 +400,7 @@ def tabulate(args):
         "test_diff",
         "test_low",
         "test_high",
+        "test_interval",
         "p_test",
     ]
     md = [
@@ -410,9 +413,10 @@ def tabulate(args):
             ],
         ),
         f"## Against {runs[0]['name']}: mean over folds of (run - {runs[0]['name']}), "
-        f"paired t-test across folds; test: paired bootstrap on the test images (95% CI)\n",
+        f"paired t-test across folds; test: paired bootstrap on the test images "
+        f"({metrics.interval_text(args.bootstrap)})\n",
         report.md_table(
-            ["run", "metric", "mean diff", "p (folds)", "test diff [95% CI]", "p (test)"],
+            ["run", "metric", "mean diff", "p (folds)", "test diff [95% BCa CI]", "p (test)"],
             [
                 [
                     t["run"],

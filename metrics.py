@@ -15,7 +15,13 @@ resamples are multiplicity weights on those same counts (one sparse product per 
     ci = metrics.bootstrap_ci(labels, probs, n_boot=1000)    # {"mAP_macro": (point, lo, hi), ...}
     cis = metrics.bootstrap_intervals(labels, [p1, p2])      # all 15, the same resamples for each
     metrics.paired_bootstrap(labels, probs_a, probs_b)       # b - a on the same images
+    metrics.interval_rule(1000, n_images=len(labels))        # {"method": "BCa", "level": 0.95, ...}
     metrics.paired_test(fold_maps_a, fold_maps_b)            # paired t-test across CV folds
+
+Intervals: every one (bootstrap_intervals, bootstrap_ci, paired_bootstrap) is the BCa interval
+(bias-corrected and accelerated; scipy.stats.bootstrap(method="BCa")) over resamples of the images,
+acceleration from a jackknife over the images (leave-one-out up to JACKKNIFE_BLOCKS images, else
+JACKKNIFE_BLOCKS blocks), and always holds its own estimate: bootstrap_intervals says how.
 
 Conventions (deliberate, so read them before comparing with a bare sklearn call):
 - y_true is 0/1 [N, C]; y_score holds probabilities [N, C]; prediction = score > threshold.
@@ -33,7 +39,7 @@ Conventions (deliberate, so read them before comparing with a bare sklearn call)
 
 import numpy as np
 from scipy import sparse  # bootstrap: sums image weights per (class, score interval)
-from scipy.special import stdtr  # Student t CDF, for paired_test
+from scipy.special import ndtr, ndtri, stdtr  # normal CDF and its inverse (BCa), Student t CDF
 
 METRIC_NAMES = (
     "mAP_macro",
@@ -53,6 +59,7 @@ METRIC_NAMES = (
     "mae",
 )
 BOOT_METRICS = ("mAP_macro", "f1_macro", "auc_macro")  # bootstrap_ci's default, paired_bootstrap's
+JACKKNIFE_BLOCKS = 100  # BCa acceleration: leave-one-out up to this many images, else blocks
 
 
 def _check(y_true, y_score):
@@ -340,8 +347,9 @@ def _macro_of_defined(v):
 
 
 def _draw_metrics(y, s, pred, layouts, W, names):
-    """Every requested metric of one score array on the resamples W [N, B] -> {name: [B]}."""
-    N, C = y.shape
+    """Every requested metric of one score array under image weights W [N, B] (a resample's
+    multiplicities, or a jackknife's 0/1) -> {name: [B]}."""
+    C = y.shape[1]
     out = {}
     if layouts:
         for kind, lay in zip(("macro", "micro"), layouts):
@@ -357,59 +365,165 @@ def _draw_metrics(y, s, pred, layouts, W, names):
     ):
         agg = (lambda v: v.mean(1)) if kind == "macro" else (lambda v: v)
         out.update({f"precision_{kind}": agg(p), f"recall_{kind}": agg(r), f"f1_{kind}": agg(f)})
-    out["hamming_loss"] = (fp + fn).sum(1) / (N * C)  # a resample always holds N images
-    for k, v in _per_image(y, s).items():
-        out[k] = (v @ W) / N
+    n = W.sum(0, dtype=np.float64)  # images per draw: N for a resample, fewer for a jackknife
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["hamming_loss"] = (fp + fn).sum(1) / (n * C)
+        for k, v in _per_image(y, s).items():
+            out[k] = (v @ W) / n
     return {k: out[k] for k in names}
 
 
-def _boot_draws(y, scores, thresholds, n_boot, seed, names, max_elems=2**23):
-    """names' values on n_boot image resamples shared by every score array -> {name:
-    [len(scores), n_boot]}. One generator makes the resamples, so every array (every row of a table)
-    sees the same draws."""
+def _evaluate(y, scores, thresholds, names, parts, max_elems=2**23):
+    """names' values of every score array under image weightings -> one {name: [len(scores), n]}
+    per (n, weights) in parts; weights(b0, B) -> W [N, B] float32 gives columns b0 .. b0 + B - 1,
+    asked for in order. The layouts are built once, for all parts."""
     bad = [k for k in names if k not in METRIC_NAMES]
     if bad:
         raise ValueError(f"unknown metrics {bad}; choose from {METRIC_NAMES}")
-    rng = np.random.default_rng(seed)
-    N = y.shape[0]
-    out = {k: np.zeros((len(scores), n_boot)) for k in names}
     preds = [_predict(s, thresholds).astype(np.float32) for s in scores]
     ranked = {"mAP_macro", "auc_macro", "mAP_micro", "auc_micro"} & set(names)
     layouts = [(_interval_layout(y, s), _micro_layout(y, s)) if ranked else None for s in scores]
-    rows = max([N] + [lay[0].shape[0] for pair in layouts if pair for lay in pair])
-    chunk = max(1, min(n_boot, max_elems // rows))
-    for b0 in range(0, n_boot, chunk):
-        B = min(chunk, n_boot - b0)
+    rows = max([y.shape[0]] + [lay[0].shape[0] for pair in layouts if pair for lay in pair])
+    outs = []
+    for n, weights in parts:
+        out = {k: np.zeros((len(scores), n)) for k in names}
+        chunk = max(1, min(n, max_elems // rows))
+        for b0 in range(0, n, chunk):
+            W = weights(b0, min(chunk, n - b0))
+            for i, s in enumerate(scores):
+                for k, v in _draw_metrics(y, s, preds[i], layouts[i], W, names).items():
+                    out[k][i, b0 : b0 + W.shape[1]] = v
+        outs.append(out)
+    return outs
+
+
+def _resampler(N, seed):
+    """weights(b0, B) for _evaluate: the next B resamples of N images (multiplicities [N, B]), all
+    from one generator: draw b is the same whatever the chunk size."""
+    rng = np.random.default_rng(seed)
+
+    def weights(b0, B):
         idx = rng.integers(0, N, size=(B, N)) + N * np.arange(B)[:, None]  # B resamples of N images
         counts = np.bincount(idx.ravel(), minlength=B * N).reshape(B, N)
-        W = np.ascontiguousarray(counts.T, np.float32)  # [N, B]
-        for i, s in enumerate(scores):
-            for k, v in _draw_metrics(y, s, preds[i], layouts[i], W, names).items():
-                out[k][i, b0 : b0 + B] = v
+        return np.ascontiguousarray(counts.T, np.float32)
+
+    return weights
+
+
+def _jackknife_groups(N, seed, blocks):
+    """Image -> jackknife group [N]: leave-one-out (group i = image i) when N <= blocks, else
+    `blocks` groups of a fixed random permutation of the images (sizes differ by at most one)."""
+    if N <= blocks:
+        return np.arange(N)
+    group = np.empty(N, np.int64)
+    group[np.random.default_rng([seed, 1]).permutation(N)] = np.arange(N) % blocks
+    return group
+
+
+def _boot_draws(y, scores, thresholds, n_boot, seed, names, max_elems=2**23, jackknife=0):
+    """names' values on n_boot image resamples shared by every score array -> {name:
+    [len(scores), n_boot]}. One generator makes the resamples, so every array (every row of a table)
+    sees the same draws. jackknife=blocks (> 0): (those, {name: [len(scores), G]}), the values with
+    each _jackknife_groups(N, seed, blocks) group left out in turn."""
+    N, names = y.shape[0], tuple(names)
+    parts = [(n_boot, _resampler(N, seed))]
+    if jackknife:
+        group = _jackknife_groups(N, seed, jackknife)
+        parts.append(
+            (
+                int(group.max()) + 1,
+                lambda b0, B: (group[:, None] != np.arange(b0, b0 + B)).astype(np.float32),
+            )
+        )
+    outs = _evaluate(y, scores, thresholds, names, parts, max_elems)
+    return tuple(outs) if jackknife else outs[0]
+
+
+def _level_of(v, x):
+    """Fraction of the draws v below x, ties (within 1e-12 relative) counted half, as scipy."""
+    tie = 1e-12 * max(1.0, abs(x))
+    return (np.count_nonzero(v < x - tie) + np.count_nonzero(v <= x + tie)) / (2 * v.size)
+
+
+def _bca_z0_a(point, v, jack, alpha):
+    """BCa's bias correction z0 = Phi^-1(_level_of(v, point)), clipped to +-z_{1-alpha/2}, and
+    acceleration a = sum u^3 / (6 (sum u^2)^1.5), u = mean(jack) - jack over the defined jackknife
+    values (a = 0 when they are all equal) -> (z0, a)."""
+    z = ndtri(1 - alpha / 2)
+    u = jack[~np.isnan(jack)]
+    u = u.mean() - u if u.size else u
+    ss = float((u**2).sum())
+    a = float((u**3).sum()) / (6 * ss**1.5) if ss > 0 else 0.0
+    return float(np.clip(ndtri(_level_of(v, point)), -z, z)), a
+
+
+def _bca_level(z0, a, z):
+    """The quantile level of the draws at which BCa puts the end for the normal quantile z."""
+    w = z0 + z
+    d = 1 - a * w  # |a| <= 1/6 and |w| <= 2 z: d > 0 for alpha > 0.003; else the limit
+    return float(ndtr(z0 + w / d)) if d > 0 else float(w > 0)
+
+
+def _bca(point, draws, jack, alpha):
+    """(low, high): the BCa interval of point from its draws [B] and jackknife values [G] (nan:
+    undefined, left out), extended to point if it still misses it; (nan, nan) without a defined
+    draw or point."""
+    v = draws[~np.isnan(draws)]
+    if not np.isfinite(point) or v.size == 0:
+        return float("nan"), float("nan")
+    z0, a = _bca_z0_a(point, v, jack, alpha)
+    z = ndtri(1 - alpha / 2)
+    lo, hi = np.quantile(v, [_bca_level(z0, a, -z), _bca_level(z0, a, z)])  # linear, as scipy
+    return float(min(lo, point)), float(max(hi, point))
+
+
+def interval_rule(n_boot, alpha=0.05, n_images=None, blocks=None):
+    """How bootstrap_intervals / paired_bootstrap make every interval, for metrics.json -> dict."""
+    out = {"method": "BCa", "level": round(1 - alpha, 10), "resamples": int(n_boot)}
+    out["resampled"] = "images (all labels of an image together)"
+    if n_images is not None:
+        b = JACKKNIFE_BLOCKS if blocks is None else blocks
+        out["jackknife"] = "leave-one-out" if n_images <= b else f"{b} blocks of images"
     return out
 
 
+def interval_text(n_boot, alpha=0.05):
+    """The rule in words, for captions: "95% BCa bootstrap interval, 1000 resamples of the
+    images"."""
+    return f"{100 * (1 - alpha):g}% BCa bootstrap interval, {n_boot} resamples of the images"
+
+
 def bootstrap_intervals(
-    y_true, scores, n_boot=1000, seed=0, alpha=0.05, thresholds=0.5, names=METRIC_NAMES
+    y_true,
+    scores,
+    n_boot=1000,
+    seed=0,
+    alpha=0.05,
+    thresholds=0.5,
+    names=METRIC_NAMES,
+    blocks=JACKKNIFE_BLOCKS,
 ):
-    """Percentile bootstrap over images for several score arrays on the SAME resamples (rows of one
-    table stay comparable) -> one {name: (point, low, high)} per array. point = compute_all on all
-    images; a draw's macro runs over the classes defined in that draw; draws where a metric is
-    undefined are left out."""
+    """BCa bootstrap intervals over images for several score arrays on the SAME resamples (rows of
+    one table stay comparable) -> one {name: (point, low, high)} per array. point = compute_all on
+    all images; a draw's macro runs over the classes defined in that draw; draws (and jackknife
+    values) where a metric is undefined are left out.
+
+    The rule (interval_rule; Efron 1987, as scipy.stats.bootstrap(method="BCa"), equal to it given
+    the same draws and leave-one-out): low, high = the draws' quantiles (linear interpolation) at
+    levels Phi(z0 + w / (1 - a w)), w = z0 -+ z_{1-alpha/2}, with z0 and a from _bca_z0_a. The
+    jackknife leaves out one image at a time when N <= blocks, else one of `blocks` fixed random
+    blocks of images at a time (a grouped jackknife: `blocks` more evaluations instead of N; its a
+    estimates the same skewness). So that low <= point <= high for every finite point: z0 is
+    clipped to +-z_{1-alpha/2} (a small set's AP can lie below 97.5% of its draws, where BCa, like
+    the percentile interval, would exclude it), and an interval that still misses point (point
+    outside the draws' range, or interpolation) is extended to it. No defined draw: (nan, nan)."""
     y = _check(y_true, scores[0])[0]
     ss = [_check(y_true, s)[1] for s in scores]
-    draws = _boot_draws(y, ss, thresholds, n_boot, seed, tuple(names))
-    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    draws, jack = _boot_draws(y, ss, thresholds, n_boot, seed, names, jackknife=blocks)
     out = []
     for i, s in enumerate(ss):
         point = compute_all(y, s, thresholds)
-        ok = {k: draws[k][i][~np.isnan(draws[k][i])] for k in names}
-        out.append(
-            {
-                k: (point[k], *(map(float, np.percentile(v, q)) if v.size else (float("nan"),) * 2))
-                for k, v in ok.items()
-            }
-        )
+        out.append({k: (point[k], *_bca(point[k], draws[k][i], jack[k][i], alpha)) for k in names})
     return out
 
 
@@ -421,31 +535,60 @@ def bootstrap_ci(
     return bootstrap_intervals(y_true, [y_score], n_boot, seed, alpha, thresholds, names)[0]
 
 
+def _quantile_level(v, x):
+    """The level L at which np.quantile(v, L) (linear interpolation) reaches x: the middle of the
+    levels where draws tie at x, 0 / 1 beyond the draws."""
+    v = np.sort(v)
+    k, j = np.searchsorted(v, x, "left"), np.searchsorted(v, x, "right")
+    if j > k:  # draws k .. j - 1 equal x
+        return (k + j - 1) / 2 / (v.size - 1) if v.size > 1 else 0.5
+    if k in (0, v.size):
+        return float(k > 0)
+    return (k - 1 + (x - v[k - 1]) / (v[k] - v[k - 1])) / (v.size - 1)
+
+
+def _bca_p(point, draws, jack, alpha):
+    """Two-sided p of "the statistic is 0", the BCa interval inverted: twice the one-sided level at
+    which an end reaches 0 (same z0 and a as _bca), so p < alpha exactly when the level-(1 - alpha)
+    interval excludes 0 (but where draws tie at 0, or the estimate lies beyond every draw on the
+    other side of 0). At least 1 / (B + 1), the resolution of B draws; 1.0 when point is 0."""
+    v = draws[~np.isnan(draws)]
+    if point == 0 or not np.isfinite(point) or v.size == 0:
+        return 1.0
+    z0, a = _bca_z0_a(point, v, jack, alpha)
+    q = _quantile_level(v, 0.0)
+    t = ndtri(q) - z0  # = w / (1 - a w) at the end that reaches 0; -+inf beyond the draws
+    beta = float(ndtr(t / (1 + a * t) - z0)) if 0 < q < 1 and 1 + a * t > 0 else float(t > 0)
+    return min(1.0, max(2 * min(beta, 1 - beta), 1 / (v.size + 1)))
+
+
 def paired_bootstrap(
     y_true, score_a, score_b, n_boot=1000, seed=0, metric="mAP_macro", alpha=0.05, thresholds=0.5
 ):
-    """Is b better than a on the same images? Both are scored on the same resamples (metric:
-    BOOT_METRICS). -> {diff: metric(b) - metric(a) on all images, mean_diff: mean over draws,
-    low, high: percentile CI,
-        p: two-sided, 2 x the fraction of draws whose difference has the other sign (or is 0),
-        capped at 1}."""
+    """Is b better than a on the same images? d = metric(b) - metric(a), both scored on each of the
+    same image resamples as bootstrap_intervals (same seed: the same draws) and on the same
+    jackknife groups; low, high: d's BCa interval, the rule of bootstrap_intervals; p: two-sided,
+    of "b and a score the same", the BCa interval inverted (p < alpha when the interval excludes
+    0, exceptions in _bca_p; 1.0 when d = 0). metric: BOOT_METRICS. -> {diff: d on all images,
+    mean_diff: mean over draws, low, high, p, n_boot, interval: the rule's name}."""
     if metric not in BOOT_METRICS:
         raise ValueError(f"metric must be one of {BOOT_METRICS}, got {metric!r}")
     y, sa = _check(y_true, score_a)
     _, sb = _check(y_true, score_b)
     diff = compute_all(y, sb, thresholds)[metric] - compute_all(y, sa, thresholds)[metric]
-    draws = _boot_draws(y, [sa, sb], thresholds, n_boot, seed, (metric,))[metric]  # [2, n_boot]
-    d = draws[1] - draws[0]  # b - a, [n_boot]
-    sign = 1.0 if diff >= 0 else -1.0
-    p = 1.0 if diff == 0 else min(1.0, 2.0 * float(np.mean(d * sign <= 0)))
-    low, high = np.percentile(d, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    draws, jack = _boot_draws(
+        y, [sa, sb], thresholds, n_boot, seed, (metric,), jackknife=JACKKNIFE_BLOCKS
+    )
+    d, dj = draws[metric][1] - draws[metric][0], jack[metric][1] - jack[metric][0]  # b - a
+    low, high = _bca(diff, d, dj, alpha)
     return {
         "diff": float(diff),
-        "mean_diff": float(d.mean()),
-        "low": float(low),
-        "high": float(high),
-        "p": p,
+        "mean_diff": float(np.nanmean(d)),
+        "low": low,
+        "high": high,
+        "p": _bca_p(diff, d, dj, alpha),
         "n_boot": int(n_boot),
+        "interval": "BCa",
     }
 
 

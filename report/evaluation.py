@@ -52,8 +52,9 @@ def summary_of(args, res, ctx, paths):
         }
     if "at_oof" in res:
         out["thresholds"] = {"0.5": res["results"][res["main"]]["ensemble"], "oof": res["at_oof"]}
-    if "ci" in res:  # all 15 metrics
+    if "ci" in res:  # all 15 metrics, each "value" inside its [low, high] (metrics.bootstrap_ci)
         out["bootstrap_ci"] = {
+            "interval": metrics.interval_rule(args.bootstrap, 0.05, len(res["rows"])),
             "n_boot": args.bootstrap,
             "seed": args.seed,
             "alpha": 0.05,
@@ -194,7 +195,7 @@ def print_summary(args, res):
         )
     if "ci" in res:
         print(
-            f"95% bootstrap CI ({args.bootstrap} draws): "
+            f"{metrics.interval_text(args.bootstrap)}: "
             + ", ".join(f"{k} {v:.4f} [{lo:.4f}, {hi:.4f}]" for k, (v, lo, hi) in res["ci"].items())
         )
     for n, r in res["retrieval"].items():

@@ -213,6 +213,10 @@ def test_compare_runs_paired_tests(tmp_path, capsys):
     assert (float(tb["test_low"]), float(tb["test_high"])) == pytest.approx(
         (pb_ref["low"], pb_ref["high"])
     )
+    for t in tests:  # every test interval is BCa and holds its difference
+        if t["test_diff"]:
+            assert t["test_interval"] == "BCa"
+            assert float(t["test_low"]) <= float(t["test_diff"]) <= float(t["test_high"])
     assert {t["metric"] for t in tests if t["run"] == str(b) and t["test_diff"]} == set(
         metrics.BOOT_METRICS
     )
@@ -220,6 +224,7 @@ def test_compare_runs_paired_tests(tmp_path, capsys):
     assert "no paired test bootstrap" in out and str(c) in out
     md = (tmp_path / "comparison.md").read_text()
     assert "± " in md and "p (folds)" in md and "paired bootstrap" in md
+    assert metrics.interval_text(300) in md  # the rule and its resamples, named
     for r in (a, b, c):  # each run's own CV table is written too
         assert (r / "cv_results.csv").is_file()
 

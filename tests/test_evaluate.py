@@ -500,11 +500,13 @@ def test_bootstrap_ci_in_metrics_json(fake_run, tmp_path):
     ref = metrics.bootstrap_ci(z["labels"], z["probs"], n_boot=200, seed=3)
     stored = json.loads((tmp_path / "metrics.json").read_text())["bootstrap_ci"]
     assert stored["n_boot"] == 200 and rep["bootstrap_ci"]["n_boot"] == 200
+    assert stored["interval"] == metrics.interval_rule(200, 0.05, len(z["labels"]))
+    assert stored["interval"]["method"] == "BCa" and stored["interval"]["resamples"] == 200
     for name in ("mAP_macro", "f1_macro", "auc_macro"):
         assert (stored[name]["value"], stored[name]["low"], stored[name]["high"]) == pytest.approx(
             ref[name]
         )
-        assert stored[name]["low"] <= stored[name]["high"]
+        assert stored[name]["low"] <= stored[name]["value"] <= stored[name]["high"]
     again = run(
         "--checkpoint",
         fake_run["run"] / "fold1" / "best.pt",

@@ -249,6 +249,133 @@ def test_paired_bootstrap():
         metrics.paired_bootstrap(y, s, s, metric="lrap")
 
 
+def scipy_bca(y, s, n_boot, seed, names=metrics.METRIC_NAMES):
+    """scipy.stats.bootstrap(method="BCa") of compute_all over the images: rng.integers(0, N,
+    (n_boot, N)) resamples (the draws of metrics' own generator) and the leave-one-out jackknife."""
+
+    def stat(idx):
+        m = metrics.compute_all(y[idx], s[idx])
+        return np.array([m[k] for k in names])
+
+    res = scipy.stats.bootstrap(
+        (np.arange(len(y)),),
+        stat,
+        vectorized=False,
+        n_resamples=n_boot,
+        method="BCa",
+        rng=np.random.default_rng(seed),
+    )
+    lo, hi = res.confidence_interval
+    return {k: (lo[i], hi[i]) for i, k in enumerate(names)}
+
+
+def biased_small_set(seed=0):
+    """30 images, 10 classes of one positive each, the positives ranked low: macro AP ~ 0.04, and a
+    resample, whose copies of a positive tie (enter the ranking together), scores higher."""
+    rng = np.random.default_rng(seed)
+    y = np.zeros((30, 10), np.uint8)
+    y[rng.integers(0, 30, 10), np.arange(10)] = 1
+    return y, rng.random((30, 10)) * (1 - 0.5 * y)
+
+
+def test_bca_holds_a_biased_small_sample_estimate():
+    y, s = biased_small_set()
+    point = metrics.compute_all(y, s)["mAP_macro"]
+    draws = metrics._boot_draws(y.astype(bool), [s], 0.5, 1000, 0, ("mAP_macro",))["mAP_macro"][0]
+    pct_lo, pct_hi = np.percentile(draws, [2.5, 97.5])
+    assert point < pct_lo < pct_hi  # the old percentile interval misses its own estimate
+    assert np.mean(draws < point) < 0.025  # below the draws' central 95%: z0 is clipped
+    got, lo, hi = metrics.bootstrap_ci(y, s, n_boot=1000, seed=0)["mAP_macro"]
+    assert got == point and lo <= point <= hi and lo < hi
+    assert hi == pytest.approx(pct_lo)  # clipped z0: the upper end is the draws' 2.5% quantile
+
+
+def test_bca_equals_scipy_with_the_same_resamples():
+    """Same seed, same resamples: scipy's BCa of compute_all equals ours to rounding (N <= blocks:
+    leave-one-out); past JACKKNIFE_BLOCKS images the grouped jackknife's ends stay within 3% of the
+    interval's width."""
+    y, s = make_data(n=40, c=5, seed=21, decimals=2)
+    ref = scipy_bca(y, s, 300, seed=7)
+    got = metrics.bootstrap_intervals(y, [s], n_boot=300, seed=7)[0]
+    for k in metrics.METRIC_NAMES:
+        assert got[k][1:] == pytest.approx(ref[k], abs=1e-9), k
+    y, s = make_data(n=300, c=4, seed=22)
+    names = ("mAP_macro", "auc_micro", "f1_macro", "lrap")
+    ref = scipy_bca(y, s, 200, seed=8, names=names)
+    full = metrics.bootstrap_intervals(y, [s], n_boot=200, seed=8, names=names, blocks=300)[0]
+    grouped = metrics.bootstrap_intervals(y, [s], n_boot=200, seed=8, names=names)[0]
+    for k in names:
+        assert full[k][1:] == pytest.approx(ref[k], abs=1e-9), k
+        width = ref[k][1] - ref[k][0]
+        assert np.abs(np.subtract(grouped[k][1:], ref[k])).max() < 0.03 * width, k
+
+
+def test_bca_formula_on_one_replicate_array():
+    """_bca on a given draw array and jackknife values is scipy's formula (Efron & Tibshirani
+    14.3, 15.4) written out, and holds an estimate outside the draws' range."""
+    rng = np.random.default_rng(23)
+    draws, jack = rng.gamma(2.0, size=500), rng.gamma(2.0, size=40)
+    point, alpha = 2.1, 0.1
+    z0 = scipy.stats.norm.ppf((np.sum(draws < point) + np.sum(draws <= point)) / 1000)
+    u = jack.mean() - jack
+    a = (u**3).sum() / (6 * (u**2).sum() ** 1.5)
+    zs = scipy.stats.norm.ppf([alpha / 2, 1 - alpha / 2])
+    levels = scipy.stats.norm.cdf(z0 + (z0 + zs) / (1 - a * (z0 + zs)))
+    assert metrics._bca(point, draws, jack, alpha) == pytest.approx(np.quantile(draws, levels))
+    for outside in (draws.min() - 1, draws.max() + 1):  # z0 = -+inf before the clip
+        lo, hi = metrics._bca(outside, draws, jack, alpha)
+        assert lo <= outside <= hi and np.isfinite([lo, hi]).all()
+    assert metrics._bca(3.0, np.full(50, 3.0), np.full(5, 3.0), alpha) == (3.0, 3.0)
+    assert metrics._bca(2.0, np.full(50, 3.0), np.full(5, 3.0), alpha) == (2.0, 3.0)
+    assert np.isnan(metrics._bca(2.0, np.full(5, np.nan), jack, alpha)).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_interval_holds_its_estimate(seed):
+    rng = np.random.default_rng(30 + seed)
+    for n in (1, 3, 12, 45, 160):
+        c = int(rng.integers(1, 7))
+        y = (rng.random((n, c)) < rng.uniform(0.02, 0.6, c)).astype(np.uint8)
+        s = np.round(rng.random((n, c)) * (0.4 + 0.5 * rng.random()) + 0.3 * y * rng.random(), 2)
+        s[:, 0] = s[0, 0]  # a constant score column: ties everywhere
+        scores = [s, np.clip(s + 0.2 * y, 0, 1)]
+        cis = metrics.bootstrap_intervals(y, scores, n_boot=int(rng.integers(5, 200)), seed=seed)
+        for ci in cis:
+            for k, (point, lo, hi) in ci.items():
+                if np.isfinite(point) and np.isfinite(lo):
+                    assert lo <= point <= hi, (n, k, point, lo, hi)
+                else:  # undefined on all images, or in every draw
+                    assert np.isnan(lo) and np.isnan(hi), (n, k, point, lo, hi)
+
+
+def test_draws_do_not_depend_on_the_chunk_size():
+    y, s = make_data(n=60, c=4, seed=24, decimals=1)
+    b = y.astype(bool)
+    one = metrics._boot_draws(b, [s], 0.5, 37, 5, metrics.METRIC_NAMES, jackknife=25)
+    small = metrics._boot_draws(b, [s], 0.5, 37, 5, metrics.METRIC_NAMES, 1, jackknife=25)
+    for part, other in zip(one, small):
+        for k in metrics.METRIC_NAMES:
+            np.testing.assert_allclose(part[k], other[k], atol=1e-12, err_msg=k)
+    groups = metrics._jackknife_groups(60, 5, 25)
+    assert sorted(np.bincount(groups)) == [2] * 15 + [3] * 10  # 25 blocks of 2 or 3 images
+    ref = metrics.compute_all(y[groups != 3], s[groups != 3])
+    for k in metrics.METRIC_NAMES:  # a jackknife value is the metric without its block
+        assert one[1][k][0, 3] == pytest.approx(ref[k], abs=1e-12), k
+
+
+def test_paired_bootstrap_p_agrees_with_its_interval():
+    y, s = make_data(n=200, c=5, seed=25)
+    rng = np.random.default_rng(25)
+    for shift in (0.0, 0.01, 0.02, 0.04):
+        b = np.clip(s + shift * (y - 0.5) + rng.normal(0, 0.05, s.shape), 0, 1)
+        for m in metrics.BOOT_METRICS:
+            for alpha in (0.05, 0.2):
+                r = metrics.paired_bootstrap(y, s, b, n_boot=300, seed=1, metric=m, alpha=alpha)
+                assert r["low"] <= r["diff"] <= r["high"] and r["interval"] == "BCa"
+                assert (r["p"] < alpha) == (not r["low"] <= 0 <= r["high"]), (shift, m, alpha, r)
+                assert 0 < r["p"] <= 1
+
+
 def test_paired_test_matches_scipy_and_flags_planted_gain():
     rng = np.random.default_rng(14)
     a = 60 + rng.normal(0, 1.0, 5)  # per-fold mAP in points
