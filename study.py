@@ -9,19 +9,24 @@ report folder.
 
 Runs (train.py flags; reference first): hash64 (the default recipe), bits0 (plain MLP), bits16,
 bits32, bits128, bits256, concat (--fusion concat), knn_recipe (--code_classifier centres
---sign_weight 1), probe and zeroshot (--baseline). Flags after -- go to every run. Each run is
-`RUN=<study>/<name> bash run_cv.sh [--demo] -- <flags>` on one splits file and one feature cache,
-with EVAL_ARGS=--head both where the run has hash bits; a run whose folds all hold .done and whose
-eval_test/metrics.csv exists is skipped without starting run_cv.sh, and an interrupted one resumes
-(run_cv.sh skips finished folds and resumes the interrupted one from last.pt).
-Then the report folder <study>/report/: aggregate.py's CV tables and comparisons of the runs, every
-table of them as .csv/.md/.tex (CV, both heads and their paired test, test tables with 95% bootstrap
-CIs of all 15 metrics, the runs side by side) and figures as .png/.pdf (learning curves, mAP against
-bits), the literature table of the splits file's protocol (report/literature.py), the reference
-run's per-class, confusion and fold analysis, and report.md linking them in the order of a results
-chapter. The report is skipped when no run's results changed since it was written (report/.inputs).
+--sign_weight 1), probe and zeroshot (--baseline). Flags after -- go to every run (a flag given
+twice: its last value, so train.py's command line names each flag once). Each run is
+`RUN=<study>/<name> SUMMARY=0 bash run_cv.sh [--demo] -- <flags>` on one splits file and one
+feature cache, with EVAL_ARGS=--head both where the run has hash bits; a run whose folds all hold
+.done and whose eval_test/metrics.csv exists is skipped without starting run_cv.sh, and an
+interrupted one resumes (run_cv.sh skips finished folds and resumes the interrupted one from
+last.pt).
+Then the report folder <study>/report/, a results chapter: report.md states each section's result
+(a sentence made from the numbers and its headline table: CV mean ± std and test [interval] of
+every run, the ablations against the reference and KNN against MLP with their paired-test
+p-values, bits, literature, per class, confusion, folds) and links every table (.csv/.md/.tex, in
+%, each .tex fitting a page: report.latex) and figure (.png/.pdf); report.tex is the same chapter
+with every table and figure, compiled to report.pdf where pdflatex is installed (report.chapter).
+aggregate.py's output goes to report/aggregate.log. The report is skipped when no run's results
+changed since it was written (report/.inputs).
 """
 
+import contextlib
 import json
 import os
 import re
@@ -36,7 +41,7 @@ import data
 import metrics
 import report
 from aggregate import COLUMNS, head_tests, heads_of, summary  # what the CV tables show
-from report import literature
+from report import chapter, literature
 from runs import fold_dirs
 
 RUNS = [
@@ -62,8 +67,7 @@ def get_args_parser():
     p.add_argument(
         "--demo",
         action="store_true",
-        help="synthetic data and tiny SigLIP (run_cv.sh --demo), 3 folds, "
-        "6 epochs: a few minutes on a CPU",
+        help="synthetic data, tiny SigLIP (run_cv.sh --demo), 3 folds, 6 epochs (default: off)",
     )
     p.add_argument(
         "--study_dir", default=None, help="default outputs/study (outputs/demo_study with --demo)"
@@ -72,10 +76,10 @@ def get_args_parser():
     p.add_argument(
         "--fold_list",
         default=os.environ.get("FOLD_LIST", ""),
-        help="folds to train, e.g. 0 (run_cv.sh's FOLD_LIST)",
+        help="folds to train, e.g. 0 (default: all; run_cv.sh's FOLD_LIST)",
     )
     p.add_argument(
-        "--bootstrap", type=cli.nonneg_int, default=1000, help="bootstrap draws of the test tables"
+        "--bootstrap", type=cli.nonneg_int, default=1000, help="resamples of the test intervals"
     )
     p.add_argument(
         "--run_cv",
@@ -104,6 +108,24 @@ def cache_views(run):
     return 1
 
 
+def merge_flags(*lists):
+    """train.py flag lists -> one in which each flag appears once, with its last value (a later
+    list wins, as on train.py's command line); a flag's value is the token after it unless that
+    starts with --."""
+    out = {}
+    for flags in lists:
+        i = 0
+        while i < len(flags):
+            f, i = flags[i], i + 1
+            vals = []
+            while i < len(flags) and not flags[i].startswith("--"):
+                vals.append(flags[i])
+                i += 1
+            out.pop(f, None)  # re-inserted: the order of the command line's last word
+            out[f] = vals
+    return [x for f, vals in out.items() for x in (f, *vals)]
+
+
 def make_run(name, flags, args, env):
     """One run folder via run_cv.sh (skipped when complete) -> its path."""
     run = os.path.join(args.study_dir, name)
@@ -113,10 +135,12 @@ def make_run(name, flags, args, env):
     if run_done(run, folds):
         print(f"== {name}: skipped ({run} is complete)")
         return run
-    cmd = args.run_cv.split() + (["--demo"] if args.demo else []) + ["--", *flags, *args.train_args]
+    flags = merge_flags(flags, args.train_args)
+    cmd = args.run_cv.split() + (["--demo"] if args.demo else []) + ["--", *flags]
     env = dict(
         env,
         RUN=run,
+        SUMMARY="0",  # run_cv.sh ends with the result paths: their tables are in the report
         EVAL_ARGS=env.get("EVAL_ARGS", "") + ("" if name in NO_BITS else " --head both"),
     )
     if args.fold_list:
@@ -133,10 +157,29 @@ def make_run(name, flags, args, env):
 # ------------------------------------------------------------- report folder: tables and figures
 
 
-def table(out, name, header, rows, caption, sections, title, **kw):
-    """One table in out/name.{csv,md,tex}, recorded under its section title for report.md."""
-    report.write_table(os.path.join(out, name), header, rows, caption=caption, **kw)
-    sections.append((title, [f"{name}.{e}" for e in ("md", "csv", "tex")], caption))
+def pct(m):
+    """The factor a metric prints with: 100 for a fraction (in %), 1 otherwise."""
+    return 100 if m in report.FRACTIONS else 1
+
+
+def ms(mean, std, k=100):
+    return report.MeanStd(k * mean, k * std)
+
+
+def ci_text(n_boot):
+    """The test intervals in words (the rule of metrics.bootstrap_intervals)."""
+    return metrics.interval_text(n_boot)
+
+
+def table(out, name, header, rows, caption, sections, title, link=None, **kw):
+    """One table in out/name.{csv,md,tex} (metrics in %), recorded under its section title (link:
+    the words before its links in report.md, default the caption) -> the Markdown text."""
+    kw.setdefault("percent", True)
+    kw.setdefault("digits", 2)
+    md = report.write_table(os.path.join(out, name), header, rows, caption=caption, **kw)
+    files = [f"{name}.{e}" for e in ("md", "csv", "tex")]
+    sections.append(dict(title=title, files=files, caption=link or caption))
+    return md
 
 
 def cv_report(runs, out, sections):
@@ -158,10 +201,10 @@ def cv_report(runs, out, sections):
         "cv_table",
         ["run", "head", "folds", *M],
         rows,
-        "Cross-validation (validation folds): mean ± std "
-        "over folds (ddof 1), threshold 0.5; best per column in bold",
+        "Cross-validation (validation folds): mean ± std over folds (ddof 1), threshold 0.5, "
+        "in % but coverage error; best per column in bold",
         sections,
-        "Cross-validation: all runs",
+        "Main results",
     )
     rows = []
     for r in runs:
@@ -171,9 +214,9 @@ def cv_report(runs, out, sections):
                 [
                     r["label"],
                     report.label(m),
-                    report.MeanStd(a, sa),
-                    report.MeanStd(b, sb),
-                    f"{t['mean_diff']:+.4f}",
+                    ms(a, sa, pct(m)),
+                    ms(b, sb, pct(m)),
+                    f"{pct(m) * t['mean_diff']:+.1f}",
                     f"{t['t']:.3g}",
                     f"{t['p']:.3g}",
                 ]
@@ -184,10 +227,20 @@ def cv_report(runs, out, sections):
             "cv_heads",
             ["run", "metric", "MLP head", "KNN head", "KNN - MLP", "t", "p"],
             rows,
-            "KNN head against MLP head over folds: paired t-test across folds (two-sided)",
+            "KNN head against MLP head over folds (% and points but coverage error): paired "
+            "t-test across folds (two-sided)",
             sections,
-            "Cross-validation: KNN head vs MLP head",
+            "KNN head vs MLP head",
+            digits=1,
+            keys=2,
         )
+    sections.append(
+        dict(
+            title="Per run: cross-validation",
+            text="Every fold of each run, both heads, and their mean ± std (%, but coverage error "
+            "and best epoch).",
+        )
+    )
     for r in runs:
         rows = [
             [f"fold {k}", h.upper(), *(r["heads"][h][k][c] for c in COLUMNS)]
@@ -207,10 +260,12 @@ def cv_report(runs, out, sections):
             f"cv_{safe(r)}",
             ["fold", "head", *COLUMNS],
             rows,
-            f"Cross-validation folds of {r['label']}",
+            f"Cross-validation folds of {r['label']} (%, but coverage error and best epoch)",
             sections,
-            f"Cross-validation per run: {r['label']}",
+            "Per run: cross-validation",
+            link=r["label"],
             skip_bold=range(len(rows) - len(heads_of(r)), len(rows)),
+            keys=2,
         )
 
 
@@ -253,11 +308,49 @@ def load_eval(r, test_dir):
     }
 
 
+def run_test_cells(r, ev, args):
+    """One run's test cells: {head: {row name: [cell per metric]}} (Interval cells where the
+    bootstrap ran), its rows on one set of resamples."""
+    M = metrics.METRIC_NAMES
+    arrays = [
+        (h, n, p) for h, rs in ev["heads"].items() for n, p in rs if isinstance(p, np.ndarray)
+    ]
+    cis = (
+        metrics.bootstrap_intervals(
+            ev["y"], [p for *_, p in arrays], n_boot=args.bootstrap, seed=args.seed
+        )
+        if args.bootstrap
+        else [None] * len(arrays)
+    )
+    ci = {(h, n): c for (h, n, _), c in zip(arrays, cis)}
+    return {
+        h: {
+            n: [
+                report.Interval(*ci[h, n][m])
+                if ci.get((h, n))
+                else (metrics.compute_all(ev["y"], p)[m] if isinstance(p, np.ndarray) else p[m])
+                for m in M
+            ]
+            for n, p in rs
+        }
+        for h, rs in ev["heads"].items()
+    }
+
+
 def test_report(runs, args, out, sections):
-    """test_<run>: every fold model, mean ± std over them and the ensemble, both heads, 95%
-    bootstrap CIs of all 15 metrics (one set of resamples for every row of every run); test_table:
-    the runs side by side."""
-    M, side, heads_rows = metrics.METRIC_NAMES, [], []
+    """test_<run>: every fold model, mean ± std over them and the ensemble, both heads, test
+    intervals of all 15 metrics (one set of resamples for every row of a run); test_table: the
+    runs side by side; test_heads: KNN - MLP ensembles (paired bootstrap). -> {(label, head):
+    {"ensemble": {metric: cell}, "folds": {metric: MeanStd}}} and the test_heads rows."""
+    M, side, heads_rows, found = metrics.METRIC_NAMES, [], [], {}
+    sections.append(
+        dict(
+            title="Per run: test",
+            text=f"Every fold model of each run, their mean ± std and their ensemble on the test "
+            f"images, both heads, threshold 0.5 (%, but coverage error); intervals: "
+            f"{ci_text(args.bootstrap)}, every row of a run on the same resamples.",
+        )
+    )
     for r in runs:
         ev = load_eval(r, args.test_dir)
         if ev is None:
@@ -266,29 +359,9 @@ def test_report(runs, args, out, sections):
                 f"no test table"
             )
             continue
-        arrays = [
-            (h, n, p) for h, rs in ev["heads"].items() for n, p in rs if isinstance(p, np.ndarray)
-        ]
-        cis = (
-            metrics.bootstrap_intervals(
-                ev["y"], [p for *_, p in arrays], n_boot=max(args.bootstrap, 1), seed=args.seed
-            )
-            if args.bootstrap
-            else [None] * len(arrays)
-        )
-        ci = {(h, n): c for (h, n, _), c in zip(arrays, cis)}
         rows = []
-        for h, rs in ev["heads"].items():
-            cells = {
-                n: [
-                    report.Interval(*ci[h, n][m])
-                    if ci.get((h, n))
-                    else (metrics.compute_all(ev["y"], p)[m] if isinstance(p, np.ndarray) else p[m])
-                    for m in M
-                ]
-                for n, p in rs
-            }
-            folds = [n for n, _ in rs if n != "ensemble"]
+        for h, cells in run_test_cells(r, ev, args).items():
+            folds = [n for n in cells if n != "ensemble"]
             vals = np.array([[report._value(c) for c in cells[n]] for n in folds])
             mean = [
                 report.MeanStd(v.mean(), v.std(ddof=1) if len(v) > 1 else np.nan) for v in vals.T
@@ -301,15 +374,22 @@ def test_report(runs, args, out, sections):
                 [r["label"], h.upper(), "ensemble", *cells["ensemble"]],
                 [r["label"], h.upper(), f"{len(folds)} fold models", *mean],
             ]
+            found[r["label"], h] = {
+                "ensemble": dict(zip(M, cells["ensemble"])),
+                "folds": dict(zip(M, mean)),
+                "n_images": len(ev["y"]),
+            }
         table(
             out,
             f"test_{safe(r)}",
             ["model", "head", *M],
             rows,
-            f"Hold-out test of {r['label']}: value [95% "
-            f"bootstrap CI, {args.bootstrap} paired resamples of the images], threshold 0.5",
+            f"Hold-out test of {r['label']} (%, but coverage error): value "
+            f"[{ci_text(args.bootstrap)}], threshold 0.5",
             sections,
-            f"Test per run: {r['label']}",
+            "Per run: test",
+            link=r["label"],
+            keys=2,
         )
         if {"mlp", "knn"} <= set(ev["heads"]) and args.bootstrap:
             a, b = ev["heads"]["mlp"][-1][1], ev["heads"]["knn"][-1][1]
@@ -321,8 +401,7 @@ def test_report(runs, args, out, sections):
                     [
                         r["label"],
                         report.label(m),
-                        f"{t['diff']:+.4f}",
-                        f"[{t['low']:+.4f}, {t['high']:+.4f}]",
+                        report.Interval(*(100 * t[k] for k in ("diff", "low", "high"))),
                         f"{t['p']:.3g}",
                     ]
                 )
@@ -332,21 +411,26 @@ def test_report(runs, args, out, sections):
             "test_table",
             ["run", "head", "model", *M],
             side,
-            "Hold-out test, every run: the ensemble "
-            "[95% bootstrap CI] and mean ± std over the fold models",
+            f"Hold-out test, every run (%, but coverage error): the ensemble "
+            f"[{ci_text(args.bootstrap)}] and mean ± std over the fold models",
             sections,
-            "Test: all runs",
+            "Main results",
+            keys=3,
         )
     if heads_rows:
         table(
             out,
             "test_heads",
-            ["run", "metric", "KNN - MLP", "95% CI", "p"],
+            ["run", "metric", "KNN - MLP (points)", "p"],
             heads_rows,
-            "KNN ensemble against MLP ensemble on the test images: paired bootstrap",
+            f"KNN ensemble against MLP ensemble on the test images: difference in points "
+            f"[{ci_text(args.bootstrap)}], paired bootstrap p",
             sections,
-            "Test: KNN head vs MLP head",
+            "KNN head vs MLP head",
+            digits=1,
+            keys=2,
         )
+    return found, heads_rows
 
 
 def recipe(cfg):
@@ -354,10 +438,11 @@ def recipe(cfg):
     return cfg.get("fusion"), cfg.get("code_classifier")
 
 
-def figure_report(runs, out, sections):
-    """learning_<run> (loss and val mAP per epoch, folds overlaid); bits: CV mAP against hash bits,
-    both heads, over the runs that differ from the most common recipe (fusion, code classifier)
-    only in bits."""
+def learning_report(runs, out, sections):
+    """learning_<run>: loss and val mAP per epoch, folds overlaid; a run whose folds trained one
+    epoch each (a baseline fitted without gradient descent) gets no figure, and the report says
+    so."""
+    flat = []
     for r in runs:
         logs = {}
         for k in r["folds"]:
@@ -365,11 +450,30 @@ def figure_report(runs, out, sections):
             if os.path.isfile(path):
                 with open(path) as f:
                     logs[k] = [json.loads(line) for line in f if line.strip()]
-        if any(logs.values()):
+        if max((len(v) for v in logs.values()), default=0) > 1:
             paths = report.plot_learning(os.path.join(out, f"learning_{safe(r)}"), logs, r["label"])
             sections.append(
-                (f"Learning curves: {r['label']}", [os.path.basename(p) for p in paths], "")
+                dict(
+                    title="Learning curves",
+                    files=[os.path.basename(p) for p in paths],
+                    caption=r["label"],
+                )
             )
+        elif logs:
+            flat.append(r["label"])
+    if flat:
+        sections.append(
+            dict(
+                title="Learning curves",
+                text=f"No curve for {', '.join(flat)}: one epoch per fold (fitted without "
+                "gradient descent), so there is nothing to draw.",
+            )
+        )
+
+
+def bits_report(runs, out, sections):
+    """bits: CV mAP against hash bits, both heads, over the runs that differ from the most common
+    recipe (fusion, code classifier) only in bits."""
     sweep = [
         r
         for r in runs
@@ -387,24 +491,203 @@ def figure_report(runs, out, sections):
     ]
     if len({p[0] for p in points}) > 1:
         paths = report.plot_bits(os.path.join(out, "bits"), points)
+        best = {
+            h: max((p for p in points if p[1] == h), key=lambda p: p[2])
+            for h in dict.fromkeys(p[1] for p in points)
+        }
+        text = "; ".join(
+            f"{h.upper()} head: best CV mAP (macro) at {b} bits, {100 * m:.1f} ± {100 * s:.1f}%"
+            for h, (b, _, m, s) in best.items()
+        )
         sections.append(
-            (
-                "mAP against hash bits",
-                [os.path.basename(p) for p in paths],
-                f"runs {', '.join(r['label'] for r in sweep)}",
+            dict(
+                title="mAP against hash bits",
+                text=f"{text} (runs {', '.join(r['label'] for r in sweep)}; 0 bits = plain MLP).",
+                files=[os.path.basename(p) for p in paths],
+                caption="CV mAP (macro) against hash bits, mean ± std over folds",
             )
         )
 
 
-def write_report(runs, args, out):
+def write_report(runs, args, out, tests=()):
     """Every table and figure of these runs (aggregate.read_run dicts; args: aggregate's test_dir,
-    bootstrap, seed) in out -> [(section title, [file names], caption)]."""
+    bootstrap, seed; tests: aggregate's comparison rows) in out -> sections for report/chapter."""
     os.makedirs(out, exist_ok=True)
     sections = []
     cv_report(runs, out, sections)
-    test_report(runs, args, out, sections)
-    figure_report(runs, out, sections)
+    found, heads_rows = test_report(runs, args, out, sections)
+    headline(runs, found, sections)
+    ablation_report(runs, tests, out, sections)
+    heads_headline(runs, heads_rows, sections)
+    bits_report(runs, out, sections)
+    learning_report(runs, out, sections)
     return sections
+
+
+def cell_text(cell):
+    return report._text(cell, d=1)
+
+
+def headline(runs, found, sections):
+    """Main results inline: CV mAP (macro) mean ± std and the test ensemble's [interval] per run
+    and head, and the sentence naming the best."""
+    rows, cv, test = [], {}, {}
+    for r in runs:
+        for h in heads_of(r):
+            key = (r["label"], h)
+            cv[key] = ms(*(s["mAP_macro"] for s in summary(r, h)))
+            t = found.get(key)
+            if t:
+                test[key] = report.scaled(t["ensemble"]["mAP_macro"], 100)
+            rows.append(
+                [
+                    r["label"],
+                    h.upper(),
+                    cell_text(cv[key]),
+                    cell_text(test[key]) if key in test else "-",
+                    cell_text(report.scaled(t["folds"]["mAP_macro"], 100)) if t else "-",
+                ]
+            )
+    ref = (runs[0]["label"], heads_of(runs[0])[0])
+
+    def name(k):
+        return f"{k[0]} ({k[1].upper()} head)"
+
+    best_cv = max(cv, key=lambda k: cv[k][0])
+    text = [f"Best on cross-validation: {name(best_cv)}, mAP (macro) {cell_text(cv[best_cv])}%"]
+    if test:
+        bt = max(test, key=lambda k: test[k][0])
+        text.append(f"best on the test images: {name(bt)}, {cell_text(test[bt])}%")
+    text.append(
+        f"the reference {name(ref)}: {cell_text(cv[ref])}% on cross-validation"
+        + (f", {cell_text(test[ref])}% on test" if ref in test else "")
+    )
+    n = next(iter(found.values()))["n_images"] if found else None
+    sections.insert(
+        0,
+        dict(
+            title="Main results",
+            text="; ".join(text)
+            + "."
+            + (f" Test: {n} images, the fold models' ensemble [interval]." if n else ""),
+            table=[
+                ["run", "head", "CV mAP (macro), %", "test mAP (macro), %", "test, fold models"],
+                *rows,
+            ],
+        ),
+    )
+
+
+def significant(pairs, alpha=0.05):
+    """[(name, diff, p)] -> "a +1.2 (p 0.01), b -0.3 (p 0.04)" for p < alpha, or "none"."""
+    hits = [f"{n} {d:+.1f} (p {p:.2g})" for n, d, p in pairs if np.isfinite(p) and p < alpha]
+    return ", ".join(hits) or "none"
+
+
+def ablation_report(runs, tests, out, sections):
+    """ablations: every run against the reference, CV (paired t-test over folds) and test (paired
+    bootstrap of the MLP / main head), metrics.BOOT_METRICS; its mAP rows inline."""
+    if not tests:
+        return
+    rows = []
+    for t in tests:
+        if t["metric"] not in metrics.BOOT_METRICS:
+            continue
+        k = pct(t["metric"])
+        rows.append(
+            [
+                os.path.basename(t["run"]),
+                report.label(t["metric"]),
+                t["folds"],
+                f"{k * t['mean_diff']:+.1f}",
+                f"{t['p_folds']:.2g}",
+                report.Interval(*(k * t[f"test_{x}"] for x in ("diff", "low", "high")))
+                if "test_diff" in t
+                else "-",
+                f"{t['p_test']:.2g}" if "p_test" in t else "-",
+            ]
+        )
+    ref = os.path.basename(tests[0]["vs"])
+    header = ["run", "metric", "folds", "CV diff", "p (folds)", "test diff [interval]", "p (test)"]
+    table(
+        out,
+        "ablations",
+        header,
+        rows,
+        f"Each run minus the reference {ref} (MLP head), in points: mean over folds with a paired "
+        f"t-test across folds; on the test images a paired bootstrap",
+        sections,
+        "Ablations against the reference",
+        digits=1,
+        keys=2,
+    )
+    m = [t for t in tests if t["metric"] == "mAP_macro"]
+    cv = [(os.path.basename(t["run"]), 100 * t["mean_diff"], t["p_folds"]) for t in m]
+    te = [
+        (os.path.basename(t["run"]), 100 * t["test_diff"], t["p_test"]) for t in m if "p_test" in t
+    ]
+    folds = min(t["folds"] for t in m)
+    text = (
+        f"mAP (macro) against {ref}: at p < 0.05 on cross-validation (paired t-test over "
+        f"{folds} folds) {significant(cv)}"
+        + (f"; on the test images (paired bootstrap) {significant(te)}" if te else "")
+        + ". Best gain on cross-validation: "
+        + "{} {:+.1f} points".format(*max(cv, key=lambda x: x[1])[:2])
+        + "."
+    )
+    inline = [r[:2] + r[3:] for r in rows if r[1] == report.label("mAP_macro")]
+    sections.insert(
+        len(sections) - 1,
+        dict(
+            title="Ablations against the reference",
+            text=text,
+            table=[
+                ["run", "metric", "CV diff", "p (folds)", "test diff [interval]", "p (test)"],
+                *([cell_text(c) for c in r] for r in inline),
+            ],
+        ),
+    )
+
+
+def heads_headline(runs, heads_rows, sections):
+    """KNN head vs MLP head inline: mAP (macro) differences per run on CV and test."""
+    rows, cv, te = [], [], []
+    test = {r[0]: r for r in heads_rows if r[1] == report.label("mAP_macro")}
+    for r in runs:
+        t = head_tests(r).get("mAP_macro")
+        if not t:
+            continue
+        cv.append((r["label"], 100 * t["mean_diff"], t["p"]))
+        row = test.get(r["label"])
+        if row:
+            te.append((r["label"], row[2][0], float(row[3])))
+        rows.append(
+            [
+                r["label"],
+                f"{100 * t['mean_diff']:+.1f}",
+                f"{t['p']:.2g}",
+                cell_text(row[2]) if row else "-",
+                row[3] if row else "-",
+            ]
+        )
+    if not rows:
+        return
+    wins = sum(d > 0 for _, d, _ in cv)
+    text = (
+        f"KNN minus MLP head, mAP (macro): higher on cross-validation in {wins} of {len(cv)} runs; "
+        f"at p < 0.05 on cross-validation {significant(cv)}"
+        + (f", on the test images {significant(te)}" if te else "")
+        + "."
+    )
+    at = next(i for i, s in enumerate(sections) if s["title"] == "KNN head vs MLP head")
+    sections.insert(
+        at,
+        dict(
+            title="KNN head vs MLP head",
+            text=text,
+            table=[["run", "CV diff", "p (folds)", "test diff [interval]", "p (test)"], *rows],
+        ),
+    )
 
 
 def reference_analysis(run, out, sections):
@@ -420,6 +703,7 @@ def reference_analysis(run, out, sections):
     pos = np.array([s["positives"] for s in stats], dtype=np.float64)  # [K, C]
     sizes = np.array([s["size"] for s in stats])
     npz = os.path.join(run, "eval_test", "test_predictions.npz")
+    ref = os.path.basename(run)
     if os.path.isfile(npz):
         with np.load(npz) as z:
             y, p, thr = z["labels"], z["probs"], z["thresholds"] if "thresholds" in z.files else 0.5
@@ -429,10 +713,28 @@ def reference_analysis(run, out, sections):
             ap,
             pos.sum(0) / sizes.sum(),
             names,
-            f"{os.path.basename(run)}: test AP per class (ensemble), colour = dev prevalence",
+            f"{ref}: test AP per class (ensemble)",
         )
+        order = [c for c in np.argsort(-np.nan_to_num(ap, nan=-1), kind="stable") if ap[c] == ap[c]]
+
+        def listed(cs):
+            return ", ".join(f"{names[c]} {100 * ap[c]:.1f}" for c in cs)
+
         sections.append(
-            ("Per-class AP (reference run, test)", [os.path.basename(x) for x in paths], "")
+            dict(
+                title="Per class (reference run, test)",
+                text=f"{ref} ensemble, AP in %: highest {listed(order[:5])}; lowest "
+                f"{listed(order[::-1][:5])}"
+                + (
+                    f"; {len(names) - len(order)} of {len(names)} classes have no positive among "
+                    f"the {len(y)} test images (no AP)"
+                    if len(order) < len(names)
+                    else ""
+                )
+                + ".",
+                files=[os.path.basename(x) for x in paths],
+                caption="test AP per class, bars coloured by the class's dev prevalence",
+            )
         )
         rows = report.per_class_rows(y, p, thr, cats)
         table(
@@ -440,23 +742,33 @@ def reference_analysis(run, out, sections):
             "per_class",
             rows[0],
             rows[1:],
-            f"Per class, {os.path.basename(run)} ensemble on test at its evaluate.py thresholds",
+            f"Per class, {ref} ensemble on test at its evaluate.py thresholds (%); "
+            f"TN = images - TP - FP - FN",
             sections,
-            "Per-class table (reference run, test)",
+            "Per class (reference run, test)",
+            tex_columns=rows[0][2:-1],
         )
         m = report.confusion(y, p, thr, cats, os.path.join(out, "confusion.csv"))
+        top = report.top_confusions(m[:, :-1], names, 5)
         paths = report.plot_confusion(
-            os.path.join(out, "confusion"),
-            m[:, :-1],
-            cats,
-            f"{os.path.basename(run)}: missed A, predicted B (test)",
+            os.path.join(out, "confusion"), m[:, :-1], cats, f"{ref}: missed A, predicted B (test)"
         )
         sections.append(
-            (
-                "Confusion: missed A, predicted B (reference run, test)",
-                ["confusion.csv"] + [os.path.basename(x) for x in paths],
-                "row A sums to A's false negatives: "
-                "each miss is split over the image's false positives",
+            dict(
+                title="Confusion (reference run, test)",
+                text="The most frequent confusions: true class A missed on an image where absent "
+                "class B is predicted, each miss split over the image's false positives (row A of "
+                "confusion.csv sums to A's false negatives)."
+                if top
+                else "No missed class co-occurs with a false positive.",
+                table=[
+                    ["missed A", "predicted B", "images"],
+                    *([a, b, f"{v:.1f}"] for a, b, v in top),
+                ]
+                if top
+                else None,
+                files=["confusion.csv"] + [os.path.basename(x) for x in paths],
+                caption="top confused pairs and the full matrix by supercategory",
             )
         )
     fold_ap = np.full(pos.shape, np.nan)
@@ -465,16 +777,33 @@ def reference_analysis(run, out, sections):
         if os.path.isfile(f):
             with np.load(f) as z:
                 fold_ap[k] = metrics.per_class(z["labels"], z["probs"])["ap"]
+    rows = report.fold_analysis(fold_ap, pos, sizes, names)
     table(
         out,
         "fold_analysis",
-        ["fold", "images", "mAP_macro", "classes furthest from their mean AP"],
-        report.fold_analysis(fold_ap, pos, sizes, names),
-        "Why folds differ: validation mAP (MLP head) "
-        "and the classes whose AP deviates most, with their positives in the fold vs the mean",
+        ["fold", "images", "mAP_macro", "classes furthest from their mean AP (points)"],
+        rows,
+        "Why folds differ: validation mAP (MLP head, %) and the classes whose AP deviates most "
+        "from their mean over folds, with their positives in the fold vs the mean",
         sections,
         "Fold analysis",
     )
+    done = [r for r in rows if np.isfinite(r[2])]
+    if done:
+        lo, hi = min(done, key=lambda r: r[2]), max(done, key=lambda r: r[2])
+        sections.insert(
+            len(sections) - 1,
+            dict(
+                title="Fold analysis",
+                text=f"Validation mAP (macro) of {ref}'s folds: from {100 * lo[2]:.1f}% "
+                f"({lo[0]}) to {100 * hi[2]:.1f}% ({hi[0]}), a spread of "
+                f"{100 * (hi[2] - lo[2]):.1f} points.",
+                table=[
+                    ["fold", "images", "mAP (macro), %", "classes furthest from their mean AP"],
+                    *([r[0], str(r[1]), cell_text(100 * r[2]), r[3]] for r in rows),
+                ],
+            ),
+        )
     rows = [[n, *pos[:, c].astype(int), *fold_ap[:, c]] for c, n in enumerate(names)]
     table(
         out,
@@ -485,56 +814,61 @@ def reference_analysis(run, out, sections):
             *(f"AP fold {k}" for k in range(len(stats))),
         ],
         rows,
-        "Per-fold positives (splits.json stats) and validation AP per class",
+        "Per-fold positives (splits.json stats) and validation AP per class (%)",
         sections,
         "Fold analysis",
+        percent=[f"AP fold {k}" for k in range(len(stats))],
     )
     paths = report.plot_folds(os.path.join(out, "folds"), fold_ap, pos, names)
-    sections.append(("Fold analysis", [os.path.basename(x) for x in paths], ""))
+    sections.append(
+        dict(
+            title="Fold analysis",
+            files=[os.path.basename(x) for x in paths],
+            caption="per-class AP deviation per fold, and positives against AP",
+        )
+    )
 
 
 ORDER = (
-    "Cross-validation: all",
-    "Cross-validation: KNN",
-    "mAP against",
-    "Test: all",
-    "Test: KNN",
+    "Main results",
+    "Ablations against",
+    "KNN head vs MLP head",
+    "mAP against hash bits",
     "Beside the literature",
-    "Per-class AP",
-    "Per-class table",
+    "Per class",
     "Confusion",
     "Fold analysis",
     "Learning curves",
-    "Cross-validation per run",
-    "Test per run",
+    "Per run: cross-validation",
+    "Per run: test",
 )
 
 
-def write_report_md(out, sections, runs, args):
-    chapter = sorted(
+def write_chapter(out, sections, runs, args, res):
+    """report.md, report.tex (and report.pdf where pdflatex is) in chapter order."""
+    chapter_sections = sorted(
         sections,
-        key=lambda s: next((i for i, o in enumerate(ORDER) if s[0].startswith(o)), len(ORDER)),
+        key=lambda s: next(
+            (i for i, o in enumerate(ORDER) if s["title"].startswith(o)), len(ORDER)
+        ),
     )
-    md = [
-        f"# Results: {os.path.basename(os.path.normpath(args.study_dir))}\n",
+    r0 = res["runs"][0]
+    cfg = r0["config"]
+    proto = literature.protocol(r0, "eval_test") or "unknown"
+    folds = r0.get("expected") or len(r0["folds"])
+    intro = [
         "Runs (train.py flags; the first is the reference): "
-        + "; ".join(f"`{n}` ({' '.join(f) or 'defaults'})" for n, f in runs)
-        + ".\n",
-        f"Extra flags: `{' '.join(args.train_args) or 'none'}`; folds: {args.fold_list or 'all'}"
-        + (f"; demo: {DEMO['FOLDS']} folds, {' '.join(DEMO_FLAGS)}" if args.demo else "")
-        + ".\n",
+        + "; ".join(f"{n} ({' '.join(f) or 'defaults'})" for n, f in runs)
+        + ".",
+        f"Protocol {proto}; {folds}-fold cross-validation"
+        + (f" ({args.fold_list and 'folds ' + args.fold_list or 'all folds'})")
+        + f"; features {cfg.get('features', '?')}; every run also gets: "
+        + (" ".join(args.train_args) or "no extra flags")
+        + f". Test intervals: {ci_text(args.bootstrap)}. Metrics in % (coverage error in "
+        "labels); differences in points.",
     ]
-    last = None
-    for title, files, caption in chapter:
-        if title != last:
-            md.append(f"## {title}\n")
-            last = title
-        md.append(
-            (f"{caption}\n\n" if caption else "")
-            + " · ".join(f"![{f}]({f})" if f.endswith(".png") else f"[{f}]({f})" for f in files)
-            + "\n"
-        )
-    data.save_text(os.path.join(out, "report.md"), "\n".join(md))
+    title = f"Results: {os.path.basename(os.path.normpath(args.study_dir))}"
+    return chapter.write(out, title, intro, chapter_sections)
 
 
 def inputs_stamp(runs):
@@ -555,7 +889,7 @@ def main(args):
     args.study_dir = args.study_dir or ("outputs/demo_study" if args.demo else "outputs/study")
     env = dict(os.environ, **(DEMO if args.demo else {}))
     if args.demo:
-        args.train_args = DEMO_FLAGS + args.train_args  # later flags win on train.py's command line
+        args.train_args = merge_flags(DEMO_FLAGS, args.train_args)  # a given flag wins
     only = [s for s in args.only.split(",") if s]
     unknown = sorted(set(only) - {n for n, _ in RUNS} - {VIEWS_RUN[0]})
     if unknown:
@@ -587,22 +921,27 @@ def report_folder(args, runs, dirs):
     agg = aggregate.get_args_parser().parse_args(
         [*dirs, "--allow_partial", "--out", out, "--bootstrap", str(args.bootstrap)]
     )
-    # CV tables in each run, comparison + literature tables in out (several runs)
-    res = aggregate.main(agg)
-    sections = write_report(res["runs"], agg, out)
+    # CV tables in each run, comparison + literature tables in out (several runs); what aggregate
+    # prints (every run's CV tables) goes to its log, the tables are in the report
+    log = os.path.join(out, "aggregate.log")
+    with open(log, "w") as f, contextlib.redirect_stdout(f):
+        res = aggregate.main(agg)
+    print(f"== report: aggregate.py's tables of {len(dirs)} runs (its output: {log})")
+    sections = write_report(res["runs"], agg, out, res.get("tests", []))
     lit = res["literature"] if len(dirs) > 1 else literature.write(out, res["runs"], agg.test_dir)
     if lit:
         sections.append(
-            (
-                "Beside the literature",
-                [f"literature.{e}" for e in ("md", "csv", "tex")],
-                "our test numbers beside the published ones of the splits file's protocol",
+            dict(
+                title="Beside the literature",
+                text=literature.summary(res["runs"], agg.test_dir),
+                files=[f"literature.{e}" for e in ("md", "csv", "tex")],
+                caption="our test numbers beside the published ones of the splits file's protocol",
             )
         )
     reference_analysis(dirs[0], out, sections)
-    write_report_md(out, sections, runs, args)
+    paths = write_chapter(out, sections, runs, args, res)
     data.save_json(stamp, inputs_stamp(dirs))
-    print(f"== report: {out}/report.md ({len(sections)} entries)")
+    print(f"== report: {', '.join(paths)} ({len(sections)} entries)")
     return out
 
 

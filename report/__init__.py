@@ -14,6 +14,7 @@ import numpy as np
 
 import data
 import metrics
+from report import latex
 
 
 def md_table(header, rows):
@@ -44,8 +45,24 @@ LABELS = {
     "lrap": "LRAP",
     "mae": "MAE",
     "best_epoch": "best epoch",
+    "ap": "AP",
+    "auc": "AUC",
+    "f1": "F1",
+    "coco_id": "COCO id",
+    "tp": "TP",
+    "fp": "FP",
+    "fn": "FN",
+    "tn": "TN",
 }
 LOWER_IS_BETTER = {"hamming_loss", "coverage_error", "ranking_loss", "mae"}
+# columns that are fractions: write_table(percent=True) prints them in % with one decimal
+FRACTIONS = (set(metrics.METRIC_NAMES) - {"coverage_error"}) | {
+    "ap",
+    "auc",
+    "f1",
+    "precision",
+    "recall",
+}
 
 
 class MeanStd(tuple):
@@ -71,26 +88,31 @@ def label(name):
     return LABELS.get(name, name.replace("_", " "))
 
 
-def _num(x):
-    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.4f}"
+def _num(x, d=4):
+    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{d}f}"
 
 
-def _text(cell, tex=False):
-    """A cell as Markdown or LaTeX text (unbolded)."""
+def _text(cell, tex=False, d=4):
+    """A cell as Markdown or LaTeX text (unbolded), numbers with d decimals."""
     if isinstance(cell, MeanStd):
+        m, s = _num(cell[0], d), _num(cell[1], d)
         if not np.isfinite(cell[1]):  # one fold: no spread
-            return f"${_num(cell[0])}$" if tex else _num(cell[0])
-        return (
-            f"${_num(cell[0])} \\pm {_num(cell[1])}$"
-            if tex
-            else f"{_num(cell[0])} ± {_num(cell[1])}"
-        )
+            return f"${m}$" if tex else m
+        return f"${m} \\pm {s}$" if tex else f"{m} ± {s}"
     if isinstance(cell, Interval):
-        v, lo, hi = map(_num, cell)
+        v, lo, hi = (_num(x, d) for x in cell)
         return f"${v}$ {{\\scriptsize [{lo}, {hi}]}}" if tex else f"{v} [{lo}, {hi}]"
     if isinstance(cell, (float, np.floating)):
-        return f"${_num(float(cell))}$" if tex and np.isfinite(cell) else _num(float(cell))
+        return f"${_num(float(cell), d)}$" if tex and np.isfinite(cell) else _num(float(cell), d)
     return tex_escape(str(cell)) if tex else str(cell).replace("|", "\\|")
+
+
+def _parts(cell, d):
+    """What a cell prints, [(text, size pt)], for latex.width."""
+    if isinstance(cell, Interval):
+        v, lo, hi = (_num(x, d) for x in cell)
+        return [(v + " ", latex.SIZE), (f"[{lo}, {hi}]", latex.SCRIPT)]
+    return [(_text(cell, False, d), latex.SIZE)]
 
 
 def _value(cell):
@@ -100,21 +122,16 @@ def _value(cell):
     return float(cell) if isinstance(cell, (float, np.floating)) else float("nan")
 
 
+def scaled(cell, k):
+    """A number cell (float, MeanStd, Interval) times k; other cells as they are."""
+    if isinstance(cell, (MeanStd, Interval)):
+        return type(cell)(*(k * x for x in cell))
+    return k * float(cell) if isinstance(cell, (float, np.floating, int)) and k != 1 else cell
+
+
 def tex_escape(s):
-    repl = {
-        "\\": r"\textbackslash{}",
-        "&": r"\&",
-        "%": r"\%",
-        "$": r"\$",
-        "#": r"\#",
-        "_": r"\_",
-        "{": r"\{",
-        "}": r"\}",
-        "~": r"\textasciitilde{}",
-        "^": r"\textasciicircum{}",
-        "±": r"$\pm$",
-    }
-    return "".join(repl.get(ch, ch) for ch in s)
+    """Plain text -> LaTeX (specials escaped, -- two hyphens, | < > symbols; latex.escape)."""
+    return latex.escape(s)
 
 
 def best_cells(header, rows, bold=None, skip=()):
@@ -163,15 +180,45 @@ def _csv_rows(header, rows):
     ]
 
 
-def write_table(stem, header, rows, caption="", bold=None, skip_bold=(), note=""):
+def _keys(rows):
+    """Default key columns: the leading ones with no number in them."""
+    n = 0
+    while n < len(rows[0]) - 1 and not any(
+        isinstance(r[n], (float, np.floating, MeanStd, Interval)) for r in rows
+    ):
+        n += 1
+    return max(n, 1)
+
+
+def write_table(
+    stem,
+    header,
+    rows,
+    caption="",
+    bold=None,
+    skip_bold=(),
+    note="",
+    percent=False,
+    digits=4,
+    keys=None,
+    tex_columns=None,
+):
     """stem.csv, stem.md and stem.tex from the same rows (cells: str, int, float, MeanStd,
     Interval). Metric headers get readable names; the best value per metric column is bold (see
-    best_cells). The .tex is a booktabs table in a resizebox: \\usepackage{booktabs,graphicx}.
-    -> the Markdown text."""
+    best_cells). percent: True (the FRACTIONS columns) or the names of the columns that print x100
+    with one decimal in .md / .tex (the .csv keeps the values); digits: decimals of the other
+    numbers. The .tex fits a page (report.latex: parts that repeat the `keys` leading columns, a
+    longtable past a page of rows; \\usepackage{booktabs,longtable,array}); tex_columns: the
+    header names it shows (default all). -> the Markdown text."""
     best = best_cells(header, rows, bold, set(skip_bold))
+    pct = [h in (FRACTIONS if percent is True else set(percent or ())) for h in header]
+    shown = [
+        [scaled(c, 100 if p else 1) for c, p in zip(r, pct)] for r in rows
+    ]  # what .md / .tex print
+    dec = [1 if p else digits for p in pct]
 
     def cell(i, j, tex):
-        text = _text(rows[i][j], tex)
+        text = _text(shown[i][j], tex, dec[j])
         return _bold(text, tex) if (i, j) in best else text
 
     md_rows = [[cell(i, j, False) for j in range(len(header))] for i in range(len(rows))]
@@ -180,29 +227,39 @@ def write_table(stem, header, rows, caption="", bold=None, skip_bold=(), note=""
         + (f"{note}\n\n" if note else "")
         + md_table([label(h) for h in header], md_rows)
     )
-    cols = "l" + "r" * (len(header) - 1)
-    tex = [
-        "% generated by report.write_table; needs \\usepackage{booktabs,graphicx}",
-        "\\begin{table}[htbp]",
-        "\\centering",
+    cols = [j for j, h in enumerate(header) if tex_columns is None or h in tex_columns]
+    cells = [
+        [
+            latex.Cell(
+                cell(i, j, True),
+                _parts(shown[i][j], dec[j]),
+                (i, j) in best,
+                None if _is_num(rows[i][j]) else str(rows[i][j]),
+            )
+            for j in cols
+        ]
+        for i in range(len(rows))
     ]
-    if caption or note:
-        tex.append(f"\\caption{{{tex_escape(' '.join(x for x in (caption, note) if x))}}}")
-    tex += [
-        "\\resizebox{\\ifdim\\width>\\textwidth\\textwidth\\else\\width\\fi}{!}{%",
-        f"\\begin{{tabular}}{{{cols}}}",
-        "\\toprule",
-        " & ".join(tex_escape(label(h)) for h in header) + " \\\\",
-        "\\midrule",
-    ]
-    tex += [
-        " & ".join(cell(i, j, True) for j in range(len(header))) + " \\\\" for i in range(len(rows))
-    ]
-    tex += ["\\bottomrule", "\\end{tabular}}", "\\end{table}", ""]
+    numeric = [any(_is_num(r[j]) for r in rows) for j in cols]
+    tex = latex.tables(
+        [header[j] for j in cols],
+        [label(header[j]) for j in cols],
+        cells,
+        caption=caption,
+        note=note,
+        keys=min(keys or _keys(rows), len(cols)),
+        align="".join("r" if n and k else "l" for k, n in enumerate(numeric)),
+    )
     data.save_text(f"{stem}.csv", _csv_rows(header, rows))
     data.save_text(f"{stem}.md", md)
-    data.save_text(f"{stem}.tex", "\n".join(tex))
+    data.save_text(f"{stem}.tex", tex)
     return md
+
+
+def _is_num(cell):
+    return isinstance(cell, (int, float, np.integer, np.floating, MeanStd, Interval)) and not (
+        isinstance(cell, bool)
+    )
 
 
 def _bold(text, tex):
@@ -459,15 +516,17 @@ def save_figure(fig, stem):
 
 def plot_learning(stem, logs, title):
     """logs {fold: [log.jsonl records]}: training loss and validation mAP per epoch, folds
-    overlaid."""
+    overlaid, each epoch a marker (a short run still shows its points)."""
     fig, axes = _plt().subplots(1, 2, figsize=(10, 3.6))
     for k, recs in sorted(logs.items()):
         ep = [r["epoch"] for r in recs]
-        axes[0].plot(ep, [r.get("loss", np.nan) for r in recs], label=f"fold {k}")
-        axes[1].plot(ep, [r.get("val_mAP_macro", np.nan) for r in recs], label=f"fold {k}")
+        for ax, key in zip(axes, ("loss", "val_mAP_macro")):
+            ax.plot(ep, [r.get(key, np.nan) for r in recs], "o-", ms=3, label=f"fold {k}")
     axes[0].set(xlabel="epoch", ylabel="training loss", title=f"{title}: training loss")
     axes[1].set(xlabel="epoch", ylabel="validation mAP (macro)", title=f"{title}: validation mAP")
     axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     return save_figure(fig, stem)
 
@@ -477,17 +536,22 @@ def plot_bits(stem, points):
     over folds."""
     fig, ax = _plt().subplots(figsize=(6, 4))
     xs = sorted({b for b, *_ in points})
-    for head, marker in (("mlp", "o"), ("knn", "s")):
+    for head, marker, dx in (("mlp", "o", -0.06), ("knn", "s", 0.06)):  # dx: bars side by side
         pts = sorted((xs.index(b), m, s) for b, h, m, s in points if h == head)
         if pts:
-            x, m, s = zip(*pts)
+            x, m, s = (np.array(v, dtype=np.float64) for v in zip(*pts))
             ax.errorbar(
-                x, m, yerr=np.nan_to_num(s), marker=marker, capsize=3, label=f"{head.upper()} head"
+                x + dx,
+                100 * m,
+                yerr=100 * np.nan_to_num(s),
+                marker=marker,
+                capsize=3,
+                label=f"{head.upper()} head",
             )
     ax.set_xticks(range(len(xs)), [str(b) for b in xs])
     ax.set(
         xlabel="hash bits (0 = plain MLP)",
-        ylabel="CV mAP (macro), mean ± std over folds",
+        ylabel="CV mAP (macro) %, mean ± std over folds",
         title="mAP vs bits",
     )
     ax.legend()
@@ -495,92 +559,166 @@ def plot_bits(stem, points):
     return save_figure(fig, stem)
 
 
-def plot_class_ap(stem, ap, prevalence, names, title):
-    """Per-class AP bars (best first), coloured by the class's training prevalence."""
+def plot_class_ap(stem, ap, prevalence, names, title, per_panel=40):
+    """Per-class AP as horizontal bars, best first, in panels of per_panel classes side by side
+    (names readable), coloured by the class's dev prevalence on a log scale spanning the classes
+    shown; classes without AP (no test positive) are listed under the figure."""
     plt = _plt()
+    ap = np.asarray(ap, dtype=np.float64)
     order = [c for c in np.argsort(-np.nan_to_num(ap, nan=-1), kind="stable") if np.isfinite(ap[c])]
-    fig, ax = plt.subplots(figsize=(max(8, 0.22 * len(order)), 5))
-    prev = np.maximum(np.asarray(prevalence, dtype=np.float64), 1e-6)  # log colour scale: no zeros
-    norm = plt.matplotlib.colors.LogNorm(prev.min(), max(prev.max(), prev.min() * 1.01))
-    ax.bar(range(len(order)), ap[order], color=plt.cm.viridis(norm(prev[order])))
-    ax.set_xticks(range(len(order)), [names[c] for c in order], rotation=90, fontsize=6)
-    ax.set(ylabel="AP", ylim=(0, 1), title=title)
-    fig.colorbar(
-        plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="training prevalence"
+    prev = np.asarray(prevalence, dtype=np.float64)
+    shown = prev[order][prev[order] > 0]
+    lo, hi = (shown.min(), shown.max()) if len(shown) else (1e-3, 1.0)
+    norm = plt.matplotlib.colors.LogNorm(lo, max(hi, lo * 1.01))
+    cmap = plt.get_cmap("viridis")
+    n_panels = max(1, -(-len(order) // per_panel))
+    rows = -(-len(order) // n_panels) if order else 1
+    fig, axes = plt.subplots(
+        1, n_panels, figsize=(4.2 * n_panels + 1.2, 0.16 * rows + 1.4), squeeze=False
     )
-    fig.tight_layout()
+    for i, ax in enumerate(axes[0]):
+        cs = order[i * rows : (i + 1) * rows]
+        colours = [cmap(norm(prev[c])) if prev[c] > 0 else "lightgrey" for c in cs]
+        ax.barh(range(len(cs)), ap[cs], color=colours, height=0.8)
+        ax.set_yticks(range(len(cs)), [names[c] for c in cs], fontsize=7)
+        ax.set_ylim(rows - 0.5, -0.5)  # best at the top
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("AP", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", lw=0.3, alpha=0.5)
+    missing = [names[c] for c in range(len(ap)) if not np.isfinite(ap[c])]
+    fig.suptitle(title, fontsize=9)
+    if missing:
+        fig.text(0.01, 0.005, f"no AP (no test positive): {len(missing)} classes", fontsize=7)
+    fig.tight_layout(rect=(0, 0.02, 0.9, 1))
+    cax = fig.add_axes((0.92, 0.15, 0.015, 0.7))
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax, label="dev prevalence (log)")
     return save_figure(fig, stem)
 
 
-def plot_confusion(stem, m, categories, title):
-    """The C x C part of confusion() as a heatmap, classes grouped by supercategory when they carry
-    one."""
+def top_confusions(m, names, top=20):
+    """The top pairs of a C x C "missed A, predicted B" matrix -> [(A, B, value)], largest first,
+    zeros left out."""
+    m = np.asarray(m, dtype=np.float64)[:, : len(names)]  # confusion()'s last column left out
+    flat = np.argsort(-m, axis=None, kind="stable")[:top]
+    return [
+        (names[a], names[b], float(m[a, b]))
+        for a, b in zip(*np.unravel_index(flat, m.shape))
+        if m[a, b] > 0
+    ]
+
+
+def plot_confusion(stem, m, categories, title, top=20):
+    """Left: the top confused pairs as labelled bars; right: the C x C part of confusion() as a
+    heatmap, classes grouped by supercategory (ticks name the groups when there are many
+    classes, else the classes). The full matrix is confusion.csv."""
     plt = _plt()
     order, spans = class_order(categories)
-    names = [categories[c]["name"] for c in order]
+    names = [c["name"] for c in categories]
     C = len(order)
-    fig, ax = plt.subplots(figsize=(max(6, 0.13 * C + 3), max(5, 0.13 * C + 2)))
+    m = np.asarray(m, dtype=np.float64)[:, :C]
+    pairs = top_confusions(m, names, top)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.2), gridspec_kw={"width_ratios": [1, 1.15]})
+    ax = axes[0]
+    if pairs:
+        ax.barh(range(len(pairs)), [v for *_, v in pairs], color="tab:red")
+        ax.set_yticks(range(len(pairs)), [f"{a} \u2192 {b}" for a, b, _ in pairs], fontsize=8)
+        ax.set_ylim(len(pairs) - 0.5, -0.5)
+    else:
+        ax.text(0.5, 0.5, "no missed class beside a false positive", ha="center")
+        ax.set_yticks([])
+    ax.set(xlabel="images (split over the image's false positives)")
+    ax.set_title(f"top {len(pairs)} pairs: missed A \u2192 predicted B", fontsize=9)
+    ax = axes[1]
     im = ax.imshow(m[np.ix_(order, order)], cmap="magma_r", interpolation="nearest")
-    fs = 4 if C > 40 else 7
-    ax.set_xticks(range(C), names, rotation=90, fontsize=fs)
-    ax.set_yticks(range(C), names, fontsize=fs)
+    if C <= 30:
+        ax.set_xticks(range(C), [names[c] for c in order], rotation=90, fontsize=6)
+        ax.set_yticks(range(C), [names[c] for c in order], fontsize=6)
+    elif spans:  # one tick per supercategory, at its middle
+        mids = [start + (n - 1) / 2 for _, start, n in spans]
+        ax.set_xticks(mids, [g for g, *_ in spans], rotation=90, fontsize=7)
+        ax.set_yticks(mids, [g for g, *_ in spans], fontsize=7)
+    else:  # too many names to read: class indices, as in confusion.csv
+        ticks = list(range(0, C, 10))
+        ax.set_xticks(ticks, [str(order[t]) for t in ticks], fontsize=7)
+        ax.set_yticks(ticks, [str(order[t]) for t in ticks], fontsize=7)
     for g, start, n in spans[1:]:  # group boundaries
         ax.axhline(start - 0.5, color="grey", lw=0.4)
         ax.axvline(start - 0.5, color="grey", lw=0.4)
-    ax.set(xlabel="predicted B (absent)", ylabel="missed A (true)", title=title)
-    fig.colorbar(im, ax=ax, label="images (split over the image's false positives)")
+    ax.set(xlabel="predicted B (absent)", ylabel="missed A (true)")
+    by = "by supercategory" if spans else "by class index"
+    ax.set_title(f"all {C} classes {by} (full matrix: confusion.csv)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="images")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, stem)
 
 
+def _class_mean(x):
+    """Mean over folds per class [C], nan (and no warning) where no fold has a value."""
+    x = np.asarray(x, dtype=np.float64)
+    n = np.isfinite(x).sum(0)
+    return np.where(n > 0, np.nansum(x, 0) / np.maximum(n, 1), np.nan)
+
+
 def fold_analysis(ap, pos, sizes, names, top=3):
-    """ap, pos [K, C]: per-fold per-class AP and positives; sizes [K]. -> rows: fold, size, mAP, and
-    the top classes whose AP deviates most from their mean over folds, each with its positive count
-    vs the mean."""
-    dev = ap - np.nanmean(ap, 0)  # [K, C] AP minus the class's mean over folds
+    """ap, pos [K, C]: per-fold per-class AP and positives; sizes [K]. -> rows: fold, size, mAP,
+    and the top classes whose AP deviates most from their mean over folds (in points), each with
+    its positive count vs the mean. A fold without AP: mAP nan."""
+    dev = ap - _class_mean(ap)  # [K, C] AP minus the class's mean over folds
     rows = []
     for k in range(len(ap)):
-        cs = [c for c in np.argsort(-np.abs(np.nan_to_num(dev[k])), kind="stable")[:top]]
+        ok = np.isfinite(ap[k])
+        cs = [c for c in np.argsort(-np.abs(np.nan_to_num(dev[k])), kind="stable")[:top] if ok[c]]
         rows.append(
             [
                 f"fold {k}",
                 int(sizes[k]),
-                float(np.nanmean(ap[k])),
+                float(ap[k][ok].mean()) if ok.any() else float("nan"),
                 "; ".join(
-                    f"{names[c]} {dev[k, c]:+.3f} ({int(pos[k, c])} vs {pos[:, c].mean():.1f} pos.)"
+                    f"{names[c]} {100 * dev[k, c]:+.1f} ({int(pos[k, c])} vs "
+                    f"{pos[:, c].mean():.1f} pos.)"
                     for c in cs
-                ),
+                )
+                or "-",
             ]
         )
     return rows
 
 
-def plot_folds(stem, ap, pos, names):
-    """Left: AP deviation from the class mean per fold (heatmap); right: positive-count deviation
-    against AP deviation, one colour per fold: classes with more (fewer) positives in a fold and
-    higher AP make it easier."""
+def plot_folds(stem, ap, pos, names, top=25):
+    """Left: AP deviation from the class mean per fold (heatmap, in points) for the top classes
+    whose AP moves most across folds (every class: fold_classes.csv); right: positive-count
+    deviation against AP deviation of every class, one colour per fold: classes with more (fewer)
+    positives in a fold and higher AP make it easier."""
     plt = _plt()
     K, C = ap.shape
-    dev = ap - np.nanmean(ap, 0)
+    dev = ap - _class_mean(ap)
     rel = pos / np.maximum(pos.mean(0), 1e-9) - 1
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    lim = max(np.nanmax(np.abs(dev)), 1e-6)
-    im = axes[0].imshow(
-        dev, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest"
+    spread = np.nan_to_num(np.nanmax(np.abs(np.where(np.isfinite(dev), dev, 0)), 0))
+    cs = [c for c in np.argsort(-spread, kind="stable")[:top] if spread[c] > 0] or list(range(C))[
+        :top
+    ]
+    fig, axes = plt.subplots(
+        1, 2, figsize=(12, 0.2 * len(cs) + 1.6), gridspec_kw={"width_ratios": [1, 1.3]}
     )
-    axes[0].set_xticks(range(C), names, rotation=90, fontsize=4 if C > 40 else 7)
-    axes[0].set_yticks(range(K), [f"fold {k}" for k in range(K)])
-    axes[0].set_title("per-class AP minus its mean over folds")
-    fig.colorbar(im, ax=axes[0])
+    lim = max(100 * spread.max(initial=0.0), 1e-6)
+    im = axes[0].imshow(
+        100 * dev[:, cs].T, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest"
+    )
+    axes[0].set_yticks(range(len(cs)), [names[c] for c in cs], fontsize=7)
+    axes[0].set_xticks(range(K), [f"fold {k}" for k in range(K)], fontsize=8)
+    axes[0].set_title(f"AP minus the class's mean over folds (points): top {len(cs)}", fontsize=9)
+    fig.colorbar(im, ax=axes[0], fraction=0.08, pad=0.03)
     for k in range(K):
-        axes[1].scatter(rel[k], dev[k], s=8, label=f"fold {k} (mAP {np.nanmean(ap[k]):.3f})")
+        ok = np.isfinite(ap[k])
+        fold_map = f"{100 * ap[k][ok].mean():.1f}%" if ok.any() else "-"
+        axes[1].scatter(rel[k], 100 * dev[k], s=10, label=f"fold {k} (mAP {fold_map})")
     axes[1].axhline(0, color="grey", lw=0.5)
     axes[1].axvline(0, color="grey", lw=0.5)
-    axes[1].set(
-        xlabel="positives / mean over folds - 1",
-        ylabel="AP - mean over folds",
-        title="counts vs AP",
-    )
-    axes[1].legend(fontsize=6)
+    axes[1].set_xlabel("positives / mean over folds - 1", fontsize=8)
+    axes[1].set_ylabel("AP - mean over folds (points)", fontsize=8)
+    axes[1].set_title(f"counts vs AP, all {C} classes", fontsize=9)
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, stem)

@@ -6,6 +6,7 @@ link exists, the fold table's counts equal splits.json's stats), and a rerun tha
 """
 
 import csv
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -29,6 +30,8 @@ FAKE = textwrap.dedent("""
     run = Path(os.environ["RUN"])
     with open({log!r}, "a") as f:
         f.write(run.name + " " + os.environ.get("EVAL_ARGS", "") + "\\n")
+    with open({argv!r}, "a") as f:
+        f.write(" ".join([run.name, os.environ.get("SUMMARY", ""), *sys.argv[1:]]) + "\\n")
     if os.environ.get("FAIL_AT") == run.name:
         sys.exit(1)  # killed mid-study
     rng = np.random.default_rng(len(run.name))
@@ -44,6 +47,8 @@ FAKE = textwrap.dedent("""
         yk = labels[k::3]
         p = ta.fake_probs(rng, yk, 1, 0.4)[0]
         np.savez(d / "val_predictions.npz", ids=np.arange(len(yk)), labels=yk, probs=p)
+        if run.name == "probe":  # fitted in one epoch, as train.py --baseline logs it
+            (d / "log.jsonl").write_text('{{"epoch": 1, "loss": 0.0, "val_mAP_macro": 0.5}}\\n')
         (d / ".done").touch()
     (run / "eval_test" / "metrics.csv").write_text("model\\n")
 """)
@@ -66,6 +71,7 @@ def fake_study(tmp_path):
             tests=str(Path(__file__).parent),
             root=str(Path(__file__).parents[1]),
             log=str(tmp_path / "calls.log"),
+            argv=str(tmp_path / "argv.log"),
             labels=str(tmp_path / "labels.npz"),
             splits=str(tmp_path / "splits.json"),
         )
@@ -103,7 +109,10 @@ def test_study_resume_report_and_rerun(fake_study, monkeypatch, capsys):
     assert [c.split()[0] for c in calls(tmp_path)] == ["hash64", "bits0", "bits16"]
     assert calls(tmp_path)[0].endswith("--head both") and "--head" not in calls(tmp_path)[1]
     monkeypatch.delenv("FAIL_AT")
-    out = Path(run_study(tmp_path, script))
+    out = Path(run_study(tmp_path, script, "--", "--epochs", "2", "--bits", "8", "--epochs", "3"))
+    argv = (tmp_path / "argv.log").read_text().splitlines()
+    assert argv[-2] == "bits16 0 -- --bits 8 --epochs 3"  # each flag once, the last value
+    assert argv[-1] == "probe 0 -- --baseline probe --bits 8 --epochs 3"  # SUMMARY=0
     assert [c.split()[0] for c in calls(tmp_path)][3:] == [
         "bits16",
         "probe",
@@ -144,10 +153,56 @@ def test_study_resume_report_and_rerun(fake_study, monkeypatch, capsys):
     assert {
         r[0]: pytest.approx(sum(map(float, r[1:]))) for r in conf
     } == fn  # row sums = false negatives
+    chapter_says(md, out)
     n_calls = len(calls(tmp_path))
     capsys.readouterr()
     run_study(tmp_path, script)  # everything done: no run_cv.sh call, no report rewrite
     assert len(calls(tmp_path)) == n_calls and "report: skipped" in capsys.readouterr().out
+
+
+def chapter_says(md, out):
+    """report.md states each section's headline numbers, in the order of a results chapter, and
+    the PDF exists where pdflatex does; every .tex of the folder fits the page."""
+    cv = {r["run"]: r for r in ta.read_csv(out / "cv_table.csv") if r["head"] == "MLP"}
+    for run in ("hash64", "bits0", "bits16", "probe"):  # CV mean ± std in %, one decimal
+        m, s = (100 * float(cv[run][f"mAP_macro_{x}"]) for x in ("mean", "std"))
+        assert f"| {run} | MLP | {m:.1f} ± {s:.1f} |" in md, run
+    test = {(r["run"], r["model"]): r for r in ta.read_csv(out / "test_table.csv")}
+    t = test["hash64", "ensemble"]
+    v, lo, hi = (100 * float(t[f"mAP_macro{x}"]) for x in ("", "_low", "_high"))
+    assert f"{v:.1f} [{lo:.1f}, {hi:.1f}]" in md  # the test ensemble with its interval
+    abl = [r for r in ta.read_csv(out / "ablations.csv") if r["metric"] == "mAP (macro)"]
+    assert [r["run"] for r in abl] == ["bits0", "bits16", "probe"]
+    for r in abl:  # each ablation's difference and both p-values inline
+        assert f"| {r['run']} | mAP (macro) | {r['CV diff']} | {r['p (folds)']} |" in md
+        assert f"| {r['p (test)']} |" in md
+    heads = ["Main results", "Ablations against the reference", "KNN head vs MLP head"]
+    heads += ["mAP against hash bits", "Per class", "Confusion", "Fold analysis"]
+    heads += ["Learning curves", "Per run: cross-validation", "Per run: test"]
+    at = [md.index(f"## {h}") for h in heads]
+    assert at == sorted(at)
+    for h in ("Main results", "Ablations against", "KNN head vs MLP head", "Fold analysis"):
+        body = md.split(f"## {h}")[1].split("\n## ")[0]
+        assert "%" in body or "points" in body or "p <" in body, h  # a sentence with numbers
+    assert "No curve for probe" in md  # a one-epoch run: no empty figure, and the report says why
+    if shutil.which("pdflatex"):  # the same chapter as a PDF, linked from report.md
+        assert (out / "report.pdf").stat().st_size > 10000 and "[report.pdf](report.pdf)" in md
+    test_report.compile_tex(sorted(p for p in out.glob("*.tex") if p.name != "report.tex"), out)
+
+
+def test_merge_flags():
+    assert study.merge_flags(["--epochs", "6", "--patience", "3"], ["--epochs", "50", "--x"]) == [
+        "--patience",
+        "3",
+        "--epochs",
+        "50",
+        "--x",
+    ]
+    assert study.merge_flags(["--lr", "-1e-3", "--no_prior_init"], []) == [
+        "--lr",
+        "-1e-3",
+        "--no_prior_init",
+    ]
 
 
 def test_unknown_run_one_line(tmp_path, capsys):
@@ -205,7 +260,7 @@ def test_report_folder(tmp_path):
             assert (rep / f"{stem}.{ext}").is_file(), f"{stem}.{ext}"
     for stem in ("learning_bits64", "learning_bits0", "bits"):
         assert (rep / f"{stem}.png").stat().st_size > 0 and (rep / f"{stem}.pdf").stat().st_size > 0
-    assert all((rep / f).is_file() for _, files, _ in sections for f in files)
+    assert all((rep / f).is_file() for s in sections for f in s.get("files", ()))
     cv = (rep / "cv_table.md").read_text()
     assert "bits0 (partial 2/3)" in cv and cv.count("KNN") == 2  # bits 0 has no KNN head
     assert "bits0 (partial 2/3)" in (rep / "cv_bits0.tex").read_text()
