@@ -3,7 +3,7 @@
 # Every step is skipped when its output exists; a killed fold resumes from its last.pt.
 #
 #   bash run_cv.sh                                  # real data under data/coco, SigLIP2 base
-#   bash run_cv.sh --demo                           # synthetic COCO + tiny random SigLIP, ~2 minutes on a CPU
+#   bash run_cv.sh --demo                           # synthetic COCO + tiny random SigLIP, ~1 min on 2 cores
 #   RUN=outputs/bits32 bash run_cv.sh -- --bits 32  # an ablation: everything after -- goes to train.py
 #   GPUS="0 1 2 3" bash run_cv.sh                   # folds in parallel, one per listed device at a time
 #   FOLD_LIST=0 bash run_cv.sh -- --epochs 50       # a subset of folds (or --fold_list 0,2); aggregate: partial
@@ -11,7 +11,8 @@
 #
 # Settings (environment variables): DATA_ROOT, MODEL, RUN, FOLDS, SEED, FEATURES, SPLITS, PYTHON,
 # EXTRACT_ARGS (extra flags for extract_features.py), EVAL_ARGS (extra flags for evaluate.py),
-# FOLD_LIST (folds to train, e.g. "0,2"; default all FOLDS), GPUS (see below).
+# FOLD_LIST (folds to train, e.g. "0,2"; default all FOLDS), GPUS (see below), SUMMARY (0: end with the
+# result files' paths instead of printing their tables; study.py sets it).
 # GPUS: space- or comma-separated devices, one fold per entry at a time; a bare integer n means cuda:n, any
 # other entry is a torch device string passed to train.py --device (cpu, cuda:1, ...); repeat an entry to run
 # two folds on one device ("0 0"), GPUS="cpu cpu" runs two folds at once on the CPU (give each a share of the
@@ -24,7 +25,8 @@
 # existing cache made with other settings is never reused or overwritten: pass FEATURES=<new name>). With no
 # COCO under DATA_ROOT an existing FEATURES is used as it is (EXTRACT_ARGS then stops the script).
 # --study: study.py's ablation runs (bits 0-256, concat, KNN recipe, probe, zero-shot), each an ordinary run
-# of this script, then outputs/study/report/; FOLD_LIST / --fold_list, GPUS and flags after -- apply to each.
+# of this script, then <study>/report/ (outputs/study/report/, with --demo outputs/demo_study/report/);
+# FOLD_LIST / --fold_list, GPUS and flags after -- apply to each.
 set -euo pipefail
 cd "$(dirname "$0")"
 # a fresh machine: install requirements.txt when one of its packages is not installed (as tests/run.sh does);
@@ -62,10 +64,17 @@ if [ "$demo" = 1 ]; then
   DATA_ROOT=${DATA_ROOT:-demo/coco}
   MODEL=${MODEL:-demo/tiny_siglip}
   RUN=${RUN:-outputs/demo}
-  # a small synthetic problem: few epochs are enough, and they keep the demo near two minutes; flags after --
-  # come later on train.py's command line, so they override only what they name (--lr 3e-3 stays, also for
-  # -- --bits 0, unless -- --lr is given)
-  train_args=(--epochs 30 --patience 5 --batch_size 16 --accum_steps 1 --lr 3e-3 --num_threads 1 ${train_args[@]+"${train_args[@]}"})
+  # a small synthetic problem: few epochs are enough, and they keep the demo near a minute; a flag after
+  # -- replaces the demo's value of that flag (--lr 3e-3 stays, also for -- --bits 0, unless -- --lr is
+  # given), so train.py's command line names each flag once
+  demo_args=(--epochs 30 --patience 5 --batch_size 16 --accum_steps 1 --lr 3e-3 --num_threads 1)
+  given=" ${train_args[*]-} "
+  kept=()
+  for ((i = 0; i < ${#demo_args[@]}; i += 2)); do
+    f=${demo_args[i]}
+    [[ "$given" == *" $f "* || "$given" == *" $f="* ]] || kept+=("$f" "${demo_args[i + 1]}")
+  done
+  train_args=(${kept[@]+"${kept[@]}"} ${train_args[@]+"${train_args[@]}"})
 else
   DATA_ROOT=${DATA_ROOT:-data/coco}
   MODEL=${MODEL:-google/siglip2-base-patch16-256}
@@ -84,8 +93,10 @@ printf '  %-9s = %s\n' "train.py" "${train_args[*]:-(defaults)}"
 
 step() {  # step NAME CMD... : run a step, print what it does and how long it took
   local name=$1; shift
+  local shown=("$@")
+  [ "$1" = logged ] && shown=("${@:3}" "> $2")
   echo
-  echo "== $name: $*"
+  echo "== $name: ${shown[*]}"
   local t0=$SECONDS
   "$@"
   echo "== $name done in $((SECONDS - t0)) s"
@@ -241,11 +252,21 @@ else
     --split test --thresholds oof --out_dir "$RUN/eval_test" ${eval_args[@]+"${eval_args[@]}"} $EVAL_ARGS
   tested=1
 fi
+logged() {  # logged LOG CMD...: CMD's output into LOG, its note / wrote lines here (its tables: below)
+  local log=$1 rc=0; shift
+  "$@" > "$log" || rc=$?
+  if [ "$rc" != 0 ]; then tail -n 5 "$log"; return "$rc"; fi
+  grep -E '^(note|wrote)' "$log" || true
+}
 if [ "$trained" = 0 ] && [ "$tested" = 0 ] && [ -f "$RUN/cv_results.csv" ]; then skip aggregate "$RUN/cv_results.csv"
-else step aggregate "$PYTHON" aggregate.py "$RUN" ${agg_args[@]+"${agg_args[@]}"}
+else step aggregate logged "$RUN/aggregate.log" "$PYTHON" aggregate.py "$RUN" ${agg_args[@]+"${agg_args[@]}"}
 fi
 
 echo
+if [ "${SUMMARY:-1}" = 0 ]; then  # study.py: the tables go into its report
+  echo "== results: $RUN/cv_results.md, $RUN/eval_test/metrics.md"
+  exit 0
+fi
 echo "== cross-validation ($RUN/cv_results.md)"
 cat "$RUN/cv_results.md"
 echo

@@ -699,78 +699,94 @@ def reference_analysis(run, out, sections):
     )
     splits = data.read_json(cfg["splits"], "the splits file", "re-run make_splits.py")
     cats, stats = splits["categories"], splits["stats"]
-    names = [c["name"] for c in cats]
     pos = np.array([s["positives"] for s in stats], dtype=np.float64)  # [K, C]
     sizes = np.array([s["size"] for s in stats])
     npz = os.path.join(run, "eval_test", "test_predictions.npz")
-    ref = os.path.basename(run)
     if os.path.isfile(npz):
         with np.load(npz) as z:
             y, p, thr = z["labels"], z["probs"], z["thresholds"] if "thresholds" in z.files else 0.5
-        ap = metrics.per_class(y, p)["ap"]
-        paths = report.plot_class_ap(
-            os.path.join(out, "class_ap"),
-            ap,
-            pos.sum(0) / sizes.sum(),
-            names,
-            f"{ref}: test AP per class (ensemble)",
-        )
-        order = [c for c in np.argsort(-np.nan_to_num(ap, nan=-1), kind="stable") if ap[c] == ap[c]]
+        class_report(run, out, sections, (y, p, thr), cats, pos.sum(0) / sizes.sum())
+        confusion_report(run, out, sections, (y, p, thr), cats)
+    fold_report(run, out, sections, stats, pos, sizes, [c["name"] for c in cats])
 
-        def listed(cs):
-            return ", ".join(f"{names[c]} {100 * ap[c]:.1f}" for c in cs)
 
-        sections.append(
-            dict(
-                title="Per class (reference run, test)",
-                text=f"{ref} ensemble, AP in %: highest {listed(order[:5])}; lowest "
-                f"{listed(order[::-1][:5])}"
-                + (
-                    f"; {len(names) - len(order)} of {len(names)} classes have no positive among "
-                    f"the {len(y)} test images (no AP)"
-                    if len(order) < len(names)
-                    else ""
-                )
-                + ".",
-                files=[os.path.basename(x) for x in paths],
-                caption="test AP per class, bars coloured by the class's dev prevalence",
+def class_report(run, out, sections, test, cats, prevalence):
+    """class_ap figure and per_class table of the reference run's test ensemble."""
+    (y, p, thr), names, ref = test, [c["name"] for c in cats], os.path.basename(run)
+    ap = metrics.per_class(y, p)["ap"]
+    paths = report.plot_class_ap(
+        os.path.join(out, "class_ap"),
+        ap,
+        prevalence,
+        names,
+        f"{ref}: test AP per class (ensemble)",
+    )
+    order = [c for c in np.argsort(-np.nan_to_num(ap, nan=-1), kind="stable") if ap[c] == ap[c]]
+
+    def listed(cs):
+        return ", ".join(f"{names[c]} {100 * ap[c]:.1f}" for c in cs)
+
+    sections.append(
+        dict(
+            title="Per class (reference run, test)",
+            text=f"{ref} ensemble, AP in %: highest {listed(order[:5])}; lowest "
+            f"{listed(order[::-1][:5])}"
+            + (
+                f"; {len(names) - len(order)} of {len(names)} classes have no positive among "
+                f"the {len(y)} test images (no AP)"
+                if len(order) < len(names)
+                else ""
             )
+            + ".",
+            files=[os.path.basename(x) for x in paths],
+            caption="test AP per class, bars coloured by the class's dev prevalence",
         )
-        rows = report.per_class_rows(y, p, thr, cats)
-        table(
-            out,
-            "per_class",
-            rows[0],
-            rows[1:],
-            f"Per class, {ref} ensemble on test at its evaluate.py thresholds (%); "
-            f"TN = images - TP - FP - FN",
-            sections,
-            "Per class (reference run, test)",
-            tex_columns=rows[0][2:-1],
+    )
+    rows = report.per_class_rows(y, p, thr, cats)
+    table(
+        out,
+        "per_class",
+        rows[0],
+        rows[1:],
+        f"Per class, {ref} ensemble on test at its evaluate.py thresholds (%); "
+        f"TN = images - TP - FP - FN",
+        sections,
+        "Per class (reference run, test)",
+        tex_columns=rows[0][2:-1],
+    )
+
+
+def confusion_report(run, out, sections, test, cats):
+    """confusion.csv and its figure, the top pairs inline."""
+    (y, p, thr), names, ref = test, [c["name"] for c in cats], os.path.basename(run)
+    m = report.confusion(y, p, thr, cats, os.path.join(out, "confusion.csv"))
+    top = report.top_confusions(m[:, :-1], names, 5)
+    paths = report.plot_confusion(
+        os.path.join(out, "confusion"), m[:, :-1], cats, f"{ref}: missed A, predicted B (test)"
+    )
+    sections.append(
+        dict(
+            title="Confusion (reference run, test)",
+            text="The most frequent confusions: true class A missed on an image where absent "
+            "class B is predicted, each miss split over the image's false positives (row A of "
+            "confusion.csv sums to A's false negatives)."
+            if top
+            else "No missed class co-occurs with a false positive.",
+            table=[
+                ["missed A", "predicted B", "images"],
+                *([a, b, f"{v:.1f}"] for a, b, v in top),
+            ]
+            if top
+            else None,
+            files=["confusion.csv"] + [os.path.basename(x) for x in paths],
+            caption="top confused pairs and the full matrix by supercategory",
         )
-        m = report.confusion(y, p, thr, cats, os.path.join(out, "confusion.csv"))
-        top = report.top_confusions(m[:, :-1], names, 5)
-        paths = report.plot_confusion(
-            os.path.join(out, "confusion"), m[:, :-1], cats, f"{ref}: missed A, predicted B (test)"
-        )
-        sections.append(
-            dict(
-                title="Confusion (reference run, test)",
-                text="The most frequent confusions: true class A missed on an image where absent "
-                "class B is predicted, each miss split over the image's false positives (row A of "
-                "confusion.csv sums to A's false negatives)."
-                if top
-                else "No missed class co-occurs with a false positive.",
-                table=[
-                    ["missed A", "predicted B", "images"],
-                    *([a, b, f"{v:.1f}"] for a, b, v in top),
-                ]
-                if top
-                else None,
-                files=["confusion.csv"] + [os.path.basename(x) for x in paths],
-                caption="top confused pairs and the full matrix by supercategory",
-            )
-        )
+    )
+
+
+def fold_report(run, out, sections, stats, pos, sizes, names):
+    """fold_analysis, fold_classes and the folds figure: why the reference run's folds differ."""
+    ref = os.path.basename(run)
     fold_ap = np.full(pos.shape, np.nan)
     for k in range(len(stats)):
         f = os.path.join(run, f"fold{k}", "val_predictions.npz")

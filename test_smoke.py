@@ -129,6 +129,32 @@ def test_smoke(tmp_path):
     assert seconds < 120, f"smoke test took {seconds:.0f} s"
 
 
+def test_tiny_siglip_is_made_quietly(tmp_path):
+    """The demo's towers: a valid config (no BOS, EOS inside the vocabulary) and no transformers
+    warning while they are made; the warning about transformers' own SiglipTextConfig defaults is
+    dropped, one about a real config's ids is not."""
+    import subprocess
+
+    code = f"import synthetic; synthetic.make_tiny_siglip({str(tmp_path / 'tiny')!r})"
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and "token_id" not in r.stderr and "arning" not in r.stderr, r.stderr
+    text = json.loads((tmp_path / "tiny" / "config.json").read_text())["text_config"]
+    assert text["bos_token_id"] is None and 0 <= text["eos_token_id"] < text["vocab_size"]
+    import logging
+
+    drop = synthetic.DefaultTokenIdsFilter().filter
+    msg = "Model config: {}_token_id must be `None` or an integer within the vocabulary (between 0"
+    for ids, kept in ((" and 31999), got 49406.", False), (" and 273), got 300.", True)):
+        rec = logging.LogRecord("t", logging.WARNING, "", 0, msg.format("bos") + ids, None, None)
+        assert drop(rec) == kept
+
+
 if __name__ == "__main__":
     cli.Parser(
         "test_smoke", description=__doc__.strip().split("\n\n")[0]

@@ -32,25 +32,24 @@ FLAGS = [
 ]
 
 
-def run_cv(root, run, gpus=None, flags=FLAGS, **env):
+def run_cv(root, run, gpus=None, flags=FLAGS, demo=False, **env):
     feats, splits = root / "features.safetensors", root / "splits.json"
-    env = dict(
-        os.environ,
-        DATA_ROOT=str(root / "no_coco"),
-        FEATURES=str(feats),
-        SPLITS=str(splits),
-        RUN=str(root / run),
-        FOLDS="2",
-        OMP_NUM_THREADS="1",
-        EVAL_ARGS="--bootstrap 0 --device cpu",
+    env = {
+        **os.environ,
+        "DATA_ROOT": str(root / "no_coco"),
+        "FEATURES": str(feats),
+        "SPLITS": str(splits),
+        "RUN": str(root / run),
+        "FOLDS": "2",
+        "OMP_NUM_THREADS": "1",
+        "EVAL_ARGS": "--bootstrap 0 --device cpu",
         **env,
-    )
+    }
     env.pop("GPUS", None)
     if gpus is not None:
         env["GPUS"] = gpus
-    return subprocess.run(
-        ["bash", SCRIPT, "--", *flags], env=env, capture_output=True, text=True, timeout=300
-    )
+    args = ["bash", SCRIPT, *(["--demo"] if demo else []), "--", *flags]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +133,29 @@ def test_bad_gpus_one_line(cache, gpus, flags, msg):
         and r.stderr.count("\n") == 1
     )
     assert msg in r.stderr and not (cache / "never").exists()
+
+
+def test_demo_flags_once_and_tables_once(cache, tmp_path):
+    """--demo: a flag after -- replaces the demo's value, so each fold's command line names every
+    flag once; the CV tables are printed once (aggregate's output goes to its log); SUMMARY=0
+    (study.py) ends with the result paths instead."""
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "dataset_coco.json").write_text("{}")  # no demo data to generate
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # nor a demo model: the cache is made
+    env = dict(DATA_ROOT=str(tmp_path / "coco"), MODEL=str(tmp_path / "model"))
+    flags = ["--epochs", "1", "--bits", "16", "--mlp_dims", "32", "--batch_size", "8"]
+    r = run_cv(cache, "demo", flags=flags, demo=True, **env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmds = [ln for ln in r.stdout.splitlines() if ln.startswith(("  train.py", "== fold "))]
+    cmds = [ln for ln in cmds if "--" in ln]  # the settings line and each fold's command
+    assert len(cmds) == 3 and "--lr 3e-3" in cmds[0]  # a demo value no flag replaced stays
+    for ln in cmds:
+        words = [w for w in ln.split() if w.startswith("--")]
+        assert len(words) == len(set(words)), ln
+        assert "--epochs 1" in ln and "--batch_size 8" in ln and "--epochs 30" not in ln
+    assert r.stdout.count("## MLP head") == 2  # cv_results.md once, eval metrics.md once
+    assert "== aggregate done" in r.stdout and (cache / "demo" / "aggregate.log").is_file()
+    again = run_cv(cache, "demo", flags=flags, demo=True, SUMMARY="0", **env)
+    assert again.returncode == 0 and again.stdout.rstrip().endswith("eval_test/metrics.md")
+    assert "## MLP head" not in again.stdout
