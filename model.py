@@ -10,6 +10,7 @@ its text. Imports nothing local: copy this file into your project as it is.
 """
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple, Optional
@@ -61,6 +62,25 @@ def tokenize(tokenizer, texts):
     return enc["input_ids"].long()
 
 
+class DefaultTokenIdsFilter(logging.Filter):
+    """Drops transformers 5.x's warning that SiglipTextConfig's class defaults (bos 49406, eos
+    49407: CLIP's ids, against the default vocabulary of 32,000) lie outside the vocabulary. It
+    validates a throwaway default instance whenever it prints or saves any SigLIP config, ours
+    included (huggingface/transformers#47612); an id outside a real config's vocabulary names
+    that vocabulary's size, and still warns."""
+
+    def filter(self, record):
+        msg = record.getMessage()
+        return not ("(between 0 and 31999), got 4940" in msg and "token_id" in msg)
+
+
+def quiet_default_token_ids():
+    """Install DefaultTokenIdsFilter on transformers' config logger (once)."""
+    log = logging.getLogger("transformers.configuration_utils")
+    if not any(isinstance(f, DefaultTokenIdsFilter) for f in log.filters):
+        log.addFilter(DefaultTokenIdsFilter())
+
+
 class Siglip2Encoder:
     """Frozen SigLIP2 image and text towers -> UNNORMALISED pooled embeddings, float32 (B, D) on the
     CPU.
@@ -83,6 +103,7 @@ class Siglip2Encoder:
         )  # lazy: the head alone needs no transformers
 
         self.name, self.device, self.dtype = str(name_or_path), torch.device(device), dtype
+        quiet_default_token_ids()  # transformers' own SiglipTextConfig defaults warn, not ours
         model = AutoModel.from_pretrained(name_or_path)
         if model.config.model_type != "siglip":
             raise ValueError(

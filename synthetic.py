@@ -14,7 +14,6 @@ import it.
 """
 
 import json
-import logging
 import math
 import os
 from statistics import NormalDist
@@ -595,25 +594,6 @@ def random_siglip(size, vocab_size, image_size, patch_size, seed=0, **text):
         return SiglipModel(config).eval()
 
 
-class DefaultTokenIdsFilter(logging.Filter):
-    """Drops transformers 5.x's warning that SiglipTextConfig's class defaults (bos 49406, eos
-    49407: CLIP's ids, against the default vocabulary of 32,000) lie outside the vocabulary. It
-    validates a throwaway default instance whenever it prints or saves any SigLIP config, ours
-    included (huggingface/transformers#47612); an id outside a real config's vocabulary names
-    that vocabulary's size, and still warns."""
-
-    def filter(self, record):
-        msg = record.getMessage()
-        return not ("(between 0 and 31999), got 4940" in msg and "token_id" in msg)
-
-
-def quiet_default_token_ids():
-    """Install DefaultTokenIdsFilter on transformers' config logger (once)."""
-    log = logging.getLogger("transformers.configuration_utils")
-    if not any(isinstance(f, DefaultTokenIdsFilter) for f in log.filters):
-        log.addFilter(DefaultTokenIdsFilter())
-
-
 def make_tiny_siglip(out_dir, image_size=32, seed=0):
     """Save a tiny randomly initialised SiglipModel + tokenizer + processor to out_dir -> out_dir
     (str).
@@ -627,7 +607,7 @@ def make_tiny_siglip(out_dir, image_size=32, seed=0):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, SiglipProcessor
 
-    quiet_default_token_ids()  # our config's ids are valid (bos None, eos 1 < 274 words)
+    model.quiet_default_token_ids()  # our config's ids are valid (bos None, eos 1 < 274 words)
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for w in _TINY_WORDS.split():
