@@ -111,7 +111,8 @@ def plot(rows, stem):
     heads."""
     fig, ax = report._plt().subplots(figsize=(6.4, 4.2))
     x = [r["size"] for r in rows]
-    for key in [k for k in rows[0] if isinstance(rows[0][k], float)]:
+    maps = [k for k, v in rows[0].items() if isinstance(v, float) and not k.endswith("_seconds")]
+    for key in maps:  # the mAPs, not the fold times
         style = "--" if key.startswith("probe") else ":" if key.endswith("_knn") else "-"
         ax.plot(
             x, [r.get(key, np.nan) for r in rows], style, marker="o", label=key.replace("_", " ")
@@ -359,7 +360,11 @@ def main(args):
         }
         print(
             f"{row['size']:>6} train images | "
-            + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
+            + " | ".join(
+                f"{k} {v:.1f}" if k.endswith("_seconds") else f"{k} {v:.4f}"
+                for k, v in row.items()
+                if isinstance(v, float)
+            )
         )
     res = {
         "n_images": n,
