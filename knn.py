@@ -38,14 +38,20 @@ def sign_codes(x):
 def nearest(dot, k):
     """dot (c, N) exact similarities -> (c, k) database rows, nearest first, equal similarities
     lower index first (so any chunk, BLAS or device picks the same neighbours). A plain topk, except
-    in a row where a tie crosses the k-th place (the (k+1)-th similarity equals the k-th), which a
-    stable sort decides; then the k rows are ordered by similarity, lower index first."""
+    in a row where a tie crosses the k-th place (the (k+1)-th similarity equals the k-th): there
+    every row above the k-th similarity is in, and of those equal to it the lowest indices fill the
+    places left. Then the k rows are ordered by similarity, lower index first."""
     vals, idx = dot.topk(min(k + 1, dot.shape[1]), dim=1)  # (c, k + 1)
     idx = idx[:, :k]
     if vals.shape[1] > k:
         tied = vals[:, k] == vals[:, k - 1]  # (c,)
         if tied.any():
-            idx[tied] = dot[tied].sort(dim=1, descending=True, stable=True).indices[:, :k]
+            d = dot if tied.all() else dot[tied]  # (t, N)
+            top, kth = vals[tied, :k], vals[tied, k - 1 : k]  # (t, k), (t, 1)
+            left = k - (top > kth).sum(1, keepdim=True)  # (t, 1) places for the equal ones
+            equal = d == kth
+            take = (d > kth) | (equal & (equal.cumsum(1, dtype=torch.int32) <= left))  # k per row
+            idx[tied] = take.nonzero()[:, 1].view(-1, k)  # in index order
     idx = idx.sort(dim=1).values  # index order, then a stable sort by similarity
     return idx.gather(1, dot.gather(1, idx).sort(dim=1, descending=True, stable=True).indices)
 

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -78,19 +79,15 @@ def add_config_flags(p):
                 help=f"turn off: {m['help']} (default: on)",
             )
             continue
-        kw = (
-            {"choices": m["choices"]}
-            if "choices" in m
-            else {
-                "type": cli.int_list
-                if m.get("kind") == "int_list"
-                else cli.number(type(m["lo"]), m["lo"], m.get("strict", False), m.get("hi"))
-            }
-        )
-        suffix = (
-            " (default: by training-set size, HeadConfig.resolved)" if f.default is None else ""
-        )
-        g.add_argument(f"--{f.name}", default=f.default, help=m["help"] + suffix, **kw)
+        if "choices" in m:
+            kw = {"choices": m["choices"]}
+        elif m.get("kind") == "int_list":
+            kw = {"type": cli.int_list}
+        else:  # a number, checked against its bounds
+            kw = {"type": cli.number(type(m["lo"]), m["lo"], m.get("strict", False), m.get("hi"))}
+        size_rule = " (default: by training-set size, HeadConfig.resolved)"
+        text = m["help"] + (size_rule if f.default is None else "")
+        g.add_argument(f"--{f.name}", default=f.default, help=text, **kw)
 
 
 def get_args_parser():
@@ -444,7 +441,8 @@ def describe(r):
         f"fold {args.fold}: {n_train} train / {n_val} val images (skipped {fold['skipped']}), "
         f"device {r['device']}, amp {r['amp']}, seed {r['seed']}"
     )
-    print("recipe: " + ", ".join(f"{k} {config[k]}" for k in CONFIG))
+    recipe = ", ".join(f"{k} {config[k]}" for k in CONFIG)  # resolved: what this run uses
+    print(textwrap.fill(recipe, 100, initial_indent="recipe: ", subsequent_indent="  "))
     print(
         f"effective batch {config['effective_batch']}, {r['steps_per_epoch']} steps/epoch, "
         f"{r['total_steps']} steps, {r['warmup_steps']} warmup, lr {cfg.lr:g} -> {cfg.min_lr:g}"

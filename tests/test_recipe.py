@@ -137,8 +137,11 @@ def test_one_default_changes_help_config_and_head_together(tmp_path, monkeypatch
     capsys.readouterr()
     data_flags = ["--features", tmp_path / "f.safetensors", "--splits", tmp_path / "s.json"]
     run(train, *data_flags, "--out_dir", out, "--epochs", 1, "--device", "cpu", "--num_threads", 1)
-    recipe = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("recipe: "))
-    assert ", bits 32," in recipe
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("recipe: "))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("  "))
+    recipe = " ".join(ln.strip() for ln in lines[start:end])  # printed wrapped at 100 columns
+    assert ", bits 32," in recipe and all(len(ln) <= 100 for ln in lines[start:end])
     config = json.loads((out / "config.json").read_text())
     assert config["bits"] == 32 and config["model_args"]["bits"] == 32
     assert np.load(out / "val_predictions.npz")["codes"].shape[1] == 32
