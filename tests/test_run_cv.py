@@ -9,6 +9,7 @@ is).
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -145,6 +146,7 @@ def test_demo_flags_once_and_tables_once(cache, tmp_path):
     (tmp_path / "model" / "config.json").write_text("{}")  # nor a demo model: the cache is made
     env = dict(DATA_ROOT=str(tmp_path / "coco"), MODEL=str(tmp_path / "model"))
     flags = ["--epochs", "1", "--bits", "16", "--mlp_dims", "32", "--batch_size", "8"]
+    env["EVAL_ARGS"] = "--bootstrap 200 --device cpu"  # intervals, checked below
     r = run_cv(cache, "demo", flags=flags, demo=True, **env)
     assert r.returncode == 0, r.stderr[-3000:]
     cmds = [ln for ln in r.stdout.splitlines() if ln.startswith(("  train.py", "== fold "))]
@@ -156,6 +158,15 @@ def test_demo_flags_once_and_tables_once(cache, tmp_path):
         assert "--epochs 1" in ln and "--batch_size 8" in ln and "--epochs 30" not in ln
     assert r.stdout.count("## MLP head") == 2  # cv_results.md once, eval metrics.md once
     assert "== aggregate done" in r.stdout and (cache / "demo" / "aggregate.log").is_file()
+    # every interval the run writes holds its estimate, under the rule metrics.json names
+    ci = json.loads((cache / "demo" / "eval_test" / "metrics.json").read_text())["bootstrap_ci"]
+    assert ci["interval"]["method"] == "BCa" and ci["interval"]["resamples"] == ci["n_boot"]
+    for name, c in ((k, v) for k, v in ci.items() if isinstance(v, dict) and "value" in v):
+        assert c["low"] <= c["value"] <= c["high"], (name, c)
+    cells = re.findall(r"(-?\d+\.\d+) \[(-?\d+\.\d+), (-?\d+\.\d+)\]", r.stdout)
+    for path in (cache / "demo").rglob("*.md"):
+        cells += re.findall(r"(-?\d+\.\d+) \[(-?\d+\.\d+), (-?\d+\.\d+)\]", path.read_text())
+    assert cells and all(float(lo) <= float(x) <= float(hi) for x, lo, hi in cells), cells
     again = run_cv(cache, "demo", flags=flags, demo=True, SUMMARY="0", **env)
     assert again.returncode == 0 and again.stdout.rstrip().endswith("eval_test/metrics.md")
     assert "## MLP head" not in again.stdout
