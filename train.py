@@ -164,6 +164,8 @@ def model_args_of(args, cfg, dim, num_classes):
     """HashHead arguments of this run (a baseline: baselines.linear_head_args' linear head)."""
     if args.baseline != "none":
         return baselines.linear_head_args(dim, num_classes, args.baseline, cfg.inputs)
+    # HashHead validates and resolves them; building it draws from the seeded global RNG, so the
+    # head train.py then builds and trains starts from the next draws (the measured runs did too)
     return model.HashHead(dim, num_classes, **cfg.arch()).model_args
 
 
