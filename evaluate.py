@@ -92,7 +92,12 @@ def get_args_parser():
     src.add_argument(
         "--ensemble", default=None, help="a run dir: every fold*/best.pt, probabilities averaged"
     )
-    g.add_argument("--batch_size", type=cli.positive_int, default=4096, help="images per head call")
+    g.add_argument(
+        "--batch_size",
+        type=cli.positive_int,
+        default=model.SCORE_BATCH,
+        help="images per head call",
+    )
     g.add_argument(
         "--average_views",
         action="store_true",

@@ -186,6 +186,7 @@ TEXT_INPUTS = (
 )  # what a training step feeds: one caption, or a caption subset's mean
 SCORING_RULES = ("each", "each_mean", "mean", "subsets")  # how an image is scored over its captions
 SCHEDULERS = ("cosine", "cosine_restarts")
+SCORE_BATCH = 1024  # images per head call when scoring (fastest on a CPU: docs/BENCHMARKS.md)
 SMALL_DATA = 20_000  # from this many training images the bits-0 baseline is an MLP (resolved)
 BASELINE_MLP = (1024, 512)  # the plain-MLP baseline's hidden widths
 
@@ -605,7 +606,7 @@ def score_embeddings(
     text,
     n_captions,
     rule=HeadConfig.scoring,
-    batch_size=4096,
+    batch_size=SCORE_BATCH,
     amp_dtype=None,
     keep_queries=False,
 ):

@@ -241,7 +241,7 @@ def scoring_of(rule, paths, cks):
     return rules[0]
 
 
-def knn_database(head, split, scoring, batch_size=4096):
+def knn_database(head, split, scoring, batch_size=model.SCORE_BATCH):
     """The KNN head's database of a fold: the sign codes of its training images' averaged codes
     (model.score_embeddings under the run's scoring rule; one code per image) -> (n, bits) float32.
     """
