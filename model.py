@@ -180,10 +180,7 @@ INPUT_NORMS = ("batchnorm", "none")
 HASH_NORMS = ("batchnorm", "none")
 CODE_CLASSIFIERS = ("learned", "centres")
 CODE_FROM = ("evidence", "hidden")
-TEXT_INPUTS = (
-    "each",
-    "mean",
-)  # what a training step feeds: one caption, or a caption subset's mean
+TEXT_INPUTS = ("each", "mean")  # what a training step feeds: one caption, or a subset's mean
 SCORING_RULES = ("each", "each_mean", "mean", "subsets")  # how an image is scored over its captions
 SCHEDULERS = ("cosine", "cosine_restarts")
 SCORE_BATCH = 1024  # images per head call when scoring (fastest on a CPU: docs/BENCHMARKS.md)
