@@ -109,7 +109,10 @@ def test_write_table_three_formats(tmp_path):
     assert "\\mathbf{5}" not in tex  # the folds column is a count, not a score
     with open(tmp_path / "t.csv") as f:
         got = list(csv.reader(f))
-    four = lambda m: [m, f"{m}_std", f"{m}_low", f"{m}_high"]  # noqa: E731  (MeanStd and Interval cells)
+
+    def four(m):  # the columns of MeanStd and Interval cells
+        return [m, f"{m}_std", f"{m}_low", f"{m}_high"]
+
     assert got[0] == ["run", "folds", *four("mAP_macro"), *four("hamming_loss"), "f1_micro"]
     assert got[1][2:6] == ["0.6787", "0.0129", "", ""] and got[3][2:6] == [
         "0.71",
