@@ -18,6 +18,7 @@ import aggregate
 import data
 import metrics
 import study
+from report import sections as report_sections
 import test_aggregate as ta
 import test_report
 
@@ -245,7 +246,7 @@ def test_report_folder(tmp_path):
     agg = aggregate.get_args_parser().parse_args(
         [*map(str, runs), "--allow_partial", "--bootstrap", "50"]
     )
-    sections = study.write_report(aggregate.main(agg)["runs"], agg, str(rep))
+    sections = report_sections.write_report(aggregate.main(agg)["runs"], agg, str(rep))
     for stem in (
         "cv_table",
         "cv_heads",
