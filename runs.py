@@ -18,7 +18,9 @@ import zipfile
 import torch
 
 import data
+import hashing
 import knn
+import mlgcn
 import model
 
 
@@ -67,9 +69,9 @@ def read_resume(last_path, resume, fold, model_args_for):
         raise data.DataError(
             f"{last_path}: unreadable checkpoint ({type(e).__name__}); delete it to start over"
         ) from None
-    stored = model.HashHead(**ckpt["model_args"]).model_args
-    want = model.HashHead(
-        **model_args_for(stored["dim"], stored["num_classes"], ckpt["config"]["n_train"])
+    stored = build_head(ckpt["model_args"]).model_args
+    want = build_head(
+        model_args_for(stored["dim"], stored["num_classes"], ckpt["config"]["n_train"])
     ).model_args
     diff = [
         f"{k}: {stored[k]} in the checkpoint, {want[k]} now" for k in want if stored[k] != want[k]
@@ -120,6 +122,19 @@ def fold_finished(d):
         return False
 
 
+def build_head(model_args):
+    """A head from its model_args (a checkpoint's): "head" names the module, hashlayer
+    (hashing.HashLayer, train.py --hash_loss) or mlgcn (mlgcn.MLGCNHead, --head mlgcn); none:
+    model.HashHead. The state dict carries the rest."""
+    args = dict(model_args)
+    kind = args.pop("head", "hash")
+    if kind == "hashlayer":
+        return hashing.HashLayer(**args)
+    if kind == "mlgcn":
+        return mlgcn.MLGCNHead(**args)
+    return model.HashHead(**args)
+
+
 def load_checkpoint(path):
     """-> (head in eval mode, checkpoint dict). Only weights_only loading: a pickle can run code."""
     if not os.path.isfile(path):
@@ -146,11 +161,11 @@ def load_checkpoint(path):
             "pass a best.pt"
         )
     try:
-        head = model.HashHead(**ck["model_args"])
+        head = build_head(ck["model_args"])
         head.load_state_dict(ck["model"])
     except Exception as e:
         raise data.DataError(
-            f"{path}: weights do not fit HashHead(**model_args) ({type(e).__name__}); "
+            f"{path}: weights do not fit build_head(model_args) ({type(e).__name__}); "
             "re-train with this model.py"
         ) from None
     return head.eval(), ck

@@ -7,6 +7,8 @@ Train the hash head on cached frozen SigLIP2 embeddings: one cross-validation fo
     python train.py ... --inputs image            # image only, as every published COCO number
     python train.py ... --baseline probe          # logistic-regression probe, as a linear head
     python train.py ... --resume                  # continue an interrupted run from last.pt
+    python train.py ... --hash_loss csq --bits 32  # a plain hash layer trained by CSQ (hashing.py)
+    python train.py ... --head mlgcn              # ML-GCN's graph classifier (mlgcn.py)
     python train.py ... --code_from hidden --mlp_dims 1024,512 --prior_init off --hash_weight 0.1 \
         --hash_warmup 0 --lr 2e-4 --input_dropout 0 --code_gain 1   # the original recipe
 
@@ -39,8 +41,10 @@ import baselines
 import cli
 import data
 import features
+import hashing
 import knn
 import metrics
+import mlgcn
 import model
 import protocols
 import runs
@@ -54,6 +58,7 @@ TERMS = (
     "balance",
     "decorr",
     "hash_reg",
+    "hash_loss",
     "h_abs",
 )
 GROUPS = {
@@ -116,6 +121,19 @@ def get_args_parser():
         default=1.0,
         help="inverse L2 strength of the --baseline probe",
     )
+    g = p.add_argument_group("methods")
+    g.add_argument(
+        "--hash_loss",
+        choices=("none",) + hashing.HASH_LOSSES,
+        default="none",
+        help="train a plain hash layer by the paper's loss instead of the head (default none)",
+    )
+    g.add_argument(
+        "--head",
+        choices=("hash", "mlgcn", "mlgcn_nograph"),
+        default="hash",
+        help="the head: ours, ML-GCN, or ML-GCN without its graph (default hash)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=42, help="base seed; fold k uses seed + k")
     g.add_argument(
@@ -164,6 +182,11 @@ def model_args_of(args, cfg, dim, num_classes):
     """HashHead arguments of this run (a baseline: baselines.linear_head_args' linear head)."""
     if args.baseline != "none":
         return baselines.linear_head_args(dim, num_classes, args.baseline, cfg.inputs)
+    if args.hash_loss != "none":  # the literature's methods: their own modules
+        return hashing.HashLayer(dim, num_classes, args.hash_loss, **cfg.arch()).model_args
+    if args.head != "hash":  # node_dim: the class prompts' text embeddings share the image's dim
+        graph = args.head == "mlgcn"
+        return mlgcn.MLGCNHead(dim, num_classes, dim, graph=graph, **cfg.arch()).model_args
     # HashHead validates and resolves them; building it draws from the seeded global RNG, so the
     # head train.py then builds and trains starts from the next draws (the measured runs did too)
     return model.HashHead(dim, num_classes, **cfg.arch()).model_args
@@ -228,6 +251,8 @@ def train_one_epoch(r, epoch):
             txt = model.sample_text(tr["text"][rows], tr["n_captions"][rows], cfg.text_input)
         y = tr["labels"][rows].float()  # (rows, C)
         hw = cfg.hash_weight * (min(1.0, sched.last_epoch / ramp) if ramp > 0 else 1.0)
+        if r.get("hash_fn"):  # HashNet's continuation: beta of this optimizer step
+            r["head"].continuation(sched.last_epoch)
         with amp_ctx:  # BatchNorm per micro-batch (groups): equal to e - s separate passes
             out = net(img, txt, groups=e - s)
             sign_logits = net.sign_logits(out.codes) if cfg.sign_weight > 0 else None
@@ -247,6 +272,9 @@ def train_one_epoch(r, epoch):
                 lambda_decorr=cfg.lambda_decorr,
                 sign_weight=cfg.sign_weight,
             )
+            if r.get("hash_fn"):  # --hash_loss: the paper's loss trains the codes
+                hl, _ = r["hash_fn"](h, y[m])
+                loss, terms["hash_loss"] = loss + hl, hl.detach()
             total = total + loss / A
             zero = loss.detach() * 0
             h_abs = h.detach().float().abs().mean() if h is not None else zero
@@ -343,6 +371,19 @@ def setup(args):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    methods = [
+        f
+        for f, on in (
+            ("--baseline", args.baseline != "none"),
+            ("--hash_loss", args.hash_loss != "none"),
+            ("--head", args.head != "hash"),
+        )
+        if on
+    ]
+    if len(methods) > 1:
+        raise data.DataError(f"{' and '.join(methods)}: choose one method per run")
+    if args.hash_loss != "none" and args.bits == 0:
+        raise data.DataError("--hash_loss needs hash codes: pass --bits K (K >= 1), not 0")
     if args.sign_weight > 0 and (args.bits == 0 or args.baseline != "none"):
         raise data.DataError(
             "--sign_weight: the binarised-code loss needs hash codes, but this run "
@@ -358,7 +399,14 @@ def build_head(args, cfg, fold, device):
     """The head of this run, initialised (class priors) or fitted in closed form (baselines)."""
     tr = fold["train"]
     dim, num_classes = int(tr["image"].shape[2]), int(tr["labels"].shape[1])
-    head = model.HashHead(**model_args_of(args, cfg, dim, num_classes)).to(device)
+    head = runs.build_head(model_args_of(args, cfg, dim, num_classes)).to(device)
+    if args.head != "hash":  # ML-GCN: graph from the training labels only, nodes from the prompts
+        if fold["prompts"] is None:
+            raise data.DataError(
+                f"{args.features}: no class prompts in the cache; "
+                "re-run extract_features.py with --prompts for --head mlgcn"
+            )
+        mlgcn.fit_graph(head, tr["labels"], fold["prompts"])
     if args.baseline == "zeroshot":
         if fold["prompts"] is None or "logit_scale" not in fold["meta"]:
             raise data.DataError(
@@ -397,6 +445,9 @@ def build_run(args, fold=None):
     scaler = torch.amp.GradScaler(r["device"].type, enabled=fp16)
     steps = math.ceil((len(fold["train"]["ids"]) // cfg.batch_size) / cfg.accum_steps)
     sched, total, warmup = make_scheduler(opt, cfg, steps)
+    if args.hash_loss != "none":  # CSQ's centres from the run's seed: the same on --resume
+        n_cls = int(fold["train"]["labels"].shape[1])
+        r["hash_fn"] = hashing.objective(args.hash_loss, cfg.bits, n_cls, r["seed"])
     r.update(
         load_seconds=round(time.time() - t0, 2),
         fold=fold,
