@@ -32,8 +32,10 @@ def correlation_matrix(labels, tau=TAU, p=P):
     """The paper's re-weighted correlation matrix from 0/1 labels (n, C) -> float32 (C, C).
 
     M_ij = #images with labels i and j, N_i = M_ii; P_ij = M_ij / N_i (0 where N_i = 0);
-    A_ij = [P_ij >= tau] for j != i; A'_ij = p A_ij / sum_{k != i} A_ik for j != i (0 for a node
-    without neighbours), A'_ii = 1 - p: each node keeps 1 - p of its own weight."""
+    A_ij = [P_ij >= tau] for j != i; A'_ij = p A_ij / sum_{k != i} A_ik for j != i and
+    A'_ii = 1 - p: each node keeps 1 - p of its own weight. A node without neighbours keeps all of
+    it (A'_ii = 1; the paper's p / 0 leaves that case open), so a graph without edges is the
+    identity: the model without the graph."""
     y = labels.double()
     m = y.T @ y  # (C, C) co-occurrence counts
     n = m.diagonal().clone()  # (C,) N_i
@@ -42,7 +44,7 @@ def correlation_matrix(labels, tau=TAU, p=P):
     a.fill_diagonal_(0.0)
     deg = a.sum(1, keepdim=True)  # (C, 1) neighbours of each node
     a = torch.where(deg > 0, p * a / deg.clamp_min(1), 0.0)
-    a.fill_diagonal_(1.0 - p)
+    a += torch.diag(torch.where(deg[:, 0] > 0, 1.0 - p, 1.0))
     return a.float()
 
 

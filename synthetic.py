@@ -349,6 +349,28 @@ def planted_codes(n, bits=64, seed=0):
     return labels, codes.astype(np.float32)
 
 
+def planted_concepts(n, dim=64, concepts=5, per_concept=2, p_label=0.8, cooccur=True, seed=0):
+    """Labels that co-occur, for ML-GCN (mlgcn.py): each of `concepts` hidden concepts is in an
+    image with probability 0.3, and each of its `per_concept` classes is labelled on a p_label
+    share of its images, so the classes of a concept co-occur (P(j | i) ~ p_label) and share one
+    image direction. cooccur False: every class on its own, independently (prevalence 0.15), with
+    its own direction. Image x = sum of the present directions + noise -> float32 (image (n, dim),
+    labels (n, C)), C = concepts * per_concept."""
+    rng = np.random.default_rng(seed)
+    c = concepts * per_concept
+    u = rng.standard_normal((c, dim)) / np.sqrt(dim) * 2.0  # (C, D) class directions
+    if cooccur:
+        k = rng.random((n, concepts)) < 0.3  # (n, concepts) hidden concepts
+        y = np.repeat(k, per_concept, axis=1) & (rng.random((n, c)) < p_label)
+        u = np.repeat(u[::per_concept], per_concept, axis=0)  # one direction per concept
+        x = k @ u[::per_concept]
+    else:
+        y = rng.random((n, c)) < 0.15
+        x = y @ u
+    x = x + rng.standard_normal((n, dim)) / np.sqrt(dim) * 2.0
+    return x.astype(np.float32), y.astype(np.float32)
+
+
 def _planted_blocks(rng, labels, ncap, table, image, text, pool, p_mention, step=512):
     """Fill image [N,1,D] / text [N,C,D] float16 block by block (blocks of `step` images stay in
     cache)."""
