@@ -8,12 +8,13 @@ node embedding to a classifier vector, logits = the image's feature times those 
     out = head(img, txt)                          # model.HeadOutput(logits (B, C), None)
 
 Deviations from the paper, all for our cache: the class nodes start from the text tower's embedding
-of each class prompt ("a photo of a {name}.", the cache's `prompts`, L2-normalised) instead of
-GloVe; the image feature is model.HashHead's fusion vector ([d_i, m_i] image-only; with captions
-[d_i, d_t, d_i * d_t, m_i, m_t]: the caption enters through the feature the classifier vectors
-multiply, not through the graph); a per-class bias, started at the class log prior odds as every
-head here, is added to the logits. graph=False keeps every other part and propagates over the
-identity (no edges): the same model without the graph.
+of each class prompt ("a photo of a {name}.", the cache's `prompts`; their mean, the template's
+shared part, removed, then L2-normalised: the raw prompts are so alike that the classifier vectors
+start alike and barely separate) instead of GloVe; the image feature is model.HashHead's fusion
+vector ([d_i, m_i] image-only; with captions [d_i, d_t, d_i * d_t, m_i, m_t]: the caption enters
+through the feature the classifier vectors multiply, not through the graph); a per-class bias,
+started at the class log prior odds as every head here, is added to the logits. graph=False keeps
+every other part and propagates over the identity (no edges): the same model without the graph.
 """
 
 import math
@@ -103,9 +104,10 @@ class MLGCNHead(model.HashHead):
 def fit_graph(head, train_labels, prompts):
     """Set an MLGCNHead's propagation matrix from the TRAINING labels (n, C) alone
     (correlation_matrix; the identity when head.graph is False) and its class nodes from the class
-    prompts' text embeddings (C, node_dim), L2-normalised."""
+    prompts' text embeddings (C, node_dim), centred on their mean and L2-normalised."""
     c = head.classifier
     adj = correlation_matrix(train_labels.cpu(), head.tau, head.p) if head.graph else None
     c.adj.copy_(adj if adj is not None else torch.eye(len(c.adj)))
     pr = prompts.float().cpu()
+    pr = pr - pr.mean(0)  # (C, D) without the prompt template's shared part: the classes' own
     c.nodes.copy_(pr / pr.norm(dim=1, keepdim=True).clamp_min(1e-12))

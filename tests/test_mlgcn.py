@@ -130,8 +130,8 @@ def graph_gain(n_train, cooccur, seed):
 
 @pytest.mark.parametrize("cooccur", [True, False])
 def test_graph_helps_when_labels_cooccur(cooccur, one_thread):
-    """Seeds 0-3, 100 training images each: co-occurring labels gain (measured +0.023, +0.023,
-    -0.007, +0.037), independent ones do not lose (+0.0005, -0.003, +0.001, 0.0)."""
+    """Seeds 0-3, 100 training images each: co-occurring labels gain (measured +0.017, +0.033,
+    -0.016, +0.024), independent ones do not lose (+0.0003, -0.004, +0.001, 0.0)."""
     gains = [graph_gain(100, cooccur, seed) for seed in range(4)]
     if cooccur:
         assert np.mean(gains) > 0.01 and sum(g > 0 for g in gains) >= 3, gains
