@@ -36,6 +36,7 @@ import aggregate
 import cli
 import data
 from report import literature
+from report import methods as report_methods
 from report import sections as report_sections
 from runs import fold_dirs
 
@@ -51,7 +52,28 @@ RUNS = [
     ("probe", ["--baseline", "probe"]),
     ("zeroshot", ["--baseline", "zeroshot"]),
 ]
-NO_BITS = {"bits0", "probe", "zeroshot"}  # no hash codes: the MLP head only
+NO_BITS = {"bits0", "probe", "zeroshot", "mlgcn"}  # no hash codes: the MLP head only
+HASH_BITS, DEMO_HASH_BITS = (16, 32, 48, 64), (16, 64)  # the hashing table's code lengths
+
+
+def method_runs(demo):
+    """The literature's methods on our cache (report.methods' tables): ML-GCN, and CSQ / DPSH /
+    HashNet and our head at HASH_BITS (DEMO_HASH_BITS with --demo), image + caption and image
+    only (the reference 64-bit head is hash64)."""
+    out = [("mlgcn", ["--head", "mlgcn"])]
+    for bits in DEMO_HASH_BITS if demo else HASH_BITS:
+        for inputs in ("both", "image"):
+            tail = [] if inputs == "both" else ["--inputs", "image"]
+            name = "" if inputs == "both" else "_image"
+            if bits not in (16, 32, 64) or inputs == "image":  # bits16/32, hash64 exist
+                out.append((f"hash{bits}{name}", ["--bits", str(bits), *tail]))
+            for loss in ("csq", "dpsh", "hashnet"):
+                out.append(
+                    (f"{loss}{bits}{name}", ["--hash_loss", loss, "--bits", str(bits), *tail])
+                )
+    return out
+
+
 VIEWS_RUN = ("plain_view", ["--train_views", "plain"])  # only with augmented views (--views > 1)
 DEMO = {"FOLDS": "3", "SPLITS": "demo/coco/splits_study3.json"}  # 3 folds, not the demo's 5
 DEMO_FLAGS = ["--epochs", "6", "--patience", "3"]
@@ -136,7 +158,8 @@ def make_run(name, flags, args, env):
         env,
         RUN=run,
         SUMMARY="0",  # run_cv.sh ends with the result paths: their tables are in the report
-        EVAL_ARGS=env.get("EVAL_ARGS", "") + ("" if name in NO_BITS else " --head both"),
+        EVAL_ARGS=env.get("EVAL_ARGS", "")
+        + ("" if name in NO_BITS else " --head both --retrieval"),
     )
     if args.fold_list:
         env["FOLD_LIST"] = args.fold_list
@@ -169,10 +192,11 @@ def main(args):
     if args.demo:
         args.train_args = merge_flags(DEMO_FLAGS, args.train_args)  # a given flag wins
     only = [s for s in args.only.split(",") if s]
-    unknown = sorted(set(only) - {n for n, _ in RUNS} - {VIEWS_RUN[0]})
+    every = RUNS + method_runs(args.demo)
+    unknown = sorted(set(only) - {n for n, _ in every} - {VIEWS_RUN[0]})
     if unknown:
-        cli.fail(f"--only: unknown runs {unknown}; choose from {', '.join(n for n, _ in RUNS)}")
-    runs = [(n, f) for n, f in RUNS if not only or n in only]
+        cli.fail(f"--only: unknown runs {unknown}; choose from {', '.join(n for n, _ in every)}")
+    runs = [(n, f) for n, f in every if not only or n in only]
     dirs = [make_run(n, f, args, env) for n, f in runs]
     if cache_views(dirs[0]) > 1 and (not only or VIEWS_RUN[0] in only):  # augmentation against none
         runs.append(VIEWS_RUN)
@@ -206,6 +230,7 @@ def report_folder(args, runs, dirs):
         res = aggregate.main(agg)
     print(f"== report: aggregate.py's tables of {len(dirs)} runs (its output: {log})")
     sections = report_sections.write_report(res["runs"], agg, out, res.get("tests", []))
+    report_methods.write(out, res["runs"], agg, sections)  # the methods and hashing tables
     lit = res["literature"] if len(dirs) > 1 else literature.write(out, res["runs"], agg.test_dir)
     if lit:
         sections.append(

@@ -108,7 +108,8 @@ def test_study_resume_report_and_rerun(fake_study, monkeypatch, capsys):
         run_study(tmp_path, script)
     assert e.value.code == 2 and "run bits16 failed" in capsys.readouterr().err
     assert [c.split()[0] for c in calls(tmp_path)] == ["hash64", "bits0", "bits16"]
-    assert calls(tmp_path)[0].endswith("--head both") and "--head" not in calls(tmp_path)[1]
+    assert calls(tmp_path)[0].endswith("--head both --retrieval")
+    assert "--head" not in calls(tmp_path)[1]
     monkeypatch.delenv("FAIL_AT")
     out = Path(run_study(tmp_path, script, "--", "--epochs", "2", "--bits", "8", "--epochs", "3"))
     argv = (tmp_path / "argv.log").read_text().splitlines()
@@ -131,6 +132,8 @@ def test_study_resume_report_and_rerun(fake_study, monkeypatch, capsys):
         "per_class",
         "fold_analysis",
         "fold_classes",
+        "methods",
+        "hashing",
     ):
         assert f"{stem}.md" in links and f"{stem}.tex" in links and f"{stem}.csv" in links
     for fig in ("bits", "class_ap", "confusion", "folds", "learning_hash64"):
