@@ -240,3 +240,27 @@ def test_train_hash_loss_refuses_bad_combinations(cache, tmp_path, capsys):
             _train(cache, tmp_path / "bad", "--hash_loss", "csq", *extra)
         assert e.value.code == 2
     assert "--hash_loss" in capsys.readouterr().err
+
+
+def test_hashnet_resume_is_exact(cache, tmp_path, monkeypatch, one_thread):
+    """Interrupted after epoch 1 and resumed: the same weights and beta as an uninterrupted run
+    (beta follows the restored scheduler's step)."""
+    flags = ("--hash_loss", "hashnet", "--bits", 16, "--epochs", 3, "--patience", 0)
+    _train(cache, tmp_path / "full", *flags)
+    out, real = tmp_path / "resumed", train.validate
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "validate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _train(cache, out, *flags)
+    monkeypatch.setattr(train, "validate", real)
+    _train(cache, out, *flags, "--resume")
+    a = torch.load(out / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    assert float(a["hash.beta"]) > 1 and all(torch.equal(a[k], b[k]) for k in a)
