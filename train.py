@@ -500,7 +500,10 @@ def describe(r):
         f"effective batch {config['effective_batch']}, {r['steps_per_epoch']} steps/epoch, "
         f"{r['total_steps']} steps, {r['warmup_steps']} warmup, lr {cfg.lr:g} -> {cfg.min_lr:g}"
     )
-    print(f"head: {sum(p.numel() for p in head.parameters()):,} parameters")
+    kind = {"hashlayer": f"hash layer ({args.hash_loss})", "mlgcn": "ML-GCN"}.get(
+        head.model_args.get("head"), "hash head"
+    )  # the recipe line names HeadConfig's fields; model_args (config.json) what this head uses
+    print(f"head: {kind}, {sum(p.numel() for p in head.parameters()):,} parameters")
     return config
 
 

@@ -33,8 +33,8 @@ METHODS = {
     "csq": ["--hash_loss", "csq"],
     "dpsh": ["--hash_loss", "dpsh"],
     "hashnet": ["--hash_loss", "hashnet"],
-    "mlgcn": ["--head", "mlgcn", "--bits", "0"],
-    "mlgcn_nograph": ["--head", "mlgcn_nograph", "--bits", "0"],
+    "mlgcn": ["--head", "mlgcn"],
+    "mlgcn_nograph": ["--head", "mlgcn_nograph"],
     "bits0": ["--bits", "0"],
 }  # train.py flags on top of the defaults (and --bits)
 
