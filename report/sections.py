@@ -294,8 +294,11 @@ def test_report(runs, args, out, sections):
 
 
 def recipe(cfg):
-    """What a bits sweep holds fixed: the fusion and the code classifier."""
-    return cfg.get("fusion"), cfg.get("code_classifier")
+    """What a bits sweep holds fixed: the fusion, the code classifier, the inputs and the head's
+    kind (model_args "head" / "hash_loss": the literature's methods are not points of ours)."""
+    args = cfg.get("model_args") or {}
+    kind = (args.get("head"), args.get("hash_loss"))
+    return cfg.get("fusion"), cfg.get("code_classifier"), cfg.get("inputs", "both"), kind
 
 
 def learning_report(runs, out, sections):

@@ -72,3 +72,13 @@ def test_write_leaves_the_hashing_table(tmp_path):
     for ext in ("md", "csv", "tex"):
         assert (tmp_path / f"hashing.{ext}").is_file()
     assert "DPSH (plain hash layer)" in (tmp_path / "hashing.md").read_text()
+
+
+def test_bits_sweep_leaves_out_the_literature_methods():
+    from report import sections
+
+    ours = {"fusion": "hadamard", "code_classifier": "learned", "model_args": {"bits": 16}}
+    csq = dict(ours, model_args={"bits": 16, "head": "hashlayer", "hash_loss": "csq"})
+    image = dict(ours, inputs="image")
+    assert sections.recipe(ours) == sections.recipe(dict(ours, model_args={"bits": 64}))
+    assert len({sections.recipe(c) for c in (ours, csq, image)}) == 3
