@@ -9,7 +9,9 @@ report folder.
 
 Runs (train.py flags; reference first): hash64 (the default recipe), bits0 (plain MLP), bits16,
 bits32, bits128, bits256, concat (--fusion concat), knn_recipe (--code_classifier centres
---sign_weight 1), probe and zeroshot (--baseline). Flags after -- go to every run (a flag given
+--sign_weight 1), probe and zeroshot (--baseline), then the literature's methods (method_runs:
+mlgcn; csq / dpsh / hashnet<bits> and hash<bits> at 16/32/48/64 bits, 16/64 with --demo, with
+_image twins: --inputs image). Flags after -- go to every run (a flag given
 twice: its last value, so train.py's command line names each flag once). Each run is
 `RUN=<study>/<name> SUMMARY=0 bash run_cv.sh [--demo] -- <flags>` on one splits file and one
 feature cache, with EVAL_ARGS=--head both where the run has hash bits; a run whose folds all hold
@@ -19,7 +21,8 @@ last.pt).
 Then the report folder <study>/report/, a results chapter: report.md states each section's result
 (a sentence made from the numbers and its headline table: CV mean ± std and test [interval] of
 every run, the ablations against the reference and KNN against MLP with their paired-test
-p-values, bits, literature, per class, confusion, folds) and links every table (.csv/.md/.tex, in
+p-values, bits, literature, the methods and hashing tables (report.methods), per class,
+confusion, folds) and links every table (.csv/.md/.tex, in
 %, each .tex fitting a page: report.latex) and figure (.png/.pdf); report.tex is the same chapter
 with every table and figure, compiled to report.pdf where pdflatex is installed (report.chapter).
 aggregate.py's output goes to report/aggregate.log. The report is skipped when no run's results
