@@ -10,13 +10,13 @@ report folder.
 Runs (train.py flags; reference first): hash64 (the default recipe), bits0 (plain MLP), bits16,
 bits32, bits128, bits256, concat (--fusion concat), knn_recipe (--code_classifier centres
 --sign_weight 1), probe and zeroshot (--baseline), then the literature's methods (method_runs:
-mlgcn; csq / dpsh / hashnet<bits> and hash<bits> at 16/32/48/64 bits, 16/64 with --demo, with
-_image twins: --inputs image). Flags after -- go to every run (a flag given
-twice: its last value, so train.py's command line names each flag once). Each run is
+mlgcn and mlgcn_image; csq / dpsh / hashnet<bits> and hash<bits> at 16/32/48/64 bits, 16/64 with
+--demo, with _image twins: --inputs image). Flags after -- go to every run (a flag given twice:
+its last value, so train.py's command line names each flag once). Each run is
 `RUN=<study>/<name> SUMMARY=0 bash run_cv.sh [--demo] -- <flags>` on one splits file and one
-feature cache, with EVAL_ARGS=--head both where the run has hash bits; a run whose folds all hold
-.done and whose eval_test/metrics.csv exists is skipped without starting run_cv.sh, and an
-interrupted one resumes (run_cv.sh skips finished folds and resumes the interrupted one from
+feature cache, with EVAL_ARGS="--head both --retrieval" where the run has hash bits; a run whose
+folds all hold .done and whose eval_test/metrics.csv exists is skipped without starting run_cv.sh,
+and an interrupted one resumes (run_cv.sh skips finished folds and resumes the interrupted one from
 last.pt).
 Then the report folder <study>/report/, a results chapter: report.md states each section's result
 (a sentence made from the numbers and its headline table: CV mean ± std and test [interval] of
@@ -55,7 +55,7 @@ RUNS = [
     ("probe", ["--baseline", "probe"]),
     ("zeroshot", ["--baseline", "zeroshot"]),
 ]
-NO_BITS = {"bits0", "probe", "zeroshot", "mlgcn"}  # no hash codes: the MLP head only
+NO_BITS = {"bits0", "probe", "zeroshot", "mlgcn", "mlgcn_image"}  # no codes: the MLP head only
 HASH_BITS, DEMO_HASH_BITS = (16, 32, 48, 64), (16, 64)  # the hashing table's code lengths
 
 
@@ -63,7 +63,10 @@ def method_runs(demo):
     """The literature's methods on our cache (report.methods' tables): ML-GCN, and CSQ / DPSH /
     HashNet and our head at HASH_BITS (DEMO_HASH_BITS with --demo), image + caption and image
     only (the reference 64-bit head is hash64)."""
-    out = [("mlgcn", ["--head", "mlgcn"])]
+    out = [
+        ("mlgcn", ["--head", "mlgcn"]),
+        ("mlgcn_image", ["--head", "mlgcn", "--inputs", "image"]),
+    ]
     for bits in DEMO_HASH_BITS if demo else HASH_BITS:
         for inputs in ("both", "image"):
             tail = [] if inputs == "both" else ["--inputs", "image"]

@@ -54,15 +54,16 @@ def _setting(r, test_dir):
 def methods_rows(runs, args):
     """-> rows of methods.*: method, setting, CV mAP, test mAP [interval], paired test vs the first
     classification run with test predictions."""
-    rows, ref, head_seen = [], None, False
+    rows, ref, head_seen = [], None, set()
     for r in runs:
         family, name = method_of(r["config"])
         if family != "classification" or not r["heads"].get("mlp"):
             continue
-        if name.startswith("hash head"):  # the reference alone; the others are ablations
-            if head_seen:
+        if name.startswith("hash head"):  # the first per input (the reference); not ablations
+            inputs = r["config"].get("inputs", "both")
+            if inputs in head_seen:
                 continue
-            head_seen = True
+            head_seen.add(inputs)
         cv = np.array([f["mAP_macro"] for f in r["heads"]["mlp"].values()])
         cv_cell = report.MeanStd(cv.mean(), cv.std(ddof=1) if len(cv) > 1 else np.nan)
         ev = load_eval(r, args.test_dir)
