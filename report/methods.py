@@ -51,19 +51,33 @@ def _setting(r, test_dir):
     return [cells["backbone"], cells["resolution"], cells["fine_tuned"], cells["inputs"]]
 
 
+def _one_head_per_input(runs):
+    """{inputs: the hash-head run of the table}: the first (the reference), and for every other
+    input the run at the reference's bits (else that input's first)."""
+    heads = [r for r in runs if method_of(r["config"])[1].startswith("hash head")]
+
+    def bits(r):
+        return (r["config"].get("model_args") or {}).get("bits")
+
+    keep = {}
+    for r in heads:
+        i = r["config"].get("inputs", "both")
+        if i not in keep or (bits(r) == bits(heads[0]) != bits(keep[i])):
+            keep[i] = r
+    return keep
+
+
 def methods_rows(runs, args):
     """-> rows of methods.*: method, setting, CV mAP, test mAP [interval], paired test vs the first
     classification run with test predictions."""
-    rows, ref, head_seen = [], None, set()
+    rows, ref = [], None
+    keep = _one_head_per_input(runs)
     for r in runs:
         family, name = method_of(r["config"])
         if family != "classification" or not r["heads"].get("mlp"):
             continue
-        if name.startswith("hash head"):  # the first per input (the reference); not ablations
-            inputs = r["config"].get("inputs", "both")
-            if inputs in head_seen:
-                continue
-            head_seen.add(inputs)
+        if name.startswith("hash head") and r is not keep.get(r["config"].get("inputs", "both")):
+            continue  # the other hash heads are the ablations' business
         cv = np.array([f["mAP_macro"] for f in r["heads"]["mlp"].values()])
         cv_cell = report.MeanStd(cv.mean(), cv.std(ddof=1) if len(cv) > 1 else np.nan)
         ev = load_eval(r, args.test_dir)

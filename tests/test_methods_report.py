@@ -82,3 +82,22 @@ def test_bits_sweep_leaves_out_the_literature_methods():
     image = dict(ours, inputs="image")
     assert sections.recipe(ours) == sections.recipe(dict(ours, model_args={"bits": 64}))
     assert len({sections.recipe(c) for c in (ours, csq, image)}) == 3
+
+
+def test_methods_table_keeps_one_hash_head_per_input(tmp_path):
+    def run(name, bits, inputs="both"):
+        cfg = {"model_args": {"bits": bits}, "inputs": inputs}
+        d = tmp_path / name
+        d.mkdir()
+        return {
+            "config": cfg,
+            "dir": str(d),
+            "label": name,
+            "heads": {"mlp": {0: {"mAP_macro": 0.5}}},
+        }
+
+    runs = [run("hash64", 64), run("bits16", 16), run("hash16_image", 16, "image")]
+    runs += [run("hash64_image", 64, "image"), run("bits0", 0)]
+    args = SimpleNamespace(test_dir="eval_test", bootstrap=0, seed=0)
+    rows, ref = methods.methods_rows(runs, args)
+    assert [r[1] for r in rows] == ["hash64", "hash64_image", "bits0"] and ref is None
