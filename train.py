@@ -40,8 +40,10 @@ import cli
 import data
 import features
 import knn
+import locks
 import metrics
 import model
+import preempt
 import protocols
 import runs
 
@@ -262,6 +264,9 @@ def train_one_epoch(r, epoch):
         sched.step()
         opt.zero_grad(set_to_none=False)  # reuse the gradient buffers: no reallocation per step
         bar.update(e - s)
+        # a stop signal: abandon the epoch; last.pt (end of the previous one, RNG included) is the
+        # exact state this epoch started from, so the requeued run repeats it bit for bit
+        preempt.check(f"in epoch {epoch} after micro-batch {e} of {n_micro}")
         if e // 200 > s // 200 or e == n_micro:  # a host sync per 200 micro-batches: NaN/Inf loss
             bad = (~torch.isfinite(stats[:e, 0])).nonzero()
             if len(bad):
@@ -600,10 +605,17 @@ def run(args):
 
 
 def main(args):
+    lock = os.path.join(args.out_dir, locks.LOCK_NAME)  # one train.py per --out_dir
     try:
-        run(args)
+        with locks.hold(lock, "train.py"), preempt.catching():
+            run(args)
     except data.DataError as e:
         cli.fail(str(e))
+    except preempt.Preempted as e:
+        last = os.path.join(args.out_dir, "last.pt")
+        kept = f"{last} is kept" if os.path.exists(last) else "no epoch finished yet"
+        print(f"preempted: {e}; {kept}; rerun with --resume (exit {preempt.REQUEUE_EXIT}: requeue)")
+        sys.exit(preempt.REQUEUE_EXIT)
 
 
 if __name__ == "__main__":
