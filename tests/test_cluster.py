@@ -243,3 +243,24 @@ def test_sigterm_mid_shard_loses_only_that_shard(
     extract_features.main(_extract_args(synthetic_coco, tiny_siglip, out))
     assert "resuming: 2 of 4 shards" in capsys.readouterr().out
     _assert_same(out, clean)
+
+
+# ------------------------------------------------------------------------ run_cv.sh, evaluate.py
+
+
+def test_run_cv_and_evaluate_refuse_a_locked_folder(tmp_path, capsys):
+    import evaluate
+
+    run = tmp_path / "run"
+    with locks.hold(str(run / locks.LOCK_NAME), "run_cv.sh"):  # this process: a live holder
+        env = dict(os.environ, RUN=str(run), DATA_ROOT=str(tmp_path / "none"))
+        r = subprocess.run(["bash", "run_cv.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert r.returncode == 2 and f"locked by run_cv.sh (host {socket.gethostname()}" in r.stderr
+        assert r.stderr.count("\n") == 1 and "settings" not in r.stdout  # stopped before any step
+    assert not run.exists()  # released, and the folder made for the lock removed
+    out = tmp_path / "eval"
+    with locks.hold(str(out / locks.LOCK_NAME), "evaluate.py"):
+        argv = ["--ensemble", str(tmp_path / "none"), "--out_dir", str(out)]
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(evaluate.get_args_parser().parse_args(argv))
+        assert e.value.code == 2 and "locked by evaluate.py" in capsys.readouterr().err
