@@ -27,7 +27,8 @@ augmentation / data is refused; with the same settings it is reported up to date
 Under torchrun (NCCL on cuda, gloo on cpu) shard s belongs to rank s % world_size, each rank writes
 its own, rank 0 merges after a barrier; <out>.parts/ must be on a filesystem every node sees. A dead
 rank loses only its unfinished shard: a rerun with any number of ranks, or one plain process,
-encodes only the missing ones.
+encodes only the missing ones. One extraction per --out (rank 0 holds <out>.lock); SIGTERM / SIGUSR1
+(a preemption) stop it after the current batch with exit 75, losing only the shard in work.
 """
 
 import argparse

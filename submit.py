@@ -30,6 +30,7 @@ import sys
 import time
 
 import cli
+import data
 import preempt
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -83,7 +84,7 @@ def plan(run_cv_args, env=None):
     )
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
-        raise SystemExit(f"{last}\nsubmit.py: run_cv.sh's plan failed (exit {r.returncode})")
+        raise data.DataError(f"run_cv.sh's plan stopped: {last.removeprefix('error: ')}")
     steps = []
     for line in r.stdout.splitlines():
         if line.startswith("plan\t"):
@@ -187,6 +188,13 @@ def after(ex, jobs, wait):
 
 def submit(args):
     """Plan, then submit the stages left -> {stage: [job ids]} (empty: nothing to do)."""
+    own = args.run_cv_args
+    own = own[: own.index("--")] if "--" in own else own  # run_cv.sh's flags, not train.py's
+    if "--study" in own:
+        raise data.DataError(
+            "submit.py: --study is not submitted as one pipeline; submit each run: "
+            "RUN=outputs/<name> python submit.py ... -- -- <its train.py flags>"
+        )
     args.cluster = args.cluster or ("slurm" if _has_sbatch() else "local")
     wait = args.wait or args.cluster != "slurm"
     steps = plan(args.run_cv_args)
@@ -196,7 +204,10 @@ def submit(args):
     submitted, jobs = {}, []
     if feats and os.path.exists(_flag(feats[0], "--out")):  # up to date, or refused: seconds
         if subprocess.run(feats[0], cwd=ROOT).returncode != 0:
-            raise SystemExit("submit.py: extract_features.py refused the existing cache (above)")
+            raise data.DataError(
+                f"{_flag(feats[0], '--out')}: extract_features.py refused it (above); pass another "
+                "FEATURES or delete it"
+            )
         feats = []
     ex = executor(args, "features")
     if feats:
@@ -243,6 +254,8 @@ def main(args):
     t0 = time.time()
     try:
         submitted = submit(args)
+    except data.DataError as e:
+        cli.fail(str(e))
     except RuntimeError as e:  # a job failed (local / --wait): its own message
         cli.fail(str(e).strip().splitlines()[-1])
     if submitted and (args.cluster != "slurm" or args.wait):

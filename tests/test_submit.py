@@ -120,3 +120,16 @@ def test_checkpoint_hook_requeues_with_resume(tmp_path):
     assert again.function() == "fold 0"  # the requeued job, to the end
     assert (out / ".done").is_file()
     assert (out / "val_metrics.json").read_text() == (ref / "val_metrics.json").read_text()
+
+
+def test_refusals_in_one_line(capsys):
+    for argv, msg in (
+        (["--cluster", "local", "--", "--study"], "--study is not submitted as one pipeline"),
+        (["--cluster", "local", "--", "--nope"], "run_cv.sh's plan stopped: run_cv.sh: unknown"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            submit.main(submit.parse(argv))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and err.count("\n") == 1, err
+    args = submit.parse(["--time", "30", "--", "--demo", "--", "--bits", "32"])
+    assert args.time == 30 and args.run_cv_args == ["--demo", "--", "--bits", "32"]
