@@ -20,8 +20,8 @@ evaluate.py uses. At the end the best checkpoint's KNN head is scored on the val
 (database: the fold's training images; at most one query per caption). Writes to --out_dir:
 config.json, log.jsonl, last.pt, best.pt, val_metrics.json (MLP head; "knn": the KNN head),
 val_predictions.npz (probs, codes, knn_probs). One train.py per --out_dir (locks.py: .lock there).
-SIGTERM / SIGUSR1 (a preemption) stop it after the current optimizer step with exit 75: last.pt of the
-last finished epoch is kept, and --resume repeats the interrupted epoch bit for bit.
+SIGTERM / SIGUSR1 (a preemption) stop it after the current optimizer step with exit 75: last.pt of
+the last finished epoch is kept, and --resume repeats the interrupted epoch bit for bit.
 """
 
 import argparse
