@@ -166,11 +166,10 @@ def find_bad_images(paths, num_workers, rank=0, world=1):
     loader = torch.utils.data.DataLoader(
         paths[rank::world], batch_size=32, num_workers=num_workers, collate_fn=images.check_batch
     )
-    errors = [
-        e
-        for batch in tqdm(loader, desc="check images", unit="batch", leave=False, disable=rank > 0)
-        for e in batch
-    ]
+    errors = []
+    for batch in tqdm(loader, desc="check images", unit="batch", leave=False, disable=rank > 0):
+        preempt.check("while checking the images")  # a stop signal: nothing to keep yet
+        errors += batch
     bad = [(i * world + rank, e) for i, e in enumerate(errors) if e is not None]  # in `paths`
     if world > 1:
         every = [None] * world

@@ -17,7 +17,7 @@ import signal
 # EX_TEMPFAIL (sysexits.h): "try again later"; run_cv.sh and submit.py read it as "requeue me"
 REQUEUE_EXIT = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_state = {"signal": None}
+_state = {"signal": None, "active": False}  # active: inside catching()
 
 
 class Preempted(Exception):
@@ -34,16 +34,18 @@ def requested():
 
 
 def check(where):
-    """Raise Preempted (naming `where`) if a stop signal has arrived."""
-    if _state["signal"] is not None:
+    """Raise Preempted (naming `where`) if a stop signal has arrived inside catching(); outside it
+    (a notebook, a benchmark calling the loop) nothing."""
+    if _state["active"] and _state["signal"] is not None:
         raise Preempted(f"{_state['signal']} received; stopped {where}")
 
 
 @contextlib.contextmanager
 def catching():
     """Install the flag-setting handler for SIGTERM and SIGUSR1 (main thread only: elsewhere signal
-    handlers cannot be set, and the block runs without them)."""
-    _state["signal"] = None
+    handlers cannot be set, and the block runs without them). requested() keeps its answer after
+    the block, for the caller's message."""
+    _state.update(signal=None, active=True)
     old = {}
     try:
         for s in SIGNALS:
@@ -53,5 +55,6 @@ def catching():
     try:
         yield
     finally:
+        _state["active"] = False
         for s, h in old.items():
             signal.signal(s, h)

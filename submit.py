@@ -50,7 +50,12 @@ def get_args_parser():
     g.add_argument("--constraint", default=None, help="Slurm node features, e.g. a100")
     g.add_argument("--qos", default=None, help="Slurm quality of service")
     g.add_argument("--time", type=cli.positive_int, default=240, help="minutes per job")
-    g.add_argument("--gpus_per_node", type=cli.nonneg_int, default=1, help="GPUs per job")
+    g.add_argument(
+        "--gpus_per_node",
+        type=cli.nonneg_int,
+        default=None,
+        help="GPUs per job (default: 1 on slurm, 0 on local)",
+    )
     g.add_argument("--cpus_per_task", type=cli.positive_int, default=8, help="CPU cores per job")
     g.add_argument("--mem_gb", type=cli.positive_int, default=64, help="memory per job, GB")
     g.add_argument("--array_parallelism", type=cli.positive_int, default=16, help="folds at once")
@@ -135,7 +140,7 @@ class Step:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGUSR1)  # the script's own preemption path
             try:
-                self.proc.wait(timeout=120)
+                self.proc.wait(timeout=60)  # Slurm's warning: 90 s before
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         again = [
@@ -196,6 +201,8 @@ def submit(args):
             "RUN=outputs/<name> python submit.py ... -- -- <its train.py flags>"
         )
     args.cluster = args.cluster or ("slurm" if _has_sbatch() else "local")
+    if args.gpus_per_node is None:
+        args.gpus_per_node = 1 if args.cluster == "slurm" else 0
     wait = args.wait or args.cluster != "slurm"
     steps = plan(args.run_cv_args)
     feats = [a for n, a in steps if n == "features"]

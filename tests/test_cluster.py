@@ -264,3 +264,15 @@ def test_run_cv_and_evaluate_refuse_a_locked_folder(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             evaluate.main(evaluate.get_args_parser().parse_args(argv))
         assert e.value.code == 2 and "locked by evaluate.py" in capsys.readouterr().err
+
+
+def test_preempt_flag_only_inside_catching():
+    with preempt.catching():
+        preempt.check("here")  # no signal yet
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        with pytest.raises(preempt.Preempted, match="SIGUSR1 received; stopped here"):
+            preempt.check("here")
+    assert preempt.requested() == "SIGUSR1"  # for the caller's message
+    preempt.check("outside")  # a later loop run outside catching() is not stopped
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
