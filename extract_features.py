@@ -166,9 +166,11 @@ def find_bad_images(paths, num_workers, rank=0, world=1):
     loader = torch.utils.data.DataLoader(
         paths[rank::world], batch_size=32, num_workers=num_workers, collate_fn=images.check_batch
     )
-    errors = []
-    for batch in tqdm(loader, desc="check images", unit="batch", leave=False, disable=rank > 0):
-        preempt.check("while checking the images")  # a stop signal: nothing to keep yet
+    errors, bar = [], tqdm(loader, desc="check images", unit="batch", leave=False, disable=rank > 0)
+    for batch in bar:
+        if preempt.pending():  # a stop signal: nothing to keep yet
+            bar.close()
+        preempt.check("while checking the images")
         errors += batch
     bad = [(i * world + rank, e) for i, e in enumerate(errors) if e is not None]  # in `paths`
     if world > 1:
@@ -347,6 +349,8 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
     buf, t0, n_imgs, n_caps = [], time.time(), 0, 0
     for batch in loader:
         # a stop signal: drop the shard in work (its batches so far); finished shards are on disk
+        if preempt.pending():
+            bar.close()
         preempt.check(f"while encoding shard {todo[0]}")
         if "unreadable" in batch:
             raise data.DataError(

@@ -33,10 +33,15 @@ def requested():
     return _state["signal"]
 
 
+def pending():
+    """True when check() would raise: a stop signal came inside catching() (close progress bars)."""
+    return _state["active"] and _state["signal"] is not None
+
+
 def check(where):
     """Raise Preempted (naming `where`) if a stop signal has arrived inside catching(); outside it
     (a notebook, a benchmark calling the loop) nothing."""
-    if _state["active"] and _state["signal"] is not None:
+    if pending():
         raise Preempted(f"{_state['signal']} received; stopped {where}")
 
 

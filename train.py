@@ -268,6 +268,8 @@ def train_one_epoch(r, epoch):
         bar.update(e - s)
         # a stop signal: abandon the epoch; last.pt (end of the previous one, RNG included) is the
         # exact state this epoch started from, so the requeued run repeats it bit for bit
+        if preempt.pending():
+            bar.close()
         preempt.check(f"in epoch {epoch} after micro-batch {e} of {n_micro}")
         if e // 200 > s // 200 or e == n_micro:  # a host sync per 200 micro-batches: NaN/Inf loss
             bad = (~torch.isfinite(stats[:e, 0])).nonzero()
