@@ -316,47 +316,89 @@ def load_coco(data_root):
     }
 
 
-def load_jsonl(path):
+MANIFEST_SPLITS = ("train", "test")
+
+
+def _manifest_classes(path, n, value):
+    """A manifest's header record {"classes": [names]} -> the list, checked (line n)."""
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+        raise DataError(f'{path}: line {n}: "classes" must be a non-empty list of class names')
+    if len(set(value)) != len(value):
+        raise DataError(f'{path}: line {n}: "classes" names a class twice')
+    return list(value)
+
+
+def _manifest_record(path, n, r, known):
+    """Line n's object -> (id, split, image, texts, labels), its split checked, and its labels
+    against `known` (a set of class names; None: any)."""
+    try:
+        rec = (
+            int(r.get("id", n)),
+            r.get("split", "train"),
+            str(r["image"]),
+            [" ".join(str(t).split()) for t in r.get("texts", [])],
+            [str(x) for x in r["labels"]],
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(
+            f"{path}: line {n} is not a manifest record ({type(e).__name__}: {e}); "
+            f'each line needs "image" and "labels"'
+        ) from None
+    if rec[1] not in MANIFEST_SPLITS:  # a misspelt test image must not join the training pool
+        raise DataError(
+            f'{path}: line {n} has "split": {rec[1]!r}; use "train" or "test" (or leave it out: '
+            f'"train")'
+        )
+    unknown = [x for x in rec[4] if known is not None and x not in known]
+    if unknown:
+        raise DataError(
+            f"{path}: line {n} has label {unknown[0]!r}, not in the manifest's class list; "
+            f'fix the label or add it to "classes"'
+        )
+    return rec
+
+
+def load_jsonl(path, classes=None):
     """A generic dataset from a JSON-lines manifest -> the same dict as load_coco (rows sorted by
     id).
 
     One JSON object per line: {"image": path (relative to the manifest's folder), "labels": [class
     names], "texts": [captions] (optional; none is fine), "split": "train" | "test" (optional,
-    default "train"), "id": int (optional, default the line number)}. The classes are every label
-    name that occurs, sorted, with ids 1..C. This is the second loader: another dataset plugs in by
-    writing one such function.
+    default "train"; any other value is refused), "id": int (optional, default the line number)}.
+    The classes: a first line {"classes": [names]} (or `classes`) fixes them and their order (ids
+    1..C) and refuses any other label; without one, every label name that occurs, sorted. This is
+    the second loader: another dataset plugs in by writing one such function.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(
             f"{path}: manifest not found; pass --data_root pointing at a .jsonl manifest"
         )
-    recs = []
+    recs, first = [], True
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 r = json.loads(line)
-                recs.append(
-                    (
-                        int(r.get("id", n)),
-                        str(r.get("split", "train")),
-                        str(r["image"]),
-                        [" ".join(str(t).split()) for t in r.get("texts", [])],
-                        [str(x) for x in r["labels"]],
-                    )
-                )
-            except (ValueError, KeyError, TypeError) as e:
+            except ValueError as e:
                 raise DataError(
-                    f"{path}: line {n} is not a manifest record ({type(e).__name__}: {e}); "
-                    f'each line needs "image" and "labels"'
+                    f"{path}: line {n} is not JSON ({e}); each line needs one JSON object"
                 ) from None
+            if first and isinstance(r, dict) and "classes" in r and "image" not in r:
+                given = _manifest_classes(path, n, r["classes"])
+                if classes is not None and given != list(classes):
+                    raise DataError(f"{path}: line {n}: its class list differs from the one given")
+                classes = given
+            else:
+                known = None if classes is None else set(classes)
+                recs.append(_manifest_record(path, n, r, known))
+            first = False
     recs.sort()
     ids = np.array([r[0] for r in recs], np.int64)
     if len(np.unique(ids)) != len(ids):
         raise DataError(f'{path}: duplicate image ids; give every line a unique "id"')
-    names = sorted({x for r in recs for x in r[4]})
+    names = list(classes) if classes is not None else sorted({x for r in recs for x in r[4]})
     col = {name: j for j, name in enumerate(names)}
     labels = np.zeros((len(recs), len(names)), np.uint8)
     for i, r in enumerate(recs):

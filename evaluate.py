@@ -45,6 +45,7 @@ import cli
 import data
 import features
 import knn
+import locks
 import metrics
 import model
 import protocols
@@ -428,6 +429,18 @@ def main(args):
             "--thresholds oof: only with --split test and the mlp head "
             "(tuned on the folds' MLP val predictions)"
         )
+    out_dir = args.out_dir or os.path.join(
+        args.ensemble or os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}"
+    )
+    try:  # one evaluate.py writing into out_dir
+        with locks.hold(os.path.join(out_dir, locks.LOCK_NAME), "evaluate.py"):
+            return evaluate(args, out_dir)
+    except data.DataError as e:
+        cli.fail(str(e))
+
+
+def evaluate(args, out_dir):
+    """main's work once out_dir is locked -> the summary dict."""
     try:
         paths, heads, cks = runs.load_members(args.checkpoint, args.ensemble, args.allow_partial)
         args.scoring = runs.scoring_of(args.scoring, paths, cks)
@@ -442,9 +455,6 @@ def main(args):
             "use --head mlp"
         )
     res = score_split(args, paths, heads, cks, ctx)
-    out_dir = args.out_dir or os.path.join(
-        args.ensemble or os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}"
-    )
     evaluation.write_split(args, res, ctx, paths, out_dir)
     evaluation.print_summary(args, res)
     return evaluation.summary_of(args, res, ctx, paths)

@@ -27,7 +27,8 @@ augmentation / data is refused; with the same settings it is reported up to date
 Under torchrun (NCCL on cuda, gloo on cpu) shard s belongs to rank s % world_size, each rank writes
 its own, rank 0 merges after a barrier; <out>.parts/ must be on a filesystem every node sees. A dead
 rank loses only its unfinished shard: a rerun with any number of ranks, or one plain process,
-encodes only the missing ones.
+encodes only the missing ones. One extraction per --out (rank 0 holds <out>.lock); SIGTERM / SIGUSR1
+(a preemption) stop it after the current batch with exit 75, losing only the shard in work.
 """
 
 import argparse
@@ -47,7 +48,9 @@ import cli
 import data
 import features
 import images
+import locks
 import model
+import preempt
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEV_SPLITS = ("train", "restval", "val")
@@ -163,11 +166,12 @@ def find_bad_images(paths, num_workers, rank=0, world=1):
     loader = torch.utils.data.DataLoader(
         paths[rank::world], batch_size=32, num_workers=num_workers, collate_fn=images.check_batch
     )
-    errors = [
-        e
-        for batch in tqdm(loader, desc="check images", unit="batch", leave=False, disable=rank > 0)
-        for e in batch
-    ]
+    errors, bar = [], tqdm(loader, desc="check images", unit="batch", leave=False, disable=rank > 0)
+    for batch in bar:
+        if preempt.pending():  # a stop signal: nothing to keep yet
+            bar.close()
+        preempt.check("while checking the images")
+        errors += batch
     bad = [(i * world + rank, e) for i, e in enumerate(errors) if e is not None]  # in `paths`
     if world > 1:
         every = [None] * world
@@ -344,6 +348,10 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
     )
     buf, t0, n_imgs, n_caps = [], time.time(), 0, 0
     for batch in loader:
+        # a stop signal: drop the shard in work (its batches so far); finished shards are on disk
+        if preempt.pending():
+            bar.close()
+        preempt.check(f"while encoding shard {todo[0]}")
         if "unreadable" in batch:
             raise data.DataError(
                 f"{coco['paths'][batch['unreadable'][0]]}: became unreadable during the run; "
@@ -467,10 +475,33 @@ def write_cache(out, parts, encoder, coco, rows, n_shards, meta, args):
     return tensors
 
 
+def out_path(args):
+    name = os.path.basename(args.model.rstrip("/"))
+    return args.out or os.path.join(args.data_root, f"features_{name}.safetensors")
+
+
+def lock_output(out, rank, world):
+    """Rank 0 takes <out>.lock and every rank learns whether it got it (one broadcast, before any
+    work): a second extraction onto one cache stops on all its ranks, none waits at a barrier.
+    -> the lock path to release (rank 0) or None."""
+    path, err = out + ".lock", None
+    if rank == 0:
+        try:
+            locks.acquire(path, "extract_features.py")
+        except data.DataError as e:
+            err = str(e)
+    if world > 1:
+        box = [err]
+        torch.distributed.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise data.DataError(err)
+    return path if rank == 0 else None
+
+
 def extract(args, rank, world, device):
     t0, say = time.time(), (print if rank == 0 else lambda *a, **k: None)
-    name = os.path.basename(args.model.rstrip("/"))
-    out = args.out or os.path.join(args.data_root, f"features_{name}.safetensors")
+    out = out_path(args)
     dtype_name = args.dtype or ("fp16" if str(device).startswith("cuda") else "fp32")
     coco = data.load_dataset(args.data_root)
     dev_rows = np.flatnonzero([s in DEV_SPLITS for s in coco["splits"]])
@@ -552,11 +583,25 @@ def extract(args, rank, world, device):
 
 def main(args):
     rank, world, device = init_distributed(args.device, args.dist_timeout)
+    lock = None
     try:
-        return extract(args, rank, world, device)
-    except data.DataError as e:  # bad input, a dead peer: one line, exit code 2
+        lock = lock_output(out_path(args), rank, world)
+        with preempt.catching():
+            return extract(args, rank, world, device)
+    except data.DataError as e:  # bad input, a dead peer, a locked cache: one line, exit code 2
         cli.fail(e)
+    except Exception as e:  # SIGTERM also reaches DataLoader workers: their death is the signal's
+        if not isinstance(e, preempt.Preempted) and not preempt.requested():
+            raise
+        print(
+            f"preempted: {preempt.requested()} received; finished shards are kept in "
+            f"{out_path(args)}.parts: rerun to encode only the missing ones "
+            f"(exit {preempt.REQUEUE_EXIT}: requeue)"
+        )
+        raise SystemExit(preempt.REQUEUE_EXIT) from None
     finally:
+        if lock:
+            locks.release(lock)
         if world > 1:
             torch.distributed.destroy_process_group()
 

@@ -12,7 +12,8 @@
 # Settings (environment variables): DATA_ROOT, MODEL, RUN, FOLDS, SEED, FEATURES, SPLITS, PYTHON,
 # EXTRACT_ARGS (extra flags for extract_features.py), EVAL_ARGS (extra flags for evaluate.py),
 # FOLD_LIST (folds to train, e.g. "0,2"; default all FOLDS), GPUS (see below), SUMMARY (0: end with the
-# result files' paths instead of printing their tables; study.py sets it).
+# result files' paths instead of printing their tables; study.py sets it), PLAN (1: make the data and
+# splits, then print the remaining steps' commands, tab-separated, instead of running them; submit.py).
 # GPUS: space- or comma-separated devices, one fold per entry at a time; a bare integer n means cuda:n, any
 # other entry is a torch device string passed to train.py --device (cpu, cuda:1, ...); repeat an entry to run
 # two folds on one device ("0 0"), GPUS="cpu cpu" runs two folds at once on the CPU (give each a share of the
@@ -87,12 +88,24 @@ FEATURES=${FEATURES:-$DATA_ROOT/features_$(basename "$MODEL").safetensors}
 EXTRACT_ARGS=${EXTRACT_ARGS:-}
 EVAL_ARGS=${EVAL_ARGS:-}
 
+# one run_cv.sh per RUN folder: a lock file naming this shell (host, pid), released on exit; a second
+# run_cv.sh on the same RUN stops here in one line naming the holder (locks.py)
+made_run=0; [ -d "$RUN" ] || made_run=1   # a RUN made here and left empty is removed on exit
+mkdir -p "$RUN"
+"$PYTHON" locks.py acquire "$RUN/.lock" --pid $$ --what run_cv.sh || exit 2
+trap '"$PYTHON" locks.py release "$RUN/.lock" --pid $$; [ "$made_run" = 0 ] || rmdir "$RUN" 2>/dev/null || true' EXIT
+trap 'exit 75' TERM USR1   # preempted: a fold left last.pt; rerun (or requeue) to resume
+
 echo "run_cv.sh settings:"
 for v in DATA_ROOT MODEL RUN FOLDS SEED SPLITS FEATURES; do printf '  %-9s = %s\n' "$v" "${!v}"; done
 printf '  %-9s = %s\n' "train.py" "${train_args[*]:-(defaults)}"
 
 step() {  # step NAME CMD... : run a step, print what it does and how long it took
   local name=$1; shift
+  if [ -n "${PLAN:-}" ] && [[ "$name" =~ ^(features|fold\ [0-9]+|ensemble\ test|aggregate)$ ]]; then
+    printf 'plan\t%s' "$name"; printf '\t%s' "$@"; echo   # PLAN=1 (submit.py): print, do not run
+    return 0
+  fi
   local shown=("$@")
   [ "$1" = logged ] && shown=("${@:3}" "> $2")
   echo
@@ -186,11 +199,12 @@ if [ ${#devices[@]} -gt 0 ] && [[ " ${train_args[*]-} " =~ \ --device[=\ ] ]]; t
   echo "error: run_cv.sh: GPUS chooses each fold's device; drop --device from the train.py flags after --" >&2; exit 2
 fi
 
+[ -z "${PLAN:-}" ] || devices=()   # PLAN: each fold is its own job
 if [ ${#devices[@]} -eq 0 ]; then  # one fold after another, output on the terminal
   for k in ${todo[@]+"${todo[@]}"}; do
     fold_cmd "$k"
     step "fold $k" "${cmd[@]}"
-    touch "$RUN/fold$k/.done"
+    [ -n "${PLAN:-}" ] || touch "$RUN/fold$k/.done"   # PLAN: submit.py's fold job touches it
     trained=1
   done
 elif [ ${#todo[@]} -gt 0 ]; then  # one fold per device slot at a time, each with its own log
@@ -229,7 +243,7 @@ elif [ ${#todo[@]} -gt 0 ]; then  # one fold per device slot at a time, each wit
     [ "$busy" = 0 ] && [ "$next" -ge ${#todo[@]} ] && break
     sleep 1
   done
-  trap - INT TERM
+  trap - INT; trap 'exit 75' TERM
   trained=1
   if [ ${#failed[@]} -gt 0 ]; then
     msg=$(printf '%s; ' "${failed[@]}")
@@ -262,6 +276,7 @@ if [ "$trained" = 0 ] && [ "$tested" = 0 ] && [ -f "$RUN/cv_results.csv" ]; then
 else step aggregate logged "$RUN/aggregate.log" "$PYTHON" aggregate.py "$RUN" ${agg_args[@]+"${agg_args[@]}"}
 fi
 
+[ -z "${PLAN:-}" ] || exit 0
 echo
 if [ "${SUMMARY:-1}" = 0 ]; then  # study.py: the tables go into its report
   echo "== results: $RUN/cv_results.md, $RUN/eval_test/metrics.md"

@@ -21,7 +21,9 @@ view. Validation scores every image with model.score_embeddings under --scoring,
 evaluate.py uses. At the end the best checkpoint's KNN head is scored on the validation images
 (database: the fold's training images; at most one query per caption). Writes to --out_dir:
 config.json, log.jsonl, last.pt, best.pt, val_metrics.json (MLP head; "knn": the KNN head),
-val_predictions.npz (probs, codes, knn_probs).
+val_predictions.npz (probs, codes, knn_probs). One train.py per --out_dir (locks.py: .lock there).
+SIGTERM / SIGUSR1 (a preemption) stop it after the current optimizer step with exit 75: last.pt of
+the last finished epoch is kept, and --resume repeats the interrupted epoch bit for bit.
 """
 
 import argparse
@@ -43,9 +45,11 @@ import data
 import features
 import hashing
 import knn
+import locks
 import metrics
 import mlgcn
 import model
+import preempt
 import protocols
 import runs
 
@@ -290,6 +294,11 @@ def train_one_epoch(r, epoch):
         sched.step()
         opt.zero_grad(set_to_none=False)  # reuse the gradient buffers: no reallocation per step
         bar.update(e - s)
+        # a stop signal: abandon the epoch; last.pt (end of the previous one, RNG included) is the
+        # exact state this epoch started from, so the requeued run repeats it bit for bit
+        if preempt.pending():
+            bar.close()
+        preempt.check(f"in epoch {epoch} after micro-batch {e} of {n_micro}")
         if e // 200 > s // 200 or e == n_micro:  # a host sync per 200 micro-batches: NaN/Inf loss
             bad = (~torch.isfinite(stats[:e, 0])).nonzero()
             if len(bad):
@@ -654,10 +663,17 @@ def run(args):
 
 
 def main(args):
+    lock = os.path.join(args.out_dir, locks.LOCK_NAME)  # one train.py per --out_dir
     try:
-        run(args)
+        with locks.hold(lock, "train.py"), preempt.catching():
+            run(args)
     except data.DataError as e:
         cli.fail(str(e))
+    except preempt.Preempted as e:
+        last = os.path.join(args.out_dir, "last.pt")
+        kept = f"{last} is kept" if os.path.exists(last) else "no epoch finished yet"
+        print(f"preempted: {e}; {kept}; rerun with --resume (exit {preempt.REQUEUE_EXIT}: requeue)")
+        sys.exit(preempt.REQUEUE_EXIT)
 
 
 if __name__ == "__main__":

@@ -201,3 +201,41 @@ def test_stalled_peer_ends_in_one_line_error(synthetic_coco, tiny_siglip, tmp_pa
         and "rank 0: a peer did not reach the barrier within --dist_timeout 3 s" in errors[0]
     )
     assert "rerun" in errors[0]
+
+
+def test_two_nodes_equal_one_process(plain, synthetic_coco, tiny_siglip, tmp_path):
+    """torchrun --nnodes 2 --nproc_per_node 1: two "nodes" (two torchrun agents on this machine,
+    static rendezvous on localhost) write the same cache as one plain process."""
+    out, port = tmp_path / "f.safetensors", str(free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(k),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                "extract_features.py",
+                *base_args(synthetic_coco, tiny_siglip, out),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for k in (0, 1)
+    ]
+    logs = [n.communicate(timeout=180)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "4 to encode on rank 0 of 2" in logs[0] and "rank 1: encoded 28 images" in logs[1]
+    assert_same_cache(out, plain)

@@ -427,8 +427,8 @@ def test_run_cv_features_step_checks_settings(clean, synthetic_coco, tiny_siglip
     # script (exit 3)
     stub = tmp_path / "python"
     stub.write_text(
-        f'#!/usr/bin/env bash\ncase "$1" in extract_features.py|-c) exec {sys.executable} "$@";; '
-        f'*) echo "stub: $*"; exit 3;; esac\n'
+        f'#!/usr/bin/env bash\ncase "$1" in extract_features.py|locks.py|-c) '
+        f'exec {sys.executable} "$@";; *) echo "stub: $*"; exit 3;; esac\n'
     )
     stub.chmod(0o755)
     same = (
