@@ -32,6 +32,7 @@ encodes only the missing ones. One extraction per --out (rank 0 holds <out>.lock
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -586,7 +587,9 @@ def main(args):
     lock = None
     try:
         lock = lock_output(out_path(args), rank, world)
-        with preempt.catching():
+        # under torchrun the agent stops its workers with SIGTERM, then SIGKILL 30 s later: a rank
+        # blocked on a dead peer must stop at once (finished shards are atomic files either way)
+        with preempt.catching() if world == 1 else contextlib.nullcontext():
             return extract(args, rank, world, device)
     except data.DataError as e:  # bad input, a dead peer, a locked cache: one line, exit code 2
         cli.fail(e)
