@@ -45,9 +45,9 @@ from tqdm import tqdm
 
 import cli
 import data
+import encoders
 import features
 import images
-import model
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEV_SPLITS = ("train", "restval", "val")
@@ -96,7 +96,7 @@ def get_args_parser():
     g.add_argument(
         "--model",
         default="google/siglip2-base-patch16-256",
-        help="Hugging Face name or local folder of a fixed-resolution SigLIP/SigLIP2 model",
+        help="Hugging Face name or local folder of a CLIP or fixed-resolution SigLIP/SigLIP2 model",
     )
     g.add_argument(
         "--prompts",
@@ -331,7 +331,9 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
     loader = make_loader(
         dataset,
         batches,
-        images.Collate(encoder.image_processor, encoder.tokenizer, ids_all, V, C, args.seed),
+        images.Collate(
+            encoder.image_processor, encoder.tokenizer, ids_all, V, C, args.seed, encoder.text_rule
+        ),
         workers,
         encoder.device,
     )
@@ -352,7 +354,8 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
         img = encoder.encode_pixels(batch["pixel_values"]).view(-1, V, D).half()  # (B, V, D)
         # (T, 64) every caption of the batch; (B,)
         tok, ncap = batch["input_ids"], batch["n_captions"]
-        txt_flat = encoder.encode_tokens(tok) if len(tok) else torch.zeros(0, D)  # (T, D)
+        mask = batch.get("attention_mask")  # (T, L) where the family passes one
+        txt_flat = encoder.encode_tokens(tok, mask) if len(tok) else torch.zeros(0, D)  # (T, D)
         txt = torch.zeros(len(ncap), C, D, dtype=torch.float16)  # (B, C, D), 0 past n_captions
         # row-major: image i, captions 0..n_i-1
         txt[torch.arange(C)[None, :] < ncap[:, None]] = txt_flat.half()
@@ -452,11 +455,8 @@ def write_cache(out, parts, encoder, coco, rows, n_shards, meta, args):
         tensors,
         dict(
             {k: meta["run"][k] for k in IDENTITY},
-            dim=encoder.dim,
-            image_size=encoder.image_size,
+            **encoder.cache_meta(),  # family, dim, resolution, text length, logit scale / bias
             transformers_version=transformers.__version__,
-            logit_scale=encoder.logit_scale,
-            logit_bias=encoder.logit_bias,
             categories=json.dumps(coco["categories"]),
             bad_images=json.dumps(meta["bad_ids"]),
             dtype=meta["run"]["dtype"],
@@ -520,13 +520,13 @@ def extract(args, rank, world, device):
         say(f"resuming: {len(done)} of {n_shards} shards already in {parts}")
     todo = [s for s in range(n_shards) if s % world == rank and s not in done]
     try:
-        encoder = model.Siglip2Encoder(args.model, device=device, dtype=DTYPES[dtype_name])
+        encoder = encoders.load_encoder(args.model, device=device, dtype=DTYPES[dtype_name])
     except (OSError, ValueError) as e:
         where = "" if os.path.exists(args.model) else "not a folder here; "
         cause = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise data.DataError(
             f"--model {args.model}: cannot load it ({where}{cause}); "
-            f"give a Hugging Face name or a local folder of a SigLIP model"
+            f"give a Hugging Face name or a local folder of one of: {encoders.supported()}"
         ) from None
     say(
         f"{n} images ({len(bad_ids)} skipped) x {args.views} view(s), <= {args.max_captions} "
