@@ -16,10 +16,12 @@ from PIL import Image
 import baselines
 import data
 import encoders
+import evaluate
 import extract_features
 import features
 import make_splits
 import model
+import predict
 import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -277,7 +279,7 @@ def test_zeroshot_uses_clips_rule(clip_cache):
 
 
 def test_train_one_fold_on_clip_cache_and_no_resume_across_backbones(
-    clip_cache, synthetic_coco, tiny_siglip, tmp_path, capsys
+    clip_cache, synthetic_coco, tiny_siglip, tiny_clip, tmp_path, capsys
 ):
     splits = tmp_path / "splits.json"
     make_splits.main(
@@ -301,3 +303,31 @@ def test_train_one_fold_on_clip_cache_and_no_resume_across_backbones(
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1
     assert f"{tiny_siglip} (siglip" in err and "(clip, dim 24)" in err
+    # evaluating the CLIP-trained head on the SigLIP cache: refused, naming both
+    best = str(tmp_path / "r" / "best.pt")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(
+            evaluate.get_args_parser().parse_args(
+                ["--checkpoint", best, "--features", str(sig), "--device", "cpu"]
+            )
+        )
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert tiny_siglip in err and tiny_clip in err
+    # the single-image prediction: on CLIP's towers it runs; SigLIP's towers are refused
+    img = data.load_coco(synthetic_coco)["paths"][0]
+    probs = predict.main(
+        predict.get_args_parser().parse_args(
+            ["--image", img, "--checkpoint", best, "--caption", "a dog", "--device", "cpu"]
+        )
+    )
+    assert len(probs) == 5
+    with pytest.raises(SystemExit) as e:
+        predict.main(
+            predict.get_args_parser().parse_args(
+                ["--image", img, "--checkpoint", best, "--model", tiny_siglip, "--device", "cpu"]
+            )
+        )
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bars
+    assert e.value.code == 2 and err.startswith("error: --model")
+    assert f"{tiny_siglip} (siglip" in err and f"{tiny_clip} (clip" in err
