@@ -1,8 +1,8 @@
 """
 Frozen image and text towers of a contrastive backbone behind one interface, the family chosen from
-the checkpoint's config (model_type): CLIP ("clip") and fixed-resolution SigLIP / SigLIP2
-("siglip"). Each family's text rule (length, lowercasing, attention mask) and logit rule is written
-once, below, with why.
+the checkpoint's config (model_type): CLIP ("clip"), fixed-resolution SigLIP / SigLIP2 ("siglip")
+and SigLIP2 NaFlex ("siglip2"). Each family's text rule (length, lowercasing, attention mask) and
+logit rule is written once, below, with why.
 
     enc = encoders.load_encoder("openai/clip-vit-base-patch16", device="cpu")
     img = enc.encode_images(pil_images)          # raw pooled embeddings float32 (B, D), on the CPU
@@ -78,8 +78,17 @@ def pooled_output(out):
 def preprocess_images(image_processor, images):
     """list of PIL images -> pixel_values float32 (B, 3, H, W): the checkpoint's own resize +
     normalisation."""
-    images = [im.convert("RGB") for im in images]
-    return image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+    return image_inputs(image_processor, images)["pixel_values"]
+
+
+def image_inputs(image_processor, images):
+    """list of PIL images -> every tensor the image tower takes (the processor's model_input_names):
+    {"pixel_values": float32 (B, 3, H, W)} at a fixed resolution; NaFlex: pixel_values float32
+    (B, N, 3*p*p), pixel_attention_mask (B, N), spatial_shapes (B, 2) patch rows and columns."""
+    out = image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+    names = getattr(image_processor, "model_input_names", None) or ["pixel_values"]
+    got = {k: out[k] for k in names if k in out}
+    return dict(got, pixel_values=got["pixel_values"].float())
 
 
 class DefaultTokenIdsFilter(logging.Filter):
@@ -121,6 +130,7 @@ class Encoder:
 
     family = None
     text_rule = None
+    image_keys = ("pixel_values",)  # what encode_pixels takes, as image_inputs returns it
 
     def __init__(self, name_or_path, device="cpu", dtype=torch.float32):
         from transformers import AutoModel, AutoProcessor  # lazy: the head alone needs none
@@ -142,17 +152,18 @@ class Encoder:
         self.dim, text_dim = self._dims(model.config)
         if text_dim != self.dim:
             raise data.DataError(f"{name_or_path}: image dim {self.dim} != text dim {text_dim}")
-        self.image_size = int(model.config.vision_config.image_size)
+        self.image_size = getattr(model.config.vision_config, "image_size", None)  # NaFlex: none
         self.resolution = f"{self.image_size}px"
         self.text_length = self.text_rule.max_length
         self.logit_scale, self.logit_bias = self._logits(model)
 
     def cache_meta(self):
         """What a feature cache records about the towers that made it (str values)."""
+        size = {} if self.image_size is None else {"image_size": str(self.image_size)}
         return {
             "family": self.family,
             "dim": str(self.dim),
-            "image_size": str(self.image_size),
+            **size,
             "resolution": self.resolution,
             "text_length": str(self.text_length),
             "logit_scale": str(self.logit_scale),
@@ -168,11 +179,13 @@ class Encoder:
         return self.text_rule(self.tokenizer, texts)
 
     # -- frozen towers (inference_mode inside; the copy out of it is an ordinary tensor) --
-    def encode_pixels(self, pixel_values):
-        """pixel_values (B, 3, H, W) -> raw pooled image embeddings float32 (B, D) on the CPU."""
+    def encode_pixels(self, pixel_values, **extra):
+        """pixel_values (B, 3, H, W) [NaFlex: + pixel_attention_mask, spatial_shapes, see
+        image_inputs] -> raw pooled image embeddings float32 (B, D) on the CPU."""
+        kw = {"pixel_values": pixel_values.to(self.device, self.dtype)}
+        kw.update({k: extra[k].to(self.device) for k in self.image_keys[1:]})
         with torch.inference_mode():
-            px = pixel_values.to(self.device, self.dtype)
-            out = pooled_output(self.model.get_image_features(pixel_values=px))
+            out = pooled_output(self.model.get_image_features(**kw))
         return out.to("cpu", torch.float32, copy=True)
 
     def encode_tokens(self, input_ids, attention_mask=None):
@@ -191,7 +204,7 @@ class Encoder:
         """list of PIL images -> float32 (B, D), not normalised."""
         if len(images) == 0:
             return torch.zeros(0, self.dim)
-        return self.encode_pixels(self.preprocess_images(images))
+        return self.encode_pixels(**image_inputs(self.image_processor, images))
 
     def encode_texts(self, texts):
         """list of str -> float32 (B, D), not normalised."""
@@ -232,10 +245,29 @@ class ClipEncoder(Encoder):
         return float(model.logit_scale.detach().float().exp().reshape(-1)[0]), 0.0
 
 
+class NaflexEncoder(SiglipEncoder):
+    """SigLIP2 NaFlex (google/siglip2-base-patch16-naflex): each image at its own aspect ratio,
+    resized to at most max_num_patches patches (the resolution is that budget, not a size) and
+    padded to it; the image tower takes the patches, their mask and each image's patch grid."""
+
+    family = "siglip2"
+    # the text tower is SigLIP2's, trained as SigLIP's: 64 lowercased tokens, padded, no mask
+    text_rule = SIGLIP_TEXT
+    image_keys = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+
+    def __init__(self, name_or_path, device="cpu", dtype=torch.float32, max_num_patches=None):
+        super().__init__(name_or_path, device=device, dtype=dtype)
+        if max_num_patches is not None:  # the processor pads every image to this many patches
+            self.image_processor.max_num_patches = int(max_num_patches)
+        self.max_num_patches = int(self.image_processor.max_num_patches)
+        self.resolution = f"{self.max_num_patches}patches"
+
+
 Siglip2Encoder = SiglipEncoder  # the name it had in model.py
 FAMILIES = {
     "clip": (ClipEncoder, "openai/clip-vit-base-patch16"),
     "siglip": (SiglipEncoder, "google/siglip2-base-patch16-256"),
+    "siglip2": (NaflexEncoder, "google/siglip2-base-patch16-naflex"),
 }
 
 
@@ -258,9 +290,18 @@ def family_of(name_or_path):
     return model_type
 
 
-def load_encoder(name_or_path, device="cpu", dtype=torch.float32):
-    """The frozen towers of a checkpoint, by the family its config names."""
-    return FAMILIES[family_of(name_or_path)][0](name_or_path, device=device, dtype=dtype)
+def load_encoder(name_or_path, device="cpu", dtype=torch.float32, max_num_patches=None):
+    """The frozen towers of a checkpoint, by the family its config names; max_num_patches: the
+    patch budget of a NaFlex checkpoint (None: its processor's), refused for the others."""
+    family = family_of(name_or_path)
+    if family != "siglip2":
+        if max_num_patches is not None:
+            raise data.DataError(
+                f"--max_num_patches: only for NaFlex checkpoints (siglip2), {name_or_path} is "
+                f"{family}; drop it"
+            )
+        return FAMILIES[family][0](name_or_path, device=device, dtype=dtype)
+    return NaflexEncoder(name_or_path, device=device, dtype=dtype, max_num_patches=max_num_patches)
 
 
 def check_same_backbone(a, b, what_a, what_b, keys=("model", "family", "dim")):

@@ -164,10 +164,11 @@ class Collate:
                 imgs.append(view(img, self.seed, self.ids[row], v))
             caps.append(list(captions)[: self.max_captions])
         texts = [c for cs in caps for c in cs]
-        pixels = encoders.preprocess_images(self.image_processor, imgs)  # (B*V, 3, H, W)
+        # pixel_values (B*V, 3, H, W); NaFlex (B*V, N, 3*p*p) + pixel_attention_mask, spatial_shapes
+        pixels = encoders.image_inputs(self.image_processor, imgs)
         return {
             "rows": torch.tensor(rows),
-            "pixel_values": pixels,
+            **pixels,
             **self.text_rule(self.tokenizer, texts),  # (T, L) each, T = captions of the batch
             "n_captions": torch.tensor([len(c) for c in caps]),
         }
