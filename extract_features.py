@@ -47,16 +47,17 @@ from tqdm import tqdm
 
 import cli
 import data
+import encoders
 import features
 import images
 import locks
-import model
 import preempt
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEV_SPLITS = ("train", "restval", "val")
 # settings that decide the cache's content: a different value makes a different file
 IDENTITY = ("model", "max_captions", "views", "fingerprint", "limit", "seed", "augment")
+IDENTITY += ("max_num_patches",)
 
 
 def get_args_parser():
@@ -100,7 +101,13 @@ def get_args_parser():
     g.add_argument(
         "--model",
         default="google/siglip2-base-patch16-256",
-        help="Hugging Face name or local folder of a fixed-resolution SigLIP/SigLIP2 model",
+        help="Hugging Face name or local folder of a CLIP or fixed-resolution SigLIP/SigLIP2 model",
+    )
+    g.add_argument(
+        "--max_num_patches",
+        type=cli.positive_int,
+        default=None,
+        help="NaFlex (siglip2) only: patches per image; default: the checkpoint processor's",
     )
     g.add_argument(
         "--prompts",
@@ -306,6 +313,7 @@ def existing_output(out, want):
         ) from None
     # a cache from before "augment" was recorded: with 1 view it had no augmentation
     old = {"augment": "none"} if meta.get("views") == "1" else {}
+    old["max_num_patches"] = "0"  # and before NaFlex: no patch budget
     for k in IDENTITY:
         if meta.get(k, old.get(k)) != want[k]:
             raise data.DataError(
@@ -336,7 +344,9 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
     loader = make_loader(
         dataset,
         batches,
-        images.Collate(encoder.image_processor, encoder.tokenizer, ids_all, V, C, args.seed),
+        images.Collate(
+            encoder.image_processor, encoder.tokenizer, ids_all, V, C, args.seed, encoder.text_rule
+        ),
         workers,
         encoder.device,
     )
@@ -358,10 +368,12 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
                 f"{coco['paths'][batch['unreadable'][0]]}: became unreadable during the run; "
                 f"fix it and rerun (finished shards are kept)"
             )
-        img = encoder.encode_pixels(batch["pixel_values"]).view(-1, V, D).half()  # (B, V, D)
+        pixels = {k: batch[k] for k in encoder.image_keys}  # NaFlex: + the mask and patch grids
+        img = encoder.encode_pixels(**pixels).view(-1, V, D).half()  # (B, V, D)
         # (T, 64) every caption of the batch; (B,)
         tok, ncap = batch["input_ids"], batch["n_captions"]
-        txt_flat = encoder.encode_tokens(tok) if len(tok) else torch.zeros(0, D)  # (T, D)
+        mask = batch.get("attention_mask")  # (T, L) where the family passes one
+        txt_flat = encoder.encode_tokens(tok, mask) if len(tok) else torch.zeros(0, D)  # (T, D)
         txt = torch.zeros(len(ncap), C, D, dtype=torch.float16)  # (B, C, D), 0 past n_captions
         # row-major: image i, captions 0..n_i-1
         txt[torch.arange(C)[None, :] < ncap[:, None]] = txt_flat.half()
@@ -461,11 +473,8 @@ def write_cache(out, parts, encoder, coco, rows, n_shards, meta, args):
         tensors,
         dict(
             {k: meta["run"][k] for k in IDENTITY},
-            dim=encoder.dim,
-            image_size=encoder.image_size,
+            **encoder.cache_meta(),  # family, dim, resolution, text length, logit scale / bias
             transformers_version=transformers.__version__,
-            logit_scale=encoder.logit_scale,
-            logit_bias=encoder.logit_bias,
             categories=json.dumps(coco["categories"]),
             bad_images=json.dumps(meta["bad_ids"]),
             dtype=meta["run"]["dtype"],
@@ -518,6 +527,7 @@ def extract(args, rank, world, device):
         "limit": str(args.limit or 0),
         "seed": str(args.seed),
         "augment": images.RECIPE if args.views > 1 else "none",
+        "max_num_patches": str(args.max_num_patches or 0),
     }
     if existing_output(out, ident):
         if rank == 0:  # leftovers of a run killed after its final write
@@ -552,17 +562,19 @@ def extract(args, rank, world, device):
         say(f"resuming: {len(done)} of {n_shards} shards already in {parts}")
     todo = [s for s in range(n_shards) if s % world == rank and s not in done]
     try:
-        encoder = model.Siglip2Encoder(args.model, device=device, dtype=DTYPES[dtype_name])
+        encoder = encoders.load_encoder(
+            args.model, device, DTYPES[dtype_name], max_num_patches=args.max_num_patches
+        )
     except (OSError, ValueError) as e:
         where = "" if os.path.exists(args.model) else "not a folder here; "
         cause = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise data.DataError(
             f"--model {args.model}: cannot load it ({where}{cause}); "
-            f"give a Hugging Face name or a local folder of a SigLIP model"
+            f"give a Hugging Face name or a local folder of one of: {encoders.supported()}"
         ) from None
     say(
         f"{n} images ({len(bad_ids)} skipped) x {args.views} view(s), <= {args.max_captions} "
-        f"captions each, {args.model} (dim {encoder.dim}, {encoder.image_size}px) on {device} "
+        f"captions each, {args.model} (dim {encoder.dim}, {encoder.resolution}) on {device} "
         f"{dtype_name}, {n_shards} shard(s) of {args.shard_size}"
         + (f", {len(todo)} to encode on rank 0 of {world}" if world > 1 else "")
     )

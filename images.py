@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-import model
+import encoders
 
 # recorded in the cache's metadata: a change here is a different cache (extract_features refuses to
 # mix them)
@@ -143,10 +143,13 @@ def check_batch(paths):
 
 class Collate:
     """Worker-side preprocessing: (row, PIL, captions) items -> pixel_values (B*V, 3, H, W),
-    input_ids (T, 64)."""
+    input_ids (T, L) [+ attention_mask (T, L)] by the family's text_rule (encoders.TextRule)."""
 
-    def __init__(self, image_processor, tokenizer, ids, n_views, max_captions, seed):
+    def __init__(
+        self, image_processor, tokenizer, ids, n_views, max_captions, seed, text_rule=None
+    ):
         self.image_processor, self.tokenizer = image_processor, tokenizer
+        self.text_rule = text_rule or encoders.SIGLIP_TEXT
         self.ids, self.views, self.max_captions, self.seed = ids, n_views, max_captions, seed
 
     def __call__(self, items):
@@ -161,14 +164,11 @@ class Collate:
                 imgs.append(view(img, self.seed, self.ids[row], v))
             caps.append(list(captions)[: self.max_captions])
         texts = [c for cs in caps for c in cs]
-        tok = (
-            model.tokenize(self.tokenizer, texts)
-            if texts
-            else torch.zeros(0, model.TEXT_MAX_LENGTH).long()
-        )
+        # pixel_values (B*V, 3, H, W); NaFlex (B*V, N, 3*p*p) + pixel_attention_mask, spatial_shapes
+        pixels = encoders.image_inputs(self.image_processor, imgs)
         return {
             "rows": torch.tensor(rows),
-            "pixel_values": model.preprocess_images(self.image_processor, imgs),  # (B*V, 3, H, W)
-            "input_ids": tok,  # (T, 64), T = captions of the whole batch
+            **pixels,
+            **self.text_rule(self.tokenizer, texts),  # (T, L) each, T = captions of the batch
             "n_captions": torch.tensor([len(c) for c in caps]),
         }

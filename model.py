@@ -1,8 +1,8 @@
 """
-Frozen SigLIP2 towers and the trainable hash head for multi-label classification from an image and
-its text. Imports nothing local: copy this file into your project as it is.
+The trainable hash head over frozen towers' embeddings (encoders.py) for multi-label classification
+from an image and its text. Imports nothing local: copy this file into your project as it is.
 
-    enc = Siglip2Encoder("google/siglip2-base-patch16-256")  # raw pooled embeddings, (B, 768)
+    enc = encoders.load_encoder("google/siglip2-base-patch16-256")  # encoders.py: (B, 768)
     head = HashHead(num_classes=80)                          # the recipe train.py trains
     out = head(img, txt)                                     # HeadOutput(logits, codes (B, 64))
     s = score_embeddings(head, image, text, n_captions)      # probs, codes over the captions
@@ -10,7 +10,6 @@ its text. Imports nothing local: copy this file into your project as it is.
 """
 
 import itertools
-import logging
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple, Optional
@@ -18,157 +17,6 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-# ----------------------------------------------------------------------------
-# SECTION: encoder -- Siglip2Encoder
-
-TEXT_MAX_LENGTH = (
-    64  # SigLIP text towers were trained on 64 tokens, padded, and pool the LAST position
-)
-
-
-def pooled_output(out):
-    """get_image_features / get_text_features result -> (B, D) tensor of raw pooled embeddings.
-
-    transformers 4.x returns the tensor itself, 5.x a BaseModelOutputWithPooling (the same tensor in
-    .pooler_output), and return_dict=False a tuple (last_hidden_state, pooler_output, ...).
-    """
-    if isinstance(out, torch.Tensor):
-        return out
-    pooled = getattr(out, "pooler_output", None)
-    if pooled is None and isinstance(out, (tuple, list)) and len(out) > 1:
-        pooled = out[1]
-    if not isinstance(pooled, torch.Tensor):
-        raise TypeError(f"cannot find pooled embeddings in a {type(out).__name__}")
-    return pooled
-
-
-def preprocess_images(image_processor, images):
-    """list of PIL images -> pixel_values float32 (B, 3, H, W): the checkpoint's own resize +
-    normalisation."""
-    images = [im.convert("RGB") for im in images]
-    return image_processor(images=images, return_tensors="pt")["pixel_values"].float()
-
-
-def tokenize(tokenizer, texts):
-    """list of str -> input_ids int64 (B, 64): lowercased, truncated and padded to max_length 64."""
-    enc = tokenizer(
-        [t.lower() for t in texts],
-        padding="max_length",
-        max_length=TEXT_MAX_LENGTH,
-        truncation=True,
-        return_tensors="pt",
-    )
-    return enc["input_ids"].long()
-
-
-class DefaultTokenIdsFilter(logging.Filter):
-    """Drops transformers 5.x's warning that SiglipTextConfig's class defaults (bos 49406, eos
-    49407: CLIP's ids, against the default vocabulary of 32,000) lie outside the vocabulary. It
-    validates a throwaway default instance whenever it prints or saves any SigLIP config, ours
-    included (huggingface/transformers#47612); an id outside a real config's vocabulary names
-    that vocabulary's size, and still warns."""
-
-    def filter(self, record):
-        msg = record.getMessage()
-        return not ("(between 0 and 31999), got 4940" in msg and "token_id" in msg)
-
-
-def quiet_default_token_ids():
-    """Install DefaultTokenIdsFilter on transformers' config logger (once)."""
-    log = logging.getLogger("transformers.configuration_utils")
-    if not any(isinstance(f, DefaultTokenIdsFilter) for f in log.filters):
-        log.addFilter(DefaultTokenIdsFilter())
-
-
-class Siglip2Encoder:
-    """Frozen SigLIP2 image and text towers -> UNNORMALISED pooled embeddings, float32 (B, D) on the
-    CPU.
-
-    A plain object, not an nn.Module, so a module holding it (HashModel) saves only its own weights.
-    Texts are lowercased (SigLIP was trained on lowercased text) and padded to max_length 64 (the
-    text tower pools the last position, so the padding changes the embedding). Only input_ids go in:
-    as in big_vision, SigLIP's text tower attends to its padding, so no attention mask is passed.
-    Fixed-resolution checkpoints only (config model_type "siglip", e.g.
-    google/siglip2-base-patch16-256). logit_scale is the multiplier (exp of the stored log
-    parameter): logits = cos * logit_scale + logit_bias.
-    """
-
-    def __init__(
-        self, name_or_path="google/siglip2-base-patch16-256", device="cpu", dtype=torch.float32
-    ):
-        from transformers import (
-            AutoModel,
-            AutoProcessor,
-        )  # lazy: the head alone needs no transformers
-
-        self.name, self.device, self.dtype = str(name_or_path), torch.device(device), dtype
-        quiet_default_token_ids()  # transformers' own SiglipTextConfig defaults warn, not ours
-        model = AutoModel.from_pretrained(name_or_path)
-        if model.config.model_type != "siglip":
-            raise ValueError(
-                f"{name_or_path}: model_type {model.config.model_type!r} is not a fixed-resolution "
-                "SigLIP/SigLIP2 model (model_type 'siglip'); use e.g. "
-                "google/siglip2-base-patch16-256"
-            )
-        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-        import transformers
-
-        # the PIL image processor by name, so the cache does not depend on whether torchvision is
-        # installed: 5.x spells it backend="pil" (its use_fast is deprecated and warns), 4.x
-        # use_fast=False (unset, it warns)
-        pil = (
-            {"backend": "pil"}
-            if int(transformers.__version__.split(".")[0]) >= 5
-            else {"use_fast": False}
-        )
-        processor = AutoProcessor.from_pretrained(name_or_path, **pil)
-        self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
-        vcfg, tcfg = model.config.vision_config, model.config.text_config
-        self.dim = int(vcfg.hidden_size)
-        text_dim = int(getattr(tcfg, "projection_size", None) or tcfg.hidden_size)
-        if text_dim != self.dim:
-            raise ValueError(f"{name_or_path}: image dim {self.dim} != text dim {text_dim}")
-        self.image_size = int(vcfg.image_size)
-        self.logit_scale = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
-        self.logit_bias = float(model.logit_bias.detach().float().reshape(-1)[0])
-
-    # -- CPU preprocessing (the module functions below; DataLoader workers can call those directly)
-    # --
-    def preprocess_images(self, images):
-        return preprocess_images(self.image_processor, images)
-
-    def tokenize(self, texts):
-        return tokenize(self.tokenizer, texts)
-
-    # -- frozen towers (inference_mode inside; the copy out of it is an ordinary tensor callers may
-    # modify) --
-    def encode_pixels(self, pixel_values):
-        """pixel_values (B, 3, H, W) -> raw pooled image embeddings float32 (B, D) on the CPU."""
-        with torch.inference_mode():
-            out = pooled_output(
-                self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
-            )
-        return out.to("cpu", torch.float32, copy=True)
-
-    def encode_tokens(self, input_ids):
-        """input_ids (B, 64) -> raw pooled text embeddings float32 (B, D) on the CPU."""
-        with torch.inference_mode():
-            out = pooled_output(self.model.get_text_features(input_ids=input_ids.to(self.device)))
-        return out.to("cpu", torch.float32, copy=True)
-
-    def encode_images(self, images):
-        """list of PIL images -> float32 (B, D), not normalised."""
-        if len(images) == 0:
-            return torch.zeros(0, self.dim)
-        return self.encode_pixels(self.preprocess_images(images))
-
-    def encode_texts(self, texts):
-        """list of str -> float32 (B, D), not normalised."""
-        if len(texts) == 0:
-            return torch.zeros(0, self.dim)
-        return self.encode_tokens(self.tokenize(texts))
-
 
 # ----------------------------------------------------------------------------
 # SECTION: head -- HeadConfig (the recipe), HashHead (fusion -> class evidence -> tanh codes ->

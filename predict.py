@@ -22,6 +22,7 @@ import torch
 
 import cli
 import data
+import encoders
 import model
 import runs
 
@@ -89,14 +90,24 @@ def load_encoder(name, ck, device, dim):
         cwd = ck["config"].get("cwd")
         if cwd and not os.path.exists(name) and os.path.isdir(os.path.join(cwd, name)):
             name = os.path.join(cwd, name)
-    try:
-        enc = model.Siglip2Encoder(name, device=device)
+    meta = ck["config"].get("features_meta") or {}
+    try:  # a NaFlex cache's patch budget (0: the checkpoint's own): the image seen as in training
+        naflex = meta.get("family") == "siglip2" and encoders.family_of(name) == "siglip2"
+        budget = int(meta.get("max_num_patches") or 0) or None if naflex else None
+        enc = encoders.load_encoder(name, device=device, max_num_patches=budget)
+    except data.DataError as e:
+        cli.fail(f"--model {e}")
     except Exception as e:
         where = "" if os.path.exists(name) else ", not a folder here"
         cli.fail(
             f"--model {name}: cannot load the SigLIP2 towers ({type(e).__name__}{where}); "
             f"pass --model NAME_OR_FOLDER"
         )
+    try:  # the checkpoint's name may be a folder found from cwd: family and dim decide
+        mine = dict(enc.cache_meta(), model=name)
+        encoders.check_same_backbone(mine, meta, f"--model {name}", "the checkpoint", ("family",))
+    except data.DataError as e:
+        cli.fail(str(e))
     if enc.dim != dim:
         cli.fail(f"--model {name}: embeddings are {enc.dim}-d but the head expects {dim}")
     return enc

@@ -6,7 +6,7 @@ COCO-like JPEGs, and a tiny randomly initialised SigLIP.
     synthetic.make_synthetic_coco("demo/coco", n_images=200, seed=0)  # images, annotations, ...
     feats = synthetic.make_planted_features(1200)             # arrays shaped like the feature cache
     features.save_features("f.safetensors", feats, feats["meta"])
-    synthetic.make_tiny_siglip("demo/tiny_siglip")            # loadable by model.Siglip2Encoder
+    synthetic.make_tiny_siglip("demo/tiny_siglip")            # loadable by encoders.load_encoder
     fold = synthetic.planted_fold(4096, 1024)                 # bench: as features.load_fold
 
 None of it is needed to train or evaluate on real data; data.py, features.py and model.py do not
@@ -20,7 +20,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-import model
+import encoders
 from data import COCO_CATEGORIES, atomic_write, save_json
 from features import FEATURES_FORMAT, save_features
 
@@ -607,7 +607,8 @@ def random_siglip(size, vocab_size, image_size, patch_size, seed=0, **text):
     import torch
     from transformers import SiglipConfig, SiglipModel
 
-    text = dict(size, vocab_size=vocab_size, max_position_embeddings=model.TEXT_MAX_LENGTH, **text)
+    length = encoders.SIGLIP_TEXT.max_length
+    text = dict(size, vocab_size=vocab_size, max_position_embeddings=length, **text)
     config = SiglipConfig(
         text_config=text, vision_config=dict(size, image_size=image_size, patch_size=patch_size)
     )
@@ -621,15 +622,15 @@ def make_tiny_siglip(out_dir, image_size=32, seed=0):
     (str).
 
     Offline stand-in for google/siglip2-base-patch16-256 in tests and demos: same class, same
-    preprocessing path, loadable by Siglip2Encoder(out_dir) via AutoModel / AutoProcessor. hidden
-    32, 2 layers, patch 8; a case-sensitive WordLevel tokenizer (unknown words -> <unk>) that
+    preprocessing path, loadable by encoders.load_encoder(out_dir) via AutoModel / AutoProcessor.
+    hidden 32, 2 layers, patch 8; a case-sensitive WordLevel tokenizer (unknown words -> <unk>) that
     appends </s>. Deterministic for a seed; the global torch RNG is left untouched.
     """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, SiglipProcessor
 
-    model.quiet_default_token_ids()  # our config's ids are valid (bos None, eos 1 < 274 words)
+    encoders.quiet_default_token_ids()  # our config's ids are valid (bos None, eos 1 < 274 words)
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for w in _TINY_WORDS.split():
@@ -644,7 +645,7 @@ def make_tiny_siglip(out_dir, image_size=32, seed=0):
         pad_token="<pad>",
         unk_token="<unk>",
         eos_token="</s>",
-        model_max_length=model.TEXT_MAX_LENGTH,
+        model_max_length=encoders.SIGLIP_TEXT.max_length,
     )
     image_processor = siglip_image_processor(size={"height": image_size, "width": image_size})
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)

@@ -148,9 +148,9 @@ def test_tiny_siglip_is_made_quietly(tmp_path):
     assert text["bos_token_id"] is None and 0 <= text["eos_token_id"] < text["vocab_size"]
     import logging
 
-    import model
+    import encoders
 
-    drop = model.DefaultTokenIdsFilter().filter
+    drop = encoders.DefaultTokenIdsFilter().filter
     msg = "Model config: {}_token_id must be `None` or an integer within the vocabulary (between 0"
     for ids, kept in ((" and 31999), got 49406.", False), (" and 273), got 300.", True)):
         rec = logging.LogRecord("t", logging.WARNING, "", 0, msg.format("bos") + ids, None, None)

@@ -42,6 +42,7 @@ from tqdm import tqdm
 import baselines
 import cli
 import data
+import encoders
 import features
 import hashing
 import knn
@@ -623,6 +624,10 @@ def run(args):
         args.fold,
         lambda dim, c, n: model_args_of(args, head_config(args, n), dim, c),
     )
+    if ckpt is not None:  # the same backbone's cache (a dim check would catch only some)
+        meta = features.load_features(args.features, embeddings=False)[1]
+        stored = ckpt["config"].get("features_meta") or {}
+        encoders.check_same_backbone(meta, stored, f"--features {args.features}", last_path)
     if ckpt is not None and ckpt["finished"] and runs.fold_finished(args.out_dir):
         print(
             f"{args.out_dir}: already finished (best val mAP_macro {ckpt['best']:.4f} at epoch "

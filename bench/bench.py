@@ -33,6 +33,7 @@ import torch
 
 import cli
 import data
+import encoders
 import extract_features
 import images
 import knn
@@ -161,14 +162,14 @@ def bench_encoder(quick, device, seed=0, dtypes=("fp32",)):
     net = synthetic.random_siglip(
         size, vocab, side, 16, seed, pad_token_id=1, bos_token_id=2, eos_token_id=3
     )
-    enc = model.Siglip2Encoder.__new__(
-        model.Siglip2Encoder
+    enc = encoders.SiglipEncoder.__new__(
+        encoders.SiglipEncoder
     )  # the product's encode_* on the random-weight towers
     batch, repeats = (128, 5) if cuda else (4, 1 if quick else 2)
     g = torch.Generator().manual_seed(seed)
     px = torch.randn(batch, 3, side, side, generator=g)  # (B, 3, H, W)
     ids = torch.randint(
-        3, vocab, (batch * CAPTIONS, model.TEXT_MAX_LENGTH), generator=g
+        3, vocab, (batch * CAPTIONS, encoders.SIGLIP_TEXT.max_length), generator=g
     )  # (B*5, 64) as tokenized
     out = {"config": "tiny" if quick else "siglip2-base-patch16-256", "batch": batch}
     for name in (
@@ -515,7 +516,8 @@ def bench_decode(quick, device="cpu", seed=0, workers=(1, 2)):
             "images": n,
             "file_kb": float(np.mean([os.path.getsize(p) for p in paths])) / 1024,
             "decode_ms": best_time(lambda: [ds[i] for i in range(32)], 3, 1) / 32e-3,
-            "preprocess_ms": best_time(lambda: model.preprocess_images(proc, imgs), 3, 1) / 32e-3,
+            "preprocess_ms": best_time(lambda: encoders.preprocess_images(proc, imgs), 3, 1)
+            / 32e-3,
         }
         collate = images.Collate(
             proc, None, list(range(n)), 1, CAPTIONS, seed

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import data
+import encoders
 import extract_features
 import features
 import locks
@@ -225,7 +226,7 @@ def test_sigterm_mid_shard_loses_only_that_shard(
 ):
     out = tmp_path / "f.safetensors"
     parts = str(out) + ".parts"
-    real, calls = model.Siglip2Encoder.encode_pixels, {"n": 0}
+    real, calls = encoders.SiglipEncoder.encode_pixels, {"n": 0}
 
     def encode_then_signal(self, *a, **k):  # batch 5 = the first half of shard 2 (2 per shard)
         calls["n"] += 1
@@ -233,13 +234,13 @@ def test_sigterm_mid_shard_loses_only_that_shard(
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, *a, **k)
 
-    monkeypatch.setattr(model.Siglip2Encoder, "encode_pixels", encode_then_signal)
+    monkeypatch.setattr(encoders.SiglipEncoder, "encode_pixels", encode_then_signal)
     with pytest.raises(SystemExit) as e:
         extract_features.main(_extract_args(synthetic_coco, tiny_siglip, out))
     assert e.value.code == preempt.REQUEUE_EXIT and "preempted: SIGTERM" in capsys.readouterr().out
     assert sorted(os.listdir(parts)) == ["shard_00000.safetensors", "shard_00001.safetensors"]
     assert not out.exists() and not os.path.exists(str(out) + ".lock")
-    monkeypatch.setattr(model.Siglip2Encoder, "encode_pixels", real)
+    monkeypatch.setattr(encoders.SiglipEncoder, "encode_pixels", real)
     extract_features.main(_extract_args(synthetic_coco, tiny_siglip, out))
     assert "resuming: 2 of 4 shards" in capsys.readouterr().out
     _assert_same(out, clean)

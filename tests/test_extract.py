@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import data
+import encoders
 import extract_features
 import features
 import model
@@ -70,7 +71,7 @@ def coco(synthetic_coco):
 
 @pytest.fixture(scope="module")
 def enc(tiny_siglip):
-    return model.Siglip2Encoder(tiny_siglip)
+    return encoders.load_encoder(tiny_siglip)
 
 
 def copy_coco(src, dst):

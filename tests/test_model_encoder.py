@@ -1,4 +1,4 @@
-"""Siglip2Encoder on a tiny random SigLIP (conftest `tiny_siglip`), make_tiny_siglip,
+"""encoders.SiglipEncoder on a tiny random SigLIP (conftest `tiny_siglip`), make_tiny_siglip,
 HashModel.predict.
 
 python -m pytest -q tests/test_model_encoder.py
@@ -10,13 +10,14 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import encoders
 import model
 import synthetic
 
 
 @pytest.fixture(scope="module")
 def enc(tiny_siglip):
-    return model.Siglip2Encoder(tiny_siglip)
+    return encoders.load_encoder(tiny_siglip)
 
 
 def _images(n, seed=0):
@@ -74,7 +75,7 @@ def test_embeddings_are_raw_pooled_outputs_not_normalised(enc):
 
 
 def test_text_padding_truncation_and_lowercasing(enc):
-    ids = enc.tokenize(["a dog", "a photo of a cat"])
+    ids = enc.tokenize(["a dog", "a photo of a cat"])["input_ids"]
     assert ids.shape == (2, 64) and ids.dtype == torch.int64
     pad = enc.tokenizer.pad_token_id
     assert int(ids[0, 2]) == enc.tokenizer.eos_token_id and bool((ids[0, 3:] == pad).all())
@@ -87,10 +88,10 @@ def test_text_padding_truncation_and_lowercasing(enc):
     # the padding matters (the tower pools the last position): unpadded input gives another vector
     with torch.no_grad():
         short = enc.tokenizer(["a dog"], return_tensors="pt")["input_ids"]
-        unpadded = model.pooled_output(enc.model.get_text_features(input_ids=short))
+        unpadded = encoders.pooled_output(enc.model.get_text_features(input_ids=short))
     assert not torch.allclose(unpadded[0], alone[0], atol=1e-3)
     # longer than 64 tokens: truncated, no error
-    assert enc.tokenize(["dog " * 200]).shape == (1, 64)
+    assert enc.tokenize(["dog " * 200])["input_ids"].shape == (1, 64)
     # lowercased by the encoder (the test tokenizer itself is case-sensitive, as Gemma's)
     raw = enc.tokenizer(["A DOG", "a dog"])["input_ids"]
     assert raw[0] != raw[1]
@@ -116,12 +117,12 @@ def test_v4_tensor_and_v5_output_object_returns(enc, monkeypatch):
     monkeypatch.setattr(enc.model, "get_image_features", lambda **kw: orig_img(**kw).to_tuple())
     assert torch.equal(enc.encode_images(imgs), v5_img)
     with pytest.raises(TypeError):
-        model.pooled_output({"nothing": 1})
+        encoders.pooled_output({"nothing": 1})
 
 
 def test_empty_inputs_and_other_dtype(enc, tiny_siglip):
     assert enc.encode_images([]).shape == (0, 32) and enc.encode_texts([]).shape == (0, 32)
-    bf = model.Siglip2Encoder(tiny_siglip, dtype=torch.bfloat16)
+    bf = encoders.load_encoder(tiny_siglip, dtype=torch.bfloat16)
     x, x32 = bf.encode_images(_images(2)), enc.encode_images(_images(2))
     assert x.dtype == torch.float32
     torch.testing.assert_close(x, x32, rtol=0.1, atol=0.1)

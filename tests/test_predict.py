@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import encoders
 import model
 import predict
 import test_evaluate as te
@@ -26,7 +27,7 @@ def image_run(tiny_siglip, tmp_path_factory):
     from PIL import Image
 
     tmp = tmp_path_factory.mktemp("predict")
-    enc = model.Siglip2Encoder(tiny_siglip)
+    enc = encoders.load_encoder(tiny_siglip)
     meta = {
         "model": tiny_siglip,
         "fingerprint": "x",
