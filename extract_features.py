@@ -101,7 +101,7 @@ def get_args_parser():
     g.add_argument(
         "--model",
         default="google/siglip2-base-patch16-256",
-        help="Hugging Face name or local folder of a CLIP or fixed-resolution SigLIP/SigLIP2 model",
+        help="Hugging Face name or local folder of a CLIP, SigLIP/SigLIP2 or SigLIP2 NaFlex model",
     )
     g.add_argument(
         "--max_num_patches",
