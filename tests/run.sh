@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The test command (CI runs exactly this, through .ci/run): install requirements.txt and
 # requirements-dev.txt when one of their packages is not installed, check the style (ruff: lines of
-# at most 100 characters, ruff.toml), then the whole suite.
+# at most 100 characters, ruff.toml), then the whole suite in TEST_WORKERS processes (pytest-xdist,
+# default 2; a test file stays in one process, so its module fixtures are made once).
 #
-#   bash tests/run.sh               # the install check, ruff, then python -m pytest -q
+#   bash tests/run.sh               # the install check, ruff, then python -m pytest -q -n 2
 #   bash tests/run.sh -k knn        # extra arguments go to pytest
+#   TEST_WORKERS=0 bash tests/run.sh   # one process, as python -m pytest -q
 #   PYTHON=.venv/bin/python bash tests/run.sh
 #
 # requirements.txt pins torch==2.13.0, which pip takes as the CPU build where that file lies on the
@@ -30,4 +32,4 @@ if ! "$PYTHON" -m ruff format --check --quiet .; then
   exit 1
 fi
 "$PYTHON" -m ruff check --quiet .
-exec "$PYTHON" -m pytest -q "$@"
+exec "$PYTHON" -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
