@@ -177,3 +177,26 @@ def test_bench_learning_quick(tmp_path):
     )  # one folder per setting: a full run never reuses quick work
     assert json.load(open(work / "1000" / "probe_each.json"))["rank"] == 64
     assert learning.main(args)["rows"] == res["rows"]  # a rerun reuses the work
+
+
+def test_backbones_quick_measures_every_family(tmp_path, capsys):
+    """python -m bench.backbones --quick: tiny towers of each family through the product's
+    encode_pixels / encode_tokens (NaFlex: patches, mask and shapes); every figure finite and
+    positive, each family at its own text length; an unknown model is a one-line error."""
+    from bench import backbones
+
+    out = tmp_path / "b.json"
+    args = ["--quick", "--batch", "2", "--repeats", "1", "--out", str(out)]
+    res = backbones.main(backbones.get_args_parser().parse_args(args))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert {res[n]["family"] for n in backbones.MODELS} == {"clip", "siglip", "siglip2"}
+    for name, (family, *_rest) in backbones.MODELS.items():
+        r = res[name]
+        assert r["family"] == family and r["dim"] == 32, name
+        assert r["text_length"] == (77 if family == "clip" else 64), name
+        for k in ("images_per_s", "texts_per_s", "coco_hours", "cache_gb", "params_m"):
+            assert math.isfinite(r[k]) and r[k] > 0, (name, k)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        backbones.main(backbones.get_args_parser().parse_args(["--only", "vit_h"]))
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
