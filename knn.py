@@ -10,7 +10,7 @@ import torch
 
 KNN_VOTES = ("softmax", "uniform", "rank")
 KNN_QUERIES = ("real", "sign")
-CHUNK_PRODUCTS = {False: 2**21, True: 2**26}  # similarities per chunk: CPU, CUDA (measured)
+CHUNK_PRODUCTS = {False: 2**23, True: 2**26}  # similarities per chunk: CPU, CUDA (measured)
 
 
 def exact_queries(x):
@@ -37,21 +37,29 @@ def sign_codes(x):
 
 def nearest(dot, k):
     """dot (c, N) exact similarities -> (c, k) database rows, nearest first, equal similarities
-    lower index first (so any chunk, BLAS or device picks the same neighbours). A plain topk, except
-    in a row where a tie crosses the k-th place (the (k+1)-th similarity equals the k-th): there
-    every row above the k-th similarity is in, and of those equal to it the lowest indices fill the
-    places left. Then the k rows are ordered by similarity, lower index first."""
-    vals, idx = dot.topk(min(k + 1, dot.shape[1]), dim=1)  # (c, k + 1)
-    idx = idx[:, :k]
-    if vals.shape[1] > k:
-        tied = vals[:, k] == vals[:, k - 1]  # (c,)
+    lower index first (so any chunk, BLAS or device picks the same neighbours). Each row's 2k + 1
+    largest are its candidates; when the last of them is below the k-th similarity, every row equal
+    to it is among them, and the first k candidates by similarity, lower index first, are the
+    answer. In a row whose candidates end on a tie with the k-th (it may go on past them): every
+    row above the k-th similarity is in, and of those equal to it the lowest indices fill the
+    places left (one pass over that row)."""
+    n = dot.shape[1]
+    vals, idx = dot.topk(min(2 * k + 1, n), dim=1)  # (c, m) candidates
+    idx = order(dot, idx)[:, :k]
+    if vals.shape[1] < n:
+        tied = vals[:, -1] == vals[:, k - 1]  # (c,) the tie may go past the candidates
         if tied.any():
-            d = dot if tied.all() else dot[tied]  # (t, N)
+            d = dot[tied]  # (t, N)
             top, kth = vals[tied, :k], vals[tied, k - 1 : k]  # (t, k), (t, 1)
             left = k - (top > kth).sum(1, keepdim=True)  # (t, 1) places for the equal ones
             equal = d == kth
             take = (d > kth) | (equal & (equal.cumsum(1, dtype=torch.int32) <= left))  # k per row
-            idx[tied] = take.nonzero()[:, 1].view(-1, k)  # in index order
+            idx[tied] = order(d, take.nonzero()[:, 1].view(-1, k))
+    return idx
+
+
+def order(dot, idx):
+    """Rows idx (c, m) of dot (c, N) -> the same rows by similarity, lower index first."""
     idx = idx.sort(dim=1).values  # index order, then a stable sort by similarity
     return idx.gather(1, dot.gather(1, idx).sort(dim=1, descending=True, stable=True).indices)
 

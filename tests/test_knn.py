@@ -108,7 +108,7 @@ def test_ties_lower_index_first_and_chunk_invariant():
     q, d, labels = _case(40, 500, 32, seed=5)
     full = knn.knn_scores(q, d, labels, k=20, chunk=None, query="sign")
     assert torch.equal(full, knn.knn_scores(q, d, labels, k=20, chunk=7, query="sign"))
-    # the default chunk (knn.CHUNK_PRODUCTS // N queries: 52 on the CPU at 2^21) against chunk 7
+    # the default chunk (knn.CHUNK_PRODUCTS // N queries: 209 on the CPU at 2^23) against chunk 7
     # and one chunk holding all 300
     q, d, labels = _case(300, 40_000, 8, seed=6)
     default = knn.knn_scores(q, d, labels, k=20, query="sign")
@@ -217,12 +217,19 @@ def test_knn_head_averages_the_queries_votes():
 
 def test_nearest_is_a_stable_ranking():
     """knn.nearest: the k largest similarities, nearest first, equal similarities lower index first,
-    against a stable sort of every row (ties across the k-th place included)."""
+    against a stable sort of every row (ties across the k-th place included), with the tie at the
+    k-th place inside the 2k + 1 candidates, past them, and both in one batch."""
     rng = np.random.default_rng(4)
-    for levels, n, k in ((3, 50, 10), (1000, 200, 20), (2, 9, 9), (5, 30, 1)):
+    cases = ((3, 50, 10), (1000, 200, 20), (2, 9, 9), (5, 30, 1), (60, 600, 5), (1, 50, 7))
+    for levels, n, k in cases:
         dot = torch.from_numpy(rng.integers(0, levels, (40, n)).astype(np.float32))
         ref = np.stack([np.lexsort((np.arange(n), -row))[:k] for row in dot.numpy()])
         np.testing.assert_array_equal(knn.nearest(dot, k).numpy(), ref, err_msg=f"{levels} {n} {k}")
+        if (levels, n) == (60, 600):  # both rules ran: ties ending the candidates, and ties within
+            vals = dot.topk(2 * k + 1, dim=1).values
+            past = vals[:, -1] == vals[:, k - 1]
+            within = ~past & (vals[:, k] == vals[:, k - 1])
+            assert past.any() and within.any()
 
 
 def test_bad_arguments():
@@ -256,7 +263,7 @@ def peak():
     not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peak RSS"
 )
 def test_memory_bounded_at_full_database_size():
-    """600 queries (chunks of 22) x 94,630 codes x 64 bits in a fresh process: the extra peak RSS
+    """600 queries (chunks of 88) x 94,630 codes x 64 bits in a fresh process: the extra peak RSS
     stays small."""
     code = PEAK + textwrap.dedent(f"""
         import sys, time, torch
