@@ -328,11 +328,11 @@ def existing_output(out, want):
 
 def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, world=1):
     """Encode the images rows[s*shard_size : (s+1)*shard_size] of every shard s in `todo`, one
-    shard file each."""
+    shard file each. -> images per second of this pass (decode + towers), None if none to do."""
     ids_all, n, size = np.asarray(coco["ids"]), len(rows), args.shard_size
     V, C, D, dtype_name = args.views, args.max_captions, encoder.dim, run["dtype"]
     if not todo:
-        return
+        return None
     # batches never straddle two shards: a shard's content does not depend on which were done
     batches = [
         list(range(b, min(b + args.batch_size, (s + 1) * size, n)))
@@ -403,6 +403,8 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
             f"{f'rank {rank}: ' if world > 1 else ''}encoded {n_imgs} images ({n_imgs * V} views) "
             f"and {n_caps} captions in {secs:.1f} s: {n_imgs / max(secs, 1e-9):.1f} images/s"
         )
+        return n_imgs / max(secs, 1e-9)
+    return None
 
 
 def merge_shards(parts, ids, n_shards, size, V, C, D):
@@ -483,6 +485,12 @@ def write_cache(out, parts, encoder, coco, rows, n_shards, meta, args):
     )
     shutil.rmtree(parts, ignore_errors=True)
     return tensors
+
+
+def cost_path(out):
+    """<cache>.cost.json: images/s of the extraction that wrote the cache (rank 0's pass: decode
+    + towers), its ranks and device; the study's backbone table reads it."""
+    return os.path.splitext(out)[0] + ".cost.json"
 
 
 def out_path(args):
@@ -578,7 +586,7 @@ def extract(args, rank, world, device):
         f"{dtype_name}, {n_shards} shard(s) of {args.shard_size}"
         + (f", {len(todo)} to encode on rank 0 of {world}" if world > 1 else "")
     )
-    encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank, world)
+    speed = encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank, world)
     if world > 1:
         wait_for_peers(rank, args.dist_timeout, parts)
         if rank > 0:
@@ -586,6 +594,11 @@ def extract(args, rank, world, device):
     tensors = write_cache(
         out, parts, encoder, coco, rows, n_shards, {"run": run, "bad_ids": bad_ids}, args
     )
+    if (
+        speed is not None
+    ):  # what it cost, beside the cache (not in it: caches of one setting are equal)
+        cost = {"images_per_s": speed, "ranks": world, "device": str(device), "images": n}
+        data.save_json(cost_path(out), cost)
     print(
         f"wrote {out}: {n} images, image {tuple(tensors['image'].shape)}, text "
         f"{tuple(tensors['text'].shape)} float16, {len(bad_ids)} bad image(s) left out, "

@@ -6,6 +6,8 @@ report folder.
     bash run_cv.sh --demo --study      # offline: synthetic data, 3 folds (own splits), 6 epochs
     FOLD_LIST=0 bash run_cv.sh --study -- --epochs 50 --patience 0   # one fold (runs: partial)
     python study.py --only bits0,bits64     # a subset of the runs
+    MODELS="google/siglip2-base-patch16-256 openai/clip-vit-base-patch16" bash run_cv.sh --study
+                                            # + the backbone table (study.py --backbones)
 
 Runs (train.py flags; reference first): hash64 (the default recipe), bits0 (plain MLP), bits16,
 bits32, bits128, bits256, concat (--fusion concat), knn_recipe (--code_classifier centres
@@ -18,6 +20,12 @@ feature cache, with EVAL_ARGS="--head both --retrieval" where the run has hash b
 folds all hold .done and whose eval_test/metrics.csv exists is skipped without starting run_cv.sh,
 and an interrupted one resumes (run_cv.sh skips finished folds and resumes the interrupted one from
 last.pt).
+Backbones (--backbones, default the MODELS variable; --demo: a tiny SigLIP and a tiny CLIP): the
+first is the study's own MODEL; every other one gets the runs hash64, bits0, probe and zeroshot
+under <study>/<its folder name>/ with MODEL set to it (its own cache: run_cv.sh's FEATURES for
+that model, one extraction each; the same splits and flags), and the report gets backbones.*
+(report.backbones: CV, test, paired tests against the first backbone, extraction images/s from
+<cache>.cost.json, cache size).
 Then the report folder <study>/report/, a results chapter: report.md states each section's result
 (a sentence made from the numbers and its headline table: CV mean ± std and test [interval] of
 every run, the ablations against the reference and KNN against MLP with their paired-test
@@ -38,6 +46,7 @@ import sys
 import aggregate
 import cli
 import data
+from report import backbones as report_backbones
 from report import literature
 from report import methods as report_methods
 from report import sections as report_sections
@@ -80,6 +89,29 @@ def method_runs(demo):
     return out
 
 
+# the backbone table's runs on every backbone after the first (report.backbones: the KNN head is
+# hash64's); --demo's backbones: a tiny SigLIP and a tiny CLIP (run_cv.sh --demo makes both)
+BACKBONE_RUNS = ("hash64", "bits0", "probe", "zeroshot")
+DEMO_BACKBONES = ("demo/tiny_siglip", "demo/tiny_clip")
+
+
+def slug(backbone):
+    """A checkpoint's name or folder -> the folder of its runs in the study."""
+    return os.path.basename(backbone.rstrip("/"))
+
+
+def backbone_runs(backbones):
+    """[(run name <slug>/<run>, its flags, its environment)] of every backbone after the first: the
+    same flags as the first backbone's runs, MODEL set (run_cv.sh derives its cache from it)."""
+    flags, out = dict(RUNS), []
+    slugs = [slug(b) for b in backbones]
+    if len(set(slugs)) < len(slugs):
+        cli.fail(f"--backbones: two checkpoints share a folder name ({' '.join(backbones)})")
+    for b, folder in zip(backbones[1:], slugs[1:]):
+        out += [(f"{folder}/{n}", flags[n], {"MODEL": b}) for n in BACKBONE_RUNS]
+    return out
+
+
 VIEWS_RUN = ("plain_view", ["--train_views", "plain"])  # only with augmented views (--views > 1)
 DEMO = {"FOLDS": "3", "SPLITS": "demo/coco/splits_study3.json"}  # 3 folds, not the demo's 5
 DEMO_FLAGS = ["--epochs", "6", "--patience", "3"]
@@ -94,6 +126,11 @@ def get_args_parser():
     )
     p.add_argument(
         "--study_dir", default=None, help="default outputs/study (outputs/demo_study with --demo)"
+    )
+    p.add_argument(
+        "--backbones",
+        default=os.environ.get("MODELS", ""),
+        help="checkpoints for the backbone table, the first the study's (default: MODELS or none)",
     )
     p.add_argument("--only", default="", help="comma-separated run names (default: all of them)")
     p.add_argument(
@@ -149,8 +186,9 @@ def merge_flags(*lists):
     return [x for f, vals in out.items() for x in (f, *vals)]
 
 
-def make_run(name, flags, args, env):
-    """One run folder via run_cv.sh (skipped when complete) -> its path."""
+def make_run(name, flags, args, env, own_env=None):
+    """One run folder via run_cv.sh (skipped when complete) -> its path. own_env: the run's own
+    settings (another backbone: MODEL, and its own cache rather than FEATURES)."""
     run = os.path.join(args.study_dir, name)
     folds = [int(k) for k in args.fold_list.replace(",", " ").split()] or range(
         int(env.get("FOLDS", 5))
@@ -165,8 +203,11 @@ def make_run(name, flags, args, env):
         RUN=run,
         SUMMARY="0",  # run_cv.sh ends with the result paths: their tables are in the report
         EVAL_ARGS=env.get("EVAL_ARGS", "")
-        + ("" if name in NO_BITS else " --head both --retrieval"),
+        + ("" if name.split("/")[-1] in NO_BITS else " --head both --retrieval"),
     )
+    if own_env:
+        env.pop("FEATURES", None)
+        env.update(own_env)
     if args.fold_list:
         env["FOLD_LIST"] = args.fold_list
     print(f"== {name}: RUN={run} {' '.join(cmd)}", flush=True)
@@ -198,15 +239,20 @@ def main(args):
     if args.demo:
         args.train_args = merge_flags(DEMO_FLAGS, args.train_args)  # a given flag wins
     only = [s for s in args.only.split(",") if s]
-    every = RUNS + method_runs(args.demo)
-    unknown = sorted(set(only) - {n for n, _ in every} - {VIEWS_RUN[0]})
+    backbones = args.backbones.replace(",", " ").split() or list(DEMO_BACKBONES * args.demo)
+    if backbones:
+        env["MODEL"] = backbones[0]  # the study's own runs
+    every = [(n, f, None) for n, f in RUNS + method_runs(args.demo)] + backbone_runs(backbones)
+    unknown = sorted(set(only) - {n for n, *_ in every} - {VIEWS_RUN[0]})
     if unknown:
-        cli.fail(f"--only: unknown runs {unknown}; choose from {', '.join(n for n, _ in every)}")
-    runs = [(n, f) for n, f in every if not only or n in only]
-    dirs = [make_run(n, f, args, env) for n, f in runs]
+        cli.fail(f"--only: unknown runs {unknown}; choose from {', '.join(n for n, *_ in every)}")
+    chosen = [r for r in every if not only or r[0] in only]
+    runs = [(n, f) for n, f, _ in chosen]
+    dirs = [make_run(n, f, args, env, own) for n, f, own in chosen]
     if cache_views(dirs[0]) > 1 and (not only or VIEWS_RUN[0] in only):  # augmentation against none
         runs.append(VIEWS_RUN)
         dirs.append(make_run(*VIEWS_RUN, args, env))
+    args.backbone_list = backbones
     try:
         return report_folder(args, runs, dirs)
     except data.DataError as e:  # an unreadable result file, runs of different protocols
@@ -237,6 +283,14 @@ def report_folder(args, runs, dirs):
     print(f"== report: aggregate.py's tables of {len(dirs)} runs (its output: {log})")
     sections = report_sections.write_report(res["runs"], agg, out, res.get("tests", []))
     report_methods.write(out, res["runs"], agg, sections)  # the methods and hashing tables
+    by_dir = {os.path.normpath(r["dir"]): r for r in res["runs"]}
+    table = {}  # the backbone table's runs: {model: {run: aggregate's run}}
+    for b in getattr(args, "backbone_list", []):
+        for n in BACKBONE_RUNS:
+            d = os.path.join(args.study_dir, n if b == args.backbone_list[0] else f"{slug(b)}/{n}")
+            if os.path.normpath(d) in by_dir:
+                table.setdefault(b, {})[n] = by_dir[os.path.normpath(d)]
+    report_backbones.write(out, table, agg, sections)
     lit = res["literature"] if len(dirs) > 1 else literature.write(out, res["runs"], agg.test_dir)
     if lit:
         sections.append(

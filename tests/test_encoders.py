@@ -22,81 +22,15 @@ import features
 import make_splits
 import model
 import predict
+import synthetic
 import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _bytes_to_unicode():
-    """GPT-2 / CLIP's byte -> printable character table (the byte-level BPE alphabet)."""
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs, n = list(bs), 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def make_tiny_clip(out_dir, image_size=32, seed=0):
-    """A tiny randomly initialised CLIPModel + its real CLIPProcessor (a byte-level BPE tokenizer
-    over the 256 byte characters, with and without </w>, and a few merges; CLIPImageProcessor),
-    saved to out_dir -> str. Projection 24 != hidden 32, so a wrong dim shows; end-of-text is the
-    last id, as in OpenAI's vocabulary."""
-    import transformers
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    chars = _bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
-    merges = [("d", "o"), ("do", "g</w>"), ("c", "a"), ("ca", "t</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    bos, eos = len(vocab), len(vocab) + 1
-    vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        from transformers import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
-    else:  # 4.x: the fast tokenizer from files
-        import os
-
-        from transformers import CLIPTokenizerFast
-
-        os.makedirs(out_dir, exist_ok=True)
-        with open(f"{out_dir}/vocab.json", "w") as f:
-            json.dump(vocab, f)
-        with open(f"{out_dir}/merges.txt", "w") as f:
-            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        tokenizer = CLIPTokenizerFast(f"{out_dir}/vocab.json", f"{out_dir}/merges.txt")
-    tokenizer.model_max_length = encoders.CLIP_TEXT.max_length
-    size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    text = dict(size, vocab_size=len(vocab), max_position_embeddings=77)
-    text.update(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
-    config = CLIPConfig(
-        text_config=text,
-        vision_config=dict(size, image_size=image_size, patch_size=8),
-        projection_dim=24,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = CLIPModel(config).eval()
-    try:  # 5.x: the PIL processor by name (CLIPImageProcessor wants torchvision)
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:
-        pass
-    images = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    out_dir = str(out_dir)
-    net.save_pretrained(out_dir)
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out_dir)
-    return out_dir
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+    return synthetic.make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ FAKE = textwrap.dedent("""
         f.write(" ".join([run.name, os.environ.get("SUMMARY", ""), *sys.argv[1:]]) + "\\n")
     if os.environ.get("FAIL_AT") == run.name:
         sys.exit(1)  # killed mid-study
-    rng = np.random.default_rng(len(run.name))
+    rng = np.random.default_rng(len(run.name) + len(os.environ.get("MODEL", "")))
     z = np.load({labels!r})
     labels = z["labels"]
     knn = None if run.name in ("bits0", "probe") else [0.5, 0.55, 0.52]
@@ -43,6 +43,16 @@ FAKE = textwrap.dedent("""
     ev = (labels, ta.fake_probs(rng, labels, 3, 0.4), knn_probs)
     bits = {{"bits0": 0, "bits16": 16}}.get(run.name, 64)
     ta.make_run(run, [0.6, 0.62, 0.58], knn=knn, bits=bits, splits={splits!r}, evaluate=ev)
+    if os.environ.get("MODEL"):  # the backbone's cache, as run_cv.sh's extraction leaves it
+        import data
+        own = str(run.parent / (Path(os.environ["MODEL"]).name + ".st"))
+        cache = os.environ.get("FEATURES") or own
+        Path(cache).write_bytes(b"x" * 2048)
+        data.save_json(cache[:-3] + ".cost.json", dict(images_per_s=12.5, ranks=1, device="cpu"))
+        for k in range(3):
+            cfg = data.read_json(run / f"fold{{k}}" / "config.json")
+            cfg.update(features=cache, features_meta=dict(model=os.environ["MODEL"], dim="32"))
+            data.save_json(run / f"fold{{k}}" / "config.json", cfg)
     for k in range(3):
         d = run / f"fold{{k}}"
         yk = labels[k::3]
@@ -301,3 +311,39 @@ def test_report_folder(tmp_path):
         ("bits32", "MLP"),
     ]
     test_report.compile_tex(sorted(rep.glob("*.tex")), tmp_path)
+
+
+def test_backbone_table(fake_study, monkeypatch):
+    """--backbones A B: B's runs (here hash64 and zeroshot of the four) under <study>/<B's
+    folder>/ with MODEL=B and their own cache (FEATURES dropped); backbones.{md,csv,tex} has a row
+    per backbone and method, its CV and test cells are the runs' own numbers, and B's rows are
+    paired against A's."""
+    tmp_path, script, _ = fake_study
+    monkeypatch.setenv("FOLDS", "3")
+    monkeypatch.setenv("FEATURES", str(tmp_path / "a.st"))
+    names = "hash64,zeroshot,clip_b/hash64,clip_b/zeroshot"  # of the 8 runs, those 4 (time)
+    argv = ["--study_dir", str(tmp_path / "st"), "--only", names, "--bootstrap", "20"]
+    argv += ["--run_cv", f"{sys.executable} {script}", "--backbones", "m/sig_a,m/clip_b"]
+    out = Path(study.main(study.get_args_parser().parse_args(argv)))
+    assert [c.split()[0] for c in calls(tmp_path)][2:] == ["hash64", "zeroshot"]
+    assert (tmp_path / "st" / "clip_b" / "hash64" / "fold0" / ".done").is_file()
+    assert (tmp_path / "st" / "clip_b" / "clip_b.st").is_file()  # its own cache, not FEATURES
+    with open(out / "backbones.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["backbone"] for r in rows} == {"m/sig_a", "m/clip_b"}
+    want = {"hash head", "zero-shot", "KNN head"}
+    assert {r["method"] for r in rows if r["backbone"] == "m/clip_b"} == want
+    assert (out / "backbones.md").is_file() and (out / "backbones.tex").is_file()
+    assert "backbones.md" in (out / "report.md").read_text()
+    run = aggregate.read_run(str(tmp_path / "st" / "clip_b" / "hash64"), aggregate.get_args_parser()
+                             .parse_args([str(tmp_path / "st" / "clip_b" / "hash64")]))  # fmt: skip
+    head = next(r for r in rows if r["backbone"] == "m/clip_b" and r["method"] == "hash head")
+    cv = [f["mAP_macro"] for f in run["folds"].values()]
+    # the csv holds fractions
+    assert float(head["CV mAP_macro_mean"]) == pytest.approx(np.mean(cv), abs=1e-4)
+    ev = report_sections.load_eval(run, "eval_test")
+    got = metrics.compute_all(ev["y"], ev["heads"]["mlp"][-1][1])["mAP_macro"]
+    assert float(head["test mAP_macro"]) == pytest.approx(got, abs=1e-4)
+    assert 0 <= float(head["p"]) <= 1 and head["images/s (extraction)"].startswith("12.5")
+    ref = [r for r in rows if r["backbone"] == "m/sig_a"]
+    assert all(r["p"] == "-" for r in ref)
