@@ -24,8 +24,8 @@ Backbones (--backbones, default the MODELS variable; --demo: a tiny SigLIP and a
 first is the study's own MODEL; every other one gets the runs hash64, bits0, probe and zeroshot
 under <study>/<its folder name>/ with MODEL set to it (its own cache: run_cv.sh's FEATURES for
 that model, one extraction each; the same splits and flags), and the report gets backbones.*
-(report.backbones: CV, test, paired tests against the first backbone, extraction images/s from
-<cache>.cost.json, cache size).
+(report.backbones: CV, test, paired tests against the first backbone) and backbone_cost.*
+(extraction images/s from <cache>.cost.json, cache size).
 Then the report folder <study>/report/, a results chapter: report.md states each section's result
 (a sentence made from the numbers and its headline table: CV mean ± std and test [interval] of
 every run, the ablations against the reference and KNN against MLP with their paired-test

@@ -5,11 +5,12 @@ raise data.DataError.
     sections = []
     backbones.write(out, {model: {method: run}}, args, sections)   # runs: aggregate.read_run's
 
-backbones.{md,csv,tex}: per backbone (its checkpoint, family, embedding dim and input resolution
-from the cache's metadata, the extraction's images/s from <cache>.cost.json, the cache's size) and
-method (hash head, --bits 0, linear probe, zero-shot, and the hash head's KNN head): CV mAP (macro)
-mean ± std over the folds, the test ensemble's mAP with its bootstrap interval, and a paired
-bootstrap test against the same method on the first backbone (the same test images).
+backbones.{md,csv,tex}: per backbone and method (hash head, --bits 0, linear probe, zero-shot, and
+the hash head's KNN head): CV mAP (macro) mean ± std over the folds, the test ensemble's mAP with
+its bootstrap interval, and a paired bootstrap test against the same method on the first backbone
+(the same test images). backbone_cost.{md,csv,tex}: per backbone its checkpoint, family, embedding
+dim and input resolution (the cache's metadata), the extraction's images/s (<cache>.cost.json) and
+the cache's size.
 """
 
 import os
@@ -87,10 +88,16 @@ def rows_of(by_backbone, args):
                     )
                     diff = report.Interval(*(100 * t[k] for k in ("diff", "low", "high")))
                     p = f"{t['p']:.3g}"
-            rows.append(
-                [*backbone_cells(r), *cost_cells(r["config"]), method, cv_cell, test, diff, p]
-            )
+            rows.append([model, method, cv_cell, test, diff, p])
     return rows, first
+
+
+def cost_rows(by_backbone):
+    """One row per backbone: checkpoint, family, dim, input, extraction images/s, cache MB."""
+    return [
+        [*backbone_cells(r), *cost_cells(r["config"])]
+        for r in (next(iter(runs.values())) for runs in by_backbone.values() if runs)
+    ]
 
 
 def write(out, by_backbone, args, sections):
@@ -99,21 +106,34 @@ def write(out, by_backbone, args, sections):
     rows, first = rows_of(by_backbone, args)
     if len({row[0] for row in rows}) < 2:
         return []
-    header = ["backbone", "family", "dim", "input", "images/s (extraction)", "cache MB", "method"]
-    header += ["CV mAP_macro", "test mAP_macro", f"- {first} (points)", "p"]
+    header = ["backbone", "method", "CV mAP_macro", "test mAP_macro", "- first (points)", "p"]
     table(
         out,
         "backbones",
         header,
         rows,
         f"Backbones on the same splits and head flags (%): CV mean ± std over folds, test ensemble "
-        f"[{ci_text(args.bootstrap)}], paired bootstrap against the same method on {first}; "
-        f"images/s: the extraction that wrote each cache (decode + towers)",
+        f"[{ci_text(args.bootstrap)}], paired bootstrap against the same method on the first "
+        f"backbone, {first}",
         sections,
         "Backbones",
         percent=["CV mAP_macro", "test mAP_macro"],
         digits=1,
         keys=2,
+    )
+    text = sections[-1]
+    header = ["backbone", "family", "dim", "input", "extraction images/s", "cache MB"]
+    table(
+        out,
+        "backbone_cost",
+        header,
+        cost_rows(by_backbone),
+        "What each backbone cost: the extraction that wrote its cache (images/s: decode + towers, "
+        "its ranks and device; - where every shard was already on disk) and the cache's size",
+        sections,
+        "Backbones: cost",
+        percent=False,
+        keys=1,
     )
 
     def pct(cell):  # a test cell as the sentence prints it
@@ -122,9 +142,9 @@ def write(out, by_backbone, args, sections):
         return cell if isinstance(cell, str) else f"{100 * cell:.1f}"
 
     said = [
-        f"{row[0]} {pct(row[8])}" + ("" if row[10] == "-" else f" (p = {row[10]} against {first})")
+        f"{row[0]} {pct(row[3])}" + ("" if row[5] == "-" else f" (p = {row[5]} against {first})")
         for row in rows
-        if row[6] == "hash head"
+        if row[1] == "hash head"
     ]
-    sections[-1]["text"] = f"The hash head's test mAP_macro (%) by backbone: {'; '.join(said)}."
+    text["text"] = f"The hash head's test mAP_macro (%) by backbone: {'; '.join(said)}."
     return rows

@@ -344,6 +344,11 @@ def test_backbone_table(fake_study, monkeypatch):
     ev = report_sections.load_eval(run, "eval_test")
     got = metrics.compute_all(ev["y"], ev["heads"]["mlp"][-1][1])["mAP_macro"]
     assert float(head["test mAP_macro"]) == pytest.approx(got, abs=1e-4)
-    assert 0 <= float(head["p"]) <= 1 and head["images/s (extraction)"].startswith("12.5")
+    assert 0 <= float(head["p"]) <= 1
+    with open(out / "backbone_cost.csv") as f:
+        cost = list(csv.DictReader(f))
+    assert [c["backbone"] for c in cost] == ["m/sig_a", "m/clip_b"]
+    assert all(c["extraction images/s"].startswith("12.5") for c in cost)
+    assert (out / "backbone_cost.tex").is_file()
     ref = [r for r in rows if r["backbone"] == "m/sig_a"]
     assert all(r["p"] == "-" for r in ref)
