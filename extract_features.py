@@ -594,11 +594,11 @@ def extract(args, rank, world, device):
     tensors = write_cache(
         out, parts, encoder, coco, rows, n_shards, {"run": run, "bad_ids": bad_ids}, args
     )
-    if (
-        speed is not None
-    ):  # what it cost, beside the cache (not in it: caches of one setting are equal)
-        cost = {"images_per_s": speed, "ranks": world, "device": str(device), "images": n}
-        data.save_json(cost_path(out), cost)
+    # what it cost, beside the cache (not in it: two caches of one setting stay equal)
+    if speed is not None:
+        data.save_json(
+            cost_path(out), {"images_per_s": speed, "ranks": world, "device": str(device)}
+        )
     print(
         f"wrote {out}: {n} images, image {tuple(tensors['image'].shape)}, text "
         f"{tuple(tensors['text'].shape)} float16, {len(bad_ids)} bad image(s) left out, "

@@ -121,7 +121,7 @@ if [ "$demo" = 1 ]; then
   if [ ! -f "$DATA_ROOT/dataset_coco.json" ]; then
     step "demo data" "$PYTHON" -c "import synthetic; synthetic.make_synthetic_coco('$DATA_ROOT', n_images=1000, seed=0)"
   fi
-  if [ ! -f "$MODEL/config.json" ]; then   # demo/tiny_clip: a tiny CLIP (the demo study's second backbone)
+  if [ ! -f "$MODEL/config.json" ]; then   # demo/tiny_clip: the demo study's second backbone
     maker=make_tiny_siglip; [ "$(basename "$MODEL")" = tiny_clip ] && maker=make_tiny_clip
     step "demo model" "$PYTHON" -c "import synthetic; synthetic.$maker('$MODEL', image_size=32, seed=0)"
   fi

@@ -239,7 +239,9 @@ def main(args):
     if args.demo:
         args.train_args = merge_flags(DEMO_FLAGS, args.train_args)  # a given flag wins
     only = [s for s in args.only.split(",") if s]
-    backbones = args.backbones.replace(",", " ").split() or list(DEMO_BACKBONES * args.demo)
+    backbones = args.backbones.replace(",", " ").split() or list(
+        DEMO_BACKBONES if args.demo else ()
+    )
     if backbones:
         env["MODEL"] = backbones[0]  # the study's own runs
     every = [(n, f, None) for n, f in RUNS + method_runs(args.demo)] + backbone_runs(backbones)
@@ -252,14 +254,13 @@ def main(args):
     if cache_views(dirs[0]) > 1 and (not only or VIEWS_RUN[0] in only):  # augmentation against none
         runs.append(VIEWS_RUN)
         dirs.append(make_run(*VIEWS_RUN, args, env))
-    args.backbone_list = backbones
     try:
-        return report_folder(args, runs, dirs)
+        return report_folder(args, runs, dirs, backbones)
     except data.DataError as e:  # an unreadable result file, runs of different protocols
         cli.fail(str(e))
 
 
-def report_folder(args, runs, dirs):
+def report_folder(args, runs, dirs, backbones=()):
     """<study>/report/ from the run folders (skipped when up to date) -> its path; bad input:
     data.DataError."""
     out = os.path.join(args.study_dir, "report")
@@ -285,9 +286,9 @@ def report_folder(args, runs, dirs):
     report_methods.write(out, res["runs"], agg, sections)  # the methods and hashing tables
     by_dir = {os.path.normpath(r["dir"]): r for r in res["runs"]}
     table = {}  # the backbone table's runs: {model: {run: aggregate's run}}
-    for b in getattr(args, "backbone_list", []):
+    for b in backbones:
         for n in BACKBONE_RUNS:
-            d = os.path.join(args.study_dir, n if b == args.backbone_list[0] else f"{slug(b)}/{n}")
+            d = os.path.join(args.study_dir, n if b == backbones[0] else f"{slug(b)}/{n}")
             if os.path.normpath(d) in by_dir:
                 table.setdefault(b, {})[n] = by_dir[os.path.normpath(d)]
     report_backbones.write(out, table, agg, sections)
