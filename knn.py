@@ -1,6 +1,7 @@
 """
 The KNN head: an exact Hamming-KNN vote over a database of binary codes, as a readable reference (a
-chunked matmul + topk, as DINO's knn_classifier). Imports only torch: copy it as it is.
+chunked matmul + topk, as DINO's knn_classifier; on the CPU in integers, and the topk in two steps
+for a large database). Imports only torch: copy it as it is.
 
     scores = knn.knn_scores(query_codes, db_codes, db_labels)   # (Q, C) in [0, 1]; k 100
     codes = knn.sign_codes(h)                                   # {-1, +1}, 0 -> +1
@@ -10,18 +11,25 @@ import torch
 
 KNN_VOTES = ("softmax", "uniform", "rank")
 KNN_QUERIES = ("real", "sign")
-CHUNK_PRODUCTS = {False: 2**23, True: 2**26}  # similarities per chunk: CPU, CUDA (measured)
+CHUNK_PRODUCTS = {False: 2**22, True: 2**26}  # similarities per chunk: CPU, CUDA (measured)
+GRID_BITS = 14  # real queries are rounded to multiples of 2^-14 at most: two int8 bytes (products)
+BLOCK = 32  # database rows per block of nearest's first step (measured in docs/BENCHMARKS.md)
+
+
+def grid_bits(bits):
+    """s of exact_queries' grid 2^-s for codes of `bits` bits: at most GRID_BITS, and small enough
+    that every partial sum of q.d + |q|_1 (magnitude < 2 * bits) fits float32's 24-bit mantissa."""
+    return min(GRID_BITS, 23 - (2 * bits).bit_length())
 
 
 def exact_queries(x):
     """Real-valued query codes (Q, bits) -> float32 codes on which every product with +-1 codes is
-    exact in float32: each row scaled by a power of two to max |q_j| < 1 (exact; rankings and
-    knn_scores' similarities do not change), then rounded to a multiple of 2^-s with s = 23 -
-    bit_length(2 * bits), so every partial sum of q.d + |q|_1 (magnitude < 2 * bits) fits float32's
-    24-bit mantissa. The rounding moves a code by < 2^-15 at 64 bits; in exchange the search is
-    exact and the same for any chunk, BLAS or device."""
+    exact: each row scaled by a power of two to max |q_j| < 1 (exact; rankings and knn_scores'
+    similarities do not change), then rounded to a multiple of 2^-s, s = grid_bits(bits), so q * 2^s
+    is an integer of magnitude <= 2^s. The rounding moves a code by < 2^-14 at 64 bits; in exchange
+    the search is exact and the same for any chunk, BLAS or device."""
     x = torch.as_tensor(x).float()
-    s = 23 - (2 * x.shape[-1]).bit_length()
+    s = grid_bits(x.shape[-1])
     _, e = torch.frexp(
         x.abs().amax(-1, keepdim=True)
     )  # max |q| = m * 2^e, 0.5 <= m < 1 (e = 0 for a zero row)
@@ -35,33 +43,47 @@ def sign_codes(x):
     return torch.where(x >= 0, 1.0, -1.0).to(torch.float32)
 
 
+def products(q, d):
+    """Integer queries q (c, bits) int32, |q| <= 2^GRID_BITS, against +-1 codes d (N, bits) int8 ->
+    q.d (c, N), exact. On the CPU two int8 matmuls, q's high and low bytes, summed in int32 (half
+    the time of a float32 matmul on the CPUs of docs/BENCHMARKS.md); on other devices, and for
+    1-bit codes (torch 2.13's CPU _int_mm returns garbage for an inner dimension of 1), one float32
+    matmul, exact as every sum is an integer below 2^24."""
+    if q.device.type != "cpu" or q.shape[1] < 2:
+        return q.float() @ d.float().T
+    hi = torch.div(q + 128, 256, rounding_mode="floor")  # q = 256 hi + lo, lo in [-128, 127]
+    dot = torch._int_mm((q - 256 * hi).to(torch.int8), d.T)
+    if hi.any():  # never for sign queries
+        dot.add_(torch._int_mm(hi.to(torch.int8), d.T), alpha=256)
+    return dot
+
+
 def nearest(dot, k):
-    """dot (c, N) exact similarities -> (c, k) database rows, nearest first, equal similarities
-    lower index first (so any chunk, BLAS or device picks the same neighbours). Each row's 2k + 1
-    largest are its candidates; when the last of them is below the k-th similarity, every row equal
-    to it is among them, and the first k candidates by similarity, lower index first, are the
-    answer. In a row whose candidates end on a tie with the k-th (it may go on past them): every
-    row above the k-th similarity is in, and of those equal to it the lowest indices fill the
-    places left (one pass over that row)."""
-    n = dot.shape[1]
-    vals, idx = dot.topk(min(2 * k + 1, n), dim=1)  # (c, m) candidates
-    idx = order(dot, idx)[:, :k]
-    if vals.shape[1] < n:
-        tied = vals[:, -1] == vals[:, k - 1]  # (c,) the tie may go past the candidates
-        if tied.any():
-            d = dot[tied]  # (t, N)
-            top, kth = vals[tied, :k], vals[tied, k - 1 : k]  # (t, k), (t, 1)
-            left = k - (top > kth).sum(1, keepdim=True)  # (t, 1) places for the equal ones
-            equal = d == kth
-            take = (d > kth) | (equal & (equal.cumsum(1, dtype=torch.int32) <= left))  # k per row
-            idx[tied] = order(d, take.nonzero()[:, 1].view(-1, k))
-    return idx
+    """dot (c, N) exact integer similarities (int32, or floats below 2^24) -> (c, k) database rows,
+    nearest first, equal similarities lower index first (so any chunk, BLAS or device picks the
+    same neighbours). A large database is searched in two steps: the k blocks of BLOCK rows with
+    the largest maxima (equal maxima: lower block first) hold every row of the answer, since the
+    k-th largest block maximum t is at most the k-th similarity v; so a row above v lies in one of
+    the fewer than k blocks above t, and the lowest-index rows equal to v = t in the lowest-index
+    blocks whose maximum is t. Then the k best of those k * BLOCK rows."""
+    c, n = dot.shape
+    cols = torch.arange(n, device=dot.device).expand(c, n)
+    if n >= 4 * k * BLOCK:
+        full = n // BLOCK * BLOCK
+        top = dot[:, :full].unflatten(1, (-1, BLOCK)).amax(2)  # (c, n // BLOCK) block maxima
+        top = torch.cat([top, dot[:, full:].amax(1, keepdim=True)], 1) if full < n else top
+        blocks = best(top, cols[:, : top.shape[1]], top.shape[1], k)  # (c, k)
+        cols = (blocks[:, :, None] * BLOCK + torch.arange(BLOCK, device=dot.device)).flatten(1)
+        dot = dot.gather(1, cols.clamp(max=n - 1)).masked_fill(cols >= n, -(2**25))  # past N: last
+    return best(dot, cols, n, k)
 
 
-def order(dot, idx):
-    """Rows idx (c, m) of dot (c, N) -> the same rows by similarity, lower index first."""
-    idx = idx.sort(dim=1).values  # index order, then a stable sort by similarity
-    return idx.gather(1, dot.gather(1, idx).sort(dim=1, descending=True, stable=True).indices)
+def best(vals, cols, n, k):
+    """vals (c, m) integer similarities of rows cols (c, m) of a database of n -> the k best rows
+    (c, k), by similarity, then lower index: the topk of one int64 key per row, all distinct."""
+    w = max(1, (n - 1).bit_length())
+    key = vals.long() * 2**w + (n - 1 - cols)
+    return cols.gather(1, key.topk(k, dim=1).indices)
 
 
 def knn_scores(
@@ -76,9 +98,10 @@ def knn_scores(
     / |q|_1) / 2 (= 1 - hamming / bits again for a +-1 query). Each query takes its k nearest
     database codes (k > N clamps to N) and they vote: "softmax" softmax(sim / tau), "uniform" 1/k,
     "rank" 1/rank normalised to sum 1. score[q, c] = sum of the weights of the neighbours with label
-    c, in [0, 1]. Exact and deterministic: products of +-1 codes with exact_queries' grid are exact
-    in float32 (unless a reduced-precision matmul mode such as TF32 is on), and equal similarities
-    go to the lower database index first (nearest). Nothing is excluded: a database that holds the
+    c, in [0, 1]. Exact and deterministic: the queries on exact_queries' grid, scaled to integers,
+    and the +-1 codes give integer products (products; on a GPU exact unless a reduced-precision
+    matmul mode such as TF32 is on), and equal similarities go to the lower database index first
+    (nearest). Nothing is excluded: a database that holds the
     queries finds them. Queries run in chunks of `chunk` rows (None: CHUNK_PRODUCTS // N, measured
     in docs/BENCHMARKS.md), so memory stays bounded; runs on the device of query_codes and returns
     float32 there.
@@ -90,9 +113,13 @@ def knn_scores(
         )
     if k < 1 or tau <= 0:
         raise ValueError(f"need k >= 1 and tau > 0, got k={k}, tau={tau}")
-    q = sign_codes(query_codes) if query == "sign" else exact_queries(query_codes)  # (Q, bits)
-    device = q.device
-    d = sign_codes(db_codes).to(device)  # (N, bits)
+    if query == "sign":
+        q = sign_codes(query_codes)  # (Q, bits)
+    else:
+        q = exact_queries(query_codes)
+        q = q * 2.0 ** grid_bits(q.shape[1])  # integers: every product exact (products)
+    q, device = q.to(torch.int32), q.device
+    d = sign_codes(db_codes).to(device=device, dtype=torch.int8)  # (N, bits)
     labels = torch.as_tensor(db_labels).to(device=device, dtype=torch.float32)  # (N, C)
     (Q, bits), N = q.shape, d.shape[0]
     if d.shape[1] != bits or labels.shape[0] != N or N == 0:
@@ -101,15 +128,15 @@ def knn_scores(
             f"labels {tuple(labels.shape)}"
         )
     k = min(int(k), N)
-    l1 = q.abs().sum(1, keepdim=True).clamp_min(1e-12)  # (Q, 1): bits for +-1 queries
+    l1 = q.abs().sum(1, keepdim=True).float().clamp_min(1)  # (Q, 1): bits for +-1 queries
     if chunk is None:
         chunk = max(1, CHUNK_PRODUCTS[device.type == "cuda"] // N)
     rank_w = 1.0 / torch.arange(1, k + 1, device=device, dtype=torch.float32)  # (k,)
     scores = torch.empty(Q, labels.shape[1], device=device)
     for s in range(0, Q, chunk):
-        dot = q[s : s + chunk] @ d.T  # (c, N), exact
+        dot = products(q[s : s + chunk], d)  # (c, N), exact
         idx = nearest(dot, k)  # (c, k) database rows, nearest first
-        sim = (1 + dot.gather(1, idx) / l1[s : s + chunk]) / 2  # (c, k)
+        sim = (1 + dot.gather(1, idx).float() / l1[s : s + chunk]) / 2  # (c, k)
         if vote == "softmax":
             w = torch.softmax(sim / tau, dim=1)
         elif vote == "uniform":

@@ -1,6 +1,6 @@
 """knn.knn_scores (the reference: chunked matmul + topk) against a brute-force numpy Hamming search;
-knn.nearest's tie rule; the KNN head's vote over an image's queries; memory bound; optional
-full-size benchmark.
+knn.nearest's tie rule and block step; knn.products; the KNN head's vote over an image's queries;
+memory bound; optional full-size benchmark.
 
 python -m pytest -q tests/test_knn.py
 KNN_BENCH=1 python -m pytest -q -s tests/test_knn.py -k bench   # 23,657 x 94,630 x 64 bits + naive
@@ -23,8 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def exact_grid(q):
     """The query rounding knn_scores defines for real queries, in numpy: each row times a power of
-    two to max |q_j| < 1, then rounded to a multiple of 2^-(23 - bit_length(2 * bits))."""
-    s = 23 - (2 * q.shape[1]).bit_length()
+    two to max |q_j| < 1, then rounded to a multiple of 2^-min(14, 23 - bit_length(2 * bits))."""
+    s = min(14, 23 - (2 * q.shape[1]).bit_length())
     _, e = np.frexp(np.abs(q).max(1, keepdims=True))
     return np.round(np.ldexp(q.astype(np.float64), s - e)) / 2.0**s
 
@@ -217,19 +217,53 @@ def test_knn_head_averages_the_queries_votes():
 
 def test_nearest_is_a_stable_ranking():
     """knn.nearest: the k largest similarities, nearest first, equal similarities lower index first,
-    against a stable sort of every row (ties across the k-th place included), with the tie at the
-    k-th place inside the 2k + 1 candidates, past them, and both in one batch."""
+    against a stable sort of every row, ties across the k-th place included: databases small enough
+    for one step and large enough for the block step (with and without a short last block), int32
+    and float similarities."""
     rng = np.random.default_rng(4)
-    cases = ((3, 50, 10), (1000, 200, 20), (2, 9, 9), (5, 30, 1), (60, 600, 5), (1, 50, 7))
+    block = knn.BLOCK
+    cases = [(3, 50, 10), (1000, 200, 20), (2, 9, 9), (5, 30, 1), (60, 600, 5), (1, 50, 7)]
+    cases += [
+        (levels, 4 * k * block + extra, k)
+        for levels in (1, 2, 7, 10**6)
+        for k, extra in ((1, 0), (5, 1), (20, block - 1), (3, 5 * block))
+    ]
     for levels, n, k in cases:
-        dot = torch.from_numpy(rng.integers(0, levels, (40, n)).astype(np.float32))
+        dot = torch.from_numpy(rng.integers(-levels, levels + 1, (12, n)).astype(np.int32))
+        if levels == 7:  # all negative, the best (0) in the last 3 rows only, in a short last block
+            dot = -dot.abs() - 1
+            dot[:, -3:] = 0
         ref = np.stack([np.lexsort((np.arange(n), -row))[:k] for row in dot.numpy()])
-        np.testing.assert_array_equal(knn.nearest(dot, k).numpy(), ref, err_msg=f"{levels} {n} {k}")
-        if (levels, n) == (60, 600):  # both rules ran: ties ending the candidates, and ties within
-            vals = dot.topk(2 * k + 1, dim=1).values
-            past = vals[:, -1] == vals[:, k - 1]
-            within = ~past & (vals[:, k] == vals[:, k - 1])
-            assert past.any() and within.any()
+        for x in (dot, dot.float()):
+            got = knn.nearest(x, k).numpy()
+            np.testing.assert_array_equal(got, ref, err_msg=f"{levels} {n} {k}")
+
+
+def test_products_are_exact():
+    # knn.products (two int8 matmuls on the CPU) against float64 products, at the grid's extremes
+    # (+-2^14: both bytes in use), for +-1 queries (the high byte zero) and any code length
+    rng = np.random.default_rng(8)
+    lim = 2**knn.GRID_BITS
+    for bits in (1, 2, 8, 64, 255):
+        q = rng.integers(-lim, lim + 1, (9, bits))
+        q[0], q[1], q[2] = lim, -lim, np.where(rng.random(bits) < 0.5, 1, -1)
+        d = np.where(rng.random((300, bits)) < 0.5, 1, -1)
+        got = knn.products(torch.from_numpy(q).int(), torch.from_numpy(d).to(torch.int8))
+        np.testing.assert_array_equal(got.numpy(), q @ d.T, err_msg=f"bits {bits}")
+
+
+def test_real_queries_block_step_equal_brute_force():
+    # a database large enough for nearest's block step, with repeated codes (exact ties) and a
+    # short last block: real-valued queries pick the brute-force neighbours
+    rng = np.random.default_rng(12)
+    n = 4 * 20 * knn.BLOCK * 3 + 7
+    q = np.tanh(rng.standard_normal((25, 16))).astype(np.float32)
+    d = rng.standard_normal((n, 16)).astype(np.float32)
+    d[: n // 2] = d[n // 2 : 2 * (n // 2)]
+    labels = (rng.random((n, 80)) < 0.1).astype(np.uint8)
+    ref = brute_knn(q, d, labels, 20, 0.07, "rank", query="real")
+    got = knn.knn_scores(q, d, labels, k=20, vote="rank", chunk=6)
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)
 
 
 def test_bad_arguments():
