@@ -11,7 +11,7 @@ import torch
 
 KNN_VOTES = ("softmax", "uniform", "rank")
 KNN_QUERIES = ("real", "sign")
-CHUNK_PRODUCTS = {False: 2**22, True: 2**26}  # similarities per chunk: CPU, CUDA (measured)
+CHUNK_PRODUCTS = {False: 2**21, True: 2**26}  # similarities per chunk: CPU, CUDA (measured)
 GRID_BITS = 14  # real queries are rounded to multiples of 2^-14 at most: two int8 bytes (products)
 BLOCK = 32  # database rows per block of nearest's first step (measured in docs/BENCHMARKS.md)
 
@@ -153,7 +153,8 @@ def knn_head(query_codes, query_mask, db_codes, db_labels, device="cpu", **kwarg
     database codes (knn_scores, its defaults unless given), and an image's scores are the mean over
     its queries. query_codes (N, Q, bits), query_mask (N, Q) bool -> (N, C) float32 on the CPU. Runs
     on `device`."""
-    db, labels = db_codes.to(device), torch.as_tensor(db_labels).to(device)
+    db = sign_codes(db_codes).to(device=device, dtype=torch.int8)  # once for every query slot
+    labels = torch.as_tensor(db_labels).to(device=device, dtype=torch.float32)
     scores = torch.zeros(len(query_codes), labels.shape[1])
     for c in range(query_codes.shape[1]):
         has = query_mask[:, c]

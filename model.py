@@ -474,7 +474,13 @@ def score_embeddings(
     need = torch.tensor([k for _, k in passes], device=device)  # (P,) captions a pass needs
     first = torch.arange(len(passes), device=device) == 0  # (P,)
     single = [i for i, (p, _) in enumerate(passes) if len(p) == 1]  # the per-caption passes
-    probs, codes, queries, masks = [], [], [], []
+    kept = {}  # name -> (N, ...) CPU tensor, allocated at the first batch and filled in place
+
+    def put(name, s, x):
+        if name not in kept:
+            kept[name] = torch.empty((len(image), *x.shape[1:]), dtype=x.dtype)
+        kept[name][s : s + len(x)] = x
+
     for s in range(0, len(image), batch_size):
         img = image[s : s + batch_size].to(device).float()  # (b, D)
         txt, n = text[s : s + batch_size].to(device), n_captions[s : s + batch_size].to(device)
@@ -494,24 +500,18 @@ def score_embeddings(
             p_sum = p_sum + torch.where(has, torch.sigmoid(out.logits.float()), 0.0)
             h_pass += [torch.where(has, out.codes.float(), 0.0)] if out.codes is not None else []
         n_used = used.sum(1, keepdim=True)  # (b, 1) >= 1
-        probs.append((p_sum / n_used).cpu())
+        put("probs", s, p_sum / n_used)
         if h_pass:
             stacked = torch.stack(h_pass, 1)  # (b, P, bits)
-            codes.append((stacked.sum(1) / n_used).cpu())
+            put("codes", s, stacked.sum(1) / n_used)
             if keep_queries and rule != "mean":  # one query per caption
-                queries.append(stacked[:, single].cpu())
-                masks.append(used[:, single].cpu())
+                put("queries", s, stacked[:, single])
+                put("masks", s, used[:, single])
             elif keep_queries:  # one query per image: its averaged code
-                queries.append(codes[-1][:, None])
-                masks.append(torch.ones(len(img), 1, dtype=torch.bool))
+                put("queries", s, kept["codes"][s : s + len(img), None])
+                put("masks", s, torch.ones(len(img), 1, dtype=torch.bool))
     head.train(was_training)
-    cat = torch.cat
-    return Scores(
-        cat(probs),
-        cat(codes) if codes else None,
-        cat(queries) if queries else None,
-        cat(masks) if masks else None,
-    )
+    return Scores(kept["probs"], *(kept.get(k) for k in ("codes", "queries", "masks")))
 
 
 # ----------------------------------------------------------------------------
