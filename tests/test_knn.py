@@ -108,7 +108,7 @@ def test_ties_lower_index_first_and_chunk_invariant():
     q, d, labels = _case(40, 500, 32, seed=5)
     full = knn.knn_scores(q, d, labels, k=20, chunk=None, query="sign")
     assert torch.equal(full, knn.knn_scores(q, d, labels, k=20, chunk=7, query="sign"))
-    # the default chunk (knn.CHUNK_PRODUCTS // N queries: 209 on the CPU at 2^23) against chunk 7
+    # the default chunk (knn.CHUNK_PRODUCTS // N queries: 52 on the CPU at 2^21) against chunk 7
     # and one chunk holding all 300
     q, d, labels = _case(300, 40_000, 8, seed=6)
     default = knn.knn_scores(q, d, labels, k=20, query="sign")
