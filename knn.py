@@ -26,8 +26,8 @@ def exact_queries(x):
     """Real-valued query codes (Q, bits) -> float32 codes on which every product with +-1 codes is
     exact: each row scaled by a power of two to max |q_j| < 1 (exact; rankings and knn_scores'
     similarities do not change), then rounded to a multiple of 2^-s, s = grid_bits(bits), so q * 2^s
-    is an integer of magnitude <= 2^s. The rounding moves a code by < 2^-14 at 64 bits; in exchange
-    the search is exact and the same for any chunk, BLAS or device."""
+    is an integer of magnitude <= 2^s. The rounding moves a code by at most 2^-15 of its row's scale
+    (bits <= 127); in exchange the search is exact and the same for any chunk, BLAS or device."""
     x = torch.as_tensor(x).float()
     s = grid_bits(x.shape[-1])
     _, e = torch.frexp(
@@ -45,10 +45,11 @@ def sign_codes(x):
 
 def products(q, d):
     """Integer queries q (c, bits) int32, |q| <= 2^GRID_BITS, against +-1 codes d (N, bits) int8 ->
-    q.d (c, N), exact. On the CPU two int8 matmuls, q's high and low bytes, summed in int32 (half
-    the time of a float32 matmul on the CPUs of docs/BENCHMARKS.md); on other devices, and for
-    1-bit codes (torch 2.13's CPU _int_mm returns garbage for an inner dimension of 1), one float32
-    matmul, exact as every sum is an integer below 2^24."""
+    q.d (c, N), exact: int32 on the CPU, else float32. On the CPU two int8 matmuls, q's high and
+    low bytes, summed in int32 (half the time of a float32 matmul on the CPUs of
+    docs/BENCHMARKS.md); on other devices, and for 1-bit codes (torch 2.13's CPU _int_mm returns
+    garbage for an inner dimension of 1), one float32 matmul, exact as every sum is an integer
+    below 2^24."""
     if q.device.type != "cpu" or q.shape[1] < 2:
         return q.float() @ d.float().T
     hi = torch.div(q + 128, 256, rounding_mode="floor")  # q = 256 hi + lo, lo in [-128, 127]
@@ -59,13 +60,13 @@ def products(q, d):
 
 
 def nearest(dot, k):
-    """dot (c, N) exact integer similarities (int32, or floats below 2^24) -> (c, k) database rows,
-    nearest first, equal similarities lower index first (so any chunk, BLAS or device picks the
-    same neighbours). A large database is searched in two steps: the k blocks of BLOCK rows with
-    the largest maxima (equal maxima: lower block first) hold every row of the answer, since the
-    k-th largest block maximum t is at most the k-th similarity v; so a row above v lies in one of
-    the fewer than k blocks above t, and the lowest-index rows equal to v = t in the lowest-index
-    blocks whose maximum is t. Then the k best of those k * BLOCK rows."""
+    """dot (c, N) exact integer-valued similarities, |dot| < 2^24 (int32 or float), k <= N -> (c, k)
+    database rows, nearest first, equal similarities lower index first (so any chunk, BLAS or device
+    picks the same neighbours). A large database is searched in two steps: the k blocks of BLOCK
+    rows with the largest maxima (equal maxima: lower block first) hold every row of the answer,
+    since the k-th largest block maximum t is at most the k-th similarity v; so a row above v lies
+    in one of the fewer than k blocks above t, and the lowest-index rows equal to v = t in the
+    lowest-index blocks whose maximum is t. Then the k best of those k * BLOCK rows."""
     c, n = dot.shape
     cols = torch.arange(n, device=dot.device).expand(c, n)
     if n >= 4 * k * BLOCK:
@@ -101,10 +102,10 @@ def knn_scores(
     c, in [0, 1]. Exact and deterministic: the queries on exact_queries' grid, scaled to integers,
     and the +-1 codes give integer products (products; on a GPU exact unless a reduced-precision
     matmul mode such as TF32 is on), and equal similarities go to the lower database index first
-    (nearest). Nothing is excluded: a database that holds the
-    queries finds them. Queries run in chunks of `chunk` rows (None: CHUNK_PRODUCTS // N, measured
-    in docs/BENCHMARKS.md), so memory stays bounded; runs on the device of query_codes and returns
-    float32 there.
+    (nearest). Query codes must be finite (ValueError). Nothing is excluded: a database that holds
+    the queries finds them. Queries run in chunks of `chunk` rows (None: CHUNK_PRODUCTS // N,
+    measured in docs/BENCHMARKS.md), so memory stays bounded; runs on the device of query_codes and
+    returns float32 there.
     """
     if vote not in KNN_VOTES or query not in KNN_QUERIES:
         raise ValueError(
@@ -113,6 +114,8 @@ def knn_scores(
         )
     if k < 1 or tau <= 0:
         raise ValueError(f"need k >= 1 and tau > 0, got k={k}, tau={tau}")
+    if not torch.isfinite(torch.as_tensor(query_codes)).all():
+        raise ValueError("query codes must be finite (NaN or Inf: has the head diverged?)")
     if query == "sign":
         q = sign_codes(query_codes)  # (Q, bits)
     else:
@@ -153,7 +156,7 @@ def knn_head(query_codes, query_mask, db_codes, db_labels, device="cpu", **kwarg
     database codes (knn_scores, its defaults unless given), and an image's scores are the mean over
     its queries. query_codes (N, Q, bits), query_mask (N, Q) bool -> (N, C) float32 on the CPU. Runs
     on `device`."""
-    db = sign_codes(db_codes).to(device=device, dtype=torch.int8)  # once for every query slot
+    db = sign_codes(db_codes).to(device=device, dtype=torch.int8)  # moved to the device once
     labels = torch.as_tensor(db_labels).to(device=device, dtype=torch.float32)
     scores = torch.zeros(len(query_codes), labels.shape[1])
     for c in range(query_codes.shape[1]):

@@ -212,12 +212,12 @@ def brute_knn_head(head, feats_path, ids, db, dby, k, tau, vote, query="sign", r
 
 def brute_knn(q, db, labels, k, tau, vote):
     """+-1 queries: Hamming distance; real queries: similarity (1 + q.db / |q|_1) / 2 (float64) of
-    the query rounded as knn_scores defines it (a power-of-two scale to max |q_j| < 1, then a 2^-15
-    grid at 64 bits)."""
+    the query rounded as knn_scores defines it (a power-of-two scale to max |q_j| < 1, then a
+    2^-min(14, 23 - bit_length(2 * bits)) grid)."""
     k = min(k, len(db))
     if not np.isin(q, (-1.0, 1.0)).all():
         _, e = np.frexp(np.abs(q).max(1, keepdims=True))
-        s = 23 - (2 * q.shape[1]).bit_length()
+        s = min(14, 23 - (2 * q.shape[1]).bit_length())
         q = np.round(np.ldexp(q.astype(np.float32).astype(np.float64), s - e)) / 2.0**s
     sim_all = (
         1 + q @ db.T / np.abs(q).sum(1, keepdims=True)

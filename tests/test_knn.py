@@ -230,7 +230,8 @@ def test_nearest_is_a_stable_ranking():
     ]
     for levels, n, k in cases:
         dot = torch.from_numpy(rng.integers(-levels, levels + 1, (12, n)).astype(np.int32))
-        if levels == 7:  # all negative, the best (0) in the last 3 rows only, in a short last block
+        if levels == 7:  # all negative, the best (0) in the last 3 rows only (a short last block
+            # where n is not a whole number of blocks)
             dot = -dot.abs() - 1
             dot[:, -3:] = 0
         ref = np.stack([np.lexsort((np.arange(n), -row))[:k] for row in dot.numpy()])
@@ -272,6 +273,11 @@ def test_bad_arguments():
         knn.knn_scores(q, d, labels, vote="majority")
     with pytest.raises(ValueError, match="query"):
         knn.knn_scores(q, d, labels, query="hamming")
+    for bad in (np.nan, np.inf):  # a diverged head: refused, not scored into plausible numbers
+        nonfinite = q.copy()
+        nonfinite[0, 3] = bad
+        with pytest.raises(ValueError, match="finite"):
+            knn.knn_scores(nonfinite, d, labels)
     with pytest.raises(ValueError):
         knn.knn_scores(q, d, labels, k=0)
     with pytest.raises(ValueError, match="shape"):
