@@ -119,11 +119,11 @@ skip() { echo; echo "== $1: skipped ($2 exists)"; }
 # ---------------------------------------------------------------------------- data
 if [ "$demo" = 1 ]; then
   if [ ! -f "$DATA_ROOT/dataset_coco.json" ]; then
-    step "demo data" "$PYTHON" -c "import synthetic; synthetic.make_synthetic_coco('$DATA_ROOT', n_images=1000, seed=0)"
+    step "demo data" "$PYTHON" -c "import synthetic_coco; synthetic_coco.make_synthetic_coco('$DATA_ROOT', n_images=1000, seed=0)"
   fi
   if [ ! -f "$MODEL/config.json" ]; then   # demo/tiny_clip: the demo study's second backbone
     maker=make_tiny_siglip; [ "$(basename "$MODEL")" = tiny_clip ] && maker=make_tiny_clip
-    step "demo model" "$PYTHON" -c "import synthetic; synthetic.$maker('$MODEL', image_size=32, seed=0)"
+    step "demo model" "$PYTHON" -c "import tiny_models; tiny_models.$maker('$MODEL', image_size=32, seed=0)"
   fi
 fi
 

@@ -1,12 +1,10 @@
-"""Generators for the demo, the tests and bench.py: a COCO-2014-like tree in the real file formats,
-planted feature caches whose labels a linear probe can recover (and folds and splits around them),
-COCO-like JPEGs, and a tiny randomly initialised SigLIP.
+"""Generators for the demo, the tests and bench.py: labels at COCO's class prevalences, planted
+feature caches whose labels a linear probe can recover (and folds and splits around them), and
+COCO-like JPEGs. The COCO tree is synthetic_coco.py, the tiny random towers tiny_models.py.
 
     import synthetic
-    synthetic.make_synthetic_coco("demo/coco", n_images=200, seed=0)  # images, annotations, ...
     feats = synthetic.make_planted_features(1200)             # arrays shaped like the feature cache
     features.save_features("f.safetensors", feats, feats["meta"])
-    synthetic.make_tiny_siglip("demo/tiny_siglip")            # loadable by encoders.load_encoder
     fold = synthetic.planted_fold(4096, 1024)                 # bench: as features.load_fold
 
 None of it is needed to train or evaluate on real data; data.py, features.py and model.py do not
@@ -14,14 +12,12 @@ import it.
 """
 
 import json
-import math
 import os
 from statistics import NormalDist
 
 import numpy as np
 
-import encoders
-from data import COCO_CATEGORIES, atomic_write, save_json
+from data import COCO_CATEGORIES, save_json
 from features import FEATURES_FORMAT, save_features
 
 # approximate number of images containing each category in the 118,287-image pool (index order);
@@ -110,183 +106,7 @@ COCO_IMAGE_COUNTS = [
 ]
 # first COCO id of each supercategory after "person" (vehicle, outdoor, animal, ..., indoor): a
 # group per range
-_SUPERCATEGORY_STARTS = [2, 10, 16, 27, 34, 44, 52, 62, 72, 78, 84]
-
-
-# ----------------------------------------------------------------------------- synthetic COCO tree
-
-_SUPERCATEGORIES = [
-    "person",
-    "vehicle",
-    "outdoor",
-    "animal",
-    "accessory",
-    "sports",
-    "kitchen",
-    "food",
-    "furniture",
-    "electronic",
-    "appliance",
-    "indoor",
-]
-_CAPTION_TEMPLATES = [
-    "A photo of {}.",
-    "  There is {} in this picture. ",
-    "{} can be seen here.\n",
-    "An image showing {} ",
-    "Someone took a picture of {}.",
-    "A scene with {}  in it.",
-    "Close up of {}.",
-]
-
-
-def _category_look(k):
-    """Category index k -> (cell x, cell y, RGB colour, shape) on a 9x9 grid of 7-pixel cells."""
-    hue = (k * 0.618034) % 1.0
-    rgb = tuple(
-        int(255 * min(1.0, max(0.0, 2.0 - abs(((hue * 6 + o) % 6) - 3)))) for o in (0, 4, 2)
-    )
-    return k % 9, k // 9, rgb, ("rect", "ellipse", "triangle")[k % 3]
-
-
-def _draw_image(rng, present, cid, ann_id):
-    """A 64x64 image with one shape per present category (its place and colour: _category_look), and
-    its instance annotations (a polygon, sometimes a second instance, ~8% crowd RLE) -> (PIL image,
-    [annotation])."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(90, 140, 3)))
-    draw = ImageDraw.Draw(img)
-    anns = []
-    for k in present:
-        cx, cy, rgb, shape = _category_look(int(k))
-        x, y = 1 + 7 * cx + int(rng.integers(0, 2)), 1 + 7 * cy + int(rng.integers(0, 2))
-        box = [x, y, x + 5, y + 5]
-        getattr(draw, {"rect": "rectangle", "ellipse": "ellipse", "triangle": "polygon"}[shape])(
-            [(x, y + 5), (x + 5, y + 5), (x + 2.5, y)] if shape == "triangle" else box, fill=rgb
-        )
-        for _ in range(1 + int(rng.random() < 0.2)):  # sometimes 2 instances
-            crowd = rng.random() < 0.08
-            # crowd: uncompressed RLE, column-major runs (5 columns of 5 pixels); else a polygon
-            rle = [x * 64 + y] + [5, 59] * 4 + [5, 64 * 64 - x * 64 - y - 4 * 64 - 5]
-            seg = (
-                {"counts": rle, "size": [64, 64]}
-                if crowd
-                else [[float(x), float(y), x + 5.0, float(y), x + 5.0, y + 5.0, float(x), y + 5.0]]
-            )
-            anns.append(
-                {
-                    "segmentation": seg,
-                    "area": 25.0,
-                    "iscrowd": int(crowd),
-                    "image_id": cid,
-                    "bbox": [float(x), float(y), 5.0, 5.0],
-                    "category_id": COCO_CATEGORIES[k]["id"],
-                    "id": ann_id + len(anns),
-                }
-            )
-    return img, anns
-
-
-def _captions(rng, names, imgid, sent_id):
-    """5-7 Karpathy-format sentences naming some of the image's labels, with stray whitespace and
-    newlines."""
-    sentences = []
-    for _ in range(int(rng.integers(5, 8))):
-        said = [a for a in names if rng.random() < 0.6] or names[:1]
-        what = " and ".join(f"a {a}" for a in said) if said else "nothing in particular"
-        raw = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))].format(what)
-        sentences.append(
-            {
-                "tokens": raw.lower().replace(".", "").split(),
-                "raw": raw,
-                "imgid": imgid,
-                "sentid": sent_id + len(sentences),
-            }
-        )
-    return sentences
-
-
-def make_synthetic_coco(root, n_images=200, seed=0):
-    """Write a small COCO-2014-like tree under root in the real formats and return root.
-
-    root/train2014/*.jpg, root/val2014/*.jpg (64x64; one shape per present category, at a
-    category-specific place and colour, so a model can learn the labels),
-    root/annotations/instances_{train,val}2014.json (real 80 category ids/names, bboxes, polygons,
-    some iscrowd=1 RLE, some images without annotations) and root/dataset_coco.json (Karpathy
-    format; train/restval/val/test, test and val from val2014, 5-7 captions per image naming some of
-    its labels, with stray whitespace).
-    """
-    rng = np.random.default_rng(seed)
-    n = int(n_images)
-    labels = synthetic_labels(n, seed)
-    labels[rng.permutation(n)[: max(1, n // 20)]] = 0  # ~5% without annotations
-    ids = np.sort(rng.choice(np.arange(1, 600000), size=n, replace=False))
-    n_test, n_val = max(2, n // 10), max(2, n // 10)
-    n_restval = max(1, n // 5)
-    split = np.array(
-        ["test"] * n_test
-        + ["val"] * n_val
-        + ["restval"] * n_restval
-        + ["train"] * (n - n_test - n_val - n_restval)
-    )[rng.permutation(n)]
-    folder = np.where(split == "train", "train2014", "val2014")
-    group = np.searchsorted(_SUPERCATEGORY_STARTS, [c["id"] for c in COCO_CATEGORIES], side="right")
-    cats = [
-        {"supercategory": _SUPERCATEGORIES[g], "id": c["id"], "name": c["name"]}
-        for c, g in zip(COCO_CATEGORIES, group)
-    ]
-    inst = {
-        f: {
-            "info": {"description": "synthetic COCO-like data", "version": "1.0", "year": 2014},
-            "licenses": [{"id": 1, "name": "synthetic", "url": ""}],
-            "images": [],
-            "annotations": [],
-            "categories": cats,
-        }
-        for f in ("train2014", "val2014")
-    }
-    karpathy, ann_id, sent_id = [], 1, 1
-    for i in range(n):
-        cid, f = int(ids[i]), str(folder[i])
-        fname = f"COCO_{f}_{cid:012d}.jpg"
-        present = np.flatnonzero(labels[i])
-        img, anns = _draw_image(rng, present, cid, ann_id)
-        inst[f]["annotations"] += anns
-        ann_id += len(anns)
-        os.makedirs(os.path.join(root, f), exist_ok=True)
-        atomic_write(
-            os.path.join(root, f, fname), lambda tmp: img.save(tmp, format="JPEG", quality=90)
-        )
-        inst[f]["images"].append(
-            {
-                "license": 1,
-                "file_name": fname,
-                "height": 64,
-                "width": 64,
-                "id": cid,
-                "coco_url": "",
-                "date_captured": "2014-01-01 00:00:00",
-                "flickr_url": "",
-            }
-        )
-        sentences = _captions(rng, [COCO_CATEGORIES[k]["name"] for k in present], i, sent_id)
-        sent_id += len(sentences)
-        karpathy.append(
-            {
-                "filepath": f,
-                "sentids": [s["sentid"] for s in sentences],
-                "filename": fname,
-                "imgid": i,
-                "split": str(split[i]),
-                "sentences": sentences,
-                "cocoid": cid,
-            }
-        )
-    for f in ("train2014", "val2014"):
-        save_json(os.path.join(root, "annotations", f"instances_{f}.json"), inst[f])
-    save_json(os.path.join(root, "dataset_coco.json"), {"images": karpathy, "dataset": "coco"})
-    return root
+SUPERCATEGORY_STARTS = [2, 10, 16, 27, 34, 44, 52, 62, 72, 78, 84]
 
 
 # ---------------------------------------------------------------------- synthetic labels / features
@@ -298,7 +118,7 @@ def class_prevalences(num_classes=80):
     set)."""
     if num_classes == 80:
         group = np.searchsorted(
-            _SUPERCATEGORY_STARTS, [c["id"] for c in COCO_CATEGORIES], side="right"
+            SUPERCATEGORY_STARTS, [c["id"] for c in COCO_CATEGORIES], side="right"
         )
         return np.asarray(COCO_IMAGE_COUNTS, np.float64) / 118287.0, group
     return np.geomspace(0.3, 0.005, num_classes), np.arange(num_classes) // 8
@@ -560,178 +380,3 @@ def write_jpegs(folder, n, seed=0, size=(640, 480)):
         paths.append(os.path.join(folder, f"{i:06d}.jpg"))
         Image.fromarray(np.clip(px, 0, 255).astype(np.uint8)).save(paths[-1], quality=90)
     return paths
-
-
-# words of the tiny test tokenizer: the 80 COCO category names plus common caption words
-_TINY_WORDS = """
-person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign
-parking
-meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie
-suitcase
-frisbee skis snowboard sports ball kite baseball bat glove skateboard surfboard tennis racket bottle
-wine
-glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot hot pizza donut cake
-chair
-couch potted plant bed dining table toilet tv laptop mouse remote keyboard cell phone microwave oven
-toaster sink refrigerator book clock vase scissors teddy hair drier toothbrush
-a an the of on in at with and or to from by for near next under over above behind front top
-is are was be being sitting standing walking riding holding playing eating looking lying flying
-parked running jumping laying waiting carrying wearing driving crossing taking showing filled
-man woman men women boy girl child children people group couple player players kid kids
-photo picture image view close up small large big little two three four several many some
-white black red blue green yellow brown gray grey pink purple colorful dark bright old young
-street road city field grass water beach snow sky room kitchen bathroom living area house building
-wall window door floor plate food tray shelf counter desk park air ocean lake river tree trees
-it its his her their this that there other each one side background several together around
-very while out into down along across like has have shown made set full empty sits stands
-circle square triangle shape shapes color colored drawn scene object objects thing things
-. , ' - !
-"""
-
-
-def siglip_image_processor(**kwargs):
-    """transformers' PIL SigLIP image processor (SiglipImageProcessorPil in 5.x; in 4.x
-    SiglipImageProcessor is the PIL one, and in 5.x the old name wants torchvision, else it
-    warns)."""
-    try:
-        from transformers import SiglipImageProcessorPil as Processor
-    except ImportError:
-        from transformers import SiglipImageProcessor as Processor
-    return Processor(**kwargs)
-
-
-def random_siglip(size, vocab_size, image_size, patch_size, seed=0, **text):
-    """A SiglipModel built from its config with random weights, in eval mode; the global torch RNG
-    is left untouched. size: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads
-    of both towers; text: more of the text config (token ids, projection_size)."""
-    import torch
-    from transformers import SiglipConfig, SiglipModel
-
-    length = encoders.SIGLIP_TEXT.max_length
-    text = dict(size, vocab_size=vocab_size, max_position_embeddings=length, **text)
-    config = SiglipConfig(
-        text_config=text, vision_config=dict(size, image_size=image_size, patch_size=patch_size)
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return SiglipModel(config).eval()
-
-
-def make_tiny_siglip(out_dir, image_size=32, seed=0):
-    """Save a tiny randomly initialised SiglipModel + tokenizer + processor to out_dir -> out_dir
-    (str).
-
-    Offline stand-in for google/siglip2-base-patch16-256 in tests and demos: same class, same
-    preprocessing path, loadable by encoders.load_encoder(out_dir) via AutoModel / AutoProcessor.
-    hidden 32, 2 layers, patch 8; a case-sensitive WordLevel tokenizer (unknown words -> <unk>) that
-    appends </s>. Deterministic for a seed; the global torch RNG is left untouched.
-    """
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, SiglipProcessor
-
-    encoders.quiet_default_token_ids()  # our config's ids are valid (bos None, eos 1 < 274 words)
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in _TINY_WORDS.split():
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", 1)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="</s>",
-        model_max_length=encoders.SIGLIP_TEXT.max_length,
-    )
-    image_processor = siglip_image_processor(size={"height": image_size, "width": image_size})
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    net = random_siglip(
-        small,
-        len(vocab),
-        image_size,
-        8,
-        seed,
-        projection_size=32,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    # SigLIP's initial temperature and bias (log 10, -10), not transformers' zeros
-    with torch.no_grad():
-        net.logit_scale.fill_(math.log(10.0))
-        net.logit_bias.fill_(-10.0)
-    out_dir = str(out_dir)
-    net.save_pretrained(out_dir)
-    SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
-    return out_dir
-
-
-def _bytes_to_unicode():
-    """GPT-2 / CLIP's byte -> printable character table (the byte-level BPE alphabet)."""
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs, n = list(bs), 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def make_tiny_clip(out_dir, image_size=32, seed=0):
-    """A tiny randomly initialised CLIPModel + its real CLIPProcessor (a byte-level BPE tokenizer
-    over the 256 byte characters, with and without </w>, and a few merges; CLIPImageProcessor),
-    saved to out_dir -> str. Offline stand-in for openai/clip-vit-base-patch16 in tests and the demo
-    study. Projection 24 != hidden 32, so a wrong dim shows; end-of-text is the last id, as in
-    OpenAI's vocabulary. Deterministic for a seed; the global torch RNG is left untouched."""
-    import torch
-    import transformers
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    chars = _bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
-    merges = [("d", "o"), ("do", "g</w>"), ("c", "a"), ("ca", "t</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    bos, eos = len(vocab), len(vocab) + 1
-    vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        from transformers import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
-    else:  # 4.x: the fast tokenizer from files
-        from transformers import CLIPTokenizerFast
-
-        os.makedirs(out_dir, exist_ok=True)
-        with open(f"{out_dir}/vocab.json", "w") as f:
-            json.dump(vocab, f)
-        with open(f"{out_dir}/merges.txt", "w") as f:
-            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        tokenizer = CLIPTokenizerFast(f"{out_dir}/vocab.json", f"{out_dir}/merges.txt")
-    tokenizer.model_max_length = encoders.CLIP_TEXT.max_length
-    size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    text = dict(size, vocab_size=len(vocab), max_position_embeddings=77)
-    text.update(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
-    config = CLIPConfig(
-        text_config=text,
-        vision_config=dict(size, image_size=image_size, patch_size=8),
-        projection_dim=24,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = CLIPModel(config).eval()
-    try:  # 5.x: the PIL processor by name (CLIPImageProcessor wants torchvision)
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:
-        pass
-    images = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    out_dir = str(out_dir)
-    net.save_pretrained(out_dir)
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out_dir)
-    return out_dir

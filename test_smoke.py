@@ -27,7 +27,8 @@ import features  # noqa: E402
 import make_splits  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
-import synthetic  # noqa: E402
+import synthetic_coco  # noqa: E402
+import tiny_models  # noqa: E402
 
 
 def run(script, *argv):
@@ -38,8 +39,8 @@ def run(script, *argv):
 def smoke(work):
     work = Path(work)
     t0 = time.time()
-    coco = synthetic.make_synthetic_coco(work / "coco", n_images=120, seed=0)
-    tiny = synthetic.make_tiny_siglip(work / "tiny_siglip", image_size=32, seed=0)
+    coco = synthetic_coco.make_synthetic_coco(work / "coco", n_images=120, seed=0)
+    tiny = tiny_models.make_tiny_siglip(work / "tiny_siglip", image_size=32, seed=0)
     splits, feats, out = work / "splits.json", work / "features.safetensors", work / "run"
 
     run(make_splits, "--data_root", coco, "--folds", 2, "--seed", 0, "--out", splits)
@@ -135,7 +136,7 @@ def test_tiny_siglip_is_made_quietly(tmp_path):
     dropped, one about a real config's ids is not."""
     import subprocess
 
-    code = f"import synthetic; synthetic.make_tiny_siglip({str(tmp_path / 'tiny')!r})"
+    code = f"import tiny_models; tiny_models.make_tiny_siglip({str(tmp_path / 'tiny')!r})"
     r = subprocess.run(
         [sys.executable, "-c", code],
         cwd=Path(__file__).resolve().parent,

@@ -42,6 +42,7 @@ import metrics
 import model
 import retrieval
 import synthetic
+import tiny_models
 import train
 from bench import references
 from bench.timing import best_time, child_peak, peak_during, sync, timed
@@ -159,7 +160,7 @@ def bench_encoder(quick, device, seed=0, dtypes=("fp32",)):
     # gather of 64 rows per caption, negligible in time, and it saves 0.7 GB
     vocab = 1000 if quick else 256_000 if cuda else 32_000
     side = 64 if quick else 256  # image size
-    net = synthetic.random_siglip(
+    net = tiny_models.random_siglip(
         size, vocab, side, 16, seed, pad_token_id=1, bos_token_id=2, eos_token_id=3
     )
     enc = encoders.SiglipEncoder.__new__(
@@ -503,7 +504,7 @@ def bench_decode(quick, device="cpu", seed=0, workers=(1, 2)):
     """extract_features' own loader (images.ImageCaptionDataset + Collate + make_loader) over
     generated JPEGs with SigLIP2-base-patch16-256's image processor (PIL, 256 px, bilinear); images
     only (captions: see the docs)."""
-    proc = synthetic.siglip_image_processor(size={"height": 256, "width": 256}, resample=2)
+    proc = tiny_models.siglip_image_processor(size={"height": 256, "width": 256}, resample=2)
     n, most = (
         96 if quick else 256 * max(workers),
         max(workers),

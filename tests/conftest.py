@@ -42,18 +42,20 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_siglip(tmp_path_factory):
-    import synthetic
+    import tiny_models
 
     return str(
-        synthetic.make_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"), image_size=32, seed=0)
+        tiny_models.make_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"), image_size=32, seed=0)
     )
 
 
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory):
-    import synthetic
+    import synthetic_coco  # this fixture's module (the name is local here)
 
-    return str(synthetic.make_synthetic_coco(tmp_path_factory.mktemp("coco"), n_images=60, seed=0))
+    return str(
+        synthetic_coco.make_synthetic_coco(tmp_path_factory.mktemp("coco"), n_images=60, seed=0)
+    )
 
 
 @pytest.fixture(scope="session")

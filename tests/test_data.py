@@ -14,6 +14,7 @@ import data
 import features
 import images
 import synthetic
+import synthetic_coco
 
 KARPATHY_TEST_IDS = [42, 359, 636, 711, 810, 974, 1146, 1180, 1290]  # from SOURCES.md
 UNANNOTATED_IDS = [73, 74, 133]  # we strip their annotations: real "image without annotations" rows
@@ -208,7 +209,7 @@ def test_synthetic_coco_real_formats(tmp_path):
     from pycocotools.coco import COCO
     from PIL import Image
 
-    root = synthetic.make_synthetic_coco(str(tmp_path / "syn"), n_images=80, seed=3)
+    root = synthetic_coco.make_synthetic_coco(str(tmp_path / "syn"), n_images=80, seed=3)
     coco = data.load_coco(root)
     ref, _ = _pycocotools_labels(root, coco["ids"].tolist())
     np.testing.assert_array_equal(coco["labels"], ref)
@@ -233,12 +234,12 @@ def test_synthetic_coco_real_formats(tmp_path):
     # the picture carries the labels: the category's colour sits in its grid cell
     r = int(np.flatnonzero(coco["labels"].sum(1) > 0)[0])
     k = int(np.flatnonzero(coco["labels"][r])[0])
-    cx, cy, rgb, _ = synthetic._category_look(k)
+    cx, cy, rgb, _ = synthetic_coco._category_look(k)
     px = np.asarray(Image.open(coco["paths"][r]).convert("RGB"), np.float32)[
         1 + 7 * cy + 3, 1 + 7 * cx + 3
     ]
     assert np.abs(px - np.array(rgb)).max() < 60
-    again = synthetic.make_synthetic_coco(str(tmp_path / "syn2"), n_images=80, seed=3)
+    again = synthetic_coco.make_synthetic_coco(str(tmp_path / "syn2"), n_images=80, seed=3)
     np.testing.assert_array_equal(data.load_coco(again)["labels"], coco["labels"])
 
 

@@ -22,7 +22,7 @@ import features
 import make_splits
 import model
 import predict
-import synthetic
+import tiny_models
 import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    return synthetic.make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+    return tiny_models.make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")

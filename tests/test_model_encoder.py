@@ -12,7 +12,7 @@ from PIL import Image
 
 import encoders
 import model
-import synthetic
+import tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,9 @@ def test_attributes_and_frozen(enc, tiny_siglip):
 def test_make_tiny_siglip_deterministic(tmp_path):
     from safetensors.torch import load_file
 
-    a = load_file(f"{synthetic.make_tiny_siglip(tmp_path / 'a', seed=0)}/model.safetensors")
-    b = load_file(f"{synthetic.make_tiny_siglip(tmp_path / 'b', seed=0)}/model.safetensors")
-    c = load_file(f"{synthetic.make_tiny_siglip(tmp_path / 'c', seed=1)}/model.safetensors")
+    a = load_file(f"{tiny_models.make_tiny_siglip(tmp_path / 'a', seed=0)}/model.safetensors")
+    b = load_file(f"{tiny_models.make_tiny_siglip(tmp_path / 'b', seed=0)}/model.safetensors")
+    c = load_file(f"{tiny_models.make_tiny_siglip(tmp_path / 'c', seed=1)}/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
 

@@ -14,14 +14,14 @@ import pytest
 import data
 import make_splits
 import protocols
-import synthetic
+import synthetic_coco
 
 AUTHOR = "/home/caozhangjie/run-czj/dataset/coco"  # HashNet's lists carry the authors' paths
 
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
-    return synthetic.make_synthetic_coco(
+    return synthetic_coco.make_synthetic_coco(
         str(tmp_path_factory.mktemp("coco") / "coco"), n_images=240, seed=3
     )
 

@@ -13,12 +13,13 @@ import data
 import make_splits
 import protocols
 import synthetic
+import synthetic_coco
 
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     # our own synthetic tree: load_coco writes its index cache next to the data
-    return synthetic.make_synthetic_coco(
+    return synthetic_coco.make_synthetic_coco(
         str(tmp_path_factory.mktemp("coco") / "coco"), n_images=150, seed=1
     )
 
@@ -141,7 +142,7 @@ def test_karpathy_cv_is_todays_file_plus_protocol_and_counts(coco_root, tmp_path
 
 
 def test_default_out_is_under_data_root(tmp_path):
-    root = synthetic.make_synthetic_coco(str(tmp_path / "coco"), n_images=30, seed=2)
+    root = synthetic_coco.make_synthetic_coco(str(tmp_path / "coco"), n_images=30, seed=2)
     run(["--data_root", root])
     assert protocols.load_splits(os.path.join(root, "splits.json"))["folds"] == 5
 
@@ -213,7 +214,7 @@ def test_random_folds_partition():
 
 @pytest.mark.parametrize("case", ["no_root", "no_ann", "bad_keys", "bad_cats", "absent_image"])
 def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, case):
-    root = synthetic.make_synthetic_coco(str(tmp_path / "coco"), n_images=20, seed=0)
+    root = synthetic_coco.make_synthetic_coco(str(tmp_path / "coco"), n_images=20, seed=0)
     kp = os.path.join(root, "dataset_coco.json")
     tr = os.path.join(root, "annotations", "instances_train2014.json")
     if case == "no_root":
