@@ -134,20 +134,25 @@ def knn_scores(
     l1 = q.abs().sum(1, keepdim=True).float().clamp_min(1)  # (Q, 1): bits for +-1 queries
     if chunk is None:
         chunk = max(1, CHUNK_PRODUCTS[device.type == "cuda"] // N)
-    rank_w = 1.0 / torch.arange(1, k + 1, device=device, dtype=torch.float32)  # (k,)
     scores = torch.empty(Q, labels.shape[1], device=device)
     for s in range(0, Q, chunk):
         dot = products(q[s : s + chunk], d)  # (c, N), exact
         idx = nearest(dot, k)  # (c, k) database rows, nearest first
         sim = (1 + dot.gather(1, idx).float() / l1[s : s + chunk]) / 2  # (c, k)
-        if vote == "softmax":
-            w = torch.softmax(sim / tau, dim=1)
-        elif vote == "uniform":
-            w = torch.full_like(sim, 1.0 / k)
-        else:
-            w = (rank_w / rank_w.sum()).expand_as(sim)
+        w = vote_weights(sim, vote, tau)  # (c, k), each row sums to 1
         scores[s : s + chunk] = torch.einsum("qk,qkc->qc", w, labels[idx])
     return scores.clamp_(0.0, 1.0)
+
+
+def vote_weights(sim, vote, tau):
+    """Similarities (c, k) of each query's neighbours, nearest first -> their votes (c, k):
+    "softmax" softmax(sim / tau), "uniform" 1/k, "rank" 1/rank normalised to sum 1."""
+    if vote == "softmax":
+        return torch.softmax(sim / tau, dim=1)
+    if vote == "uniform":
+        return torch.full_like(sim, 1.0 / sim.shape[1])
+    rank = 1.0 / torch.arange(1, sim.shape[1] + 1, device=sim.device, dtype=torch.float32)
+    return (rank / rank.sum()).expand_as(sim)
 
 
 def knn_head(query_codes, query_mask, db_codes, db_labels, device="cpu", **kwargs):
@@ -156,7 +161,7 @@ def knn_head(query_codes, query_mask, db_codes, db_labels, device="cpu", **kwarg
     database codes (knn_scores, its defaults unless given), and an image's scores are the mean over
     its queries. query_codes (N, Q, bits), query_mask (N, Q) bool -> (N, C) float32 on the CPU. Runs
     on `device`."""
-    db = sign_codes(db_codes).to(device=device, dtype=torch.int8)  # moved to the device once
+    db = db_codes.to(device)  # knn_scores binarises it
     labels = torch.as_tensor(db_labels).to(device=device, dtype=torch.float32)
     scores = torch.zeros(len(query_codes), labels.shape[1])
     for c in range(query_codes.shape[1]):

@@ -9,6 +9,7 @@ from an image and its text. Imports nothing local: copy this file into your proj
     # the KNN head over these codes: knn.knn_scores (its own file: an exact Hamming-KNN vote)
 """
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field, fields, replace
@@ -444,6 +445,13 @@ def scoring_passes(slots, rule):
     return {"each": singles, "mean": every, "each_mean": singles + every * (slots > 1)}[rule]
 
 
+def fill_rows(out, n, name, s, x):
+    """out[name][s : s + len(x)] = x; out[name] is an (n, ...) CPU tensor made at the first call."""
+    if name not in out:
+        out[name] = torch.empty((n, *x.shape[1:]), dtype=x.dtype)
+    out[name][s : s + len(x)] = x
+
+
 @torch.no_grad()
 def score_embeddings(
     head,
@@ -475,12 +483,7 @@ def score_embeddings(
     first = torch.arange(len(passes), device=device) == 0  # (P,)
     single = [i for i, (p, _) in enumerate(passes) if len(p) == 1]  # the per-caption passes
     kept = {}  # name -> (N, ...) CPU tensor, allocated at the first batch and filled in place
-
-    def put(name, s, x):
-        if name not in kept:
-            kept[name] = torch.empty((len(image), *x.shape[1:]), dtype=x.dtype)
-        kept[name][s : s + len(x)] = x
-
+    put = functools.partial(fill_rows, kept, len(image))
     for s in range(0, len(image), batch_size):
         img = image[s : s + batch_size].to(device).float()  # (b, D)
         txt, n = text[s : s + batch_size].to(device), n_captions[s : s + batch_size].to(device)
