@@ -36,7 +36,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from datetime import timedelta
@@ -52,6 +51,7 @@ import features
 import images
 import locks
 import preempt
+from shards import finished_shards, merge_shards, shard_path, write_shard
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEV_SPLITS = ("train", "restval", "val")
@@ -250,51 +250,7 @@ def make_loader(dataset, batches, collate, num_workers, device):
     )
 
 
-# ----------------------------------------------------------------------------- shards
-
-
-def shard_path(parts, s):
-    return os.path.join(parts, f"shard_{s:05d}.safetensors")
-
-
-def write_shard(path, tensors, meta):
-    from safetensors.torch import save_file
-
-    data.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def finished_shards(parts, run, n_shards, owns=lambda s: True):
-    """Indices of the shards already in `parts` for this exact run; a shard of another run is
-    refused. An unreadable one is deleted only by its owner rank (owns(s)): two ranks never race on
-    one file."""
-    from safetensors import safe_open
-
-    done = set()
-    if not os.path.isdir(parts):
-        return done
-    for name in sorted(os.listdir(parts)):
-        # temporaries of a killed write do not match
-        m = re.fullmatch(r"shard_(\d{5})\.safetensors", name)
-        if not m:
-            continue
-        path = os.path.join(parts, name)
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception:
-            if owns(int(m.group(1))):
-                print(f"note: {path} is unreadable; encoding that shard again")
-                os.remove(path)
-            continue
-        for k, v in run.items():
-            if meta.get(k) != v:
-                raise data.DataError(
-                    f"{path}: left by a different run ({k} {meta.get(k)!r} there, {v!r} now); "
-                    f"delete {parts} to start over, or pass another --out"
-                )
-        if int(m.group(1)) < n_shards:
-            done.add(int(m.group(1)))
-    return done
+# ----------------------------------------------------------------------------- the cache
 
 
 def existing_output(out, want):
@@ -405,31 +361,6 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
         )
         return n_imgs / max(secs, 1e-9)
     return None
-
-
-def merge_shards(parts, ids, n_shards, size, V, C, D):
-    """Shard files -> ids / image / text / n_captions tensors of the whole cache, in row order."""
-    from safetensors.torch import load_file
-
-    n = len(ids)
-    out = {
-        "ids": torch.from_numpy(ids).long(),
-        "image": torch.empty(n, V, D, dtype=torch.float16),
-        "text": torch.empty(n, C, D, dtype=torch.float16),
-        "n_captions": torch.empty(n, dtype=torch.long),
-    }
-    for s in range(n_shards):
-        path = shard_path(parts, s)
-        if not os.path.exists(path):  # its rank died unseen (the barrier normally catches that)
-            raise data.DataError(f"{path}: missing after every rank finished; rerun to encode it")
-        part, sl = load_file(path), slice(s * size, min((s + 1) * size, n))
-        if not torch.equal(part["ids"], out["ids"][sl]):
-            raise data.DataError(
-                f"{path}: holds other images than expected; delete {parts} and rerun"
-            )
-        for k in ("image", "text", "n_captions"):
-            out[k][sl] = part[k]
-    return out
 
 
 # ----------------------------------------------------------------------------- main
