@@ -342,11 +342,11 @@ def main(args):
         cli.fail(str(e))
 
 
-def tabulate(args):
-    """Every table of main(args) -> {"runs", "literature"[, "tests"]}; bad input: data.DataError."""
-    runs = [read_run(run, args) for run in args.runs]
+def check_runs(runs, allow_partial):
+    """Unfinished folds (a warning with allow_partial, else exit 2), runs without a finished fold
+    and runs of different splits files (exit 2), each in one line."""
     bad = [f"{r['dir']}: {', '.join(r['problems'])}" for r in runs if r["problems"]]
-    if bad and not args.allow_partial:
+    if bad and not allow_partial:
         cli.fail(
             f"{'; '.join(bad)}; finish them (run_cv.sh resumes interrupted folds) "
             f"or pass --allow_partial"
@@ -364,23 +364,11 @@ def tabulate(args):
                     f"(splits_sha256 {str(r['sha'])[:12]} vs {str(runs[0]['sha'])[:12]}); "
                     f"compare only runs trained on the same splits.json"
                 )
-    for r in runs:
-        rows, md = cv_tables(r)
-        data.save_text(os.path.join(r["dir"], "cv_results.csv"), rows)
-        data.save_text(os.path.join(r["dir"], "cv_results.md"), md)
-        print(md)
-    out = (
-        runs[0]["dir"]
-        if len(runs) == 1
-        else args.out or os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
-    )
-    os.makedirs(out, exist_ok=True)
-    lit = literature.write(out, runs, args.test_dir)  # beside the published numbers of the protocol
-    if len(runs) == 1:
-        print(f"wrote {os.path.join(runs[0]['dir'], 'cv_results.csv')} and cv_results.md")
-        return {"runs": runs, "literature": lit}
 
-    # ---- several runs: one comparison table + paired tests against the first run
+
+def write_comparison(out, runs, args):
+    """Several runs: comparison.csv / .md (mean +- std over folds) and comparison_tests.csv (paired
+    tests against the first run) in `out` -> the tests."""
     stats = [summary(r) for r in runs]
     table = [["run", "folds", *(f"{c}_{s}" for c in COLUMNS for s in ("mean", "std"))]]
     table += [
@@ -440,7 +428,29 @@ def tabulate(args):
     data.save_text(os.path.join(out, "comparison.md"), "\n".join(md))
     print("\n".join(md))
     print(f"wrote {os.path.join(out, 'comparison.md')}, comparison.csv, comparison_tests.csv")
-    return {"runs": runs, "tests": tests, "literature": lit}
+    return tests
+
+
+def tabulate(args):
+    """Every table of main(args) -> {"runs", "literature"[, "tests"]}; bad input: data.DataError."""
+    runs = [read_run(run, args) for run in args.runs]
+    check_runs(runs, args.allow_partial)
+    for r in runs:
+        rows, md = cv_tables(r)
+        data.save_text(os.path.join(r["dir"], "cv_results.csv"), rows)
+        data.save_text(os.path.join(r["dir"], "cv_results.md"), md)
+        print(md)
+    out = (
+        runs[0]["dir"]
+        if len(runs) == 1
+        else args.out or os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
+    )
+    os.makedirs(out, exist_ok=True)
+    lit = literature.write(out, runs, args.test_dir)  # beside the published numbers of the protocol
+    if len(runs) == 1:
+        print(f"wrote {os.path.join(runs[0]['dir'], 'cv_results.csv')} and cv_results.md")
+        return {"runs": runs, "literature": lit}
+    return {"runs": runs, "tests": write_comparison(out, runs, args), "literature": lit}
 
 
 if __name__ == "__main__":
