@@ -115,6 +115,31 @@ def _skip_mean(ap, kept):
     return float((ap * g).sum() / (1.0 - np.prod(1.0 - kept)))
 
 
+def _checked(query_codes, query_labels, db_codes, db_labels):
+    """The inputs as sign bits and label sets (bool arrays), or ValueError in one line: unsigned
+    codes, shapes that do not match, an empty side."""
+    if any(np.asarray(c).dtype.kind in "bu" for c in (query_codes, db_codes)):
+        raise ValueError(
+            "codes must be signed ({-1,+1} or real); convert {0,1} codes with 2 * b - 1"
+        )
+    qc, dc = (np.asarray(c) >= 0 for c in (query_codes, db_codes))
+    ql, dl = (np.asarray(v) != 0 for v in (query_labels, db_labels))
+    if (
+        qc.ndim != 2
+        or dc.ndim != 2
+        or qc.shape[1] != dc.shape[1]
+        or ql.shape[0] != qc.shape[0]
+        or dl.shape[0] != dc.shape[0]
+        or ql.shape[1] != dl.shape[1]
+        or 0 in (qc.shape[0], dc.shape[0])
+    ):
+        raise ValueError(
+            f"shape mismatch: query codes {qc.shape}, labels {ql.shape}; db codes {dc.shape}, "
+            f"labels {dl.shape}"
+        )
+    return qc, ql, dc, dl
+
+
 def retrieval_map(
     query_codes,
     query_labels,
@@ -148,25 +173,7 @@ def retrieval_map(
         raise ValueError(
             f"ties must be 'stable' or 'average', empty 'zero' or 'skip'; got {ties!r}, {empty!r}"
         )
-    if any(np.asarray(c).dtype.kind in "bu" for c in (query_codes, db_codes)):
-        raise ValueError(
-            "codes must be signed ({-1,+1} or real); convert {0,1} codes with 2 * b - 1"
-        )
-    qc, dc = (np.asarray(c) >= 0 for c in (query_codes, db_codes))
-    ql, dl = (np.asarray(v) != 0 for v in (query_labels, db_labels))
-    if (
-        qc.ndim != 2
-        or dc.ndim != 2
-        or qc.shape[1] != dc.shape[1]
-        or ql.shape[0] != qc.shape[0]
-        or dl.shape[0] != dc.shape[0]
-        or ql.shape[1] != dl.shape[1]
-        or 0 in (qc.shape[0], dc.shape[0])
-    ):
-        raise ValueError(
-            f"shape mismatch: query codes {qc.shape}, labels {ql.shape}; db codes {dc.shape}, "
-            f"labels {dl.shape}"
-        )
+    qc, ql, dc, dl = _checked(query_codes, query_labels, db_codes, db_labels)
     if k is not None and int(k) < 1:
         raise ValueError(f"k must be >= 1 or None, got {k}")
     (Q, bits), N, C = qc.shape, dc.shape[0], ql.shape[1]
