@@ -282,11 +282,25 @@ def existing_output(out, want):
 # ----------------------------------------------------------------------------- encode + merge
 
 
+def encode_batch(encoder, batch, V, C):
+    """One loader batch through the towers -> image (B, V, D) and text (B, C, D) float16, zero rows
+    past each image's n_captions."""
+    D = encoder.dim
+    pixels = {k: batch[k] for k in encoder.image_keys}  # NaFlex: + the mask and patch grids
+    img = encoder.encode_pixels(**pixels).view(-1, V, D).half()  # (B, V, D)
+    tok, ncap = batch["input_ids"], batch["n_captions"]  # (T, L) every caption of the batch; (B,)
+    mask = batch.get("attention_mask")  # (T, L) where the family passes one
+    txt_flat = encoder.encode_tokens(tok, mask) if len(tok) else torch.zeros(0, D)  # (T, D)
+    txt = torch.zeros(len(ncap), C, D, dtype=torch.float16)
+    txt[torch.arange(C)[None, :] < ncap[:, None]] = txt_flat.half()  # image i, captions 0..n_i-1
+    return img, txt
+
+
 def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, world=1):
     """Encode the images rows[s*shard_size : (s+1)*shard_size] of every shard s in `todo`, one
     shard file each. -> images per second of this pass (decode + towers), None if none to do."""
     ids_all, n, size = np.asarray(coco["ids"]), len(rows), args.shard_size
-    V, C, D, dtype_name = args.views, args.max_captions, encoder.dim, run["dtype"]
+    V, C, dtype_name = args.views, args.max_captions, run["dtype"]
     if not todo:
         return None
     # batches never straddle two shards: a shard's content does not depend on which were done
@@ -324,20 +338,13 @@ def encode_shards(encoder, coco, rows, todo, parts, run, args, workers, rank=0, 
                 f"{coco['paths'][batch['unreadable'][0]]}: became unreadable during the run; "
                 f"fix it and rerun (finished shards are kept)"
             )
-        pixels = {k: batch[k] for k in encoder.image_keys}  # NaFlex: + the mask and patch grids
-        img = encoder.encode_pixels(**pixels).view(-1, V, D).half()  # (B, V, D)
-        # (T, 64) every caption of the batch; (B,)
-        tok, ncap = batch["input_ids"], batch["n_captions"]
-        mask = batch.get("attention_mask")  # (T, L) where the family passes one
-        txt_flat = encoder.encode_tokens(tok, mask) if len(tok) else torch.zeros(0, D)  # (T, D)
-        txt = torch.zeros(len(ncap), C, D, dtype=torch.float16)  # (B, C, D), 0 past n_captions
-        # row-major: image i, captions 0..n_i-1
-        txt[torch.arange(C)[None, :] < ncap[:, None]] = txt_flat.half()
+        img, txt = encode_batch(encoder, batch, V, C)
         if not (torch.isfinite(img).all() and torch.isfinite(txt).all()):  # float16 overflow too
             raise data.DataError(
                 f"--dtype {dtype_name}: non-finite embeddings near COCO id "
                 f"{int(ids_all[batch['rows'][0]])}; rerun with --dtype bf16 or fp32"
             )
+        ncap = batch["n_captions"]  # (B,)
         buf.append((batch["rows"], img, txt, ncap))
         n_imgs, n_caps = n_imgs + len(ncap), n_caps + int(ncap.sum())
         bar.update(len(ncap))
@@ -448,17 +455,20 @@ def lock_output(out, rank, world):
     return path if rank == 0 else None
 
 
-def extract(args, rank, world, device):
-    t0, say = time.time(), (print if rank == 0 else lambda *a, **k: None)
-    out = out_path(args)
-    dtype_name = args.dtype or ("fp16" if str(device).startswith("cuda") else "fp32")
-    coco = data.load_dataset(args.data_root)
+def cache_rows(coco, limit):
+    """The dataset's rows the cache holds: the development pool and the test split (each cut to its
+    first `limit` with --limit), in id order."""
     dev_rows = np.flatnonzero([s in DEV_SPLITS for s in coco["splits"]])
     test_rows = np.flatnonzero([s == "test" for s in coco["splits"]])
-    if args.limit:
-        dev_rows, test_rows = dev_rows[: args.limit], test_rows[: args.limit]
-    rows = np.sort(np.concatenate([dev_rows, test_rows]))  # ids are sorted: rows ascend by id too
-    ident = {
+    if limit:
+        dev_rows, test_rows = dev_rows[:limit], test_rows[:limit]
+    return np.sort(np.concatenate([dev_rows, test_rows]))  # ids are sorted: rows ascend by id too
+
+
+def identity(args, coco):
+    """The settings that make a cache what it is (IDENTITY, in its metadata): a cache with other
+    values is another cache."""
+    return {
         "model": args.model,
         "max_captions": str(args.max_captions),
         "views": str(args.views),
@@ -468,6 +478,30 @@ def extract(args, rank, world, device):
         "augment": images.RECIPE if args.views > 1 else "none",
         "max_num_patches": str(args.max_num_patches or 0),
     }
+
+
+def load_model(args, device, dtype_name):
+    """--model's towers as an encoders.Encoder; one that cannot be loaded: data.DataError naming
+    the supported families."""
+    try:
+        return encoders.load_encoder(
+            args.model, device, DTYPES[dtype_name], max_num_patches=args.max_num_patches
+        )
+    except (OSError, ValueError) as e:
+        where = "" if os.path.exists(args.model) else "not a folder here; "
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise data.DataError(
+            f"--model {args.model}: cannot load it ({where}{cause}); "
+            f"give a Hugging Face name or a local folder of one of: {encoders.supported()}"
+        ) from None
+
+
+def extract(args, rank, world, device):
+    t0, say = time.time(), (print if rank == 0 else lambda *a, **k: None)
+    out = out_path(args)
+    dtype_name = args.dtype or ("fp16" if str(device).startswith("cuda") else "fp32")
+    coco = data.load_dataset(args.data_root)
+    rows, ident = cache_rows(coco, args.limit), identity(args, coco)
     if existing_output(out, ident):
         if rank == 0:  # leftovers of a run killed after its final write
             shutil.rmtree(out + ".parts", ignore_errors=True)
@@ -500,17 +534,7 @@ def extract(args, rank, world, device):
     if done:
         say(f"resuming: {len(done)} of {n_shards} shards already in {parts}")
     todo = [s for s in range(n_shards) if s % world == rank and s not in done]
-    try:
-        encoder = encoders.load_encoder(
-            args.model, device, DTYPES[dtype_name], max_num_patches=args.max_num_patches
-        )
-    except (OSError, ValueError) as e:
-        where = "" if os.path.exists(args.model) else "not a folder here; "
-        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise data.DataError(
-            f"--model {args.model}: cannot load it ({where}{cause}); "
-            f"give a Hugging Face name or a local folder of one of: {encoders.supported()}"
-        ) from None
+    encoder = load_model(args, device, dtype_name)
     say(
         f"{n} images ({len(bad_ids)} skipped) x {args.views} view(s), <= {args.max_captions} "
         f"captions each, {args.model} (dim {encoder.dim}, {encoder.resolution}) on {device} "
