@@ -240,6 +240,53 @@ def _build_coco_index(data_root):
     }
 
 
+def _read_index(npz, js, fp):
+    """load_coco's cached index (npz: ids, labels; js: the rest) if it is of these source files
+    (fingerprint fp) and this index version, else None."""
+    try:
+        meta = read_json(js, "the COCO index cache")
+        if meta.get("fingerprint") == fp and meta.get("version") == _INDEX_VERSION:
+            with np.load(npz) as z:
+                idx = {
+                    "ids": z["ids"],
+                    "labels": z["labels"],
+                    **{k: meta[k] for k in ("rel_paths", "splits", "captions")},
+                }
+            if not (
+                len(idx["ids"])
+                == len(idx["labels"])
+                == len(idx["rel_paths"])
+                == len(idx["captions"])
+            ):
+                return None
+            return idx
+    except (DataError, OSError, ValueError, KeyError, AttributeError):
+        return None  # no / stale / broken cache
+    return None
+
+
+def _write_index(npz, js, fp, idx):
+    """Cache load_coco's index beside the data; read-only data: no cache."""
+    # labels first, then the json carrying the fingerprint: a half-updated cache reads as stale
+    try:
+        atomic_write(npz, lambda tmp: np.savez(tmp, ids=idx["ids"], labels=idx["labels"]))
+        meta = {
+            "version": _INDEX_VERSION,
+            "fingerprint": fp,
+            "rel_paths": idx["rel_paths"],
+            "splits": idx["splits"],
+            "captions": idx["captions"],
+        }
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(meta, f)  # compact: ~40 MB on real COCO
+
+        atomic_write(js, write)
+    except OSError:
+        pass  # read-only data: no cache
+
+
 def load_coco(data_root):
     """Load the COCO 2014 Karpathy-split pool -> dict (see DESIGN.md), rows sorted by COCO id.
 
@@ -266,45 +313,10 @@ def load_coco(data_root):
         os.path.join(data_root, ".coco_index.npz"),
         os.path.join(data_root, ".coco_index.json"),
     )
-    idx = None
-    try:
-        meta = read_json(js, "the COCO index cache")
-        if meta.get("fingerprint") == fp and meta.get("version") == _INDEX_VERSION:
-            with np.load(npz) as z:
-                idx = {
-                    "ids": z["ids"],
-                    "labels": z["labels"],
-                    **{k: meta[k] for k in ("rel_paths", "splits", "captions")},
-                }
-            if not (
-                len(idx["ids"])
-                == len(idx["labels"])
-                == len(idx["rel_paths"])
-                == len(idx["captions"])
-            ):
-                idx = None
-    except (DataError, OSError, ValueError, KeyError, AttributeError):
-        idx = None  # no / stale / broken cache
+    idx = _read_index(npz, js, fp)
     if idx is None:
         idx = _build_coco_index(data_root)
-        # labels first, then the json carrying the fingerprint: a half-updated cache reads as stale
-        try:
-            atomic_write(npz, lambda tmp: np.savez(tmp, ids=idx["ids"], labels=idx["labels"]))
-            meta = {
-                "version": _INDEX_VERSION,
-                "fingerprint": fp,
-                "rel_paths": idx["rel_paths"],
-                "splits": idx["splits"],
-                "captions": idx["captions"],
-            }
-
-            def write(tmp):
-                with open(tmp, "w") as f:
-                    json.dump(meta, f)  # compact: ~40 MB on real COCO
-
-            atomic_write(js, write)
-        except OSError:
-            pass  # read-only data: no cache
+        _write_index(npz, js, fp, idx)
     return {
         "ids": idx["ids"],
         "paths": [os.path.join(data_root, p) for p in idx["rel_paths"]],
